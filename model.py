@@ -1,0 +1,823 @@
+"""
+FishAI GPT: one LLaMA-3-style decoder in one file.
+
+RoPE (one shared cos/sin table), SwiGLU MLP, pre-norm RMSNorm, grouped-query attention
+through torch's scaled_dot_product_attention (flash / memory-efficient kernels on CUDA),
+tied input/output embedding, no biases, a pre-allocated KV cache for decoding. The weight
+layout equals transformers.LlamaForCausalLM (tie_word_embeddings=True), so conversion in
+both directions is a renaming of tensors.
+
+Also here: the presets, checkpoint I/O (atomic, weights_only-loadable), the one loader that
+every script uses (`load_model`: .pt checkpoint, quantized .bin, HF Llama directory), HF
+conversion, the optimizer parameter groups and the FLOPs/MFU helpers.
+
+Usage:
+    python model.py                          # table of presets: true parameter counts and sizes
+    python model.py --config small           # one preset, with a per-tensor breakdown
+    python model.py --json sizes.json        # the same table as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import sys
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -1  # target id ignored by the loss (padding)
+CHECKPOINT_FORMAT = "fishai-checkpoint"
+CHECKPOINT_VERSION = 1
+QUANT_MAGIC = b"FISHAIQ\x00"  # first 8 bytes of a quantize.py export
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    d_model: int = 512
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    d_ff: int = 1408
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+CONFIGS = {
+    # a CPU config: trains at thousands of tokens/s on 2 cores (vocab comes from the tokenizer)
+    "tiny": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=704,
+                        max_seq_len=256),
+    # the seed's FishAI-Small (~34M with tied embeddings)
+    "small": ModelConfig(vocab_size=32000, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=1408,
+                         max_seq_len=1024),
+    "medium": ModelConfig(vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, d_ff=2816,
+                          max_seq_len=2048),
+    "large": ModelConfig(vocab_size=32000, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=8, d_ff=5632,
+                         max_seq_len=2048),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config '{name}': choose one of {', '.join(CONFIGS)}")
+    d = CONFIGS[name].to_dict()
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig.from_dict(d)
+
+
+def count_params(config: ModelConfig) -> int:
+    """Parameter count from the config alone (tied embedding counted once)."""
+    d, hd = config.d_model, config.head_dim
+    attn = d * config.n_heads * hd * 2 + d * config.n_kv_heads * hd * 2
+    mlp = 3 * d * config.d_ff
+    return config.vocab_size * d + config.n_layers * (attn + mlp + 2 * d) + d
+
+
+# -----------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and scale in the input dtype, exactly as LlamaRMSNorm does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(config: ModelConfig, length: int):
+    """cos/sin of shape (length, head_dim/2), fp32. HF layout: rotate the two halves."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, T, hd); cos/sin broadcastable to (B, H, T, hd/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated per-layer key/value buffers, (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        b = k.shape[0]
+        self.k[:b, :, input_pos] = k.to(self.k.dtype)
+        self.v[:b, :, input_pos] = v.to(self.v.dtype)
+        return self.k[:b], self.v[:b]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        d = config.d_model
+        self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, is_causal, input_pos, kv_end):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            if kv_end is not None:  # eager decoding: attend only to the filled part of the cache
+                k, v = k[:, :, :kv_end], v[:, :, :kv_end]
+            q = q.to(k.dtype)
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None:
+            # the fused kernels take GQA or an explicit mask, not both: expand K/V then
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.wo(y.to(x.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w_up = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w_down = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, is_causal, input_pos, kv_end):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, input_pos, kv_end)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+def _ce_sum(h, weight, targets):
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def positions_from_doc_ids(doc_ids):
+    """Position of every token inside its own (contiguous) document: restarts at 0 per document."""
+    B, T = doc_ids.shape
+    ar = torch.arange(T, device=doc_ids.device).expand(B, T)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(start, ar, torch.zeros_like(ar)).cummax(dim=1).values
+    return ar - first
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from (B, V) logits. temperature <= 0 is greedy."""
+    if temperature is None or temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the tokens before it already cover top_p (the first always stays)
+        drop = (probs.cumsum(-1) - probs) > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class GPT(nn.Module):
+    # loss is computed in chunks (recomputed in backward) once B*T*V exceeds this many logits,
+    # so a big batch never holds the full fp32 logits tensor
+    loss_chunk_elems = 2**27
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        cos, sin = rope_tables(config, config.max_seq_len)
+        # one table shared by all layers; not saved (derived from the config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.tokenizer = None
+        self._cache_static = False
+        self._cache_len = 0
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.config.init_std
+        # residual projections are scaled down so the residual stream's variance does not grow
+        # with depth (GPT-2 / nanoGPT): std / sqrt(2 * n_layers)
+        resid_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- KV cache -----------------------------------------------------------------
+
+    def setup_cache(self, batch_size, max_seq_len=None, dtype=None, device=None, static=False):
+        """Allocate per-layer KV buffers. static=True keeps every decode step the same shape
+        (attention over the whole buffer with a mask) for torch.compile / CUDA graphs."""
+        length = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
+        dtype = dtype or self.tok_emb.weight.dtype
+        device = device or self.tok_emb.weight.device
+        c = self.config
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, c.n_kv_heads, length, c.head_dim, dtype, device)
+        self._cache_static = static
+        self._cache_len = length
+        self._cache_batch = batch_size
+        if static:
+            mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            self.register_buffer("causal_mask", mask, persistent=False)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+        self._cache_len = 0
+        if hasattr(self, "causal_mask"):
+            del self.causal_mask
+
+    # --- forward ------------------------------------------------------------------
+
+    def _hidden(self, idx, input_pos=None, doc_ids=None):
+        B, T = idx.shape
+        x = self.tok_emb(idx)
+        mask, is_causal, kv_end = None, False, None
+        if input_pos is not None:
+            if self._cache_len == 0:
+                raise RuntimeError("input_pos given but no KV cache: call model.setup_cache() first")
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            if self._cache_static:
+                mask = self.causal_mask[input_pos].view(1, 1, T, -1)
+            else:
+                kv_end = int(input_pos[-1]) + 1
+                if T > 1:
+                    if kv_end == T:
+                        is_causal = True
+                    else:
+                        keys = torch.arange(kv_end, device=idx.device)
+                        mask = (keys[None, :] <= input_pos[:, None]).view(1, 1, T, kv_end)
+        else:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+            if doc_ids is not None:
+                pos = positions_from_doc_ids(doc_ids)
+                cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+                mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+            else:
+                cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+                is_causal = True
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, is_causal, input_pos, kv_end)
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, loss_mask=None, input_pos=None, doc_ids=None, return_logits=None):
+        """Returns (logits, loss). With targets the logits are skipped unless return_logits=True:
+        the loss is averaged over positions whose target is not IGNORE_INDEX and, when given,
+        whose loss_mask is 1."""
+        h = self._hidden(idx, input_pos=input_pos, doc_ids=doc_ids)
+        weight = self.tok_emb.weight
+        if targets is None:
+            return F.linear(h, weight).float(), None
+        loss = self._loss(h, targets, loss_mask)
+        logits = F.linear(h, weight).float() if return_logits else None
+        return logits, loss
+
+    def _loss(self, h, targets, loss_mask):
+        weight = self.tok_emb.weight
+        h = h.reshape(-1, h.size(-1))
+        t = targets.reshape(-1)
+        if loss_mask is not None:
+            t = torch.where(loss_mask.reshape(-1).bool(), t, torch.full_like(t, IGNORE_INDEX))
+        count = (t != IGNORE_INDEX).sum().clamp(min=1)
+        n = h.size(0)
+        chunk = max(1, self.loss_chunk_elems // weight.size(0))
+        if n <= chunk:
+            return _ce_sum(h, weight, t) / count
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, chunk):
+            # checkpointing recomputes each chunk's logits in backward instead of storing them
+            total = total + checkpoint(_ce_sum, h[i:i + chunk], weight, t[i:i + chunk], use_reentrant=False)
+        return total / count
+
+    # --- decoding -----------------------------------------------------------------
+
+    def _last_logits(self, idx, input_pos):
+        h = self._hidden(idx, input_pos=input_pos)
+        return F.linear(h[:, -1, :], self.tok_emb.weight).float()
+
+    @torch.inference_mode()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                        generator=None):
+        """Yield the (B,) next tokens one step at a time, using the KV cache.
+        Rows that produced eos_id keep producing eos_id; stops when every row is done."""
+        B, T = idx.shape
+        total = T + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"context of {self.config.max_seq_len}: shorten the prompt or lower max_new_tokens")
+        if max_new_tokens <= 0:
+            return
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
+        if (self._cache_len < total or getattr(self, "_cache_batch", 0) < B
+                or (dtype is not None and self.layers[0].attn.kv_cache.k.dtype != dtype)):
+            self.setup_cache(B, max(total, self._cache_len if not self._cache_static else 0) or total,
+                             dtype=dtype, static=self._cache_static)
+        positions = torch.arange(total, device=idx.device)
+        logits = self._last_logits(idx, positions[:T])
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done = done | (nxt == eos_id)
+            yield nxt
+            if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                break
+            logits = self._last_logits(nxt[:, None], positions[T + i:T + i + 1])
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
+        """(B, T) prompt -> (B, T + n) tokens; temperature 0 = greedy."""
+        new = [t[:, None] for t in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                                        generator)]
+        return torch.cat([idx] + new, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and FLOPs
+
+
+def weight_decay_split(model):
+    """(decay, no_decay) parameter names: decay only 2-D matmul weights, never the embedding,
+    norms or any 1-D parameter."""
+    decay, no_decay = [], []
+    for name, p in _unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and not name.endswith("tok_emb.weight") else no_decay).append(name)
+    return decay, no_decay
+
+
+def param_groups(model, weight_decay):
+    params = dict(_unwrap(model).named_parameters())
+    decay, no_decay = weight_decay_split(model)
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+
+
+def configure_optimizers(model, weight_decay=0.1, lr=5e-4, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
+    # the fused CUDA kernel does the whole update in one launch
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def estimate_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L d T."""
+    return 6 * count_params(config) + 12 * config.n_layers * config.d_model * seq_len
+
+
+def estimate_mfu(tokens_per_sec, config: ModelConfig, seq_len, peak_flops) -> float:
+    return tokens_per_sec * estimate_flops_per_token(config, seq_len) / peak_flops
+
+
+# dense (no sparsity) tensor-core peaks from the vendors' data sheets, FLOP/s
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+              "4090": 165e12, "3090": 71e12, "A6000": 155e12, "V100": 125e12, "T4": 65e12}
+
+
+def device_peak_flops(device, dtype=torch.bfloat16):
+    """Peak bf16/fp16 FLOP/s of a known GPU, None on CPU or for an unknown one."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _PEAK_BF16.items():
+        if key in name:
+            return peak if dtype in (torch.bfloat16, torch.float16) else None
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used; the message names the file and what to do."""
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def _atomic_torch_save(obj, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(path, model, *, tokenizer=None, optimizer=None, scheduler=None, scaler=None, step=0,
+                    best_val_loss=None, rng_state=None, data_state=None, train_args=None, extra=None):
+    m = _unwrap(model)
+    if tokenizer is None:
+        tokenizer = m.tokenizer
+    if tokenizer is not None and hasattr(tokenizer, "to_dict"):
+        tokenizer = tokenizer.to_dict()
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": m.config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else scheduler,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "step": int(step),
+        "best_val_loss": None if best_val_loss is None else float(best_val_loss),
+        "rng": rng_state,
+        "data_state": data_state,
+        "train_args": train_args,
+        "tokenizer": tokenizer,
+        "extra": extra,
+    }
+    _atomic_torch_save(ckpt, Path(path))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load and validate a FishAI checkpoint with torch.load(weights_only=True): a file
+    carrying pickled code is refused, never executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (train.py writes checkpoints/fishai-best.pt; check the path)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: the file holds Python objects that safe loading does not allow "
+                              f"(not a FishAI checkpoint, or an unsafe pickle): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a FishAI checkpoint (no '{CHECKPOINT_FORMAT}' format tag); "
+                              f"for HF models pass the directory, for exports the quantize.py .bin")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this FishAI Train "
+                              f"supports ({CHECKPOINT_VERSION}): update FishAI Train")
+    for key in ("config", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint is missing its '{key}' entry (corrupted?)")
+    return ckpt
+
+
+def load_state_checked(model: GPT, state: dict, source="checkpoint"):
+    """load_state_dict with an error that names the first mismatching tensor."""
+    own = model.state_dict()
+    for name, t in own.items():
+        if name not in state:
+            raise CheckpointError(f"{source}: tensor '{name}' is missing (config/state mismatch)")
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(state[name].shape)}, "
+                                  f"the config expects {tuple(t.shape)} (config/state mismatch)")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor '{extra[0]}' (config/state mismatch)")
+    model.load_state_dict(state)
+
+
+def resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype '{dtype}': use fp32, fp16 or bf16")
+    return table[dtype]
+
+
+def _tokenizer_from(data):
+    if not data:
+        return None
+    from data_utils import TextTokenizer  # lazy: model.py stays importable on its own
+    return TextTokenizer.from_dict(data)
+
+
+def load_model(path, device="cpu", dtype=None) -> GPT:
+    """One entry point for every model file: a training checkpoint (.pt), a quantize.py export
+    (.bin) or an HF Llama directory. Returns a GPT in eval mode with .tokenizer attached."""
+    path = Path(path)
+    dtype = resolve_dtype(dtype)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: a directory without config.json is not an HF model directory")
+        model = from_hf(path, device=device)
+    else:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file (check the path)")
+        with open(path, "rb") as f:
+            head = f.read(len(QUANT_MAGIC))
+        if head == QUANT_MAGIC:
+            import quantize  # lazy: the export format lives with its writer
+            model = quantize.load_quantized(path, device=device, dtype=dtype)
+            model.source = str(path)
+            return model.eval()
+        ckpt = load_checkpoint(path)
+        try:
+            config = ModelConfig.from_dict(ckpt["config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: bad model config in checkpoint: {e}") from None
+        model = GPT(config)
+        load_state_checked(model, ckpt["model"], source=str(path))
+        model.tokenizer = _tokenizer_from(ckpt.get("tokenizer"))
+    model.source = str(path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face interop (transformers.LlamaForCausalLM, tied embeddings)
+
+_HF_LAYER = {"attn_norm.weight": "input_layernorm.weight", "attn.wq.weight": "self_attn.q_proj.weight",
+             "attn.wk.weight": "self_attn.k_proj.weight", "attn.wv.weight": "self_attn.v_proj.weight",
+             "attn.wo.weight": "self_attn.o_proj.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
+             "mlp.w_gate.weight": "mlp.gate_proj.weight", "mlp.w_up.weight": "mlp.up_proj.weight",
+             "mlp.w_down.weight": "mlp.down_proj.weight"}
+
+
+def hf_name(name: str) -> str:
+    """Our tensor name -> the LlamaForCausalLM one."""
+    if name == "tok_emb.weight":
+        return "model.embed_tokens.weight"
+    if name == "norm.weight":
+        return "model.norm.weight"
+    _, i, rest = name.split(".", 2)
+    return f"model.layers.{i}.{_HF_LAYER[rest]}"
+
+
+def hf_config(config: ModelConfig, tokenizer=None):
+    from transformers import LlamaConfig
+    eos = tokenizer.eos_id if tokenizer is not None else 0
+    pad = getattr(tokenizer, "pad_id", None) if tokenizer is not None else None
+    return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
+                       num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                       num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim,
+                       max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+                       rope_theta=config.rope_theta, hidden_act="silu", tie_word_embeddings=True,
+                       attention_bias=False, mlp_bias=False, initializer_range=config.init_std,
+                       bos_token_id=None, eos_token_id=eos, pad_token_id=pad)
+
+
+def to_hf(model):
+    """A transformers.LlamaForCausalLM with the same weights (and so the same logits)."""
+    from transformers import LlamaForCausalLM
+    m = _unwrap(model)
+    weight = m.tok_emb.weight
+    hf = LlamaForCausalLM(hf_config(m.config, m.tokenizer)).to(device=weight.device, dtype=weight.dtype)
+    state = {hf_name(k): v for k, v in m.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"HF conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    hf.tie_weights()
+    return hf.eval()
+
+
+def _rope_theta(cfg):
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default" or getattr(cfg, "rope_scaling", None):
+        rs = params if params.get("rope_type", "default") != "default" else cfg.rope_scaling
+        if (rs or {}).get("rope_type", (rs or {}).get("type", "default")) != "default":
+            raise CheckpointError(f"RoPE scaling {rs} is not supported by the FishAI GPT")
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def from_hf(model_or_dir, device="cpu") -> GPT:
+    """A GPT from a LlamaForCausalLM (object, local directory or hub name)."""
+    from transformers import LlamaForCausalLM
+    tokenizer = None
+    if isinstance(model_or_dir, (str, Path)):
+        src = str(model_or_dir)
+        try:
+            hf = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+        except OSError as e:
+            raise CheckpointError(f"{src}: cannot load the HF model (offline, or not a Llama directory): "
+                                  f"{str(e).splitlines()[0]}") from None
+        if Path(src).is_dir() and (Path(src) / "tokenizer.json").is_file():
+            from data_utils import load_tokenizer
+            tokenizer = load_tokenizer(src)
+    else:
+        hf, src = model_or_dir, "LlamaForCausalLM"
+    c = hf.config
+    if getattr(c, "model_type", "llama") != "llama":
+        raise CheckpointError(f"{src}: model_type '{c.model_type}' is not llama; the FishAI GPT is a Llama")
+    if not getattr(c, "tie_word_embeddings", False):
+        raise CheckpointError(f"{src}: untied lm_head: the FishAI GPT always ties the embedding and the output")
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise CheckpointError(f"{src}: biases are not supported by the FishAI GPT")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head_dim != c.hidden_size // c.num_attention_heads:
+        raise CheckpointError(f"{src}: head_dim {head_dim} != hidden_size / heads (unsupported)")
+    config = ModelConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
+                         n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+                         d_ff=c.intermediate_size, max_seq_len=c.max_position_embeddings,
+                         rope_theta=_rope_theta(c), norm_eps=c.rms_norm_eps,
+                         init_std=getattr(c, "initializer_range", 0.02))
+    model = GPT(config)
+    hf_state = hf.state_dict()
+    state = {k: hf_state[hf_name(k)].float() for k in model.state_dict()}
+    load_state_checked(model, state, source=src)
+    model.tokenizer = tokenizer
+    return model.to(device).eval()
+
+
+def save_hf(model, out_dir, tokenizer=None, overwrite=False):
+    """Write an HF Llama directory (config.json, model.safetensors, tokenizer files); atomic:
+    built in a temp dir next to out_dir, then renamed into place."""
+    import shutil
+    import tempfile
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: output directory exists and is not empty (pass --overwrite to replace it)")
+    m = _unwrap(model)
+    tokenizer = tokenizer or m.tokenizer
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf = to_hf(m)
+        hf.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Size table (README's model table comes from here)
+
+
+def int4_bytes(config: ModelConfig, group_size=128) -> int:
+    """Bytes of the weights as INT4 (two per byte) with an fp16 scale and zero point per group;
+    norm gains in fp16. The file header adds a few KB."""
+    total = 0
+    for name, shape in param_shapes(config).items():
+        numel = math.prod(shape)
+        if len(shape) == 1:
+            total += 2 * numel
+        else:
+            rows, cols = shape
+            total += rows * ((cols + 1) // 2) + rows * math.ceil(cols / group_size) * 4
+    return total
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    d, hd = config.d_model, config.head_dim
+    shapes = {"tok_emb.weight": (config.vocab_size, d)}
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attn_norm.weight": (d,), p + "attn.wq.weight": (config.n_heads * hd, d),
+                       p + "attn.wk.weight": (config.n_kv_heads * hd, d),
+                       p + "attn.wv.weight": (config.n_kv_heads * hd, d),
+                       p + "attn.wo.weight": (d, config.n_heads * hd), p + "mlp_norm.weight": (d,),
+                       p + "mlp.w_gate.weight": (config.d_ff, d), p + "mlp.w_up.weight": (config.d_ff, d),
+                       p + "mlp.w_down.weight": (d, config.d_ff)})
+    shapes["norm.weight"] = (d,)
+    return shapes
+
+
+def size_table(names=None) -> list[dict]:
+    rows = []
+    for name in names or CONFIGS:
+        c = CONFIGS[name]
+        n = count_params(c)
+        rows.append({"config": name, "d_model": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads,
+                     "n_kv_heads": c.n_kv_heads, "d_ff": c.d_ff, "vocab_size": c.vocab_size,
+                     "max_seq_len": c.max_seq_len, "params": n,
+                     "non_embedding_params": n - c.vocab_size * c.d_model,
+                     "fp32_mb": n * 4 / 1e6, "fp16_mb": n * 2 / 1e6, "int4_g128_mb": int4_bytes(c) / 1e6,
+                     "train_flops_per_token": estimate_flops_per_token(c, c.max_seq_len)})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="FishAI GPT presets: true parameter counts and sizes.")
+    parser.add_argument("--config", choices=list(CONFIGS), help="show one preset (default: all)")
+    parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    args = parser.parse_args(argv)
+    rows = size_table([args.config] if args.config else None)
+    print(f"{'config':<8}{'d_model':>8}{'layers':>7}{'heads':>6}{'kv':>4}{'d_ff':>6}{'vocab':>7}"
+          f"{'params':>14}{'FP32 MB':>10}{'FP16 MB':>10}{'INT4 MB':>10}")
+    for r in rows:
+        print(f"{r['config']:<8}{r['d_model']:>8}{r['n_layers']:>7}{r['n_heads']:>6}{r['n_kv_heads']:>4}"
+              f"{r['d_ff']:>6}{r['vocab_size']:>7}{r['params']:>14,}{r['fp32_mb']:>10.1f}{r['fp16_mb']:>10.1f}"
+              f"{r['int4_g128_mb']:>10.1f}")
+    if args.config:
+        for name, shape in param_shapes(CONFIGS[args.config]).items():
+            if name.startswith("layers.") and not name.startswith("layers.0."):
+                continue
+            print(f"  {name:<32} {str(shape):>14} {math.prod(shape):>12,}")
+        print(f"  (layers.1 .. layers.{CONFIGS[args.config].n_layers - 1} repeat layers.0)")
+    if args.json:
+        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=2))
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Shared fixtures: real shared data (skipped when absent), a tiny real tokenizer, tiny models.
+
+Everything is session-scoped and small (a ~130K-parameter model) so the suite runs on a
+2-core CPU in minutes.
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not (SHARED_DATA / "SOURCES.md").is_file():
+        pytest.skip(f"shared benchmark data not found at {SHARED_DATA} (it sits beside the checkout in CI)")
+    return SHARED_DATA
+
+
+def _training_texts():
+    """Real text for the tiny tokenizer and the trained fixture model: WikiText-103 valid when
+    the shared data is there, else the Python documentation bundled with Python."""
+    wiki = SHARED_DATA / "wikitext103" / "wiki.valid.tokens"
+    if wiki.is_file():
+        text = wiki.read_text(encoding="utf-8")
+        return [p for p in text.split("\n \n") if p.strip()]
+    from data_utils import iter_documents
+    docs, size = [], 0
+    for d in iter_documents("python-docs"):
+        docs.append(d)
+        size += len(d)
+        if size > 1_200_000:
+            break
+    return docs
+
+
+@pytest.fixture(scope="session")
+def training_texts():
+    return _training_texts()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, training_texts):
+    from tokenizer_train import train_tokenizer
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(training_texts, 512, out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from data_utils import load_tokenizer
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_tokenizer):
+    from model import ModelConfig
+    vocab = int(math.ceil(tiny_tokenizer.vocab_size / 64) * 64)
+    return ModelConfig(**{**TINY, "vocab_size": vocab})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config, tiny_tokenizer):
+    from model import GPT
+    torch.manual_seed(1234)
+    model = GPT(tiny_config).eval()
+    model.tokenizer = tiny_tokenizer
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_model):
+    from model import save_checkpoint
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-random.pt"
+    save_checkpoint(path, tiny_model)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory, tiny_config, tiny_tokenizer, training_texts):
+    """The tiny model trained for 300 steps on real text (a few seconds on CPU)."""
+    import numpy as np
+    from data_utils import TokenWindowSampler
+    from model import GPT, configure_optimizers, save_checkpoint
+    torch.manual_seed(0)
+    ids = []
+    for doc in tiny_tokenizer.encode_batch(training_texts):
+        ids.extend(doc)
+        ids.append(tiny_tokenizer.eos_id)
+    tokens = np.asarray(ids, dtype=np.uint16)
+    model = GPT(tiny_config)
+    model.tokenizer = tiny_tokenizer
+    opt = configure_optimizers(model, weight_decay=0.1, lr=3e-3)
+    sampler = TokenWindowSampler(tokens, seq_len=64, batch_size=16, seed=0)
+    steps = 300
+    for step in range(steps):
+        lr = 3e-3 * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = sampler.next_batch()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    path = tmp_path_factory.mktemp("trained") / "tiny-trained.pt"
+    save_checkpoint(path, model, step=steps, extra={"final_train_loss": float(loss)})
+    return path
