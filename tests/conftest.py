@@ -7,8 +7,16 @@ import math
 import sys
 from pathlib import Path
 
+import os
+
+# The test models are tiny: one thread per process is faster than two (no thread sync per op)
+# and keeps tests that start subprocesses (CLI, torchrun) from oversubscribing the 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

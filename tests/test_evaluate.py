@@ -1,0 +1,419 @@
+"""Tests for evaluate.py: scoring rules, loaders on the real files, the sandbox, the CLI end to end."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate as ev
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+class FakeLM:
+    """A byte-level LM with uniform logits: lets prompt construction be tested exactly, fast."""
+
+    def __init__(self, max_seq_len=100_000):
+        self.name, self.device, self.max_seq_len = "fake", "cpu", max_seq_len
+        self.eos_id = self.begin_id = 0
+        self.vocab_size = 256
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def logits(self, idx):
+        return torch.zeros(*idx.shape, self.vocab_size)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """On a shared 2-core machine, 2 OpenMP threads per process make tiny forwards ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(capsys, *argv):
+    rc = ev.main([*map(str, argv), "--no-progress"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def mmlu_dir(tmp_path, test_rows, dev_rows=None, subject="anatomy"):
+    for split, rows in (("test", test_rows), ("dev", dev_rows)):
+        if rows is None:
+            continue
+        d = tmp_path / "mmlu" / split
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{subject}_{split}.csv").write_text(rows, encoding="utf-8")
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------
+# scoring rules
+
+def test_loglikelihood_matches_hand_computed(tiny_ckpt):
+    """The core's log-likelihood of a continuation equals a manual log_softmax over the model's logits."""
+    import benchmark
+    from model import load_model
+    lm = benchmark.load_lm(tiny_ckpt, device="cpu")
+    scorer = ev.Scorer(lm, progress=False)
+    context, conts = "The capital of France is", [" Paris", " a city in Europe"]
+    reqs = [scorer.encode_pair(context, c) for c in conts]
+    got = benchmark.loglikelihood(lm, reqs, batch_size=2, progress=False)
+    model = load_model(tiny_ckpt)
+    for (ctx, cont), (ll, greedy) in zip(reqs, got):
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logits, _ = model(ids[:, :-1])
+        logp = F.log_softmax(logits[0].double(), dim=-1)
+        positions = range(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        manual = sum(float(logp[p, t]) for p, t in zip(positions, cont))
+        assert ll == pytest.approx(manual, abs=1e-4)
+        assert greedy == all(int(logp[p].argmax()) == t for p, t in zip(positions, cont))
+    # the multiple-choice rule picks the argmax of exactly these numbers
+    item = ev.Scorer(lm, progress=False).multiple_choice(
+        [{"context": context, "continuations": conts, "gold": 0}], "t")[0]
+    assert item["loglikelihoods"] == pytest.approx([g[0] for g in got])
+    assert item["pred"] == int(np.argmax([g[0] for g in got]))
+    norm = [g[0] / len(c) for g, c in zip(got, conts)]
+    assert item["acc_norm"] == float(int(np.argmax(norm)) == 0)
+
+
+def test_long_continuation_is_scored_in_windows(tiny_ckpt):
+    """A continuation longer than the window: the pieces add up to a manual sliding-window score."""
+    import benchmark
+    lm = benchmark.load_lm(tiny_ckpt, device="cpu")
+    s = ev.Scorer(lm, progress=False)
+    ctx, cont = s.encode_pair("Once upon a time", " there was a story" * 40)
+    assert len(cont) > lm.max_seq_len
+    parts = s.split_request(ctx, cont)
+    assert sum(len(c) for _, c in parts) == len(cont) and all(len(c) <= lm.max_seq_len // 2 for _, c in parts)
+    assert all(a + c == (ctx + cont)[:len(a) + len(c)] for a, c in parts)
+    item = s.multiple_choice([{"context": "Once upon a time", "continuations": [" there was a story" * 40, " x"],
+                               "gold": 1}], "t")[0]
+    got = benchmark.loglikelihood(lm, parts, progress=False)
+    assert item["loglikelihoods"][0] == pytest.approx(sum(g[0] for g in got), abs=1e-6)
+
+
+def test_encode_pair_moves_trailing_space_to_continuation():
+    s = ev.Scorer(FakeLM(), progress=False)
+    ctx, cont = s.encode_pair("Answer: ", "A")
+    assert bytes(ctx) == b"Answer:" and bytes(cont) == b" A"
+
+
+@pytest.mark.parametrize("text,strict,flexible", [
+    ("She makes 9 * 2 = 18 dollars.\n#### 18", "18", "18"),
+    ("#### 1,234\n\nQuestion: next", "1,234", "1,234"),
+    ("The answer is $1,000.", "[invalid]", "$1,000."),
+    ("first 3 then 4 and finally -12 apples", "[invalid]", "-12"),
+    ("#### -7.5 and then 99", "-7.5", "99"),
+    ("no numbers here", "[invalid]", "[invalid]"),
+    ("just 5", "[invalid]", "5"),
+])
+def test_gsm8k_extraction(text, strict, flexible):
+    assert ev.extract_strict(text) == strict
+    assert ev.extract_flexible(text) == flexible
+
+
+def test_gsm8k_exact_match_normalisation():
+    ref = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n#### 1,018"
+    assert ev.gsm8k_exact_match("1,018", ref) == 1.0
+    assert ev.gsm8k_exact_match("$1018.", ref) == 1.0
+    assert ev.gsm8k_exact_match("1018.0", ref) == 0.0      # exact match, as the harness scores it
+    assert ev.gsm8k_exact_match("[invalid]", ref) == 0.0
+    assert ev.normalize_answer(ref) == "1018"
+
+
+def test_truncate_at_stop():
+    assert ev.truncate_at_stop("  return x\n\ndef f():", ev.HUMANEVAL_STOP) == "  return x\n"
+    assert ev.truncate_at_stop(" 42.\n\nQuestion: x", ev.GSM8K_STOP) == " 42.\n\n"
+    assert ev.truncate_at_stop("no stop", ev.HUMANEVAL_STOP) == "no stop"
+
+
+def test_pass_at_k_equals_closed_form():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        c = int(rng.integers(0, n + 1))
+        k = int(rng.integers(1, n + 1))
+        closed = 1.0 - math.comb(n - c, k) / math.comb(n, k)
+        assert ev.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-9)
+    assert ev.pass_at_k(10, 0, 5) == 0.0
+    assert ev.pass_at_k(10, 10, 1) == 1.0
+    assert ev.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        ev.pass_at_k(5, 2, 6)
+
+
+def test_hellaswag_preprocess():
+    # exactly the harness's steps: strip, " [title]" -> ". ", drop [..], "  " -> " " (a leading space can remain)
+    assert ev.hellaswag_preprocess(" [header] How to cook [title] Boil water. [step] Add  salt ") == \
+        " How to cook. Boil water. Add salt"
+    doc = ev.hellaswag_doc({"activity_label": "Pole vault", "ctx_a": "A man runs.", "ctx_b": "he",
+                            "endings": ["jumps.", "a [b] c", "x", "y"], "label": "2"})
+    assert doc == {"query": "Pole vault: A man runs. He", "choices": ["jumps.", "a c", "x", "y"], "gold": 2}
+
+
+def test_mmlu_prompt_is_the_harness_template(shared_data):
+    data = ev.load_mmlu(shared_data)
+    sub = {"anatomy": data["anatomy"]}
+    items_log = ev.run_mmlu_like(ev.Scorer(FakeLM(), progress=False), "mmlu", sub, 5, 1)[1]
+    prompt = items_log[0]["prompt"]
+    test0, dev = data["anatomy"][0][0], data["anatomy"][1]
+    assert prompt.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
+    blocks = prompt.split("\n\n")[1:]
+    assert len(blocks) == 6
+    for block, d in zip(blocks, dev):
+        assert block == (f"{d['question'].strip()}\nA. {d['choices'][0]}\nB. {d['choices'][1]}\n"
+                         f"C. {d['choices'][2]}\nD. {d['choices'][3]}\nAnswer: {'ABCD'[d['answer']]}")
+    assert blocks[-1].endswith("\nAnswer:") and blocks[-1].startswith(test0["question"].strip())
+    assert items_log[0]["choices"] == [" A", " B", " C", " D"]
+
+
+def test_ceval_prompt_and_fewer_shots_when_context_is_short(shared_data):
+    data = ev.load_ceval(shared_data)
+    sub = {"computer_network": data["computer_network"]}
+    res, log = ev.run_mmlu_like(ev.Scorer(FakeLM(), progress=False), "ceval", sub, 5, 2)
+    p = log[0]["prompt"]
+    assert p.startswith("以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n")
+    assert p.count("\n答案：") == 6 and p.endswith("\n答案：") and res["fewshot_reduced"] == 0
+    assert res["categories"] == {"STEM": {"acc": res["acc"], "acc_norm": res["acc_norm"], "n": 2}}
+    # a 300-byte window: fewer shots, and with 0 shots still too long -> counted as truncated
+    res2, log2 = ev.run_mmlu_like(ev.Scorer(FakeLM(300), progress=False), "ceval", sub, 5, 2)
+    assert res2["fewshot_reduced"] == 2 and log2[0]["prompt"].count("\n答案：") < 6
+    assert all(len(r["prompt"].encode()) + 3 <= 300 or res2["truncated"] for r in log2)
+
+
+# ------------------------------------------------------------------------------------------
+# loaders on the real files
+
+def test_loaders_on_real_files(shared_data):
+    mmlu = ev.load_mmlu(shared_data)
+    assert {s: len(t) for s, (t, _) in mmlu.items()} == {
+        "abstract_algebra": 100, "anatomy": 135, "college_biology": 144, "computer_security": 100,
+        "high_school_government_and_politics": 193, "management": 103, "marketing": 234, "philosophy": 311}
+    assert all(len(d) == 5 for _, d in mmlu.values())
+    assert all(len(doc["choices"]) == 4 and 0 <= doc["answer"] <= 3 for t, _ in mmlu.values() for doc in t)
+    assert set(mmlu) <= set(ev.MMLU_SUBJECTS) and len(ev.MMLU_SUBJECTS) == 57
+
+    ceval = ev.load_ceval(shared_data)
+    assert set(ceval) == set(ev.CEVAL_SUBJECTS) and len(ceval) == 52
+    assert sum(len(v) for v, _ in ceval.values()) == 1346 and sum(len(d) for _, d in ceval.values()) == 260
+    assert ceval["computer_network"][0][0]["question"].startswith("使用位填充方法")
+    assert ceval["computer_network"][0][0]["answer"] == 2
+    cats = {c for _, c in ev.CEVAL_SUBJECTS.values()}
+    assert cats == {"STEM", "Social Science", "Humanities", "Other"}
+
+    hs = ev.load_hellaswag(shared_data)
+    assert len(hs) == 1000 and {r["label"] for r in hs} == {0, 1, 2, 3}
+
+    gsm = ev.load_gsm8k(shared_data)
+    assert len(gsm) == 1319
+    refs = [ev.normalize_answer(r["answer"]) for r in gsm]
+    assert refs[0] == "18" and all(ev.extract_strict(r["answer"]) != ev.INVALID for r in gsm)
+    assert all(re_ok for re_ok in (x.lstrip("-").isdigit() for x in refs))
+
+    he = ev.load_humaneval(shared_data)
+    assert len(he) == 164 and he[0]["task_id"] == "HumanEval/0" and he[-1]["task_id"] == "HumanEval/163"
+
+
+def test_builtin_gsm8k_shots_are_consistent(shared_data):
+    """The built-in exemplars are well formed, arithmetically right and not from the test set."""
+    test_questions = {r["question"] for r in ev.load_gsm8k(shared_data)}
+    for q, a in ev.GSM8K_FEWSHOT:
+        assert q not in test_questions
+        for expr, val in __import__("re").findall(r"<<([^=]+)=([^>]+)>>", a):
+            assert eval(expr) == pytest.approx(float(val))  # noqa: S307 - our own constant strings
+        assert ev.extract_strict(a) != ev.INVALID
+    assert len(ev.gsm8k_shots(None, 8)) == 8
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+
+def test_bad_files_name_the_file_and_expected_columns(tmp_path):
+    bad = mmlu_dir(tmp_path / "a", "q,a,b,c,D\n")
+    with pytest.raises(ev.EvalError, match=r"anatomy_test\.csv.*5 columns.*question,A,B,C,D,answer"):
+        ev.load_mmlu(bad, need_dev=False)
+    bad = mmlu_dir(tmp_path / "b", "q,a,b,c,d,E\n")
+    with pytest.raises(ev.EvalError, match=r"anatomy_test\.csv.*'E' is not one of A, B, C, D"):
+        ev.load_mmlu(bad, need_dev=False)
+    ok = mmlu_dir(tmp_path / "c", "q,a,b,c,d,A\n")
+    with pytest.raises(ev.EvalError, match=r"missing split: .*mmlu/dev"):
+        ev.load_mmlu(ok)
+    assert ev.load_mmlu(ok, need_dev=False)["anatomy"][0][0]["answer"] == 0
+
+    d = tmp_path / "d" / "ceval" / "val"
+    d.mkdir(parents=True)
+    (d / "law_val.csv").write_text("id,question,A,B,C,D\n0,q,a,b,c,d\n", encoding="utf-8")
+    with pytest.raises(ev.EvalError, match=r"law_val\.csv: missing column\(s\) answer.*id,question,A,B,C,D,answer"):
+        ev.load_ceval(tmp_path / "d", need_dev=False)
+
+    h = tmp_path / "e" / "hellaswag"
+    h.mkdir(parents=True)
+    (h / "hellaswag_val.jsonl").write_text(json.dumps({"ctx_a": "x", "ctx_b": "y", "label": 1,
+                                                       "activity_label": "z"}) + "\n")
+    with pytest.raises(ev.EvalError, match=r"hellaswag_val\.jsonl:1: missing field\(s\) endings"):
+        ev.load_hellaswag(tmp_path / "e")
+    (h / "hellaswag_val.jsonl").write_text("{not json\n")
+    with pytest.raises(ev.EvalError, match=r"hellaswag_val\.jsonl:1: not valid JSON"):
+        ev.load_hellaswag(tmp_path / "e")
+    with pytest.raises(ev.EvalError, match=r"missing split.*hellaswag_train"):
+        ev.load_hellaswag(tmp_path / "e", split="train")
+
+
+def test_hub_offline_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ev.EvalError, match=r"could not load openai/gsm8k.*--data-dir"):
+        ev.load_gsm8k(None)
+
+
+def test_cli_bad_input_messages(capsys, tmp_path, shared_data):
+    rc, _, err = run_cli(capsys, "--model", "x.pt", "--benchmark", "mmlu,squad")
+    assert rc == 1 and "unknown benchmark 'squad'" in err and "mmlu, ceval" in err
+    rc, _, err = run_cli(capsys, "--model", "x.pt", "--benchmark", "all")
+    assert rc == 1 and "--allow-code-execution" in err
+    rc, _, err = run_cli(capsys, "--samples", "s.jsonl", "--benchmark", "mmlu")
+    assert rc == 1 and "--benchmark humaneval" in err
+    rc, _, err = run_cli(capsys, "--model", tmp_path / "nope.pt", "--benchmark", "mmlu", "--data-dir", shared_data)
+    assert rc == 1 and "nope.pt" in err and "Traceback" not in err
+    rc, _, err = run_cli(capsys, "--model", "x.pt", "--benchmark", "mmlu", "--limit", "0")
+    assert rc == 1 and "--limit must be >= 1" in err
+    rc, _, err = run_cli(capsys, "--model", "x.pt", "--benchmark", "humaneval", "--allow-code-execution",
+                         "--num-samples", "5")
+    assert rc == 1 and "--temperature" in err
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/999", "completion": ""}) + "\n")
+    out_json = tmp_path / "r.json"
+    rc, _, err = run_cli(capsys, "--samples", samples, "--benchmark", "humaneval", "--data-dir", shared_data,
+                         "--allow-code-execution", "--json", out_json)
+    assert rc == 1 and "s.jsonl:1: unknown task_id 'HumanEval/999'" in err and not out_json.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# HumanEval execution
+
+def test_sandbox_limits_and_isolation(monkeypatch):
+    monkeypatch.setenv("FISHAI_TEST_SECRET", "hunter2")
+    progs = [
+        "import os\nassert 'FISHAI_TEST_SECRET' not in os.environ\nassert os.getcwd() != %r\n" % os.getcwd(),
+        "while True:\n    pass\n",
+        "x = bytearray(2 * 1024 ** 3)\n",
+        "import os\nos.system('true')\n",
+        "raise SystemExit(0)\n",
+        "assert 1 == 2, 'boom'\n",
+    ]
+    res = ev.execute_programs(progs, timeout=2.0, memory_mb=512, workers=3, progress=False)
+    assert res[0] == "passed"
+    assert res[1] == "timed out" or "signal" in res[1]
+    assert res[2].startswith("failed") and "MemoryError" in res[2]
+    assert res[3].startswith("failed") and "NoneType" in res[3]
+    assert res[4] == "failed: SystemExit: 0"   # exiting early is not passing (as in openai/human-eval)
+    assert res[5] == "failed: AssertionError: boom"
+
+
+def test_humaneval_samples_canonical_and_empty(capsys, tmp_path, shared_data):
+    problems = ev.load_humaneval(shared_data)
+    canon, empty = tmp_path / "canon.jsonl", tmp_path / "empty.jsonl"
+    canon.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": p["canonical_solution"]}) + "\n"
+                             for p in problems))
+    empty.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": ""}) + "\n" for p in problems))
+    for path, expected in ((canon, 1.0), (empty, 0.0)):
+        out = tmp_path / f"{path.stem}.json"
+        rc, stdout, err = run_cli(capsys, "--samples", path, "--benchmark", "humaneval", "--data-dir", shared_data,
+                                  "--allow-code-execution", "--json", out, "--exec-workers", "4", "--exec-timeout", "30")
+        assert rc == 0, err
+        r = json.loads(out.read_text())["results"]["humaneval"]
+        assert r["pass@1"] == expected and r["n"] == 164
+    # several samples per task: pass@k from the unbiased estimator
+    half = tmp_path / "mixed.jsonl"
+    lines = []
+    for p in problems[:4]:
+        lines += [{"task_id": p["task_id"], "completion": p["canonical_solution"]}] * 3
+        lines += [{"task_id": p["task_id"], "completion": "    return None\n"}] * 7
+    half.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    metrics, log = ev.score_humaneval_samples(problems[:4], ev.read_samples(half, problems[:4]), progress=False)
+    assert metrics["n"] == 4 and metrics["num_samples"] == 10
+    assert metrics["pass@1"] == pytest.approx(0.3) and metrics["pass@10"] == 1.0
+    assert sum(x["passed"] for x in log) == 12
+
+
+# ------------------------------------------------------------------------------------------
+# with a model
+
+def test_random_model_is_at_chance(tiny_ckpt, shared_data, tmp_path, capsys):
+    """A random tiny model scores at chance (25% for 4 options), within a loose bound."""
+    out = tmp_path / "chance.json"
+    rc, stdout, err = run_cli(capsys, "--model", tiny_ckpt, "--benchmark", "mmlu", "--data-dir", shared_data,
+                              "--limit", "15", "--device", "cpu", "--json", out)
+    assert rc == 0, err
+    res = json.loads(out.read_text())["results"]["mmlu"]
+    assert res["n"] == 120 and 0.1 <= res["acc"] <= 0.42
+    assert sum(s["n"] for s in res["subjects"].values()) == 120
+    rc, _, err = run_cli(capsys, "--model", tiny_ckpt, "--benchmark", "hellaswag", "--data-dir", shared_data,
+                         "--limit", "120", "--device", "cpu", "--json", out)
+    assert rc == 0, err
+    res = json.loads(out.read_text())["results"]["hellaswag"]
+    assert res["n"] == 120 and 0.1 <= res["acc"] <= 0.42 and 0.1 <= res["acc_norm"] <= 0.42
+
+
+def test_all_benchmarks_end_to_end(trained_ckpt, shared_data, tmp_path, capsys):
+    out, log = tmp_path / "all.json", tmp_path / "samples.jsonl"
+    rc, stdout, err = run_cli(capsys, "--model", trained_ckpt, "--benchmark", "all", "--data-dir", shared_data,
+                              "--limit", "2", "--allow-code-execution", "--max-gen-toks", "24", "--device", "cpu",
+                              "--json", out, "--log-samples", log)
+    assert rc == 0, err
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == set(ev.BENCHMARKS)
+    assert res["mmlu"]["n"] == 16 and set(res["mmlu"]["subjects"]) == set(ev.load_mmlu(shared_data))
+    assert res["ceval"]["n"] == 104 and set(res["ceval"]["categories"]) == {"STEM", "Social Science",
+                                                                              "Humanities", "Other"}
+    assert res["hellaswag"]["n"] == 2 and {"acc", "acc_norm"} <= set(res["hellaswag"])
+    assert res["gsm8k"]["n"] == 2 and res["gsm8k"]["fewshot_source"] == "built-in"
+    assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(res["gsm8k"])
+    assert res["humaneval"]["n"] == 2 and 0.0 <= res["humaneval"]["pass@1"] <= 1.0
+    for r in res.values():
+        for k, v in r.items():
+            if k.startswith(("acc", "exact_match", "pass@")) and "stderr" not in k:
+                assert 0.0 <= v <= 1.0
+    # the 128-token tiny model cannot hold 5-shot prompts: fewer shots, and it says so
+    assert res["mmlu"]["fewshot_reduced"] > 0 and "fewer than 5 shots" in err
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    assert {t: len(v) for t, v in by_task.items()} == {"mmlu": 16, "ceval": 104, "hellaswag": 2,
+                                                       "gsm8k": 2, "humaneval": 2}
+    g = by_task["gsm8k"][0]
+    assert g["prompt"].endswith("\nAnswer:") and "Question:" not in g["response"]
+    assert by_task["humaneval"][0]["result"] in ("passed", "timed out") or \
+        by_task["humaneval"][0]["result"].startswith("failed")
+    assert "| mmlu | acc |" in stdout
+
+
+def test_hf_model_is_scored_by_the_same_code(tiny_model, tiny_ckpt, shared_data, tmp_path, capsys):
+    """--hf (transformers LlamaForCausalLM) and --model (FishAI) give the same numbers for the same weights."""
+    from model import save_hf
+    hf_dir = tmp_path / "hf"
+    save_hf(tiny_model, hf_dir, tokenizer=tiny_model.tokenizer)
+    logs = []
+    for flag, spec in (("--hf", hf_dir), ("--model", tiny_ckpt)):
+        log = tmp_path / f"{flag[2:]}.jsonl"
+        rc, _, err = run_cli(capsys, flag, spec, "--benchmark", "mmlu,gsm8k", "--data-dir", shared_data,
+                             "--limit", "1", "--max-gen-toks", "8", "--device", "cpu", "--log-samples", log)
+        assert rc == 0, err
+        logs.append([json.loads(line) for line in log.read_text().splitlines()])
+    for a, b in zip(*logs):
+        if a["task"] == "mmlu":
+            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-3)
+        else:
+            assert a["response"] == b["response"]
