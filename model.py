@@ -122,10 +122,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 and scale in the input dtype, exactly as LlamaRMSNorm does
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # one fused kernel (it accumulates in fp32 for half-precision inputs, as LlamaRMSNorm does);
+        # under autocast the residual stream that reaches it is fp32
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
 def rope_tables(config: ModelConfig, length: int):
@@ -139,7 +138,8 @@ def rope_tables(config: ModelConfig, length: int):
 def apply_rope(x, cos, sin):
     # x (B, H, T, hd); cos/sin broadcastable to (B, H, T, hd/2)
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -152,10 +152,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
+    def update(self, input_pos, k, v, start=None):
+        """Write k/v at input_pos. `start` (a Python int, eager decoding) means the positions are
+        start..start+T-1, and a slice assignment is cheaper than index_put."""
         b = k.shape[0]
-        self.k[:b, :, input_pos] = k.to(self.k.dtype)
-        self.v[:b, :, input_pos] = v.to(self.v.dtype)
+        if k.dtype != self.k.dtype:
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if start is not None:
+            self.k[:b, :, start:start + k.shape[2]] = k
+            self.v[:b, :, start:start + k.shape[2]] = v
+        else:
+            self.k[:b, :, input_pos] = k
+            self.v[:b, :, input_pos] = v
         return self.k[:b], self.v[:b]
 
 
@@ -177,10 +185,13 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
             if kv_end is not None:  # eager decoding: attend only to the filled part of the cache
+                k, v = self.kv_cache.update(input_pos, k, v, start=kv_end - T)
                 k, v = k[:, :, :kv_end], v[:, :, :kv_end]
-            q = q.to(k.dtype)
+            else:
+                k, v = self.kv_cache.update(input_pos, k, v)
+            if q.dtype != k.dtype:
+                q = q.to(k.dtype)
         gqa = self.n_kv_heads != self.n_heads
         if gqa and mask is not None:
             # the fused kernels take GQA or an explicit mask, not both: expand K/V then
@@ -189,7 +200,7 @@ class Attention(nn.Module):
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.wo(y.to(x.dtype))
+        return self.wo(y if y.dtype == x.dtype else y.to(x.dtype))
 
 
 class MLP(nn.Module):
