@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import sys
-import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -558,9 +557,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused: the file holds Python objects that safe loading does not allow "
                               f"(not a FishAI checkpoint, or an unsafe pickle): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # zip/EOF/unpickler errors of a truncated or foreign file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not a torch file): {msg}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a FishAI checkpoint (no '{CHECKPOINT_FORMAT}' format tag); "
                               f"for HF models pass the directory, for exports the quantize.py .bin")
@@ -700,11 +699,17 @@ def from_hf(model_or_dir, device="cpu") -> GPT:
     tokenizer = None
     if isinstance(model_or_dir, (str, Path)):
         src = str(model_or_dir)
+        from transformers.utils import logging as hf_logging
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar for a model this small
         try:
             hf = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
         except OSError as e:
             raise CheckpointError(f"{src}: cannot load the HF model (offline, or not a Llama directory): "
                                   f"{str(e).splitlines()[0]}") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         if Path(src).is_dir() and (Path(src) / "tokenizer.json").is_file():
             from data_utils import load_tokenizer
             tokenizer = load_tokenizer(src)

@@ -282,6 +282,10 @@ def test_bad_checkpoint_errors(tmp_path, net):
     truncated.write_bytes(good.read_bytes()[:2000])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         M.load_model(truncated)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        M.load_model(text)
     with pytest.raises(CheckpointError, match="without config.json"):
         M.load_model(tmp_path)
 

@@ -1,0 +1,388 @@
+"""Tests for generate.py: streaming, sampling, chat and the CLI.
+
+Run alone: python -m pytest tests/test_generate.py -q
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import generate  # noqa: E402
+from generate import (IncrementalDecoder, chat_loop, fit_prompt, generate_samples,  # noqa: E402
+                      make_generator, stream_generate, stream_text, trim_history)
+
+UTF8_TEXT = "Fish 🐟 swim in 水里, naïve café — 中文测试 😀🎉 done. Ελληνικά, עברית, 日本語です。"
+
+
+def run_cli(*args, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], input=stdin,
+                          capture_output=True, text=True, encoding="utf-8", timeout=timeout,
+                          cwd=str(ROOT), env=env)
+
+
+def fake_stream(rows: list[list[int]], calls: list | None = None):
+    """A token stream that ignores the model and yields the given ids per row, step by step
+    (then keeps yielding the last id of each row), recording the prompt it was called with."""
+    def stream(idx):
+        if calls is not None:
+            calls.append(idx.clone())
+        step = 0
+        while True:
+            yield torch.tensor([r[min(step, len(r) - 1)] for r in rows], dtype=torch.long)
+            step += 1
+    return stream
+
+
+class FakeModel(torch.nn.Module):
+    """Just enough of a GPT for the chat loop and the stop logic: a tokenizer, a config and a
+    parameter (for the device)."""
+
+    def __init__(self, tokenizer, max_seq_len=128):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer = tokenizer
+        self.config = type("Cfg", (), {"max_seq_len": max_seq_len})()
+
+
+def crafted_model(tiny_model, token_id: int):
+    """A copy of the tiny GPT whose weights make greedy decoding always emit `token_id`: the
+    blocks write nothing to the residual stream, the final norm keeps one dimension d0, every
+    embedding is +1 on d0 and `token_id`'s is +10, so its logit is the largest."""
+    m = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attn.wo.weight.zero_()
+            layer.mlp.w_down.weight.zero_()
+        m.norm.weight.zero_()
+        m.norm.weight[0] = 1.0
+        m.tok_emb.weight[:, 0] = 1.0
+        m.tok_emb.weight[token_id, 0] = 10.0
+    return m
+
+
+@pytest.fixture(scope="module")
+def im_end_ckpt(tiny_model, tmp_path_factory):
+    """Checkpoint of a model that answers every chat message with <|im_end|> at once."""
+    from model import save_checkpoint
+
+    path = tmp_path_factory.mktemp("imend") / "imend.pt"
+    save_checkpoint(path, crafted_model(tiny_model, tiny_model.tokenizer.im_end_id),
+                    tokenizer=tiny_model.tokenizer)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# incremental decoding
+
+
+def test_incremental_decoder_utf8_roundtrip(tiny_tokenizer):
+    ids = tiny_tokenizer.encode(UTF8_TEXT)
+    dec = IncrementalDecoder(tiny_tokenizer)
+    pieces, held = [], 0
+    for t in ids:
+        piece = dec.push(t)
+        held += piece == ""
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+        so_far = "".join(pieces)
+        assert UTF8_TEXT.startswith(so_far)  # never prints anything it must take back
+    pieces.append(dec.flush())
+    assert "".join(pieces) == UTF8_TEXT
+    # vocab 512 splits Chinese/emoji into byte tokens, so some tokens must have been held back
+    assert held > 0
+
+
+def test_incremental_decoder_flushes_invalid_utf8(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("🐟")
+    assert len(ids) > 1, "the 4-byte emoji should span several byte-level tokens"
+    dec = IncrementalDecoder(tiny_tokenizer)
+    assert dec.push(ids[0]) == ""
+    tail = dec.flush()
+    assert tail == tiny_tokenizer.decode(ids[:1]) and tail.endswith("\ufffd")
+
+
+def test_stream_text_matches_decode_on_random_model(tiny_model):
+    """A random model happily emits broken UTF-8; the pieces must still add up to decode()."""
+    tok = tiny_model.tokenizer
+    prompt = tok.encode("Hello 世界")
+    for seed in range(3):
+        gen = make_generator(seed, "cpu")
+        ids: list[int] = []
+        steps = stream_generate(tiny_model, prompt, 40, temperature=1.0, top_k=None,
+                                stop_ids=[], generator=gen)
+        pieces = list(stream_text(tok, steps, ids_out=ids))
+        assert len(ids) == 40
+        assert "".join(pieces) == tok.decode(ids)
+        # invalid bytes may show up as U+FFFD mid-text, but a piece never *ends* in one while
+        # more tokens follow (that would be a character cut in half)
+        assert not any(p.endswith("\ufffd") for p in pieces[:-1])
+
+
+# ------------------------------------------------------------------------------------------
+# token generation
+
+
+def test_greedy_matches_model_generate(tiny_model):
+    tok = tiny_model.tokenizer
+    prompt = tok.encode("The quick brown fox")
+    ref = tiny_model.generate(torch.tensor([prompt]), 30, temperature=0.0)[0, len(prompt):].tolist()
+    ours = generate_samples(tiny_model, prompt, 30, temperature=0.0, stop_ids=[])
+    assert ours == [ref]
+    # batched greedy samples are identical rows
+    batch = generate_samples(tiny_model, prompt, 30, temperature=0.0, stop_ids=[], num_samples=3)
+    assert batch == [ref] * 3
+
+
+def test_stops_at_eos_with_real_model(tiny_model):
+    tok = tiny_model.tokenizer
+    m = crafted_model(tiny_model, tok.eos_id)
+    prompt = tok.encode("The history of the")
+    ref = m.generate(torch.tensor([prompt]), 20, temperature=0.0, eos_id=tok.eos_id)[0, len(prompt):]
+    assert ref.tolist() == [tok.eos_id]  # model.generate stops as soon as every row is done
+    steps = list(stream_generate(m, prompt, 20, temperature=0.0, num_samples=2))
+    assert steps == [[tok.eos_id, tok.eos_id]]  # default stop id = the tokenizer's EOS
+    assert generate_samples(m, prompt, 20, temperature=0.0) == [[]]  # the EOS is not returned
+    assert generate_samples(m, prompt, 20, temperature=0.0, keep_stop=True) == [[tok.eos_id]]
+
+
+def test_static_cache_loop_matches_generate(tiny_model):
+    """The --compile decode loop (static KV cache), run eagerly: same greedy tokens, twice
+    (the second call reuses the cache and step function), and for a batch."""
+    from generate import compiled_generate_stream
+
+    m = copy.deepcopy(tiny_model)
+    prompt = torch.tensor([m.tokenizer.encode("A static cache")])
+    ref = m.generate(prompt, 25, temperature=0.0)[:, prompt.shape[1]:]
+    for _ in range(2):
+        got = torch.stack(list(compiled_generate_stream(m, prompt, 25, temperature=0.0,
+                                                        use_compile=False)), dim=1)
+        assert torch.equal(got, ref)
+    got = torch.stack(list(compiled_generate_stream(m, prompt.repeat(2, 1), 25, temperature=0.0,
+                                                    use_compile=False)), dim=1)
+    assert torch.equal(got, ref.repeat(2, 1))
+
+
+def test_same_seed_same_samples(tiny_model):
+    prompt = tiny_model.tokenizer.encode("Once upon a time")
+    kw = dict(temperature=1.0, top_k=50, top_p=0.95, stop_ids=[], num_samples=3)
+    a = generate_samples(tiny_model, prompt, 25, generator=make_generator(7, "cpu"), **kw)
+    b = generate_samples(tiny_model, prompt, 25, generator=make_generator(7, "cpu"), **kw)
+    c = generate_samples(tiny_model, prompt, 25, generator=make_generator(8, "cpu"), **kw)
+    assert a == b
+    assert a != c
+    assert len({tuple(r) for r in a}) > 1, "the batched samples should differ from each other"
+    assert all(len(r) == 25 for r in a)
+
+
+def test_stop_logic_per_row():
+    rows = [[10, 11, 0, 12, 13], [20, 0, 21, 22, 23], [30, 31, 32, 33, 2]]
+    model = FakeModel(tokenizer=None)
+    steps = list(stream_generate(model, [5], 50, stop_ids=[0, 2], num_samples=3,
+                                 token_stream=fake_stream(rows)))
+    assert steps == [[10, 20, 30], [11, 0, 31], [0, None, 32], [None, None, 33], [None, None, 2]]
+    # max_new_tokens caps the steps even when nothing stops
+    assert len(list(stream_generate(model, [5], 4, stop_ids=[], token_stream=fake_stream([[9]])))) == 4
+    with pytest.raises(ValueError):
+        list(stream_generate(model, [], 4, token_stream=fake_stream([[9]])))
+
+
+def test_fit_prompt():
+    warnings = []
+    ids, n = fit_prompt(list(range(100)), 50, 128, warn=warnings.append)
+    assert ids == list(range(100))[-78:] and n == 50 and len(warnings) == 1
+    ids, n = fit_prompt(list(range(10)), 500, 128, warn=warnings.append)
+    assert ids == list(range(10)) and n == 118
+    ids, n = fit_prompt(list(range(10)), 20, 128)
+    assert (len(ids), n) == (10, 20)
+
+
+# ------------------------------------------------------------------------------------------
+# chat
+
+
+def test_chat_loop_stops_at_im_end_and_keeps_history(tiny_tokenizer):
+    tok = tiny_tokenizer
+    reply = tok.encode("Hi there, 鱼!")
+    rows = [reply + [tok.im_end_id] + tok.encode(" junk after the end")]
+    calls: list = []
+    out, err = io.StringIO(), io.StringIO()
+    inp = io.StringIO("hello\n\nhow are you?\n/reset\nbye\n/quit\nnever read\n")
+    history = chat_loop(FakeModel(tok), inp, out, system="Be brief.", max_new_tokens=50,
+                        err_stream=err, token_stream=fake_stream(rows, calls))
+    assert out.getvalue() == "Hi there, 鱼!\n" * 3
+    assert len(calls) == 3  # the empty line is skipped, /quit stops before "never read"
+    second = tok.decode(calls[1][0].tolist())
+    assert "hello" in second and "Hi there, 鱼!" in second and "how are you?" in second
+    assert "Be brief." in second
+    expected = tok.encode_chat([{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "hello"},
+                                {"role": "assistant", "content": "Hi there, 鱼!"},
+                                {"role": "user", "content": "how are you?"}],
+                               add_generation_prompt=True)[0]
+    assert calls[1][0].tolist() == list(expected)
+    third = tok.decode(calls[2][0].tolist())  # after /reset: only the system prompt and "bye"
+    assert "hello" not in third and "bye" in third and "Be brief." in third
+    assert "conversation reset" in err.getvalue()
+    assert history == [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "bye"},
+                       {"role": "assistant", "content": "Hi there, 鱼!"}]
+
+
+def test_chat_loop_trims_oldest_turns(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rows = [tok.encode("a fairly long answer that takes up space") + [tok.im_end_id]]
+    calls: list = []
+    out, err = io.StringIO(), io.StringIO()
+    msgs = [f"message number {i} with some words" for i in range(8)]
+    max_seq_len, max_new = 96, 16
+    chat_loop(FakeModel(tok, max_seq_len=max_seq_len), io.StringIO("\n".join(msgs) + "\n"), out,
+              max_new_tokens=max_new, err_stream=err, token_stream=fake_stream(rows, calls))
+    assert len(calls) == 8
+    assert "history trimmed" in err.getvalue()
+    for c in calls:
+        assert c.shape[1] + max_new <= max_seq_len
+    last = tok.decode(calls[-1][0].tolist())
+    assert "message number 7" in last and "message number 0" not in last
+
+
+def test_trim_history_keeps_system_and_newest(tiny_tokenizer):
+    tok = tiny_tokenizer
+    msgs = [{"role": "system", "content": "sys"}]
+    for i in range(5):
+        msgs += [{"role": "user", "content": f"question {i} " * 5},
+                 {"role": "assistant", "content": f"answer {i} " * 5}]
+    msgs.append({"role": "user", "content": "final"})
+    ids, dropped = trim_history(tok, msgs, reserve=10, max_seq_len=10)  # cannot fit: drop all
+    assert dropped == 5
+    assert msgs == [{"role": "system", "content": "sys"}, {"role": "user", "content": "final"}]
+
+
+def test_chat_message_too_long_is_not_sent(tiny_tokenizer):
+    tok = tiny_tokenizer
+    calls: list = []
+    out, err = io.StringIO(), io.StringIO()
+    history = chat_loop(FakeModel(tok, max_seq_len=32), io.StringIO("word " * 100 + "\n"), out,
+                        err_stream=err, token_stream=fake_stream([[tok.im_end_id]], calls))
+    assert calls == [] and history == [] and "message too long" in err.getvalue()
+
+
+def test_chat_with_crafted_model_stops_at_im_end(tiny_model):
+    tok = tiny_model.tokenizer
+    m = crafted_model(tiny_model, tok.im_end_id)
+    n_steps = []
+    real_stream = m.generate_stream
+
+    def counting_stream(idx, *a, **kw):
+        n = 0
+        for t in real_stream(idx, *a, **kw):
+            n += 1
+            n_steps.append(n)
+            yield t
+    m.generate_stream = counting_stream
+    out, err = io.StringIO(), io.StringIO()
+    history = chat_loop(m, io.StringIO("hi\nagain\n"), out, temperature=0.0, max_new_tokens=20,
+                        err_stream=err)
+    assert out.getvalue() == "\n\n"
+    assert max(n_steps) == 1  # stopped right after <|im_end|>, not after 20 tokens
+    assert [h["role"] for h in history] == ["user", "assistant", "user", "assistant"]
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_prompt_argv_and_stdin_greedy(tiny_ckpt):
+    from model import load_model
+
+    m = load_model(tiny_ckpt)
+    tok = m.tokenizer
+    prompt = "The city of 鱼"
+    ids = tok.encode(prompt)
+    ref = m.generate(torch.tensor([ids]), 20, temperature=0.0, eos_id=tok.eos_id)[0, len(ids):].tolist()
+    if tok.eos_id in ref:
+        ref = ref[:ref.index(tok.eos_id)]
+    expected = prompt + tok.decode(ref) + "\n"
+    common = ["--model", str(tiny_ckpt), "--temperature", "0", "--max-new-tokens", "20",
+              "--device", "cpu"]
+    r = run_cli(*common, "--prompt", prompt)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    assert "tok/s" in r.stderr
+    r2 = run_cli(*common, "--prompt", "-", stdin=prompt + "\n")
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout == expected
+
+
+def test_cli_chat_piped(im_end_ckpt):
+    r = run_cli("--model", str(im_end_ckpt), "--chat", "--temperature", "0", "--system", "Be nice.",
+                stdin="hello\nsecond message\n/quit\nnot read\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "\n\n"  # two empty replies (the model says <|im_end|> at once), then /quit
+
+
+def test_cli_missing_model_one_line_error():
+    r = run_cli("--model", "does/not/exist.pt", "--prompt", "x")
+    assert r.returncode != 0 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --model does/not/exist.pt"), r.stderr
+
+
+def test_main_num_samples_seed(tiny_ckpt, capsys):
+    args = ["--model", str(tiny_ckpt), "--prompt", "Hello", "--num-samples", "2", "--seed", "3",
+            "--max-new-tokens", "8", "--device", "cpu"]
+    assert generate.main(args) == 0
+    a = capsys.readouterr().out
+    assert generate.main(args) == 0
+    b = capsys.readouterr().out
+    assert a == b
+    assert a.count("--- sample ") == 2 and "--- sample 2/2 ---\nHello" in a
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "{ckpt}", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    (["--model", "{ckpt}", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["--model", "{ckpt}", "--chat", "--num-samples", "2"], "--num-samples"),
+    (["--model", "{ckpt}", "--prompt", "x", "--system", "s"], "--system"),
+    (["--model", "{garbage}", "--prompt", "x", "--device", "cpu"], "garbage.pt"),
+    (["--model", "{ckpt}", "--prompt", "x", "--device", "tpu9"], "--device tpu9"),
+])
+def test_main_bad_input_one_line_error(args, needle, tiny_ckpt, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("this is not a checkpoint")
+    args = [a.format(ckpt=tiny_ckpt, garbage=garbage) for a in args]
+    assert generate.main(args) != 0
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], cap.err
+    assert cap.out == ""
+
+
+def test_main_same_greedy_text_from_pt_bin_and_hf_dir(tiny_model, tiny_ckpt, tmp_path, capsys):
+    """Every format model.load_model reads works, with the tokenizer taken from the model:
+    a lossless fp32 .bin export and an HF directory give the .pt checkpoint's greedy text."""
+    import quantize
+    from model import save_hf
+
+    bin_path, hf_dir = tmp_path / "tiny-fp32.bin", tmp_path / "hf"
+    assert quantize.main(["--model", str(tiny_ckpt), "--output", str(bin_path),
+                          "--strategy", "fp32", "--quiet"]) == 0
+    save_hf(tiny_model, hf_dir)
+    capsys.readouterr()
+    outs = []
+    for path in (tiny_ckpt, bin_path, hf_dir):
+        assert generate.main(["--model", str(path), "--prompt", "Fish 鱼", "--temperature", "0",
+                              "--max-new-tokens", "12", "--device", "cpu", "--dtype", "float32"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0].startswith("Fish 鱼") and len(outs[0]) > len("Fish 鱼\n")
+    assert outs[1] == outs[0] and outs[2] == outs[0]
