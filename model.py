@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import sys
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -552,6 +553,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (train.py writes checkpoints/fishai-best.pt; check the path)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is foreign or cut short
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not a file written by torch.save)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
