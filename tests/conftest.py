@@ -121,5 +121,5 @@ def trained_ckpt(tmp_path_factory, tiny_config, tiny_tokenizer, training_texts):
         opt.step()
         opt.zero_grad(set_to_none=True)
     path = tmp_path_factory.mktemp("trained") / "tiny-trained.pt"
-    save_checkpoint(path, model, step=steps, extra={"final_train_loss": float(loss)})
+    save_checkpoint(path, model, step=steps, extra={"final_train_loss": float(loss.detach())})
     return path

@@ -1,0 +1,998 @@
+"""
+Quantized export of a FishAI model: one self-describing binary (docs/FORMAT.md), a
+Hugging Face LlamaForCausalLM directory, or a llama-architecture GGUF file.
+
+Usage (copy-paste):
+
+    # the seed's export: FP16 embedding/norms, INT8 Q/K, INT4 group-128 V/O/FFN
+    python quantize.py --model checkpoints/fishai-best.pt --output fishai-small-mixed.bin --strategy mixed
+
+    # all matmul weights + tied embedding INT4 (group 128), with perplexity before/after
+    python quantize.py --model checkpoints/fishai-best.pt --output fishai-small-int4.bin --strategy int4 \
+        --eval-data wikitext103 --json int4.json
+
+    # GPTQ-style error-compensating quantization from calibration text
+    python quantize.py --model checkpoints/fishai-best.pt --output fishai-small-int4-gptq.bin --strategy int4 \
+        --calibration-data data/raw/train.txt --calibration-samples 128
+
+    # Hugging Face directory (LlamaForCausalLM, FP16) and GGUF for llama.cpp
+    python quantize.py --model checkpoints/fishai-best.pt --output hf-fishai --format hf --strategy fp16
+    python quantize.py --model checkpoints/fishai-best.pt --output fishai.gguf --format gguf --strategy mixed
+
+The .bin file loads anywhere a model is accepted: `model.load_model("fishai-small-int4.bin")`
+(benchmark.py, evaluate.py, generate.py). Weights are dequantized to the compute dtype on load.
+
+Strategies (2-D matmul weights and the tied embedding; 1-D RMSNorm gammas are always FP16):
+    fp32   lossless reference (FP32 everywhere)
+    fp16   everything FP16
+    int8   per-output-row symmetric INT8 (fp16 scale per row) for every matmul weight and the embedding
+    int4   asymmetric INT4, per group of --group-size elements along each row (fp16 scale + zero point),
+           for every matmul weight AND the tied embedding
+    mixed  embedding FP16; wq/wk INT8; wv/wo/w_gate/w_up/w_down INT4
+Rows whose length is not a multiple of the group size end with one shorter group (no padding values
+are stored; see docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = b"FISHAIQ\x00"
+FORMAT_NAME = "fishai-quantized"
+FORMAT_VERSION = 1
+ALIGN = 64                                      # payload parts start on 64-byte boundaries (mmap/SIMD friendly)
+PREAMBLE = struct.Struct("<8sIIQQ")             # magic, version, flags, header_len, payload_len
+CHECKSUM_LEN = 32                               # SHA-256 trailer
+QTYPES = ("f32", "f16", "q8", "q4")
+STRATEGIES = ("fp32", "fp16", "int8", "int4", "mixed")
+FORMATS = ("bin", "hf", "gguf")
+DEFAULT_GROUP_SIZE = 128
+# Smallest positive fp16 value (subnormal): scales are stored in fp16, a zero scale would lose the row.
+_FP16_TINY = 2.0 ** -24
+
+
+def _model_module():
+    # model.py imports this module lazily from load_model(); importing it lazily here as well keeps
+    # `import quantize` free of import-order constraints.
+    return importlib.import_module("model")
+
+
+def _ckpt_error(msg: str) -> Exception:
+    return _model_module().CheckpointError(msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# INT4 packing
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """Pack values 0..15 two per byte: element 2i in the low nibble, 2i+1 in the high nibble.
+    An odd count gets a zero high nibble in the last byte."""
+    flat = np.asarray(codes).reshape(-1)
+    if flat.size and (flat.min() < 0 or flat.max() > 15):
+        raise ValueError("pack_int4: values must be in 0..15")
+    flat = flat.astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, dtype=np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of pack_int4: the first n 4-bit values as uint8."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != (n + 1) // 2:
+        raise ValueError(f"unpack_int4: {packed.size} bytes cannot hold exactly {n} values")
+    out = np.empty(packed.size * 2, dtype=np.uint8)
+    out[0::2] = packed & 0x0F
+    out[1::2] = packed >> 4
+    return out[:n]
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized tensors
+
+@dataclass
+class QTensor:
+    """One tensor in its stored form. codes: f32/f16 values, int8 codes (q8) or 0..15 codes (q4),
+    always shaped like the tensor. scales/zeros: fp16, (rows,) for q8 and (rows, n_groups) for q4."""
+    qtype: str
+    shape: tuple
+    codes: torch.Tensor
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    group_size: int | None = None
+    method: str = "rtn"
+
+    def dequantize(self) -> torch.Tensor:
+        if self.qtype in ("f32", "f16"):
+            return self.codes.float()
+        if self.qtype == "q8":
+            return self.codes.float() * self.scales.float()[:, None]
+        rows, cols = self.shape
+        idx = torch.arange(cols) // self.group_size                  # group index of every column
+        s = self.scales.float()[:, idx]
+        z = self.zeros.float()[:, idx]
+        return (self.codes.float() - z) * s
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in encode_parts(self).values())
+
+
+def _n_groups(cols: int, group_size: int) -> int:
+    return (cols + group_size - 1) // group_size
+
+
+def _fp16_scale(scale: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+    """Round scales to fp16 (what is stored), keeping them positive and finite."""
+    s16 = scale.to(torch.float16)
+    if not torch.isfinite(s16).all():
+        raise ValueError(f"{name}: weights too large for an fp16 scale (|w| > {65504 * 127:g})")
+    return torch.where(s16 == 0, torch.full_like(s16, _FP16_TINY), s16)
+
+
+def int8_row_scales(w: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+    return _fp16_scale(w.abs().amax(dim=1) / 127.0, name)
+
+
+def int8_codes(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    s = scales.float()
+    while s.dim() < w.dim():
+        s = s.unsqueeze(-1)
+    return torch.clamp(torch.round(w / s), -127, 127)
+
+
+def int4_params(x: torch.Tensor, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit params over the last dim of x (..., n): fp16 scale and integer zero 0..15.
+    The range always includes 0 (as in GPTQ), so zero padding and exact zeros are representable."""
+    mn = torch.clamp(x.amin(dim=-1), max=0.0)
+    mx = torch.clamp(x.amax(dim=-1), min=0.0)
+    scale = _fp16_scale((mx - mn) / 15.0, name)
+    zero = torch.clamp(torch.round(-mn / scale.float()), 0, 15)
+    return scale, zero.to(torch.float16)
+
+
+def int4_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    s, z = scale.float(), zero.float()
+    while s.dim() < x.dim():
+        s, z = s.unsqueeze(-1), z.unsqueeze(-1)
+    return torch.clamp(torch.round(x / s) + z, 0, 15)
+
+
+def quantize_rtn(w: torch.Tensor, qtype: str, group_size: int = DEFAULT_GROUP_SIZE,
+                 name: str = "tensor") -> QTensor:
+    """Round-to-nearest quantization of one tensor into qtype."""
+    w = w.detach().float().cpu()
+    shape = tuple(w.shape)
+    if qtype == "f32":
+        return QTensor("f32", shape, w.clone())
+    if qtype == "f16":
+        if w.abs().max() > 65504:
+            raise ValueError(f"{name}: values exceed the fp16 range; use --strategy fp32")
+        return QTensor("f16", shape, w.to(torch.float16))
+    if w.dim() != 2:
+        raise ValueError(f"{name}: {qtype} needs a 2-D tensor, got shape {list(shape)}")
+    if qtype == "q8":
+        scales = int8_row_scales(w, name)
+        return QTensor("q8", shape, int8_codes(w, scales).to(torch.int8), scales=scales)
+    if qtype == "q4":
+        if group_size < 1:
+            raise ValueError("group size must be >= 1")
+        rows, cols = shape
+        ng = _n_groups(cols, group_size)
+        # Pad the last group with zeros only for computing its params: the range includes 0 anyway,
+        # so the padding does not change them, and padded codes are never stored.
+        padded = torch.nn.functional.pad(w, (0, ng * group_size - cols)).view(rows, ng, group_size)
+        scale, zero = int4_params(padded, name)
+        codes = int4_codes(padded, scale, zero).view(rows, ng * group_size)[:, :cols]
+        return QTensor("q4", shape, codes.to(torch.uint8), scales=scale, zeros=zero, group_size=group_size)
+    raise ValueError(f"unknown quant type {qtype!r} (expected one of {', '.join(QTYPES)})")
+
+
+def encode_parts(qt: QTensor) -> dict[str, bytes]:
+    """The little-endian byte strings stored for one tensor (see docs/FORMAT.md)."""
+    if qt.qtype == "f32":
+        return {"data": qt.codes.numpy().astype("<f4").tobytes()}
+    if qt.qtype == "f16":
+        return {"data": qt.codes.numpy().astype("<f2").tobytes()}
+    if qt.qtype == "q8":
+        return {"data": qt.codes.numpy().astype(np.int8).tobytes(),
+                "scales": qt.scales.numpy().astype("<f2").tobytes()}
+    if qt.qtype == "q4":
+        return {"data": pack_int4(qt.codes.numpy()).tobytes(),
+                "scales": qt.scales.numpy().astype("<f2").reshape(-1).tobytes(),
+                "zeros": qt.zeros.numpy().astype("<f2").reshape(-1).tobytes()}
+    raise ValueError(f"unknown quant type {qt.qtype!r}")
+
+
+def expected_part_lengths(qtype: str, shape: list[int], group_size: int | None) -> dict[str, int]:
+    n = int(np.prod(shape)) if shape else 1
+    if qtype == "f32":
+        return {"data": 4 * n}
+    if qtype == "f16":
+        return {"data": 2 * n}
+    if qtype == "q8":
+        return {"data": n, "scales": 2 * shape[0]}
+    if qtype == "q4":
+        ng = shape[0] * _n_groups(shape[1], group_size)
+        return {"data": (n + 1) // 2, "scales": 2 * ng, "zeros": 2 * ng}
+    raise ValueError(f"unknown quant type {qtype!r}")
+
+
+def decode_parts(qtype: str, shape: list[int], group_size: int | None, parts: dict[str, bytes]) -> QTensor:
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape)) if shape else 1
+    if qtype == "f32":
+        data = np.frombuffer(parts["data"], "<f4").astype(np.float32).reshape(shape)
+        return QTensor("f32", shape, torch.from_numpy(data))
+    if qtype == "f16":
+        data = np.frombuffer(parts["data"], "<f2").astype(np.float16).reshape(shape)
+        return QTensor("f16", shape, torch.from_numpy(data))
+    if qtype == "q8":
+        codes = torch.from_numpy(np.frombuffer(parts["data"], np.int8).copy().reshape(shape))
+        scales = torch.from_numpy(np.frombuffer(parts["scales"], "<f2").astype(np.float16))
+        return QTensor("q8", shape, codes, scales=scales)
+    if qtype == "q4":
+        rows, cols = shape
+        ng = _n_groups(cols, group_size)
+        codes = torch.from_numpy(unpack_int4(np.frombuffer(parts["data"], np.uint8), n).reshape(shape))
+        scales = torch.from_numpy(np.frombuffer(parts["scales"], "<f2").astype(np.float16).reshape(rows, ng))
+        zeros = torch.from_numpy(np.frombuffer(parts["zeros"], "<f2").astype(np.float16).reshape(rows, ng))
+        return QTensor("q4", shape, codes, scales=scales, zeros=zeros, group_size=group_size)
+    raise ValueError(f"unknown quant type {qtype!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategies
+
+def plan_qtype(name: str, shape, strategy: str) -> str:
+    """Quant type of one parameter under a strategy. 1-D tensors (RMSNorm gammas) stay FP16
+    (FP32 under fp32): they are tiny and every activation passes through them."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (expected one of {', '.join(STRATEGIES)})")
+    if strategy == "fp32":
+        return "f32"
+    if len(shape) != 2 or strategy == "fp16":
+        return "f16"
+    if strategy == "int8":
+        return "q8"
+    if strategy == "int4":
+        return "q4"
+    # mixed (the seed's table): embedding FP16, Q/K INT8 (attention logits are the most
+    # sensitive to rounding), everything else INT4.
+    if name == "tok_emb.weight":
+        return "f16"
+    if name.endswith("attn.wq.weight") or name.endswith("attn.wk.weight"):
+        return "q8"
+    return "q4"
+
+
+def quant_error(w: torch.Tensor, deq: torch.Tensor) -> dict:
+    w = w.float()
+    diff = (deq.float() - w).abs()
+    denom = w.norm().item()
+    return {"max_abs_err": diff.max().item() if diff.numel() else 0.0,
+            "mean_abs_err": diff.mean().item() if diff.numel() else 0.0,
+            "rel_err": (diff.norm().item() / denom) if denom > 0 else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ-style calibrated quantization
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, qtype: str, group_size: int = DEFAULT_GROUP_SIZE,
+                  damp: float = 0.01, block_size: int = 128, name: str = "tensor") -> QTensor:
+    """Quantize W (out, in) column by column, spreading each column's rounding error over the not yet
+    quantized columns through the inverse Hessian H = 2 X^T X / n of the layer inputs (GPTQ,
+    Frantar et al. 2022, without act-order). q4 params are chosen per group when the group's first
+    column is reached (from the already error-updated weights); q8 keeps one scale per row from the
+    original weights. Returns the same QTensor layout as quantize_rtn."""
+    if qtype not in ("q4", "q8"):
+        return quantize_rtn(w, qtype, group_size, name)
+    W = w.detach().float().cpu().clone()
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
+    H = H.detach().double().cpu().clone()
+    dead = torch.diag(H) == 0                  # inputs that were always zero: weight is irrelevant
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    # Dampening keeps H positive definite; grow it if Cholesky still fails (rank-deficient H).
+    base = damp * torch.mean(torch.diag(H)).item()
+    eye = torch.eye(cols, dtype=torch.float64)
+    for attempt in range(6):
+        try:
+            L = torch.linalg.cholesky(H + base * (10 ** attempt) * eye)
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+            break
+        except RuntimeError:
+            continue
+    else:
+        raise ValueError(f"{name}: calibration Hessian is not positive definite even with dampening")
+
+    codes = torch.zeros(rows, cols, dtype=torch.float32)
+    if qtype == "q8":
+        scales = int8_row_scales(w.detach().float().cpu(), name)
+        zeros = None
+        gs = cols
+    else:
+        gs = group_size
+        ng = _n_groups(cols, gs)
+        scales = torch.zeros(rows, ng, dtype=torch.float16)
+        zeros = torch.zeros(rows, ng, dtype=torch.float16)
+        block_size = gs                        # blocks == groups: a group's params see all updates
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if qtype == "q4":
+            g = i1 // gs
+            s, z = int4_params(W1, name)
+            scales[:, g], zeros[:, g] = s, z
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            if qtype == "q4":
+                c = int4_codes(col, scales[:, g], zeros[:, g])
+                q = (c - zeros[:, g].float()) * scales[:, g].float()
+            else:
+                c = int8_codes(col, scales)
+                q = c * scales.float()
+            codes[:, i1 + i] = c
+            err = (col - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if qtype == "q8":
+        return QTensor("q8", (rows, cols), codes.to(torch.int8), scales=scales, method="gptq")
+    return QTensor("q4", (rows, cols), codes.to(torch.uint8), scales=scales, zeros=zeros,
+                   group_size=gs, method="gptq")
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a calibration forward pass early (no logits needed)."""
+
+
+def _accumulate_hessians(model, modules: dict, batches: list, stop_module, capture_output_of=None):
+    """H = 2/n sum x x^T over every input row x of each module (or of the output of capture_output_of
+    for the tied lm_head). The forward pass stops after stop_module."""
+    H, count, hooks = {}, {}, []
+
+    def make_hook(key, use_output):
+        def hook(mod, inp, out):
+            x = out if use_output else inp[0]
+            x = x.detach().reshape(-1, x.shape[-1]).double()
+            if key not in H:
+                H[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                count[key] = 0
+            H[key] += 2.0 * x.T @ x
+            count[key] += x.shape[0]
+        return hook
+
+    for key, mod in modules.items():
+        hooks.append(mod.register_forward_hook(make_hook(key, mod is capture_output_of)))
+
+    def stop(mod, inp, out):
+        raise _StopForward
+
+    hooks.append(stop_module.register_forward_hook(stop))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    model(b)
+                except _StopForward:
+                    pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: H[k] / max(count[k], 1) for k in H}
+
+
+def gptq_quantize_model(gpt, plan: dict, batches: list, group_size: int, damp: float = 0.01,
+                        progress: bool = True) -> dict:
+    """Sequential GPTQ over the transformer blocks: block i's Hessians are measured with blocks < i
+    already quantized (so later layers compensate earlier error), then its linears are quantized.
+    The tied embedding is quantized last as the lm_head, from the final-norm outputs.
+    Modifies a copy of the weights in place; returns {param name: QTensor} for the q4/q8 params."""
+    from tqdm import tqdm
+    out = {}
+    module_names = {m: n for n, m in gpt.named_modules()}
+    steps = list(gpt.layers) + [gpt.norm]
+    bar = tqdm(steps, desc="gptq", unit="layer", disable=not progress)
+    for blk in bar:
+        if blk is gpt.norm:
+            if plan.get("tok_emb.weight") not in ("q4", "q8"):
+                continue
+            H = _accumulate_hessians(gpt, {"tok_emb.weight": gpt.norm}, batches, gpt.norm,
+                                     capture_output_of=gpt.norm)["tok_emb.weight"]
+            qt = gptq_quantize(gpt.tok_emb.weight, H, plan["tok_emb.weight"], group_size, damp,
+                               name="tok_emb.weight")
+            gpt.tok_emb.weight.data.copy_(qt.dequantize().to(gpt.tok_emb.weight.dtype))
+            out["tok_emb.weight"] = qt
+            continue
+        linears = {}
+        for m in blk.modules():
+            if isinstance(m, torch.nn.Linear):
+                pname = module_names[m] + ".weight"
+                if plan.get(pname) in ("q4", "q8"):
+                    linears[pname] = m
+        if not linears:
+            continue
+        Hs = _accumulate_hessians(gpt, linears, batches, blk)
+        for pname, m in linears.items():
+            qt = gptq_quantize(m.weight, Hs[pname], plan[pname], group_size, damp, name=pname)
+            m.weight.data.copy_(qt.dequantize().to(m.weight.dtype))
+            out[pname] = qt
+    return out
+
+
+def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, batch_size: int = 8,
+                        seed: int = 0) -> list:
+    """n_samples random windows of seq_len tokens from the documents in source (any data_utils
+    source: txt, jsonl, parquet, dir, glob, hf:NAME), documents joined with EOS."""
+    import data_utils
+    if tokenizer is None:
+        raise ValueError("--calibration-data needs a tokenizer, and the checkpoint has none embedded")
+    ids: list[int] = []
+    need = max(n_samples * seq_len * 2, seq_len + 1)     # enough text for non-overlapping windows
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    for doc in data_utils.iter_documents(source):
+        ids.extend(tokenizer.encode(doc))
+        ids.append(eos)
+        if len(ids) >= need:
+            break
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"--calibration-data {source}: only {len(ids)} tokens, need at least {seq_len + 1}")
+    data = torch.tensor(ids, dtype=torch.long)
+    n_windows = len(ids) // seq_len
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(n_windows, generator=g)[:n_samples] * seq_len
+    windows = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
+    return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The .bin format
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _atomic_write(path: Path, write_fn) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_quantized(path, tensors: dict, model_config: dict, tokenizer: dict | None = None,
+                    meta: dict | None = None) -> int:
+    """Write {name: QTensor} as a FishAI quantized file (atomic). Returns the file size in bytes."""
+    entries, blobs, offset = [], [], 0
+    for name, qt in tensors.items():
+        parts = {}
+        for part, data in encode_parts(qt).items():
+            offset = _align(offset)
+            parts[part] = {"offset": offset, "length": len(data)}
+            blobs.append((offset, data))
+            offset += len(data)
+        entry = {"name": name, "qtype": qt.qtype, "shape": list(qt.shape), "parts": parts}
+        if qt.qtype == "q4":
+            entry["group_size"] = qt.group_size
+        if qt.method != "rtn":
+            entry["method"] = qt.method
+        entries.append(entry)
+    payload_len = offset
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_config": model_config,
+              "tokenizer": tokenizer, "tensors": entries, **(meta or {})}
+    header_bytes = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    payload_start = _align(PREAMBLE.size + len(header_bytes))
+
+    def write(f):
+        h = hashlib.sha256()
+
+        def put(b):
+            f.write(b)
+            h.update(b)
+
+        put(PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), payload_len))
+        put(header_bytes)
+        put(b"\0" * (payload_start - PREAMBLE.size - len(header_bytes)))
+        pos = 0
+        for off, data in blobs:
+            put(b"\0" * (off - pos))
+            put(data)
+            pos = off + len(data)
+        f.write(h.digest())
+
+    _atomic_write(Path(path), write)
+    return payload_start + payload_len + CHECKSUM_LEN
+
+
+def read_quantized(path, verify: bool = True) -> tuple[dict, dict]:
+    """Read and validate a quantized file. Returns (header, {name: QTensor}).
+    Raises model.CheckpointError naming the file for every malformed input."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise _ckpt_error(f"{path}: cannot read quantized model ({e.strerror})") from None
+    if len(raw) < PREAMBLE.size:
+        raise _ckpt_error(f"{path}: truncated ({len(raw)} bytes, shorter than the {PREAMBLE.size}-byte "
+                          "preamble); re-export it with quantize.py")
+    magic, version, _flags, header_len, payload_len = PREAMBLE.unpack_from(raw, 0)
+    if magic != MAGIC:
+        raise _ckpt_error(f"{path}: not a FishAI quantized file (magic {magic!r}, expected {MAGIC!r})")
+    if version > FORMAT_VERSION:
+        raise _ckpt_error(f"{path}: format version {version} is newer than this reader supports "
+                          f"({FORMAT_VERSION}); update FishAI Train to load it")
+    if version < 1:
+        raise _ckpt_error(f"{path}: invalid format version {version}; re-export it with quantize.py")
+    payload_start = _align(PREAMBLE.size + header_len)
+    expected = payload_start + payload_len + CHECKSUM_LEN
+    if len(raw) < expected:
+        raise _ckpt_error(f"{path}: truncated ({len(raw)} of {expected} bytes); the copy or export was "
+                          "interrupted, re-copy or re-export it")
+    if len(raw) > expected:
+        raise _ckpt_error(f"{path}: {len(raw) - expected} unexpected trailing bytes after the checksum; "
+                          "the file is damaged, re-export it")
+    if verify and hashlib.sha256(memoryview(raw)[:expected - CHECKSUM_LEN]).digest() != raw[expected - CHECKSUM_LEN:]:
+        raise _ckpt_error(f"{path}: checksum mismatch, the file is corrupted; re-copy or re-export it")
+    try:
+        header = json.loads(raw[PREAMBLE.size:PREAMBLE.size + header_len].decode("utf-8"))
+        if header.get("format") != FORMAT_NAME:
+            raise ValueError(f"format {header.get('format')!r}")
+        tensors = {}
+        for e in header["tensors"]:
+            qtype, shape, gs = e["qtype"], e["shape"], e.get("group_size")
+            want = expected_part_lengths(qtype, shape, gs)
+            parts = {}
+            for part, n in want.items():
+                off, length = e["parts"][part]["offset"], e["parts"][part]["length"]
+                if length != n or off < 0 or off + length > payload_len:
+                    raise ValueError(f"tensor {e['name']} part {part}: bad offset/length")
+                parts[part] = raw[payload_start + off:payload_start + off + length]
+            qt = decode_parts(qtype, shape, gs, parts)
+            qt.method = e.get("method", "rtn")
+            tensors[e["name"]] = qt
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise _ckpt_error(f"{path}: malformed header ({err}); re-export it with quantize.py") from None
+    return header, tensors
+
+
+def load_quantized(path, device="cpu", dtype=None):
+    """Load a quantized .bin into a ready GPT (eval mode, weights dequantized to dtype or float32,
+    .tokenizer from the header or None). Called by model.load_model for files starting with MAGIC."""
+    mm = _model_module()
+    header, tensors = read_quantized(path)
+    try:
+        config = mm.ModelConfig.from_dict(header["model_config"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise _ckpt_error(f"{path}: bad model config in header ({err})") from None
+    gpt = mm.GPT(config)
+    state = {name: qt.dequantize() for name, qt in tensors.items()}
+    params = {n for n, _ in gpt.named_parameters()}
+    missing, unexpected = gpt.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m in params]
+    if missing or unexpected:
+        raise _ckpt_error(f"{path}: tensors do not match the model config (missing {missing[:3]}, "
+                          f"unexpected {list(unexpected)[:3]})")
+    dtype = mm.resolve_dtype(dtype)       # accepts "fp16"/"bf16"/... as well as torch dtypes
+    gpt.to(device=device, dtype=dtype)
+    gpt.eval()
+    tok = None
+    if header.get("tokenizer"):
+        import data_utils
+        tok = data_utils.TextTokenizer.from_dict(header["tokenizer"])
+    gpt.tokenizer = tok
+    return gpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Export drivers
+
+def quantize_model(gpt, strategy: str, group_size: int = DEFAULT_GROUP_SIZE, calibration: list | None = None,
+                   damp: float = 0.01, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Quantize every parameter of a GPT. calibration: list of LongTensor (B, T) batches for GPTQ
+    (None = round-to-nearest). Returns ({name: QTensor}, per-tensor report rows)."""
+    import copy
+    from tqdm import tqdm
+    if group_size < 1:
+        raise ValueError(f"--group-size must be >= 1 (got {group_size})")
+    state = {k: v.detach().float().cpu() for k, v in gpt.state_dict().items()}
+    plan = {k: plan_qtype(k, v.shape, strategy) for k, v in state.items()}
+    calibrated = {}
+    if calibration and any(q in ("q4", "q8") for q in plan.values()):
+        work = copy.deepcopy(gpt).float().cpu().eval()
+        calibrated = gptq_quantize_model(work, plan, calibration, group_size, damp, progress)
+    tensors, rows = {}, []
+    for name, w in tqdm(state.items(), desc="quantize", unit="tensor", disable=not progress):
+        qt = calibrated.get(name) or quantize_rtn(w, plan[name], group_size, name)
+        tensors[name] = qt
+        nbytes = qt.nbytes
+        rows.append({"name": name, "qtype": qt.qtype, "method": qt.method if qt.qtype in ("q4", "q8") else "-",
+                     "shape": list(qt.shape), "params": w.numel(), "bytes": nbytes,
+                     "bits_per_weight": 8.0 * nbytes / max(w.numel(), 1),
+                     "group_size": qt.group_size, **quant_error(w, qt.dequantize())})
+    return tensors, rows
+
+
+def size_summary(rows: list[dict], file_bytes: int, source_bytes: int | None = None) -> dict:
+    params = sum(r["params"] for r in rows)
+    by_type: dict[str, dict] = {}
+    for r in rows:
+        t = by_type.setdefault(r["qtype"], {"tensors": 0, "params": 0, "bytes": 0})
+        t["tensors"] += 1
+        t["params"] += r["params"]
+        t["bytes"] += r["bytes"]
+    out = {"params": params, "file_bytes": file_bytes, "fp32_bytes": 4 * params, "fp16_bytes": 2 * params,
+           "compression_vs_fp32": 4 * params / file_bytes, "compression_vs_fp16": 2 * params / file_bytes,
+           "bits_per_weight": 8.0 * file_bytes / params, "by_qtype": by_type}
+    if source_bytes is not None:
+        out["source_file_bytes"] = source_bytes
+        out["compression_vs_source_file"] = source_bytes / file_bytes
+    return out
+
+
+def load_eval_texts(spec: str, limit: int | None = None) -> list[str]:
+    """Evaluation texts for --eval-data (data_utils.load_eval_texts does the reading):
+    "wikitext103" | "wikitext2" | "ptb" (HF download), "NAME:PATH" (local file/dir of that set,
+    e.g. wikitext103:../shared/data/wikitext103), a WikiText file/dir (wiki.*.tokens: one text per
+    article) or any other data_utils source (txt/jsonl/parquet/dir/glob). limit: first N texts."""
+    import data_utils
+    names = ("wikitext103", "wikitext2", "ptb")
+    name, _, rest = spec.partition(":")
+    p = Path(spec)
+    if spec in names:
+        texts = data_utils.load_eval_texts(spec)
+    elif name in names and rest:
+        texts = data_utils.load_eval_texts(name, path=rest)
+    elif p.is_file() and p.name.startswith("wiki.") or p.is_dir() and any(p.glob("wiki.*.tokens")):
+        texts = data_utils.load_eval_texts("wikitext103", path=str(p))
+    elif spec.startswith("hf:") or p.exists() or any(ch in spec for ch in "*?["):
+        texts = list(data_utils.iter_documents(spec))
+    else:
+        raise ValueError(f"--eval-data {spec}: no such file, directory or known dataset "
+                         f"({', '.join(names)}, or NAME:PATH)")
+    texts = [t for t in texts if t.strip()]
+    if limit:
+        texts = texts[:limit]
+    if not texts:
+        raise ValueError(f"--eval-data {spec}: no text found")
+    return texts
+
+
+def eval_perplexity(spec, texts: list[str], batch_size: int = 8, progress: bool = True) -> dict:
+    """Perplexity with benchmark.py's scoring (the numbers benchmark.py reports for the same file)."""
+    import benchmark
+    lm = benchmark.load_lm(str(spec), device="cpu")
+    return benchmark.perplexity(lm, texts, batch_size=batch_size, progress=progress)
+
+
+def ppl_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] / before[k] - 1.0 for k in ("token_ppl", "word_ppl", "bits_per_byte")
+            if k in before and k in after and before[k]}
+
+
+# ---- GGUF
+
+def _gguf_name(name: str) -> str:
+    table = {"attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight",
+             "attn.wk.weight": "attn_k.weight", "attn.wv.weight": "attn_v.weight",
+             "attn.wo.weight": "attn_output.weight", "mlp_norm.weight": "ffn_norm.weight",
+             "mlp.w_gate.weight": "ffn_gate.weight", "mlp.w_up.weight": "ffn_up.weight",
+             "mlp.w_down.weight": "ffn_down.weight"}
+    if name == "tok_emb.weight":
+        return "token_embd.weight"
+    if name == "norm.weight":
+        return "output_norm.weight"
+    _, i, rest = name.split(".", 2)
+    return f"blk.{i}.{table[rest]}"
+
+
+def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder Q/K rows from HF's rotate-halves RoPE layout to llama.cpp's interleaved pairs (the
+    same permutation as llama.cpp's convert_hf_to_gguf.py)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_plan(name: str, shape, strategy: str) -> tuple[str, str | None]:
+    """(GGML type name, fallback note). Q8_0/Q4_0 use blocks of 32 along each row: rows whose
+    length is not a multiple of 32 fall back to F16. 1-D norms stay F32 as in llama.cpp."""
+    if len(shape) != 2 or strategy == "fp32":
+        return "F32", None
+    want = {"fp16": "F16", "int8": "Q8_0", "int4": "Q4_0"}.get(strategy)
+    if want is None:                                # mixed
+        q = plan_qtype(name, shape, "mixed")
+        want = {"f16": "F16", "q8": "Q8_0", "q4": "Q4_0"}[q]
+    if want != "F16" and shape[1] % 32:
+        return "F16", f"row length {shape[1]} is not a multiple of 32"
+    return want, None
+
+
+def _gguf_tokenizer(writer, tokenizer, vocab_size: int):
+    import gguf
+    tj = json.loads(tokenizer.to_dict()["tokenizer_json"])
+    vocab = dict(tj["model"]["vocab"])
+    special = set()
+    for t in tj.get("added_tokens", []):
+        vocab[t["content"]] = t["id"]
+        if t.get("special"):
+            special.add(t["id"])
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for tok, i in vocab.items():
+        if i < vocab_size:
+            tokens[i] = tok
+            types[i] = gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")             # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if tokenizer.eos_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_id)
+        writer.add_bos_token_id(tokenizer.eos_id)   # GPT-2 style: <|endoftext|> is both
+    if tokenizer.pad_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_id)
+    writer.add_add_bos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def export_gguf(gpt, out_path, strategy: str, progress: bool = True) -> list[dict]:
+    """Write a llama-architecture GGUF (atomic). Returns per-tensor report rows."""
+    import gguf
+    from tqdm import tqdm
+    c = gpt.config
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    rows = []
+    try:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_name("FishAI")
+        writer.add_context_length(c.max_seq_len)
+        writer.add_embedding_length(c.d_model)
+        writer.add_block_count(c.n_layers)
+        writer.add_feed_forward_length(c.d_ff)
+        writer.add_head_count(c.n_heads)
+        writer.add_head_count_kv(c.n_kv_heads)
+        writer.add_rope_freq_base(c.rope_theta)
+        writer.add_rope_dimension_count(c.head_dim)
+        writer.add_layer_norm_rms_eps(c.norm_eps)
+        writer.add_vocab_size(c.vocab_size)
+        ftype = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
+                 "int8": gguf.LlamaFileType.MOSTLY_Q8_0, "int4": gguf.LlamaFileType.MOSTLY_Q4_0,
+                 "mixed": gguf.LlamaFileType.MOSTLY_Q4_0}[strategy]
+        writer.add_file_type(int(ftype))
+        if gpt.tokenizer is not None:
+            _gguf_tokenizer(writer, gpt.tokenizer, c.vocab_size)
+        for name, w in tqdm(gpt.state_dict().items(), desc="gguf", unit="tensor", disable=not progress):
+            w = w.detach().float().cpu()
+            if name.endswith("attn.wq.weight"):
+                w = llama_cpp_permute(w, c.n_heads)
+            elif name.endswith("attn.wk.weight"):
+                w = llama_cpp_permute(w, c.n_kv_heads)
+            tname, note = gguf_plan(name, tuple(w.shape), strategy)
+            qtype = getattr(gguf.GGMLQuantizationType, tname)
+            data = gguf.quants.quantize(np.ascontiguousarray(w.numpy()), qtype)
+            deq = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float32))
+            writer.add_tensor(_gguf_name(name), data, raw_dtype=qtype if tname not in ("F32", "F16") else None)
+            rows.append({"name": name, "gguf_name": _gguf_name(name), "qtype": tname, "fallback": note,
+                         "shape": list(w.shape), "params": w.numel(), "bytes": int(data.nbytes),
+                         "bits_per_weight": 8.0 * data.nbytes / w.numel(), **quant_error(w, deq)})
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows
+
+
+def read_gguf_state(path, config) -> dict:
+    """Read a GGUF written by export_gguf back into our parameter names (dequantized float32,
+    Q/K rows un-permuted): {name: Tensor}. Uses the gguf package's reader."""
+    import gguf
+    reader = gguf.GGUFReader(str(path))
+    by_name = {t.name: t for t in reader.tensors}
+    mm = _model_module()
+    out = {}
+    for name, shape in mm.param_shapes(config).items():
+        t = by_name[_gguf_name(name)]
+        arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+        if name.endswith("attn.wq.weight"):
+            w = llama_cpp_unpermute(w, config.n_heads)
+        elif name.endswith("attn.wk.weight"):
+            w = llama_cpp_unpermute(w, config.n_kv_heads)
+        out[name] = w
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000.0
+    return f"{n:.1f} GB"
+
+
+def print_report(rows: list[dict], summary: dict, out=sys.stdout) -> None:
+    print(f"{'tensor':<28}{'type':>6}{'method':>7}{'shape':>14}{'bytes':>11}{'bits/w':>8}"
+          f"{'max|err|':>11}{'mean|err|':>11}{'rel':>9}", file=out)
+    for r in rows:
+        print(f"{r['name']:<28}{r['qtype']:>6}{r.get('method', '-'):>7}{'x'.join(map(str, r['shape'])):>14}"
+              f"{r['bytes']:>11,}{r['bits_per_weight']:>8.2f}{r['max_abs_err']:>11.2e}"
+              f"{r['mean_abs_err']:>11.2e}{r['rel_err']:>9.2%}"
+              + (f"  (fallback: {r['fallback']})" if r.get("fallback") else ""), file=out)
+    s = summary
+    print(f"total: {s['params']:,} params, file {_fmt_bytes(s['file_bytes'])} "
+          f"vs FP32 {_fmt_bytes(s['fp32_bytes'])} ({s['compression_vs_fp32']:.2f}x smaller) "
+          f"and FP16 {_fmt_bytes(s['fp16_bytes'])} ({s['compression_vs_fp16']:.2f}x); "
+          f"{s['bits_per_weight']:.2f} bits/weight", file=out)
+    if "source_file_bytes" in s:
+        print(f"source checkpoint file: {_fmt_bytes(s['source_file_bytes'])} "
+              f"({s['compression_vs_source_file']:.2f}x the export)", file=out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Export a FishAI checkpoint as a quantized .bin (docs/FORMAT.md), an HF Llama "
+                    "directory or a GGUF file, and report size and quality.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="source model: a .pt checkpoint (or anything model.load_model reads)")
+    p.add_argument("--output", required=True, help="output .bin / .gguf file, or directory for --format hf")
+    p.add_argument("--format", choices=FORMATS, default="bin", help="bin: FishAI quantized file; hf: "
+                   "LlamaForCausalLM directory; gguf: llama.cpp file")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="precision plan (default: mixed for bin/gguf, fp16 for hf; hf accepts fp16/fp32)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help="INT4 elements per scale/zero-point group along each row "
+                        "(.bin; GGUF Q4_0 always uses blocks of 32)")
+    p.add_argument("--calibration-data", metavar="PATH", default=None,
+                   help="text for GPTQ-style error-compensating quantization (txt/jsonl/parquet/dir/hf:NAME); "
+                        "default: round-to-nearest")
+    p.add_argument("--calibration-samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--calibration-seq-len", type=int, default=None,
+                   help="tokens per calibration window (default: min(512, model max_seq_len))")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
+    p.add_argument("--eval-data", default=None, help="perplexity before/after on this text: wikitext103, "
+                   "wikitext2 or ptb (HF download), NAME:PATH for a local copy (e.g. "
+                   "wikitext103:../shared/data/wikitext103), a wiki.*.tokens file, or a txt/jsonl/parquet path")
+    p.add_argument("--eval-limit", type=int, default=None, help="use only the first N eval documents")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="calibration window sampling seed")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars / per-tensor table")
+    return p
+
+
+def run(args) -> dict:
+    """The CLI as a function: export and return the report dict (raises ValueError on bad input)."""
+    fmt = args.format
+    strategy = args.strategy or ("fp16" if fmt == "hf" else "mixed")
+    out = Path(args.output)
+    progress = not args.quiet
+    if fmt == "hf" and strategy not in ("fp16", "fp32"):
+        raise ValueError(f"--format hf stores plain fp16/fp32 weights (got --strategy {strategy}); "
+                         "use --format bin or gguf for int8/int4/mixed")
+    if args.calibration_data and fmt != "bin":
+        raise ValueError("--calibration-data applies to --format bin (GGUF uses llama.cpp's own Q8_0/Q4_0 rounding)")
+    if args.group_size < 1:
+        raise ValueError(f"--group-size must be >= 1 (got {args.group_size})")
+    if out.exists() and not args.force:
+        raise ValueError(f"--output {out} exists; pass --force to overwrite it")
+    src = Path(args.model)
+    mm = _model_module()
+    gpt = mm.load_model(src, device="cpu", dtype=torch.float32)
+    eval_texts = load_eval_texts(args.eval_data, args.eval_limit) if args.eval_data else None
+    report = {"source": str(src), "output": str(out), "format": fmt, "strategy": strategy,
+              "group_size": args.group_size, "model_config": gpt.config.to_dict(),
+              "date": time.strftime("%Y-%m-%d"), "calibration": None}
+    t0 = time.time()
+    if fmt == "bin":
+        calib = None
+        if args.calibration_data:
+            seq_len = args.calibration_seq_len or min(512, gpt.config.max_seq_len)
+            if not 1 <= seq_len <= gpt.config.max_seq_len:
+                raise ValueError(f"--calibration-seq-len must be in 1..{gpt.config.max_seq_len}")
+            calib = calibration_batches(gpt.tokenizer, args.calibration_data, args.calibration_samples,
+                                        seq_len, seed=args.seed)
+            report["calibration"] = {"data": args.calibration_data, "samples": sum(len(b) for b in calib),
+                                     "seq_len": seq_len, "damp": args.damp, "method": "gptq"}
+        tensors, rows = quantize_model(gpt, strategy, args.group_size, calib, args.damp, progress)
+        tok = gpt.tokenizer.to_dict() if gpt.tokenizer is not None else None
+        size = write_quantized(out, tensors, gpt.config.to_dict(), tok,
+                               meta={"strategy": strategy, "group_size": args.group_size,
+                                     "calibration": report["calibration"], "source": src.name,
+                                     "created_by": "quantize.py"})
+    elif fmt == "gguf":
+        rows = export_gguf(gpt, out, strategy, progress)
+        size = out.stat().st_size
+        report["gguf_fallbacks"] = {r["name"]: r["fallback"] for r in rows if r.get("fallback")}
+    else:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--output {out} is a file; --format hf writes a directory")
+        dtype = torch.float16 if strategy == "fp16" else torch.float32
+        mm.save_hf(gpt.to(dtype), out, tokenizer=gpt.tokenizer, overwrite=args.force)
+        gpt.float()
+        rows = [{"name": n, "qtype": "f16" if dtype == torch.float16 else "f32", "method": "-",
+                 "shape": list(w.shape), "params": w.numel(), "bytes": w.numel() * (2 if dtype == torch.float16 else 4),
+                 "bits_per_weight": 16.0 if dtype == torch.float16 else 32.0,
+                 **quant_error(w.float(), w.to(dtype).float())} for n, w in gpt.state_dict().items()]
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    report["seconds"] = time.time() - t0
+    src_bytes = src.stat().st_size if src.is_file() else None
+    report["summary"] = size_summary(rows, size, src_bytes)
+    report["tensors"] = rows
+    if eval_texts is not None:
+        if fmt == "gguf":
+            report["perplexity"] = {"note": "not measured for gguf (llama.cpp formats); export --format bin to measure"}
+        else:
+            before = eval_perplexity(src, eval_texts, args.eval_batch_size, progress)
+            after = eval_perplexity(out, eval_texts, args.eval_batch_size, progress)
+            report["perplexity"] = {"data": args.eval_data, "documents": len(eval_texts),
+                                    "before": before, "after": after, "relative_change": ppl_delta(before, after)}
+    return report
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (ValueError, OSError) as e:   # CheckpointError / DataError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print_report(report["tensors"], report["summary"])
+    else:
+        s = report["summary"]
+        print(f"wrote {report['output']}: {_fmt_bytes(s['file_bytes'])}, {s['compression_vs_fp32']:.2f}x smaller "
+              f"than FP32, {s['bits_per_weight']:.2f} bits/weight")
+    if "perplexity" in report and "before" in report["perplexity"]:
+        p = report["perplexity"]
+        print(f"perplexity on {p['data']} ({p['documents']} docs): token ppl {p['before']['token_ppl']:.3f} -> "
+              f"{p['after']['token_ppl']:.3f} ({p['relative_change']['token_ppl']:+.2%}), word ppl "
+              f"{p['before']['word_ppl']:.3f} -> {p['after']['word_ppl']:.3f}")
+    if args.json:
+        data = json.dumps(report, indent=2)
+        _atomic_write(Path(args.json), lambda f: f.write(data.encode("utf-8")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
