@@ -180,9 +180,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, input_pos, kv_end):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # F.linear on the weights rather than calling the nn.Linear modules: the same math without
+        # a module dispatch per matmul, which is a visible share of a batch-1 decode step
+        q = F.linear(x, self.wq.weight).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = F.linear(x, self.wk.weight).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = F.linear(x, self.wv.weight).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             if kv_end is not None:  # eager decoding: attend only to the filled part of the cache
@@ -200,7 +202,7 @@ class Attention(nn.Module):
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.wo(y if y.dtype == x.dtype else y.to(x.dtype))
+        return F.linear(y if y.dtype == x.dtype else y.to(x.dtype), self.wo.weight)
 
 
 class MLP(nn.Module):
@@ -211,7 +213,7 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return F.linear(F.silu(F.linear(x, self.w_gate.weight)) * F.linear(x, self.w_up.weight), self.w_down.weight)
 
 
 class Block(nn.Module):
@@ -335,11 +337,13 @@ class GPT(nn.Module):
         if input_pos is not None:
             if self._cache_len == 0:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_cache() first")
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             if self._cache_static:
+                cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
                 mask = self.causal_mask[input_pos].view(1, 1, T, -1)
             else:
+                # eager decoding: positions are start..kv_end-1, so plain slices do (no gathers)
                 kv_end = int(input_pos[-1]) + 1
+                cos, sin = self.rope_cos[kv_end - T:kv_end], self.rope_sin[kv_end - T:kv_end]
                 if T > 1:
                     if kv_end == T:
                         is_causal = True
@@ -364,7 +368,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, loss_mask=None, input_pos=None, doc_ids=None, return_logits=None):
         """Returns (logits, loss). With targets the logits are skipped unless return_logits=True:
         the loss is averaged over positions whose target is not IGNORE_INDEX and, when given,
-        whose loss_mask is 1."""
+        whose loss_mask is 1. input_pos: positions of idx in the KV cache (after setup_cache);
+        with the default (non-static) cache they must be consecutive, start..start+T-1."""
         h = self._hidden(idx, input_pos=input_pos, doc_ids=doc_ids)
         weight = self.tok_emb.weight
         if targets is None:
