@@ -180,11 +180,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, input_pos, kv_end):
         B, T, _ = x.shape
-        # F.linear on the weights rather than calling the nn.Linear modules: the same math without
-        # a module dispatch per matmul, which is a visible share of a batch-1 decode step
-        q = F.linear(x, self.wq.weight).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = F.linear(x, self.wk.weight).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = F.linear(x, self.wv.weight).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # module calls (not F.linear on the weights) so that hooks and swapped-in layers (GPTQ
+        # calibration, LoRA) see every matmul
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             if kv_end is not None:  # eager decoding: attend only to the filled part of the cache
@@ -202,7 +202,7 @@ class Attention(nn.Module):
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return F.linear(y if y.dtype == x.dtype else y.to(x.dtype), self.wo.weight)
+        return self.wo(y if y.dtype == x.dtype else y.to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -213,7 +213,7 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x):
-        return F.linear(F.silu(F.linear(x, self.w_gate.weight)) * F.linear(x, self.w_up.weight), self.w_down.weight)
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class Block(nn.Module):

@@ -1,0 +1,2083 @@
+"""
+FishAI data pipeline: readers, tokenizer wrapper, filtering, mixing, .bin token files and
+the datasets train.py uses.
+
+Usage (copy-paste):
+
+    # tokenize raw text into data/{train,val}.bin + meta.json + data/tokenizer/
+    python data_utils.py prepare --input books/ --tokenizer tokenizer/ --output data/
+    # mix named sources with weights, filter, stop at a token budget
+    python data_utils.py prepare --mix books=0.7:books/,code=0.3:code.jsonl \\
+        --tokenizer tokenizer/ --output data/ --target-tokens 5000000 --filter default
+    # inspect a token file
+    python data_utils.py stats data/train.bin
+    # throughput / memory benchmark (end to end vs bare encode_batch)
+    python data_utils.py bench --input books/ --tokenizer tokenizer/
+
+Library use (see docs/API.md):
+
+    from data_utils import load_tokenizer, read_token_file, TokenWindowSampler
+    tok = load_tokenizer("tokenizer/")
+    tokens = read_token_file("data/train.bin")
+    sampler = TokenWindowSampler(tokens, seq_len=256, batch_size=8, seed=0)
+    x, y = sampler.next_batch()
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import glob as _glob
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+import struct
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------
+# special tokens: ids 0..3 are fixed so every tokenizer trained here agrees on them
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+EOS_ID, IM_START_ID, IM_END_ID, PAD_ID = 0, 1, 2, 3
+
+# ChatML, the same template Qwen/OpenAI-style chat models use. No default system prompt: the
+# rendered text is exactly the messages, so SFT data and inference prompts agree byte for byte.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class DataError(ValueError):
+    """Every bad-input error of the data pipeline: one line naming the file/flag and the fix."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _silent_unlink(tmp)
+        raise
+
+
+def _silent_unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _tokenizer_config(chat_template: str = CHATML_TEMPLATE, model_max_length: int = 1 << 20) -> dict:
+    """tokenizer_config.json contents that transformers.AutoTokenizer understands offline."""
+    added = {
+        str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
+                 "single_word": False, "special": True}
+        for i, t in enumerate(SPECIAL_TOKENS)
+    }
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": SPECIAL_TOKENS[EOS_ID],
+        "pad_token": SPECIAL_TOKENS[PAD_ID],
+        "unk_token": None,
+        "additional_special_tokens": [SPECIAL_TOKENS[IM_START_ID], SPECIAL_TOKENS[IM_END_ID]],
+        "chat_template": chat_template,
+        "clean_up_tokenization_spaces": False,
+        "add_prefix_space": False,
+        "model_max_length": model_max_length,
+        "split_special_tokens": False,
+    }
+
+
+def _special_tokens_map() -> dict:
+    return {
+        "eos_token": SPECIAL_TOKENS[EOS_ID],
+        "pad_token": SPECIAL_TOKENS[PAD_ID],
+        "additional_special_tokens": [SPECIAL_TOKENS[IM_START_ID], SPECIAL_TOKENS[IM_END_ID]],
+    }
+
+
+class TextTokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` plus its tokenizer_config.json.
+
+    encode() treats special-token strings typed in the text as plain text (so a user cannot
+    inject `<|im_end|>` into a chat); pass allow_special=True to parse them as control tokens.
+    """
+
+    def __init__(self, tokenizer_json: str, tokenizer_config: dict | str | None = None):
+        from tokenizers import Tokenizer
+
+        if isinstance(tokenizer_config, str):
+            tokenizer_config = json.loads(tokenizer_config)
+        self.config: dict = dict(tokenizer_config or _tokenizer_config())
+        self._json = tokenizer_json
+        # two instances instead of flipping one flag per call: encode_batch runs on many
+        # Rust threads and callers may use both modes concurrently
+        self._tok = Tokenizer.from_str(tokenizer_json)
+        self._tok.encode_special_tokens = True
+        self._tok_special = Tokenizer.from_str(tokenizer_json)
+        self._tok_special.encode_special_tokens = False
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = vocab.get(SPECIAL_TOKENS[EOS_ID])
+        self.im_start_id = vocab.get(SPECIAL_TOKENS[IM_START_ID])
+        self.im_end_id = vocab.get(SPECIAL_TOKENS[IM_END_ID])
+        self.pad_id = vocab.get(SPECIAL_TOKENS[PAD_ID])
+        self.chat_template: str | None = self.config.get("chat_template")
+        canonical = json.dumps(json.loads(tokenizer_json), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
+        self.hash: str = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    # -- construction / persistence
+    @classmethod
+    def from_dir(cls, path) -> "TextTokenizer":
+        path = Path(path)
+        tj = path / "tokenizer.json" if path.is_dir() else path
+        if not tj.is_file():
+            raise DataError(f"{path}: no tokenizer.json found; train one with "
+                            f"`python tokenizer_train.py --data ... --output-dir {path}`")
+        try:
+            text = tj.read_text(encoding="utf-8")
+            json.loads(text)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{tj}: not a readable tokenizer.json ({e}); re-train the tokenizer") from None
+        cfg_path = tj.parent / "tokenizer_config.json"
+        cfg = None
+        if cfg_path.is_file():
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise DataError(f"{cfg_path}: invalid JSON ({e}); delete it or re-train the tokenizer") from None
+        try:
+            return cls(text, cfg)
+        except DataError:
+            raise
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise DataError(f"{tj}: cannot load tokenizer ({e}); re-train the tokenizer") from None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextTokenizer":
+        if not isinstance(d, dict) or "tokenizer_json" not in d:
+            raise DataError("tokenizer dict must have a 'tokenizer_json' entry (from TextTokenizer.to_dict())")
+        return cls(d["tokenizer_json"], d.get("tokenizer_config"))
+
+    def to_dict(self) -> dict:
+        return {"tokenizer_json": self._json, "tokenizer_config": json.dumps(self.config, ensure_ascii=False)}
+
+    def save(self, out_dir) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(out / "tokenizer.json", self._json)
+        _atomic_write_text(out / "tokenizer_config.json", json.dumps(self.config, indent=2, ensure_ascii=False))
+        _atomic_write_text(out / "special_tokens_map.json", json.dumps(_special_tokens_map(), indent=2))
+        return out
+
+    @property
+    def backend(self):
+        """The underlying tokenizers.Tokenizer (special strings in text are NOT parsed)."""
+        return self._tok
+
+    # -- encode / decode
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        tok = self._tok_special if allow_special else self._tok
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        tok = self._tok_special if allow_special else self._tok
+        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer(vocab_size={self.vocab_size}, hash={self.hash[:12]})"
+
+    # -- chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        template = self.chat_template or CHATML_TEMPLATE
+        _check_messages(messages)
+        if template == CHATML_TEMPLATE:
+            # plain-Python rendering of the template above: fast in data loaders, no jinja needed
+            out = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+            if add_generation_prompt:
+                out.append("<|im_start|>assistant\n")
+            return "".join(out)
+        import jinja2.sandbox  # lazy: only custom templates need it
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                eos_token=SPECIAL_TOKENS[EOS_ID])
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """ChatML ids and the assistant mask (1 on assistant content tokens and their <|im_end|>).
+
+        Each message is encoded in pieces (header, content, footer) so message text can never
+        produce control tokens; for ordinary text the ids equal
+        encode(apply_chat_template(messages), allow_special=True).
+        """
+        _check_messages(messages)
+        if self.im_start_id is None or self.im_end_id is None:
+            raise DataError("tokenizer has no <|im_start|>/<|im_end|> tokens; re-train it with tokenizer_train.py")
+        ids: list[int] = []
+        mask: list[int] = []
+        nl = self.encode("\n")
+        for m in messages:
+            head = [self.im_start_id] + self.encode(m["role"] + "\n")
+            body = self.encode(m["content"]) + [self.im_end_id]
+            a = 1 if m["role"] == "assistant" else 0
+            ids += head + body + nl
+            mask += [0] * len(head) + [a] * len(body) + [0] * len(nl)
+        if add_generation_prompt:
+            head = [self.im_start_id] + self.encode("assistant\n")
+            ids += head
+            mask += [0] * len(head)
+        return ids, mask
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list):
+        raise DataError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"message {i} must be a dict with string 'role' and 'content' (got {str(m)[:80]})")
+
+
+def load_tokenizer(path) -> TextTokenizer:
+    """Load a tokenizer directory (tokenizer.json + tokenizer_config.json) or a tokenizer.json file."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: tokenizer not found; train one with "
+                        f"`python tokenizer_train.py --data ... --output-dir {p}`")
+    return TextTokenizer.from_dir(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# readers
+
+_BAD_UTF8 = [0]
+
+
+def _count_replace(err: UnicodeDecodeError):
+    # counts undecodable bytes instead of crashing; the caller reports the total
+    _BAD_UTF8[0] += err.end - err.start
+    return ("\ufffd", err.end)
+
+
+codecs.register_error("fishai-count", _count_replace)
+
+TEXT_EXTS = (".txt", ".text", ".md", ".tokens", ".raw")
+JSONL_EXTS = (".jsonl", ".json", ".ndjson")
+PARQUET_EXTS = (".parquet",)
+SUPPORTED_EXTS = TEXT_EXTS + JSONL_EXTS + PARQUET_EXTS
+
+
+def _bump(stats: dict | None, key: str, n: int = 1) -> None:
+    if stats is not None:
+        stats[key] = stats.get(key, 0) + n
+
+
+def _open_text(path: Path):
+    try:
+        return open(path, "r", encoding="utf-8", errors="fishai-count")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+
+
+def _iter_txt(path: Path, mode: str, stats: dict | None) -> Iterator[str]:
+    """txt: one document per blank-line-separated block ("block", default), per line ("line")
+    or the whole file ("file")."""
+    before = _BAD_UTF8[0]
+    n = 0
+    with _open_text(path) as f:
+        if mode == "file":
+            text = f.read()
+            if text.strip():
+                n += 1
+                yield text
+        elif mode == "line":
+            for line in f:
+                line = line.rstrip("\n")
+                if line.strip():
+                    n += 1
+                    yield line
+        else:
+            block: list[str] = []
+            for line in f:
+                if line.strip():
+                    block.append(line)
+                elif block:
+                    n += 1
+                    yield "".join(block).rstrip("\n")
+                    block = []
+            if block:
+                n += 1
+                yield "".join(block).rstrip("\n")
+    _bump(stats, "bad_utf8_bytes", _BAD_UTF8[0] - before)
+    if n == 0:
+        _bump(stats, "empty_files")
+
+
+def _iter_jsonl(path: Path, text_key: str, skip_bad_lines: bool, stats: dict | None) -> Iterator[str]:
+    before = _BAD_UTF8[0]
+    n = 0
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if skip_bad_lines:
+                    _bump(stats, "bad_lines")
+                    continue
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix the line or pass --skip-bad-lines") from None
+            text = row.get(text_key) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                if skip_bad_lines:
+                    _bump(stats, "bad_lines")
+                    continue
+                what = "is not a JSON object" if not isinstance(row, dict) else (
+                    f"has no string field '{text_key}' (keys: {', '.join(list(row)[:8])})")
+                raise DataError(f"{path}:{lineno}: line {what}; pass --text-key KEY or --skip-bad-lines")
+            if text.strip():
+                n += 1
+                yield text
+    _bump(stats, "bad_utf8_bytes", _BAD_UTF8[0] - before)
+    if n == 0:
+        _bump(stats, "empty_files")
+
+
+def _iter_parquet(path: Path, text_key: str, stats: dict | None) -> Iterator[str]:
+    import pyarrow.parquet as pq  # lazy: only parquet inputs need it
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    cols = pf.schema_arrow.names
+    if text_key not in cols:
+        raise DataError(f"{path}: parquet file has no column '{text_key}' (columns: {', '.join(cols[:12])}); "
+                        f"pass --text-key COLUMN")
+    n = 0
+    for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text.strip():
+                n += 1
+                yield text
+    if n == 0:
+        _bump(stats, "empty_files")
+
+
+def _iter_hf(spec: str, text_key: str, stats: dict | None) -> Iterator[str]:
+    # "hf:NAME[:CONFIG][:SPLIT]"
+    parts = spec[3:].split(":")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    try:
+        import datasets  # lazy: optional and slow to import
+    except ImportError:
+        raise DataError(f"{spec}: the 'datasets' package is not installed; pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        it = iter(ds)
+        first = next(it, None)
+    except Exception as e:
+        raise DataError(f"{spec}: could not load Hugging Face dataset '{name}' (offline or unknown name: "
+                        f"{type(e).__name__}); download it elsewhere and pass local files instead") from None
+    if first is None:
+        _bump(stats, "empty_files")
+        return
+    if text_key not in first:
+        raise DataError(f"{spec}: dataset has no field '{text_key}' (fields: {', '.join(first)}); pass --text-key")
+    for row in [first] if first is not None else []:
+        if isinstance(row.get(text_key), str) and row[text_key].strip():
+            yield row[text_key]
+    for row in it:
+        t = row.get(text_key)
+        if isinstance(t, str) and t.strip():
+            yield t
+
+
+def _expand_files(source: str) -> list[Path]:
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SUPPORTED_EXTS
+                       and not q.name.startswith("."))
+        if not files:
+            raise DataError(f"{p}: directory has no {'/'.join(SUPPORTED_EXTS)} files")
+        return files
+    if p.is_file():
+        return [p]
+    if any(c in source for c in "*?["):
+        files = sorted(Path(f) for f in _glob.glob(source, recursive=True) if Path(f).is_file())
+        if not files:
+            raise DataError(f"{source}: glob matched no files")
+        return files
+    raise DataError(f"{source}: no such file or directory (inputs: txt, jsonl, parquet, dir, glob, "
+                    f"hf:NAME[:CONFIG][:SPLIT] or python-docs)")
+
+
+def iter_documents(source, text_key: str = "text", skip_bad_lines: bool = False, stats: dict | None = None,
+                   txt_mode: str = "block") -> Iterator[str]:
+    """Yield documents (str) from a source, streaming.
+
+    source: a .txt/.md file (documents = blank-line-separated blocks; txt_mode="line" for one per
+    line, "file" for the whole file), .jsonl (field `text_key`), .parquet (column `text_key`),
+    a directory (recursively, sorted), a glob, "hf:NAME[:CONFIG][:SPLIT]" or "python-docs".
+    A list/tuple of sources is read in order. stats (dict) receives counts: files, bad_lines,
+    bad_utf8_bytes (undecodable bytes replaced by U+FFFD), empty_files.
+    """
+    if isinstance(source, (list, tuple)):
+        for s in source:
+            yield from iter_documents(s, text_key, skip_bad_lines, stats, txt_mode)
+        return
+    source = str(source)
+    if source == "python-docs":
+        yield from iter_python_docs()
+        return
+    if source.startswith("hf:"):
+        yield from _iter_hf(source, text_key, stats)
+        return
+    if txt_mode not in ("block", "line", "file"):
+        raise DataError(f"txt_mode must be block, line or file (got {txt_mode!r})")
+    for path in _expand_files(source):
+        _bump(stats, "files")
+        suf = path.suffix.lower()
+        if suf in JSONL_EXTS:
+            yield from _iter_jsonl(path, text_key, skip_bad_lines, stats)
+        elif suf in PARQUET_EXTS:
+            yield from _iter_parquet(path, text_key, stats)
+        else:
+            yield from _iter_txt(path, txt_mode, stats)
+
+
+# "python-docs": documentation that ships with every Python, so a first training run needs no
+# download. Only pure-library modules without side effects on import (no GUI, no `this`).
+_PYDOC_MODULES = """abc argparse ast asyncio base64 bdb binascii bisect builtins bz2 calendar cmath cmd
+code codecs codeop collections colorsys compileall concurrent configparser contextlib contextvars copy
+copyreg csv ctypes dataclasses datetime dbm decimal difflib dis doctest email enum errno filecmp
+fileinput fnmatch fractions ftplib functools gc getopt getpass gettext glob graphlib gzip hashlib heapq
+hmac html http imaplib importlib inspect io ipaddress itertools json keyword linecache locale logging
+lzma mailbox marshal math mimetypes modulefinder multiprocessing netrc numbers opcode operator optparse
+os pathlib pdb pickle pickletools pkgutil platform plistlib poplib posixpath pprint profile pstats
+py_compile pyclbr pydoc queue quopri random re reprlib rlcompleter sched secrets select selectors
+shelve shlex shutil signal smtplib socket socketserver sqlite3 ssl stat statistics string stringprep
+struct subprocess symtable sys sysconfig tabnanny tarfile tempfile textwrap threading time timeit
+token tokenize tomllib trace traceback tracemalloc types typing unicodedata unittest urllib uuid
+warnings wave weakref wsgiref xml xmlrpc zipapp zipfile zipimport zlib zoneinfo""".split()
+
+
+def _python_doc_modules() -> list[str]:
+    import pkgutil
+
+    names = []
+    for top in _PYDOC_MODULES:
+        try:
+            mod = importlib.import_module(top)
+        except Exception:
+            continue  # absent on this build (e.g. no _ssl): skip, the order of the rest is unchanged
+        names.append(top)
+        if hasattr(mod, "__path__"):
+            subs = sorted(i.name for i in pkgutil.walk_packages(mod.__path__, top + ".", onerror=lambda n: None))
+            names += [s for s in subs if ".test" not in s and "__main__" not in s and "win" not in s.split(".")[-1]]
+    return names
+
+
+def iter_python_docs() -> Iterator[str]:
+    """English documentation bundled with Python: pydoc topics, then one document per stdlib
+    module made of its docstrings (module, classes, functions, methods), de-duplicated, in a
+    deterministic order (depends only on the Python version)."""
+    from pydoc_data.topics import topics
+
+    seen: set[str] = set()
+    for key in sorted(topics):
+        text = topics[key].strip()
+        if text and text not in seen:
+            seen.add(text)
+            yield text
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in _python_doc_modules():
+            try:
+                mod = importlib.import_module(name)
+            except Exception:
+                continue
+            parts: list[str] = []
+
+            def add(title: str, doc) -> None:
+                if not isinstance(doc, str):
+                    return
+                doc = inspect.cleandoc(doc)
+                if len(doc) < 40 or doc in seen:
+                    return
+                seen.add(doc)
+                parts.append(f"{title}\n\n{doc}")
+
+            add(f"Module {name}", mod.__doc__)
+            for attr, obj in sorted(vars(mod).items()):
+                if attr.startswith("_"):
+                    continue
+                if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
+                    add(f"{name}.{attr}{_signature(obj)}", obj.__doc__)
+                    if inspect.isclass(obj):
+                        for k, v in sorted(vars(obj).items()):
+                            if k.startswith("_") and k != "__init__":
+                                continue
+                            if callable(v) or isinstance(v, (property, classmethod, staticmethod)):
+                                add(f"{name}.{attr}.{k}{_signature(v)}", getattr(v, "__doc__", None))
+            if parts:
+                yield "\n\n".join(parts)
+
+
+def _signature(obj) -> str:
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# .bin token files (spec: docs/DATA_FORMAT.md)
+
+BIN_MAGIC = b"FISHTOK\x00"
+BIN_VERSION = 1
+BIN_HEADER_SIZE = 64
+_HEADER_STRUCT = struct.Struct("<8sIIQQQ")  # magic, version, dtype code, n_tokens, vocab_size, n_docs
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return _DTYPES[2] if vocab_size <= 65535 else _DTYPES[4]
+
+
+def _pack_header(n_tokens: int, vocab_size: int, n_docs: int) -> bytes:
+    dt = token_dtype(vocab_size)
+    h = _HEADER_STRUCT.pack(BIN_MAGIC, BIN_VERSION, dt.itemsize, n_tokens, vocab_size, n_docs)
+    return h + b"\x00" * (BIN_HEADER_SIZE - len(h))
+
+
+class TokenFileWriter:
+    """Streaming .bin writer: append chunks, then close() writes the final header and renames the
+    temp file into place; abort() (or an exception inside `with`) leaves nothing behind."""
+
+    def __init__(self, path, vocab_size: int, eos_id: int | None = EOS_ID):
+        self.path = Path(path)
+        self.vocab_size = int(vocab_size)
+        self.dtype = token_dtype(self.vocab_size)
+        self.eos_id = eos_id
+        self.n_tokens = 0
+        self.n_docs = 0
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._f = os.fdopen(fd, "wb")
+        self._f.write(_pack_header(0, self.vocab_size, 0))
+
+    def write(self, tokens) -> None:
+        arr = np.asarray(tokens)
+        if arr.size == 0:
+            return
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
+            raise DataError(f"{self.path}: token id {int(arr.max()) if arr.max() >= self.vocab_size else int(arr.min())} "
+                            f"outside the vocabulary [0, {self.vocab_size}); wrong --tokenizer?")
+        if self.eos_id is not None:
+            self.n_docs += int(np.count_nonzero(arr == self.eos_id))
+        self._f.write(arr.astype(self.dtype, copy=False).tobytes())
+        self.n_tokens += int(arr.size)
+
+    def close(self) -> Path:
+        self._f.seek(0)
+        self._f.write(_pack_header(self.n_tokens, self.vocab_size, self.n_docs))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        _silent_unlink(self._tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def write_token_file(path, token_iter: Iterable, vocab_size: int) -> int:
+    """Write a .bin token file atomically. token_iter yields token chunks (lists or numpy arrays of
+    ids; plain ints are accepted too). Returns the number of tokens written."""
+    with TokenFileWriter(path, vocab_size) as w:
+        buf: list[int] = []
+        for chunk in token_iter:
+            if isinstance(chunk, (int, np.integer)):
+                buf.append(int(chunk))
+                if len(buf) >= 1 << 16:
+                    w.write(buf)
+                    buf = []
+                continue
+            if buf:
+                w.write(buf)
+                buf = []
+            w.write(chunk)
+        if buf:
+            w.write(buf)
+        return w.n_tokens
+
+
+def read_token_header(path) -> dict:
+    """Parse and check the header of a .bin token file; DataError naming the file on any problem."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(BIN_HEADER_SIZE)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read token file ({e.strerror}); run `python data_utils.py prepare` first") from None
+    if len(raw) < BIN_HEADER_SIZE or raw[:8] != BIN_MAGIC:
+        raise DataError(f"{path}: not a FishAI token file (bad magic/header); re-create it with "
+                        f"`python data_utils.py prepare`")
+    magic, version, code, n_tokens, vocab_size, n_docs = _HEADER_STRUCT.unpack(raw[:_HEADER_STRUCT.size])
+    if version != BIN_VERSION:
+        raise DataError(f"{path}: token file version {version}, this code reads version {BIN_VERSION}; re-run prepare")
+    if code not in _DTYPES or _DTYPES[code] != token_dtype(vocab_size):
+        raise DataError(f"{path}: invalid dtype code {code} for vocab size {vocab_size}; the file is corrupt, re-run prepare")
+    expected = BIN_HEADER_SIZE + n_tokens * code
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise DataError(f"{path}: {what} ({size} bytes, header says {expected}); re-run prepare")
+    return {"version": version, "dtype": str(_DTYPES[code]), "itemsize": code, "n_tokens": n_tokens,
+            "vocab_size": vocab_size, "n_docs": n_docs, "bytes": size}
+
+
+def read_token_file(path) -> np.memmap:
+    """Memory-map the tokens of a .bin file (header checked). Returns a read-only np.memmap."""
+    h = read_token_header(path)
+    if h["n_tokens"] == 0:
+        return np.zeros(0, dtype=_DTYPES[h["itemsize"]])
+    return np.memmap(path, dtype=_DTYPES[h["itemsize"]], mode="r", offset=BIN_HEADER_SIZE, shape=(h["n_tokens"],))
+
+
+# ----------------------------------------------------------------------------------------------
+# training / eval datasets over token arrays
+
+
+def _as_tokens(tokens) -> np.ndarray:
+    if isinstance(tokens, (str, os.PathLike)):
+        return read_token_file(tokens)
+    if hasattr(tokens, "numpy") and not isinstance(tokens, np.ndarray):
+        tokens = tokens.cpu().numpy()
+    return np.asarray(tokens)
+
+
+def _to_device(arr: np.ndarray, device):
+    import torch
+
+    t = torch.from_numpy(arr.astype(np.int64, copy=False))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+class TokenWindowSampler:
+    """Random windows of seq_len+1 tokens -> (x, y) for pretraining.
+
+    Batch i of rank r depends only on (seed, rank, i): resuming from state_dict() replays exactly
+    the batches an uninterrupted run would have seen, and ranks draw independent windows.
+    """
+
+    def __init__(self, tokens, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.tokens = _as_tokens(tokens)
+        self.seq_len = int(seq_len)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.step = 0
+        if self.seq_len < 1 or self.batch_size < 1:
+            raise DataError(f"seq_len and batch_size must be >= 1 (got {seq_len}, {batch_size})")
+        if len(self.tokens) < self.seq_len + 1:
+            raise DataError(f"token data has {len(self.tokens)} tokens, need at least seq_len+1 = {self.seq_len + 1}; "
+                            f"use more data or a smaller --seq-len")
+        self._offsets = np.arange(self.seq_len + 1, dtype=np.int64)
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Window start positions of batch `step` for this rank, in [0, len - seq_len - 1]."""
+        rng = np.random.default_rng([self.seed, self.rank, int(step)])
+        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size, dtype=np.int64)
+
+    def get_batch(self, step: int) -> np.ndarray:
+        starts = self.batch_indices(step)
+        return np.asarray(self.tokens[starts[:, None] + self._offsets[None, :]], dtype=np.int64)
+
+    def next_batch(self, device="cpu"):
+        buf = self.get_batch(self.step)
+        self.step += 1
+        return _to_device(np.ascontiguousarray(buf[:, :-1]), device), _to_device(np.ascontiguousarray(buf[:, 1:]), device)
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.seed = int(d["seed"])
+        self.step = int(d["step"])
+
+
+def iter_eval_batches(tokens, seq_len: int, batch_size: int, max_batches: int | None = None, device="cpu"):
+    """Contiguous, non-overlapping windows: window k covers tokens[k*T : k*T + T + 1]. The last
+    batch may be smaller; a tail shorter than one window is dropped."""
+    tokens = _as_tokens(tokens)
+    n_windows = (len(tokens) - 1) // seq_len if len(tokens) > 1 else 0
+    offsets = np.arange(seq_len + 1, dtype=np.int64)
+    n_batches = 0
+    for b0 in range(0, n_windows, batch_size):
+        if max_batches is not None and n_batches >= max_batches:
+            return
+        starts = np.arange(b0, min(b0 + batch_size, n_windows), dtype=np.int64) * seq_len
+        buf = np.asarray(tokens[starts[:, None] + offsets[None, :]], dtype=np.int64)
+        n_batches += 1
+        yield _to_device(np.ascontiguousarray(buf[:, :-1]), device), _to_device(np.ascontiguousarray(buf[:, 1:]), device)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation texts (benchmark.py computes word/byte counts on the strings returned here)
+
+_WIKI_HEADING = re.compile(r"^ = [^=].* = $")
+
+_SPLIT_ALIASES = {"test": "test", "valid": "valid", "validation": "valid", "val": "valid", "train": "train"}
+
+
+def wikitext_detokenizer(string: str) -> str:
+    """Undo WikiText's tokenisation (" @-@ ", " , ", ...) the way lm-evaluation-harness's
+    wikitext task does (same rules, same order)."""
+    string = string.replace("s '", "s'")
+    string = re.sub(r"/' [0-9]/", r"/'[0-9]/", string)
+    string = string.replace(" @-@ ", "-")
+    string = string.replace(" @,@ ", ",")
+    string = string.replace(" @.@ ", ".")
+    string = string.replace(" : ", ": ")
+    string = string.replace(" ; ", "; ")
+    string = string.replace(" . ", ". ")
+    string = string.replace(" ! ", "! ")
+    string = string.replace(" ? ", "? ")
+    string = string.replace(" , ", ", ")
+    string = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", string)
+    string = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", string)
+    string = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", string)
+    string = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', string)
+    string = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", string)
+    string = string.replace("= = = =", "====")
+    string = string.replace("= = =", "===")
+    string = string.replace("= =", "==")
+    string = string.replace(" " + chr(176) + " ", chr(176))
+    string = string.replace(" \n", "\n")
+    string = string.replace("\n ", "\n")
+    string = string.replace(" N ", " 1 ")
+    string = string.replace(" 's", "'s")
+    return string
+
+
+def split_wikitext_articles(text: str) -> list[str]:
+    """Split a WikiText file into articles at the top-level ' = Title = ' heading lines (as the
+    document-level WikiText of lm-evaluation-harness does). Article text is kept byte for byte."""
+    pages: list[str] = []
+    cur: list[str] = []
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if _WIKI_HEADING.match(line) and any(l.strip() for l in cur):
+            pages.append("".join(cur))
+            cur = []
+        cur.append(line + "\n" if i < len(lines) - 1 else line)  # keep every byte of the file
+    if any(l.strip() for l in cur):
+        pages.append("".join(cur))
+    return pages
+
+
+def _find_split_file(path: Path, name: str, split: str) -> Path:
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or directory for eval set '{name}'")
+    short = _SPLIT_ALIASES[split]
+    cands = {
+        "wikitext103": [f"wiki.{short}.tokens", f"wiki.{short}.raw", f"{short}.txt"],
+        "wikitext2": [f"wiki.{short}.tokens", f"{short}.txt", f"wiki.{short}.raw"],
+        "ptb": [f"ptb.{short}.txt", f"{short}.txt"],
+    }[name]
+    for c in cands:
+        if (path / c).is_file():
+            return path / c
+    raise DataError(f"{path}: no {split} file for '{name}' (looked for {', '.join(cands)})")
+
+
+def _read_eval_file(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    text = data.decode("utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    return text
+
+
+def load_eval_texts(name: str, path=None, split: str = "test", detokenize: bool = False) -> list[str]:
+    """Evaluation texts for perplexity.
+
+    name: "wikitext103" | "wikitext2" -> one string per article (split at the top-level
+            ' = Title = ' headings), from local `wiki.{split}.tokens` / `{split}.txt` files
+            (path = file or directory) or, when path is None, from HF `wikitext` configs
+            `wikitext-103-raw-v1` / `wikitext-2-raw-v1`. The text is returned as in the file
+            (not detokenised, like lm-evaluation-harness, which scores and counts words on the
+            original page); detokenize=True applies `wikitext_detokenizer`.
+          "ptb"  -> one string: the whole split, one sentence per line, as in `ptb.{split}.txt`
+            (PTB is scored as one continuous stream); HF `ptb_text_only` when path is None.
+          "text" -> one string: the whole plain file at `path`.
+    """
+    name = name.lower().replace("-", "").replace("_", "")
+    if name not in ("wikitext103", "wikitext2", "ptb", "text"):
+        raise DataError(f"unknown eval set '{name}'; choose wikitext103, wikitext2, ptb or text")
+    if split not in _SPLIT_ALIASES:
+        raise DataError(f"unknown split '{split}'; choose test, valid or train")
+    if name == "text":
+        if path is None:
+            raise DataError("eval set 'text' needs a file path")
+        return [_read_eval_file(Path(path))]
+    if path is not None:
+        f = _find_split_file(Path(path), name, split)
+        text = _read_eval_file(f)
+        if name == "ptb":
+            return [text]
+        pages = split_wikitext_articles(text)
+    else:
+        hf_split = {"test": "test", "valid": "validation", "train": "train"}[_SPLIT_ALIASES[split]]
+        if name == "ptb":
+            rows = _load_hf_rows("ptb_text_only", None, hf_split)
+            return ["\n".join(r["sentence"] for r in rows) + "\n"]
+        cfg = "wikitext-103-raw-v1" if name == "wikitext103" else "wikitext-2-raw-v1"
+        rows = _load_hf_rows("wikitext", cfg, hf_split)
+        # HF rows are the file's lines (with their "\n"); rejoin and split into articles
+        pages = split_wikitext_articles("".join(r["text"] for r in rows))
+    return [wikitext_detokenizer(p) for p in pages] if detokenize else pages
+
+
+def _load_hf_rows(name: str, config: str | None, split: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"HF dataset {name}: the 'datasets' package is not installed; pass a local path instead") from None
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise DataError(f"could not load HF dataset {name}{':' + config if config else ''} ({type(e).__name__}: "
+                        f"offline?); pass a local file/dir with the split instead") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT chat data
+
+IGNORE_INDEX = -1  # == model.IGNORE_INDEX: targets with this value are ignored by the loss
+
+_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+             "chatgpt": "assistant", "model": "assistant", "system": "system"}
+
+
+def normalize_conversation(row) -> list[dict]:
+    """Convert one SFT row to a ChatML messages list. Accepts {"messages": [...]},
+    BelleGroup/ShareGPT {"conversations": [{"from", "value"}]}, Alpaca {"instruction", "input",
+    "output"} (optional "system") or a bare messages list. Raises DataError on anything else."""
+    if isinstance(row, list):
+        msgs = row
+    elif isinstance(row, dict) and "messages" in row:
+        msgs = row["messages"]
+    elif isinstance(row, dict) and "conversations" in row:
+        msgs = []
+        if not isinstance(row["conversations"], list):
+            raise DataError("'conversations' must be a list")
+        for turn in row["conversations"]:
+            if not isinstance(turn, dict):
+                raise DataError("each conversation turn must be an object")
+            frm = str(turn.get("from", turn.get("role", ""))).lower()
+            if frm not in _ROLE_MAP:
+                raise DataError(f"unknown speaker '{frm}' (expected human/gpt/user/assistant/system)")
+            msgs.append({"role": _ROLE_MAP[frm], "content": turn.get("value", turn.get("content"))})
+    elif isinstance(row, dict) and "instruction" in row and "output" in row:
+        user = str(row["instruction"])
+        if row.get("input"):
+            user += "\n\n" + str(row["input"])
+        msgs = ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    else:
+        keys = ", ".join(list(row)[:8]) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"row has no 'messages', 'conversations' or 'instruction'/'output' (got {keys})")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict):
+            raise DataError("each message must be an object with 'role' and 'content'")
+        role = _ROLE_MAP.get(str(m.get("role", "")).lower())
+        if role is None:
+            raise DataError(f"unknown role '{m.get('role')}' (expected system/user/assistant)")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"message content must be a string (role {role})")
+        out.append({"role": role, "content": m["content"]})
+    return out
+
+
+def read_sft_jsonl(path, skip_bad_lines: bool = False, stats: dict | None = None) -> list[list[dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: SFT data file not found")
+    convs = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                convs.append(normalize_conversation(json.loads(line)))
+            except (json.JSONDecodeError, DataError) as e:
+                if skip_bad_lines:
+                    _bump(stats, "bad_lines")
+                    continue
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+                raise DataError(f"{path}:{lineno}: {msg}; fix the line or pass --skip-bad-lines") from None
+    if not convs:
+        raise DataError(f"{path}: no conversations found")
+    return convs
+
+
+class SFTDataset:
+    """Chat data for supervised fine-tuning.
+
+    Each conversation is rendered with ChatML (TextTokenizer.encode_chat); loss_mask is 1 only
+    on targets that are assistant content tokens or the assistant's closing <|im_end|>.
+    With pack=True several whole conversations share one row of seq_len tokens; doc_ids (B, T)
+    numbers the conversations within the row (0, 1, 2, ...; padding gets the next number) so
+    model.forward(..., doc_ids=...) can block attention between them and restart RoPE positions.
+    Targets never cross a conversation boundary. Padding: x = pad id, y = IGNORE_INDEX, mask 0.
+    Conversations longer than seq_len + 1 tokens are truncated (counted in .stats).
+    Order: a seeded permutation per epoch, rank r takes every world_size-th conversation;
+    state_dict()/load_state_dict() give exact resume.
+    """
+
+    def __init__(self, path_or_conversations, tokenizer: TextTokenizer, seq_len: int, batch_size: int,
+                 pack: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 skip_bad_lines: bool = False):
+        self.tokenizer = tokenizer
+        self.seq_len = int(seq_len)
+        self.batch_size = int(batch_size)
+        self.pack = bool(pack)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.stats: dict = {"conversations": 0, "truncated": 0, "dropped_no_assistant": 0}
+        if isinstance(path_or_conversations, (str, os.PathLike)):
+            convs = read_sft_jsonl(path_or_conversations, skip_bad_lines, self.stats)
+        else:
+            convs = [normalize_conversation(c) for c in path_or_conversations]
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+        self.samples: list[tuple[np.ndarray, np.ndarray]] = []
+        for msgs in convs:
+            if not any(m["role"] == "assistant" for m in msgs):
+                self.stats["dropped_no_assistant"] += 1
+                continue
+            ids, mask = tokenizer.encode_chat(msgs)
+            if len(ids) > self.seq_len + 1:
+                ids, mask = ids[: self.seq_len + 1], mask[: self.seq_len + 1]
+                self.stats["truncated"] += 1
+            if sum(mask[1:]) == 0:
+                self.stats["dropped_no_assistant"] += 1
+                continue
+            self.samples.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int64)))
+        self.stats["conversations"] = len(self.samples)
+        if len(self.samples) < self.world_size:
+            raise DataError(f"SFT data has {len(self.samples)} usable conversations (with an assistant reply), "
+                            f"need at least {self.world_size}")
+        self.epoch = 0
+        self.cursor = 0
+        self.step = 0
+        self._order = self._epoch_order(0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(sum(m[1:].sum() for _, m in self.samples))
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        return perm[self.rank::self.world_size]
+
+    def _next_sample(self) -> int:
+        if self.cursor >= len(self._order):
+            self.epoch += 1
+            self.cursor = 0
+            self._order = self._epoch_order(self.epoch)
+        i = int(self._order[self.cursor])
+        self.cursor += 1
+        return i
+
+    def _peek_len(self) -> int:
+        if self.cursor >= len(self._order):
+            order = self._epoch_order(self.epoch + 1)
+            return len(self.samples[int(order[0])][0]) - 1
+        return len(self.samples[int(self._order[self.cursor])][0]) - 1
+
+    def next_batch(self, device="cpu"):
+        T, B = self.seq_len, self.batch_size
+        x = np.full((B, T), self.pad_id, dtype=np.int64)
+        y = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        lm = np.zeros((B, T), dtype=np.int64)
+        doc = np.zeros((B, T), dtype=np.int64)
+        for b in range(B):
+            pos, k = 0, 0
+            while True:
+                n = self._peek_len()
+                if pos > 0 and (not self.pack or pos + n > T):
+                    break
+                ids, mask = self.samples[self._next_sample()]
+                x[b, pos:pos + n] = ids[:-1]
+                y[b, pos:pos + n] = ids[1:]
+                lm[b, pos:pos + n] = mask[1:]
+                doc[b, pos:pos + n] = k
+                pos += n
+                k += 1
+                if not self.pack:
+                    break
+            doc[b, pos:] = k  # padding is its own segment: it never attends to real tokens
+        self.step += 1
+        return _to_device(x, device), _to_device(y, device), _to_device(lm, device), _to_device(doc, device)
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor, "step": self.step}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.seed = int(d["seed"])
+        self.epoch = int(d["epoch"])
+        self.cursor = int(d["cursor"])
+        self.step = int(d.get("step", 0))
+        self._order = self._epoch_order(self.epoch)
+
+
+# ----------------------------------------------------------------------------------------------
+# DataFilter
+
+# letters of the scripts the language filter knows; everything else that is a letter is "other"
+_SCRIPT_RANGES = {
+    "latin": "A-Za-z\u00C0-\u024F\u1E00-\u1EFF",
+    "cjk": "\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF\uF900-\uFAFF\u31F0-\u31FF",
+    "cyrillic": "\u0400-\u04FF",
+    "greek": "\u0370-\u03FF",
+    "arabic": "\u0600-\u06FF",
+}
+_LETTER_RE = re.compile(r"[^\W\d_]")
+_DIGIT_RE = re.compile(r"\d")
+# "special" = not a letter/digit/whitespace and not ordinary prose punctuation (ASCII or CJK).
+# The filter counts the rare characters (special, foreign letters) with findall: scanning for
+# what is rare is ~5x faster than counting what is common.
+_SPECIAL_RE = re.compile(r"[^\w\s.,;:!?'\"()\-\u2018\u2019\u201C\u201D\u2014\u2013\u3000-\u303F\uFF00-\uFFEF]")
+_WS_RE = re.compile(r"\s+")
+# Counting without scanning the whole text with Unicode regexes (3x faster, same counts): the
+# ASCII part is counted on the UTF-8 bytes with bytes.translate (deletes all other bytes in one C
+# pass); the few non-ASCII characters are collected once and matched with the regexes. The
+# deletion tables are derived from the regexes, so both parts use the same definitions.
+_NONASCII_RE = re.compile(r"[^\x00-\x7f]+")
+_HIGH = bytes(range(128, 256))
+
+
+def _keep_only(pred) -> bytes:
+    return bytes(i for i in range(128) if not pred(chr(i))) + _HIGH
+
+
+_DEL_BUT_SPECIAL = _keep_only(lambda ch: _SPECIAL_RE.match(ch) is not None)
+_DEL_BUT_DIGIT = _keep_only(lambda ch: _DIGIT_RE.match(ch) is not None)
+_DEL_BUT_LETTER = _keep_only(lambda ch: ch.isalpha())
+
+FILTER_DEFAULTS = {
+    "min_chars": 20, "max_chars": 2_000_000, "dedup": True, "scripts": ("latin", "cjk"), "min_script_ratio": 0.5,
+    "max_special_ratio": 0.3, "max_digit_ratio": 0.3, "near_dedup": False, "near_dup_threshold": 0.8,
+    "num_perm": 128, "bands": 16, "shingle": 5, "seed": 0,
+}
+
+
+def _count(regex: re.Pattern, text: str) -> int:
+    # len() of the text with the matches removed: runs in C, much faster than findall
+    return len(text) - len(regex.sub("", text))
+
+
+class _U64Set:
+    """Set of 64-bit hashes in one numpy array (open addressing, linear probing, load <= 1/2):
+    16-32 bytes per entry instead of ~70 for a Python set of ints, so exact de-duplication of
+    millions of documents stays small."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        self._t = np.zeros(capacity, dtype=np.uint64)
+        self._mask = capacity - 1
+        self.n = 0
+
+    def add(self, h: int) -> bool:
+        """Insert h; True if it was new."""
+        h = h or 1  # 0 marks an empty slot
+        t, mask = self._t, self._mask
+        i = h & mask
+        while True:
+            v = int(t[i])
+            if v == 0:
+                t[i] = h
+                self.n += 1
+                if 2 * self.n > len(t):
+                    self._grow()
+                return True
+            if v == h:
+                return False
+            i = (i + 1) & mask
+
+    def __contains__(self, h: int) -> bool:
+        h = h or 1
+        t, mask = self._t, self._mask
+        i = h & mask
+        while True:
+            v = int(t[i])
+            if v == 0:
+                return False
+            if v == h:
+                return True
+            i = (i + 1) & mask
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _grow(self) -> None:
+        old = self._t
+        self._t = np.zeros(2 * len(old), dtype=np.uint64)
+        self._mask = len(self._t) - 1
+        self.n = 0
+        for i in range(0, len(old), 1 << 16):  # in slices: no full-size temporary list of ints
+            chunk = old[i:i + (1 << 16)]
+            for h in chunk[chunk != 0].tolist():
+                self.add(h)
+
+
+class _MinHashLSH:
+    """MinHash signatures of word 5-gram shingles (character 5-grams for text without spaces,
+    e.g. Chinese) with banded LSH. Pure numpy; a candidate pair is confirmed with the estimated
+    Jaccard similarity of the full signatures."""
+
+    _MASK32 = np.uint64(0xFFFFFFFF)
+
+    def __init__(self, num_perm=128, bands=16, threshold=0.8, shingle=5, seed=0):
+        if num_perm % bands:
+            raise DataError(f"near-dup: num_perm ({num_perm}) must be a multiple of bands ({bands})")
+        self.num_perm, self.bands, self.rows = num_perm, bands, num_perm // bands
+        self.threshold, self.shingle = threshold, shingle
+        rng = np.random.default_rng([seed, 12345])
+        self.a = (rng.integers(1, 2**63 - 1, size=num_perm, dtype=np.uint64) | np.uint64(1))[:, None]
+        self.b = rng.integers(0, 2**63 - 1, size=num_perm, dtype=np.uint64)[:, None]
+        self.tables: list[dict] = [dict() for _ in range(bands)]
+        self.sigs: list[np.ndarray] = []
+
+    def _shingles(self, text: str) -> np.ndarray:
+        import zlib
+
+        words = text.split()
+        if len(words) < 3 * self.shingle and len(text) > 4 * len(words) + 20:  # no-space scripts
+            units = [text[i:i + self.shingle] for i in range(max(1, len(text) - self.shingle + 1))]
+            return np.unique(np.fromiter((zlib.crc32(u.encode("utf-8")) for u in units), dtype=np.uint64, count=len(units)))
+        h = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
+        k = min(self.shingle, max(1, len(h)))
+        sh = np.zeros(max(1, len(h) - k + 1), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(k):
+                sh = sh * np.uint64(0x100000001B3) + h[j:j + len(sh)]
+        return np.unique(sh)
+
+    def signature(self, text: str) -> np.ndarray:
+        sh = self._shingles(text)
+        sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for i in range(0, len(sh), 8192):  # chunks bound the (num_perm x chunk) matrix
+                v = (self.a * sh[None, i:i + 8192] + self.b) >> np.uint64(32)
+                np.minimum(sig, v.min(axis=1), out=sig)
+        return sig.astype(np.uint32)
+
+    def is_duplicate_then_add(self, text: str) -> bool:
+        sig = self.signature(text)
+        keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
+        seen: set[int] = set()
+        for t, k in zip(self.tables, keys):
+            j = t.get(k)
+            if j is not None and j not in seen:
+                seen.add(j)
+                if float(np.mean(self.sigs[j] == sig)) >= self.threshold:
+                    return True
+        idx = len(self.sigs)
+        self.sigs.append(sig)
+        for t, k in zip(self.tables, keys):
+            t.setdefault(k, idx)
+        return False
+
+
+class DataFilter:
+    """Document filter with the seed's rules; every rule counts what it dropped.
+
+    Rules, in order (cheap first): min_chars / max_chars (length bounds), max_digit_ratio
+    (digits / chars), max_special_ratio (chars that are not letters, digits, whitespace or
+    ordinary punctuation / chars), scripts + min_script_ratio (share of letters in the allowed
+    scripts, e.g. latin and cjk), dedup (exact duplicates after whitespace normalisation and
+    ASCII lower-casing, by 64-bit blake2b content hash, kept in a numpy hash table: 16-32 bytes
+    per unique document), near_dedup (MinHash/LSH near-duplicates with estimated Jaccard >= near_dup_threshold).
+    Any rule set to None is off.
+    """
+
+    RULES = ("too_short", "too_long", "digit_ratio", "special_ratio", "script", "duplicate", "near_duplicate")
+
+    def __init__(self, **kwargs):
+        unknown = set(kwargs) - set(FILTER_DEFAULTS)
+        if unknown:
+            raise DataError(f"--filter: unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(FILTER_DEFAULTS)}")
+        self.cfg = {**FILTER_DEFAULTS, **kwargs}
+        scripts = self.cfg["scripts"]
+        if isinstance(scripts, str):
+            scripts = tuple(s for s in scripts.replace("+", ",").split(",") if s)
+        for s in scripts or ():
+            if s not in _SCRIPT_RANGES:
+                raise DataError(f"--filter scripts: unknown script '{s}'; choose from {', '.join(_SCRIPT_RANGES)}")
+        self.cfg["scripts"] = tuple(scripts or ())
+        # letters outside the allowed scripts: a word character that is not a digit/underscore/allowed letter
+        allowed = "".join(_SCRIPT_RANGES[s] for s in self.cfg["scripts"])
+        self._foreign_re = re.compile("[^\\W\\d_" + allowed + "]") if self.cfg["scripts"] else None
+        # one scan for everything the ratio rules count (special chars, digits, foreign letters):
+        # they are rare in normal text, so the per-rule counts then run on the few matches only
+        self._latin_ok = "latin" in self.cfg["scripts"]
+        self._hashes = _U64Set()
+        self._lsh = (_MinHashLSH(self.cfg["num_perm"], self.cfg["bands"], self.cfg["near_dup_threshold"],
+                                 self.cfg["shingle"], self.cfg["seed"]) if self.cfg["near_dedup"] else None)
+        self.seen = 0
+        self.kept = 0
+        self.dropped = {r: 0 for r in self.RULES}
+
+    @classmethod
+    def from_spec(cls, spec: str | None) -> "DataFilter | None":
+        """'none' -> None; 'default' -> defaults; 'min_chars=200,near_dedup=1,scripts=latin+cjk' ->
+        defaults with those overrides (the CLI's --filter)."""
+        if spec is None or spec.strip().lower() in ("", "none", "off"):
+            return None
+        kw: dict = {}
+        for part in spec.split(","):
+            part = part.strip()
+            if not part or part == "default":
+                continue
+            if "=" not in part:
+                raise DataError(f"--filter: expected key=value, got '{part}' (e.g. --filter min_chars=200,near_dedup=1)")
+            k, v = (s.strip() for s in part.split("=", 1))
+            if k not in FILTER_DEFAULTS:
+                raise DataError(f"--filter: unknown option '{k}'; valid: {', '.join(FILTER_DEFAULTS)}")
+            d = FILTER_DEFAULTS[k]
+            if v.lower() in ("none", "off"):
+                kw[k] = None
+            elif isinstance(d, bool):
+                kw[k] = v.lower() in ("1", "true", "yes", "on")
+            elif k == "scripts":
+                kw[k] = v
+            else:
+                try:
+                    kw[k] = type(d)(float(v)) if isinstance(d, int) else float(v)
+                except ValueError:
+                    raise DataError(f"--filter: {k}={v} is not a number") from None
+        return cls(**kw)
+
+    def fresh_copy(self) -> "DataFilter":
+        """Same rules, empty de-duplication state (used for up-sampled epochs)."""
+        return DataFilter(**self.cfg)
+
+    def reason(self, text: str) -> str | None:
+        """The rule that rejects `text`, or None if it is kept (and then remembered for dedup)."""
+        c = self.cfg
+        n = len(text)
+        if c["min_chars"] is not None and n < c["min_chars"]:
+            return "too_short"
+        if c["max_chars"] is not None and n > c["max_chars"]:
+            return "too_long"
+        b = text.encode("utf-8")
+        hi = "".join(_NONASCII_RE.findall(text))  # usually a handful of quotes/dashes, or CJK
+        if c["max_digit_ratio"] is not None:
+            digits = len(b.translate(None, _DEL_BUT_DIGIT)) + (len(_DIGIT_RE.findall(hi)) if hi else 0)
+            if digits > c["max_digit_ratio"] * n:
+                return "digit_ratio"
+        if c["max_special_ratio"] is not None:
+            special = len(b.translate(None, _DEL_BUT_SPECIAL)) + (len(_SPECIAL_RE.findall(hi)) if hi else 0)
+            if special > c["max_special_ratio"] * n:
+                return "special_ratio"
+        if self._foreign_re is not None and c["min_script_ratio"] is not None:
+            foreign = len(self._foreign_re.findall(hi)) if hi else 0
+            if not self._latin_ok:
+                foreign += len(b.translate(None, _DEL_BUT_LETTER))  # ASCII letters are Latin
+            if foreign and foreign > (1.0 - c["min_script_ratio"]) * _count(_LETTER_RE, text):
+                return "script"
+        # exact duplicates: whitespace runs collapsed and ASCII case folded, on the UTF-8 bytes
+        if c["dedup"]:
+            h = int.from_bytes(hashlib.blake2b(b" ".join(b.lower().split()), digest_size=8).digest(), "little")
+            if not self._hashes.add(h):
+                return "duplicate"
+        if self._lsh is not None and self._lsh.is_duplicate_then_add(text):
+            return "near_duplicate"
+        return None
+
+    def keep(self, text: str) -> bool:
+        self.seen += 1
+        r = self.reason(text)
+        if r is None:
+            self.kept += 1
+            return True
+        self.dropped[r] += 1
+        return False
+
+    def __call__(self, docs: Iterable[str]) -> Iterator[str]:
+        for d in docs:
+            if self.keep(d):
+                yield d
+
+    filter = __call__
+
+    def report(self) -> dict:
+        return {"seen": self.seen, "kept": self.kept, "dropped": dict(self.dropped),
+                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.cfg.items()}}
+
+    def format_report(self) -> str:
+        drops = ", ".join(f"{k} {v}" for k, v in self.dropped.items() if v) or "nothing"
+        return f"filter: kept {self.kept}/{self.seen} docs; dropped: {drops}"
+
+
+# ----------------------------------------------------------------------------------------------
+# DataMixer
+
+SEED_RECIPE = {"web": 0.5, "code": 0.2, "books": 0.1, "wiki": 0.1, "medical": 0.05, "math": 0.05}
+
+
+class DataMixer:
+    """Mix named document sources to target token shares, deterministically.
+
+    sources: {name: (weight, source)} where source is anything iter_documents accepts, an iterable
+    of strings, or a callable epoch -> iterator (so a source can be re-read when up-sampling).
+    The next document comes from the active source furthest below its target share (ties broken
+    by a seeded random order). Shares are in tokens: selection uses bytes x the source's
+    tokens-per-byte, calibrated with count_tokens(text) on its first `calibrate_docs` documents
+    (1/4 without count_tokens) - only data-dependent, so the mix is reproducible even when the
+    caller encodes in another thread; the report uses the exact counts the caller gives to
+    record(name, n_tokens, n_bytes) (prepare does), else the estimates.
+    Stops at target_tokens / target_docs, or when every source is exhausted. A source that runs
+    out is dropped from the mix and reported (the others fill its share); with upsample=True it is
+    re-read instead, and its epoch count is reported.
+    """
+
+    def __init__(self, sources: dict, seed: int = 0, target_tokens: int | None = None,
+                 target_docs: int | None = None, upsample: bool = False, text_key: str = "text",
+                 max_epochs: int = 100, count_tokens=None, calibrate_docs: int = 32):
+        if not sources:
+            raise DataError("--mix: no sources given")
+        self.names = list(sources)
+        w = np.array([float(sources[n][0]) for n in self.names])
+        if (w < 0).any() or w.sum() <= 0:
+            raise DataError("--mix: weights must be >= 0 and not all 0")
+        self.weights = w / w.sum()
+        self.sources = {n: sources[n][1] for n in self.names}
+        self.seed, self.target_tokens, self.target_docs = seed, target_tokens, target_docs
+        self.upsample, self.text_key, self.max_epochs = upsample, text_key, max_epochs
+        k = len(self.names)
+        self.docs = np.zeros(k, dtype=np.int64)
+        self.bytes = np.zeros(k, dtype=np.int64)
+        self.tokens = np.zeros(k, dtype=np.int64)         # reported by record()
+        self.recorded_bytes = np.zeros(k, dtype=np.int64)
+        self.epochs = np.zeros(k, dtype=np.int64)         # completed passes over each source
+        self.exhausted: dict[str, int] = {}               # name -> total docs mixed when it ran out
+        self.count_tokens, self.calibrate_docs = count_tokens, calibrate_docs
+        self.calib_tokens = np.zeros(k, dtype=np.int64)
+        self.calib_bytes = np.zeros(k, dtype=np.int64)
+        self.stop_reason = None
+        self.read_stats: dict = {}
+
+    def _open(self, i: int, epoch: int) -> Iterator[str]:
+        src = self.sources[self.names[i]]
+        if callable(src):
+            return iter(src(epoch))
+        if isinstance(src, (str, os.PathLike)):
+            return iter_documents(src, self.text_key, stats=self.read_stats)
+        if isinstance(src, (list, tuple)):
+            return iter(src)  # an in-memory list of documents (re-iterable)
+        if epoch > 0:
+            raise DataError(f"--mix: source '{self.names[i]}' is a one-shot iterator and cannot be up-sampled")
+        return iter(src)
+
+    def _iter_single(self) -> Iterator[tuple[str, str]]:
+        # one source, no token target: no share bookkeeping per document (it would cost more than
+        # the reading in a fast pipeline); counts are still kept for the report
+        # (bytes are taken from record() here: measuring them again would cost ~2% of the pipeline)
+        name = self.names[0]
+        n = 0
+        try:
+            for text in self._open(0, 0):
+                if self.target_docs is not None and n >= self.target_docs:
+                    self.stop_reason = "target_docs"
+                    return
+                n += 1
+                yield name, text
+            self.stop_reason = "sources_exhausted"
+            if self.target_docs is not None:
+                self.exhausted[name] = n
+        finally:
+            self.docs[0] += n
+            self._single = True
+
+    def est_tokens(self) -> np.ndarray:
+        ratio = np.where(self.calib_bytes > 0, self.calib_tokens / np.maximum(self.calib_bytes, 1), 0.25)
+        return self.bytes * ratio
+
+    def record(self, name: str, n_tokens: int, n_bytes: int) -> None:
+        """Exact token count of a mixed document, for the report (selection does not use it)."""
+        i = self.names.index(name)
+        self.tokens[i] += n_tokens
+        self.recorded_bytes[i] += n_bytes
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        k = len(self.names)
+        if k == 1 and self.target_tokens is None and not self.upsample:
+            yield from self._iter_single()
+            return
+        its = [self._open(i, 0) for i in range(k)]
+        active = [self.weights[i] > 0 for i in range(k)]
+        tiebreak = np.random.default_rng(self.seed).permutation(k)  # seeded priority among equals
+        rank = np.empty(k)
+        rank[tiebreak] = np.arange(k) * 1e-9
+        while True:
+            if self.target_docs is not None and self.docs.sum() >= self.target_docs:
+                self.stop_reason = "target_docs"
+                return
+            est = self.est_tokens()
+            if self.target_tokens is not None and est.sum() >= self.target_tokens:
+                self.stop_reason = "target_tokens"
+                return
+            if not any(active):
+                self.stop_reason = "sources_exhausted"
+                return
+            w = np.where(active, self.weights, 0.0)
+            w = w / w.sum()
+            deficit = w * max(est.sum(), 1.0) - est - rank
+            deficit[~np.array(active)] = -np.inf
+            i = int(np.argmax(deficit))
+            try:
+                text = next(its[i])
+            except StopIteration:
+                if self.upsample and self.docs[i] > 0 and self.epochs[i] + 1 < self.max_epochs:
+                    self.epochs[i] += 1  # start another pass over this source
+                    its[i] = self._open(i, int(self.epochs[i]))
+                else:
+                    active[i] = False
+                    # running out matters only if the mix was still supposed to take from it
+                    if self.target_tokens is not None or self.target_docs is not None or any(active):
+                        self.exhausted[self.names[i]] = int(self.docs.sum())
+                continue
+            self.docs[i] += 1
+            nb = len(text.encode("utf-8"))
+            self.bytes[i] += nb
+            if self.count_tokens is not None and self.docs[i] <= self.calibrate_docs:
+                self.calib_tokens[i] += self.count_tokens(text)
+                self.calib_bytes[i] += nb
+            yield self.names[i], text
+
+    def report(self) -> dict:
+        if getattr(self, "_single", False):
+            self.bytes[0] = max(self.bytes[0], self.recorded_bytes[0])
+        tok = self.tokens if self.tokens.sum() else self.est_tokens()
+        total = max(float(tok.sum()), 1.0)
+        rows = {}
+        for i, n in enumerate(self.names):
+            rows[n] = {"weight": round(float(self.weights[i]), 4), "docs": int(self.docs[i]), "bytes": int(self.bytes[i]),
+                       "tokens": int(tok[i]), "share": round(float(tok[i]) / total, 4),
+                       "passes": int(self.epochs[i]) + 1,  # >1 only when up-sampled
+                       "exhausted": n in self.exhausted}
+        return {"sources": rows, "stop_reason": self.stop_reason, "exhausted": dict(self.exhausted),
+                "upsample": self.upsample, "target_tokens": self.target_tokens, "target_docs": self.target_docs}
+
+    def format_report(self) -> str:
+        r = self.report()
+        lines = ["mix (target share -> achieved token share):"]
+        for n, s in r["sources"].items():
+            extra = ""
+            if s["passes"] > 1:
+                extra += f"  UP-SAMPLED: {s['passes']} passes (epochs)"
+            if s["exhausted"]:
+                extra += "  EXHAUSTED: ran out before the target" + ("" if self.upsample else " (not up-sampled; "
+                                                                       "--upsample to repeat it)")
+            lines.append(f"  {n:<10} {s['weight']:6.1%} -> {s['share']:6.1%}  ({s['tokens']:,} tokens, "
+                         f"{s['docs']:,} docs){extra}")
+        lines.append(f"  stopped: {r['stop_reason']}")
+        return "\n".join(lines)
+
+
+def parse_mix(spec: str) -> dict:
+    """'web=0.5:data/web/,code=0.2:code.jsonl' -> {"web": (0.5, "data/web/"), ...}."""
+    out = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.match(r"^([A-Za-z0-9_.-]+)=([0-9.eE+-]+):(.+)$", part)
+        if not m:
+            raise DataError(f"--mix: cannot parse '{part}'; use name=weight:path[,name=weight:path...]")
+        name, w, path = m.group(1), m.group(2), m.group(3)
+        try:
+            wf = float(w)
+        except ValueError:
+            raise DataError(f"--mix: weight '{w}' of '{name}' is not a number") from None
+        if name in out:
+            raise DataError(f"--mix: source name '{name}' given twice")
+        out[name] = (wf, path)
+    if not out:
+        raise DataError("--mix: no sources given")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare: raw text -> data/{train,val}.bin + meta.json + tokenizer/
+
+META_FORMAT = "fishai-data"
+META_VERSION = 1
+
+
+def _batches(items: Iterator, max_docs: int, max_bytes: int) -> Iterator[list]:
+    buf, nb = [], 0
+    for it in items:
+        buf.append(it)
+        nb += len(it[1])
+        if len(buf) >= max_docs or nb >= max_bytes:
+            yield buf
+            buf, nb = [], 0
+    if buf:
+        yield buf
+
+
+def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
+    """Run `gen` (reading + filtering + mixing, pure Python) in a background thread so it overlaps
+    with encode_batch (Rust, releases the GIL) in the caller's thread. Exceptions are re-raised."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    END = object()
+
+    def run():
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _is_val(i: int, frac: float) -> bool:
+    # ceil-based: exactly ceil(N * frac) val docs, evenly spread, the first document included,
+    # so a small corpus still gets a validation set
+    return frac > 0 and math.ceil((i + 1) * frac) > math.ceil(i * frac)
+
+
+def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | None = None,
+            filter: str | DataFilter | None = None, val_fraction: float = 0.005, overwrite: bool = False,
+            workers: int | None = None, text_key: str = "text", skip_bad_lines: bool = False,
+            target_tokens: int | None = None, target_docs: int | None = None, upsample: bool = False,
+            seed: int = 0, txt_mode: str = "block", batch_docs: int = 1024, batch_bytes: int = 4 << 20,
+            show_progress: bool = True, log=print) -> dict:
+    """Tokenize inputs into output/{train.bin, val.bin, meta.json, tokenizer/}.
+
+    inputs: sources for iter_documents (used as one source "input" when mix is None);
+    mix: "name=weight:path,..." or {name: (weight, source)}; filter: "none" | "default" |
+    "key=value,..." | DataFilter. Documents are split train/val by document (val_fraction).
+    Everything is written into a temp dir next to `output` and renamed at the end: an error or
+    Ctrl-C leaves no partial output. Returns the meta dict (also written to meta.json).
+    """
+    import shutil
+
+    if workers:
+        # encode_batch's Rust thread pool reads this when it is first used
+        os.environ.setdefault("RAYON_NUM_THREADS", str(int(workers)))
+    tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
+    if tok.eos_id is None:
+        raise DataError("tokenizer has no <|endoftext|> token; re-train it with tokenizer_train.py")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction must be in [0, 1) (got {val_fraction})")
+    out = Path(output)
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"{out}: exists and is not a directory; choose another --output")
+        if any(out.iterdir()) and not overwrite:
+            raise DataError(f"{out}: output directory exists and is not empty; pass --overwrite to replace it")
+    if mix is None and not inputs:
+        raise DataError("no input: pass --input PATH... or --mix name=weight:path,...")
+    if isinstance(mix, str):
+        mix = parse_mix(mix)
+    flt = filter if isinstance(filter, DataFilter) or filter is None else DataFilter.from_spec(filter)
+
+    read_stats: dict = {}
+    fresh_filters: list[DataFilter] = []
+
+    def make_source(src):
+        def open_epoch(epoch: int):
+            docs = iter_documents(src, text_key, skip_bad_lines=skip_bad_lines, stats=read_stats, txt_mode=txt_mode)
+            if flt is None:
+                return docs
+            if epoch == 0:
+                return flt(docs)
+            f2 = flt.fresh_copy()  # repeated passes: same rules, dedup only within the pass
+            fresh_filters.append(f2)
+            return f2(docs)
+        return open_epoch
+
+    sources = mix if mix is not None else {"input": (1.0, list(inputs) if isinstance(inputs, (list, tuple)) else inputs)}
+    mixer = DataMixer({n: (w, make_source(s) if not callable(s) else s) for n, (w, s) in sources.items()},
+                      seed=seed, target_tokens=target_tokens, target_docs=target_docs, upsample=upsample,
+                      count_tokens=(lambda t: len(tok.encode(t))) if len(sources) > 1 or target_tokens else None)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    t0 = time.time()
+    n_docs = {"train": 0, "val": 0}
+    bytes_in = 0
+    try:
+        writers = {s: TokenFileWriter(tmp / f"{s}.bin", tok.vocab_size, eos_id=tok.eos_id) for s in ("train", "val")}
+        bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True, mininterval=0.5)
+        doc_index = 0
+        eos = tok.eos_id
+        backend = tok.backend
+        for batch in _prefetch(_batches(iter(mixer), batch_docs, batch_bytes)):
+            encs = backend.encode_batch([t for _, t in batch], add_special_tokens=False)
+            out_ids: dict[str, list[int]] = {"train": [], "val": []}
+            batch_bytes_in = 0
+            per_source: dict[str, list[int]] = {}
+            for (name, text), enc in zip(batch, encs):
+                ids = enc.ids
+                nb = len(text.encode("utf-8"))
+                acc = per_source.setdefault(name, [0, 0])
+                acc[0] += len(ids) + 1
+                acc[1] += nb
+                split = "val" if _is_val(doc_index, val_fraction) else "train"
+                buf = out_ids[split]
+                buf.extend(ids)
+                buf.append(eos)  # EOS after every document: separator, and what the model learns to emit
+                n_docs[split] += 1
+                doc_index += 1
+                batch_bytes_in += nb
+            for split, buf in out_ids.items():
+                if buf:  # one write per batch and split: per-document numpy calls would cost ~10% here
+                    writers[split].write(np.array(buf, dtype=np.int64))
+            for name, (nt, nb) in per_source.items():
+                mixer.record(name, nt, nb)
+            bytes_in += batch_bytes_in
+            if bar is not None:
+                bar.update(batch_bytes_in)
+                el = max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{doc_index / el:,.0f} docs/s, {writers['train'].n_tokens + writers['val'].n_tokens:,} tok")
+        if bar is not None:
+            bar.close()
+        if doc_index == 0:
+            raise DataError("no documents left to tokenize: inputs are empty or everything was filtered out "
+                            "(try --filter none)")
+        if n_docs["train"] == 0:
+            raise DataError(f"only {doc_index} document(s): nothing left for train.bin after the validation split; "
+                            f"add data or use --val-fraction 0")
+        for w in writers.values():
+            w.close()
+        tok.save(tmp / "tokenizer")
+        elapsed = time.time() - t0
+        meta = {
+            "format": META_FORMAT, "version": META_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "dtype": str(token_dtype(tok.vocab_size)),
+            "train": {"file": "train.bin", "tokens": writers["train"].n_tokens, "docs": n_docs["train"]},
+            "val": {"file": "val.bin", "tokens": writers["val"].n_tokens, "docs": n_docs["val"]},
+            "bytes_in": bytes_in, "seconds": round(elapsed, 3),
+            "val_fraction": val_fraction, "seed": seed,
+            "sources": {n: str(s) if not callable(s) else getattr(s, "__name__", "callable")
+                        for n, (_, s) in sources.items()},
+            "mix": mixer.report(),
+            "filter": flt.report() if flt is not None else None,
+            "upsampled_pass_filters": [f.report() for f in fresh_filters],
+            "read_stats": read_stats,
+        }
+        _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
+        # swap into place: the old dir (only with --overwrite) is removed after the new one is complete
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
+            os.replace(out, old / "d")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        for w in locals().get("writers", {}).values():
+            w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if log:
+        log(format_prepare_summary(meta, mixer, flt, out))
+    return meta
+
+
+def format_prepare_summary(meta: dict, mixer: DataMixer | None = None, flt: DataFilter | None = None,
+                           out=None) -> str:
+    tot = meta["train"]["tokens"] + meta["val"]["tokens"]
+    where = f"{out}/" if out is not None else ""
+    lines = [
+        f"wrote {where}train.bin ({meta['train']['tokens']:,} tokens, {meta['train']['docs']:,} docs), "
+        f"val.bin ({meta['val']['tokens']:,} tokens, {meta['val']['docs']:,} docs)",
+        f"  {meta['bytes_in'] / 1e6:.1f} MB in {meta['seconds']:.1f} s = {meta['bytes_in'] / 1e6 / max(meta['seconds'], 1e-9):.2f} MB/s, "
+        f"{tot / max(meta['seconds'], 1e-9):,.0f} tokens/s; {meta['bytes_in'] / max(tot, 1):.2f} bytes/token",
+        f"  tokenizer {meta['tokenizer_hash'][:12]} (vocab {meta['vocab_size']}), dtype {meta['dtype']}",
+    ]
+    rs = meta.get("read_stats") or {}
+    if rs.get("bad_utf8_bytes"):
+        lines.append(f"  note: {rs['bad_utf8_bytes']} undecodable bytes replaced by U+FFFD")
+    if rs.get("bad_lines"):
+        lines.append(f"  note: {rs['bad_lines']} bad jsonl lines skipped")
+    if rs.get("empty_files"):
+        lines.append(f"  note: {rs['empty_files']} empty file(s)")
+    if flt is not None:
+        lines.append("  " + flt.format_report())
+    if mixer is not None and (len(mixer.names) > 1 or mixer.exhausted or mixer.upsample):
+        lines.append("  " + mixer.format_report().replace("\n", "\n  "))
+    return "\n".join(lines)
+
+
+def check_meta(data_dir, tokenizer, path=None) -> dict:
+    """Check that a prepared data dir was tokenized with `tokenizer` (a TextTokenizer, a dict from
+    to_dict(), or a tokenizer path); raises DataError naming both hashes otherwise.
+    data_dir: the directory (or its meta.json), or an already loaded meta dict (then `path` names
+    the directory in messages). Returns the meta dict."""
+    if isinstance(data_dir, dict):
+        meta = data_dir
+        d = Path(path) if path is not None else Path(".")
+        mp = d / "meta.json"
+    else:
+        d = Path(data_dir)
+        mp = d / "meta.json" if d.is_dir() else d
+        if mp.name == "meta.json" and not d.is_dir():
+            d = mp.parent
+        if not mp.is_file():
+            raise DataError(f"{mp}: no meta.json; create the data with `python data_utils.py prepare --output {d}`")
+        try:
+            meta = json.loads(mp.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{mp}: unreadable meta.json ({e}); re-run prepare") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise DataError(f"{mp}: not a FishAI data meta.json; re-run `python data_utils.py prepare`")
+    if isinstance(tokenizer, dict):
+        tokenizer = TextTokenizer.from_dict(tokenizer)
+    elif not isinstance(tokenizer, TextTokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    if meta.get("vocab_size") != tokenizer.vocab_size or meta.get("tokenizer_hash") != tokenizer.hash:
+        raise DataError(f"{mp}: data was tokenized with a different tokenizer (hash {str(meta.get('tokenizer_hash'))[:12]}, "
+                        f"vocab {meta.get('vocab_size')}) than the one given (hash {tokenizer.hash[:12]}, vocab "
+                        f"{tokenizer.vocab_size}); re-run prepare with this tokenizer or use {d / 'tokenizer'}")
+    return meta
+
+
+def token_file_stats(path, top: int = 10) -> dict:
+    """Header fields plus document count/length and the most frequent ids (chunked pass)."""
+    h = read_token_header(path)
+    toks = read_token_file(path)
+    counts = np.zeros(h["vocab_size"], dtype=np.int64)
+    for i in range(0, len(toks), 1 << 24):
+        counts += np.bincount(np.asarray(toks[i:i + (1 << 24)]), minlength=h["vocab_size"])[: h["vocab_size"]]
+    used = int(np.count_nonzero(counts))
+    order = np.argsort(-counts)[:top]
+    docs = int(counts[EOS_ID]) if h["vocab_size"] > EOS_ID else 0
+    return {**h, "path": str(path), "docs_by_eos": docs,
+            "mean_doc_tokens": round(h["n_tokens"] / docs, 1) if docs else None,
+            "distinct_ids": used, "top_ids": [[int(i), int(counts[i])] for i in order if counts[i]]}
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark: end-to-end prepare vs bare encode_batch, and peak memory at 1x / 10x corpus size
+
+
+def _run_measured(cmd: list[str]) -> tuple[float, int, float]:
+    """Run a command, return (seconds, peak RSS bytes of that process, CPU seconds user+sys)."""
+    import subprocess
+
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        raise DataError(f"benchmark command failed ({' '.join(cmd)}): {err.strip().splitlines()[-1:] }")
+    return time.time() - t0, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
+
+
+def make_scaled_corpus(source, out_dir, copies: int, text_key: str = "text") -> tuple[Path, int]:
+    """Write `copies` copies of the documents of `source` into out_dir/corpus.txt (blank-line
+    separated blocks); copy k > 0 prefixes each document with "[k] " so exact de-duplication does
+    not collapse the copies. Returns (path, bytes)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"corpus_x{copies}.txt"
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for k in range(copies):
+            for d in iter_documents(source, text_key):
+                d = d.replace("\n\n", "\n")  # keep each document one block when re-read
+                d = re.sub(r"\n\s*\n", "\n", d)
+                s = (f"[{k}] " if k else "") + d.strip("\n") + "\n\n"
+                n += f.write(s)
+    return path, path.stat().st_size
+
+
+def bench(input_source, tokenizer, workdir=None, filter_spec: str = "default", scale: int = 10,
+          batch_docs: int = 1024, repeat: int = 3, log=print) -> dict:
+    """Throughput of prepare (read -> filter -> encode -> write, in a subprocess) vs bare
+    encode_batch on the same documents held in memory, and peak RSS of prepare at 1x and
+    `scale`x the corpus. The 1x comparison alternates bare / end-to-end `repeat` times and keeps
+    the best of each (a shared machine's load hits both alike); CPU seconds are reported too."""
+    import resource
+    import shutil
+
+    tok = load_tokenizer(tokenizer)
+    work = Path(workdir or tempfile.mkdtemp(prefix="fishai_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict = {"input": str(input_source), "tokenizer_vocab": tok.vocab_size, "filter": filter_spec,
+                 "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "repeat": repeat}
+
+    def prepare_cmd(corpus, outd):
+        return [sys.executable, os.path.abspath(__file__), "prepare", "--input", str(corpus), "--tokenizer",
+                str(tokenizer), "--output", str(outd), "--filter", filter_spec, "--overwrite", "--no-progress",
+                "--batch-docs", str(batch_docs)]
+
+    try:
+        c1, b1 = make_scaled_corpus(input_source, work / "c1", 1)
+        docs = list(iter_documents(c1))
+        res["corpus_bytes"] = b1
+        res["docs"] = len(docs)
+        bare_runs, e2e_runs = [], []
+        for _ in range(max(1, repeat)):
+            # bare encode_batch: documents already in memory, same batch size as prepare
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.time()
+            n_tok = 0
+            for i in range(0, len(docs), batch_docs):
+                n_tok += sum(len(e.ids) for e in tok.backend.encode_batch(docs[i:i + batch_docs], add_special_tokens=False))
+            wall = time.time() - t0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            bare_runs.append({"seconds": round(wall, 3), "cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3),
+                              "tokens": n_tok})
+            outd = work / "out1"
+            secs, rss, cpu = _run_measured(prepare_cmd(c1, outd))
+            meta = json.loads((outd / "meta.json").read_text())
+            e2e_runs.append({"seconds_pipeline": meta["seconds"], "seconds_process": round(secs, 3),
+                             "cpu_seconds_process": round(cpu, 3), "peak_rss_MB": round(rss / 2**20, 1),
+                             "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
+                             "filter_dropped": (meta.get("filter") or {}).get("dropped")})
+            shutil.rmtree(outd, ignore_errors=True)
+        del docs
+        best_bare = min(bare_runs, key=lambda r: r["seconds"])
+        best_e2e = min(e2e_runs, key=lambda r: r["seconds_pipeline"])
+        res["bare_encode_batch"] = {**best_bare, "MB_per_s": round(b1 / 1e6 / best_bare["seconds"], 3),
+                                    "all_seconds": [r["seconds"] for r in bare_runs]}
+        res["end_to_end_x1"] = {**best_e2e, "MB_per_s": round(b1 / 1e6 / best_e2e["seconds_pipeline"], 3),
+                                "all_seconds": [r["seconds_pipeline"] for r in e2e_runs]}
+        res["end_to_end_vs_bare"] = round(res["end_to_end_x1"]["MB_per_s"] / res["bare_encode_batch"]["MB_per_s"], 3)
+        if scale and scale > 1:
+            cp, nb = make_scaled_corpus(input_source, work / f"c{scale}", scale)
+            outd = work / f"out{scale}"
+            secs, rss, cpu = _run_measured(prepare_cmd(cp, outd))
+            meta = json.loads((outd / "meta.json").read_text())
+            res[f"end_to_end_x{scale}"] = {"corpus_bytes": nb, "seconds_pipeline": meta["seconds"],
+                                          "MB_per_s": round(nb / 1e6 / meta["seconds"], 3),
+                                          "cpu_seconds_process": round(cpu, 3), "peak_rss_MB": round(rss / 2**20, 1),
+                                          "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
+                                          "filter_dropped": (meta.get("filter") or {}).get("dropped")}
+            shutil.rmtree(outd, ignore_errors=True)
+            shutil.rmtree(work / f"c{scale}", ignore_errors=True)
+            res["peak_rss_MB_x1_vs_xN"] = [best_e2e["peak_rss_MB"], res[f"end_to_end_x{scale}"]["peak_rss_MB"]]
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if log:
+        log(json.dumps(res, indent=2))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cli_prepare(args) -> int:
+    prepare(args.input, args.tokenizer, args.output, mix=args.mix, filter=args.filter,
+            val_fraction=args.val_fraction, overwrite=args.overwrite, workers=args.workers, text_key=args.text_key,
+            skip_bad_lines=args.skip_bad_lines, target_tokens=_parse_count(args.target_tokens, "--target-tokens"),
+            target_docs=_parse_count(args.target_docs, "--target-docs"), upsample=args.upsample, seed=args.seed,
+            txt_mode=args.txt_mode, batch_docs=args.batch_docs, show_progress=not args.no_progress)
+    return 0
+
+
+def _parse_count(s, flag):
+    if s is None:
+        return None
+    t = str(s).strip().upper().replace("_", "")
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+    try:
+        return int(float(t[:-1]) * mult[t[-1]]) if t and t[-1] in mult else int(float(t))
+    except (ValueError, KeyError):
+        raise DataError(f"{flag}: cannot parse {s!r}; use e.g. 5000000 or 5M") from None
+
+
+def _cli_stats(args) -> int:
+    for p in args.files:
+        st = token_file_stats(p)
+        print(f"{p}: {st['n_tokens']:,} tokens, {st['docs_by_eos']:,} docs (EOS), "
+              f"mean {st['mean_doc_tokens']} tokens/doc, dtype {st['dtype']}, vocab {st['vocab_size']}, "
+              f"{st['distinct_ids']:,} distinct ids, {st['bytes'] / 1e6:.1f} MB")
+        meta = Path(p).parent / "meta.json"
+        tokdir = Path(p).parent / "tokenizer"
+        top = st["top_ids"]
+        if tokdir.is_dir():
+            tok = load_tokenizer(tokdir)
+            top = [[i, c, tok.decode([i])] for i, c in top]
+            if meta.is_file():
+                check_meta(Path(p).parent, tok)
+                print("  meta.json matches data tokenizer/ (hash ok)")
+        print("  top ids: " + ", ".join(f"{t[0]}{' ' + repr(t[2]) if len(t) > 2 else ''}:{t[1]:,}" for t in top))
+        if args.json:
+            _atomic_write_text(Path(args.json), json.dumps(st, indent=2))
+    return 0
+
+
+def _cli_bench(args) -> int:
+    res = bench(args.input, args.tokenizer, workdir=args.workdir, filter_spec=args.filter, scale=args.scale,
+                repeat=args.repeat, log=None)
+    print(json.dumps(res, indent=2))
+    if args.json:
+        _atomic_write_text(Path(args.json), json.dumps(res, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="FishAI data pipeline: prepare token files, inspect them, benchmark.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="tokenize raw text into train.bin/val.bin/meta.json/tokenizer/",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pp.add_argument("--input", nargs="+", default=None,
+                    help="txt/md (blank-line blocks = documents), jsonl, parquet, dirs, globs, hf:NAME[:CONFIG][:SPLIT], python-docs")
+    pp.add_argument("--tokenizer", required=True, help="tokenizer dir (from tokenizer_train.py) or tokenizer.json")
+    pp.add_argument("--output", required=True, help="output directory")
+    pp.add_argument("--mix", default=None, help="weighted sources: name=weight:path,... (e.g. web=0.5:web/,code=0.2:code.jsonl)")
+    pp.add_argument("--filter", default="none",
+                    help="none | default | key=value,... overriding the defaults: " + ", ".join(f"{k}={v}" for k, v in FILTER_DEFAULTS.items()))
+    pp.add_argument("--val-fraction", type=float, default=0.005, help="fraction of documents for val.bin")
+    pp.add_argument("--target-tokens", default=None, help="stop after about this many tokens (e.g. 50M)")
+    pp.add_argument("--target-docs", default=None, help="stop after this many documents")
+    pp.add_argument("--upsample", action="store_true", help="re-read sources that run out before the target (epochs reported)")
+    pp.add_argument("--seed", type=int, default=0, help="mixing seed")
+    pp.add_argument("--text-key", default="text", help="jsonl field / parquet column with the text")
+    pp.add_argument("--txt-mode", choices=["block", "line", "file"], default="block", help="how .txt files split into documents")
+    pp.add_argument("--skip-bad-lines", action="store_true", help="skip jsonl lines that are not JSON or lack the text field")
+    pp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    pp.add_argument("--workers", type=int, default=None, help="encode threads (unset: all cores)")
+    pp.add_argument("--batch-docs", type=int, default=1024, help="documents per encode_batch call")
+    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp.set_defaults(func=_cli_prepare)
+    ps = sub.add_parser("stats", help="print header and statistics of .bin token files")
+    ps.add_argument("files", nargs="+", help=".bin files")
+    ps.add_argument("--json", default=None, metavar="PATH", help="write the (last file's) stats as JSON")
+    ps.set_defaults(func=_cli_stats)
+    pb = sub.add_parser("bench", help="end-to-end prepare throughput vs bare encode_batch; peak memory at 1x/Nx",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pb.add_argument("--input", required=True, help="corpus (any iter_documents source)")
+    pb.add_argument("--tokenizer", required=True, help="tokenizer dir")
+    pb.add_argument("--filter", default="default", help="filter spec used by prepare")
+    pb.add_argument("--scale", type=int, default=10, help="the large corpus is this many copies (memory check)")
+    pb.add_argument("--repeat", type=int, default=3, help="alternate bare / end-to-end runs this often, keep the best")
+    pb.add_argument("--workdir", default=None, help="keep temp corpora here (default: a temp dir, removed)")
+    pb.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    pb.set_defaults(func=_cli_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""tokenizer_train.py: byte-level BPE training, fixed special ids, exact round trip, HF loading,
+ChatML template, CLI report and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data_utils  # noqa: E402
+from data_utils import SPECIAL_TOKENS, DataError, load_tokenizer  # noqa: E402
+from tokenizer_train import parse_size, train_tokenizer  # noqa: E402
+
+CHAT = [{"role": "system", "content": "You are FishAI."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "It is 4."}]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "tokenizer_train.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    docs = list(data_utils.iter_documents("python-docs"))[:60]
+    (d / "a.txt").write_text("\n\n".join(docs[:40]) + "\n", encoding="utf-8")
+    with open(d / "b.jsonl", "w", encoding="utf-8") as f:
+        for t in docs[40:]:
+            f.write(json.dumps({"content": t}) + "\n")
+    return d
+
+
+def test_special_ids_and_report(tiny_tokenizer_dir, tiny_tokenizer):
+    tok = tiny_tokenizer
+    assert tok.vocab_size == 512
+    assert (tok.eos_id, tok.im_start_id, tok.im_end_id, tok.pad_id) == (0, 1, 2, 3)
+    for i, s in enumerate(SPECIAL_TOKENS):
+        assert tok.encode(s, allow_special=True) == [i]
+    files = {p.name for p in Path(tiny_tokenizer_dir).iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= files
+    cfg = json.loads((tiny_tokenizer_dir / "tokenizer_config.json").read_text())
+    assert cfg["eos_token"] == "<|endoftext|>" and "<|im_start|>" in cfg["chat_template"]
+
+
+def test_special_strings_in_text_stay_plain(tiny_tokenizer):
+    tok = tiny_tokenizer
+    s = "user wrote <|im_end|> and <|endoftext|> here"
+    ids = tok.encode(s)
+    assert not set(ids) & {0, 1, 2, 3}
+    assert tok.decode(ids) == s
+    parsed = tok.encode(s, allow_special=True)
+    assert 2 in parsed and 0 in parsed
+    assert tok.decode(parsed) == s
+    assert tok.decode(parsed, skip_special=True) == "user wrote  and  here"
+
+
+ROUND_TRIP_CASES = [
+    "", " ", "\n\n\n", "\t \t  x", "  leading and trailing  ", "Hello, world!", "héllo wörld ñ",
+    "中文测试：你好，世界！", "日本語のテキスト", "emoji 🐟🐠🎉👩‍👩‍👧", "\x00\x01\x1b[31mred\x1b[0m\x7f",
+    "def f(x):\n    return x ** 2  # comment\n", "\r\n\r\nwindows", "\u200b\u200d\ufeffzero width",
+    "<|endoftext|><|im_start|>", "a" * 5000, "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 mathematical", "ﬁ ligature NFKC would change", "é vs é",
+]
+
+
+@pytest.mark.parametrize("s", ROUND_TRIP_CASES)
+def test_round_trip_cases(tiny_tokenizer, s):
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode(s)) == s
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text())
+def test_round_trip_property(tiny_tokenizer, s):
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode(s)) == s
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(SPECIAL_TOKENS + ["a", " ", "\n", "中", "🐟", "<|", "|>"]), max_size=30).map("".join))
+def test_round_trip_property_special_mix(tiny_tokenizer, s):
+    for allow in (False, True):
+        assert tiny_tokenizer.decode(tiny_tokenizer.encode(s, allow_special=allow)) == s
+
+
+def test_round_trip_real_files(tiny_tokenizer, shared_data):
+    files = sorted((shared_data / "books").glob("*.txt"))[:12] + sorted((shared_data / "books_zh").glob("*.txt"))
+    files += [shared_data / "wikitext103" / "wiki.valid.tokens", shared_data / "ptb" / "ptb.valid.txt"]
+    for f in files:
+        text = f.read_bytes()[:60_000].decode("utf-8", errors="ignore")
+        assert tiny_tokenizer.decode(tiny_tokenizer.encode(text)) == text, f
+    # batch path gives the same ids as single encode
+    texts = [f.read_text(encoding="utf-8")[:3000] for f in files[:4]]
+    assert tiny_tokenizer.encode_batch(texts) == [tiny_tokenizer.encode(t) for t in texts]
+
+
+def test_hf_autotokenizer_offline_and_chat_template(tiny_tokenizer_dir, tiny_tokenizer):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    raw = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
+    text = "Plain text, with numbers 123 and 中文."
+    assert raw.encode(text, add_special_tokens=False).ids == tiny_tokenizer.encode(text)
+    hf = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    assert hf.eos_token_id == 0 and hf.pad_token_id == 3
+    assert hf.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text)
+    assert hf.decode(tiny_tokenizer.encode(text)) == text
+    for gen in (False, True):
+        rendered = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen)
+        assert rendered == tiny_tokenizer.apply_chat_template(CHAT, add_generation_prompt=gen)
+    assert tiny_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    assert tiny_tokenizer.apply_chat_template(CHAT[:1]) == "<|im_start|>system\nYou are FishAI.<|im_end|>\n"
+
+
+def test_train_tokenizer_holdout_and_maxbytes(tmp_path):
+    docs = list(data_utils.iter_documents("python-docs"))[:80]
+    r = train_tokenizer(docs, 400, tmp_path / "tok", show_progress=False, holdout_every=10, max_bytes=300_000)
+    assert r["vocab_size"] == 400
+    assert r["special_tokens"] == {s: i for i, s in enumerate(SPECIAL_TOKENS)}
+    assert r["train_bytes"] <= 300_000
+    assert r["compression_on"] == "held-out slice" and r["compression"]["docs"] >= 1
+    assert 1.0 < r["compression"]["bytes_per_token"] < 6
+    assert load_tokenizer(tmp_path / "tok").hash == r["hash"]
+
+
+def test_train_tokenizer_bad_input(tmp_path):
+    with pytest.raises(DataError, match="too small"):
+        train_tokenizer(["abc"], 100, tmp_path / "t", show_progress=False)
+    with pytest.raises(DataError, match="no training text"):
+        train_tokenizer([], 300, tmp_path / "t2", show_progress=False)
+    assert not (tmp_path / "t2").exists()
+    assert parse_size("2M") == 2_000_000 and parse_size("1500") == 1500
+    with pytest.raises(DataError, match="--max-bytes"):
+        parse_size("lots")
+
+
+def test_cli_trains_and_reports(small_corpus, tmp_path):
+    out = tmp_path / "tok"
+    rep = tmp_path / "report.json"
+    r = run_cli("--data", small_corpus / "a.txt", small_corpus / "b.jsonl", "--text-key", "content",
+                "--vocab-size", 420, "--output-dir", out, "--json", rep, "--no-progress", "--holdout-every", 5)
+    assert r.returncode == 0, r.stderr
+    assert "vocab size" in r.stdout and "bytes/token" in r.stdout and "<|im_end|>=2" in r.stdout
+    report = json.loads(rep.read_text())
+    assert report["vocab_size"] == 420 and report["train_docs"] > 0
+    assert report["compression"]["tokens_per_word"] > 1
+    assert report["input_stats"]["files"] == 2
+    tok = load_tokenizer(out)
+    assert tok.vocab_size == 420 and tok.hash == report["hash"]
+
+    # an existing tokenizer is not replaced without --overwrite
+    before = (out / "tokenizer.json").read_bytes()
+    r = run_cli("--data", small_corpus / "a.txt", "--vocab-size", 300, "--output-dir", out, "--no-progress")
+    assert r.returncode != 0 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "tokenizer.json").read_bytes() == before
+
+
+def test_cli_bad_inputs(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok line"}\nnot json\n', encoding="utf-8")
+    r = run_cli("--data", bad, "--vocab-size", 300, "--output-dir", tmp_path / "t1", "--no-progress")
+    assert r.returncode != 0 and f"{bad}:2" in r.stderr and "--skip-bad-lines" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "t1").exists()
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    r = run_cli("--data", empty, "--vocab-size", 300, "--output-dir", tmp_path / "t2", "--no-progress")
+    assert r.returncode != 0 and "no training text" in r.stderr and not (tmp_path / "t2").exists()
+
+    r = run_cli("--data", tmp_path / "missing.txt", "--output-dir", tmp_path / "t3", "--no-progress")
+    assert r.returncode != 0 and "missing.txt" in r.stderr and "Traceback" not in r.stderr
+
+    # non-UTF-8 bytes are replaced and counted, not fatal
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes(("caf\xe9 na\xefve " * 200).encode("latin-1") + b"\n\nplain ascii text here\n")
+    r = run_cli("--data", latin, "--vocab-size", 300, "--output-dir", tmp_path / "t4", "--no-progress",
+                "--json", tmp_path / "r4.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r4.json").read_text())["input_stats"]["bad_utf8_bytes"] == 400
+    assert "undecodable" in r.stdout
