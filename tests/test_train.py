@@ -1,0 +1,455 @@
+"""train.py: exact resume, crash safety (SIGKILL / SIGINT), NaN handling, DDP with torchrun
+(incl. an elastic restart), SFT with assistant-only loss, wandb offline, bad-input errors.
+
+Runs on CPU with a ~130K-parameter model (the `tiny` preset shrunk with --model-override) and
+seq-len 32, so every training run takes a second or two.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from model import CheckpointError, load_checkpoint  # noqa: E402
+
+SHRINK = ["--model-override", "d_model=64", "--model-override", "n_layers=2", "--model-override", "n_heads=4",
+          "--model-override", "n_kv_heads=2", "--model-override", "d_ff=192", "--model-override", "max_seq_len=128"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and on a shared 2-core box extra OpenMP threads
+    spin against other processes (measured 8x slower under load)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory, training_texts):
+    """~150 KB of real text, one document per blank-line-separated block."""
+    docs, size = [], 0
+    for d in training_texts:
+        d = "\n".join(line for line in d.splitlines() if line.strip())
+        if d:
+            docs.append(d)
+            size += len(d)
+        if size > 150_000:
+            break
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    return path
+
+
+ENV1 = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def base_args(tok_dir, data, out, *extra):
+    return ["--config", "tiny", *SHRINK, "--tokenizer", str(tok_dir), "--data", str(data),
+            "--output-dir", str(out), "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2",
+            "--device", "cpu", "--no-progress", "--eval-iters", "2", "--log-interval", "1", "--warmup", "2",
+            "--lr", "3e-3", *map(str, extra)]
+
+
+def train_losses(out):
+    return {r["step"]: r["loss"] for r in train.read_metrics(Path(out) / "metrics.jsonl") if "loss" in r}
+
+
+def run_cli(args, env=None, timeout=120):
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          env=e, timeout=timeout, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def test_lr_schedule_warmup_cosine_floor():
+    s = train.CosineSchedule(1e-3, warmup=10, max_steps=110, min_lr_ratio=0.1)
+    warm = [s.lr_at(i) for i in range(10)]
+    assert all(a < b for a, b in zip(warm, warm[1:]))
+    assert s.lr_at(9) < 1e-3
+    assert s.lr_at(10) == pytest.approx(1e-3)
+    assert s.lr_at(60) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way through the cosine
+    assert s.lr_at(110) == pytest.approx(1e-4)
+    assert s.lr_at(500) == pytest.approx(1e-4)
+    decay = [s.lr_at(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_rng_state_roundtrips_through_weights_only_load(tmp_path):
+    import numpy as np
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    state = train.get_rng_state()
+    want = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    torch.save({"rng": state}, tmp_path / "r.pt")
+    loaded = torch.load(tmp_path / "r.pt", weights_only=True)["rng"]
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    train.set_rng_state(loaded)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == want
+
+
+def test_round_up_and_overrides():
+    assert train.round_up(512) == 512 and train.round_up(513) == 576 and train.round_up(300) == 320
+    assert train.parse_overrides(["d_model=128", "rope_theta=5e5"]) == {"d_model": 128, "rope_theta": 500000.0}
+    with pytest.raises(train.TrainError, match="KEY=VALUE"):
+        train.parse_overrides(["d_model"])
+
+
+# ----------------------------------------------------------------------------- resume / crash safety
+
+def test_exact_resume_matches_straight_run(tmp_path, tiny_tokenizer_dir, text_file):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--max-steps", 8, "--eval-interval", 4, "--save-interval", 100]
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, straight, *common)) == 0
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, split, *common, "--stop-at", 3)) == 0
+    assert load_checkpoint(split / "fishai-latest.pt")["step"] == 3
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, split, *common, "--resume")) == 0
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(1, 9))
+    assert a == b  # bit-identical: same model, optimizer, schedule, RNG and data position
+    ca, cb = load_checkpoint(straight / "fishai-latest.pt"), load_checkpoint(split / "fishai-latest.pt")
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert ca["best_val_loss"] == cb["best_val_loss"]
+    # checkpoint contents: everything needed for the exact resume, loadable with weights_only
+    assert ca["step"] == 8 and ca["optimizer"]["state"] and ca["scheduler"]["step"] == 8
+    assert ca["data_state"] == {"world_size": 1, "ranks": [{"seed": 1337, "step": 16}]}  # 8 steps x 2 accum
+    assert set(ca["rng"]["ranks"][0]) >= {"torch", "python", "numpy"}
+    assert ca["config"]["vocab_size"] == 512 and ca["tokenizer"]["tokenizer_json"]
+    assert (straight / "fishai-best.pt").exists()
+
+
+def test_vocab_is_tokenizer_vocab_rounded_up_to_64(tmp_path, training_texts, text_file):
+    from tokenizer_train import train_tokenizer
+    tok = tmp_path / "tok300"
+    train_tokenizer(training_texts[:200], 300, tok, show_progress=False)
+    out = tmp_path / "run"
+    assert train.main(base_args(tok, text_file, out, "--max-steps", 1, "--eval-interval", 1)) == 0
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["config"]["vocab_size"] == 320  # 300 -> next multiple of 64
+    assert ck["model"]["tok_emb.weight"].shape == (320, 64)
+
+
+def _wait_for(pred, timeout, proc=None):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return pred()
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_at_random_moments_leaves_loadable_checkpoint(tmp_path, tiny_tokenizer_dir, text_file):
+    out = tmp_path / "run"
+    common = ["--eval-interval", 1000, "--save-interval", 1, "--resume", "auto"]
+    latest = out / "fishai-latest.pt"
+    rng = random.Random(0)
+    last_step, prev_mtime = 0, 0
+    for _ in range(3):
+        p = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                              *base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 400, *common)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV1)
+        try:
+            # wait until this process has written a new checkpoint, then kill it at a random moment
+            fresh = _wait_for(lambda: latest.exists() and latest.stat().st_mtime_ns > prev_mtime, 60, p)
+            assert fresh, p.stderr.read().decode()[-2000:] if p.poll() is not None else "no checkpoint in 60 s"
+            time.sleep(rng.uniform(0.0, 0.4))
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            p.stderr.close()
+        ck = load_checkpoint(latest)  # always loadable: written as temp file + os.replace
+        assert ck["step"] >= max(last_step, 1)
+        last_step, prev_mtime = ck["step"], latest.stat().st_mtime_ns
+    r = run_cli(base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", last_step + 3, *common))
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {latest} at step {last_step}" in r.stdout
+    assert load_checkpoint(latest)["step"] == last_step + 3
+    # metrics past the checkpoint were dropped and those steps redone: one line per step
+    assert sorted(train_losses(out)) == list(range(1, last_step + 4))
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, tiny_tokenizer_dir, text_file):
+    out = tmp_path / "run"
+    args = base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 100000, "--eval-interval", 100000,
+                     "--save-interval", 100000)
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV1)
+    metrics = out / "metrics.jsonl"
+    try:
+        assert _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 60, p)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode in (0, 130), stderr
+    assert "Traceback" not in stderr
+    assert "SIGINT: saved" in stdout
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["step"] == max(train_losses(out))  # saved right after the last finished step
+    assert ck["step"] >= 3
+
+
+def test_nonfinite_loss_skips_then_stops_keeping_last_good_checkpoint(tmp_path, tiny_tokenizer_dir, text_file,
+                                                                       monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setenv("FISHAI_FAULT_NAN_FROM_STEP", "3")
+    rc = train.main(base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 20, "--eval-interval", 100,
+                              "--save-interval", 2, "--max-nonfinite", 3))
+    err = capsys.readouterr()
+    assert rc == 1
+    assert "warning: step 3: non-finite loss" in err.out + err.err
+    last = [ln for ln in err.err.splitlines() if ln.strip()][-1]
+    assert last.startswith("error: loss was NaN/inf for 3 consecutive steps")
+    assert "fishai-latest.pt" in last
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["step"] == 2  # the NaN steps (3..5) were skipped and never saved
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_max_time_evaluates_saves_and_stops(tmp_path, tiny_tokenizer_dir, text_file, capsys):
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 50, "--eval-interval", 100,
+                                "--max-time", 0)) == 0
+    assert "--max-time 0 s reached at step 1/50" in capsys.readouterr().out
+    assert load_checkpoint(out / "fishai-latest.pt")["step"] == 1
+    m = train.read_metrics(out / "metrics.jsonl")
+    assert any(r.get("step") == 1 and "val_loss" in r for r in m)  # evaluated before stopping
+    assert (out / "fishai-best.pt").exists()
+
+
+def test_cuda_oom_names_the_knobs(tmp_path, tiny_tokenizer_dir, text_file, monkeypatch, capsys):
+    monkeypatch.setenv("FISHAI_FAULT_OOM_AT_STEP", "1")
+    rc = train.main(base_args(tiny_tokenizer_dir, text_file, tmp_path / "run", "--max-steps", 5))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1
+    assert err.startswith("error: CUDA out of memory") and "--batch-size" in err and "--grad-accum" in err \
+        and "--seq-len" in err
+
+
+# ----------------------------------------------------------------------------- prepared data
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory, tiny_tokenizer_dir, text_file):
+    from data_utils import prepare
+    out = tmp_path_factory.mktemp("prep") / "data"
+    prepare([str(text_file)], str(tiny_tokenizer_dir), str(out), val_fraction=0.1, show_progress=False, log=None)
+    return out
+
+
+def test_prepared_dir_trains_and_other_tokenizer_is_refused(tmp_path, prepared_dir, training_texts, capsys):
+    from tokenizer_train import train_tokenizer
+    out = tmp_path / "run"
+    args = ["--config", "tiny", *SHRINK, "--data", str(prepared_dir), "--output-dir", str(out), "--seq-len", "32",
+            "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3", "--eval-iters", "2", "--no-progress"]
+    assert train.main(args) == 0  # tokenizer taken from the prepared dir's tokenizer/
+    assert load_checkpoint(out / "fishai-latest.pt")["tokenizer"]["tokenizer_json"]
+    other = tmp_path / "other_tok"
+    train_tokenizer(training_texts[:100], 400, other, show_progress=False)
+    capsys.readouterr()
+    rc = train.main(args + ["--tokenizer", str(other), "--output-dir", str(tmp_path / "run2")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert err.startswith("error:") and "different tokenizer" in err
+
+
+# ----------------------------------------------------------------------------- bad inputs (CLI)
+
+def test_bad_inputs_give_one_line_errors(tmp_path, tiny_tokenizer_dir, text_file, capsys):
+    ok = tmp_path / "ok"
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, ok, "--max-steps", 2)) == 0
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        (["--config", "huge"], "unknown config 'huge'"),
+        (["--seq-len", "4096"], "--seq-len 4096 must be between 2 and the model's max_seq_len 128"),
+        (["--output-dir", str(blocker / "sub")], "is not writable"),
+        (["--data", str(tmp_path / "missing.txt")], "no such file"),
+        (["--model-override", "nope=3"], "unknown model config keys: nope"),
+        (["--stage", "sft"], "--stage sft needs --init-from"),
+    ]
+    for extra, msg in cases:
+        args = base_args(tiny_tokenizer_dir, text_file, tmp_path / "x", "--max-steps", 2) + extra
+        capsys.readouterr()
+        rc = train.main(args)
+        err = capsys.readouterr().err.strip()
+        assert rc == 1, extra
+        assert len(err.splitlines()) == 1 and err.startswith("error:") and msg in err, (extra, err)
+        assert not (tmp_path / "x" / "fishai-latest.pt").exists()
+    # an existing run is never overwritten silently
+    rc = train.main(base_args(tiny_tokenizer_dir, text_file, ok, "--max-steps", 2))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "--resume auto" in err and "--overwrite" in err
+    # resuming with a different model config
+    rc = train.main(base_args(tiny_tokenizer_dir, text_file, ok, "--max-steps", 4, "--resume", "auto",
+                              "--model-override", "n_layers=3"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert "differs from --config tiny" in err and "n_layers=2 vs 3" in err
+    # a torn/corrupt checkpoint is reported, not loaded
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((ok / "fishai-latest.pt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(bad)
+    rc = train.main(base_args(tiny_tokenizer_dir, text_file, tmp_path / "y", "--max-steps", 4, "--resume", bad))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("error:") and "bad.pt" in err and len(err.splitlines()) == 1
+
+
+def test_cli_error_has_no_traceback_and_no_output(tmp_path, tiny_tokenizer_dir, text_file):
+    r = run_cli(base_args(tiny_tokenizer_dir, text_file, tmp_path / "out", "--config", "nope"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: --config nope: unknown config 'nope'")
+    assert not (tmp_path / "out" / "fishai-latest.pt").exists()
+
+
+# ----------------------------------------------------------------------------- torchrun (gloo on CPU)
+
+def _torchrun(args, env=None, extra=(), timeout=150):
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra,
+           str(ROOT / "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
+
+
+def test_torchrun_ddp_trains_and_resumes_single_process(tmp_path, tiny_tokenizer_dir, text_file):
+    out = tmp_path / "ddp"
+    args = base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 4, "--eval-interval", 4)
+    r = _torchrun(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 seq x 2 accum x 2 procs = 8 sequences, 256 tokens/step" in r.stdout
+    assert r.stdout.count("done: 4 steps") == 1  # only rank 0 logs
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["step"] == 4 and ck["data_state"]["world_size"] == 2
+    assert ck["data_state"]["ranks"] == [{"seed": 1337, "step": 8}, {"seed": 1337, "step": 8}]
+    assert ck["extra"]["tokens_seen"] == 4 * 256
+    # every rank draws different windows (TokenWindowSampler rank/world_size)
+    from data_utils import TokenWindowSampler
+    import numpy as np
+    s0, s1 = (TokenWindowSampler(np.arange(10000), 32, 2, seed=1337, rank=r, world_size=2) for r in (0, 1))
+    assert not torch.equal(s0.next_batch()[0], s1.next_batch()[0])
+    # ...and the DDP checkpoint resumes in a single process (no wandb import without --wandb)
+    code = ("import sys, train; rc = train.main(sys.argv[1:]); "
+            "assert 'wandb' not in sys.modules, 'wandb imported without --wandb'; sys.exit(rc)")
+    r2 = subprocess.run([sys.executable, "-c", code, *base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 6,
+                                                                "--eval-interval", 3, "--resume", "auto")],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120, env=ENV1)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "resumed from" in r2.stdout and "at step 4" in r2.stdout
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["step"] == 6 and ck["extra"]["tokens_seen"] == 4 * 256 + 2 * 128
+    assert sorted(train_losses(out)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_torchrun_elastic_restart_after_worker_kill(tmp_path, tiny_tokenizer_dir, text_file):
+    for attempt in range(2):
+        out = tmp_path / f"elastic{attempt}"
+        marker = tmp_path / f"killed-once{attempt}"
+        args = base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 8, "--eval-interval", 100,
+                         "--save-interval", 2, "--resume", "auto")
+        r = _torchrun(args, env={"FISHAI_FAULT_EXIT_AT_STEP": "5", "FISHAI_FAULT_EXIT_RANK": "1",
+                                 "FISHAI_FAULT_MARKER": str(marker)}, extra=["--max-restarts", "1"])
+        # On a busy machine a restarted gloo worker has (rarely) aborted while connecting to its peer
+        # ("terminate called without an active exception"): an environment flake, retried once.
+        if r.returncode == 0 or "terminate called without an active exception" not in r.stderr:
+            break
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert marker.read_text().startswith("rank 1 exited at step 5")  # the worker really died once
+    assert "resumed from" in r.stdout and "at step 4" in r.stdout  # restarted from the latest checkpoint
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["step"] == 8
+    assert sorted(train_losses(out)) == list(range(1, 9))
+
+
+# ----------------------------------------------------------------------------- SFT
+
+def test_sft_trains_on_assistant_tokens_only(tmp_path, trained_ckpt, tiny_tokenizer, monkeypatch):
+    import model as fishai
+    chat = tmp_path / "chat.jsonl"
+    rng = random.Random(0)
+    with open(chat, "w") as f:
+        for _ in range(120):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"zq {a} zq {b}"},
+                                             {"role": "assistant", "content": f"sum {a + b}"}]}) + "\n")
+    seen = []
+    orig = fishai.GPT.forward
+
+    def spy(self, idx, targets=None, loss_mask=None, **kw):
+        if self.training and targets is not None:
+            seen.append((targets.clone(), None if loss_mask is None else loss_mask.clone(), kw.get("doc_ids")))
+        return orig(self, idx, targets, loss_mask=loss_mask, **kw)
+
+    monkeypatch.setattr(fishai.GPT, "forward", spy)
+    out = tmp_path / "sft"
+    rc = train.main(["--stage", "sft", "--init-from", str(trained_ckpt), "--data", str(chat), "--output-dir",
+                     str(out), "--seq-len", "64", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "30",
+                     "--eval-interval", "10", "--eval-iters", "3", "--lr", "3e-3", "--warmup", "2",
+                     "--log-interval", "1", "--no-progress"])
+    assert rc == 0
+    assert len(seen) == 30
+    assistant = {tiny_tokenizer.im_end_id}
+    for a in range(19):
+        assistant |= set(tiny_tokenizer.encode(f"sum {a}"))
+    user_only = (set(tiny_tokenizer.encode("zq")) | set(tiny_tokenizer.encode(" zq"))) - assistant
+    assert user_only
+    for targets, mask, doc_ids in seen:
+        assert mask is not None and doc_ids is not None  # packed rows with per-conversation doc ids
+        on = set(targets[mask.bool()].tolist())
+        off = set(targets[(~mask.bool()) & (targets >= 0)].tolist())
+        assert on and on <= assistant  # loss only on assistant reply tokens (+ <|im_end|>)
+        assert not (on & user_only) and (off & user_only)
+    m = train.read_metrics(out / "metrics.jsonl")
+    losses = [r["loss"] for r in m if "loss" in r]
+    vals = [r["val_loss"] for r in m if "val_loss" in r]
+    assert losses[-1] < 0.6 * losses[0]  # SFT lowers the assistant-token loss
+    assert vals[-1] < vals[0]
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["extra"]["stage"] == "sft"
+    assert ck["tokenizer"]["tokenizer_json"] == load_checkpoint(trained_ckpt)["tokenizer"]["tokenizer_json"]
+    # the SFT model's greedy reply follows the trained format
+    sft = fishai.load_model(out / "fishai-latest.pt")
+    prompt, _ = sft.tokenizer.encode_chat([{"role": "user", "content": "zq 2 zq 3"}], add_generation_prompt=True)
+    outp = sft.generate(torch.tensor([prompt]), 4, temperature=0.0)
+    assert sft.tokenizer.decode(outp[0, len(prompt):].tolist()).startswith("sum")
+
+
+# ----------------------------------------------------------------------------- wandb
+
+def test_wandb_offline_writes_run_files(tmp_path, tiny_tokenizer_dir, text_file, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    out = tmp_path / "run"
+    rc = train.main(base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 2, "--eval-interval", 2,
+                              "--wandb", "--wandb-project", "fishai-test", "--wandb-run-name", "t1"))
+    assert rc == 0
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = list(runs[0].glob("run-*.wandb"))
+    assert len(records) == 1
+    # offline runs keep config, history and summary in the .wandb record file (synced later)
+    needles = (b"fishai-test", b"t1", b"tokens_per_step", b"grad_norm", b"val_loss", b"final_checkpoint",
+               str(out / "fishai-latest.pt").encode())
+    # wandb-core may still be flushing the file when finish() returns on a loaded machine
+    _wait_for(lambda: all(n in records[0].read_bytes() for n in needles), 30)
+    data = records[0].read_bytes()
+    for needle in needles:
+        assert needle in data, needle
