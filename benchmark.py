@@ -38,13 +38,14 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from data_utils import hub_reachable
 
 try:  # tqdm is a hard dependency of the project, but keep the scoring core importable without it
     from tqdm.auto import tqdm
@@ -216,17 +217,6 @@ class LM:
         return text
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Cheap check before a hub download: without it transformers retries for ~50 s per file offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _hf_dir_model_type(path: Path) -> str | None:
     cfg = path / "config.json"
     if not cfg.is_file():
@@ -265,7 +255,7 @@ def _load_transformers(spec: str, device: str, dtype, max_seq_len: int | None) -
                 tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
                 model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **kwargs)
             except OSError:
-                if not _hub_reachable():
+                if not hub_reachable():
                     raise BenchmarkError(
                         f"cannot load {spec!r}: it is not in the local Hugging Face cache and the hub "
                         "is unreachable (offline); download it on a connected machine or pass a local "

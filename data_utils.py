@@ -394,23 +394,60 @@ def _iter_parquet(path: Path, text_key: str, stats: dict | None) -> Iterator[str
         _bump(stats, "empty_files")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the Hugging Face hub be reached? A cheap check before a download: offline, `datasets`
+    and `transformers` otherwise retry for ~30-50 s before they fail."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_hf_dataset(name: str, config: str | None = None, split: str = "train", streaming: bool = False):
+    """datasets.load_dataset (lazy import), offline-aware: when the hub cannot be reached only the
+    local datasets cache is tried, and every failure becomes one DataError line."""
+    offline = not hub_reachable()
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read when datasets / huggingface_hub are imported
+        for mod_name in ("huggingface_hub.constants", "datasets.config"):
+            mod = sys.modules.get(mod_name)
+            if mod is not None and hasattr(mod, "HF_HUB_OFFLINE"):
+                mod.HF_HUB_OFFLINE = True  # imported earlier in this process: flip the flag they read
+    try:
+        import datasets  # lazy: optional and slow to import
+    except ImportError:
+        raise DataError(f"HF dataset {name}: the 'datasets' package is not installed (pip install datasets), "
+                        f"or pass local files instead") from None
+    what = name + (f":{config}" if config else "") + f" split '{split}'"
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as e:  # offline, unknown name, missing split: all end here
+        if offline:
+            reason = "not in the local datasets cache and the Hugging Face hub is unreachable (offline)"
+        else:
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            reason = f"{type(e).__name__}: {first}"
+        raise DataError(f"could not load HF dataset {what}: {reason}; download it on a connected machine "
+                        f"or pass local files instead") from None
+
+
 def _iter_hf(spec: str, text_key: str, stats: dict | None) -> Iterator[str]:
     # "hf:NAME[:CONFIG][:SPLIT]"
     parts = spec[3:].split(":")
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    ds = load_hf_dataset(name, config, split=split, streaming=True)
     try:
-        import datasets  # lazy: optional and slow to import
-    except ImportError:
-        raise DataError(f"{spec}: the 'datasets' package is not installed; pip install datasets") from None
-    try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
         it = iter(ds)
         first = next(it, None)
     except Exception as e:
-        raise DataError(f"{spec}: could not load Hugging Face dataset '{name}' (offline or unknown name: "
-                        f"{type(e).__name__}); download it elsewhere and pass local files instead") from None
+        raise DataError(f"{spec}: could not read Hugging Face dataset '{name}' ({type(e).__name__}); "
+                        f"download it elsewhere and pass local files instead") from None
     if first is None:
         _bump(stats, "empty_files")
         return
@@ -544,6 +581,10 @@ def iter_python_docs() -> Iterator[str]:
             for attr, obj in sorted(vars(mod).items()):
                 if attr.startswith("_"):
                     continue
+                # only what the module itself defines: re-exported names depend on which other
+                # modules happen to be imported, and would make the corpus differ between runs
+                if getattr(obj, "__module__", None) != name:
+                    continue
                 if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
                     add(f"{name}.{attr}{_signature(obj)}", obj.__doc__)
                     if inspect.isclass(obj):
@@ -558,9 +599,14 @@ def iter_python_docs() -> Iterator[str]:
 
 def _signature(obj) -> str:
     try:
-        return str(inspect.signature(obj))
+        sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return ""
+    # parameter names only: default values can be runtime objects (<object at 0x7f...>, a list of
+    # live logging handlers) that differ between runs, and the corpus must be the same every time
+    empty = inspect.Parameter.empty
+    params = [p.replace(default=empty, annotation=empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=empty))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -898,15 +944,7 @@ def load_eval_texts(name: str, path=None, split: str = "test", detokenize: bool 
 
 
 def _load_hf_rows(name: str, config: str | None, split: str):
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"HF dataset {name}: the 'datasets' package is not installed; pass a local path instead") from None
-    try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as e:
-        raise DataError(f"could not load HF dataset {name}{':' + config if config else ''} ({type(e).__name__}: "
-                        f"offline?); pass a local file/dir with the split instead") from None
+    return load_hf_dataset(name, config, split=split)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_utils import DataError, load_hf_dataset
+
 BENCHMARKS = ("mmlu", "ceval", "hellaswag", "gsm8k", "humaneval")
 DEFAULT_FEWSHOT = {"mmlu": 5, "ceval": 5, "hellaswag": 0, "gsm8k": 8, "humaneval": 0}
 DEFAULT_MAX_GEN_TOKS = {"gsm8k": 256, "humaneval": 512}
@@ -190,30 +192,11 @@ def warn(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def _hf_load(name: str, config: str | None, split: str):
-    """datasets.load_dataset with a one-line error when the hub cannot be reached."""
-    forced_offline = False
-    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False") and "datasets" not in sys.modules:
-        import benchmark
-        if not benchmark._hub_reachable():
-            # the local datasets cache still works; without this, datasets retries for ~25 s per file
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            forced_offline = True
+    """data_utils.load_hf_dataset (offline-aware), with the --data-dir hint."""
     try:
-        import datasets  # lazy: heavy, and only needed without --data-dir
-    except ImportError as e:
-        raise EvalError(f"the 'datasets' package is needed to load {name} by name ({e}); "
-                        f"pip install datasets, or pass --data-dir DIR with local copies") from None
-    what = f"{name}" + (f" ({config})" if config else "") + f" split '{split}'"
-    try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # offline, missing split, renamed repo: all end here
-        if forced_offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            reason = "it is not in the local datasets cache and the Hugging Face hub is unreachable (offline)"
-        else:
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            reason = f"{type(e).__name__}: {first}"
-        raise EvalError(f"could not load {what}: {reason}; pass --data-dir DIR with local copies "
-                        f"(layout: evaluate.py --help)") from None
+        return load_hf_dataset(name, config, split=split)
+    except DataError as e:
+        raise EvalError(f"{e} (or pass --data-dir DIR with local copies in the datasets' original formats)") from None
 
 
 def _read_csv_rows(path: Path) -> list[list[str]]:

@@ -561,3 +561,16 @@ def test_prepare_ctrl_c_leaves_nothing(tiny_tokenizer_dir, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_python_docs_corpus_is_identical_across_processes():
+    """The main job's corpus (and so its tokenizer hash) must not depend on what else is imported."""
+    import subprocess
+    import sys
+    code = ("import sys, hashlib; sys.path.insert(0, {root!r}); {extra}import data_utils; h = hashlib.sha256()\n"
+            "for d in data_utils.iter_documents('python-docs'): h.update(d.encode())\nprint(h.hexdigest())")
+    root = str(Path(__file__).resolve().parents[1])
+    outs = [subprocess.run([sys.executable, "-c", code.format(root=root, extra=extra)], capture_output=True,
+                           text=True, timeout=120, check=True).stdout.strip()
+            for extra in ("", "import logging, json, email.parser, asyncio; logging.basicConfig(); ")]
+    assert len(outs[0]) == 64 and outs[0] == outs[1]

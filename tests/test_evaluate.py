@@ -273,7 +273,7 @@ def test_bad_files_name_the_file_and_expected_columns(tmp_path):
 
 def test_hub_offline_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ev.EvalError, match=r"could not load openai/gsm8k.*--data-dir"):
+    with pytest.raises(ev.EvalError, match=r"could not load HF dataset openai/gsm8k.*--data-dir"):
         ev.load_gsm8k(None)
 
 
