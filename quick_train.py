@@ -33,7 +33,7 @@ DEFAULT_DATA = "hf:wikitext:wikitext-103-raw-v1"  # train split; the test split 
 DEFAULT_TARGET_PPL = 56.0  # the seed's WikiText-103 goal (word-level perplexity)
 
 # Per-preset defaults: `tiny` is sized so `--data python-docs` finishes in about 5 minutes on a
-# 2-core CPU (measured, docs/results/train.md); the others follow train.py's defaults.
+# 2-core CPU (measured, docs/RESULTS.md); the others follow train.py's defaults.
 PRESET_DEFAULTS = {
     "tiny": dict(time_budget=300, max_steps=500, batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, warmup=25, eval_interval=100,
                  eval_iters=8, vocab_size=4096),

@@ -25,7 +25,7 @@ end), fishai-best.pt (whenever the validation loss improves) and metrics.jsonl (
 object per log/eval line). Checkpoints are written atomically, so a killed run always
 leaves a loadable fishai-latest.pt.
 
-Fault-injection hooks (environment variables, used by the tests; see docs/sections/train.md):
+Fault-injection hooks (environment variables, used by the tests; see README.md, "Train a model"):
 FISHAI_FAULT_NAN_FROM_STEP, FISHAI_FAULT_OOM_AT_STEP, FISHAI_FAULT_EXIT_AT_STEP (+
 FISHAI_FAULT_EXIT_RANK, FISHAI_FAULT_MARKER).
 """
