@@ -1067,26 +1067,15 @@ def self_test(config="tiny", device="cpu", dtype=None, compile=False, batch_size
                 row("train_peak_mem_mb", "training peak memory MB (" + ("CUDA allocated" if cuda else
                     "process peak RSS") + ")", mem_o / 2**20 if mem_o else None,
                     mem_h / 2**20 if mem_h else None, "MB")
-        if compile and hf_model is not None and hasattr(model, "_last_logits"):
-            # a static-shape decode step (static KV cache, attention over the whole buffer with a
-            # mask) compiled once: on CUDA mode="reduce-overhead" replays it as a CUDA graph
+        if compile and hf_model is not None:
+            # model.compile_decode: a static-shape decode step (static KV cache, attention over the
+            # whole buffer with a mask) compiled once; on CUDA it is replayed as a CUDA graph
             N, B = decode_tokens, 1
             idx = torch.randint(0, V, (B, prompt_len), generator=gen).to(device)
-            model.setup_cache(B, prompt_len + N, static=True)
-            step = torch.compile(model._last_logits, dynamic=False,
-                                 mode="reduce-overhead" if cuda else None)
-            positions = torch.arange(prompt_len + N, device=device)
+            model.compile_decode(B, prompt_len + N)
 
             def compiled_decode():
-                with torch.inference_mode():
-                    logits = model._last_logits(idx, positions[:prompt_len])
-                    out = []
-                    for i in range(N):
-                        nxt = logits.argmax(-1)
-                        out.append(nxt)
-                        if i < N - 1:
-                            logits = step(nxt[:, None], positions[prompt_len + i:prompt_len + i + 1]).clone()
-                    return torch.stack(out, 1)
+                return model.generate(idx, N, temperature=0)[:, prompt_len:]
 
             t0 = time.perf_counter()
             try:
@@ -1105,8 +1094,6 @@ def self_test(config="tiny", device="cpu", dtype=None, compile=False, batch_size
                 _check(checks, "compiled decode step = LlamaForCausalLM.generate", False,
                        f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             finally:
-                model.clear_cache()
-                model.setup_cache(1, static=False)
                 model.clear_cache()
     extra["seq_len"], extra["batch_size"] = seq_len, batch_size
     extra["clock"] = "process CPU time" if cpu_clock else "wall clock"
@@ -1165,6 +1152,22 @@ def self_test_markdown(res: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # CLI
 
+def add_output_args(parser, json_help="write the results as JSON"):
+    """--json/--report/--overwrite/--no-progress, shared by both subcommands and reference_benchmark.py."""
+    parser.add_argument("--json", metavar="PATH", help=json_help)
+    parser.add_argument("--report", metavar="PATH", help="write a markdown report")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--report files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_outputs(args):
+    """Refuse to overwrite an existing --json/--report file unless --overwrite."""
+    for flag in ("json", "report"):
+        path = getattr(args, flag)
+        if path and Path(path).exists() and not args.overwrite:
+            raise BenchmarkError(f"--{flag} {path}: file exists; pass --overwrite to replace it")
+
+
 def add_data_args(parser):
     """The dataset and scoring flags, shared by benchmark.py full and reference_benchmark.py."""
     parser.add_argument("--wikitext103", metavar="PATH", help="local WikiText-103 file (e.g. wiki.test.tokens)")
@@ -1213,10 +1216,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
                     "1 gives steadier numbers on a busy machine")
     st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    st.add_argument("--report", metavar="PATH", help="write the results as a markdown section")
-    st.add_argument("--overwrite", action="store_true", help="replace existing --json/--report files")
-    st.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_args(st)
 
     fu = sub.add_parser("full", help="perplexity on WikiText-103/WikiText-2/PTB + generation quality")
     fu.add_argument("--model", required=True, help="checkpoint .pt, quantized .bin, HF dir (or hub name with --hf)")
@@ -1230,18 +1230,12 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
     fu.add_argument("--top-k", type=int, default=50, help="top-k sampling, 0 = off (default 50)")
     fu.add_argument("--seed", type=int, default=1234, help="sampling seed (default 1234)")
-    fu.add_argument("--json", metavar="PATH", help="write results as JSON (keys as in DESIGN.md)")
-    fu.add_argument("--report", metavar="PATH", help="write a markdown report")
-    fu.add_argument("--overwrite", action="store_true", help="replace existing --json/--report files")
-    fu.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_args(fu, "write results as JSON (keys as in DESIGN.md)")
     return p
 
 
 def run_self_test(args) -> int:
-    for flag in ("json", "report"):
-        path = getattr(args, flag)
-        if path and Path(path).exists() and not args.overwrite:
-            raise BenchmarkError(f"--{flag} {path}: file exists; pass --overwrite to replace it")
+    check_outputs(args)
     import model as M
     if args.config not in M.CONFIGS:
         raise BenchmarkError(f"--config {args.config!r}: choose one of {', '.join(M.CONFIGS)}")

@@ -111,74 +111,22 @@ def make_generator(seed: int | None, device: str | torch.device) -> torch.Genera
     return gen
 
 
-def _static_decode_step(model, batch_size: int, use_compile: bool):
-    """The decode step over a static KV cache, compiled once per (model, batch size).
-
-    A static cache spans the model's whole context and attends through a mask, so every decode
-    step has the same shapes: torch.compile traces it once and, with mode="reduce-overhead",
-    replays it as a CUDA graph (the gpt-fast recipe). The cache is allocated once and reused
-    across calls (chat turns) so the graph's buffers stay put.
-    """
-    key = (batch_size, use_compile)
-    cached = getattr(model, "_generate_static_step", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    model.setup_cache(batch_size, model.config.max_seq_len, static=True)
-
-    def step(x, input_pos):
-        logits, _ = model(x, input_pos=input_pos)
-        return logits[:, -1, :]
-
-    if use_compile:
-        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
-        step = torch.compile(step, mode=mode, fullgraph=True)
-    # stored on the instance (not a registered submodule/buffer) so state_dict is unaffected
-    object.__setattr__(model, "_generate_static_step", (key, step))
-    return step
-
-
-@torch.inference_mode()
-def compiled_generate_stream(model, idx: torch.Tensor, max_new_tokens: int, *,
-                             temperature: float = 1.0, top_k: int | None = None,
-                             top_p: float | None = None, generator: torch.Generator | None = None,
-                             use_compile: bool = True) -> Iterator[torch.Tensor]:
-    """Like model.generate_stream, with a static KV cache and a torch.compile'd decode step
-    (--compile). The prompt is prefilled eagerly (its length varies); the single-token decode
-    steps reuse one compiled graph. use_compile=False runs the same static-cache loop eagerly."""
-    from model import sample_next
-
-    B, T = idx.shape
-    total = T + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {model.config.max_seq_len}")
-    if max_new_tokens <= 0:
-        return
-    step = _static_decode_step(model, B, use_compile)
-    positions = torch.arange(total, device=idx.device)
-    logits = model(idx, input_pos=positions[:T])[0][:, -1, :]
-    for i in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        yield nxt
-        if i == max_new_tokens - 1:
-            break
-        # clone: a CUDA-graph replay overwrites its output buffer on the next call
-        logits = step(nxt[:, None], positions[T + i:T + i + 1]).clone()
-
-
 def model_token_stream(model, *, max_new_tokens: int, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None,
-                       generator: torch.Generator | None = None, compile: bool = False) -> TokenStream:
-    """The default token stream: model.generate_stream, or the static-cache compiled decode loop."""
-    if compile:
-        return lambda idx: compiled_generate_stream(
-            model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            generator=generator)
-    # eos_id=None: stopping is decided in stream_generate, which knows every stop id
-    # (<|endoftext|> and <|im_end|> in chat), not just one.
-    return lambda idx: model.generate_stream(
-        idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=None,
-        generator=generator)
+                       generator: torch.Generator | None = None, compile: bool = False,
+                       use_compile: bool = True) -> TokenStream:
+    """The default token stream: model.generate_stream. With compile=True the decode steps run on
+    a static KV cache through a torch.compile'd step (model.compile_decode): made once per batch
+    size and kept across calls (chat turns), so a CUDA graph's buffers stay put.
+    use_compile=False runs the same static-cache loop eagerly."""
+    def stream(idx):
+        if compile and (model._decode_fn is None or getattr(model, "_cache_batch", 0) != idx.shape[0]):
+            model.compile_decode(idx.shape[0], use_compile=use_compile)
+        # eos_id=None: stopping is decided in stream_generate, which knows every stop id
+        # (<|endoftext|> and <|im_end|> in chat), not just one.
+        return model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     eos_id=None, generator=generator)
+    return stream
 
 
 def stream_generate(model, prompt_ids: list[int], max_new_tokens: int = 200, *,

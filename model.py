@@ -285,6 +285,7 @@ class GPT(nn.Module):
         self.tokenizer = None
         self._cache_static = False
         self._cache_len = 0
+        self._decode_fn = None  # set by compile_decode()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -317,6 +318,7 @@ class GPT(nn.Module):
         self._cache_static = static
         self._cache_len = length
         self._cache_batch = batch_size
+        self._decode_fn = None  # a compiled step belongs to the buffers it was made for
         if static:
             mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
             self.register_buffer("causal_mask", mask, persistent=False)
@@ -325,8 +327,22 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = None
         self._cache_len = 0
+        self._decode_fn = None
         if hasattr(self, "causal_mask"):
             del self.causal_mask
+
+    def compile_decode(self, batch_size, max_seq_len=None, use_compile=True, mode=None):
+        """Static KV cache + a torch.compile'd single-token decode step (the gpt-fast recipe):
+        every step has the same shapes, so it is traced once and, on CUDA with
+        mode="reduce-overhead", replayed as a CUDA graph. generate()/generate_stream() use it
+        from then on (until clear_cache). use_compile=False runs the same static loop eagerly."""
+        self.setup_cache(batch_size, max_seq_len, static=True)
+        step = self._last_logits
+        if use_compile:
+            mode = mode or ("reduce-overhead" if self.tok_emb.weight.is_cuda else None)
+            step = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+        self._decode_fn = step
+        return step
 
     # --- forward ------------------------------------------------------------------
 
@@ -418,8 +434,10 @@ class GPT(nn.Module):
                 or (dtype is not None and self.layers[0].attn.kv_cache.k.dtype != dtype)):
             self.setup_cache(B, max(total, self._cache_len if not self._cache_static else 0) or total,
                              dtype=dtype, static=self._cache_static)
+        compiled = self._decode_fn is not None
+        step = self._decode_fn if compiled else self._last_logits
         positions = torch.arange(total, device=idx.device)
-        logits = self._last_logits(idx, positions[:T])
+        logits = self._last_logits(idx, positions[:T])  # the prefill runs eagerly (its length varies)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -429,7 +447,9 @@ class GPT(nn.Module):
             yield nxt
             if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 break
-            logits = self._last_logits(nxt[:, None], positions[T + i:T + i + 1])
+            logits = step(nxt[:, None], positions[T + i:T + i + 1])
+            if compiled:
+                logits = logits.clone()  # a CUDA-graph replay overwrites its output on the next call
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):

@@ -347,7 +347,6 @@ def generate_samples(ckpt: Path, prompts: list[str], n_tokens: int, device: str,
 # ----------------------------------------------------------------------------- main flow
 
 def quick_train(args) -> dict:
-    import torch
     import data_utils
     import train as trainer
     import benchmark
@@ -386,7 +385,7 @@ def quick_train(args) -> dict:
     held_out = args.test_data is None and not _is_default_wikitext(args.data)
     try:
         first = next(iter(data_utils.iter_documents(args.data, text_key=args.text_key)), None)
-    except data_utils.DataError as e:
+    except data_utils.DataError:
         if _is_default_wikitext(args.data):
             raise QuickTrainError(offline_message(args.data))
         raise

@@ -29,8 +29,9 @@ import time
 
 import torch
 
-from benchmark import (DATASET_LABELS, BenchmarkError, add_data_args, atomic_write_text, fmt_ppl, load_datasets,
-                       load_lm, parse_data_flags, perplexity, write_json)
+from benchmark import (DATASET_LABELS, BenchmarkError, add_data_args, add_output_args, atomic_write_text,
+                       check_outputs, fmt_ppl, load_datasets, load_lm, parse_data_flags, perplexity,
+                       resolve_device, write_json)
 
 DEFAULT_MODELS = ["EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "gpt2", "HuggingFaceTB/SmolLM2-135M"]
 
@@ -144,22 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="model dtype: float32, bf16, fp16 (default: as stored)")
     add_data_args(p)
     p.add_argument("--no-published", action="store_true", help="do not show the published GPT-2 figures")
-    p.add_argument("--json", metavar="PATH", help="write results as JSON")
-    p.add_argument("--report", metavar="PATH", help="write a markdown report")
-    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--report files")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_args(p)
     return p
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from benchmark import resolve_device
-
-    for flag in ("json", "report"):
-        path = getattr(args, flag)
-        if path and Path(path).exists() and not args.overwrite:
-            raise BenchmarkError(f"--{flag} {path}: file exists; pass --overwrite to replace it")
+    check_outputs(args)
     if args.stride is not None and args.stride < 1:
         raise BenchmarkError(f"--stride {args.stride}: must be >= 1")
     device = resolve_device(args.device)

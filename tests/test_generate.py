@@ -159,17 +159,17 @@ def test_stops_at_eos_with_real_model(tiny_model):
 def test_static_cache_loop_matches_generate(tiny_model):
     """The --compile decode loop (static KV cache), run eagerly: same greedy tokens, twice
     (the second call reuses the cache and step function), and for a batch."""
-    from generate import compiled_generate_stream
+    from generate import model_token_stream
 
     m = copy.deepcopy(tiny_model)
     prompt = torch.tensor([m.tokenizer.encode("A static cache")])
     ref = m.generate(prompt, 25, temperature=0.0)[:, prompt.shape[1]:]
+    stream = model_token_stream(m, max_new_tokens=25, temperature=0.0, compile=True, use_compile=False)
     for _ in range(2):
-        got = torch.stack(list(compiled_generate_stream(m, prompt, 25, temperature=0.0,
-                                                        use_compile=False)), dim=1)
+        got = torch.stack(list(stream(prompt)), dim=1)
+        assert m._cache_static and m._decode_fn is not None
         assert torch.equal(got, ref)
-    got = torch.stack(list(compiled_generate_stream(m, prompt.repeat(2, 1), 25, temperature=0.0,
-                                                    use_compile=False)), dim=1)
+    got = torch.stack(list(stream(prompt.repeat(2, 1))), dim=1)
     assert torch.equal(got, ref.repeat(2, 1))
 
 

@@ -347,3 +347,14 @@ def test_size_table_cli(tmp_path):
     assert rows["small"]["params"] == 34_085_376 and "34,085,376" in res.stdout
     assert rows["small"]["fp32_mb"] == pytest.approx(136.34, abs=0.01)
     assert rows["small"]["int4_g128_mb"] < rows["small"]["fp32_mb"] / 6
+
+
+def test_compile_decode_static_step_used_by_generate(net):
+    x = tokens(2, 6, 13)
+    expected = naive_greedy(net, x, 12)
+    net.compile_decode(2, use_compile=False)  # the same static-shape loop, eagerly
+    assert net._decode_fn is not None and net._cache_static
+    assert torch.equal(net.generate(x, 12, temperature=0), expected)
+    assert torch.equal(net.generate(x[:1], 12, temperature=0), expected[:1])  # a smaller batch reuses it
+    net.clear_cache()
+    assert net._decode_fn is None

@@ -1,7 +1,6 @@
 """tokenizer_train.py: byte-level BPE training, fixed special ids, exact round trip, HF loading,
 ChatML template, CLI report and bad input."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
