@@ -118,6 +118,13 @@ def _special_tokens_map() -> dict:
     }
 
 
+def fast_encode_batch(backend, texts: list[str]):
+    """backend.encode_batch without the character offsets nobody here reads (tokenizers >= 0.20:
+    encode_batch_fast, ~25% faster on 2 cores); the same ids either way."""
+    fn = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+    return fn(texts, add_special_tokens=False)
+
+
 class TextTokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` plus its tokenizer_config.json.
 
@@ -205,7 +212,7 @@ class TextTokenizer:
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
         tok = self._tok_special if allow_special else self._tok
-        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in fast_encode_batch(tok, list(texts))]
 
     def decode(self, ids, skip_special: bool = False) -> str:
         if hasattr(ids, "tolist"):
@@ -1749,7 +1756,7 @@ def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | Non
         eos = tok.eos_id
         backend = tok.backend
         for batch in _prefetch(_batches(iter(mixer), batch_docs, batch_bytes)):
-            encs = backend.encode_batch([t for _, t in batch], add_special_tokens=False)
+            encs = fast_encode_batch(backend, [t for _, t in batch])
             out_ids: dict[str, list[int]] = {"train": [], "val": []}
             batch_bytes_in = 0
             per_source: dict[str, list[int]] = {}
@@ -1957,7 +1964,7 @@ def bench(input_source, tokenizer, workdir=None, filter_spec: str = "default", s
         docs = list(iter_documents(c1))
         res["corpus_bytes"] = b1
         res["docs"] = len(docs)
-        bare_runs, e2e_runs = [], []
+        bare_runs, e2e_runs, fast_runs = [], [], []
         for _ in range(max(1, repeat)):
             # bare encode_batch: documents already in memory, same batch size as prepare
             r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -1969,6 +1976,11 @@ def bench(input_source, tokenizer, workdir=None, filter_spec: str = "default", s
             r1 = resource.getrusage(resource.RUSAGE_SELF)
             bare_runs.append({"seconds": round(wall, 3), "cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3),
                               "tokens": n_tok})
+            # and the faster variant prepare itself uses, so the overhead of the pipeline shows too
+            t0 = time.time()
+            for i in range(0, len(docs), batch_docs):
+                fast_encode_batch(tok.backend, docs[i:i + batch_docs])
+            fast_runs.append(round(time.time() - t0, 3))
             outd = work / "out1"
             secs, rss, cpu = _run_measured(prepare_cmd(c1, outd))
             meta = json.loads((outd / "meta.json").read_text())
@@ -1985,6 +1997,10 @@ def bench(input_source, tokenizer, workdir=None, filter_spec: str = "default", s
         res["end_to_end_x1"] = {**best_e2e, "MB_per_s": round(b1 / 1e6 / best_e2e["seconds_pipeline"], 3),
                                 "all_seconds": [r["seconds_pipeline"] for r in e2e_runs]}
         res["end_to_end_vs_bare"] = round(res["end_to_end_x1"]["MB_per_s"] / res["bare_encode_batch"]["MB_per_s"], 3)
+        res["bare_encode_batch_fast"] = {"seconds": min(fast_runs), "MB_per_s": round(b1 / 1e6 / min(fast_runs), 3),
+                                         "all_seconds": fast_runs}
+        res["end_to_end_vs_bare_fast"] = round(res["end_to_end_x1"]["MB_per_s"]
+                                               / res["bare_encode_batch_fast"]["MB_per_s"], 3)
         if scale and scale > 1:
             cp, nb = make_scaled_corpus(input_source, work / f"c{scale}", scale)
             outd = work / f"out{scale}"
