@@ -358,3 +358,48 @@ def test_compile_decode_static_step_used_by_generate(net):
     assert torch.equal(net.generate(x[:1], 12, temperature=0), expected[:1])  # a smaller batch reuses it
     net.clear_cache()
     assert net._decode_fn is None
+
+
+# --- CUDA (run on a GPU machine; skipped elsewhere) ------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_bf16_autocast_matches_fp32_and_trains():
+    torch.manual_seed(0)
+    m = GPT(CFG).cuda()
+    x, y = tokens(4, 64, 20).cuda(), tokens(4, 64, 21).cuda()
+    ref = m(x, y)[1].item()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = m(x, y)
+    assert abs(loss.item() - ref) < 0.05
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@cuda
+def test_cuda_flash_sdpa_path_and_kv_cache():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    m = GPT(CFG).cuda().to(torch.bfloat16).eval()
+    x = tokens(2, 48, 22).cuda()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # fails if the causal GQA forward cannot use flash
+        full, _ = m(x)
+    m.setup_cache(2, 64)
+    with torch.no_grad():
+        parts = [m(x[:, :40], input_pos=torch.arange(40, device="cuda"))[0]]
+        parts += [m(x[:, i:i + 1], input_pos=torch.tensor([i], device="cuda"))[0] for i in range(40, 48)]
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 0.1  # bf16 tolerance
+
+
+@cuda
+def test_cuda_compiled_forward_and_decode_step_match_eager():
+    torch.manual_seed(0)
+    m = GPT(CFG).cuda().eval()
+    x = tokens(2, 32, 23).cuda()
+    compiled = torch.compile(m, fullgraph=True)
+    assert torch.allclose(compiled(x)[0], m(x)[0], atol=1e-3)
+    expected = m.generate(x[:, :8], 16, temperature=0)
+    m.compile_decode(2)
+    assert torch.equal(m.generate(x[:, :8], 16, temperature=0), expected)
