@@ -123,3 +123,19 @@ def trained_ckpt(tmp_path_factory, tiny_config, tiny_tokenizer, training_texts):
     path = tmp_path_factory.mktemp("trained") / "tiny-trained.pt"
     save_checkpoint(path, model, step=steps, extra={"final_train_loss": float(loss.detach())})
     return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, training_texts):
+    """~150 KB of real text, one document per blank-line-separated block."""
+    docs, size = [], 0
+    for d in training_texts:
+        d = "\n".join(line for line in d.splitlines() if line.strip())
+        if d:
+            docs.append(d)
+            size += len(d)
+        if size > 150_000:
+            break
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    return path

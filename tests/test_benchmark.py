@@ -16,16 +16,6 @@ import benchmark as B
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two OpenMP threads per process make these
-    small models 10x slower (spin-waiting), and the numbers here do not depend on it."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_ckpt):
     return B.load_lm(tiny_ckpt)

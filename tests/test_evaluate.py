@@ -32,15 +32,6 @@ class FakeLM:
         return torch.zeros(*idx.shape, self.vocab_size)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared 2-core machine, 2 OpenMP threads per process make tiny forwards ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_cli(capsys, *argv):
     rc = ev.main([*map(str, argv), "--no-progress"])
     out = capsys.readouterr()

@@ -17,27 +17,6 @@ SHRINK = ["--model-override", "d_model=64", "--model-override", "n_layers=2", "-
           "--model-override", "n_kv_heads=2", "--model-override", "d_ff=192", "--model-override", "max_seq_len=128"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest and does not fight other processes
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory, training_texts):
-    docs, size = [], 0
-    for d in training_texts:
-        d = "\n".join(line for line in d.splitlines() if line.strip())
-        if d:
-            docs.append(d)
-            size += len(d)
-        if size > 200_000:
-            break
-    path = tmp_path_factory.mktemp("qt") / "corpus.txt"
-    path.write_text("\n\n".join(docs), encoding="utf-8")
-    return path
 
 
 def small_args(data, out, *extra):
@@ -82,19 +61,19 @@ def test_default_wikitext_offline_gives_clear_message(tmp_path, capsys, monkeypa
     assert not (tmp_path / "q" / "report.json").exists()
 
 
-def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, corpus_file):
+def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, text_file):
     out = tmp_path / "q"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    rc = quick_train.main(small_args(corpus_file, out))
+    rc = quick_train.main(small_args(text_file, out))
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "--overwrite" in err and (out / "mine.txt").read_text() == "keep me"
 
 
-def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, corpus_file, capsys):
+def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys):
     out = tmp_path / "q"
     # an unreachable target forces the auto-adjust path: round 2 continues from round 1's best
-    rc = quick_train.main(small_args(corpus_file, out, "--target-ppl", 1.01, "--max-rounds", 2,
+    rc = quick_train.main(small_args(text_file, out, "--target-ppl", 1.01, "--max-rounds", 2,
                                      "--json", tmp_path / "r.json"))
     stdout = capsys.readouterr().out
     assert rc == 0
@@ -126,12 +105,12 @@ def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, corpus_file, capsys):
         assert "matplotlib is not installed" in rep["loss_curve_note"] and rep["loss_curve_note"] in md
     # held-out test documents never reached training: the test docs are absent from train/val
     meta = json.loads((out / "data" / "meta.json").read_text())
-    assert meta["train"]["docs"] + meta["val"]["docs"] < len(corpus_file.read_text().split("\n\n"))
+    assert meta["train"]["docs"] + meta["val"]["docs"] < len(text_file.read_text().split("\n\n"))
 
 
-def test_target_met_stops_after_one_round(tmp_path, corpus_file, capsys):
+def test_target_met_stops_after_one_round(tmp_path, text_file, capsys):
     out = tmp_path / "q"
-    rc = quick_train.main(small_args(corpus_file, out, "--target-ppl", 1e9, "--max-steps", 4,
+    rc = quick_train.main(small_args(text_file, out, "--target-ppl", 1e9, "--max-steps", 4,
                                      "--eval-interval", 4, "--samples", 0))
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
@@ -140,9 +119,9 @@ def test_target_met_stops_after_one_round(tmp_path, corpus_file, capsys):
     assert not (out / "round2").exists()
 
 
-def test_time_budget_cuts_steps_and_caps_the_round(tmp_path, corpus_file):
+def test_time_budget_cuts_steps_and_caps_the_round(tmp_path, text_file):
     out = tmp_path / "q"
-    args = small_args(corpus_file, out, "--time-budget", 8, "--samples", 1)
+    args = small_args(text_file, out, "--time-budget", 8, "--samples", 1)
     i = args.index("--max-steps")
     del args[i:i + 2]  # the budget only applies when --max-steps is not given
     assert quick_train.main(args) == 0

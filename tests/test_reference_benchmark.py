@@ -9,15 +9,6 @@ import benchmark as B
 import reference_benchmark as R
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two OpenMP threads per process on a busy 2-core machine are ~10x slower for tiny models
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _save_hf(model, tok_dir, out):
     model.save_pretrained(out)
     for f in tok_dir.iterdir():  # the tiny byte-level BPE tokenizer (HF-compatible dir)

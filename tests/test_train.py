@@ -26,32 +26,6 @@ SHRINK = ["--model-override", "d_model=64", "--model-override", "n_layers=2", "-
           "--model-override", "n_kv_heads=2", "--model-override", "d_ff=192", "--model-override", "max_seq_len=128"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and on a shared 2-core box extra OpenMP threads
-    spin against other processes (measured 8x slower under load)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory, training_texts):
-    """~150 KB of real text, one document per blank-line-separated block."""
-    docs, size = [], 0
-    for d in training_texts:
-        d = "\n".join(line for line in d.splitlines() if line.strip())
-        if d:
-            docs.append(d)
-            size += len(d)
-        if size > 150_000:
-            break
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text("\n\n".join(docs), encoding="utf-8")
-    return path
-
-
 ENV1 = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
