@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stage", choices=["pretrain", "sft"], default="pretrain",
                    help="pretrain: next-token loss on all tokens; sft: chat data, loss on assistant tokens only")
     g.add_argument("--data", default=None,
-                   help="prepared dir (train.bin/val.bin/meta.json from data_utils.py prepare), or raw text "
+                   help="prepared dir (train.bin/val.bin/meta.json from data_utils.py prepare; default ./data "
+                        "when it holds one), or raw text "
                         "tokenized on the fly: .txt/.jsonl/.parquet file, dir, glob, hf:NAME[:CONFIG[:SPLIT]] "
                         "or python-docs. For --stage sft: a chat .jsonl")
     g.add_argument("--val-data", default=None,
@@ -675,7 +676,15 @@ def _train(args, dist: Dist, fishai, data_utils) -> dict:
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if args.data is None:
-        raise TrainError("--data is required: a prepared dir, a text/jsonl/parquet file, hf:NAME or python-docs")
+        # the seed's command has no --data: use what `data_utils.py prepare --output data/` wrote
+        if args.stage == "pretrain" and (Path("data") / "train.bin").is_file():
+            args.data = "data"
+            if os.environ.get("RANK", "0") == "0":
+                print("--data not given: using the prepared dataset in ./data", flush=True)
+        else:
+            raise TrainError("--data not given and ./data has no train.bin: run `python data_utils.py prepare "
+                             "--input ... --tokenizer tokenizer/ --output data/` first, or pass --data (a prepared "
+                             "dir, a text/jsonl/parquet file, hf:NAME or python-docs)")
     if args.stage == "sft" and not args.init_from and args.resume is None:
         raise TrainError("--stage sft needs --init-from CHECKPOINT (a pretrained model and its tokenizer)")
     lr = args.lr if args.lr is not None else (1e-4 if args.stage == "sft" else 5e-4)

@@ -427,3 +427,23 @@ def test_wandb_offline_writes_run_files(tmp_path, tiny_tokenizer_dir, text_file,
     data = records[0].read_bytes()
     for needle in needles:
         assert needle in data, needle
+
+
+def test_seed_command_without_data_uses_prepared_data_dir(tmp_path, tiny_tokenizer_dir, text_file):
+    """The seed's `python train.py --config small ...` names no --data: ./data from `prepare` is used,
+    and without it the error says how to make it."""
+    import data_utils
+    args = ["--config", "tiny", *SHRINK, "--output-dir", "ck", "--seq-len", "32", "--batch-size", "2",
+            "--max-steps", "2", "--device", "cpu", "--no-progress", "--eval-iters", "1"]
+    e = {**ENV1}
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=e,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "data_utils.py prepare" in r.stderr and not (tmp_path / "ck").exists()
+    data_utils.prepare([str(text_file)], str(tiny_tokenizer_dir), str(tmp_path / "data"), val_fraction=0.1,
+                       show_progress=False,
+                       log=lambda *a: None)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=e,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "using the prepared dataset in ./data" in r.stdout
+    assert load_checkpoint(tmp_path / "ck" / "fishai-latest.pt")["step"] == 2
