@@ -1219,7 +1219,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(st)
 
     fu = sub.add_parser("full", help="perplexity on WikiText-103/WikiText-2/PTB + generation quality")
-    fu.add_argument("--model", required=True, help="checkpoint .pt, quantized .bin, HF dir (or hub name with --hf)")
+    fu.add_argument("--model", default="checkpoints/fishai-best.pt",
+                    help="checkpoint .pt, quantized .bin, HF dir (or hub name with --hf); "
+                         "default checkpoints/fishai-best.pt")
     fu.add_argument("--hf", action="store_true", help="load --model through transformers AutoModelForCausalLM")
     fu.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     fu.add_argument("--dtype", default=None, help="model dtype: float32, bf16, fp16 (default: as stored)")

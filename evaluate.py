@@ -982,7 +982,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="--data-dir layout (the datasets' original formats):\n" + DATA_DIR_LAYOUT)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="FishAI checkpoint (.pt), quantized export (.bin) or FishAI HF dir")
+    src.add_argument("--model", help="FishAI checkpoint (.pt), quantized export (.bin) or FishAI HF dir "
+                     "(default checkpoints/fishai-best.pt when neither --hf nor --samples is given)")
     src.add_argument("--hf", metavar="NAME_OR_DIR", help="any Hugging Face causal LM (hub name or local dir)")
     src.add_argument("--samples", metavar="FILE.jsonl",
                      help="HumanEval only: score these completions ({task_id, completion} per line) without a model")
@@ -1015,7 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> list[str]:
     benches = parse_benchmarks(args.benchmark)
     if not (args.model or args.hf or args.samples):
-        raise EvalError("nothing to evaluate: pass --model PATH, --hf NAME_OR_DIR, or --samples FILE.jsonl")
+        args.model = "checkpoints/fishai-best.pt"  # what train.py writes, as the seed's command expects
     if args.samples and benches != ["humaneval"]:
         raise EvalError("--samples scores HumanEval completions; use it with --benchmark humaneval")
     if "humaneval" in benches and not args.allow_code_execution:

@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample text from, or chat with, a FishAI model (.pt checkpoint, quantized "
                     ".bin or HF directory). Tokens are streamed to stdout as they are produced.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default="checkpoints/fishai-best.pt",
                    help="model to load: training checkpoint (.pt), quantized export (.bin) or "
                         "FishAI/HF Llama directory")
     p.add_argument("--prompt", default="",

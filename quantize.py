@@ -873,8 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a FishAI checkpoint as a quantized .bin (docs/FORMAT.md), an HF Llama "
                     "directory or a GGUF file, and report size and quality.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="source model: a .pt checkpoint (or anything model.load_model reads)")
-    p.add_argument("--output", required=True, help="output .bin / .gguf file, or directory for --format hf")
+    p.add_argument("--model", default="checkpoints/fishai-best.pt",
+                   help="source model: a .pt checkpoint (or anything model.load_model reads); "
+                        "default checkpoints/fishai-best.pt, what train.py writes")
+    p.add_argument("--output", default=None, help="output .bin / .gguf file, or directory for --format hf "
+                   "(default fishai-<strategy>.bin / .gguf, or fishai-hf/)")
     p.add_argument("--format", choices=FORMATS, default="bin", help="bin: FishAI quantized file; hf: "
                    "LlamaForCausalLM directory; gguf: llama.cpp file")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
@@ -905,6 +908,8 @@ def run(args) -> dict:
     """The CLI as a function: export and return the report dict (raises ValueError on bad input)."""
     fmt = args.format
     strategy = args.strategy or ("fp16" if fmt == "hf" else "mixed")
+    if args.output is None:
+        args.output = {"bin": f"fishai-{strategy}.bin", "gguf": f"fishai-{strategy}.gguf"}.get(fmt, "fishai-hf")
     out = Path(args.output)
     progress = not args.quiet
     if fmt == "hf" and strategy not in ("fp16", "fp32"):

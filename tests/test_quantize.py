@@ -401,3 +401,17 @@ def test_eval_data_specs(shared_data, tmp_path):
     assert Q.load_eval_texts(str(txt)) == ["first doc", "second doc"]
     with pytest.raises(ValueError, match="eval-data"):
         Q.load_eval_texts(str(tmp_path / "missing.txt"))
+
+
+def test_seed_command_defaults(tmp_path, tiny_ckpt):
+    """`python quantize.py --strategy mixed` as the design card writes it: reads
+    checkpoints/fishai-best.pt and writes fishai-mixed.bin in the current directory."""
+    import shutil
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(tiny_ckpt, tmp_path / "checkpoints" / "fishai-best.pt")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "quantize.py"), "--strategy", "mixed", "--quiet"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "fishai-mixed.bin" in r.stdout
+    assert (tmp_path / "fishai-mixed.bin").read_bytes()[:8] == b"FISHAIQ\x00"
