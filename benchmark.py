@@ -1264,12 +1264,11 @@ def run_self_test(args) -> int:
     return 0 if not failed else 1
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(fn, args) -> int:
+    """Run a command with the scripts' error contract: one `error:` line and exit 2 on bad input,
+    130 on Ctrl-C (shared with reference_benchmark.py)."""
     try:
-        if args.command == "self-test":
-            return run_self_test(args)
-        return run_full(args)
+        return fn(args)
     except (BenchmarkError, ValueError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
@@ -1277,6 +1276,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(run_self_test if args.command == "self-test" else run_full, args)
 
 
 if __name__ == "__main__":

@@ -371,12 +371,9 @@ def quick_train(args) -> dict:
         raise QuickTrainError(f"--output-dir {out} is not empty; pass --overwrite to replace its run or choose "
                               "another directory")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise QuickTrainError(f"--output-dir {out} is not writable ({e.strerror or e})")
+        trainer._check_writable_dir(out)
+    except trainer.TrainError as e:
+        raise QuickTrainError(str(e)) from None
     if args.overwrite:
         for sub in ["data"] + [p.name for p in out.glob("round*")]:
             shutil.rmtree(out / sub, ignore_errors=True)

@@ -31,7 +31,7 @@ import torch
 
 from benchmark import (DATASET_LABELS, BenchmarkError, add_data_args, add_output_args, atomic_write_text,
                        check_outputs, fmt_ppl, load_datasets, load_lm, parse_data_flags, perplexity,
-                       resolve_device, write_json)
+                       resolve_device, run_cli, write_json)
 
 DEFAULT_MODELS = ["EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "gpt2", "HuggingFaceTB/SmolLM2-135M"]
 
@@ -205,15 +205,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (BenchmarkError, ValueError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(run, args)
 
 
 if __name__ == "__main__":
