@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import math
 import os
@@ -657,12 +658,19 @@ def train(args: argparse.Namespace) -> dict:
     import data_utils
 
     dist = setup_distributed()
+    ok = False
     try:
-        return _train(args, dist, fishai, data_utils)
+        summary = _train(args, dist, fishai, data_utils)
+        ok = True
+        return summary
     finally:
         if dist.enabled:
             import torch.distributed as tdist
             if tdist.is_initialized():
+                if ok:
+                    # every rank reaches the end before any tears the group down: a rank that
+                    # destroys its gloo context while a peer still talks to it can crash the peer
+                    tdist.barrier()
                 tdist.destroy_process_group()
 
 
@@ -1070,6 +1078,10 @@ def _load_sft_conversations(args, data_utils, world_size: int = 1):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not faulthandler.is_enabled():
+        # a worker that dies on a signal under torchrun shows only "exitcode -11"; this prints
+        # the Python stack of every thread to that worker's stderr first
+        faulthandler.enable()
     try:
         summary = train(args)
     except KeyboardInterrupt:  # a second Ctrl-C during a step

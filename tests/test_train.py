@@ -301,10 +301,27 @@ def _torchrun(args, env=None, extra=(), timeout=150):
     return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
 
 
+def _gloo_flake(r) -> bool:
+    """A gloo worker that died inside torch's C++ (a signal, or an abort while connecting to its
+    peer) on a busy machine: seen rarely in CI, never reproduced in 40 local runs. train.py turns
+    on faulthandler under torchrun, so the warning below carries the worker's Python stack."""
+    if r.returncode == 0:
+        return False
+    flake = ("terminate called without an active exception" in r.stderr
+             or "(SIGSEGV)" in r.stderr or "(SIGABRT)" in r.stderr or "(SIGBUS)" in r.stderr)
+    if flake:
+        import warnings
+        warnings.warn(f"torchrun worker crashed in torch/gloo, retrying once:\n{r.stderr[-4000:]}")
+    return flake
+
+
 def test_torchrun_ddp_trains_and_resumes_single_process(tmp_path, tiny_tokenizer_dir, text_file):
-    out = tmp_path / "ddp"
-    args = base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 4, "--eval-interval", 4)
-    r = _torchrun(args)
+    for attempt in range(2):
+        out = tmp_path / f"ddp{attempt}"
+        args = base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 4, "--eval-interval", 4)
+        r = _torchrun(args)
+        if not _gloo_flake(r):
+            break
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 seq x 2 accum x 2 procs = 8 sequences, 256 tokens/step" in r.stdout
     assert r.stdout.count("done: 4 steps") == 1  # only rank 0 logs
@@ -338,9 +355,8 @@ def test_torchrun_elastic_restart_after_worker_kill(tmp_path, tiny_tokenizer_dir
                          "--save-interval", 2, "--resume", "auto")
         r = _torchrun(args, env={"FISHAI_FAULT_EXIT_AT_STEP": "5", "FISHAI_FAULT_EXIT_RANK": "1",
                                  "FISHAI_FAULT_MARKER": str(marker)}, extra=["--max-restarts", "1"])
-        # On a busy machine a restarted gloo worker has (rarely) aborted while connecting to its peer
-        # ("terminate called without an active exception"): an environment flake, retried once.
-        if r.returncode == 0 or "terminate called without an active exception" not in r.stderr:
+        # a restarted gloo worker has (rarely) aborted while connecting to its peer: retried once
+        if not _gloo_flake(r):
             break
     assert r.returncode == 0, r.stderr[-3000:]
     assert marker.read_text().startswith("rank 1 exited at step 5")  # the worker really died once
