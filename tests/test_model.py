@@ -154,6 +154,43 @@ def test_greedy_generation_equals_full_recompute(net):
     assert torch.equal(net.generate(x, 20, temperature=0.8, top_p=1e-6), out)
 
 
+def test_lean_decode_step_matches_module_path_and_yields_to_hooks(net):
+    x = tokens(2, 9, 11)
+    assert net._lean_decode_ok()
+    lean_logits = []
+    # the lean step is what generate() uses for a stock model: spy on it, and compare its
+    # logits with the module path's (a full forward over the same tokens)
+    orig = net._lean_decode_step
+
+    def spy(layers, tok, pos):
+        out = orig(layers, tok, pos)
+        lean_logits.append((pos, out))
+        return out
+    net._lean_decode_step = spy
+    out = net.generate(x, 12, temperature=0)
+    del net._lean_decode_step
+    assert [p for p, _ in lean_logits] == list(range(9, 20))
+    with torch.no_grad():
+        full, _ = net(out.clone())
+    for pos, lg in lean_logits:
+        assert (lg - full[:, pos]).abs().max().item() < 1e-5
+    # a forward hook (GPTQ calibration, a profiler) must see every matmul: the module path runs
+    seen = []
+    h = net.layers[1].mlp.w_down.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    assert not net._lean_decode_ok()
+    assert torch.equal(net.generate(x, 12, temperature=0), out)
+    h.remove()
+    assert seen == [9] + [1] * 11  # the prefill, then every decode step went through the module
+    # ...and so must a swapped-in layer (a quantized linear or LoRA wrapper)
+    class Wrapped(torch.nn.Linear):
+        pass
+    w = net.layers[0].attn.wq
+    net.layers[0].attn.wq = Wrapped(w.in_features, w.out_features, bias=False)
+    net.layers[0].attn.wq.weight = w.weight
+    assert not net._lean_decode_ok()
+    assert torch.equal(net.generate(x, 12, temperature=0), out)
+
+
 def test_sampling_is_seeded_and_eos_stops(net):
     x = tokens(4, 5, 8)
     a = net.generate(x, 15, temperature=1.0, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(1))
