@@ -395,6 +395,9 @@ def test_compile_decode_static_step_used_by_generate(net):
     assert torch.equal(net.generate(x[:1], 12, temperature=0), expected[:1])  # a smaller batch reuses it
     net.clear_cache()
     assert net._decode_fn is None
+    # after clear_cache the next generate() is back on the dynamic cache and the lean step
+    assert torch.equal(net.generate(x, 12, temperature=0), expected)
+    assert not net._cache_static
 
 
 # --- CUDA (run on a GPU machine; skipped elsewhere) ------------------------------------------
