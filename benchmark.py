@@ -752,12 +752,7 @@ def run_full(args) -> int:
               f"{gen['mean_length']:.1f}  ends with EOS {gen['eos_rate']:.0%}")
         for r in gen["samples"][:: max(1, args.samples)][:4]:
             print(f"  {r['prompt']!r} -> {r['text'][:100]!r}")
-    if args.json:
-        write_json(args.json, res)
-        print(f"wrote {args.json}")
-    if args.report:
-        atomic_write_text(args.report, full_report_markdown(res))
-        print(f"wrote {args.report}")
+    write_outputs(args, res, full_report_markdown)
     return 1 if errors else 0
 
 
@@ -1168,6 +1163,17 @@ def check_outputs(args):
             raise BenchmarkError(f"--{flag} {path}: file exists; pass --overwrite to replace it")
 
 
+def write_outputs(args, res, to_markdown):
+    """Write --json (the results) and --report (to_markdown(results)) after a run; the paths were
+    checked by check_outputs before the run started."""
+    if args.json:
+        write_json(args.json, res)
+        print(f"wrote {args.json}")
+    if args.report:
+        atomic_write_text(args.report, to_markdown(res))
+        print(f"wrote {args.report}")
+
+
 def add_data_args(parser):
     """The dataset and scoring flags, shared by benchmark.py full and reference_benchmark.py."""
     parser.add_argument("--wikitext103", metavar="PATH", help="local WikiText-103 file (e.g. wiki.test.tokens)")
@@ -1255,12 +1261,7 @@ def run_self_test(args) -> int:
     print(format_speed_table(res["speed"]))
     failed = [c["name"] for c in res["checks"] if c["required"] and not c["passed"]]
     print(f"\n{'all checks passed' if not failed else 'FAILED: ' + ', '.join(failed)}")
-    if args.json:
-        write_json(args.json, res)
-        print(f"wrote {args.json}")
-    if args.report:
-        atomic_write_text(args.report, self_test_markdown(res))
-        print(f"wrote {args.report}")
+    write_outputs(args, res, self_test_markdown)
     return 0 if not failed else 1
 
 

@@ -29,9 +29,9 @@ import time
 
 import torch
 
-from benchmark import (DATASET_LABELS, BenchmarkError, add_data_args, add_output_args, atomic_write_text,
+from benchmark import (DATASET_LABELS, BenchmarkError, add_data_args, add_output_args,
                        check_outputs, fmt_ppl, load_datasets, load_lm, parse_data_flags, perplexity,
-                       resolve_device, run_cli, write_json)
+                       resolve_device, run_cli, write_outputs)
 
 DEFAULT_MODELS = ["EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "gpt2", "HuggingFaceTB/SmolLM2-135M"]
 
@@ -193,12 +193,7 @@ def run(args) -> int:
     print(format_table(models, names, res["published"]))
     if res["published"]:
         print("(published rows: the paper's own zero-shot figures with detokenizers, not measured here)")
-    if args.json:
-        write_json(args.json, res)
-        print(f"wrote {args.json}")
-    if args.report:
-        atomic_write_text(args.report, report_markdown(res))
-        print(f"wrote {args.report}")
+    write_outputs(args, res, report_markdown)
     scored = sum("error" not in r for r in models.values())
     return 0 if scored else 1
 
