@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data_utils import hub_reachable
+from data_utils import atomic_write_text, hub_reachable
 
 try:  # tqdm is a hard dependency of the project, but keep the scoring core importable without it
     from tqdm.auto import tqdm
@@ -629,19 +629,6 @@ def format_ppl_table(results: dict, title: str | None = None) -> str:
                      f"{r['bits_per_byte']:>10.4f}{r['tokens']:>10,}{r['words']:>10,}{r['bytes']:>11,}"
                      f"{r.get('seconds', 0):>8.1f}")
     return "\n".join(lines)
-
-
-def atomic_write_text(path, text: str):
-    """Write a file via temp file + os.replace, so a failed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_json(path, obj):

@@ -64,16 +64,36 @@ class DataError(ValueError):
     """Every bad-input error of the data pipeline: one line naming the file/flag and the fix."""
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path, write_fn, mode: str = "wb") -> Path:
+    """Create or replace `path` through write_fn(f) on a temp file in the same directory, then
+    os.replace: readers (and a crash or Ctrl-C at any moment) see the old file or the new one,
+    never half of one. The one atomic writer of the project (checkpoints, exports, reports)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _silent_unlink(tmp)
         raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """atomic_write for a UTF-8 text file."""
+    return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def _silent_unlink(path) -> None:
@@ -195,9 +215,9 @@ class TextTokenizer:
     def save(self, out_dir) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "tokenizer.json", self._json)
-        _atomic_write_text(out / "tokenizer_config.json", json.dumps(self.config, indent=2, ensure_ascii=False))
-        _atomic_write_text(out / "special_tokens_map.json", json.dumps(_special_tokens_map(), indent=2))
+        atomic_write_text(out / "tokenizer.json", self._json)
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(self.config, indent=2, ensure_ascii=False))
+        atomic_write_text(out / "special_tokens_map.json", json.dumps(_special_tokens_map(), indent=2))
         return out
 
     @property
@@ -1811,7 +1831,7 @@ def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | Non
             "upsampled_pass_filters": [f.report() for f in fresh_filters],
             "read_stats": read_stats,
         }
-        _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
         # swap into place: the old dir (only with --overwrite) is removed after the new one is complete
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
@@ -2063,7 +2083,7 @@ def _cli_stats(args) -> int:
                 print("  meta.json matches data tokenizer/ (hash ok)")
         print("  top ids: " + ", ".join(f"{t[0]}{' ' + repr(t[2]) if len(t) > 2 else ''}:{t[1]:,}" for t in top))
         if args.json:
-            _atomic_write_text(Path(args.json), json.dumps(st, indent=2))
+            atomic_write_text(Path(args.json), json.dumps(st, indent=2))
     return 0
 
 
@@ -2072,7 +2092,7 @@ def _cli_bench(args) -> int:
                 repeat=args.repeat, log=None)
     print(json.dumps(res, indent=2))
     if args.json:
-        _atomic_write_text(Path(args.json), json.dumps(res, indent=2))
+        atomic_write_text(Path(args.json), json.dumps(res, indent=2))
     return 0
 
 

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_utils import DataError, load_hf_dataset
+from data_utils import DataError, atomic_write_text, load_hf_dataset
 
 BENCHMARKS = ("mmlu", "ceval", "hellaswag", "gsm8k", "humaneval")
 DEFAULT_FEWSHOT = {"mmlu": 5, "ceval": 5, "hellaswag": 0, "gsm8k": 8, "humaneval": 0}
@@ -1046,18 +1046,6 @@ def check_args(args) -> list[str]:
     return benches
 
 
-def _atomic_write(path: str, text: str) -> None:
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.resolve().parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_benchmark_data(b: str, args) -> dict:
     """Everything benchmark `b` needs from disk or the hub, loaded before the model so that a bad
     file or a missing split fails fast."""
@@ -1180,9 +1168,9 @@ def main(argv=None) -> int:
                       "seed": args.seed, "num_samples": args.num_samples, "temperature": args.temperature},
            "results": results}
     if args.json:
-        _atomic_write(args.json, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(args.json, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     if args.log_samples:
-        _atomic_write(args.log_samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
+        atomic_write_text(args.log_samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
     return 0
 
 

@@ -577,23 +577,8 @@ def _unwrap(model):
 
 
 def _atomic_torch_save(obj, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
+    from data_utils import atomic_write  # lazy: model.py stays importable on its own
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path, model, *, tokenizer=None, optimizer=None, scheduler=None, scaler=None, step=0,
@@ -908,9 +893,8 @@ def main(argv=None):
             print(f"  {name:<32} {str(shape):>14} {math.prod(shape):>12,}")
         print(f"  (layers.1 .. layers.{CONFIGS[args.config].n_layers - 1} repeat layers.0)")
     if args.json:
-        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=2))
-        os.replace(tmp, args.json)
+        from data_utils import atomic_write_text
+        atomic_write_text(args.json, json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -42,13 +42,14 @@ import json
 import os
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from data_utils import atomic_write, atomic_write_text
 
 MAGIC = b"FISHAIQ\x00"
 FORMAT_NAME = "fishai-quantized"
@@ -470,22 +471,6 @@ def _align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def _atomic_write(path: Path, write_fn) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_quantized(path, tensors: dict, model_config: dict, tokenizer: dict | None = None,
                     meta: dict | None = None) -> int:
     """Write {name: QTensor} as a FishAI quantized file (atomic). Returns the file size in bytes."""
@@ -526,7 +511,7 @@ def write_quantized(path, tensors: dict, model_config: dict, tokenizer: dict | N
             pos = off + len(data)
         f.write(h.digest())
 
-    _atomic_write(Path(path), write)
+    atomic_write(path, write)
     return payload_start + payload_len + CHECKSUM_LEN
 
 
@@ -995,7 +980,7 @@ def main(argv=None) -> int:
               f"{p['before']['word_ppl']:.3f} -> {p['after']['word_ppl']:.3f}")
     if args.json:
         data = json.dumps(report, indent=2)
-        _atomic_write(Path(args.json), lambda f: f.write(data.encode("utf-8")))
+        atomic_write_text(args.json, data)
     return 0
 
 

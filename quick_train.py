@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from data_utils import atomic_write, atomic_write_text
+
 DEFAULT_DATA = "hf:wikitext:wikitext-103-raw-v1"  # train split; the test split is the benchmark
 DEFAULT_TARGET_PPL = 56.0  # the seed's WikiText-103 goal (word-level perplexity)
 
@@ -282,10 +284,10 @@ def plot_losses(rounds: list[dict], path: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return None
 
 
@@ -321,12 +323,6 @@ def report_markdown(rep: dict) -> str:
 
 def _f(v, nd):
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def generate_samples(ckpt: Path, prompts: list[str], n_tokens: int, device: str, seed: int) -> list[dict]:
@@ -552,9 +548,8 @@ def quick_train(args) -> dict:
     if best_ckpt is None:
         raise QuickTrainError("no round produced a checkpoint")
     final = out / trainer.BEST_NAME
-    tmp = out / f".{trainer.BEST_NAME}.tmp"
-    shutil.copyfile(best_ckpt, tmp)
-    os.replace(tmp, final)
+    with open(best_ckpt, "rb") as src:
+        atomic_write(final, lambda f: shutil.copyfileobj(src, f))
     best_round = next(r for r in rounds if r["checkpoint"] == str(best_ckpt))
     prompts = SAMPLE_PROMPTS.get(args.data, SAMPLE_PROMPTS[None])[: max(0, args.samples)]
     samples = generate_samples(final, prompts, args.sample_tokens, str(device), args.seed) if prompts else []
@@ -576,10 +571,10 @@ def quick_train(args) -> dict:
     rep["loss_curve_note"] = note
     if note:
         log(f"[quick_train] note: {note}")
-    _atomic_write(out / "report.json", json.dumps(rep, indent=2))
-    _atomic_write(out / "report.md", report_markdown(rep))
+    atomic_write_text(out / "report.json", json.dumps(rep, indent=2))
+    atomic_write_text(out / "report.md", report_markdown(rep))
     if args.json:
-        _atomic_write(Path(args.json), json.dumps(rep, indent=2))
+        atomic_write_text(Path(args.json), json.dumps(rep, indent=2))
     t = rep["test"] or {}
     log(f"[quick_train] done in {rep['total_time_s']:.0f} s: {len(rounds)} round(s), {tokens_seen:,} tokens; "
         f"test word ppl {_f(t.get('word_ppl'), 2)}, token ppl {_f(t.get('token_ppl'), 2)}"

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from data_utils import (SPECIAL_TOKENS, DataError, TextTokenizer, _atomic_write_text, _tokenizer_config,
+from data_utils import (SPECIAL_TOKENS, DataError, TextTokenizer, atomic_write_text, _tokenizer_config,
                         iter_documents)
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         if stats.get("bad_lines"):
             print(f"  note: {stats['bad_lines']} bad jsonl lines skipped")
         if args.json:
-            _atomic_write_text(Path(args.json), json.dumps(report, indent=2, ensure_ascii=False))
+            atomic_write_text(Path(args.json), json.dumps(report, indent=2, ensure_ascii=False))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -524,9 +524,8 @@ class MetricsLog:
                     continue  # a line cut by a kill
                 if rec.get("step", 0) <= resume_step and rec.get("event") != "end":
                     kept.append(line)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, path)
+            from data_utils import atomic_write_text
+            atomic_write_text(path, "".join(k + "\n" for k in kept))
             self.f = open(path, "a")
         else:
             self.f = open(path, "w")
