@@ -1099,15 +1099,20 @@ def self_test(config="tiny", device="cpu", dtype=None, compile=False, batch_size
     }
 
 
+def _speed_cells(r: dict) -> tuple[str, str, str]:
+    """One speed row's (FishAI, HF, ratio) cells, for the console table and the markdown report."""
+    def f(v):
+        if v is None:
+            return "n/a"
+        return f"{v:.1%}" if r["unit"] == "fraction" else f"{v:,.1f}"
+    return f(r["ours"]), f(r["hf"]), (f"{r['ratio']:.2f}x" if r["ratio"] else "n/a")
+
+
 def format_speed_table(speed: dict) -> str:
     lines = [f"{'metric':<66}{'FishAI':>12}{'HF Llama':>12}{'ratio':>8}"]
     for r in speed.values():
-        def f(v):
-            if v is None:
-                return "n/a"
-            return f"{v:.1%}" if r["unit"] == "fraction" else f"{v:,.1f}"
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "n/a"
-        lines.append(f"{r['label']:<66}{f(r['ours']):>12}{f(r['hf']):>12}{ratio:>8}")
+        ours, hf, ratio = _speed_cells(r)
+        lines.append(f"{r['label']:<66}{ours:>12}{hf:>12}{ratio:>8}")
     return "\n".join(lines)
 
 
@@ -1122,12 +1127,7 @@ def self_test_markdown(res: dict) -> str:
         out.append(f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {detail} |")
     out += ["", "| metric | FishAI | HF LlamaForCausalLM | ratio |", "|---|---:|---:|---:|"]
     for r in res["speed"].values():
-        def f(v):
-            if v is None:
-                return "n/a"
-            return f"{v:.1%}" if r["unit"] == "fraction" else f"{v:,.1f}"
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "n/a"
-        out.append(f"| {r['label']} | {f(r['ours'])} | {f(r['hf'])} | {ratio} |")
+        out.append(f"| {r['label']} | {' | '.join(_speed_cells(r))} |")
     return "\n".join(out) + "\n"
 
 
