@@ -365,15 +365,14 @@ class _StopForward(Exception):
     """Raised from a hook to end a calibration forward pass early (no logits needed)."""
 
 
-def _accumulate_hessians(model, modules: dict, batches: list, stop_module, capture_output_of=None):
-    """H = 2/n sum x x^T over every input row x of each module (or of the output of capture_output_of
-    for the tied lm_head). The forward pass stops after stop_module."""
+def _accumulate_hessians(model, modules: dict, batches: list, stop_module):
+    """H = 2/n sum x x^T over every input row x of each module. The forward pass stops after
+    stop_module."""
     H, count, hooks = {}, {}, []
 
-    def make_hook(key, use_output):
+    def make_hook(key):
         def hook(mod, inp, out):
-            x = out if use_output else inp[0]
-            x = x.detach().reshape(-1, x.shape[-1]).double()
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
             if key not in H:
                 H[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
                 count[key] = 0
@@ -382,7 +381,7 @@ def _accumulate_hessians(model, modules: dict, batches: list, stop_module, captu
         return hook
 
     for key, mod in modules.items():
-        hooks.append(mod.register_forward_hook(make_hook(key, mod is capture_output_of)))
+        hooks.append(mod.register_forward_hook(make_hook(key)))
 
     def stop(mod, inp, out):
         raise _StopForward
@@ -405,24 +404,14 @@ def gptq_quantize_model(gpt, plan: dict, batches: list, group_size: int, damp: f
                         progress: bool = True) -> dict:
     """Sequential GPTQ over the transformer blocks: block i's Hessians are measured with blocks < i
     already quantized (so later layers compensate earlier error), then its linears are quantized.
-    The tied embedding is quantized last as the lm_head, from the final-norm outputs.
+    The tied embedding keeps round-to-nearest: GPTQ would tune it as the output head only, and the
+    error it moves between columns then lands on every input embedding (measured on the test
+    model: int4 perplexity +0.83% with a GPTQ'd embedding vs +0.53% RTN, on python-docs).
     Modifies a copy of the weights in place; returns {param name: QTensor} for the q4/q8 params."""
     from tqdm import tqdm
     out = {}
     module_names = {m: n for n, m in gpt.named_modules()}
-    steps = list(gpt.layers) + [gpt.norm]
-    bar = tqdm(steps, desc="gptq", unit="layer", disable=not progress)
-    for blk in bar:
-        if blk is gpt.norm:
-            if plan.get("tok_emb.weight") not in ("q4", "q8"):
-                continue
-            H = _accumulate_hessians(gpt, {"tok_emb.weight": gpt.norm}, batches, gpt.norm,
-                                     capture_output_of=gpt.norm)["tok_emb.weight"]
-            qt = gptq_quantize(gpt.tok_emb.weight, H, plan["tok_emb.weight"], group_size, damp,
-                               name="tok_emb.weight")
-            gpt.tok_emb.weight.data.copy_(qt.dequantize().to(gpt.tok_emb.weight.dtype))
-            out["tok_emb.weight"] = qt
-            continue
+    for blk in tqdm(list(gpt.layers), desc="gptq", unit="layer", disable=not progress):
         linears = {}
         for m in blk.modules():
             if isinstance(m, torch.nn.Linear):

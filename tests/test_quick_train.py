@@ -110,7 +110,7 @@ def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys):
 
 def test_target_met_stops_after_one_round(tmp_path, text_file, capsys):
     out = tmp_path / "q"
-    rc = quick_train.main(small_args(text_file, out, "--target-ppl", 1e9, "--max-steps", 4,
+    rc = quick_train.main(small_args(text_file, out, "--target-ppl", 1e300, "--max-steps", 4,
                                      "--eval-interval", 4, "--samples", 0))
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
