@@ -39,12 +39,14 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import data_utils as du
 from data_utils import atomic_write_text, hub_reachable
 
 try:  # tqdm is a hard dependency of the project, but keep the scoring core importable without it
@@ -1132,6 +1134,125 @@ def self_test_markdown(res: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# `data`: end-to-end prepare (data_utils.py) vs bare encode_batch, and peak memory at 1x / Nx corpus size
+
+
+def _run_measured(cmd: list[str]) -> tuple[float, int, float]:
+    """Run a command, return (seconds, peak RSS bytes of that process, CPU seconds user+sys)."""
+    import subprocess
+
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        raise BenchmarkError(f"benchmark command failed ({' '.join(cmd)}): {err.strip().splitlines()[-1:] }")
+    return time.time() - t0, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
+
+
+def make_scaled_corpus(source, out_dir, copies: int, text_key: str = "text") -> tuple[Path, int]:
+    """Write `copies` copies of the documents of `source` into out_dir/corpus.txt (blank-line
+    separated blocks); copy k > 0 prefixes each document with "[k] " so exact de-duplication does
+    not collapse the copies. Returns (path, bytes)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"corpus_x{copies}.txt"
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for k in range(copies):
+            for d in du.iter_documents(source, text_key):
+                d = d.replace("\n\n", "\n")  # keep each document one block when re-read
+                d = re.sub(r"\n\s*\n", "\n", d)
+                s = (f"[{k}] " if k else "") + d.strip("\n") + "\n\n"
+                n += f.write(s)
+    return path, path.stat().st_size
+
+
+def bench_prepare(input_source, tokenizer, workdir=None, filter_spec: str = "default", scale: int = 10,
+          batch_docs: int = 1024, repeat: int = 3, log=print) -> dict:
+    """Throughput of prepare (read -> filter -> encode -> write, in a subprocess) vs bare
+    encode_batch on the same documents held in memory, and peak RSS of prepare at 1x and
+    `scale`x the corpus. The 1x comparison alternates bare / end-to-end `repeat` times and keeps
+    the best of each (a shared machine's load hits both alike); CPU seconds are reported too."""
+    import resource
+    import shutil
+
+    tok = du.load_tokenizer(tokenizer)
+    work = Path(workdir or tempfile.mkdtemp(prefix="fishai_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict = {"input": str(input_source), "tokenizer_vocab": tok.vocab_size, "filter": filter_spec,
+                 "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "repeat": repeat}
+
+    def prepare_cmd(corpus, outd):
+        return [sys.executable, str(Path(__file__).with_name("data_utils.py")), "prepare", "--input", str(corpus), "--tokenizer",
+                str(tokenizer), "--output", str(outd), "--filter", filter_spec, "--overwrite", "--quiet",
+                "--batch-docs", str(batch_docs)]
+
+    try:
+        c1, b1 = make_scaled_corpus(input_source, work / "c1", 1)
+        docs = list(du.iter_documents(c1))
+        res["corpus_bytes"] = b1
+        res["docs"] = len(docs)
+        bare_runs, e2e_runs, fast_runs = [], [], []
+        for _ in range(max(1, repeat)):
+            # bare encode_batch: documents already in memory, same batch size as prepare
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.time()
+            n_tok = 0
+            for i in range(0, len(docs), batch_docs):
+                n_tok += sum(len(e.ids) for e in tok.backend.encode_batch(docs[i:i + batch_docs], add_special_tokens=False))
+            wall = time.time() - t0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            bare_runs.append({"seconds": round(wall, 3), "cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3),
+                              "tokens": n_tok})
+            # and the faster variant prepare itself uses, so the overhead of the pipeline shows too
+            t0 = time.time()
+            for i in range(0, len(docs), batch_docs):
+                du.fast_encode_batch(tok.backend, docs[i:i + batch_docs])
+            fast_runs.append(round(time.time() - t0, 3))
+            outd = work / "out1"
+            secs, rss, cpu = _run_measured(prepare_cmd(c1, outd))
+            meta = json.loads((outd / "meta.json").read_text())
+            e2e_runs.append({"seconds_pipeline": meta["seconds"], "seconds_process": round(secs, 3),
+                             "cpu_seconds_process": round(cpu, 3), "peak_rss_MB": round(rss / 2**20, 1),
+                             "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
+                             "filter_dropped": (meta.get("filter") or {}).get("dropped")})
+            shutil.rmtree(outd, ignore_errors=True)
+        del docs
+        best_bare = min(bare_runs, key=lambda r: r["seconds"])
+        best_e2e = min(e2e_runs, key=lambda r: r["seconds_pipeline"])
+        res["bare_encode_batch"] = {**best_bare, "MB_per_s": round(b1 / 1e6 / best_bare["seconds"], 3),
+                                    "all_seconds": [r["seconds"] for r in bare_runs]}
+        res["end_to_end_x1"] = {**best_e2e, "MB_per_s": round(b1 / 1e6 / best_e2e["seconds_pipeline"], 3),
+                                "all_seconds": [r["seconds_pipeline"] for r in e2e_runs]}
+        res["end_to_end_vs_bare"] = round(res["end_to_end_x1"]["MB_per_s"] / res["bare_encode_batch"]["MB_per_s"], 3)
+        res["bare_encode_batch_fast"] = {"seconds": min(fast_runs), "MB_per_s": round(b1 / 1e6 / min(fast_runs), 3),
+                                         "all_seconds": fast_runs}
+        res["end_to_end_vs_bare_fast"] = round(res["end_to_end_x1"]["MB_per_s"]
+                                               / res["bare_encode_batch_fast"]["MB_per_s"], 3)
+        if scale and scale > 1:
+            cp, nb = make_scaled_corpus(input_source, work / f"c{scale}", scale)
+            outd = work / f"out{scale}"
+            secs, rss, cpu = _run_measured(prepare_cmd(cp, outd))
+            meta = json.loads((outd / "meta.json").read_text())
+            res[f"end_to_end_x{scale}"] = {"corpus_bytes": nb, "seconds_pipeline": meta["seconds"],
+                                          "MB_per_s": round(nb / 1e6 / meta["seconds"], 3),
+                                          "cpu_seconds_process": round(cpu, 3), "peak_rss_MB": round(rss / 2**20, 1),
+                                          "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
+                                          "filter_dropped": (meta.get("filter") or {}).get("dropped")}
+            shutil.rmtree(outd, ignore_errors=True)
+            shutil.rmtree(work / f"c{scale}", ignore_errors=True)
+            res["peak_rss_MB_x1_vs_xN"] = [best_e2e["peak_rss_MB"], res[f"end_to_end_x{scale}"]["peak_rss_MB"]]
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if log:
+        log(json.dumps(res, indent=2))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
 def add_output_args(parser, json_help="write the results as JSON"):
@@ -1226,7 +1347,25 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--top-k", type=int, default=50, help="top-k sampling, 0 = off (default 50)")
     fu.add_argument("--seed", type=int, default=1234, help="sampling seed (default 1234)")
     add_output_args(fu, "write results as JSON (keys as in DESIGN.md)")
+
+    da = sub.add_parser("data", help="data_utils.py prepare end to end vs bare encode_batch; peak memory at 1x/Nx")
+    da.add_argument("--input", required=True, help="corpus (any data_utils.iter_documents source)")
+    da.add_argument("--tokenizer", required=True, help="tokenizer dir")
+    da.add_argument("--filter", default="default", help="filter spec used by prepare (default: default)")
+    da.add_argument("--scale", type=int, default=10, help="the large corpus is this many copies (memory check; default 10)")
+    da.add_argument("--repeat", type=int, default=3, help="alternate bare / end-to-end runs this often, keep the best (default 3)")
+    da.add_argument("--workdir", default=None, help="keep temp corpora here (default: a temp dir, removed)")
+    add_output_args(da)
     return p
+
+
+def run_data(args) -> int:
+    check_outputs(args)
+    res = bench_prepare(args.input, args.tokenizer, workdir=args.workdir, filter_spec=args.filter, scale=args.scale,
+                        repeat=args.repeat, log=None)
+    print(json.dumps(res, indent=2))
+    write_outputs(args, res, lambda r: "```json\n" + json.dumps(r, indent=2) + "\n```\n")
+    return 0
 
 
 def run_self_test(args) -> int:
@@ -1268,7 +1407,7 @@ def run_cli(fn, args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(run_self_test if args.command == "self-test" else run_full, args)
+    return run_cli({"self-test": run_self_test, "full": run_full, "data": run_data}[args.command], args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import glob as _glob
 import hashlib
 import importlib
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -60,35 +62,261 @@ CHATML_TEMPLATE = (
 )
 
 
-class DataError(ValueError):
+# ----------------------------------------------------------------------------------------------
+# errors and command-line conventions, shared by every script. This file needs no torch, so a
+# script can build its parser from these and answer --help (or a bad flag) before importing torch.
+
+
+class FishAIError(ValueError):
+    """A bad input (file, flag, value): the message is one line that names it and says what to do.
+    Every script's own error type derives from it; run_cli prints it and exits with EXIT_USAGE."""
+
+
+class DataError(FishAIError):
     """Every bad-input error of the data pipeline: one line naming the file/flag and the fix."""
 
 
-def atomic_write(path, write_fn, mode: str = "wb") -> Path:
-    """Create or replace `path` through write_fn(f) on a temp file in the same directory, then
-    os.replace: readers (and a crash or Ctrl-C at any moment) see the old file or the new one,
-    never half of one. The one atomic writer of the project (checkpoints, exports, reports)."""
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# EXIT_FAILED: the job ran but did not succeed (a failed check, a diverged run, nothing scored);
+# EXIT_USAGE: bad input (a flag, a missing or malformed file), as argparse does for bad flags.
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def run_cli(fn, *args) -> int:
+    """Run a script's main work with the one exit-code convention: FishAIError (and a missing or
+    unreadable file) -> `error: ...` on one line and EXIT_USAGE; Ctrl-C -> EXIT_INTERRUPTED;
+    a closed stdout pipe (`| head`) -> EXIT_OK. fn returns an exit code (None means EXIT_OK)."""
+    try:
+        rc = fn(*args)
+        return EXIT_OK if rc is None else int(rc)
+    except (FishAIError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output was left", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")  # the reader went away: no second error at exit
+        except OSError:
+            pass
+        return EXIT_OK
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and appends '(default: X)' once, only where the help
+    text does not already say its default and the default is a real value."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] or text == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {action.default})"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' conventions: the usage-error message is one line
+    (`error: argument --x: ...`) and the exit code is EXIT_USAGE; help shows defaults once."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _ranged(cast, name: str, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: cast the text and check lo <= value <= hi (or < with *_open)."""
+    def check(text):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo} (got {text})")
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            raise argparse.ArgumentTypeError(f"must be {'<' if hi_open else '<='} {hi} (got {text})")
+        return v
+    check.__name__ = name.replace(" ", "_")  # argparse names the type in some messages
+    return check
+
+
+def int_flag(lo=None, hi=None):
+    """argparse type for an integer in [lo, hi], e.g. type=int_flag(1) for a count."""
+    return _ranged(int, "an integer", lo, hi)
+
+
+def float_flag(lo=None, hi=None, lo_open=False, hi_open=False):
+    """argparse type for a number in the given range, e.g. float_flag(0, lo_open=True) for > 0."""
+    return _ranged(float, "a number", lo, hi, lo_open, hi_open)
+
+
+_SIZE_SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text, flag: str = "size") -> int | None:
+    """'500M' -> 500_000_000, '2B' -> 2_000_000_000, '1.5k', '5_000_000', '2e6' (K/M/B=G/T are
+    powers of 1000). None stays None. The one size parser of the project."""
+    if text is None:
+        return None
+    s = str(text).strip().upper().replace("_", "")
+    mult = _SIZE_SUFFIX.get(s[-1:], 1)
+    try:
+        value = float(s[:-1] if s[-1:] in _SIZE_SUFFIX else s) * mult
+    except ValueError:
+        raise DataError(f"{flag}: cannot parse {text!r}; use e.g. 5000000, 500M or 2B") from None
+    if not math.isfinite(value) or value < 0:
+        raise DataError(f"{flag}: {text!r} must be a size >= 0 (e.g. 500M)")
+    return int(value)
+
+
+def size_flag(text):
+    """argparse type for parse_size."""
+    try:
+        return parse_size(text)
+    except DataError:
+        raise argparse.ArgumentTypeError(f"cannot parse {text!r}; use e.g. 5000000, 500M or 2B") from None
+
+
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "fp32": "fp32", "float16": "fp16", "half": "fp16",
+                  "fp16": "fp16", "bfloat16": "bf16", "bf16": "bf16", "auto": "auto"}
+
+
+def dtype_name(text) -> str:
+    """Canonical dtype name (auto/fp32/fp16/bf16) of any accepted spelling (float32, bfloat16,
+    torch.float16, ...); DataError otherwise."""
+    key = str(text).strip().lower().replace("torch.", "")
+    if key not in _DTYPE_ALIASES:
+        raise DataError(f"--dtype {text}: unknown dtype; use one of {', '.join(DTYPE_CHOICES)}")
+    return _DTYPE_ALIASES[key]
+
+
+def add_dtype_flag(p, help_text: str):
+    def check(text):
+        try:
+            return dtype_name(text)
+        except DataError:
+            raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(DTYPE_CHOICES)}") from None
+    p.add_argument("--dtype", type=check, default="auto", metavar="{" + ",".join(DTYPE_CHOICES) + "}", help=help_text)
+
+
+def add_device_flag(p):
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps")
+
+
+def add_quiet_flag(p):
+    """--quiet: no progress bars or per-item tables (results and errors still print); the older
+    spelling --no-progress stays as a hidden alias."""
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-item tables")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_overwrite_flag(p, what: str = "existing output files"):
+    """--overwrite: allow replacing what is already there (the older --force is a hidden alias)."""
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what}")
+    p.add_argument("--force", dest="overwrite", action="store_true", help=argparse.SUPPRESS)
+
+
+def check_new_file(path, flag: str, overwrite: bool) -> None:
+    """Refuse, before any work, to replace an existing output file without --overwrite, or to
+    write one into a directory that does not exist."""
+    if not path:
+        return
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise DataError(f"{flag} {p}: file exists; pass --overwrite to replace it")
+    if p.is_dir():
+        raise DataError(f"{flag} {p}: is a directory; give a file name")
+    if not p.resolve().parent.is_dir():
+        raise DataError(f"{flag} {p}: the directory {p.resolve().parent} does not exist")
+
+
+def check_writable_dir(path, flag: str = "--output-dir") -> bool:
+    """Create `path` if needed and check that a file can be written there; FishAIError naming the
+    flag otherwise. Returns True when this call created it, so that a run that fails before it has
+    written anything can remove it again (remove_if_empty)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path}: exists and is not a directory; choose another directory")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"{flag} {path} is not writable ({e.strerror or e}); choose another directory") from None
+    return created
+
+
+def remove_if_empty(path) -> None:
+    """Remove a directory this run created when nothing was written into it (a failed run leaves
+    nothing behind)."""
+    try:
+        Path(path).rmdir()
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# files: every output is written to a temp file (or dir) beside its target, then renamed into place,
+# so a reader, a crash or Ctrl-C at any moment sees the old file or the new one, never half of one.
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path) -> None:
+    try:  # make a rename itself durable
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temp path beside `path`; when the block ends without an error the temp file is
+    fsynced and renamed to `path` (with the permissions the user's umask gives new files),
+    otherwise it is removed. For writers that want a path (GGUFWriter); atomic_write wraps it for
+    writers that want a file object. The one atomic file writer of the project."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write_fn(f)
-            f.flush()
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; new files should follow the umask
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _silent_unlink(tmp)
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path, write_fn, mode: str = "wb") -> Path:
+    """Create or replace `path` through write_fn(f) on a temp file beside it (atomic_output)."""
+    with atomic_output(path) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write_fn(f)
+    return Path(path)
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -101,6 +329,65 @@ def _silent_unlink(path) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def atomic_dir(out, overwrite: bool = False, flag: str = "--output"):
+    """Build a directory atomically: yield an empty temp dir beside `out`; when the block ends
+    without an error, the temp dir takes the place of `out`. An existing non-empty `out` is only
+    replaced with overwrite=True, and then removed only after the new one is in place (a failure
+    at any moment keeps the old one). On an error the temp dir is removed. The one atomic
+    directory swap of the project (prepare, tokenizer_train, save_hf)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{flag} {out}: exists and is not a directory; choose another one")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{flag} {out}: directory exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
+            os.replace(out, old / "d")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(out.parent)
+
+
+# ----------------------------------------------------------------------------------------------
+# the hold-out rule: which documents the tokenizer, validation and test sets may share
+
+
+def holdout_split(i: int, val_fraction: float = 0.0, test_fraction: float = 0.0) -> str:
+    """'train', 'val' or 'test' for document i (0-based, in reading order) of a corpus. The one
+    hold-out rule of the project (prepare, train.py on raw text and SFT, quick_train,
+    tokenizer_train's compression report):
+
+    document i is held out when ceil((i + 1) f) > ceil(i f), f = val_fraction + test_fraction,
+    which spreads exactly ceil(N f) held-out documents evenly over any N, the first one included
+    (so a small corpus still gets one); the k-th held-out document (k = ceil(i f)) goes to test
+    when ceil((k + 1) t / f) > ceil(k t / f), t = test_fraction, else to val.
+
+    So val and test never share a document with train or with each other; the tokenizer is
+    trained on train and val documents and never sees a test document."""
+    f = val_fraction + test_fraction
+    if f <= 0 or _ceil((i + 1) * f) <= _ceil(i * f):
+        return "train"
+    if test_fraction <= 0:
+        return "val"
+    k, r = _ceil(i * f), test_fraction / f
+    return "test" if _ceil((k + 1) * r) > _ceil(k * r) else "val"
+
+
+def _ceil(x: float) -> int:
+    return math.ceil(x - 1e-9)  # 30 * 0.1 is 3.0000000000000004 in floating point: still 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,7 +945,7 @@ def _pack_header(n_tokens: int, vocab_size: int, n_docs: int) -> bytes:
 
 class TokenFileWriter:
     """Streaming .bin writer: append chunks, then close() writes the final header and renames the
-    temp file into place; abort() (or an exception inside `with`) leaves nothing behind."""
+    temp file into place (atomic_output); abort() (or an exception inside `with`) leaves nothing."""
 
     def __init__(self, path, vocab_size: int, eos_id: int | None = EOS_ID):
         self.path = Path(path)
@@ -667,8 +954,8 @@ class TokenFileWriter:
         self.eos_id = eos_id
         self.n_tokens = 0
         self.n_docs = 0
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._f = os.fdopen(fd, "wb")
+        self._out = atomic_output(self.path)
+        self._f = open(self._out.__enter__(), "wb")
         self._f.write(_pack_header(0, self.vocab_size, 0))
 
     def write(self, tokens) -> None:
@@ -686,16 +973,14 @@ class TokenFileWriter:
     def close(self) -> Path:
         self._f.seek(0)
         self._f.write(_pack_header(self.n_tokens, self.vocab_size, self.n_docs))
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self._tmp, self.path)
+        self._out.__exit__(None, None, None)  # fsync + rename into place
         return self.path
 
     def abort(self) -> None:
         if not self._f.closed:
             self._f.close()
-        _silent_unlink(self._tmp)
+            self._out.__exit__(DataError, DataError("aborted"), None)  # removes the temp file
 
     def __enter__(self):
         return self
@@ -1641,7 +1926,8 @@ def parse_mix(spec: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# prepare: raw text -> data/{train,val}.bin + meta.json + tokenizer/
+# tokenizing raw text: one loop (tokenize_stream) for prepare (-> .bin files) and for train.py on
+# raw text and quantize's calibration (-> arrays in memory, tokenize_documents)
 
 META_FORMAT = "fishai-data"
 META_VERSION = 1
@@ -1698,48 +1984,88 @@ def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
         stop.set()
 
 
-def _is_val(i: int, frac: float) -> bool:
-    # ceil-based: exactly ceil(N * frac) val docs, evenly spread, the first document included,
-    # so a small corpus still gets a validation set
-    return frac > 0 and math.ceil((i + 1) * frac) > math.ceil(i * frac)
+class TokenBuffer:
+    """An in-memory sink for tokenize_stream (the .bin files use TokenFileWriter)."""
+
+    def __init__(self, vocab_size: int):
+        self.dtype, self.parts, self.n_tokens = token_dtype(vocab_size), [], 0
+
+    def write(self, tokens) -> None:
+        self.parts.append(np.asarray(tokens).astype(self.dtype))
+        self.n_tokens += len(self.parts[-1])
+
+    def array(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=self.dtype)
 
 
-def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | None = None,
-            filter: str | DataFilter | None = None, val_fraction: float = 0.005, overwrite: bool = False,
-            workers: int | None = None, text_key: str = "text", skip_bad_lines: bool = False,
-            target_tokens: int | None = None, target_docs: int | None = None, upsample: bool = False,
-            seed: int = 0, txt_mode: str = "block", batch_docs: int = 1024, batch_bytes: int = 4 << 20,
-            show_progress: bool = True, log=print) -> dict:
-    """Tokenize inputs into output/{train.bin, val.bin, meta.json, tokenizer/}.
+def tokenize_stream(mixer, tok: TextTokenizer, sinks: dict, *, val_fraction: float = 0.0,
+                    test_fraction: float = 0.0, batch_docs: int = 1024, batch_bytes: int = 4 << 20,
+                    bar=None) -> dict:
+    """The one raw-text tokenization loop. Documents from `mixer` ((source name, text) pairs) are
+    read in a background thread, encoded in batches (encode_batch_fast), each followed by EOS, and
+    appended to sinks[split] (objects with .write(ids)) by the hold-out rule (holdout_split); a
+    split without a sink (e.g. test) is skipped. Returns documents per split and bytes read."""
+    counts = {"train": 0, "val": 0, "test": 0, "bytes": 0}
+    doc_index, eos = 0, tok.eos_id
+    for batch in _prefetch(_batches(iter(mixer), batch_docs, batch_bytes)):
+        encs = fast_encode_batch(tok.backend, [t for _, t in batch])
+        out_ids: dict[str, list[int]] = {s: [] for s in sinks}
+        per_source: dict[str, list[int]] = {}
+        batch_nbytes = 0
+        for (name, text), enc in zip(batch, encs):
+            nb = len(text.encode("utf-8"))
+            acc = per_source.setdefault(name, [0, 0])
+            acc[0] += len(enc.ids) + 1
+            acc[1] += nb
+            split = holdout_split(doc_index, val_fraction, test_fraction)
+            doc_index += 1
+            batch_nbytes += nb
+            counts[split] += 1
+            if split in out_ids:
+                out_ids[split].extend(enc.ids)
+                out_ids[split].append(eos)  # EOS after every document: separator, and what the model learns to emit
+        for split, buf in out_ids.items():
+            if buf:  # one write per batch and split: per-document numpy calls would cost ~10% here
+                sinks[split].write(np.array(buf, dtype=np.int64))
+        for name, (nt, nb) in per_source.items():
+            mixer.record(name, nt, nb)
+        counts["bytes"] += batch_nbytes
+        if bar is not None:
+            bar.update(batch_nbytes)
+            bar.set_postfix_str(f"{doc_index:,} docs, {sum(s.n_tokens for s in sinks.values()):,} tok")
+    return counts
 
-    inputs: sources for iter_documents (used as one source "input" when mix is None);
-    mix: "name=weight:path,..." or {name: (weight, source)}; filter: "none" | "default" |
-    "key=value,..." | DataFilter. Documents are split train/val by document (val_fraction).
-    Everything is written into a temp dir next to `output` and renamed at the end: an error or
-    Ctrl-C leaves no partial output. Returns the meta dict (also written to meta.json).
-    """
-    import shutil
 
-    if workers:
-        # encode_batch's Rust thread pool reads this when it is first used
-        os.environ.setdefault("RAYON_NUM_THREADS", str(int(workers)))
-    tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
-    if tok.eos_id is None:
-        raise DataError("tokenizer has no <|endoftext|> token; re-train it with tokenizer_train.py")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"--val-fraction must be in [0, 1) (got {val_fraction})")
-    out = Path(output)
-    if out.exists():
-        if not out.is_dir():
-            raise DataError(f"{out}: exists and is not a directory; choose another --output")
-        if any(out.iterdir()) and not overwrite:
-            raise DataError(f"{out}: output directory exists and is not empty; pass --overwrite to replace it")
-    if mix is None and not inputs:
-        raise DataError("no input: pass --input PATH... or --mix name=weight:path,...")
+def _input_bytes(sources) -> int | None:
+    """Size of the local files behind `sources` (for the progress bar's percent and time left);
+    None when a source is a stream (hf:, python-docs, an iterable) whose size is unknown."""
+    total = 0
+    for s in sources:
+        if not isinstance(s, (str, os.PathLike)) or str(s) == "python-docs" or str(s).startswith("hf:"):
+            return None
+        try:
+            total += sum(f.stat().st_size for f in _expand_files(str(s)))
+        except (DataError, OSError):
+            return None
+    return total
+
+
+def _progress_bar(show: bool, total: int | None, desc: str = "tokenizing"):
+    if not show:
+        return None
+    from tqdm import tqdm
+    # a known total gives percent and time left; file sizes include markup, so the bar ends near 100%
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, mininterval=0.5)
+
+
+def make_mixer(inputs, mix, *, filter=None, text_key="text", skip_bad_lines=False, txt_mode="block",
+               target_tokens=None, target_docs=None, upsample=False, seed=0, count_tokens=None):
+    """The DataMixer over `mix` ({name: (weight, source)} or "name=weight:path,...") or, without
+    it, over `inputs` as one source, each source read through iter_documents and the filter.
+    Returns (mixer, filter or None, the fresh filters of up-sampled passes, read stats, sources)."""
     if isinstance(mix, str):
         mix = parse_mix(mix)
     flt = filter if isinstance(filter, DataFilter) or filter is None else DataFilter.from_spec(filter)
-
     read_stats: dict = {}
     fresh_filters: list[DataFilter] = []
 
@@ -1758,96 +2084,111 @@ def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | Non
     sources = mix if mix is not None else {"input": (1.0, list(inputs) if isinstance(inputs, (list, tuple)) else inputs)}
     mixer = DataMixer({n: (w, make_source(s) if not callable(s) else s) for n, (w, s) in sources.items()},
                       seed=seed, target_tokens=target_tokens, target_docs=target_docs, upsample=upsample,
-                      count_tokens=(lambda t: len(tok.encode(t))) if len(sources) > 1 or target_tokens else None)
+                      count_tokens=count_tokens if (len(sources) > 1 or target_tokens) else None)
+    return mixer, flt, fresh_filters, read_stats, sources
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    t0 = time.time()
-    n_docs = {"train": 0, "val": 0}
-    bytes_in = 0
+
+def tokenize_documents(source, tokenizer: TextTokenizer, *, val_fraction: float = 0.0, max_tokens: int | None = None,
+                       text_key: str = "text", show_progress: bool = True) -> dict:
+    """Raw text (anything iter_documents reads, or a list of strings) -> {"train": ids, "val":
+    ids} in memory, through the same loop as prepare (tokenize_stream): EOS after every document,
+    val by the hold-out rule, at most about max_tokens tokens read (bounds HF streams)."""
+    if tokenizer.eos_id is None:
+        raise DataError("tokenizer has no <|endoftext|> token; re-train it with tokenizer_train.py")
+    mixer, *_ = make_mixer([source] if isinstance(source, (str, os.PathLike)) else [list(source)], None,
+                           text_key=text_key, target_tokens=max_tokens,
+                           count_tokens=lambda t: len(tokenizer.encode(t)))
+    sinks = {"train": TokenBuffer(tokenizer.vocab_size), "val": TokenBuffer(tokenizer.vocab_size)}
+    bar = _progress_bar(show_progress, None)
     try:
-        writers = {s: TokenFileWriter(tmp / f"{s}.bin", tok.vocab_size, eos_id=tok.eos_id) for s in ("train", "val")}
-        bar = None
-        if show_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True, mininterval=0.5)
-        doc_index = 0
-        eos = tok.eos_id
-        backend = tok.backend
-        for batch in _prefetch(_batches(iter(mixer), batch_docs, batch_bytes)):
-            encs = fast_encode_batch(backend, [t for _, t in batch])
-            out_ids: dict[str, list[int]] = {"train": [], "val": []}
-            batch_bytes_in = 0
-            per_source: dict[str, list[int]] = {}
-            for (name, text), enc in zip(batch, encs):
-                ids = enc.ids
-                nb = len(text.encode("utf-8"))
-                acc = per_source.setdefault(name, [0, 0])
-                acc[0] += len(ids) + 1
-                acc[1] += nb
-                split = "val" if _is_val(doc_index, val_fraction) else "train"
-                buf = out_ids[split]
-                buf.extend(ids)
-                buf.append(eos)  # EOS after every document: separator, and what the model learns to emit
-                n_docs[split] += 1
-                doc_index += 1
-                batch_bytes_in += nb
-            for split, buf in out_ids.items():
-                if buf:  # one write per batch and split: per-document numpy calls would cost ~10% here
-                    writers[split].write(np.array(buf, dtype=np.int64))
-            for name, (nt, nb) in per_source.items():
-                mixer.record(name, nt, nb)
-            bytes_in += batch_bytes_in
-            if bar is not None:
-                bar.update(batch_bytes_in)
-                el = max(time.time() - t0, 1e-9)
-                bar.set_postfix_str(f"{doc_index / el:,.0f} docs/s, {writers['train'].n_tokens + writers['val'].n_tokens:,} tok")
+        tokenize_stream(mixer, tokenizer, sinks, val_fraction=val_fraction, bar=bar)
+    finally:
         if bar is not None:
             bar.close()
-        if doc_index == 0:
+    return {split: sink.array() for split, sink in sinks.items()}
+
+
+def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | None = None,
+            filter: str | DataFilter | None = None, val_fraction: float = 0.005, test_fraction: float = 0.0,
+            overwrite: bool = False, workers: int | None = None, text_key: str = "text",
+            skip_bad_lines: bool = False, target_tokens: int | None = None, target_docs: int | None = None,
+            upsample: bool = False, seed: int = 0, txt_mode: str = "block", batch_docs: int = 1024,
+            batch_bytes: int = 4 << 20, show_progress: bool = True, log=print) -> dict:
+    """Tokenize inputs into output/{train.bin, val.bin, meta.json, tokenizer/}.
+
+    inputs: sources for iter_documents (used as one source "input" when mix is None);
+    mix: "name=weight:path,..." or {name: (weight, source)}; filter: "none" | "default" |
+    "key=value,..." | DataFilter. Documents are split by the hold-out rule (holdout_split):
+    val_fraction of them go to val.bin, test_fraction are left out (quick_train scores them).
+    Everything is written into a temp dir next to `output` and renamed at the end (atomic_dir):
+    an error or Ctrl-C leaves no partial output. Returns the meta dict (also written to meta.json).
+    """
+    if workers:
+        # encode_batch's Rust thread pool reads this when it is first used
+        os.environ.setdefault("RAYON_NUM_THREADS", str(int(workers)))
+    tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
+    if tok.eos_id is None:
+        raise DataError("tokenizer has no <|endoftext|> token; re-train it with tokenizer_train.py")
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(f"--val-fraction ({val_fraction}) and the test fraction ({test_fraction}) must be in "
+                        "[0, 1) and leave documents for training")
+    if mix is None and not inputs:
+        raise DataError("no input: pass --input PATH... or --mix name=weight:path,...")
+    mixer, flt, fresh_filters, read_stats, sources = make_mixer(
+        inputs, mix, filter=filter, text_key=text_key, skip_bad_lines=skip_bad_lines, txt_mode=txt_mode,
+        target_tokens=target_tokens, target_docs=target_docs, upsample=upsample, seed=seed,
+        count_tokens=lambda t: len(tok.encode(t)))
+    total = None if (target_tokens or target_docs) else _input_bytes([s for _, s in sources.values()])
+    out = Path(output)
+    t0 = time.time()
+    with atomic_dir(out, overwrite) as tmp:
+        writers = {s: TokenFileWriter(tmp / f"{s}.bin", tok.vocab_size, eos_id=tok.eos_id) for s in ("train", "val")}
+        bar = _progress_bar(show_progress, total)
+        try:
+            counts = tokenize_stream(mixer, tok, writers, val_fraction=val_fraction, test_fraction=test_fraction,
+                                     batch_docs=batch_docs, batch_bytes=batch_bytes, bar=bar)
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        n_docs = counts["train"] + counts["val"] + counts["test"]
+        if n_docs == 0:
             raise DataError("no documents left to tokenize: inputs are empty or everything was filtered out "
                             "(try --filter none)")
-        if n_docs["train"] == 0:
-            raise DataError(f"only {doc_index} document(s): nothing left for train.bin after the validation split; "
+        if counts["train"] == 0:
+            raise DataError(f"only {n_docs} document(s): nothing left for train.bin after the validation split; "
                             f"add data or use --val-fraction 0")
         for w in writers.values():
             w.close()
         tok.save(tmp / "tokenizer")
-        elapsed = time.time() - t0
-        meta = {
-            "format": META_FORMAT, "version": META_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-            "dtype": str(token_dtype(tok.vocab_size)),
-            "train": {"file": "train.bin", "tokens": writers["train"].n_tokens, "docs": n_docs["train"]},
-            "val": {"file": "val.bin", "tokens": writers["val"].n_tokens, "docs": n_docs["val"]},
-            "bytes_in": bytes_in, "seconds": round(elapsed, 3),
-            "val_fraction": val_fraction, "seed": seed,
-            "sources": {n: str(s) if not callable(s) else getattr(s, "__name__", "callable")
-                        for n, (_, s) in sources.items()},
-            "mix": mixer.report(),
-            "filter": flt.report() if flt is not None else None,
-            "upsampled_pass_filters": [f.report() for f in fresh_filters],
-            "read_stats": read_stats,
-        }
+        meta = _prepare_meta(tok, writers, counts, time.time() - t0, sources, mixer, flt, fresh_filters,
+                             read_stats, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
-        # swap into place: the old dir (only with --overwrite) is removed after the new one is complete
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
-            os.replace(out, old / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        for w in locals().get("writers", {}).values():
-            w.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if log:
         log(format_prepare_summary(meta, mixer, flt, out))
     return meta
+
+
+def _prepare_meta(tok, writers, counts, seconds, sources, mixer, flt, fresh_filters, read_stats, **settings) -> dict:
+    return {
+        "format": META_FORMAT, "version": META_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+        "dtype": str(token_dtype(tok.vocab_size)),
+        "train": {"file": "train.bin", "tokens": writers["train"].n_tokens, "docs": counts["train"]},
+        "val": {"file": "val.bin", "tokens": writers["val"].n_tokens, "docs": counts["val"]},
+        "test_docs_left_out": counts["test"],
+        "bytes_in": counts["bytes"], "seconds": round(seconds, 3), **settings,
+        "sources": {n: str(s) if not callable(s) else getattr(s, "__name__", "callable")
+                    for n, (_, s) in sources.items()},
+        "mix": mixer.report(),
+        "filter": flt.report() if flt is not None else None,
+        "upsampled_pass_filters": [f.report() for f in fresh_filters],
+        "read_stats": read_stats,
+    }
 
 
 def format_prepare_summary(meta: dict, mixer: DataMixer | None = None, flt: DataFilter | None = None,
@@ -1924,149 +2265,20 @@ def token_file_stats(path, top: int = 10) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmark: end-to-end prepare vs bare encode_batch, and peak memory at 1x / 10x corpus size
-
-
-def _run_measured(cmd: list[str]) -> tuple[float, int, float]:
-    """Run a command, return (seconds, peak RSS bytes of that process, CPU seconds user+sys)."""
-    import subprocess
-
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise DataError(f"benchmark command failed ({' '.join(cmd)}): {err.strip().splitlines()[-1:] }")
-    return time.time() - t0, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
-
-
-def make_scaled_corpus(source, out_dir, copies: int, text_key: str = "text") -> tuple[Path, int]:
-    """Write `copies` copies of the documents of `source` into out_dir/corpus.txt (blank-line
-    separated blocks); copy k > 0 prefixes each document with "[k] " so exact de-duplication does
-    not collapse the copies. Returns (path, bytes)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"corpus_x{copies}.txt"
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for k in range(copies):
-            for d in iter_documents(source, text_key):
-                d = d.replace("\n\n", "\n")  # keep each document one block when re-read
-                d = re.sub(r"\n\s*\n", "\n", d)
-                s = (f"[{k}] " if k else "") + d.strip("\n") + "\n\n"
-                n += f.write(s)
-    return path, path.stat().st_size
-
-
-def bench(input_source, tokenizer, workdir=None, filter_spec: str = "default", scale: int = 10,
-          batch_docs: int = 1024, repeat: int = 3, log=print) -> dict:
-    """Throughput of prepare (read -> filter -> encode -> write, in a subprocess) vs bare
-    encode_batch on the same documents held in memory, and peak RSS of prepare at 1x and
-    `scale`x the corpus. The 1x comparison alternates bare / end-to-end `repeat` times and keeps
-    the best of each (a shared machine's load hits both alike); CPU seconds are reported too."""
-    import resource
-    import shutil
-
-    tok = load_tokenizer(tokenizer)
-    work = Path(workdir or tempfile.mkdtemp(prefix="fishai_bench_"))
-    work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"input": str(input_source), "tokenizer_vocab": tok.vocab_size, "filter": filter_spec,
-                 "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "repeat": repeat}
-
-    def prepare_cmd(corpus, outd):
-        return [sys.executable, os.path.abspath(__file__), "prepare", "--input", str(corpus), "--tokenizer",
-                str(tokenizer), "--output", str(outd), "--filter", filter_spec, "--overwrite", "--no-progress",
-                "--batch-docs", str(batch_docs)]
-
-    try:
-        c1, b1 = make_scaled_corpus(input_source, work / "c1", 1)
-        docs = list(iter_documents(c1))
-        res["corpus_bytes"] = b1
-        res["docs"] = len(docs)
-        bare_runs, e2e_runs, fast_runs = [], [], []
-        for _ in range(max(1, repeat)):
-            # bare encode_batch: documents already in memory, same batch size as prepare
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0 = time.time()
-            n_tok = 0
-            for i in range(0, len(docs), batch_docs):
-                n_tok += sum(len(e.ids) for e in tok.backend.encode_batch(docs[i:i + batch_docs], add_special_tokens=False))
-            wall = time.time() - t0
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            bare_runs.append({"seconds": round(wall, 3), "cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3),
-                              "tokens": n_tok})
-            # and the faster variant prepare itself uses, so the overhead of the pipeline shows too
-            t0 = time.time()
-            for i in range(0, len(docs), batch_docs):
-                fast_encode_batch(tok.backend, docs[i:i + batch_docs])
-            fast_runs.append(round(time.time() - t0, 3))
-            outd = work / "out1"
-            secs, rss, cpu = _run_measured(prepare_cmd(c1, outd))
-            meta = json.loads((outd / "meta.json").read_text())
-            e2e_runs.append({"seconds_pipeline": meta["seconds"], "seconds_process": round(secs, 3),
-                             "cpu_seconds_process": round(cpu, 3), "peak_rss_MB": round(rss / 2**20, 1),
-                             "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
-                             "filter_dropped": (meta.get("filter") or {}).get("dropped")})
-            shutil.rmtree(outd, ignore_errors=True)
-        del docs
-        best_bare = min(bare_runs, key=lambda r: r["seconds"])
-        best_e2e = min(e2e_runs, key=lambda r: r["seconds_pipeline"])
-        res["bare_encode_batch"] = {**best_bare, "MB_per_s": round(b1 / 1e6 / best_bare["seconds"], 3),
-                                    "all_seconds": [r["seconds"] for r in bare_runs]}
-        res["end_to_end_x1"] = {**best_e2e, "MB_per_s": round(b1 / 1e6 / best_e2e["seconds_pipeline"], 3),
-                                "all_seconds": [r["seconds_pipeline"] for r in e2e_runs]}
-        res["end_to_end_vs_bare"] = round(res["end_to_end_x1"]["MB_per_s"] / res["bare_encode_batch"]["MB_per_s"], 3)
-        res["bare_encode_batch_fast"] = {"seconds": min(fast_runs), "MB_per_s": round(b1 / 1e6 / min(fast_runs), 3),
-                                         "all_seconds": fast_runs}
-        res["end_to_end_vs_bare_fast"] = round(res["end_to_end_x1"]["MB_per_s"]
-                                               / res["bare_encode_batch_fast"]["MB_per_s"], 3)
-        if scale and scale > 1:
-            cp, nb = make_scaled_corpus(input_source, work / f"c{scale}", scale)
-            outd = work / f"out{scale}"
-            secs, rss, cpu = _run_measured(prepare_cmd(cp, outd))
-            meta = json.loads((outd / "meta.json").read_text())
-            res[f"end_to_end_x{scale}"] = {"corpus_bytes": nb, "seconds_pipeline": meta["seconds"],
-                                          "MB_per_s": round(nb / 1e6 / meta["seconds"], 3),
-                                          "cpu_seconds_process": round(cpu, 3), "peak_rss_MB": round(rss / 2**20, 1),
-                                          "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
-                                          "filter_dropped": (meta.get("filter") or {}).get("dropped")}
-            shutil.rmtree(outd, ignore_errors=True)
-            shutil.rmtree(work / f"c{scale}", ignore_errors=True)
-            res["peak_rss_MB_x1_vs_xN"] = [best_e2e["peak_rss_MB"], res[f"end_to_end_x{scale}"]["peak_rss_MB"]]
-    finally:
-        if workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
-    if log:
-        log(json.dumps(res, indent=2))
-    return res
-
-
-# ----------------------------------------------------------------------------------------------
 # CLI
 
 
 def _cli_prepare(args) -> int:
     prepare(args.input, args.tokenizer, args.output, mix=args.mix, filter=args.filter,
             val_fraction=args.val_fraction, overwrite=args.overwrite, workers=args.workers, text_key=args.text_key,
-            skip_bad_lines=args.skip_bad_lines, target_tokens=_parse_count(args.target_tokens, "--target-tokens"),
-            target_docs=_parse_count(args.target_docs, "--target-docs"), upsample=args.upsample, seed=args.seed,
-            txt_mode=args.txt_mode, batch_docs=args.batch_docs, show_progress=not args.no_progress)
-    return 0
-
-
-def _parse_count(s, flag):
-    if s is None:
-        return None
-    t = str(s).strip().upper().replace("_", "")
-    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
-    try:
-        return int(float(t[:-1]) * mult[t[-1]]) if t and t[-1] in mult else int(float(t))
-    except (ValueError, KeyError):
-        raise DataError(f"{flag}: cannot parse {s!r}; use e.g. 5000000 or 5M") from None
+            skip_bad_lines=args.skip_bad_lines, target_tokens=args.target_tokens, target_docs=args.target_docs,
+            upsample=args.upsample, seed=args.seed, txt_mode=args.txt_mode, batch_docs=args.batch_docs,
+            show_progress=not args.quiet)
+    return EXIT_OK
 
 
 def _cli_stats(args) -> int:
+    check_new_file(args.json, "--json", args.overwrite)
     for p in args.files:
         st = token_file_stats(p)
         print(f"{p}: {st['n_tokens']:,} tokens, {st['docs_by_eos']:,} docs (EOS), "
@@ -2084,24 +2296,14 @@ def _cli_stats(args) -> int:
         print("  top ids: " + ", ".join(f"{t[0]}{' ' + repr(t[2]) if len(t) > 2 else ''}:{t[1]:,}" for t in top))
         if args.json:
             atomic_write_text(Path(args.json), json.dumps(st, indent=2))
-    return 0
-
-
-def _cli_bench(args) -> int:
-    res = bench(args.input, args.tokenizer, workdir=args.workdir, filter_spec=args.filter, scale=args.scale,
-                repeat=args.repeat, log=None)
-    print(json.dumps(res, indent=2))
-    if args.json:
-        atomic_write_text(Path(args.json), json.dumps(res, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="FishAI data pipeline: prepare token files, inspect them, benchmark.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("prepare", help="tokenize raw text into train.bin/val.bin/meta.json/tokenizer/",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="FishAI data pipeline: tokenize raw text into token files, and inspect them. "
+                       "(The prepare throughput benchmark is `python benchmark.py data`.)")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
+    pp = sub.add_parser("prepare", help="tokenize raw text into train.bin/val.bin/meta.json/tokenizer/")
     pp.add_argument("--input", nargs="+", default=None,
                     help="txt/md (blank-line blocks = documents), jsonl, parquet, dirs, globs, hf:NAME[:CONFIG][:SPLIT], python-docs")
     pp.add_argument("--tokenizer", required=True, help="tokenizer dir (from tokenizer_train.py) or tokenizer.json")
@@ -2109,48 +2311,34 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--mix", default=None, help="weighted sources: name=weight:path,... (e.g. web=0.5:web/,code=0.2:code.jsonl)")
     pp.add_argument("--filter", default="none",
                     help="none | default | key=value,... overriding the defaults: " + ", ".join(f"{k}={v}" for k, v in FILTER_DEFAULTS.items()))
-    pp.add_argument("--val-fraction", type=float, default=0.005, help="fraction of documents for val.bin")
-    pp.add_argument("--target-tokens", default=None, help="stop after about this many tokens (e.g. 50M)")
-    pp.add_argument("--target-docs", default=None, help="stop after this many documents")
+    pp.add_argument("--val-fraction", type=float_flag(0, 1, hi_open=True), default=0.005,
+                    help="fraction of documents for val.bin (the hold-out rule: docs/DATA_FORMAT.md)")
+    pp.add_argument("--target-tokens", type=size_flag, default=None, help="stop after about this many tokens (e.g. 50M)")
+    pp.add_argument("--target-docs", type=size_flag, default=None, help="stop after this many documents (e.g. 100K)")
     pp.add_argument("--upsample", action="store_true", help="re-read sources that run out before the target (epochs reported)")
     pp.add_argument("--seed", type=int, default=0, help="mixing seed")
     pp.add_argument("--text-key", default="text", help="jsonl field / parquet column with the text")
     pp.add_argument("--txt-mode", choices=["block", "line", "file"], default="block", help="how .txt files split into documents")
     pp.add_argument("--skip-bad-lines", action="store_true", help="skip jsonl lines that are not JSON or lack the text field")
-    pp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
-    pp.add_argument("--workers", type=int, default=None, help="encode threads (unset: all cores)")
-    pp.add_argument("--batch-docs", type=int, default=1024, help="documents per encode_batch call")
-    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_overwrite_flag(pp, "a non-empty --output directory")
+    pp.add_argument("--workers", type=int_flag(1), default=None, help="encode threads (unset: all cores)")
+    pp.add_argument("--batch-docs", type=int_flag(1), default=1024, help="documents per encode_batch call")
+    add_quiet_flag(pp)
     pp.set_defaults(func=_cli_prepare)
     ps = sub.add_parser("stats", help="print header and statistics of .bin token files")
     ps.add_argument("files", nargs="+", help=".bin files")
     ps.add_argument("--json", default=None, metavar="PATH", help="write the (last file's) stats as JSON")
+    add_overwrite_flag(ps, "an existing --json file")
     ps.set_defaults(func=_cli_stats)
-    pb = sub.add_parser("bench", help="end-to-end prepare throughput vs bare encode_batch; peak memory at 1x/Nx",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pb.add_argument("--input", required=True, help="corpus (any iter_documents source)")
-    pb.add_argument("--tokenizer", required=True, help="tokenizer dir")
-    pb.add_argument("--filter", default="default", help="filter spec used by prepare")
-    pb.add_argument("--scale", type=int, default=10, help="the large corpus is this many copies (memory check)")
-    pb.add_argument("--repeat", type=int, default=3, help="alternate bare / end-to-end runs this often, keep the best")
-    pb.add_argument("--workdir", default=None, help="keep temp corpora here (default: a temp dir, removed)")
-    pb.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
-    pb.set_defaults(func=_cli_bench)
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark moved to benchmark.py; the old command still works
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("benchmark.py")), "data", *argv[1:]])
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial output was left", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return run_cli(args.func, args)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,73 @@ import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from data_utils import FishAIError, TextTokenizer, atomic_dir, atomic_write, atomic_write_text, dtype_name
+
 IGNORE_INDEX = -1  # target id ignored by the loss (padding)
 CHECKPOINT_FORMAT = "fishai-checkpoint"
 CHECKPOINT_VERSION = 1
-QUANT_MAGIC = b"FISHAIQ\x00"  # first 8 bytes of a quantize.py export
+QUANT_MAGIC = b"FISHAIQ\x00"  # first 8 bytes of a quantize.py export (docs/FORMAT.md)
+
+
+# -----------------------------------------------------------------------------
+# Device and dtype: the one resolver of each, used by every script
+
+
+def resolve_device(name="auto", local_rank: int | None = None) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N', 'mps'. A device this
+    machine does not have is refused with a one-line FishAIError. local_rank picks the GPU of a
+    torchrun worker."""
+    name = str(name or "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise FishAIError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FishAIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if local_rank is not None:
+            dev = torch.device("cuda", local_rank)
+        elif dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FishAIError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise FishAIError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise FishAIError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name, device="cpu") -> torch.dtype | None:
+    """None -> None (keep the stored dtype); a torch.dtype as it is; 'auto' -> bf16 on a CUDA GPU
+    that supports it (else fp16), fp32 elsewhere (CPU autocast is slower than fp32 for these
+    sizes); 'fp32'/'fp16'/'bf16' and the long spellings (float32, bfloat16, ...)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = dtype_name(name)
+    if key == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return _TORCH_DTYPES[key]
+
+
+def autocast(device, dtype):
+    """Mixed precision for a forward pass: torch.autocast in dtype, or nothing for fp32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -265,6 +323,27 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def fit_prompt(ids, max_new_tokens: int, max_seq_len: int, min_prompt: int = 1) -> tuple[list, int]:
+    """Make prompt + generation fit the context window: the one prompt-fitting rule of the project.
+    max_new_tokens is first capped so that min(len(ids), min_prompt) prompt tokens fit beside it;
+    then the prompt keeps its newest max_seq_len - max_new_tokens tokens. With min_prompt=1 this is
+    lm-evaluation-harness's rule (context[-(max_length - max_gen_toks):]); generate.py passes half
+    the window so a long reply does not push the whole prompt out. Returns (ids, max_new_tokens)."""
+    ids = list(ids)
+    max_new = max(0, min(int(max_new_tokens), max_seq_len - min(len(ids), max(1, min_prompt))))
+    return ids[-(max_seq_len - max_new):], max_new
+
+
+def cut_at_stop(text: str, stops) -> str:
+    """text up to (not including) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stops or ():
+        i = text.find(s) if s else -1
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
 
 
 class GPT(nn.Module):
@@ -567,7 +646,7 @@ def device_peak_flops(device, dtype=torch.bfloat16):
 # Checkpoints
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FishAIError):
     """A model file that cannot be used; the message names the file and what to do."""
 
 
@@ -577,7 +656,6 @@ def _unwrap(model):
 
 
 def _atomic_torch_save(obj, path: Path):
-    from data_utils import atomic_write  # lazy: model.py stays importable on its own
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -651,28 +729,15 @@ def load_state_checked(model: GPT, state: dict, source="checkpoint"):
     model.load_state_dict(state)
 
 
-def resolve_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype '{dtype}': use fp32, fp16 or bf16")
-    return table[dtype]
-
-
 def _tokenizer_from(data):
-    if not data:
-        return None
-    from data_utils import TextTokenizer  # lazy: model.py stays importable on its own
-    return TextTokenizer.from_dict(data)
+    return TextTokenizer.from_dict(data) if data else None
 
 
 def load_model(path, device="cpu", dtype=None) -> GPT:
     """One entry point for every model file: a training checkpoint (.pt), a quantize.py export
     (.bin) or an HF Llama directory. Returns a GPT in eval mode with .tokenizer attached."""
     path = Path(path)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, device)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: a directory without config.json is not an HF model directory")
@@ -774,8 +839,7 @@ def from_hf(model_or_dir, device="cpu") -> GPT:
             if bar:
                 hf_logging.enable_progress_bar()
         if Path(src).is_dir() and (Path(src) / "tokenizer.json").is_file():
-            from data_utils import load_tokenizer
-            tokenizer = load_tokenizer(src)
+            tokenizer = TextTokenizer.from_dir(src)
     else:
         hf, src = model_or_dir, "LlamaForCausalLM"
     c = hf.config
@@ -802,29 +866,16 @@ def from_hf(model_or_dir, device="cpu") -> GPT:
 
 
 def save_hf(model, out_dir, tokenizer=None, overwrite=False):
-    """Write an HF Llama directory (config.json, model.safetensors, tokenizer files); atomic:
-    built in a temp dir next to out_dir, then renamed into place."""
-    import shutil
-    import tempfile
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: output directory exists and is not empty (pass --overwrite to replace it)")
+    """Write an HF Llama directory (config.json, model.safetensors, tokenizer files), built in a
+    temp dir beside out_dir and swapped into place (data_utils.atomic_dir: an existing directory
+    is only replaced with overwrite=True, and only once the new one is complete)."""
     m = _unwrap(model)
     tokenizer = tokenizer or m.tokenizer
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        hf = to_hf(m)
-        hf.save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(out_dir, overwrite, flag="--output") as tmp:
+        to_hf(m).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -893,7 +944,6 @@ def main(argv=None):
             print(f"  {name:<32} {str(shape):>14} {math.prod(shape):>12,}")
         print(f"  (layers.1 .. layers.{CONFIGS[args.config].n_layers - 1} repeat layers.0)")
     if args.json:
-        from data_utils import atomic_write_text
         atomic_write_text(args.json, json.dumps(rows, indent=2))
 
 

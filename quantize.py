@@ -572,7 +572,7 @@ def load_quantized(path, device="cpu", dtype=None):
     if missing or unexpected:
         raise _ckpt_error(f"{path}: tensors do not match the model config (missing {missing[:3]}, "
                           f"unexpected {list(unexpected)[:3]})")
-    dtype = mm.resolve_dtype(dtype)       # accepts "fp16"/"bf16"/... as well as torch dtypes
+    dtype = mm.resolve_dtype(dtype, device)   # accepts "fp16"/"bf16"/... as well as torch dtypes
     gpt.to(device=device, dtype=dtype)
     gpt.eval()
     tok = None

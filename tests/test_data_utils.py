@@ -470,7 +470,7 @@ def test_prepare_end_to_end(tiny_tokenizer_dir, tiny_tokenizer, corpus_dir, tmp_
     assert len(train) == meta["train"]["tokens"] and len(val) == meta["val"]["tokens"]
     # every document is encoded exactly and followed by EOS; split is by whole document
     expected = [tiny_tokenizer.encode(d) + [0] for d in docs]
-    val_idx = [i for i in range(len(docs)) if du._is_val(i, 0.1)]
+    val_idx = [i for i in range(len(docs)) if du.holdout_split(i, 0.1) == "val"]
     assert list(val) == [t for i in val_idx for t in expected[i]]
     assert list(train) == [t for i, e in enumerate(expected) if i not in val_idx for t in e]
     assert tiny_tokenizer.decode(train).split("<|endoftext|>")[0] == docs[1]
@@ -574,3 +574,108 @@ def test_python_docs_corpus_is_identical_across_processes():
                            text=True, timeout=120, check=True).stdout.strip()
             for extra in ("", "import logging, json, email.parser, asyncio; logging.basicConfig(); ")]
     assert len(outs[0]) == 64 and outs[0] == outs[1]
+
+
+# -------------------------------------------------------------------------------------- CLI conventions
+# Every script builds its parser from data_utils' conventions: one-line usage errors with exit code 2,
+# every flag explained, defaults shown once, --help before torch is imported, no dangling file names.
+
+SCRIPT_HELP = [("model.py", []), ("train.py", []), ("quick_train.py", []), ("tokenizer_train.py", []),
+               ("quantize.py", []), ("benchmark.py", ["self-test"]), ("benchmark.py", ["full"]),
+               ("benchmark.py", ["data"]), ("reference_benchmark.py", []), ("evaluate.py", []),
+               ("generate.py", []), ("data_utils.py", ["prepare"]), ("data_utils.py", ["stats"])]
+BAD_NUMBERS = [("train.py", ["--batch-size", "0"]), ("quick_train.py", ["--max-steps", "-1"]),
+               ("tokenizer_train.py", ["--data", "x", "--vocab-size", "-5"]), ("quantize.py", ["--group-size", "0"]),
+               ("benchmark.py", ["self-test", "--repeat", "0"]), ("benchmark.py", ["full", "--stride", "-3"]),
+               ("reference_benchmark.py", ["--batch-size", "0"]), ("evaluate.py", ["--benchmark", "mmlu", "--limit", "0"]),
+               ("generate.py", ["--max-new-tokens", "0"]), ("data_utils.py", ["prepare", "--input", "x", "--tokenizer",
+                                                                              "t", "--output", "o", "--val-fraction", "2"])]
+_NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = [sys.argv[1], *sys.argv[2:]]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _run_without_torch(script, args):
+    """Run a script with `import torch` made to fail: what answers here answers before torch loads."""
+    return subprocess.run([sys.executable, "-c", _NO_TORCH, script, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def _parsers(parser):
+    yield parser
+    for a in parser._actions:
+        if isinstance(a, __import__("argparse")._SubParsersAction):
+            for sub in a.choices.values():
+                yield from _parsers(sub)
+
+
+@pytest.mark.parametrize("script,sub", SCRIPT_HELP, ids=[" ".join([s, *a]) for s, a in SCRIPT_HELP])
+def test_help_comes_before_torch_and_explains_every_flag(script, sub):
+    r = _run_without_torch(script, [*sub, "--help"])
+    assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr[-500:]
+    for name in set(re.findall(r"[\w./-]+\.(?:md|py)\b", r.stdout)):  # no file that is not in the repo
+        assert (ROOT / name).exists() or (ROOT / "docs" / Path(name).name).exists(), f"{script} --help names {name}"
+    import importlib
+    parser = importlib.import_module(script[:-3]).build_parser()
+    for p in _parsers(parser):
+        assert isinstance(p, du.ArgumentParser), f"{p.prog}: build it with data_utils.ArgumentParser"
+        assert p.formatter_class is du.HelpFormatter, f"{p.prog}: defaults are shown once by data_utils.HelpFormatter"
+        for a in p._actions:
+            if a.help == "==SUPPRESS==" or a.dest == "help" or not a.option_strings and a.nargs == "A...":
+                continue
+            if isinstance(a, __import__("argparse")._SubParsersAction):
+                continue
+            assert a.help and a.help.strip(), f"{p.prog} {a.option_strings or a.dest}: no help text"
+
+
+@pytest.mark.parametrize("script,args", BAD_NUMBERS, ids=[s for s, _ in BAD_NUMBERS])
+def test_bad_numeric_flag_is_one_line_usage_error(script, args):
+    r = _run_without_torch(script, args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == du.EXIT_USAGE and len(lines) == 1 and lines[0].startswith("error: argument "), r.stderr
+
+
+def test_cli_convention_helpers(tmp_path):
+    assert du.parse_size("500M") == 500_000_000 and du.parse_size("2B") == 2 * 10**9
+    assert du.parse_size("1.5k") == 1500 and du.parse_size("5_000") == 5000 and du.parse_size(None) is None
+    with pytest.raises(DataError, match="--target-tokens"):
+        du.parse_size("lots", "--target-tokens")
+    assert [du.dtype_name(x) for x in ("bfloat16", "fp16", "torch.float32", "AUTO")] == ["bf16", "fp16", "fp32", "auto"]
+    with pytest.raises(DataError, match="--dtype"):
+        du.dtype_name("int3")
+    p = du.ArgumentParser(prog="x")
+    p.add_argument("--n", type=du.int_flag(1), default=4, help="count")
+    p.add_argument("--f", type=du.float_flag(0, 1, hi_open=True), default=0.5, help="fraction (default 0.5)")
+    assert p.parse_args(["--n", "3"]).n == 3 and "(default: 4)" in p.format_help()
+    assert p.format_help().count("default") == 2  # once per flag
+    for bad in (["--n", "0"], ["--n", "x"], ["--f", "1"], ["--f", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(bad)
+        assert e.value.code == du.EXIT_USAGE
+    assert du.run_cli(lambda: None) == 0
+    assert du.run_cli(lambda: (_ for _ in ()).throw(DataError("bad\nsecond line"))) == du.EXIT_USAGE
+    # the hold-out rule: exact counts, disjoint splits, the first document held out
+    splits = [du.holdout_split(i, 0.1, 0.05) for i in range(200)]
+    assert splits.count("val") + splits.count("test") == 30 and splits.count("test") == 10
+    assert splits[0] == "test" and [du.holdout_split(i, 0.1) for i in range(3)] == ["val", "train", "train"]
+    # atomic files follow the umask; a failed write keeps the old file
+    old = os.umask(0o022)
+    try:
+        f = du.atomic_write_text(tmp_path / "a.txt", "one")
+        assert (f.stat().st_mode & 0o777) == 0o644
+        with pytest.raises(RuntimeError):
+            du.atomic_write(f, lambda fh: (fh.write(b"half"), (_ for _ in ()).throw(RuntimeError("boom"))))
+        assert f.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+        with du.atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+        assert (tmp_path / "d" / "x").read_text() == "1" and ((tmp_path / "d").stat().st_mode & 0o777) == 0o755
+        with pytest.raises(DataError, match="--overwrite"):
+            with du.atomic_dir(tmp_path / "d"):
+                pass
+        with pytest.raises(RuntimeError):
+            with du.atomic_dir(tmp_path / "d", overwrite=True) as d:
+                (d / "y").write_text("2")
+                raise RuntimeError("boom")
+        assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["x"]   # the old dir stays whole
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]  # no temp dirs left
+    finally:
+        os.umask(old)

@@ -362,7 +362,7 @@ def test_save_hf_dir_loads_in_transformers_and_load_model(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = M.save_hf(tiny_model, tmp_path / "hf")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(ValueError, match="--overwrite"):  # data_utils.DataError (a FishAIError)
         M.save_hf(tiny_model, out)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     x = tokens(2, 20, vocab=tiny_model.config.vocab_size)
