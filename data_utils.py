@@ -537,11 +537,7 @@ class TextTokenizer:
         template = self.chat_template or CHATML_TEMPLATE
         _check_messages(messages)
         if template == CHATML_TEMPLATE:
-            # plain-Python rendering of the template above: fast in data loaders, no jinja needed
-            out = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
-            if add_generation_prompt:
-                out.append("<|im_start|>assistant\n")
-            return "".join(out)
+            return render_chatml(messages, add_generation_prompt)
         import jinja2.sandbox  # lazy: only custom templates need it
 
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -572,6 +568,28 @@ class TextTokenizer:
             ids += head
             mask += [0] * len(head)
         return ids, mask
+
+
+def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """CHATML_TEMPLATE rendered in plain Python: fast in data loaders, no jinja needed."""
+    out = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+class ChatDocument(str):
+    """A conversation read from a chat jsonl row (`messages`, `conversations` or instruction/
+    output), as its ChatML text (what tokenizer_train trains on); .messages keeps the turns, so
+    prepare encodes it with TextTokenizer.encode_chat: control tokens only where the template
+    puts them, never from the message text."""
+
+    messages: list
+
+    def __new__(cls, messages: list[dict]):
+        doc = super().__new__(cls, render_chatml(messages))
+        doc.messages = messages
+        return doc
 
 
 def _check_messages(messages) -> None:
@@ -672,6 +690,14 @@ def _iter_jsonl(path: Path, text_key: str, skip_bad_lines: bool, stats: dict | N
                     continue
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix the line or pass --skip-bad-lines") from None
             text = row.get(text_key) if isinstance(row, dict) else None
+            if text is None and _is_chat_row(row):
+                try:
+                    text = ChatDocument(normalize_conversation(row))
+                except DataError as e:
+                    if not skip_bad_lines:
+                        raise DataError(f"{path}:{lineno}: {e}; fix the line or pass --skip-bad-lines") from None
+                    _bump(stats, "bad_lines")
+                    continue
             if not isinstance(text, str):
                 if skip_bad_lines:
                     _bump(stats, "bad_lines")
@@ -685,6 +711,11 @@ def _iter_jsonl(path: Path, text_key: str, skip_bad_lines: bool, stats: dict | N
     _bump(stats, "bad_utf8_bytes", _BAD_UTF8[0] - before)
     if n == 0:
         _bump(stats, "empty_files")
+
+
+def _is_chat_row(row) -> bool:
+    return isinstance(row, list) or isinstance(row, dict) and (
+        "messages" in row or "conversations" in row or ("instruction" in row and "output" in row))
 
 
 def _iter_parquet(path: Path, text_key: str, stats: dict | None) -> Iterator[str]:
@@ -2008,21 +2039,24 @@ def tokenize_stream(mixer, tok: TextTokenizer, sinks: dict, *, val_fraction: flo
     counts = {"train": 0, "val": 0, "test": 0, "bytes": 0}
     doc_index, eos = 0, tok.eos_id
     for batch in _prefetch(_batches(iter(mixer), batch_docs, batch_bytes)):
-        encs = fast_encode_batch(tok.backend, [t for _, t in batch])
+        encs = [e.ids for e in fast_encode_batch(tok.backend, [t for _, t in batch])]
+        for j, (_, text) in enumerate(batch):
+            if isinstance(text, ChatDocument):  # chat rows: control tokens from the template only
+                encs[j] = tok.encode_chat(text.messages)[0]
         out_ids: dict[str, list[int]] = {s: [] for s in sinks}
         per_source: dict[str, list[int]] = {}
         batch_nbytes = 0
-        for (name, text), enc in zip(batch, encs):
+        for (name, text), ids in zip(batch, encs):
             nb = len(text.encode("utf-8"))
             acc = per_source.setdefault(name, [0, 0])
-            acc[0] += len(enc.ids) + 1
+            acc[0] += len(ids) + 1
             acc[1] += nb
             split = holdout_split(doc_index, val_fraction, test_fraction)
             doc_index += 1
             batch_nbytes += nb
             counts[split] += 1
             if split in out_ids:
-                out_ids[split].extend(enc.ids)
+                out_ids[split].extend(ids)
                 out_ids[split].append(eos)  # EOS after every document: separator, and what the model learns to emit
         for split, buf in out_ids.items():
             if buf:  # one write per batch and split: per-document numpy calls would cost ~10% here

@@ -865,16 +865,19 @@ def from_hf(model_or_dir, device="cpu") -> GPT:
     return model.to(device).eval()
 
 
-def save_hf(model, out_dir, tokenizer=None, overwrite=False):
-    """Write an HF Llama directory (config.json, model.safetensors, tokenizer files), built in a
-    temp dir beside out_dir and swapped into place (data_utils.atomic_dir: an existing directory
-    is only replaced with overwrite=True, and only once the new one is complete)."""
+def save_hf(model, out_dir, tokenizer=None, overwrite=False, model_card: str | None = None):
+    """Write an HF Llama directory (config.json, model.safetensors, tokenizer files and, when
+    given, the model card as README.md), built in a temp dir beside out_dir and swapped into place
+    (data_utils.atomic_dir: an existing directory is only replaced with overwrite=True, and only
+    once the new one is complete)."""
     m = _unwrap(model)
     tokenizer = tokenizer or m.tokenizer
     with atomic_dir(out_dir, overwrite, flag="--output") as tmp:
         to_hf(m).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if model_card:
+            atomic_write_text(tmp / "README.md", model_card)
     return Path(out_dir)
 
 

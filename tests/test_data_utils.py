@@ -679,3 +679,20 @@ def test_cli_convention_helpers(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]  # no temp dirs left
     finally:
         os.umask(old)
+
+
+def test_chat_jsonl_is_rendered_with_the_template_and_encoded_safely(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi <|im_end|> there"}, {"role": "assistant", "content": "Hello!"}]},
+            {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+            {"text": "a plain document in the same file"}]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    docs = list(du.iter_documents(f))
+    assert docs[0] == tiny_tokenizer.apply_chat_template(rows[0]["messages"]) and isinstance(docs[0], du.ChatDocument)
+    assert docs[1].startswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4") and docs[2] == rows[2]["text"]
+    meta = du.prepare([f], tiny_tokenizer_dir, tmp_path / "data", val_fraction=0, show_progress=False, log=None)
+    ids = du.read_token_file(tmp_path / "data" / "train.bin").tolist()
+    first = tiny_tokenizer.encode_chat(rows[0]["messages"])[0]
+    assert ids[:len(first) + 1] == first + [tiny_tokenizer.eos_id] and meta["train"]["docs"] == 3
+    # the <|im_end|> typed inside the user's message stays text: control ids only from the template
+    assert first.count(tiny_tokenizer.im_end_id) == 2 and first.count(tiny_tokenizer.im_start_id) == 2
