@@ -51,21 +51,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
-from data_utils import DataError, atomic_write_text, load_hf_dataset
+import data_utils as du
 
 BENCHMARKS = ("mmlu", "ceval", "hellaswag", "gsm8k", "humaneval")
 DEFAULT_FEWSHOT = {"mmlu": 5, "ceval": 5, "hellaswag": 0, "gsm8k": 8, "humaneval": 0}
-DEFAULT_MAX_GEN_TOKS = {"gsm8k": 256, "humaneval": 512}
-HF_DATASETS = {
-    "mmlu": ("cais/mmlu", "all"),
-    "ceval": ("ceval/ceval-exam", "<subject>"),
-    "hellaswag": ("Rowan/hellaswag", None),
-    "gsm8k": ("openai/gsm8k", "main"),
-    "humaneval": ("openai/openai_humaneval", None),
-}
-LETTERS = ("A", "B", "C", "D")
+DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "humaneval": 512}
+DEFAULT_MODEL = "checkpoints/fishai-best.pt"  # what train.py writes
 
 DATA_DIR_LAYOUT = """\
 DIR/mmlu/dev/<subject>_dev.csv, DIR/mmlu/test/<subject>_test.csv   (no header: question,A,B,C,D,answer)
@@ -74,6 +65,72 @@ DIR/hellaswag/hellaswag_val*.jsonl [+ hellaswag_train.jsonl for shots]  (rowanz/
 DIR/gsm8k/test.jsonl [+ train.jsonl for shots]                     (question, answer)
 DIR/humaneval/HumanEval.jsonl[.gz]                                 (task_id, prompt, canonical_solution, test, entry_point)"""
 SEE_LAYOUT = "see the --data-dir layout in `python evaluate.py --help`"
+
+
+class EvalError(du.FishAIError):
+    """A bad input (file, column, flag): the message names it and says what to do."""
+
+
+def build_parser() -> du.ArgumentParser:
+    p = du.ArgumentParser(
+        description="Evaluate a model on MMLU, C-Eval, HellaSwag, GSM8K and HumanEval "
+                    "(lm-evaluation-harness scoring).",
+        epilog="--data-dir layout (the datasets' original formats):\n" + DATA_DIR_LAYOUT)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="FishAI checkpoint (.pt), quantized export (.bin) or FishAI HF dir "
+                     f"(default {DEFAULT_MODEL} when neither --hf nor --samples is given)")
+    src.add_argument("--hf", metavar="NAME_OR_DIR", help="any Hugging Face causal LM (hub name or local dir)")
+    src.add_argument("--samples", metavar="FILE.jsonl",
+                     help="HumanEval only: score these completions ({task_id, completion} per line) without a model")
+    p.add_argument("--benchmark", required=True,
+                   help="mmlu | ceval | hellaswag | gsm8k | humaneval | all (or a comma-separated list)")
+    p.add_argument("--data-dir", help="local dataset copies (layout below); default: the HF hub by name")
+    p.add_argument("--limit", type=du.int_flag(1), help="score only the first N documents (per subject for mmlu/ceval)")
+    p.add_argument("--num-fewshot", type=du.int_flag(0),
+                   help="shots (default: " + ", ".join(f"{b} {k}" for b, k in DEFAULT_FEWSHOT.items()) + ")")
+    p.add_argument("--batch-size", type=du.int_flag(1), default=8, help="log-likelihood batch size")
+    du.add_device_flag(p)
+    du.add_dtype_flag(p, "model dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 elsewhere)")
+    p.add_argument("--seed", type=du.int_flag(0), default=1234, help="seed for sampling")
+    p.add_argument("--max-new-tokens", type=du.int_flag(1),
+                   help="tokens to generate per answer (default: " +
+                        ", ".join(f"{b} {n}" for b, n in DEFAULT_MAX_NEW_TOKENS.items()) + ")")
+    p.add_argument("--max-gen-toks", dest="max_new_tokens", type=du.int_flag(1), help=argparse.SUPPRESS)
+    p.add_argument("--json", metavar="PATH", help="write per-task metrics (harness metric names, n) here")
+    p.add_argument("--log-samples", metavar="PATH",
+                   help="write every prompt, target and model answer as JSON lines here")
+    du.add_overwrite_flag(p, "existing --json / --log-samples files")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="HumanEval: allow executing model-written code (sandboxed subprocess, timeout, rlimits)")
+    p.add_argument("--num-samples", type=du.int_flag(1), default=1, help="HumanEval samples per problem; 1 decodes greedily")
+    p.add_argument("--temperature", type=du.float_flag(0), default=0.0,
+                   help="HumanEval sampling temperature (default 0: greedy)")
+    p.add_argument("--exec-timeout", type=du.float_flag(0, lo_open=True), default=10.0,
+                   help="seconds per HumanEval program")
+    p.add_argument("--exec-memory-mb", type=du.int_flag(64), default=1024, help="address-space limit per program in MB")
+    p.add_argument("--exec-workers", type=du.int_flag(1), help="programs run in parallel (default: CPU count, max 8)")
+    du.add_quiet_flag(p)
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer before torch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import benchmark  # noqa: E402
+import model as fishai  # noqa: E402
+
+HF_DATASETS = {
+    "mmlu": ("cais/mmlu", "all"),
+    "ceval": ("ceval/ceval-exam", "<subject>"),
+    "hellaswag": ("Rowan/hellaswag", None),
+    "gsm8k": ("openai/gsm8k", "main"),
+    "humaneval": ("openai/openai_humaneval", None),
+}
+LETTERS = ("A", "B", "C", "D")
 
 # MMLU subject -> category, as lm-evaluation-harness groups them (mmlu_stem, mmlu_humanities, ...).
 MMLU_SUBJECTS = {
@@ -179,10 +236,6 @@ GSM8K_IGNORE_RES = [re.compile(p) for p in (r",", r"\$", r"(?s).*#### ", r"\.$")
 INVALID = "[invalid]"
 
 
-class EvalError(ValueError):
-    """A bad input (file, column, flag): the message names it and says what to do."""
-
-
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
@@ -194,8 +247,8 @@ def warn(msg: str) -> None:
 def _hf_load(name: str, config: str | None, split: str):
     """data_utils.load_hf_dataset (offline-aware), with the --data-dir hint."""
     try:
-        return load_hf_dataset(name, config, split=split)
-    except DataError as e:
+        return du.load_hf_dataset(name, config, split=split)
+    except du.DataError as e:
         raise EvalError(f"{e} (or pass --data-dir DIR with local copies in the datasets' original formats)") from None
 
 
@@ -508,15 +561,6 @@ def gsm8k_exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
-def truncate_at_stop(text: str, stops) -> str:
-    cut = len(text)
-    for s in stops:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
-
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al., 2021): 1 - C(n-c, k) / C(n, k), in a numerically stable form."""
     if not 0 <= c <= n or k < 1 or k > n:
@@ -633,7 +677,6 @@ def execute_programs(programs: list[str], timeout: float = 10.0, memory_mb: int 
     Processes are started and polled from this thread (no thread pool), because subprocess's
     preexec_fn is not safe to use together with threads.
     """
-    from tqdm import tqdm
     workers = max(1, workers or min(8, os.cpu_count() or 1))
     jobs = [_Job(i, p) for i, p in enumerate(programs)]
     pending, running = deque(jobs), []
@@ -794,7 +837,6 @@ class Scorer:
 
     def multiple_choice(self, items: list[dict], task: str) -> list[dict]:
         """items: {context, continuations, gold, choice_lens?}. Adds lls, pred, acc, acc_norm."""
-        import benchmark
         reqs, owner, split = [], [], 0
         for i, it in enumerate(items):
             for j, c in enumerate(it["continuations"]):
@@ -823,14 +865,12 @@ class Scorer:
     def generate(self, prompt: str, max_new_tokens: int, stop: list[str], temperature=0.0,
                  seed=None) -> tuple[str, bool]:
         """Greedy/sampled continuation, cut at the first stop sequence. Prompts longer than the
-        window minus max_new_tokens lose their oldest tokens (returned flag = truncated)."""
-        ids = self.lm.encode(prompt)
-        room = self.ctx_len - max_new_tokens
-        truncated = len(ids) > room
-        if truncated:
-            ids = ids[-room:]
-        text = self.lm.generate(ids, max_new_tokens, temperature=temperature, stop=stop, seed=seed)
-        return truncate_at_stop(text, stop), truncated
+        window minus max_new_tokens lose their oldest tokens (model.fit_prompt, the harness's rule;
+        returned flag = truncated)."""
+        full = self.lm.encode(prompt)
+        ids, max_new = fishai.fit_prompt(full, max_new_tokens, self.ctx_len)
+        text = self.lm.generate(ids, max_new, temperature=temperature, stop=stop, seed=seed)
+        return fishai.cut_at_stop(text, stop), len(ids) < len(full)
 
 
 def _limited(docs: list, limit: int | None) -> list:
@@ -913,15 +953,14 @@ def gsm8k_shots(train: list[dict] | None, k: int) -> list[str]:
 
 
 def run_gsm8k(scorer: Scorer, rows: list[dict], shots: list[str], k: int, limit: int | None,
-              max_gen_toks: int):
-    from tqdm import tqdm
+              max_new_tokens: int):
     stats = FitStats(max_shots=k)
     strict, flexible, log = [], [], []
     docs = _limited(rows, limit)
     for i, r in enumerate(tqdm(docs, desc="gsm8k", unit="q", disable=not scorer.progress, file=sys.stderr)):
         q = gsm8k_question(r["question"])
-        prompt = scorer.fit_context(lambda j: fewshot_context("", shots[:j], q), k, max_gen_toks, stats)
-        out, _ = scorer.generate(prompt, max_gen_toks, GSM8K_STOP)  # fit_context already counted truncation
+        prompt = scorer.fit_context(lambda j: fewshot_context("", shots[:j], q), k, max_new_tokens, stats)
+        out, _ = scorer.generate(prompt, max_new_tokens, GSM8K_STOP)  # fit_context already counted truncation
         s, f = extract_strict(out), extract_flexible(out)
         strict.append(gsm8k_exact_match(s, r["answer"]))
         flexible.append(gsm8k_exact_match(f, r["answer"]))
@@ -937,21 +976,20 @@ def run_gsm8k(scorer: Scorer, rows: list[dict], shots: list[str], k: int, limit:
 
 
 def generate_humaneval_samples(scorer: Scorer, problems: list[dict], num_samples: int, temperature: float,
-                               max_gen_toks: int, seed: int) -> list[dict]:
-    from tqdm import tqdm
+                               max_new_tokens: int, seed: int) -> list[dict]:
     samples, truncated = [], 0
     total = len(problems) * num_samples
     with tqdm(total=total, desc="humaneval", unit="sample", disable=not scorer.progress, file=sys.stderr) as bar:
         for pi, p in enumerate(problems):
             for s in range(num_samples):
-                out, t = scorer.generate(p["prompt"], max_gen_toks, HUMANEVAL_STOP, temperature=temperature,
+                out, t = scorer.generate(p["prompt"], max_new_tokens, HUMANEVAL_STOP, temperature=temperature,
                                          seed=None if temperature == 0 else seed + pi * num_samples + s)
                 truncated += t
                 samples.append({"task_id": p["task_id"], "completion": out, "prompt": p["prompt"]})
                 bar.update(1)
     if truncated:
         warn(f"humaneval: {truncated} of {total} prompts were longer than the model's context "
-             f"({scorer.ctx_len} tokens) minus {max_gen_toks} new tokens and were truncated from the left")
+             f"({scorer.ctx_len} tokens) minus {max_new_tokens} new tokens and were truncated from the left")
     return samples
 
 
@@ -975,80 +1013,68 @@ def parse_benchmarks(spec: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Evaluate a model on MMLU, C-Eval, HellaSwag, GSM8K and HumanEval "
-                    "(lm-evaluation-harness scoring).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="--data-dir layout (the datasets' original formats):\n" + DATA_DIR_LAYOUT)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="FishAI checkpoint (.pt), quantized export (.bin) or FishAI HF dir "
-                     "(default checkpoints/fishai-best.pt when neither --hf nor --samples is given)")
-    src.add_argument("--hf", metavar="NAME_OR_DIR", help="any Hugging Face causal LM (hub name or local dir)")
-    src.add_argument("--samples", metavar="FILE.jsonl",
-                     help="HumanEval only: score these completions ({task_id, completion} per line) without a model")
-    p.add_argument("--benchmark", required=True,
-                   help="mmlu | ceval | hellaswag | gsm8k | humaneval | all (or a comma-separated list)")
-    p.add_argument("--data-dir", help="local dataset copies (layout below); default: the HF hub by name")
-    p.add_argument("--limit", type=int, help="score only the first N documents (per subject for mmlu/ceval)")
-    p.add_argument("--num-fewshot", type=int,
-                   help="shots (default: mmlu 5, ceval 5, hellaswag 0, gsm8k 8, humaneval 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="log-likelihood batch size (default 8)")
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | mps | auto (default)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: the loader's choice)")
-    p.add_argument("--seed", type=int, default=1234, help="seed for sampling (default 1234)")
-    p.add_argument("--max-gen-toks", type=int, help="max new tokens (default: gsm8k 256, humaneval 512)")
-    p.add_argument("--json", metavar="PATH", help="write per-task metrics (harness metric names, n) here")
-    p.add_argument("--log-samples", metavar="PATH",
-                   help="write every prompt, target and model answer as JSON lines here")
-    p.add_argument("--allow-code-execution", action="store_true",
-                   help="HumanEval: allow executing model-written code (sandboxed subprocess, timeout, rlimits)")
-    p.add_argument("--num-samples", type=int, default=1, help="HumanEval samples per problem (default 1: greedy)")
-    p.add_argument("--temperature", type=float, default=0.0, help="HumanEval sampling temperature (default 0)")
-    p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program (default 10)")
-    p.add_argument("--exec-memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
-    p.add_argument("--exec-workers", type=int, help="programs run in parallel (default: CPU count, max 8)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
 def check_args(args) -> list[str]:
+    """The checks across flags and of the input paths, before anything is loaded (each numeric
+    flag's own range is checked by the parser). Returns the benchmarks to run."""
     benches = parse_benchmarks(args.benchmark)
     if not (args.model or args.hf or args.samples):
-        args.model = "checkpoints/fishai-best.pt"  # what train.py writes, as the seed's command expects
+        args.model = DEFAULT_MODEL
     if args.samples and benches != ["humaneval"]:
         raise EvalError("--samples scores HumanEval completions; use it with --benchmark humaneval")
     if "humaneval" in benches and not args.allow_code_execution:
         raise EvalError("HumanEval executes model-written code; re-run with --allow-code-execution "
                         "(each program runs in its own process with a timeout, memory/CPU limits, a temp dir "
                         "and an empty environment), or leave humaneval out of --benchmark")
-    for flag, v, lo in (("--limit", args.limit, 1), ("--num-fewshot", args.num_fewshot, 0),
-                        ("--batch-size", args.batch_size, 1), ("--num-samples", args.num_samples, 1),
-                        ("--max-gen-toks", args.max_gen_toks, 1), ("--exec-workers", args.exec_workers, 1),
-                        ("--exec-memory-mb", args.exec_memory_mb, 64)):
-        if v is not None and v < lo:
-            raise EvalError(f"{flag} must be >= {lo}, got {v}")
-    if args.exec_timeout <= 0:
-        raise EvalError(f"--exec-timeout must be > 0, got {args.exec_timeout}")
-    if args.temperature < 0:
-        raise EvalError(f"--temperature must be >= 0, got {args.temperature}")
     if args.num_samples > 1 and args.temperature == 0:
         raise EvalError("--num-samples > 1 with --temperature 0 gives identical greedy samples; "
                         "pass --temperature (e.g. 0.8) for pass@k")
     if args.num_fewshot and "humaneval" in benches:
         raise EvalError("humaneval is zero-shot; drop --num-fewshot or leave humaneval out")
+    if args.model and not Path(args.model).exists():
+        raise EvalError(f"--model {args.model}: no such file or directory")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise EvalError(f"--data-dir {args.data_dir}: no such directory")
+    if args.json and args.log_samples and Path(args.json).resolve() == Path(args.log_samples).resolve():
+        raise EvalError(f"--json and --log-samples both name {args.json}; give them different files")
     for flag, path in (("--json", args.json), ("--log-samples", args.log_samples)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise EvalError(f"{flag} {path}: the directory {Path(path).resolve().parent} does not exist")
+        du.check_new_file(path, flag, args.overwrite)  # refused now, not after an hour of scoring
     return benches
+
+
+def load_gsm8k_data(data_dir, k: int) -> dict:
+    """The GSM8K test rows and k shots: the training split's first k, as the harness takes them,
+    or the built-in exemplars when that split is not available."""
+    rows, train = load_gsm8k(data_dir, "test"), None
+    if k > 0:
+        try:
+            train = load_gsm8k(data_dir, "train")
+        except EvalError as e:
+            warn(f"gsm8k: training split unavailable ({str(e).split(';')[0]}); using the built-in "
+                 f"few-shot examples (evaluate.GSM8K_FEWSHOT)")
+    return {"rows": rows, "shots": gsm8k_shots(train, k), "fewshot_source": "train split" if train else "built-in"}
+
+
+def load_humaneval_data(data_dir, limit: int | None, samples_path: str | None) -> dict:
+    """The HumanEval problems to score (the first --limit) and, with --samples, their completions."""
+    all_problems = load_humaneval(data_dir)
+    problems = _limited(all_problems, limit)
+    if not samples_path:
+        return {"problems": problems, "samples": None}
+    keep = {p["task_id"] for p in problems}  # --limit: score the first N problems' samples
+    samples = [x for x in read_samples(Path(samples_path), all_problems) if x["task_id"] in keep]
+    if not samples:
+        raise EvalError(f"--samples {samples_path}: no completions for the {len(problems)} "
+                        f"problems selected by --limit")
+    scored = {x["task_id"] for x in samples}
+    if len(scored) < len(problems):
+        warn(f"humaneval: {samples_path} has completions for {len(scored)} of {len(problems)} problems; "
+             f"scoring those")
+    return {"problems": [p for p in problems if p["task_id"] in scored], "samples": samples}
 
 
 def load_benchmark_data(b: str, args) -> dict:
     """Everything benchmark `b` needs from disk or the hub, loaded before the model so that a bad
-    file or a missing split fails fast."""
+    file or a missing split fails fast. Always holds "k", the number of shots."""
     k = DEFAULT_FEWSHOT[b] if args.num_fewshot is None else args.num_fewshot
     d = args.data_dir
     if b in ("mmlu", "ceval"):
@@ -1056,77 +1082,64 @@ def load_benchmark_data(b: str, args) -> dict:
     if b == "hellaswag":
         return {"k": k, "rows": load_hellaswag(d, "validation"), "train": load_hellaswag(d, "train") if k else []}
     if b == "gsm8k":
-        rows, train = load_gsm8k(d, "test"), None
-        if k > 0:
-            try:  # the harness's shots come from the training split; without it, our own set
-                train = load_gsm8k(d, "train")
-            except EvalError as e:
-                warn(f"gsm8k: training split unavailable ({str(e).split(';')[0]}); using the built-in "
-                     f"few-shot examples (evaluate.GSM8K_FEWSHOT)")
-        return {"k": k, "rows": rows, "shots": gsm8k_shots(train, k),
-                "fewshot_source": "train split" if train else "built-in"}
-    all_problems = load_humaneval(d)
-    problems = _limited(all_problems, args.limit)
-    samples = None
-    if args.samples:
-        keep = {p["task_id"] for p in problems}  # --limit: score the first N problems' samples
-        samples = [x for x in read_samples(Path(args.samples), all_problems) if x["task_id"] in keep]
-        if not samples:
-            raise EvalError(f"--samples {args.samples}: no completions for the {len(problems)} "
-                            f"problems selected by --limit")
-        scored = {x["task_id"] for x in samples}
-        if len(scored) < len(problems):
-            warn(f"humaneval: {args.samples} has completions for {len(scored)} of "
-                 f"{len(problems)} problems; scoring those")
-        problems = [p for p in problems if p["task_id"] in scored]
-    return {"k": k, "problems": problems, "samples": samples}
+        return {"k": k, **load_gsm8k_data(d, k)}
+    return {"k": k, **load_humaneval_data(d, args.limit, args.samples)}
+
+
+def load_scorer(args) -> Scorer:
+    """The model to score (--model or --hf) behind benchmark.py's LM, on the resolved device/dtype."""
+    torch.manual_seed(args.seed)
+    device = fishai.resolve_device(args.device)
+    dtype = fishai.resolve_dtype(args.dtype, device)
+    try:
+        lm = benchmark.load_lm(args.hf or args.model, device=str(device), dtype=dtype, hf=bool(args.hf))
+    except benchmark.BenchmarkError as e:  # a plain ValueError in benchmark.py: report it as bad input
+        raise EvalError(du.one_line(e)) from None
+    return Scorer(lm, batch_size=args.batch_size, progress=not args.quiet)
+
+
+def max_new_tokens_for(b: str, args, ctx_len: int) -> int:
+    """--max-new-tokens (or the benchmark's default), at most half the context window so that a
+    prompt still fits beside it."""
+    n = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[b]
+    cap = ctx_len // 2
+    if n > cap:
+        warn(f"{b}: --max-new-tokens {n} does not fit the model's {ctx_len}-token context with a "
+             f"prompt; using {cap}")
+        n = cap
+    return n
+
+
+def run_benchmark(b: str, d: dict, scorer: Scorer | None, args) -> tuple[dict, list[dict]]:
+    """Score one benchmark from its loaded data `d`; returns (metrics, sample log)."""
+    k = d["k"]
+    if b in ("mmlu", "ceval"):
+        return run_mmlu_like(scorer, b, d["data"], k, args.limit)
+    if b == "hellaswag":
+        return run_hellaswag(scorer, d["rows"], d["train"], k, args.limit)
+    if b == "gsm8k":
+        res, log = run_gsm8k(scorer, d["rows"], d["shots"], k, args.limit, max_new_tokens_for(b, args, scorer.ctx_len))
+        res["fewshot_source"] = d["fewshot_source"]
+        return res, log
+    samples = d["samples"]
+    if samples is None:
+        samples = generate_humaneval_samples(scorer, d["problems"], args.num_samples, args.temperature,
+                                             max_new_tokens_for(b, args, scorer.ctx_len), args.seed)
+    res, log = score_humaneval_samples(d["problems"], samples, timeout=args.exec_timeout,
+                                       memory_mb=args.exec_memory_mb, workers=args.exec_workers,
+                                       progress=not args.quiet)
+    res["temperature"] = args.temperature
+    return res, log
 
 
 def evaluate(args, benches: list[str]) -> tuple[dict, list[dict]]:
     """Run the requested benchmarks; returns (results dict for --json, sample log)."""
-    progress = not args.no_progress
     data = {b: load_benchmark_data(b, args) for b in benches}
+    scorer = None if args.samples else load_scorer(args)
     results, log = {}, []
-    scorer = None
-    if not args.samples:
-        import benchmark
-        import torch
-        torch.manual_seed(args.seed)
-        spec = args.hf or args.model
-        if args.model and not Path(args.model).exists():
-            raise EvalError(f"--model {args.model}: no such file or directory")
-        lm = benchmark.load_lm(spec, device=args.device, dtype=args.dtype, hf=bool(args.hf))
-        scorer = Scorer(lm, batch_size=args.batch_size, progress=progress)
-
-    def gen_toks(b):
-        n = args.max_gen_toks or DEFAULT_MAX_GEN_TOKS[b]
-        cap = scorer.ctx_len // 2
-        if n > cap:  # leave at least half the window for the prompt
-            warn(f"{b}: --max-gen-toks {n} does not fit the model's {scorer.ctx_len}-token context with a "
-                 f"prompt; using {cap}")
-            n = cap
-        return n
-
     for b in benches:
         t0 = time.time()
-        d = data[b]
-        k = d["k"]
-        if b in ("mmlu", "ceval"):
-            res, lg = run_mmlu_like(scorer, b, d["data"], k, args.limit)
-        elif b == "hellaswag":
-            res, lg = run_hellaswag(scorer, d["rows"], d["train"], k, args.limit)
-        elif b == "gsm8k":
-            res, lg = run_gsm8k(scorer, d["rows"], d["shots"], k, args.limit, gen_toks(b))
-            res["fewshot_source"] = d["fewshot_source"]
-        else:  # humaneval
-            samples = d["samples"]
-            if samples is None:
-                samples = generate_humaneval_samples(scorer, d["problems"], args.num_samples, args.temperature,
-                                                     gen_toks(b), args.seed)
-            res, lg = score_humaneval_samples(d["problems"], samples, timeout=args.exec_timeout,
-                                              memory_mb=args.exec_memory_mb, workers=args.exec_workers,
-                                              progress=progress)
-            res["temperature"] = args.temperature
+        res, lg = run_benchmark(b, data[b], scorer, args)
         res["seconds"] = round(time.time() - t0, 2)
         results[b] = res
         log.extend(lg)
@@ -1149,29 +1162,31 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def write_outputs(args, benches: list[str], results: dict, log: list[dict]) -> None:
+    """--json (metrics and the run's settings) and --log-samples (one JSON object per line), atomically."""
+    if args.json:
+        out = {"model": args.model or args.hf or f"samples:{args.samples}",
+               "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "config": {"benchmarks": benches, "data": args.data_dir or "huggingface hub", "limit": args.limit,
+                          "num_fewshot": args.num_fewshot, "batch_size": args.batch_size, "device": args.device,
+                          "seed": args.seed, "num_samples": args.num_samples, "temperature": args.temperature},
+               "results": results}
+        du.atomic_write_text(args.json, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    if args.log_samples:
+        du.atomic_write_text(args.log_samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
+
+
+def run(args) -> int:
+    benches = check_args(args)
+    results, log = evaluate(args, benches)
+    print(format_table(results))
+    write_outputs(args, benches, results, log)
+    return du.EXIT_OK
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        benches = check_args(args)
-        results, log = evaluate(args, benches)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (EvalError, ValueError, OSError, ImportError) as e:  # CheckpointError/DataError are ValueErrors
-        print(f"error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
-        return 1
-    print(format_table(results))
-    out = {"model": args.model or args.hf or f"samples:{args.samples}",
-           "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "config": {"benchmarks": benches, "data": args.data_dir or "huggingface hub", "limit": args.limit,
-                      "num_fewshot": args.num_fewshot, "batch_size": args.batch_size, "device": args.device,
-                      "seed": args.seed, "num_samples": args.num_samples, "temperature": args.temperature},
-           "results": results}
-    if args.json:
-        atomic_write_text(args.json, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
-    if args.log_samples:
-        atomic_write_text(args.log_samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
-    return 0
+    return du.run_cli(run, args)
 
 
 if __name__ == "__main__":

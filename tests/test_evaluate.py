@@ -125,9 +125,11 @@ def test_gsm8k_exact_match_normalisation():
 
 
 def test_truncate_at_stop():
-    assert ev.truncate_at_stop("  return x\n\ndef f():", ev.HUMANEVAL_STOP) == "  return x\n"
-    assert ev.truncate_at_stop(" 42.\n\nQuestion: x", ev.GSM8K_STOP) == " 42.\n\n"
-    assert ev.truncate_at_stop("no stop", ev.HUMANEVAL_STOP) == "no stop"
+    # evaluate cuts answers with the one stop-string cut, model.cut_at_stop
+    from model import cut_at_stop
+    assert cut_at_stop("  return x\n\ndef f():", ev.HUMANEVAL_STOP) == "  return x\n"
+    assert cut_at_stop(" 42.\n\nQuestion: x", ev.GSM8K_STOP) == " 42.\n\n"
+    assert cut_at_stop("no stop", ev.HUMANEVAL_STOP) == "no stop"
 
 
 def test_pass_at_k_equals_closed_form():
@@ -270,24 +272,25 @@ def test_hub_offline_message(monkeypatch):
 
 def test_cli_bad_input_messages(capsys, tmp_path, shared_data):
     rc, _, err = run_cli(capsys, "--model", "x.pt", "--benchmark", "mmlu,squad")
-    assert rc == 1 and "unknown benchmark 'squad'" in err and "mmlu, ceval" in err
+    assert rc == 2 and "unknown benchmark 'squad'" in err and "mmlu, ceval" in err
     rc, _, err = run_cli(capsys, "--model", "x.pt", "--benchmark", "all")
-    assert rc == 1 and "--allow-code-execution" in err
+    assert rc == 2 and "--allow-code-execution" in err
     rc, _, err = run_cli(capsys, "--samples", "s.jsonl", "--benchmark", "mmlu")
-    assert rc == 1 and "--benchmark humaneval" in err
+    assert rc == 2 and "--benchmark humaneval" in err
     rc, _, err = run_cli(capsys, "--model", tmp_path / "nope.pt", "--benchmark", "mmlu", "--data-dir", shared_data)
-    assert rc == 1 and "nope.pt" in err and "Traceback" not in err
-    rc, _, err = run_cli(capsys, "--model", "x.pt", "--benchmark", "mmlu", "--limit", "0")
-    assert rc == 1 and "--limit must be >= 1" in err
+    assert rc == 2 and "nope.pt" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:  # a numeric flag is checked by the parser
+        run_cli(capsys, "--model", "x.pt", "--benchmark", "mmlu", "--limit", "0")
+    assert e.value.code == 2 and "argument --limit: must be >= 1" in capsys.readouterr().err
     rc, _, err = run_cli(capsys, "--model", "x.pt", "--benchmark", "humaneval", "--allow-code-execution",
                          "--num-samples", "5")
-    assert rc == 1 and "--temperature" in err
+    assert rc == 2 and "--temperature" in err
     samples = tmp_path / "s.jsonl"
     samples.write_text(json.dumps({"task_id": "HumanEval/999", "completion": ""}) + "\n")
     out_json = tmp_path / "r.json"
     rc, _, err = run_cli(capsys, "--samples", samples, "--benchmark", "humaneval", "--data-dir", shared_data,
                          "--allow-code-execution", "--json", out_json)
-    assert rc == 1 and "s.jsonl:1: unknown task_id 'HumanEval/999'" in err and not out_json.exists()
+    assert rc == 2 and "s.jsonl:1: unknown task_id 'HumanEval/999'" in err and not out_json.exists()
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,7 +354,7 @@ def test_random_model_is_at_chance(tiny_ckpt, shared_data, tmp_path, capsys):
     assert res["n"] == 120 and 0.1 <= res["acc"] <= 0.42
     assert sum(s["n"] for s in res["subjects"].values()) == 120
     rc, _, err = run_cli(capsys, "--model", tiny_ckpt, "--benchmark", "hellaswag", "--data-dir", shared_data,
-                         "--limit", "120", "--device", "cpu", "--json", out)
+                         "--limit", "120", "--device", "cpu", "--json", out, "--overwrite")
     assert rc == 0, err
     res = json.loads(out.read_text())["results"]["hellaswag"]
     assert res["n"] == 120 and 0.1 <= res["acc"] <= 0.42 and 0.1 <= res["acc_norm"] <= 0.42
@@ -408,3 +411,115 @@ def test_hf_model_is_scored_by_the_same_code(tiny_model, tiny_ckpt, shared_data,
             assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-3)
         else:
             assert a["response"] == b["response"]
+
+
+# ------------------------------------------------------------------------------------------
+# the CLI conventions shared by every script (issue 14)
+
+def humaneval_dir(tmp_path):
+    """A one-problem HumanEval copy and a samples file that passes it: --samples runs in a second."""
+    d = tmp_path / "data" / "humaneval"
+    d.mkdir(parents=True)
+    problem = {"task_id": "T/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+               "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
+    (d / "HumanEval.jsonl").write_text(json.dumps(problem) + "\n")
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"task_id": "T/0", "completion": "    return 1\n"}) + "\n")
+    return tmp_path / "data", samples
+
+
+def test_flag_vocabulary_and_hidden_aliases():
+    p = ev.build_parser()
+    a = p.parse_args(["--benchmark", "gsm8k", "--max-gen-toks", "24", "--no-progress", "--force", "--dtype", "bfloat16"])
+    assert (a.max_new_tokens, a.quiet, a.overwrite, a.dtype) == (24, True, True, "bf16")
+    a = p.parse_args(["--benchmark", "gsm8k", "--max-new-tokens", "7", "--quiet", "--overwrite"])
+    assert (a.max_new_tokens, a.quiet, a.overwrite, a.dtype, a.device) == (7, True, True, "auto", "auto")
+    text = p.format_help()
+    assert "--max-new-tokens" in text and "--quiet" in text and "--overwrite" in text and "auto" in text
+    assert not any(old in text for old in ("--max-gen-toks", "--no-progress", "--force"))
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--num-fewshot", "-1"), ("--batch-size", "0"), ("--max-new-tokens", "0"), ("--max-gen-toks", "-3"),
+    ("--num-samples", "0"), ("--temperature", "-0.5"), ("--exec-timeout", "0"), ("--exec-memory-mb", "8"),
+    ("--exec-workers", "0"), ("--seed", "-1"), ("--limit", "x"), ("--dtype", "int3")])
+def test_bad_flag_values_are_refused_by_the_parser(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--benchmark", "mmlu", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: argument {flag}"), err
+
+
+def test_json_and_log_samples_are_not_overwritten_without_overwrite(capsys, tmp_path):
+    data, samples = humaneval_dir(tmp_path)
+    out, log = tmp_path / "r.json", tmp_path / "log.jsonl"
+    common = ["--samples", samples, "--benchmark", "humaneval", "--data-dir", data, "--allow-code-execution"]
+    for target, flag in ((out, "--json"), (log, "--log-samples")):
+        target.write_text("keep me")
+        rc, stdout, err = run_cli(capsys, *common, flag, target)
+        # refused before any work: nothing scored (no table), the old file untouched
+        assert rc == 2 and stdout == "" and target.read_text() == "keep me"
+        assert err.strip() == f"error: {flag} {target}: file exists; pass --overwrite to replace it"
+    rc, stdout, err = run_cli(capsys, *common, "--json", out, "--log-samples", log, "--overwrite")
+    assert rc == 0, err
+    assert json.loads(out.read_text())["results"]["humaneval"]["pass@1"] == 1.0
+    assert json.loads(log.read_text())["passed"] is True and "| humaneval | pass@1 | 1.0000 |" in stdout
+    rc, _, err = run_cli(capsys, *common, "--json", out, "--log-samples", out, "--overwrite")
+    assert rc == 2 and "give them different files" in err and json.loads(out.read_text())["results"]
+
+
+def test_missing_input_files_exit_2(capsys, tmp_path):
+    data, samples = humaneval_dir(tmp_path)
+    he = ["--benchmark", "humaneval", "--allow-code-execution"]
+    for argv, message in (
+            (["--model", tmp_path / "no.pt", "--benchmark", "mmlu"], f"--model {tmp_path / 'no.pt'}: no such file"),
+            (["--samples", tmp_path / "no.jsonl", "--data-dir", data, *he], f"--samples {tmp_path / 'no.jsonl'}: no such file"),
+            (["--samples", samples, "--data-dir", tmp_path / "nodir", *he], f"--data-dir {tmp_path / 'nodir'}: no such directory"),
+            (["--samples", samples, "--data-dir", tmp_path, *he], "missing file: ")):
+        rc, stdout, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2 and stdout == "" and len(lines) == 1 and lines[0].startswith("error: " + message), err
+
+
+class GenLM(FakeLM):
+    """FakeLM with a generate() that records what it was asked and answers with a fixed text."""
+
+    def __init__(self, max_seq_len):
+        super().__init__(max_seq_len)
+        self.calls = []
+
+    def generate(self, ids, max_new_tokens, temperature=0.0, stop=None, seed=None):
+        self.calls.append((list(ids), max_new_tokens))
+        return " 42.\n\nQuestion: next one"
+
+
+def test_generate_keeps_the_newest_prompt_tokens_and_cuts_at_stop():
+    lm = GenLM(64)
+    s = ev.Scorer(lm, progress=False)
+    prompt = "x" * 50 + "0123456789"
+    out, truncated = s.generate(prompt, 16, ev.GSM8K_STOP)
+    # lm-evaluation-harness: context[-(max_length - max_gen_toks):], then cut at the first stop string
+    assert out == " 42.\n\n" and truncated and lm.calls[-1] == (list(prompt.encode())[-48:], 16)
+    out, truncated = s.generate("short", 16, ev.GSM8K_STOP)
+    assert not truncated and lm.calls[-1] == (list(b"short"), 16)
+
+
+def test_device_and_dtype_go_through_model_resolvers(monkeypatch):
+    import benchmark
+    seen = {}
+
+    def fake_load_lm(spec, device, dtype, hf):
+        seen.update(spec=spec, device=device, dtype=dtype, hf=hf)
+        return FakeLM(256)
+    monkeypatch.setattr(benchmark, "load_lm", fake_load_lm)
+    for name, want in (("auto", torch.float32), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
+        args = ev.build_parser().parse_args(["--benchmark", "mmlu", "--hf", "org/name", "--dtype", name,
+                                          "--device", "cpu"])
+        assert ev.load_scorer(args).ctx_len == 256
+        assert seen == {"spec": "org/name", "device": "cpu", "dtype": want, "hf": True}
+
+    def failing_load_lm(*a, **kw):
+        raise benchmark.BenchmarkError("cannot load 'org/name': offline\nsecond line")
+    monkeypatch.setattr(benchmark, "load_lm", failing_load_lm)
+    with pytest.raises(ev.EvalError, match=r"^cannot load 'org/name': offline$"):
+        ev.load_scorer(args)
