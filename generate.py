@@ -11,7 +11,7 @@ Usage (copy-paste):
     python generate.py --model checkpoints/fishai-best.pt --prompt "Once upon a time"
 
     # greedy decoding (temperature 0), 100 new tokens
-    python generate.py --model checkpoints/fishai-best.pt --prompt "The capital of France" \
+    python generate.py --model checkpoints/fishai-best.pt --prompt "The capital of France" \\
         --temperature 0 --max-new-tokens 100
 
     # three samples in one batch, reproducible
@@ -23,34 +23,93 @@ Usage (copy-paste):
     # interactive multi-turn chat (SFT model), /help lists the commands
     python generate.py --model checkpoints/fishai-sft.pt --chat --system "You are a helpful assistant."
 
-    # scripted chat: one user message per line, one reply per message on stdout
-    printf 'Hello!\nWhat is 2+2?\n' | python generate.py --model checkpoints/fishai-sft.pt --chat
+    # scripted chat: one user message per line in, the conversation in ChatML out
+    printf 'Hello!\\nWhat is 2+2?\\n' | python generate.py --model checkpoints/fishai-sft.pt --chat
 
     # CUDA: static KV cache + torch.compile'd decode step (the first call compiles, then it is fast)
     python generate.py --model checkpoints/fishai-best.pt --prompt "Hello" --device cuda --compile
 
 Plain generation prints the prompt followed by the continuation; generation stops at the
-tokenizer's end-of-text token or after --max-new-tokens. Chat replies stop at <|im_end|>.
-Timing figures go to stderr so stdout stays clean for scripts.
+tokenizer's end-of-text token or after --max-new-tokens. Timing figures go to stderr (none with
+--quiet) so stdout stays clean for scripts.
+
+Chat replies stop at <|im_end|>. In a terminal the input line has readline editing and history
+(arrow keys), and replies are prefixed with 'fish> '. When stdin is not a terminal (piped use),
+stdout carries the conversation in ChatML, the template the model was fine-tuned on, so a script
+can tell the turns apart: each message read as "<|im_start|>user\\n{message}<|im_end|>\\n", then its
+reply as "<|im_start|>assistant\\n{reply}<|im_end|>\\n" (the reply's text exactly as generated,
+newlines included). A message that does not fit the context gets no assistant turn; the reason
+goes to stderr, like every other notice. A model that was never fine-tuned for chat (its
+checkpoint does not record train.py --stage sft) gets a warning on stderr.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import time
+import zipfile
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
-import torch
+import data_utils as du
 
-# A token stream maps a (B, T) prompt to an iterator of (B,) new-token tensors, one per step.
-# model.generate_stream is the default; tests inject fake streams to check the stop logic.
-TokenStream = Callable[[torch.Tensor], Iterator[torch.Tensor]]
-
+DEFAULT_MODEL = "checkpoints/fishai-best.pt"
 CHAT_HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), "
     "/history (show the conversation), /help, /quit (or /exit, Ctrl-D)"
 )
+# Role markers of piped chat: a turn's header and end, exactly as data_utils.render_chatml writes them.
+ASSISTANT_HEADER = du.render_chatml([], add_generation_prompt=True)
+TURN_END = "<|im_end|>\n"
+
+
+def build_parser() -> du.ArgumentParser:
+    p = du.ArgumentParser(
+        description="Sample text from, or chat with, a FishAI model (.pt checkpoint, quantized "
+                    ".bin or HF directory). Tokens are streamed to stdout as they are produced.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model to load: training checkpoint (.pt), quantized export (.bin) or "
+                        "FishAI/HF Llama directory")
+    p.add_argument("--prompt", default="",
+                   help="text to continue; '-' reads it from stdin; empty starts a fresh document")
+    p.add_argument("--chat", action="store_true",
+                   help="multi-turn chat with the tokenizer's chat template: interactive in a terminal; "
+                        "with piped stdin one message per line, the conversation written out in ChatML")
+    p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--max-new-tokens", type=du.int_flag(1), default=200,
+                   help="maximum number of tokens to generate (per chat reply with --chat)")
+    p.add_argument("--temperature", type=du.float_flag(0), default=0.8,
+                   help="sampling temperature; 0 = greedy decoding")
+    p.add_argument("--top-k", type=du.int_flag(0), default=200,
+                   help="sample only from the k most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=du.float_flag(0, 1, lo_open=True), default=None,
+                   help="nucleus sampling: smallest token set with cumulative probability >= p (0 < p <= 1)")
+    p.add_argument("--num-samples", type=du.int_flag(1), default=1,
+                   help="number of samples, generated as one batch")
+    p.add_argument("--seed", type=du.int_flag(0), default=None, help="random seed for reproducible samples")
+    du.add_device_flag(p)
+    du.add_dtype_flag(p, "compute dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, "
+                         "fp32 elsewhere)")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: static KV cache + torch.compile'd decode step replayed as a CUDA "
+                        "graph (the first call compiles); on other devices it warns and runs eagerly")
+    du.add_quiet_flag(p)
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer before torch is imported
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import model as fishai  # noqa: E402
+
+# A token stream maps a (B, T) prompt to an iterator of (B,) new-token tensors, one per step.
+# model.generate_stream is the default; tests inject fake streams to check the stop logic.
+TokenStream = Callable[[torch.Tensor], Iterator[torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,9 +244,10 @@ def stream_generate(model, prompt_ids: list[int], max_new_tokens: int = 200, *,
 
 def generate_samples(model, prompt_ids: list[int], max_new_tokens: int = 200, *,
                      stop_ids: Iterable[int] | None = None, keep_stop: bool = False,
-                     **kwargs) -> list[list[int]]:
+                     on_step: Callable[[], None] | None = None, **kwargs) -> list[list[int]]:
     """Non-streaming helper: the new token ids of every sample (stop tokens dropped unless
-    keep_stop). Takes the same keyword arguments as stream_generate."""
+    keep_stop). on_step() is called after each decoding step (a progress bar). Takes the same
+    keyword arguments as stream_generate."""
     if stop_ids is None:
         eos = getattr(getattr(model, "tokenizer", None), "eos_id", None)
         stop_ids = [] if eos is None else [eos]
@@ -198,6 +258,8 @@ def generate_samples(model, prompt_ids: list[int], max_new_tokens: int = 200, *,
         for i, t in enumerate(step):
             if t is not None and (keep_stop or t not in stops):
                 rows[i].append(t)
+        if on_step is not None:
+            on_step()
     return rows
 
 
@@ -223,21 +285,16 @@ def stream_text(tokenizer, steps: Iterable[list[int | None]], stop_ids: Iterable
 
 def fit_prompt(prompt_ids: list[int], max_new_tokens: int, max_seq_len: int,
                warn: Callable[[str], None] | None = None) -> tuple[list[int], int]:
-    """Make prompt + generation fit the model's context: cap the number of new tokens and, if
-    the prompt alone fills the context, keep only its most recent tokens."""
-    keep = max(1, max_seq_len - max(1, min(max_new_tokens, max_seq_len // 2)))
-    if len(prompt_ids) > keep and len(prompt_ids) + max_new_tokens > max_seq_len:
-        if warn:
-            warn(f"prompt has {len(prompt_ids)} tokens; keeping the last {keep} to fit the "
-                 f"{max_seq_len}-token context")
-        prompt_ids = prompt_ids[-keep:]
-    budget = max_seq_len - len(prompt_ids)
-    if max_new_tokens > budget:
-        if warn:
-            warn(f"--max-new-tokens {max_new_tokens} does not fit the {max_seq_len}-token context "
-                 f"after a {len(prompt_ids)}-token prompt; generating at most {budget}")
-        max_new_tokens = budget
-    return prompt_ids, max_new_tokens
+    """model.fit_prompt, keeping at least half the window for the prompt so that a long reply
+    never pushes the whole prompt out; `warn` is told what was cut."""
+    ids, max_new = fishai.fit_prompt(prompt_ids, max_new_tokens, max_seq_len, min_prompt=max_seq_len // 2)
+    if warn and len(ids) < len(prompt_ids):
+        warn(f"prompt has {len(prompt_ids)} tokens; keeping the last {len(ids)} to fit the "
+             f"{max_seq_len}-token context")
+    if warn and max_new < max_new_tokens:
+        warn(f"--max-new-tokens {max_new_tokens} does not fit the {max_seq_len}-token context "
+             f"after a {len(ids)}-token prompt; generating at most {max_new}")
+    return ids, max_new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,313 +325,317 @@ def trim_history(tokenizer, messages: list[dict], reserve: int, max_seq_len: int
             del messages[start]
 
 
+def enable_line_editing() -> bool:
+    """Importing readline is what gives input() line editing (arrow keys, Ctrl-A/E, ...) and the
+    session's history (up/down) in a terminal. Lazy and optional: it is missing on Windows and in
+    some minimal Pythons, and chat works without it. Returns whether it is on."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def training_stage(path) -> str | None:
+    """The training stage a checkpoint records (train.py's --stage: "pretrain" or "sft"), or None
+    when the model records none (an HF directory, a quantized .bin, an older checkpoint).
+    model.load_model returns only the GPT, so this opens the checkpoint again, memory-mapped: only
+    its small metadata is read, not the tensors."""
+    path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):  # a .pt is a zip archive; .bin and dirs are not
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
+        return None
+    for key in ("extra", "train_args"):  # extra: what train.py saves; train_args: its flags
+        entry = ckpt.get(key) if isinstance(ckpt, dict) else None
+        if isinstance(entry, dict) and entry.get("stage"):
+            return str(entry["stage"])
+    return None
+
+
+def chat_training_warning(path) -> str | None:
+    """The warning --chat prints for a model that was never chat-trained (None after SFT)."""
+    stage = training_stage(path)
+    if stage == "sft":
+        return None
+    why = (f"its checkpoint records training stage '{stage}'" if stage else
+           "it records no training stage (an HF directory, a quantized .bin or an older checkpoint)")
+    return (f"{path} may not be chat-trained: {why}; a model follows the chat template only after "
+            f"fine-tuning (python train.py --stage sft --init-from CHECKPOINT --data chat.jsonl)")
+
+
+class ChatSession:
+    """One conversation of chat_loop: the history, the reply settings and the streams.
+    read_line() gets the next user line, command() runs a /command, turn() sends one message."""
+
+    def __init__(self, model, inp: TextIO, out: TextIO, err: TextIO, *, system: str | None,
+                 max_new_tokens: int, interactive: bool, role_markers: bool, gen_kw: dict):
+        if model.tokenizer is None:
+            raise ValueError("the model has no tokenizer attached; load it with model.load_model")
+        self.model, self.tok = model, model.tokenizer
+        self.inp, self.out, self.err = inp, out, err
+        self.system, self.max_new_tokens, self.gen_kw = system, max_new_tokens, gen_kw
+        self.interactive, self.role_markers = interactive, role_markers
+        self.stops = chat_stop_ids(self.tok)
+        self.max_seq_len = model.config.max_seq_len
+        # Room kept for the reply when deciding how much history fits; at most half the context so
+        # a long --max-new-tokens does not wipe out the whole conversation.
+        self.reserve = max(1, min(max_new_tokens, self.max_seq_len // 2))
+        self.messages = self.fresh()
+        self.use_input = interactive and inp is sys.stdin  # input(): readline editing in a terminal
+        if self.use_input:
+            enable_line_editing()
+
+    def fresh(self) -> list[dict]:
+        return [{"role": "system", "content": self.system}] if self.system else []
+
+    def notice(self, msg: str) -> None:
+        print(f"[{msg}]", file=self.err, flush=True)
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def read_line(self) -> str | None:
+        """The next line without its line break; None at the end of the input."""
+        if self.use_input:
+            try:
+                return input("you> ").rstrip("\r\n")
+            except EOFError:
+                return None
+        if self.interactive:
+            self.write("you> ")
+        line = self.inp.readline()
+        return None if line == "" else line.rstrip("\r\n")
+
+    def command(self, text: str) -> bool:
+        """Run one /command (CHAT_HELP); False means quit."""
+        cmd, _, rest = text.partition(" ")
+        cmd = cmd.lower()
+        if cmd in ("/quit", "/exit", "/q"):
+            return False
+        if cmd == "/reset":
+            self.messages = self.fresh()
+            self.notice("conversation reset")
+        elif cmd == "/system":
+            self.system = rest.strip() or None
+            self.messages = self.fresh()
+            self.notice("system prompt " + ("set" if self.system else "cleared") + "; conversation reset")
+        elif cmd == "/history":
+            for m in self.messages:
+                print(f"{m['role']}: {m['content']}", file=self.err)
+            self.err.flush()
+        elif cmd == "/help":
+            self.notice(CHAT_HELP)
+        else:
+            self.notice(f"unknown command {cmd}; " + CHAT_HELP)
+        return True
+
+    def turn(self, text: str) -> None:
+        """Send one user message (dropping the oldest turns when the context is full), stream the
+        reply and add both to the history."""
+        if self.role_markers:
+            self.write(du.render_chatml([{"role": "user", "content": text}]))
+        self.messages.append({"role": "user", "content": text})
+        ids, dropped = trim_history(self.tok, self.messages, self.reserve, self.max_seq_len)
+        if dropped:
+            self.notice(f"history trimmed: dropped the {dropped} oldest turn(s) to fit the "
+                        f"{self.max_seq_len}-token context")
+        if len(ids) >= self.max_seq_len:
+            self.messages.pop()
+            self.notice(f"message too long: {len(ids)} tokens with the chat template, the context is "
+                        f"{self.max_seq_len}; not sent")
+            return
+        self.write(ASSISTANT_HEADER if self.role_markers else "fish> " if self.interactive else "")
+        reply_ids = self.stream_reply(ids, min(self.max_new_tokens, self.max_seq_len - len(ids)))
+        self.write(TURN_END if self.role_markers else "\n")
+        self.messages.append({"role": "assistant", "content": self.tok.decode(reply_ids, skip_special=True)})
+
+    def stream_reply(self, ids: list[int], budget: int) -> list[int]:
+        """Stream one reply to the output; returns its token ids (without the stop token). Ctrl-C in
+        a terminal ends the reply, not the chat."""
+        reply_ids: list[int] = []
+        steps = stream_generate(self.model, ids, budget, stop_ids=self.stops, **self.gen_kw)
+        try:
+            for piece in stream_text(self.tok, steps, stop_ids=self.stops, ids_out=reply_ids):
+                self.write(piece)
+        except KeyboardInterrupt:
+            if not self.interactive:
+                raise
+            self.notice("reply interrupted")
+        finally:
+            steps.close()
+        return reply_ids
+
+
 def chat_loop(model, input_stream: TextIO, output_stream: TextIO, *, system: str | None = None,
               max_new_tokens: int = 256, temperature: float = 0.7, top_k: int | None = 50,
               top_p: float | None = 0.9, generator: torch.Generator | None = None,
-              compile: bool = False, interactive: bool = False, err_stream: TextIO | None = None,
-              token_stream: TokenStream | None = None) -> list[dict]:
+              compile: bool = False, interactive: bool = False, role_markers: bool = False,
+              err_stream: TextIO | None = None, token_stream: TokenStream | None = None) -> list[dict]:
     """Multi-turn chat. Reads one user message per line from input_stream, streams each reply to
-    output_stream (ended by a newline) and keeps the history, trimming the oldest turns when
-    the context would overflow (a notice goes to err_stream). Lines starting with '/' are
-    commands (see CHAT_HELP). In interactive mode the user is prompted with 'you> ' and
-    replies are prefixed with 'fish> '; otherwise stdout carries only the replies, which keeps
-    piped use scriptable. Returns the final message history."""
-    err = err_stream if err_stream is not None else sys.stderr
-    tok = model.tokenizer
-    if tok is None:
-        raise ValueError("the model has no tokenizer attached; load it with model.load_model")
-    stops = chat_stop_ids(tok)
-    max_seq_len = model.config.max_seq_len
-    # Room kept for the reply when deciding how much history fits; at most half the context so
-    # a long --max-new-tokens does not wipe out the whole conversation.
-    reserve = max(1, min(max_new_tokens, max_seq_len // 2))
-
-    def notice(msg: str) -> None:
-        print(f"[{msg}]", file=err, flush=True)
-
-    def fresh() -> list[dict]:
-        return [{"role": "system", "content": system}] if system else []
-
-    def read_line() -> str | None:
-        if interactive and input_stream is sys.stdin:
-            try:
-                return input("you> ")  # readline editing and history in a terminal
-            except EOFError:
-                return None
-        if interactive:
-            output_stream.write("you> ")
-            output_stream.flush()
-        line = input_stream.readline()
-        return None if line == "" else line
-
-    messages = fresh()
+    output_stream and keeps the history, trimming the oldest turns when the context would
+    overflow (a notice goes to err_stream). Lines starting with '/' are commands (CHAT_HELP).
+    In interactive mode the user is prompted with 'you> ' and replies are prefixed with 'fish> ';
+    otherwise each reply is one line, or, with role_markers, the conversation is written in
+    ChatML (see the module docstring). Returns the final message history."""
+    chat = ChatSession(model, input_stream, output_stream, err_stream if err_stream is not None else sys.stderr,
+                       system=system, max_new_tokens=max_new_tokens, interactive=interactive,
+                       role_markers=role_markers,
+                       gen_kw=dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                   compile=compile, token_stream=token_stream))
     if interactive:
         name = os.path.basename(str(getattr(model, "source", "") or "FishAI"))
-        notice(f"chatting with {name} ({max_seq_len}-token context); " + CHAT_HELP)
+        chat.notice(f"chatting with {name} ({chat.max_seq_len}-token context); " + CHAT_HELP)
     while True:
-        line = read_line()
-        if line is None:
+        text = chat.read_line()
+        if text is None:
             if interactive:
-                output_stream.write("\n")
+                chat.write("\n")
             break
-        text = line.rstrip("\r\n")
         if not text.strip():
             continue
         if text.startswith("/"):
-            cmd, _, rest = text.partition(" ")
-            cmd = cmd.lower()
-            if cmd in ("/quit", "/exit", "/q"):
+            if not chat.command(text):
                 break
-            if cmd == "/reset":
-                messages = fresh()
-                notice("conversation reset")
-            elif cmd == "/system":
-                system = rest.strip() or None
-                messages = fresh()
-                notice("system prompt " + ("set" if system else "cleared") + "; conversation reset")
-            elif cmd == "/history":
-                for m in messages:
-                    print(f"{m['role']}: {m['content']}", file=err)
-                err.flush()
-            elif cmd == "/help":
-                notice(CHAT_HELP)
-            else:
-                notice(f"unknown command {cmd}; " + CHAT_HELP)
             continue
-
-        messages.append({"role": "user", "content": text})
-        ids, dropped = trim_history(tok, messages, reserve, max_seq_len)
-        if dropped:
-            notice(f"history trimmed: dropped the {dropped} oldest turn(s) to fit the "
-                   f"{max_seq_len}-token context")
-        if len(ids) >= max_seq_len:
-            messages.pop()
-            notice(f"message too long: {len(ids)} tokens with the chat template, the context is "
-                   f"{max_seq_len}; not sent")
-            continue
-        budget = min(max_new_tokens, max_seq_len - len(ids))
-        if interactive:
-            output_stream.write("fish> ")
-            output_stream.flush()
-        reply_ids: list[int] = []
-        steps = stream_generate(model, ids, budget, temperature=temperature, top_k=top_k,
-                                top_p=top_p, stop_ids=stops, generator=generator,
-                                compile=compile, token_stream=token_stream)
-        try:
-            for piece in stream_text(tok, steps, stop_ids=stops, ids_out=reply_ids):
-                output_stream.write(piece)
-                output_stream.flush()
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            notice("reply interrupted")
-        finally:
-            steps.close()
-        output_stream.write("\n")
-        output_stream.flush()
-        messages.append({"role": "assistant", "content": tok.decode(reply_ids, skip_special=True)})
-    return messages
+        chat.turn(text)
+    return chat.messages
 
 
 # ----------------------------------------------------------------------------------------------
 # command line
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return name
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype | None:
-    if name == "auto":
-        # bf16 halves memory traffic on GPUs that support it; CPUs keep the checkpoint's fp32.
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Sample text from, or chat with, a FishAI model (.pt checkpoint, quantized "
-                    ".bin or HF directory). Tokens are streamed to stdout as they are produced.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="checkpoints/fishai-best.pt",
-                   help="model to load: training checkpoint (.pt), quantized export (.bin) or "
-                        "FishAI/HF Llama directory")
-    p.add_argument("--prompt", default="",
-                   help="text to continue; '-' reads it from stdin; empty starts a fresh document")
-    p.add_argument("--chat", action="store_true",
-                   help="interactive multi-turn chat with the tokenizer's chat template "
-                        "(one user message per line when stdin is piped)")
-    p.add_argument("--system", default=None, help="system prompt for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=200,
-                   help="maximum number of tokens to generate (per chat reply with --chat)")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="sampling temperature; 0 = greedy decoding")
-    p.add_argument("--top-k", type=int, default=200,
-                   help="sample only from the k most likely tokens; 0 disables")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="nucleus sampling: smallest token set with cumulative probability >= p")
-    p.add_argument("--num-samples", type=int, default=1,
-                   help="number of samples, generated as one batch")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: bfloat16 on CUDA, the checkpoint's dtype otherwise)")
-    p.add_argument("--compile", action="store_true",
-                   help="CUDA: static KV cache + torch.compile'd decode step replayed as a CUDA "
-                        "graph (the first call compiles); on other devices it warns and runs eagerly")
-    return p
-
-
 def check_args(args: argparse.Namespace) -> None:
-    """Raise ValueError with a one-line message naming the bad flag."""
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 disables it), got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    """The checks across flags (each flag's own range is checked by the parser) and of --model."""
     if args.chat and args.num_samples != 1:
-        raise ValueError("--num-samples cannot be combined with --chat")
+        raise du.FishAIError("--num-samples cannot be combined with --chat")
     if args.chat and args.prompt:
-        raise ValueError("--prompt cannot be combined with --chat; type (or pipe) the messages instead")
+        raise du.FishAIError("--prompt cannot be combined with --chat; type (or pipe) the messages instead")
     if args.system is not None and not args.chat:
-        raise ValueError("--system only applies to --chat")
+        raise du.FishAIError("--system only applies to --chat")
     if not os.path.exists(args.model):
-        raise ValueError(f"--model {args.model}: no such file or directory (pass a .pt "
-                         f"checkpoint, a quantized .bin or an HF model directory)")
+        raise du.FishAIError(f"--model {args.model}: no such file or directory (pass a .pt "
+                             f"checkpoint, a quantized .bin or an HF model directory)")
 
 
-def load(path: str, device: str, dtype: torch.dtype | None):
+def load(path: str, device, dtype: torch.dtype | None):
     """model.load_model, plus a check that a tokenizer came with the model."""
-    from model import load_model
-
     try:
-        model = load_model(path, device=device, dtype=dtype)
-    except (ValueError, OSError):
+        model = fishai.load_model(path, device=device, dtype=dtype)
+    except du.FishAIError:
         raise  # CheckpointError & co. already name the file and the fix
-    except Exception as e:  # e.g. the unpickler choking on a file that is not a checkpoint
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"--model {path}: cannot load it as a FishAI model ({type(e).__name__}"
-                         f"{': ' + detail if detail else ''}); pass a .pt checkpoint, a quantized "
-                         f".bin or an HF model directory") from None
+    except Exception as e:  # e.g. the unpickler or transformers choking on a file that is not a model
+        detail = du.one_line(e) if str(e).strip() else ""
+        raise du.FishAIError(f"--model {path}: cannot load it as a FishAI model ({type(e).__name__}"
+                             f"{': ' + detail if detail else ''}); pass a .pt checkpoint, a quantized "
+                             f".bin or an HF model directory") from None
     if getattr(model, "tokenizer", None) is None:
-        raise ValueError(f"--model {path}: the model has no tokenizer; re-save it with "
-                         f"train.py/quantize.py, which embed the tokenizer")
+        raise du.FishAIError(f"--model {path}: the model has no tokenizer; re-save it with "
+                             f"train.py/quantize.py, which embed the tokenizer")
     return model
+
+
+def read_prompt(prompt: str) -> str:
+    """--prompt as given, or stdin for '-' (without the line break `echo` adds)."""
+    if prompt != "-":
+        return prompt
+    prompt = sys.stdin.read()
+    if prompt.endswith("\n"):
+        prompt = prompt[:-1]
+        if prompt.endswith("\r"):
+            prompt = prompt[:-1]
+    return prompt
+
+
+def stream_one(model, ids: list[int], max_new: int, kw: dict, prompt: str, out: TextIO) -> int:
+    """Print the prompt, then stream its continuation; returns the number of new tokens."""
+    out.write(prompt)
+    out.flush()
+    new_ids: list[int] = []
+    steps = stream_generate(model, ids, max_new, **kw)
+    try:
+        for piece in stream_text(model.tokenizer, steps, stop_ids=kw["stop_ids"], ids_out=new_ids):
+            out.write(piece)
+            out.flush()
+    finally:
+        steps.close()
+    out.write("\n")
+    return len(new_ids)
+
+
+def print_samples(model, ids: list[int], max_new: int, kw: dict, prompt: str, out: TextIO, err: TextIO,
+                  progress: bool) -> int:
+    """Generate kw["num_samples"] samples as one batch (a progress bar on err), then print each
+    after the prompt; returns the number of new tokens."""
+    with tqdm(total=max_new, desc="generating", unit="step", file=err, leave=False, disable=not progress) as bar:
+        rows = generate_samples(model, ids, max_new, on_step=lambda: bar.update(1), **kw)
+    for i, row in enumerate(rows):
+        out.write(f"--- sample {i + 1}/{len(rows)} ---\n{prompt}{model.tokenizer.decode(row)}\n")
+    return sum(len(r) for r in rows)
 
 
 def run_generate(model, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
     """Plain generation: print the prompt, then stream (1 sample) or print (N samples)."""
-    from tqdm import tqdm
-
     tok = model.tokenizer
-    prompt = args.prompt
-    if prompt == "-":
-        prompt = sys.stdin.read()
-        if prompt.endswith("\n"):  # `echo` adds one; it is not part of the prompt
-            prompt = prompt[:-1]
-            if prompt.endswith("\r"):
-                prompt = prompt[:-1]
+    prompt = read_prompt(args.prompt)
     # An empty prompt starts a fresh document: the document separator is the natural start token.
-    ids = tok.encode(prompt) if prompt else [tok.eos_id]
-    if not ids:
-        ids = [tok.eos_id]
+    ids = (tok.encode(prompt) if prompt else []) or [tok.eos_id]
     ids, max_new = fit_prompt(ids, args.max_new_tokens, model.config.max_seq_len,
                               warn=lambda m: print(f"warning: {m}", file=err))
-    stops = [tok.eos_id] if tok.eos_id is not None else []
-    gen = make_generator(args.seed, next(model.parameters()).device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-              stop_ids=stops, num_samples=args.num_samples, generator=gen, compile=args.compile)
+              stop_ids=[tok.eos_id] if tok.eos_id is not None else [], num_samples=args.num_samples,
+              generator=make_generator(args.seed, next(model.parameters()).device), compile=args.compile)
     t0 = time.perf_counter()
-    n_tokens = 0
     if args.num_samples == 1:
-        out.write(prompt)
-        out.flush()
-        new_ids: list[int] = []
-        steps = stream_generate(model, ids, max_new, **kw)
-        try:
-            for piece in stream_text(tok, steps, stop_ids=stops, ids_out=new_ids):
-                out.write(piece)
-                out.flush()
-        finally:
-            steps.close()
-        out.write("\n")
-        n_tokens = len(new_ids)
+        n_tokens = stream_one(model, ids, max_new, kw, prompt, out)
     else:
-        rows: list[list[int]] = [[] for _ in range(args.num_samples)]
-        bar = tqdm(total=max_new, desc="generating", unit="step", file=err, leave=False)
-        for step in stream_generate(model, ids, max_new, **kw):
-            for i, t in enumerate(step):
-                if t is not None and t not in stops:
-                    rows[i].append(t)
-            bar.update(1)
-        bar.close()
-        for i, row in enumerate(rows):
-            out.write(f"--- sample {i + 1}/{args.num_samples} ---\n{prompt}{tok.decode(row)}\n")
-        n_tokens = sum(len(r) for r in rows)
+        n_tokens = print_samples(model, ids, max_new, kw, prompt, out, err, progress=not args.quiet)
     out.flush()
     dt = time.perf_counter() - t0
-    print(f"[{n_tokens} new tokens in {dt:.2f}s, {n_tokens / max(dt, 1e-9):.1f} tok/s]", file=err)
+    if not args.quiet:
+        print(f"[{n_tokens} new tokens in {dt:.2f}s, {n_tokens / max(dt, 1e-9):.1f} tok/s]", file=err)
+
+
+def run_chat(model, args: argparse.Namespace) -> None:
+    """--chat on stdin/stdout: interactive in a terminal, ChatML role markers when piped."""
+    warning = chat_training_warning(args.model)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    interactive = sys.stdin.isatty()
+    chat_loop(model, sys.stdin, sys.stdout, system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+              generator=make_generator(args.seed, next(model.parameters()).device), compile=args.compile,
+              interactive=interactive, role_markers=not interactive)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    device = fishai.resolve_device(args.device)
+    dtype = fishai.resolve_dtype(args.dtype, device)
+    if args.compile and device.type != "cuda":
+        # The static cache attends over the whole context every step; on CPU that (and the
+        # minute-long compile) costs more than the Python overhead CUDA graphs remove.
+        print(f"warning: --compile only speeds up CUDA decoding; running eagerly on {device}", file=sys.stderr)
+        args.compile = False
+    model = load(args.model, device, dtype)
+    if args.chat:
+        run_chat(model, args)
+    else:
+        run_generate(model, args, sys.stdout, sys.stderr)
+    return du.EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        if args.compile and not device.startswith("cuda"):
-            # The static cache attends over the whole context every step; on CPU that (and the
-            # minute-long compile) costs more than the Python overhead CUDA graphs remove.
-            print(f"warning: --compile only speeds up CUDA decoding; running eagerly on {device}",
-                  file=sys.stderr)
-            args.compile = False
-        model = load(args.model, device, dtype)
-        if args.chat:
-            gen = make_generator(args.seed, device)
-            if args.seed is not None:
-                torch.manual_seed(args.seed)
-            chat_loop(model, sys.stdin, sys.stdout, system=args.system,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k or None, top_p=args.top_p, generator=gen,
-                      compile=args.compile, interactive=sys.stdin.isatty())
-        else:
-            run_generate(model, args, sys.stdout, sys.stderr)
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # `generate.py ... | head`: the reader went away; not an error worth a traceback
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        return 0
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    return 0
+    return du.run_cli(run, args)
 
 
 if __name__ == "__main__":

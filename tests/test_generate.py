@@ -328,7 +328,12 @@ def test_cli_chat_piped(im_end_ckpt):
     r = run_cli("--model", str(im_end_ckpt), "--chat", "--temperature", "0", "--system", "Be nice.",
                 stdin="hello\nsecond message\n/quit\nnot read\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "\n\n"  # two empty replies (the model says <|im_end|> at once), then /quit
+    # piped: the conversation in ChatML (role markers), two empty replies (the model says
+    # <|im_end|> at once), then /quit
+    assert r.stdout == ("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n"
+                        "<|im_start|>user\nsecond message<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
+    # the checkpoint records no training stage: one warning that it may not be chat-trained
+    assert r.stderr.count("may not be chat-trained") == 1 and "--stage sft" in r.stderr
 
 
 def test_cli_missing_model_one_line_error():
@@ -355,13 +360,17 @@ def test_main_num_samples_seed(tiny_ckpt, capsys):
     (["--model", "{ckpt}", "--chat", "--num-samples", "2"], "--num-samples"),
     (["--model", "{ckpt}", "--prompt", "x", "--system", "s"], "--system"),
     (["--model", "{garbage}", "--prompt", "x", "--device", "cpu"], "garbage.pt"),
-    (["--model", "{ckpt}", "--prompt", "x", "--device", "tpu9"], "--device tpu9"),
+    (["--model", "{ckpt}", "--prompt", "x", "--device", "tpu9"], "--device 'tpu9'"),
 ])
 def test_main_bad_input_one_line_error(args, needle, tiny_ckpt, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_text("this is not a checkpoint")
     args = [a.format(ckpt=tiny_ckpt, garbage=garbage) for a in args]
-    assert generate.main(args) != 0
+    try:
+        rc = generate.main(args)
+    except SystemExit as e:  # a flag's value out of range is refused by the parser (exit 2)
+        rc = e.code
+    assert rc == 2
     cap = capsys.readouterr()
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], cap.err
@@ -386,3 +395,131 @@ def test_main_same_greedy_text_from_pt_bin_and_hf_dir(tiny_model, tiny_ckpt, tmp
         outs.append(capsys.readouterr().out)
     assert outs[0].startswith("Fish 鱼") and len(outs[0]) > len("Fish 鱼\n")
     assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
+# ------------------------------------------------------------------------------------------
+# shared conventions and the first-day chat fixes (issues 10 and 14)
+
+
+def test_fit_prompt_is_model_fit_prompt_with_half_the_window():
+    from model import fit_prompt as shared_fit_prompt
+
+    for n_prompt in (1, 10, 63, 64, 65, 100, 200):
+        for max_new in (1, 20, 64, 65, 118, 500):
+            warnings: list[str] = []
+            got = fit_prompt(list(range(n_prompt)), max_new, 128, warn=warnings.append)
+            assert got == shared_fit_prompt(list(range(n_prompt)), max_new, 128, min_prompt=64)
+            ids, n = got
+            assert len(ids) + n <= 128 and len(ids) >= min(n_prompt, 64)  # the reply never pushes it all out
+            assert len(warnings) == (len(ids) < n_prompt) + (n < max_new)
+    warnings = []
+    assert fit_prompt(list(range(200)), 500, 128, warn=warnings.append) == (list(range(136, 200)), 64)
+    assert warnings == ["prompt has 200 tokens; keeping the last 64 to fit the 128-token context",
+                        "--max-new-tokens 500 does not fit the 128-token context after a 64-token prompt; "
+                        "generating at most 64"]
+
+
+def test_piped_chat_writes_chatml_role_markers(tiny_tokenizer):
+    tok = tiny_tokenizer
+    reply = "Two lines:\nfour, 四."
+    out, err = io.StringIO(), io.StringIO()
+    inp = io.StringIO("what is 2+2?\n" + "word " * 100 + "\n/reset\nthanks\n")
+    history = chat_loop(FakeModel(tok, max_seq_len=96), inp, out, role_markers=True, max_new_tokens=40,
+                        err_stream=err, token_stream=fake_stream([tok.encode(reply) + [tok.im_end_id]]))
+    turns = [{"role": "user", "content": "what is 2+2?"}, {"role": "assistant", "content": reply},
+             {"role": "user", "content": ("word " * 100).rstrip("\n")},  # not sent: no assistant turn
+             {"role": "user", "content": "thanks"}, {"role": "assistant", "content": reply}]
+    from data_utils import render_chatml
+    assert out.getvalue() == render_chatml(turns)
+    assert "message too long" in err.getvalue() and "conversation reset" in err.getvalue()
+    assert history == turns[3:]
+    # a script gets each reply back exactly, newlines included
+    replies = [b.split("<|im_end|>")[0] for b in out.getvalue().split("<|im_start|>assistant\n")[1:]]
+    assert replies == [reply, reply]
+
+
+def test_enable_line_editing(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("readline") is None:
+        pytest.skip("this Python has no readline module")
+    assert generate.enable_line_editing() is True and "readline" in sys.modules
+    monkeypatch.setitem(sys.modules, "readline", None)  # as on a Python built without it
+    assert generate.enable_line_editing() is False
+
+
+def test_interactive_chat_reads_with_input_after_readline(tiny_tokenizer, monkeypatch, capsys):
+    tok = tiny_tokenizer
+    calls: list = []
+    monkeypatch.setattr(generate, "enable_line_editing", lambda: calls.append("readline") or True)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/quit\n"))
+    out, err = io.StringIO(), io.StringIO()
+    history = chat_loop(FakeModel(tok), sys.stdin, out, interactive=True, err_stream=err,
+                        token_stream=fake_stream([tok.encode("Hi!") + [tok.im_end_id]]))
+    assert calls == ["readline"]  # turned on once, before the first input()
+    assert capsys.readouterr().out == "you> you> "  # input()'s prompt, once per line read
+    assert out.getvalue() == "fish> Hi!\n" and "chatting with" in err.getvalue()
+    assert history == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi!"}]
+
+
+def test_training_stage_and_chat_warning(tiny_model, tmp_path):
+    from model import save_checkpoint
+
+    paths = {name: tmp_path / f"{name}.pt" for name in ("sft", "pretrain", "args_sft", "none")}
+    save_checkpoint(paths["sft"], tiny_model, extra={"stage": "sft", "tokens_seen": 10})
+    save_checkpoint(paths["pretrain"], tiny_model, extra={"stage": "pretrain"})
+    save_checkpoint(paths["args_sft"], tiny_model, train_args={"stage": "sft"})
+    save_checkpoint(paths["none"], tiny_model)
+    assert {k: generate.training_stage(p) for k, p in paths.items()} == {
+        "sft": "sft", "pretrain": "pretrain", "args_sft": "sft", "none": None}
+    assert generate.chat_training_warning(paths["sft"]) is None
+    assert generate.chat_training_warning(paths["args_sft"]) is None
+    w = generate.chat_training_warning(paths["pretrain"])
+    assert "may not be chat-trained" in w and "'pretrain'" in w and "--stage sft" in w
+    assert "records no training stage" in generate.chat_training_warning(paths["none"])
+    fake_bin = tmp_path / "model.bin"
+    fake_bin.write_bytes(b"FISHAIQ\x00" + b"\x00" * 64)
+    for p in (tmp_path, fake_bin):  # an HF directory, a quantized .bin: no stage recorded
+        assert generate.training_stage(p) is None and "records no training stage" in generate.chat_training_warning(p)
+
+
+def test_main_chat_warns_only_for_models_that_were_not_chat_trained(tiny_model, tmp_path, monkeypatch, capsys):
+    from model import save_checkpoint
+
+    m = crafted_model(tiny_model, tiny_model.tokenizer.im_end_id)
+    sft, pre = tmp_path / "sft.pt", tmp_path / "pre.pt"
+    save_checkpoint(sft, m, extra={"stage": "sft"})
+    save_checkpoint(pre, m, extra={"stage": "pretrain"})
+    for path, warned in ((sft, 0), (pre, 1)):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nagain\n"))
+        assert generate.main(["--model", str(path), "--chat", "--temperature", "0", "--device", "cpu"]) == 0
+        cap = capsys.readouterr()
+        assert cap.err.count("may not be chat-trained") == warned, cap.err
+        assert cap.out == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n"
+                           "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--max-new-tokens", "0"), ("--temperature", "-1"), ("--temperature", "nan"), ("--top-k", "-1"),
+    ("--top-p", "0"), ("--top-p", "1.5"), ("--num-samples", "0"), ("--seed", "-3"), ("--dtype", "int3")])
+def test_bad_flag_values_are_refused_by_the_parser(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--prompt", "x", flag, value])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: argument {flag}"), lines
+
+
+def test_flag_vocabulary_quiet_and_dtype_spellings(tiny_ckpt, capsys):
+    p = generate.build_parser()
+    assert [p.parse_args(["--dtype", d]).dtype for d in ("auto", "float32", "bfloat16", "float16", "bf16")] == \
+        ["auto", "fp32", "bf16", "fp16", "bf16"]
+    assert p.parse_args([]).dtype == "auto" and p.parse_args(["--no-progress"]).quiet is True
+    text = p.format_help()
+    assert "--quiet" in text and "--no-progress" not in text and "{auto,fp32,fp16,bf16}" in text
+    args = ["--model", str(tiny_ckpt), "--prompt", "Hello", "--num-samples", "2", "--seed", "3",
+            "--max-new-tokens", "8", "--device", "cpu"]
+    assert generate.main(args) == 0
+    loud = capsys.readouterr()
+    assert generate.main(args + ["--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert "tok/s" in loud.err and quiet.err == "" and quiet.out == loud.out
