@@ -8,6 +8,9 @@ Usage:
   # everything, from local copies of the datasets (layout: see --help of --data-dir)
   python evaluate.py --model checkpoints/fishai-best.pt --benchmark all --data-dir ../shared/data \\
       --allow-code-execution --limit 50 --json results.json --log-samples samples.jsonl
+  # the same again, replacing those two files (without --overwrite an existing file is refused)
+  python evaluate.py --model checkpoints/fishai-best.pt --benchmark all --data-dir ../shared/data \\
+      --allow-code-execution --limit 50 --json results.json --log-samples samples.jsonl --overwrite
   # a Hugging Face baseline, scored by the same code
   python evaluate.py --hf Qwen/Qwen2.5-0.5B --benchmark hellaswag,gsm8k --device cuda
   # HumanEval pass@1 and pass@10 from 20 samples per problem
@@ -73,7 +76,7 @@ class EvalError(du.FishAIError):
 
 def build_parser() -> du.ArgumentParser:
     p = du.ArgumentParser(
-        description="Evaluate a model on MMLU, C-Eval, HellaSwag, GSM8K and HumanEval "
+        description="Evaluate a model on MMLU, C-Eval, HellaSwag, GSM8K and HumanEval\n"
                     "(lm-evaluation-harness scoring).",
         epilog="--data-dir layout (the datasets' original formats):\n" + DATA_DIR_LAYOUT)
     src = p.add_mutually_exclusive_group()

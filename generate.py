@@ -67,13 +67,13 @@ TURN_END = "<|im_end|>\n"
 
 def build_parser() -> du.ArgumentParser:
     p = du.ArgumentParser(
-        description="Sample text from, or chat with, a FishAI model (.pt checkpoint, quantized "
-                    ".bin or HF directory). Tokens are streamed to stdout as they are produced.")
+        description="Sample text from, or chat with, a FishAI model (.pt checkpoint, quantized .bin\n"
+                    "or HF directory). Tokens are streamed to stdout as they are produced.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="model to load: training checkpoint (.pt), quantized export (.bin) or "
                         "FishAI/HF Llama directory")
     p.add_argument("--prompt", default="",
-                   help="text to continue; '-' reads it from stdin; empty starts a fresh document")
+                   help="text to continue; '-' reads it from stdin; default empty: a fresh document")
     p.add_argument("--chat", action="store_true",
                    help="multi-turn chat with the tokenizer's chat template: interactive in a terminal; "
                         "with piped stdin one message per line, the conversation written out in ChatML")
