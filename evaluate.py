@@ -105,7 +105,8 @@ def build_parser() -> du.ArgumentParser:
     du.add_overwrite_flag(p, "existing --json / --log-samples files")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="HumanEval: allow executing model-written code (sandboxed subprocess, timeout, rlimits)")
-    p.add_argument("--num-samples", type=du.int_flag(1), default=1, help="HumanEval samples per problem; 1 decodes greedily")
+    p.add_argument("--num-samples", type=du.int_flag(1), default=1,
+                   help="HumanEval samples per problem; 1 decodes greedily")
     p.add_argument("--temperature", type=du.float_flag(0), default=0.0,
                    help="HumanEval sampling temperature (default 0: greedy)")
     p.add_argument("--exec-timeout", type=du.float_flag(0, lo_open=True), default=10.0,

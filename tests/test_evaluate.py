@@ -471,10 +471,11 @@ def test_json_and_log_samples_are_not_overwritten_without_overwrite(capsys, tmp_
 def test_missing_input_files_exit_2(capsys, tmp_path):
     data, samples = humaneval_dir(tmp_path)
     he = ["--benchmark", "humaneval", "--allow-code-execution"]
+    no_pt, no_jsonl, no_dir = tmp_path / "no.pt", tmp_path / "no.jsonl", tmp_path / "nodir"
     for argv, message in (
-            (["--model", tmp_path / "no.pt", "--benchmark", "mmlu"], f"--model {tmp_path / 'no.pt'}: no such file"),
-            (["--samples", tmp_path / "no.jsonl", "--data-dir", data, *he], f"--samples {tmp_path / 'no.jsonl'}: no such file"),
-            (["--samples", samples, "--data-dir", tmp_path / "nodir", *he], f"--data-dir {tmp_path / 'nodir'}: no such directory"),
+            (["--model", no_pt, "--benchmark", "mmlu"], f"--model {no_pt}: no such file"),
+            (["--samples", no_jsonl, "--data-dir", data, *he], f"--samples {no_jsonl}: no such file"),
+            (["--samples", samples, "--data-dir", no_dir, *he], f"--data-dir {no_dir}: no such directory"),
             (["--samples", samples, "--data-dir", tmp_path, *he], "missing file: ")):
         rc, stdout, err = run_cli(capsys, *argv)
         lines = err.strip().splitlines()
