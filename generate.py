@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
@@ -336,33 +334,17 @@ def enable_line_editing() -> bool:
     return True
 
 
-def training_stage(path) -> str | None:
-    """The training stage a checkpoint records (train.py's --stage: "pretrain" or "sft"), or None
-    when the model records none (an HF directory, a quantized .bin, an older checkpoint).
-    model.load_model returns only the GPT, so this opens the checkpoint again, memory-mapped: only
-    its small metadata is read, not the tensors."""
-    path = Path(path)
-    if not path.is_file() or not zipfile.is_zipfile(path):  # a .pt is a zip archive; .bin and dirs are not
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
-        return None
-    for key in ("extra", "train_args"):  # extra: what train.py saves; train_args: its flags
-        entry = ckpt.get(key) if isinstance(ckpt, dict) else None
-        if isinstance(entry, dict) and entry.get("stage"):
-            return str(entry["stage"])
-    return None
-
-
-def chat_training_warning(path) -> str | None:
-    """The warning --chat prints for a model that was never chat-trained (None after SFT)."""
-    stage = training_stage(path)
+def chat_training_warning(model) -> str | None:
+    """The warning --chat prints for a model that was never chat-trained (None after SFT). The
+    stage comes from the file: train.py records it in checkpoints, and quantize.py's exports (.bin,
+    HF directory) carry it over (model.load_model sets model.stage)."""
+    stage = getattr(model, "stage", None)
     if stage == "sft":
         return None
+    name = getattr(model, "source", None) or "the model"
     why = (f"its checkpoint records training stage '{stage}'" if stage else
-           "it records no training stage (an HF directory, a quantized .bin or an older checkpoint)")
-    return (f"{path} may not be chat-trained: {why}; a model follows the chat template only after "
+           "it records no training stage (an older checkpoint, or a file made elsewhere)")
+    return (f"{name} may not be chat-trained: {why}; a model follows the chat template only after "
             f"fine-tuning (python train.py --stage sft --init-from CHECKPOINT --data chat.jsonl)")
 
 
@@ -604,7 +586,7 @@ def run_generate(model, args: argparse.Namespace, out: TextIO, err: TextIO) -> N
 
 def run_chat(model, args: argparse.Namespace) -> None:
     """--chat on stdin/stdout: interactive in a terminal, ChatML role markers when piped."""
-    warning = chat_training_warning(args.model)
+    warning = chat_training_warning(model)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     if args.seed is not None:

@@ -362,6 +362,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.tokenizer = None
+        self.stage = None  # the training stage train.py recorded ("pretrain" / "sft"); exports carry it
         self._cache_static = False
         self._cache_len = 0
         self._decode_fn = None  # set by compile_decode()
@@ -729,6 +730,15 @@ def load_state_checked(model: GPT, state: dict, source="checkpoint"):
     model.load_state_dict(state)
 
 
+def checkpoint_stage(ckpt: dict) -> str | None:
+    """The training stage a checkpoint records (train.py's --stage), or None."""
+    for key in ("extra", "train_args"):
+        entry = ckpt.get(key)
+        if isinstance(entry, dict) and entry.get("stage"):
+            return str(entry["stage"])
+    return None
+
+
 def _tokenizer_from(data):
     return TextTokenizer.from_dict(data) if data else None
 
@@ -760,6 +770,7 @@ def load_model(path, device="cpu", dtype=None) -> GPT:
         model = GPT(config)
         load_state_checked(model, ckpt["model"], source=str(path))
         model.tokenizer = _tokenizer_from(ckpt.get("tokenizer"))
+        model.stage = checkpoint_stage(ckpt)
     model.source = str(path)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -802,7 +813,10 @@ def to_hf(model):
     from transformers import LlamaForCausalLM
     m = _unwrap(model)
     weight = m.tok_emb.weight
-    hf = LlamaForCausalLM(hf_config(m.config, m.tokenizer)).to(device=weight.device, dtype=weight.dtype)
+    cfg = hf_config(m.config, m.tokenizer)
+    if getattr(m, "stage", None):
+        cfg.fishai_stage = m.stage  # kept in config.json, so generate.py knows a chat-trained model
+    hf = LlamaForCausalLM(cfg).to(device=weight.device, dtype=weight.dtype)
     state = {hf_name(k): v for k, v in m.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]
@@ -862,6 +876,7 @@ def from_hf(model_or_dir, device="cpu") -> GPT:
     state = {k: hf_state[hf_name(k)].float() for k in model.state_dict()}
     load_state_checked(model, state, source=src)
     model.tokenizer = tokenizer
+    model.stage = getattr(c, "fishai_stage", None)
     return model.to(device).eval()
 
 

@@ -463,24 +463,25 @@ def test_interactive_chat_reads_with_input_after_readline(tiny_tokenizer, monkey
 
 
 def test_training_stage_and_chat_warning(tiny_model, tmp_path):
-    from model import save_checkpoint
+    from model import load_model, save_checkpoint, save_hf
 
     paths = {name: tmp_path / f"{name}.pt" for name in ("sft", "pretrain", "args_sft", "none")}
     save_checkpoint(paths["sft"], tiny_model, extra={"stage": "sft", "tokens_seen": 10})
     save_checkpoint(paths["pretrain"], tiny_model, extra={"stage": "pretrain"})
     save_checkpoint(paths["args_sft"], tiny_model, train_args={"stage": "sft"})
     save_checkpoint(paths["none"], tiny_model)
-    assert {k: generate.training_stage(p) for k, p in paths.items()} == {
-        "sft": "sft", "pretrain": "pretrain", "args_sft": "sft", "none": None}
-    assert generate.chat_training_warning(paths["sft"]) is None
-    assert generate.chat_training_warning(paths["args_sft"]) is None
-    w = generate.chat_training_warning(paths["pretrain"])
-    assert "may not be chat-trained" in w and "'pretrain'" in w and "--stage sft" in w
-    assert "records no training stage" in generate.chat_training_warning(paths["none"])
-    fake_bin = tmp_path / "model.bin"
-    fake_bin.write_bytes(b"FISHAIQ\x00" + b"\x00" * 64)
-    for p in (tmp_path, fake_bin):  # an HF directory, a quantized .bin: no stage recorded
-        assert generate.training_stage(p) is None and "records no training stage" in generate.chat_training_warning(p)
+    models = {k: load_model(p) for k, p in paths.items()}
+    assert {k: m.stage for k, m in models.items()} == {"sft": "sft", "pretrain": "pretrain", "args_sft": "sft",
+                                                       "none": None}
+    assert generate.chat_training_warning(models["sft"]) is None
+    assert generate.chat_training_warning(models["args_sft"]) is None
+    w = generate.chat_training_warning(models["pretrain"])
+    assert "may not be chat-trained" in w and "'pretrain'" in w and "--stage sft" in w and "pretrain.pt" in w
+    assert "records no training stage" in generate.chat_training_warning(models["none"])
+    # an HF export carries the stage (config.json), so a chat-trained export gets no warning
+    save_hf(models["sft"], tmp_path / "hf-sft")
+    assert load_model(tmp_path / "hf-sft").stage == "sft"
+    assert generate.chat_training_warning(load_model(tmp_path / "hf-sft")) is None
 
 
 def test_main_chat_warns_only_for_models_that_were_not_chat_trained(tiny_model, tmp_path, monkeypatch, capsys):
