@@ -227,17 +227,18 @@ def add_overwrite_flag(p, what: str = "existing output files"):
 
 
 def check_new_file(path, flag: str, overwrite: bool) -> None:
-    """Refuse, before any work, to replace an existing output file without --overwrite, or to
-    write one into a directory that does not exist."""
+    """Refuse, before any work, to replace an existing output file without --overwrite. (A missing
+    parent directory is fine: atomic_output creates it when the file is written, at the end.)"""
     if not path:
         return
     p = Path(path)
-    if p.exists() and not overwrite:
-        raise DataError(f"{flag} {p}: file exists; pass --overwrite to replace it")
     if p.is_dir():
         raise DataError(f"{flag} {p}: is a directory; give a file name")
-    if not p.resolve().parent.is_dir():
-        raise DataError(f"{flag} {p}: the directory {p.resolve().parent} does not exist")
+    if p.exists() and not overwrite:
+        raise DataError(f"{flag} {p}: file exists; pass --overwrite to replace it")
+    parent = next((q for q in p.resolve().parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(f"{flag} {p}: {parent} is a file, not a directory")
 
 
 def check_writable_dir(path, flag: str = "--output-dir") -> bool:
