@@ -458,6 +458,11 @@ def test_hf_export_writes_a_model_card(tiny_model, tmp_path):
     # the fp16 rows measure the real rounding error of the export (it was 0 when measured after the cast)
     errs = [r["rel_err"] for r in rep["tensors"] if len(r["shape"]) == 2]
     assert all(0 < e < 1e-3 for e in errs)
+    # an existing directory is swapped only with --overwrite (model.save_hf's atomic_dir)
+    with pytest.raises(ValueError, match="--overwrite"):
+        Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp32"))
+    Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp32", overwrite=True))
+    assert "| weights | FP32 |" in (out / "README.md").read_text(encoding="utf-8")
     # a quantized .bin keeps no training record: the card says so instead of inventing one
     text = Q.model_card(tiny_model, tmp_path / "x.bin", out, "FP32", Q.training_record(tmp_path / "nope.bin"))
     assert "Not recorded: the source `x.bin`" in text and "optimizer steps" not in text
@@ -478,46 +483,50 @@ def test_perplexity_line_leads_with_bits_per_byte():
     assert Q.ppl_delta({"char_ppl": 3.0}, {"char_ppl": 3.3})["char_ppl"] == pytest.approx(0.1)
 
 
-def test_cli_perplexity_headline_matches_the_json(tiny_ckpt, tmp_path, training_texts):
+def test_cli_perplexity_headline_matches_the_json(tiny_ckpt, tmp_path, training_texts, capsys):
     text = tmp_path / "eval.txt"
     text.write_text("\n\n".join(training_texts[:3]), encoding="utf-8")
     out, js = tmp_path / "m.bin", tmp_path / "m.json"
-    r = _quantize_cli("--model", tiny_ckpt, "--output", out, "--strategy", "int8", "--eval-data", text,
-                      "--eval-limit", 2, "--json", js, "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert Q.main(["--model", str(tiny_ckpt), "--output", str(out), "--strategy", "int8", "--eval-data", str(text),
+                   "--eval-limit", "2", "--json", str(js), "--quiet"]) == 0
     p = json.loads(js.read_text())["perplexity"]
     assert p["documents"] == 2                                   # the old --eval-limit spelling still works
-    line = next(x for x in r.stdout.splitlines() if x.startswith("perplexity on"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("perplexity on"))
     b, a = p["before"]["bits_per_byte"], p["after"]["bits_per_byte"]
     assert line.startswith(f"perplexity on {text} (2 docs): bits/byte {b:.4f} -> {a:.4f} "
                            f"({p['relative_change']['bits_per_byte']:+.2%})")
 
 
-def test_cli_flag_vocabulary_and_exit_codes(tiny_ckpt, tmp_path):
+def test_cli_flag_vocabulary_and_exit_codes(tiny_ckpt, tmp_path, capsys):
     p = Q.build_parser()
     old = p.parse_args(["--force", "--eval-limit", "3", "--no-progress"])
     assert old.overwrite and old.limit == 3 and old.quiet
     for flag, value in (("--damp", "0"), ("--calibration-samples", "0"), ("--limit", "0"), ("--eval-batch-size", "-1"),
                         ("--calibration-seq-len", "0"), ("--seed", "-1")):
-        r = _quantize_cli(flag, value)
+        r = _quantize_cli(flag, value)                           # refused before torch is imported
         assert r.returncode == 2 and r.stderr.startswith(f"error: argument {flag}") and len(r.stderr.splitlines()) == 1
-    r = _quantize_cli("--model", tmp_path / "missing.pt", "--output", tmp_path / "y.bin")
-    assert r.returncode == 2 and "missing.pt" in r.stderr and len(r.stderr.splitlines()) == 1
-    r = _quantize_cli("--model", tiny_ckpt, "--output", tmp_path / "no-such-dir" / "y.bin")
-    assert r.returncode == 2 and "does not exist" in r.stderr
+
+    def error_of(*argv):
+        assert Q.main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.splitlines()) == 1
+        return err
+    assert "missing.pt" in error_of("--model", tmp_path / "missing.pt", "--output", tmp_path / "y.bin")
+    assert "does not exist" in error_of("--model", tiny_ckpt, "--output", tmp_path / "no-such-dir" / "y.bin")
     js = tmp_path / "old.json"
     js.write_text("{}", encoding="utf-8")
-    r = _quantize_cli("--model", tiny_ckpt, "--output", tmp_path / "z.bin", "--json", js, "--quiet")
-    assert r.returncode == 2 and "--json" in r.stderr and "--overwrite" in r.stderr
+    err = error_of("--model", tiny_ckpt, "--output", tmp_path / "z.bin", "--json", js, "--quiet")
+    assert "--json" in err and "--overwrite" in err
     assert js.read_text() == "{}" and not (tmp_path / "z.bin").exists()
     with pytest.raises(Q.QuantizeError, match="--calibration-seq-len 999 is longer"):
         Q.run(_args(model=str(tiny_ckpt), output=str(tmp_path / "c.bin"), calibration_data=str(js),
                     calibration_seq_len=999))
     # --overwrite (and the old --force) replace an existing export
     out = tmp_path / "x.bin"
-    out.write_bytes(b"old")
-    assert _quantize_cli("--model", tiny_ckpt, "--output", out, "--overwrite", "--quiet").returncode == 0
-    assert out.read_bytes()[:8] == b"FISHAIQ\x00"
+    for flag in ("--overwrite", "--force"):
+        out.write_bytes(b"old")
+        assert Q.main(["--model", str(tiny_ckpt), "--output", str(out), flag, "--quiet"]) == 0
+        assert out.read_bytes()[:8] == b"FISHAIQ\x00"
     assert sorted(f.name for f in tmp_path.iterdir()) == ["old.json", "x.bin"]
 
 
