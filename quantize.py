@@ -1,26 +1,27 @@
 """
 Quantized export of a FishAI model: one self-describing binary (docs/FORMAT.md), a
-Hugging Face LlamaForCausalLM directory, or a llama-architecture GGUF file.
+Hugging Face LlamaForCausalLM directory (with a model card), or a llama-architecture GGUF file.
 
 Usage (copy-paste):
 
     # the seed's export: FP16 embedding/norms, INT8 Q/K, INT4 group-128 V/O/FFN
     python quantize.py --model checkpoints/fishai-best.pt --output fishai-small-mixed.bin --strategy mixed
 
-    # all matmul weights + tied embedding INT4 (group 128), with perplexity before/after
+    # all matmul weights + tied embedding INT4 (group 128), with bits/byte and perplexity before/after
     python quantize.py --model checkpoints/fishai-best.pt --output fishai-small-int4.bin --strategy int4 \
-        --eval-data wikitext103 --json int4.json
+        --eval-data wikitext103 --limit 50 --json int4.json
 
     # GPTQ-style error-compensating quantization from calibration text
     python quantize.py --model checkpoints/fishai-best.pt --output fishai-small-int4-gptq.bin --strategy int4 \
         --calibration-data data/raw/train.txt --calibration-samples 128
 
-    # Hugging Face directory (LlamaForCausalLM, FP16) and GGUF for llama.cpp
+    # Hugging Face directory (LlamaForCausalLM, FP16, README.md model card) and GGUF for llama.cpp
     python quantize.py --model checkpoints/fishai-best.pt --output hf-fishai --format hf --strategy fp16
     python quantize.py --model checkpoints/fishai-best.pt --output fishai.gguf --format gguf --strategy mixed
 
-The .bin file loads anywhere a model is accepted: `model.load_model("fishai-small-int4.bin")`
-(benchmark.py, evaluate.py, generate.py). Weights are dequantized to the compute dtype on load.
+An existing output is only replaced with --overwrite. The .bin file loads anywhere a model is
+accepted: `model.load_model("fishai-small-int4.bin")` (benchmark.py, evaluate.py, generate.py).
+Weights are dequantized to the compute dtype on load.
 
 Strategies (2-D matmul weights and the tied embedding; 1-D RMSNorm gammas are always FP16):
     fp32   lossless reference (FP32 everywhere)
@@ -36,43 +37,82 @@ are stored; see docs/FORMAT.md).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
-import importlib
 import json
-import os
 import struct
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
+import data_utils as du
 
-from data_utils import atomic_write, atomic_write_text
-
-MAGIC = b"FISHAIQ\x00"
-FORMAT_NAME = "fishai-quantized"
-FORMAT_VERSION = 1
-ALIGN = 64                                      # payload parts start on 64-byte boundaries (mmap/SIMD friendly)
-PREAMBLE = struct.Struct("<8sIIQQ")             # magic, version, flags, header_len, payload_len
-CHECKSUM_LEN = 32                               # SHA-256 trailer
-QTYPES = ("f32", "f16", "q8", "q4")
 STRATEGIES = ("fp32", "fp16", "int8", "int4", "mixed")
 FORMATS = ("bin", "hf", "gguf")
 DEFAULT_GROUP_SIZE = 128
+
+
+def build_parser() -> du.ArgumentParser:
+    p = du.ArgumentParser(
+        description="Export a FishAI checkpoint as a quantized .bin (docs/FORMAT.md), an HF Llama directory\n"
+                    "(with a README.md model card) or a GGUF file, and report size and quality.")
+    p.add_argument("--model", default="checkpoints/fishai-best.pt",
+                   help="source model: a .pt checkpoint (or anything model.load_model reads); "
+                        "default checkpoints/fishai-best.pt, what train.py writes")
+    p.add_argument("--output", default=None, help="output .bin / .gguf file, or directory for --format hf "
+                   "(default fishai-<strategy>.bin / .gguf, or fishai-hf/)")
+    p.add_argument("--format", choices=FORMATS, default="bin", help="bin: FishAI quantized file; hf: "
+                   "LlamaForCausalLM directory; gguf: llama.cpp file")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="precision plan (default: mixed for bin/gguf, fp16 for hf; hf accepts fp16/fp32)")
+    p.add_argument("--group-size", type=du.int_flag(1), default=DEFAULT_GROUP_SIZE,
+                   help="INT4 elements per scale/zero-point group along each row "
+                        "(.bin; GGUF Q4_0 always uses blocks of 32)")
+    p.add_argument("--calibration-data", metavar="PATH", default=None,
+                   help="text for GPTQ-style error-compensating quantization (txt/jsonl/parquet/dir/hf:NAME); "
+                        "default: round-to-nearest")
+    p.add_argument("--calibration-samples", type=du.int_flag(1), default=128, help="calibration windows")
+    p.add_argument("--calibration-seq-len", type=du.int_flag(1), default=None,
+                   help="tokens per calibration window (default: min(512, model max_seq_len))")
+    p.add_argument("--damp", type=du.float_flag(0, lo_open=True), default=0.01,
+                   help="GPTQ dampening, fraction of mean diag(H)")
+    p.add_argument("--eval-data", default=None, help="bits/byte and perplexity before/after on this text: "
+                   "wikitext103, wikitext2 or ptb (HF download), NAME:PATH for a local copy (e.g. "
+                   "wikitext103:../shared/data/wikitext103), a wiki.*.tokens file, or a txt/jsonl/parquet path")
+    p.add_argument("--limit", type=du.int_flag(1), default=None,
+                   help="use only the first N --eval-data documents (default: all)")
+    p.add_argument("--eval-limit", dest="limit", type=du.int_flag(1), help=argparse.SUPPRESS)
+    p.add_argument("--eval-batch-size", type=du.int_flag(1), default=8, help="windows per scoring batch")
+    p.add_argument("--seed", type=du.int_flag(0), default=0, help="calibration window sampling seed (default: 0)")
+    du.add_overwrite_flag(p, "an existing --output (and --json) file or directory")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON")
+    du.add_quiet_flag(p)
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer before torch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import benchmark  # noqa: E402
+import model as fishai  # noqa: E402
+
+FORMAT_NAME = "fishai-quantized"
+FORMAT_VERSION = 1
+ALIGN = 64                                      # payload parts start on 64-byte boundaries (mmap/SIMD friendly)
+PREAMBLE = struct.Struct("<8sIIQQ")             # magic (model.QUANT_MAGIC), version, flags, header_len, payload_len
+CHECKSUM_LEN = 32                               # SHA-256 trailer
+QTYPES = ("f32", "f16", "q8", "q4")
 # Smallest positive fp16 value (subnormal): scales are stored in fp16, a zero scale would lose the row.
 _FP16_TINY = 2.0 ** -24
 
 
-def _model_module():
-    # model.py imports this module lazily from load_model(); importing it lazily here as well keeps
-    # `import quantize` free of import-order constraints.
-    return importlib.import_module("model")
-
-
-def _ckpt_error(msg: str) -> Exception:
-    return _model_module().CheckpointError(msg)
+class QuantizeError(du.FishAIError):
+    """Bad input for an export (flag combination, calibration or eval data, weights out of range)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,11 +176,16 @@ def _n_groups(cols: int, group_size: int) -> int:
     return (cols + group_size - 1) // group_size
 
 
+def _check_group_size(group_size: int) -> None:
+    if group_size < 1:
+        raise QuantizeError(f"--group-size must be >= 1 (got {group_size})")
+
+
 def _fp16_scale(scale: torch.Tensor, name: str = "tensor") -> torch.Tensor:
     """Round scales to fp16 (what is stored), keeping them positive and finite."""
     s16 = scale.to(torch.float16)
     if not torch.isfinite(s16).all():
-        raise ValueError(f"{name}: weights too large for an fp16 scale (|w| > {65504 * 127:g})")
+        raise QuantizeError(f"{name}: weights too large for an fp16 scale (|w| > {65504 * 127:g})")
     return torch.where(s16 == 0, torch.full_like(s16, _FP16_TINY), s16)
 
 
@@ -181,7 +226,7 @@ def quantize_rtn(w: torch.Tensor, qtype: str, group_size: int = DEFAULT_GROUP_SI
         return QTensor("f32", shape, w.clone())
     if qtype == "f16":
         if w.abs().max() > 65504:
-            raise ValueError(f"{name}: values exceed the fp16 range; use --strategy fp32")
+            raise QuantizeError(f"{name}: values exceed the fp16 range; use --strategy fp32")
         return QTensor("f16", shape, w.to(torch.float16))
     if w.dim() != 2:
         raise ValueError(f"{name}: {qtype} needs a 2-D tensor, got shape {list(shape)}")
@@ -189,8 +234,7 @@ def quantize_rtn(w: torch.Tensor, qtype: str, group_size: int = DEFAULT_GROUP_SI
         scales = int8_row_scales(w, name)
         return QTensor("q8", shape, int8_codes(w, scales).to(torch.int8), scales=scales)
     if qtype == "q4":
-        if group_size < 1:
-            raise ValueError("group size must be >= 1")
+        _check_group_size(group_size)
         rows, cols = shape
         ng = _n_groups(cols, group_size)
         # Pad the last group with zeros only for computing its params: the range includes 0 anyway,
@@ -292,6 +336,84 @@ def quant_error(w: torch.Tensor, deq: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------------------------
 # GPTQ-style calibrated quantization
 
+class _Q8Grid:
+    """GPTQ's INT8 grid: one scale per row, from the original weights."""
+
+    def __init__(self, w: torch.Tensor, name: str):
+        self.scales = int8_row_scales(w, name)
+
+    def start_block(self, i1: int, block: torch.Tensor) -> None:
+        pass  # the row scales cover every column
+
+    def round(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = int8_codes(col, self.scales)
+        return c, c * self.scales.float()
+
+    def qtensor(self, codes: torch.Tensor, shape: tuple) -> QTensor:
+        return QTensor("q8", shape, codes.to(torch.int8), scales=self.scales, method="gptq")
+
+
+class _Q4Grid:
+    """GPTQ's INT4 grid: a group's scale and zero point are chosen when its first column is
+    reached, from the weights as the earlier columns' error updates left them."""
+
+    def __init__(self, rows: int, cols: int, group_size: int, name: str):
+        ng = _n_groups(cols, group_size)
+        self.scales = torch.zeros(rows, ng, dtype=torch.float16)
+        self.zeros = torch.zeros(rows, ng, dtype=torch.float16)
+        self.group_size, self.name, self.g = group_size, name, 0
+
+    def start_block(self, i1: int, block: torch.Tensor) -> None:
+        self.g = i1 // self.group_size
+        self.scales[:, self.g], self.zeros[:, self.g] = int4_params(block, self.name)
+
+    def round(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = self.scales[:, self.g], self.zeros[:, self.g]
+        c = int4_codes(col, s, z)
+        return c, (c - z.float()) * s.float()
+
+    def qtensor(self, codes: torch.Tensor, shape: tuple) -> QTensor:
+        return QTensor("q4", shape, codes.to(torch.uint8), scales=self.scales, zeros=self.zeros,
+                       group_size=self.group_size, method="gptq")
+
+
+def _inverse_hessian_factor(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, which GPTQ's column updates use. Dampening keeps H positive
+    definite; it grows tenfold while Cholesky still fails (a rank-deficient H)."""
+    base = damp * torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    for attempt in range(6):
+        try:
+            L = torch.linalg.cholesky(H + base * (10 ** attempt) * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+        except RuntimeError:
+            continue
+    raise QuantizeError(f"{name}: calibration Hessian is not positive definite even with dampening; "
+                        "give more or other --calibration-data, or a larger --damp")
+
+
+def _gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, grid, block_size: int) -> torch.Tensor:
+    """Quantize W's columns left to right on `grid`, spreading each column's rounding error over the
+    columns not yet quantized (within a block at once, onto later blocks in one matmul). Returns codes."""
+    rows, cols = W.shape
+    codes = torch.zeros(rows, cols, dtype=torch.float32)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        grid.start_block(i1, W1)
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            c, q = grid.round(col)
+            codes[:, i1 + i] = c
+            err = (col - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes
+
+
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, qtype: str, group_size: int = DEFAULT_GROUP_SIZE,
                   damp: float = 0.01, block_size: int = 128, name: str = "tensor") -> QTensor:
     """Quantize W (out, in) column by column, spreading each column's rounding error over the not yet
@@ -309,56 +431,14 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, qtype: str, group_size: int 
     dead = torch.diag(H) == 0                  # inputs that were always zero: weight is irrelevant
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    # Dampening keeps H positive definite; grow it if Cholesky still fails (rank-deficient H).
-    base = damp * torch.mean(torch.diag(H)).item()
-    eye = torch.eye(cols, dtype=torch.float64)
-    for attempt in range(6):
-        try:
-            L = torch.linalg.cholesky(H + base * (10 ** attempt) * eye)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
-            break
-        except RuntimeError:
-            continue
-    else:
-        raise ValueError(f"{name}: calibration Hessian is not positive definite even with dampening")
-
-    codes = torch.zeros(rows, cols, dtype=torch.float32)
+    Hinv = _inverse_hessian_factor(H, damp, name)
     if qtype == "q8":
-        scales = int8_row_scales(w.detach().float().cpu(), name)
-        zeros = None
-        gs = cols
+        grid = _Q8Grid(w.detach().float().cpu(), name)
     else:
-        gs = group_size
-        ng = _n_groups(cols, gs)
-        scales = torch.zeros(rows, ng, dtype=torch.float16)
-        zeros = torch.zeros(rows, ng, dtype=torch.float16)
-        block_size = gs                        # blocks == groups: a group's params see all updates
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        if qtype == "q4":
-            g = i1 // gs
-            s, z = int4_params(W1, name)
-            scales[:, g], zeros[:, g] = s, z
-        for i in range(i2 - i1):
-            col = W1[:, i]
-            if qtype == "q4":
-                c = int4_codes(col, scales[:, g], zeros[:, g])
-                q = (c - zeros[:, g].float()) * scales[:, g].float()
-            else:
-                c = int8_codes(col, scales)
-                q = c * scales.float()
-            codes[:, i1 + i] = c
-            err = (col - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    if qtype == "q8":
-        return QTensor("q8", (rows, cols), codes.to(torch.int8), scales=scales, method="gptq")
-    return QTensor("q4", (rows, cols), codes.to(torch.uint8), scales=scales, zeros=zeros,
-                   group_size=gs, method="gptq")
+        _check_group_size(group_size)
+        grid = _Q4Grid(rows, cols, group_size, name)
+        block_size = group_size                # blocks == groups: a group's params see all updates
+    return grid.qtensor(_gptq_sweep(W, Hinv, grid, block_size), (rows, cols))
 
 
 class _StopForward(Exception):
@@ -408,16 +488,11 @@ def gptq_quantize_model(gpt, plan: dict, batches: list, group_size: int, damp: f
     error it moves between columns then lands on every input embedding (measured on the test
     model: int4 perplexity +0.83% with a GPTQ'd embedding vs +0.53% RTN, on python-docs).
     Modifies a copy of the weights in place; returns {param name: QTensor} for the q4/q8 params."""
-    from tqdm import tqdm
     out = {}
     module_names = {m: n for n, m in gpt.named_modules()}
     for blk in tqdm(list(gpt.layers), desc="gptq", unit="layer", disable=not progress):
-        linears = {}
-        for m in blk.modules():
-            if isinstance(m, torch.nn.Linear):
-                pname = module_names[m] + ".weight"
-                if plan.get(pname) in ("q4", "q8"):
-                    linears[pname] = m
+        linears = {module_names[m] + ".weight": m for m in blk.modules() if isinstance(m, torch.nn.Linear)}
+        linears = {pname: m for pname, m in linears.items() if plan.get(pname) in ("q4", "q8")}
         if not linears:
             continue
         Hs = _accumulate_hessians(gpt, linears, batches, blk)
@@ -429,23 +504,17 @@ def gptq_quantize_model(gpt, plan: dict, batches: list, group_size: int, damp: f
 
 
 def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, batch_size: int = 8,
-                        seed: int = 0) -> list:
+                        seed: int = 0, show_progress: bool = False) -> list:
     """n_samples random windows of seq_len tokens from the documents in source (any data_utils
-    source: txt, jsonl, parquet, dir, glob, hf:NAME), documents joined with EOS."""
-    import data_utils
+    source: txt, jsonl, parquet, dir, glob, hf:NAME), tokenized by data_utils.tokenize_documents
+    (documents joined with EOS, as prepare writes them)."""
     if tokenizer is None:
-        raise ValueError("--calibration-data needs a tokenizer, and the checkpoint has none embedded")
-    ids: list[int] = []
+        raise QuantizeError("--calibration-data needs a tokenizer, and the checkpoint has none embedded")
     need = max(n_samples * seq_len * 2, seq_len + 1)     # enough text for non-overlapping windows
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    for doc in data_utils.iter_documents(source):
-        ids.extend(tokenizer.encode(doc))
-        ids.append(eos)
-        if len(ids) >= need:
-            break
+    ids = du.tokenize_documents(source, tokenizer, max_tokens=need, show_progress=show_progress)["train"]
     if len(ids) < seq_len + 1:
-        raise ValueError(f"--calibration-data {source}: only {len(ids)} tokens, need at least {seq_len + 1}")
-    data = torch.tensor(ids, dtype=torch.long)
+        raise QuantizeError(f"--calibration-data {source}: only {len(ids)} tokens, need at least {seq_len + 1}")
+    data = torch.from_numpy(ids.astype(np.int64))
     n_windows = len(ids) // seq_len
     g = torch.Generator().manual_seed(seed)
     starts = torch.randperm(n_windows, generator=g)[:n_samples] * seq_len
@@ -454,15 +523,14 @@ def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, ba
 
 
 # ----------------------------------------------------------------------------------------------
-# The .bin format
+# The .bin format (docs/FORMAT.md)
 
 def _align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def write_quantized(path, tensors: dict, model_config: dict, tokenizer: dict | None = None,
-                    meta: dict | None = None) -> int:
-    """Write {name: QTensor} as a FishAI quantized file (atomic). Returns the file size in bytes."""
+def _payload_layout(tensors: dict) -> tuple[list[dict], list[tuple[int, bytes]], int]:
+    """The header's tensor table, the (offset, bytes) blobs of the payload and its length."""
     entries, blobs, offset = [], [], 0
     for name, qt in tensors.items():
         parts = {}
@@ -477,7 +545,13 @@ def write_quantized(path, tensors: dict, model_config: dict, tokenizer: dict | N
         if qt.method != "rtn":
             entry["method"] = qt.method
         entries.append(entry)
-    payload_len = offset
+    return entries, blobs, offset
+
+
+def write_quantized(path, tensors: dict, model_config: dict, tokenizer: dict | None = None,
+                    meta: dict | None = None) -> int:
+    """Write {name: QTensor} as a FishAI quantized file (atomic). Returns the file size in bytes."""
+    entries, blobs, payload_len = _payload_layout(tensors)
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_config": model_config,
               "tokenizer": tokenizer, "tensors": entries, **(meta or {})}
     header_bytes = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -490,7 +564,7 @@ def write_quantized(path, tensors: dict, model_config: dict, tokenizer: dict | N
             f.write(b)
             h.update(b)
 
-        put(PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), payload_len))
+        put(PREAMBLE.pack(fishai.QUANT_MAGIC, FORMAT_VERSION, 0, len(header_bytes), payload_len))
         put(header_bytes)
         put(b"\0" * (payload_start - PREAMBLE.size - len(header_bytes)))
         pos = 0
@@ -500,8 +574,51 @@ def write_quantized(path, tensors: dict, model_config: dict, tokenizer: dict | N
             pos = off + len(data)
         f.write(h.digest())
 
-    atomic_write(path, write)
+    du.atomic_write(path, write)
     return payload_start + payload_len + CHECKSUM_LEN
+
+
+def _check_layout(path: Path, raw: bytes, verify: bool) -> tuple[int, int, int]:
+    """Validate the preamble, the size and the checksum in the order docs/FORMAT.md gives.
+    Returns (header_len, payload_start, payload_len)."""
+    err = fishai.CheckpointError
+    if len(raw) < PREAMBLE.size:
+        raise err(f"{path}: truncated ({len(raw)} bytes, shorter than the {PREAMBLE.size}-byte "
+                  "preamble); re-export it with quantize.py")
+    magic, version, _flags, header_len, payload_len = PREAMBLE.unpack_from(raw, 0)
+    if magic != fishai.QUANT_MAGIC:
+        raise err(f"{path}: not a FishAI quantized file (magic {magic!r}, expected {fishai.QUANT_MAGIC!r})")
+    if version > FORMAT_VERSION:
+        raise err(f"{path}: format version {version} is newer than this reader supports "
+                  f"({FORMAT_VERSION}); update FishAI Train to load it")
+    if version < 1:
+        raise err(f"{path}: invalid format version {version}; re-export it with quantize.py")
+    payload_start = _align(PREAMBLE.size + header_len)
+    expected = payload_start + payload_len + CHECKSUM_LEN
+    if len(raw) < expected:
+        raise err(f"{path}: truncated ({len(raw)} of {expected} bytes); the copy or export was "
+                  "interrupted, re-copy or re-export it")
+    if len(raw) > expected:
+        raise err(f"{path}: {len(raw) - expected} unexpected trailing bytes after the checksum; "
+                  "the file is damaged, re-export it")
+    body = memoryview(raw)[:expected - CHECKSUM_LEN]
+    if verify and hashlib.sha256(body).digest() != raw[expected - CHECKSUM_LEN:]:
+        raise err(f"{path}: checksum mismatch, the file is corrupted; re-copy or re-export it")
+    return header_len, payload_start, payload_len
+
+
+def _decode_entry(e: dict, raw: bytes, payload_start: int, payload_len: int) -> QTensor:
+    """One tensor of the header's table, read from the payload (ValueError/KeyError when malformed)."""
+    qtype, shape, gs = e["qtype"], e["shape"], e.get("group_size")
+    parts = {}
+    for part, n in expected_part_lengths(qtype, shape, gs).items():
+        off, length = e["parts"][part]["offset"], e["parts"][part]["length"]
+        if length != n or off < 0 or off + length > payload_len:
+            raise ValueError(f"tensor {e['name']} part {part}: bad offset/length")
+        parts[part] = raw[payload_start + off:payload_start + off + length]
+    qt = decode_parts(qtype, shape, gs, parts)
+    qt.method = e.get("method", "rtn")
+    return qt
 
 
 def read_quantized(path, verify: bool = True) -> tuple[dict, dict]:
@@ -511,76 +628,38 @@ def read_quantized(path, verify: bool = True) -> tuple[dict, dict]:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise _ckpt_error(f"{path}: cannot read quantized model ({e.strerror})") from None
-    if len(raw) < PREAMBLE.size:
-        raise _ckpt_error(f"{path}: truncated ({len(raw)} bytes, shorter than the {PREAMBLE.size}-byte "
-                          "preamble); re-export it with quantize.py")
-    magic, version, _flags, header_len, payload_len = PREAMBLE.unpack_from(raw, 0)
-    if magic != MAGIC:
-        raise _ckpt_error(f"{path}: not a FishAI quantized file (magic {magic!r}, expected {MAGIC!r})")
-    if version > FORMAT_VERSION:
-        raise _ckpt_error(f"{path}: format version {version} is newer than this reader supports "
-                          f"({FORMAT_VERSION}); update FishAI Train to load it")
-    if version < 1:
-        raise _ckpt_error(f"{path}: invalid format version {version}; re-export it with quantize.py")
-    payload_start = _align(PREAMBLE.size + header_len)
-    expected = payload_start + payload_len + CHECKSUM_LEN
-    if len(raw) < expected:
-        raise _ckpt_error(f"{path}: truncated ({len(raw)} of {expected} bytes); the copy or export was "
-                          "interrupted, re-copy or re-export it")
-    if len(raw) > expected:
-        raise _ckpt_error(f"{path}: {len(raw) - expected} unexpected trailing bytes after the checksum; "
-                          "the file is damaged, re-export it")
-    if verify and hashlib.sha256(memoryview(raw)[:expected - CHECKSUM_LEN]).digest() != raw[expected - CHECKSUM_LEN:]:
-        raise _ckpt_error(f"{path}: checksum mismatch, the file is corrupted; re-copy or re-export it")
+        raise fishai.CheckpointError(f"{path}: cannot read quantized model ({e.strerror})") from None
+    header_len, payload_start, payload_len = _check_layout(path, raw, verify)
     try:
         header = json.loads(raw[PREAMBLE.size:PREAMBLE.size + header_len].decode("utf-8"))
         if header.get("format") != FORMAT_NAME:
             raise ValueError(f"format {header.get('format')!r}")
-        tensors = {}
-        for e in header["tensors"]:
-            qtype, shape, gs = e["qtype"], e["shape"], e.get("group_size")
-            want = expected_part_lengths(qtype, shape, gs)
-            parts = {}
-            for part, n in want.items():
-                off, length = e["parts"][part]["offset"], e["parts"][part]["length"]
-                if length != n or off < 0 or off + length > payload_len:
-                    raise ValueError(f"tensor {e['name']} part {part}: bad offset/length")
-                parts[part] = raw[payload_start + off:payload_start + off + length]
-            qt = decode_parts(qtype, shape, gs, parts)
-            qt.method = e.get("method", "rtn")
-            tensors[e["name"]] = qt
+        tensors = {e["name"]: _decode_entry(e, raw, payload_start, payload_len) for e in header["tensors"]}
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise _ckpt_error(f"{path}: malformed header ({err}); re-export it with quantize.py") from None
+        raise fishai.CheckpointError(f"{path}: malformed header ({err}); re-export it with quantize.py") from None
     return header, tensors
 
 
 def load_quantized(path, device="cpu", dtype=None):
     """Load a quantized .bin into a ready GPT (eval mode, weights dequantized to dtype or float32,
-    .tokenizer from the header or None). Called by model.load_model for files starting with MAGIC."""
-    mm = _model_module()
+    .tokenizer from the header or None). Called by model.load_model for files that start with
+    model.QUANT_MAGIC."""
     header, tensors = read_quantized(path)
     try:
-        config = mm.ModelConfig.from_dict(header["model_config"])
+        config = fishai.ModelConfig.from_dict(header["model_config"])
     except (ValueError, TypeError, KeyError) as err:
-        raise _ckpt_error(f"{path}: bad model config in header ({err})") from None
-    gpt = mm.GPT(config)
+        raise fishai.CheckpointError(f"{path}: bad model config in header ({err})") from None
+    gpt = fishai.GPT(config)
     state = {name: qt.dequantize() for name, qt in tensors.items()}
     params = {n for n, _ in gpt.named_parameters()}
     missing, unexpected = gpt.load_state_dict(state, strict=False)
     missing = [m for m in missing if m in params]
     if missing or unexpected:
-        raise _ckpt_error(f"{path}: tensors do not match the model config (missing {missing[:3]}, "
-                          f"unexpected {list(unexpected)[:3]})")
-    dtype = mm.resolve_dtype(dtype, device)   # accepts "fp16"/"bf16"/... as well as torch dtypes
-    gpt.to(device=device, dtype=dtype)
-    gpt.eval()
-    tok = None
-    if header.get("tokenizer"):
-        import data_utils
-        tok = data_utils.TextTokenizer.from_dict(header["tokenizer"])
-    gpt.tokenizer = tok
-    return gpt
+        raise fishai.CheckpointError(f"{path}: tensors do not match the model config (missing {missing[:3]}, "
+                                     f"unexpected {list(unexpected)[:3]})")
+    gpt.to(device=device, dtype=fishai.resolve_dtype(dtype, device))  # "fp16"/"bf16"/... or a torch dtype
+    gpt.tokenizer = du.TextTokenizer.from_dict(header["tokenizer"]) if header.get("tokenizer") else None
+    return gpt.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,12 +669,10 @@ def quantize_model(gpt, strategy: str, group_size: int = DEFAULT_GROUP_SIZE, cal
                    damp: float = 0.01, progress: bool = True) -> tuple[dict, list[dict]]:
     """Quantize every parameter of a GPT. calibration: list of LongTensor (B, T) batches for GPTQ
     (None = round-to-nearest). Returns ({name: QTensor}, per-tensor report rows)."""
-    import copy
-    from tqdm import tqdm
-    if group_size < 1:
-        raise ValueError(f"--group-size must be >= 1 (got {group_size})")
     state = {k: v.detach().float().cpu() for k, v in gpt.state_dict().items()}
     plan = {k: plan_qtype(k, v.shape, strategy) for k, v in state.items()}
+    if "q4" in plan.values():
+        _check_group_size(group_size)         # before the calibration passes, not after them
     calibrated = {}
     if calibration and any(q in ("q4", "q8") for q in plan.values()):
         work = copy.deepcopy(gpt).float().cpu().eval()
@@ -629,60 +706,179 @@ def size_summary(rows: list[dict], file_bytes: int, source_bytes: int | None = N
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Quality before/after: bits/byte and perplexity with benchmark.py's scoring
+
 def load_eval_texts(spec: str, limit: int | None = None) -> list[str]:
     """Evaluation texts for --eval-data (data_utils.load_eval_texts does the reading):
     "wikitext103" | "wikitext2" | "ptb" (HF download), "NAME:PATH" (local file/dir of that set,
     e.g. wikitext103:../shared/data/wikitext103), a WikiText file/dir (wiki.*.tokens: one text per
     article) or any other data_utils source (txt/jsonl/parquet/dir/glob). limit: first N texts."""
-    import data_utils
     names = ("wikitext103", "wikitext2", "ptb")
     name, _, rest = spec.partition(":")
     p = Path(spec)
     if spec in names:
-        texts = data_utils.load_eval_texts(spec)
+        texts = du.load_eval_texts(spec)
     elif name in names and rest:
-        texts = data_utils.load_eval_texts(name, path=rest)
+        texts = du.load_eval_texts(name, path=rest)
     elif p.is_file() and p.name.startswith("wiki.") or p.is_dir() and any(p.glob("wiki.*.tokens")):
-        texts = data_utils.load_eval_texts("wikitext103", path=str(p))
+        texts = du.load_eval_texts("wikitext103", path=str(p))
     elif spec.startswith("hf:") or p.exists() or any(ch in spec for ch in "*?["):
-        texts = list(data_utils.iter_documents(spec))
+        texts = list(du.iter_documents(spec))
     else:
-        raise ValueError(f"--eval-data {spec}: no such file, directory or known dataset "
-                         f"({', '.join(names)}, or NAME:PATH)")
+        raise QuantizeError(f"--eval-data {spec}: no such file, directory or known dataset "
+                            f"({', '.join(names)}, or NAME:PATH)")
     texts = [t for t in texts if t.strip()]
     if limit:
         texts = texts[:limit]
     if not texts:
-        raise ValueError(f"--eval-data {spec}: no text found")
+        raise QuantizeError(f"--eval-data {spec}: no text found")
     return texts
 
 
 def eval_perplexity(spec, texts: list[str], batch_size: int = 8, progress: bool = True) -> dict:
     """Perplexity with benchmark.py's scoring (the numbers benchmark.py reports for the same file)."""
-    import benchmark
     lm = benchmark.load_lm(str(spec), device="cpu")
     return benchmark.perplexity(lm, texts, batch_size=batch_size, progress=progress)
 
 
+PPL_KEYS = ("bits_per_byte", "token_ppl", "word_ppl", "char_ppl")
+
+
 def ppl_delta(before: dict, after: dict) -> dict:
-    return {k: after[k] / before[k] - 1.0 for k in ("token_ppl", "word_ppl", "bits_per_byte")
-            if k in before and k in after and before[k]}
+    return {k: after[k] / before[k] - 1.0 for k in PPL_KEYS
+            if before.get(k) and after.get(k) is not None}
 
 
-# ---- GGUF
+def format_perplexity(p: dict) -> str:
+    """The console line of the report. Bits/byte leads: it compares across tokenizers and
+    languages. Then token perplexity, and word perplexity for text with spaces between words or
+    character perplexity for text without (Chinese, where a whitespace "word" is a whole sentence).
+    `spaced` / `char_ppl` come from benchmark.perplexity (absent: treated as spaced text)."""
+    before, after, change = p["before"], p["after"], p["relative_change"]
+
+    def pair(label, key, digits):
+        text = f"{label} {before[key]:.{digits}f} -> {after[key]:.{digits}f}"
+        return text + (f" ({change[key]:+.2%})" if key in change else "")
+
+    parts = [pair("bits/byte", "bits_per_byte", 4), pair("token ppl", "token_ppl", 3)]
+    if before.get("spaced", True):
+        parts.append(pair("word ppl", "word_ppl", 3))
+    elif before.get("char_ppl") is not None:
+        parts.append(pair("char ppl", "char_ppl", 3))
+    return f"perplexity on {p['data']} ({p['documents']} docs): " + ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The HF model card (README.md of --format hf)
+
+def training_record(src: Path) -> dict | None:
+    """step / best_val_loss / train_args / extra of a training checkpoint (.pt); None for a
+    quantized .bin or an HF directory, which keep no training record."""
+    if not src.is_file():
+        return None
+    with open(src, "rb") as f:
+        if f.read(len(fishai.QUANT_MAGIC)) == fishai.QUANT_MAGIC:
+            return None
+    ckpt = fishai.load_checkpoint(src)
+    return {k: ckpt.get(k) for k in ("step", "best_val_loss", "train_args", "extra")}
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _card_training(source: Path, record: dict | None) -> list[str]:
+    if record is None:
+        return [f"Not recorded: the source `{source.name}` is a quantized export or an HF directory, which keep "
+                "no training record. Export from the training checkpoint (`.pt`) to list it here."]
+    args, extra = record.get("train_args") or {}, record.get("extra") or {}
+    lines = [f"- source checkpoint: `{source.name}`, after {record.get('step')} optimizer steps"]
+    if "data" in args:
+        lines.append(f"- training data: `{args['data']}`" + (f" ({args['stage']})" if args.get("stage") else ""))
+    if record.get("best_val_loss") is not None:
+        lines.append(f"- best validation loss: {record['best_val_loss']:.4f}")
+    lines += [f"- {k}: {_cell(v)}" for k, v in sorted(extra.items())]
+    if args:
+        lines += ["", "Training settings (the checkpoint's `train_args`):", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in sorted(args.items())]
+    return lines
+
+
+def _card_architecture(gpt, dtype_label: str) -> list[str]:
+    c = gpt.config
+    return ["| | |", "|---|---|",
+            f"| parameters | {gpt.num_params():,} (the tied input/output embedding counted once) |",
+            f"| weights | {dtype_label} |",
+            f"| layers | {c.n_layers} |",
+            f"| hidden size | {c.d_model} |",
+            f"| attention | {c.n_heads} query heads, {c.n_kv_heads} key/value heads (grouped-query), "
+            f"head dim {c.head_dim} |",
+            f"| MLP | SwiGLU, intermediate size {c.d_ff} |",
+            f"| vocabulary | {c.vocab_size} (byte-level BPE) |",
+            f"| context length | {c.max_seq_len} tokens |",
+            f"| positions | RoPE, theta {c.rope_theta:g} |",
+            f"| normalization | pre-norm RMSNorm, eps {c.norm_eps:g} |"]
+
+
+def _card_usage(gpt, source: Path, out: Path) -> list[str]:
+    gguf_name = f"{out.name}.gguf"
+    lines = [] if gpt.tokenizer is not None else [
+        "The source had no tokenizer embedded, so this directory has none: add the one the model was trained "
+        "with before loading it.", ""]
+    lines += ["With transformers:", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              f'tok = AutoTokenizer.from_pretrained("{out}")',
+              f'model = AutoModelForCausalLM.from_pretrained("{out}")',
+              'ids = tok("The history of the city", return_tensors="pt").input_ids',
+              "print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))"]
+    if gpt.tokenizer is not None and gpt.tokenizer.chat_template:
+        lines.append("# chat: tok.apply_chat_template(messages, add_generation_prompt=True) (ChatML template)")
+    lines += ["```", "", "With llama.cpp, export a GGUF file from the same source with FishAI Train and run it:", "",
+              "```bash",
+              f"python quantize.py --model {source} --output {gguf_name} --format gguf --strategy mixed",
+              f'llama-cli -m {gguf_name} -p "The history of the city" -n 40',
+              "```", "",
+              "llama.cpp may split some text (digits, punctuation, code) into other tokens than this tokenizer "
+              "does; transformers and FishAI Train give the exact ids.", "",
+              f'With FishAI Train itself: `model.load_model("{out}")`, or '
+              f'`python generate.py --model {out} --prompt "The history of the city"`.']
+    return lines
+
+
+def model_card(gpt, source, out, dtype_label: str, record: dict | None) -> str:
+    """README.md for the HF directory: what the model is (a LLaMA-style decoder and its numbers),
+    how it was trained (from the checkpoint's record) and how to load it."""
+    source, out = Path(source), Path(out)
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [fishai, llama]", "---",
+             "", f"# {out.name}", "",
+             "A LLaMA-style decoder-only language model made with FishAI Train, exported by "
+             f"`quantize.py --format hf` as a `LlamaForCausalLM` (from `{source.name}`).", "",
+             "## Architecture", "", *_card_architecture(gpt, dtype_label), "",
+             "## Training", "", *_card_training(source, record), "",
+             "## How to use", "", *_card_usage(gpt, source, out), ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF (llama.cpp); the gguf package is imported only here
+
+GGUF_FILE_TYPES = {"fp32": "ALL_F32", "fp16": "MOSTLY_F16", "int8": "MOSTLY_Q8_0", "int4": "MOSTLY_Q4_0",
+                   "mixed": "MOSTLY_Q4_0"}
+_GGUF_LAYER = {"attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight",
+               "attn.wk.weight": "attn_k.weight", "attn.wv.weight": "attn_v.weight",
+               "attn.wo.weight": "attn_output.weight", "mlp_norm.weight": "ffn_norm.weight",
+               "mlp.w_gate.weight": "ffn_gate.weight", "mlp.w_up.weight": "ffn_up.weight",
+               "mlp.w_down.weight": "ffn_down.weight"}
+
 
 def _gguf_name(name: str) -> str:
-    table = {"attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight",
-             "attn.wk.weight": "attn_k.weight", "attn.wv.weight": "attn_v.weight",
-             "attn.wo.weight": "attn_output.weight", "mlp_norm.weight": "ffn_norm.weight",
-             "mlp.w_gate.weight": "ffn_gate.weight", "mlp.w_up.weight": "ffn_up.weight",
-             "mlp.w_down.weight": "ffn_down.weight"}
     if name == "tok_emb.weight":
         return "token_embd.weight"
     if name == "norm.weight":
         return "output_norm.weight"
     _, i, rest = name.split(".", 2)
-    return f"blk.{i}.{table[rest]}"
+    return f"blk.{i}.{_GGUF_LAYER[rest]}"
 
 
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -693,6 +889,15 @@ def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def llama_cpp_unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_heads(name: str, config) -> int | None:
+    """Heads of a Q/K projection (whose rows llama.cpp wants permuted), None for other tensors."""
+    if name.endswith("attn.wq.weight"):
+        return config.n_heads
+    if name.endswith("attn.wk.weight"):
+        return config.n_kv_heads
+    return None
 
 
 def gguf_plan(name: str, shape, strategy: str) -> tuple[str, str | None]:
@@ -707,6 +912,22 @@ def gguf_plan(name: str, shape, strategy: str) -> tuple[str, str | None]:
     if want != "F16" and shape[1] % 32:
         return "F16", f"row length {shape[1]} is not a multiple of 32"
     return want, None
+
+
+def _gguf_metadata(writer, config, strategy: str) -> None:
+    import gguf
+    writer.add_name("FishAI")
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.d_model)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.d_ff)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, GGUF_FILE_TYPES[strategy])))
 
 
 def _gguf_tokenizer(writer, tokenizer, vocab_size: int):
@@ -740,56 +961,41 @@ def _gguf_tokenizer(writer, tokenizer, vocab_size: int):
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def export_gguf(gpt, out_path, strategy: str, progress: bool = True) -> list[dict]:
-    """Write a llama-architecture GGUF (atomic). Returns per-tensor report rows."""
+def _gguf_tensor(name: str, w: torch.Tensor, config, strategy: str):
+    """(data, raw_dtype for GGUFWriter.add_tensor, report row) of one parameter, quantized by the
+    gguf package's reference code (Q/K rows permuted for llama.cpp's RoPE)."""
     import gguf
-    from tqdm import tqdm
-    c = gpt.config
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    w = w.detach().float().cpu()
+    heads = _rope_heads(name, config)
+    if heads:
+        w = llama_cpp_permute(w, heads)
+    tname, note = gguf_plan(name, tuple(w.shape), strategy)
+    qtype = getattr(gguf.GGMLQuantizationType, tname)
+    data = gguf.quants.quantize(np.ascontiguousarray(w.numpy()), qtype)
+    deq = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float32))
+    row = {"name": name, "gguf_name": _gguf_name(name), "qtype": tname, "fallback": note,
+           "shape": list(w.shape), "params": w.numel(), "bytes": int(data.nbytes),
+           "bits_per_weight": 8.0 * data.nbytes / w.numel(), **quant_error(w, deq)}
+    return data, (None if tname in ("F32", "F16") else qtype), row
+
+
+def export_gguf(gpt, out_path, strategy: str, progress: bool = True) -> list[dict]:
+    """Write a llama-architecture GGUF (atomic: data_utils.atomic_output). Returns per-tensor report rows."""
+    import gguf
     rows = []
-    try:
+    with du.atomic_output(out_path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
-        writer.add_name("FishAI")
-        writer.add_context_length(c.max_seq_len)
-        writer.add_embedding_length(c.d_model)
-        writer.add_block_count(c.n_layers)
-        writer.add_feed_forward_length(c.d_ff)
-        writer.add_head_count(c.n_heads)
-        writer.add_head_count_kv(c.n_kv_heads)
-        writer.add_rope_freq_base(c.rope_theta)
-        writer.add_rope_dimension_count(c.head_dim)
-        writer.add_layer_norm_rms_eps(c.norm_eps)
-        writer.add_vocab_size(c.vocab_size)
-        ftype = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
-                 "int8": gguf.LlamaFileType.MOSTLY_Q8_0, "int4": gguf.LlamaFileType.MOSTLY_Q4_0,
-                 "mixed": gguf.LlamaFileType.MOSTLY_Q4_0}[strategy]
-        writer.add_file_type(int(ftype))
+        _gguf_metadata(writer, gpt.config, strategy)
         if gpt.tokenizer is not None:
-            _gguf_tokenizer(writer, gpt.tokenizer, c.vocab_size)
+            _gguf_tokenizer(writer, gpt.tokenizer, gpt.config.vocab_size)
         for name, w in tqdm(gpt.state_dict().items(), desc="gguf", unit="tensor", disable=not progress):
-            w = w.detach().float().cpu()
-            if name.endswith("attn.wq.weight"):
-                w = llama_cpp_permute(w, c.n_heads)
-            elif name.endswith("attn.wk.weight"):
-                w = llama_cpp_permute(w, c.n_kv_heads)
-            tname, note = gguf_plan(name, tuple(w.shape), strategy)
-            qtype = getattr(gguf.GGMLQuantizationType, tname)
-            data = gguf.quants.quantize(np.ascontiguousarray(w.numpy()), qtype)
-            deq = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float32))
-            writer.add_tensor(_gguf_name(name), data, raw_dtype=qtype if tname not in ("F32", "F16") else None)
-            rows.append({"name": name, "gguf_name": _gguf_name(name), "qtype": tname, "fallback": note,
-                         "shape": list(w.shape), "params": w.numel(), "bytes": int(data.nbytes),
-                         "bits_per_weight": 8.0 * data.nbytes / w.numel(), **quant_error(w, deq)})
+            data, raw_dtype, row = _gguf_tensor(name, w, gpt.config, strategy)
+            writer.add_tensor(row["gguf_name"], data, raw_dtype=raw_dtype)
+            rows.append(row)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return rows
 
 
@@ -797,19 +1003,14 @@ def read_gguf_state(path, config) -> dict:
     """Read a GGUF written by export_gguf back into our parameter names (dequantized float32,
     Q/K rows un-permuted): {name: Tensor}. Uses the gguf package's reader."""
     import gguf
-    reader = gguf.GGUFReader(str(path))
-    by_name = {t.name: t for t in reader.tensors}
-    mm = _model_module()
+    by_name = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     out = {}
-    for name, shape in mm.param_shapes(config).items():
+    for name, shape in fishai.param_shapes(config).items():
         t = by_name[_gguf_name(name)]
         arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
-        if name.endswith("attn.wq.weight"):
-            w = llama_cpp_unpermute(w, config.n_heads)
-        elif name.endswith("attn.wk.weight"):
-            w = llama_cpp_unpermute(w, config.n_kv_heads)
-        out[name] = w
+        heads = _rope_heads(name, config)
+        out[name] = llama_cpp_unpermute(w, heads) if heads else w
     return out
 
 
@@ -842,135 +1043,111 @@ def print_report(rows: list[dict], summary: dict, out=sys.stdout) -> None:
               f"({s['compression_vs_source_file']:.2f}x the export)", file=out)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Export a FishAI checkpoint as a quantized .bin (docs/FORMAT.md), an HF Llama "
-                    "directory or a GGUF file, and report size and quality.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="checkpoints/fishai-best.pt",
-                   help="source model: a .pt checkpoint (or anything model.load_model reads); "
-                        "default checkpoints/fishai-best.pt, what train.py writes")
-    p.add_argument("--output", default=None, help="output .bin / .gguf file, or directory for --format hf "
-                   "(default fishai-<strategy>.bin / .gguf, or fishai-hf/)")
-    p.add_argument("--format", choices=FORMATS, default="bin", help="bin: FishAI quantized file; hf: "
-                   "LlamaForCausalLM directory; gguf: llama.cpp file")
-    p.add_argument("--strategy", choices=STRATEGIES, default=None,
-                   help="precision plan (default: mixed for bin/gguf, fp16 for hf; hf accepts fp16/fp32)")
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                   help="INT4 elements per scale/zero-point group along each row "
-                        "(.bin; GGUF Q4_0 always uses blocks of 32)")
-    p.add_argument("--calibration-data", metavar="PATH", default=None,
-                   help="text for GPTQ-style error-compensating quantization (txt/jsonl/parquet/dir/hf:NAME); "
-                        "default: round-to-nearest")
-    p.add_argument("--calibration-samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--calibration-seq-len", type=int, default=None,
-                   help="tokens per calibration window (default: min(512, model max_seq_len))")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
-    p.add_argument("--eval-data", default=None, help="perplexity before/after on this text: wikitext103, "
-                   "wikitext2 or ptb (HF download), NAME:PATH for a local copy (e.g. "
-                   "wikitext103:../shared/data/wikitext103), a wiki.*.tokens file, or a txt/jsonl/parquet path")
-    p.add_argument("--eval-limit", type=int, default=None, help="use only the first N eval documents")
-    p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="calibration window sampling seed")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars / per-tensor table")
-    return p
+def _plan_output(args) -> tuple[str, str, Path]:
+    """(format, strategy, output path) of a run, with every flag combination checked before any work."""
+    fmt = args.format
+    strategy = args.strategy or ("fp16" if fmt == "hf" else "mixed")
+    out = Path(args.output or {"bin": f"fishai-{strategy}.bin", "gguf": f"fishai-{strategy}.gguf"}.get(fmt, "fishai-hf"))
+    if fmt == "hf" and strategy not in ("fp16", "fp32"):
+        raise QuantizeError(f"--format hf stores plain fp16/fp32 weights (got --strategy {strategy}); "
+                            "use --format bin or gguf for int8/int4/mixed")
+    if args.calibration_data and fmt != "bin":
+        raise QuantizeError("--calibration-data applies to --format bin (GGUF uses llama.cpp's own Q8_0/Q4_0 rounding)")
+    if fmt != "hf":
+        du.check_new_file(out, "--output", args.overwrite)
+    elif out.exists() and not out.is_dir():
+        raise QuantizeError(f"--output {out} is a file; --format hf writes a directory")
+    du.check_new_file(args.json, "--json", args.overwrite)
+    return fmt, strategy, out
+
+
+def _calibration(gpt, args) -> tuple[list | None, dict | None]:
+    """GPTQ calibration batches and their report entry (None, None without --calibration-data)."""
+    if not args.calibration_data:
+        return None, None
+    max_len = gpt.config.max_seq_len
+    seq_len = args.calibration_seq_len or min(512, max_len)
+    if seq_len > max_len:
+        raise QuantizeError(f"--calibration-seq-len {seq_len} is longer than the model's context ({max_len})")
+    batches = calibration_batches(gpt.tokenizer, args.calibration_data, args.calibration_samples, seq_len,
+                                  seed=args.seed, show_progress=not args.quiet)
+    return batches, {"data": args.calibration_data, "samples": sum(len(b) for b in batches),
+                     "seq_len": seq_len, "damp": args.damp, "method": "gptq"}
+
+
+def _export_bin(gpt, args, strategy: str, out: Path, report: dict) -> tuple[list[dict], int]:
+    calib, report["calibration"] = _calibration(gpt, args)
+    tensors, rows = quantize_model(gpt, strategy, args.group_size, calib, args.damp, not args.quiet)
+    tok = gpt.tokenizer.to_dict() if gpt.tokenizer is not None else None
+    meta = {"strategy": strategy, "group_size": args.group_size, "calibration": report["calibration"],
+            "source": Path(args.model).name, "created_by": "quantize.py"}
+    return rows, write_quantized(out, tensors, gpt.config.to_dict(), tok, meta=meta)
+
+
+def _export_gguf(gpt, args, strategy: str, out: Path, report: dict) -> tuple[list[dict], int]:
+    rows = export_gguf(gpt, out, strategy, not args.quiet)
+    report["gguf_fallbacks"] = {r["name"]: r["fallback"] for r in rows if r.get("fallback")}
+    return rows, out.stat().st_size
+
+
+def _export_hf(gpt, args, strategy: str, out: Path, report: dict) -> tuple[list[dict], int]:
+    dtype, qtype, bits = (torch.float16, "f16", 16) if strategy == "fp16" else (torch.float32, "f32", 32)
+    rows = [{"name": n, "qtype": qtype, "method": "-", "shape": list(w.shape), "params": w.numel(),
+             "bytes": w.numel() * bits // 8, "bits_per_weight": float(bits), **quant_error(w, w.to(dtype))}
+            for n, w in gpt.state_dict().items()]
+    src = Path(args.model)
+    card = model_card(gpt, src, out, "FP16" if bits == 16 else "FP32", training_record(src))
+    fishai.save_hf(gpt.to(dtype), out, tokenizer=gpt.tokenizer, overwrite=args.overwrite, model_card=card)
+    return rows, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+
+
+_EXPORTS = {"bin": _export_bin, "gguf": _export_gguf, "hf": _export_hf}
+
+
+def _perplexity_report(src: Path, out: Path, fmt: str, texts: list[str], args) -> dict:
+    if fmt == "gguf":
+        return {"note": "not measured for gguf (llama.cpp formats); export --format bin to measure"}
+    before = eval_perplexity(src, texts, args.eval_batch_size, not args.quiet)
+    after = eval_perplexity(out, texts, args.eval_batch_size, not args.quiet)
+    return {"data": args.eval_data, "documents": len(texts), "before": before, "after": after,
+            "relative_change": ppl_delta(before, after)}
 
 
 def run(args) -> dict:
-    """The CLI as a function: export and return the report dict (raises ValueError on bad input)."""
-    fmt = args.format
-    strategy = args.strategy or ("fp16" if fmt == "hf" else "mixed")
-    if args.output is None:
-        args.output = {"bin": f"fishai-{strategy}.bin", "gguf": f"fishai-{strategy}.gguf"}.get(fmt, "fishai-hf")
-    out = Path(args.output)
-    progress = not args.quiet
-    if fmt == "hf" and strategy not in ("fp16", "fp32"):
-        raise ValueError(f"--format hf stores plain fp16/fp32 weights (got --strategy {strategy}); "
-                         "use --format bin or gguf for int8/int4/mixed")
-    if args.calibration_data and fmt != "bin":
-        raise ValueError("--calibration-data applies to --format bin (GGUF uses llama.cpp's own Q8_0/Q4_0 rounding)")
-    if args.group_size < 1:
-        raise ValueError(f"--group-size must be >= 1 (got {args.group_size})")
-    if out.exists() and not args.force:
-        raise ValueError(f"--output {out} exists; pass --force to overwrite it")
+    """The CLI as a function: export and return the report dict (raises a FishAIError on bad input)."""
+    fmt, strategy, out = _plan_output(args)
     src = Path(args.model)
-    mm = _model_module()
-    gpt = mm.load_model(src, device="cpu", dtype=torch.float32)
-    eval_texts = load_eval_texts(args.eval_data, args.eval_limit) if args.eval_data else None
+    gpt = fishai.load_model(src, device="cpu", dtype=torch.float32)
+    eval_texts = load_eval_texts(args.eval_data, args.limit) if args.eval_data else None
     report = {"source": str(src), "output": str(out), "format": fmt, "strategy": strategy,
               "group_size": args.group_size, "model_config": gpt.config.to_dict(),
               "date": time.strftime("%Y-%m-%d"), "calibration": None}
     t0 = time.time()
-    if fmt == "bin":
-        calib = None
-        if args.calibration_data:
-            seq_len = args.calibration_seq_len or min(512, gpt.config.max_seq_len)
-            if not 1 <= seq_len <= gpt.config.max_seq_len:
-                raise ValueError(f"--calibration-seq-len must be in 1..{gpt.config.max_seq_len}")
-            calib = calibration_batches(gpt.tokenizer, args.calibration_data, args.calibration_samples,
-                                        seq_len, seed=args.seed)
-            report["calibration"] = {"data": args.calibration_data, "samples": sum(len(b) for b in calib),
-                                     "seq_len": seq_len, "damp": args.damp, "method": "gptq"}
-        tensors, rows = quantize_model(gpt, strategy, args.group_size, calib, args.damp, progress)
-        tok = gpt.tokenizer.to_dict() if gpt.tokenizer is not None else None
-        size = write_quantized(out, tensors, gpt.config.to_dict(), tok,
-                               meta={"strategy": strategy, "group_size": args.group_size,
-                                     "calibration": report["calibration"], "source": src.name,
-                                     "created_by": "quantize.py"})
-    elif fmt == "gguf":
-        rows = export_gguf(gpt, out, strategy, progress)
-        size = out.stat().st_size
-        report["gguf_fallbacks"] = {r["name"]: r["fallback"] for r in rows if r.get("fallback")}
-    else:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--output {out} is a file; --format hf writes a directory")
-        dtype = torch.float16 if strategy == "fp16" else torch.float32
-        mm.save_hf(gpt.to(dtype), out, tokenizer=gpt.tokenizer, overwrite=args.force)
-        gpt.float()
-        rows = [{"name": n, "qtype": "f16" if dtype == torch.float16 else "f32", "method": "-",
-                 "shape": list(w.shape), "params": w.numel(), "bytes": w.numel() * (2 if dtype == torch.float16 else 4),
-                 "bits_per_weight": 16.0 if dtype == torch.float16 else 32.0,
-                 **quant_error(w.float(), w.to(dtype).float())} for n, w in gpt.state_dict().items()]
-        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    rows, size = _EXPORTS[fmt](gpt, args, strategy, out, report)
     report["seconds"] = time.time() - t0
-    src_bytes = src.stat().st_size if src.is_file() else None
-    report["summary"] = size_summary(rows, size, src_bytes)
+    report["summary"] = size_summary(rows, size, src.stat().st_size if src.is_file() else None)
     report["tensors"] = rows
     if eval_texts is not None:
-        if fmt == "gguf":
-            report["perplexity"] = {"note": "not measured for gguf (llama.cpp formats); export --format bin to measure"}
-        else:
-            before = eval_perplexity(src, eval_texts, args.eval_batch_size, progress)
-            after = eval_perplexity(out, eval_texts, args.eval_batch_size, progress)
-            report["perplexity"] = {"data": args.eval_data, "documents": len(eval_texts),
-                                    "before": before, "after": after, "relative_change": ppl_delta(before, after)}
+        report["perplexity"] = _perplexity_report(src, out, fmt, eval_texts, args)
     return report
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (ValueError, OSError) as e:   # CheckpointError / DataError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print_report(report["tensors"], report["summary"])
-    else:
-        s = report["summary"]
+def _cli(args) -> None:
+    report = run(args)
+    s = report["summary"]
+    if args.quiet:
         print(f"wrote {report['output']}: {_fmt_bytes(s['file_bytes'])}, {s['compression_vs_fp32']:.2f}x smaller "
               f"than FP32, {s['bits_per_weight']:.2f} bits/weight")
-    if "perplexity" in report and "before" in report["perplexity"]:
-        p = report["perplexity"]
-        print(f"perplexity on {p['data']} ({p['documents']} docs): token ppl {p['before']['token_ppl']:.3f} -> "
-              f"{p['after']['token_ppl']:.3f} ({p['relative_change']['token_ppl']:+.2%}), word ppl "
-              f"{p['before']['word_ppl']:.3f} -> {p['after']['word_ppl']:.3f}")
+    else:
+        print_report(report["tensors"], s)
+    if "before" in report.get("perplexity", {}):
+        print(format_perplexity(report["perplexity"]))
     if args.json:
-        data = json.dumps(report, indent=2)
-        atomic_write_text(args.json, data)
-    return 0
+        du.atomic_write_text(args.json, json.dumps(report, indent=2))
+
+
+def main(argv=None) -> int:
+    return du.run_cli(_cli, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Usage (copy-paste):
     # from a text file / directory / jsonl / parquet / glob
     python tokenizer_train.py --data train_data.txt --vocab-size 32000 --output-dir tokenizer
     python tokenizer_train.py --data books/ corpus.jsonl --text-key content --vocab-size 16000 --output-dir tokenizer
+    # chat jsonl (`messages` rows) is rendered with the ChatML template, as prepare does
+    python tokenizer_train.py --data chats.jsonl --vocab-size 8192 --output-dir tokenizer
     # no download needed: Python's bundled documentation
     python tokenizer_train.py --data python-docs --vocab-size 4096 --output-dir tokenizer
     # sample only the first 200 MB of a huge corpus, write the report as JSON
@@ -14,25 +16,70 @@ Usage (copy-paste):
 The output directory (tokenizer.json, tokenizer_config.json with the ChatML chat template,
 special_tokens_map.json) loads with `tokenizers.Tokenizer.from_file`, with
 `transformers.AutoTokenizer.from_pretrained(dir)` and with `data_utils.load_tokenizer(dir)`.
-Special ids are fixed: <|endoftext|>=0 (EOS / document separator), <|im_start|>=1,
-<|im_end|>=2, <|pad|>=3.
+It is built in a temp dir and swapped into place at the end (an existing tokenizer is only
+replaced with --overwrite, and stays whole if the run fails). Special ids are fixed:
+<|endoftext|>=0 (EOS / document separator), <|im_start|>=1, <|im_end|>=2, <|pad|>=3.
+
+The compression report is measured on held-out documents (data_utils.holdout_split with
+test_fraction = 1 / --holdout-every; the tokenizer never trains on them): bytes/token, and
+tokens/word for text with spaces between words or characters/token for text without (Chinese).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from data_utils import (SPECIAL_TOKENS, DataError, TextTokenizer, atomic_write_text, _tokenizer_config,
-                        iter_documents)
+import data_utils as du
+from data_utils import SPECIAL_TOKENS, DataError, TextTokenizer
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PROGRESS_EVERY_S = 5.0       # seconds between progress lines when stderr is not a terminal (a log file)
+SAMPLE_DOCS = 200            # first training documents kept for the report when nothing is held out
+# More characters per whitespace-separated word than this means a script without spaces between
+# words (Chinese, Japanese): English averages about 6, a Chinese paragraph is one "word".
+SPACED_MAX_CHARS_PER_WORD = 12
+
+
+def build_parser() -> du.ArgumentParser:
+    p = du.ArgumentParser(description="Train a byte-level BPE tokenizer (fixed special ids, ChatML template).")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="inputs: text files (.txt, .md: blank-line blocks = documents), .jsonl (text or chat `messages` "
+                        "rows), .parquet, directories, globs, hf:NAME[:CONFIG][:SPLIT], or python-docs")
+    p.add_argument("--vocab-size", type=du.int_flag(MIN_VOCAB), default=32000,
+                   help="total vocabulary incl. 256 bytes and special tokens")
+    p.add_argument("--output-dir", default="tokenizer", help="where tokenizer.json etc. are written")
+    p.add_argument("--min-frequency", type=du.int_flag(0), default=2, help="minimum pair count for a merge")
+    p.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
+    p.add_argument("--txt-mode", choices=["block", "line", "file"], default="block",
+                   help="how .txt files split into documents")
+    p.add_argument("--max-bytes", type=_positive_size, default=None,
+                   help="stop reading after this many bytes (e.g. 500M, 2G); default: read everything")
+    p.add_argument("--holdout-every", type=_holdout_every, default=50,
+                   help="hold out 1 in N documents to measure compression (0 = none)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip jsonl lines that are not JSON or lack the text field")
+    du.add_overwrite_flag(p, "an existing tokenizer in --output-dir (and an existing --json file)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    du.add_quiet_flag(p)
+    return p
+
+
+def _positive_size(text) -> int:
+    value = du.size_flag(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0 (e.g. 500M)")
+    return value
+
+
+def _holdout_every(text) -> int:
+    value = du.int_flag(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("1 would hold out every document; use 0 (none) or N >= 2")
+    return value
 
 
 def build_empty_tokenizer():
@@ -48,69 +95,95 @@ def build_empty_tokenizer():
     return tok
 
 
-def _limit_bytes(texts: Iterable[str], max_bytes: int | None, counter: dict) -> Iterator[str]:
-    """Pass documents through until max_bytes UTF-8 bytes were seen (the last one is cut)."""
-    for t in texts:
-        n = len(t.encode("utf-8"))
-        if max_bytes is not None and counter["bytes"] + n > max_bytes:
-            rest = max_bytes - counter["bytes"]
-            if rest > 0:
-                cut = t.encode("utf-8")[:rest].decode("utf-8", errors="ignore")
-                counter["bytes"] += len(cut.encode("utf-8"))
-                counter["docs"] += 1
-                yield cut
-            return
-        counter["bytes"] += n
-        counter["docs"] += 1
-        yield t
+class _Reader:
+    """The documents the trainer sees, in reading order: at most max_bytes UTF-8 bytes (the last
+    document is cut), without the held-out ones (the shared hold-out rule, test_fraction =
+    1 / holdout_every: the tokenizer never trains on them; the first held_max_bytes of them are kept
+    for the compression report). Counts what it passed on and, with log set, reports progress."""
+
+    def __init__(self, texts: Iterable[str], max_bytes: int | None, holdout_every: int, held_max_bytes: int,
+                 log=None):
+        self.texts, self.max_bytes, self.held_max_bytes, self.log = texts, max_bytes, held_max_bytes, log
+        self.test_fraction = 1.0 / holdout_every if holdout_every else 0.0
+        self.read_bytes = self.read_docs = self.train_bytes = self.train_docs = 0
+        self.held_docs = self.held_bytes = 0
+        self.held: list[str] = []
+        self.sample: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        t0 = last = time.monotonic()
+        for i, (text, n) in enumerate(self._limited()):
+            self.read_bytes += n
+            self.read_docs += 1
+            if self.log is not None and time.monotonic() - last >= PROGRESS_EVERY_S:
+                last = time.monotonic()
+                self.log(self._progress(t0, "reading"))
+            if du.holdout_split(i, 0.0, self.test_fraction) == "test":
+                self.held_docs += 1
+                if self.held_bytes < self.held_max_bytes:
+                    self.held.append(text)
+                    self.held_bytes += n
+                continue
+            self.train_docs += 1
+            self.train_bytes += n
+            if len(self.sample) < SAMPLE_DOCS:
+                self.sample.append(text)
+            yield text
+        if self.log is not None:
+            self.log(self._progress(t0, "read") + "; computing the merges")
+
+    def _limited(self) -> Iterator[tuple[str, int]]:
+        for text in self.texts:
+            data = text.encode("utf-8")
+            if self.max_bytes is not None and self.read_bytes + len(data) > self.max_bytes:
+                cut = data[:self.max_bytes - self.read_bytes].decode("utf-8", errors="ignore")
+                if cut:
+                    yield cut, len(cut.encode("utf-8"))
+                return
+            yield text, len(data)
+
+    def _progress(self, t0: float, verb: str) -> str:
+        seconds = max(time.monotonic() - t0, 1e-9)
+        mb = self.read_bytes / 1e6
+        return (f"[tokenizer_train] {verb} {mb:,.1f} MB ({self.read_docs:,} docs) in {seconds:.0f} s, "
+                f"{mb / seconds:.1f} MB/s")
 
 
-def _holdout_split(texts: Iterable[str], every: int, held: list, held_max_bytes: int) -> Iterator[str]:
-    """Every `every`-th document goes to the held-out slice (up to held_max_bytes) instead of
-    training, so the compression figures are measured on unseen text."""
-    held_bytes = 0
-    for i, t in enumerate(texts):
-        if every and i % every == every - 1 and held_bytes < held_max_bytes:
-            held.append(t)
-            held_bytes += len(t.encode("utf-8"))
-            continue
-        yield t
+def is_spaced(n_chars: int, n_words: int) -> bool:
+    """Whether text has spaces between its words (English) or not (Chinese, Japanese)."""
+    return n_words > 0 and n_chars / n_words <= SPACED_MAX_CHARS_PER_WORD
 
 
 def compression_stats(tokenizer: TextTokenizer, texts: list[str]) -> dict:
-    """bytes/token, chars/token and tokens/word (whitespace-separated words) on `texts`."""
+    """bytes/token and chars/token on `texts`; tokens/word (whitespace-separated words) only for
+    text with spaces between words, None for text without (a Chinese paragraph is one "word")."""
     if not texts:
         return {"bytes": 0, "tokens": 0, "words": 0, "bytes_per_token": None, "tokens_per_word": None}
-    ids = tokenizer.encode_batch(texts)
-    n_tok = sum(len(x) for x in ids)
+    n_tok = sum(len(x) for x in tokenizer.encode_batch(texts))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_chars = sum(len(t) for t in texts)
     n_words = sum(len(t.split()) for t in texts)
+    spaced = is_spaced(n_chars, n_words)
     return {
-        "docs": len(texts), "bytes": n_bytes, "chars": n_chars, "tokens": n_tok, "words": n_words,
+        "docs": len(texts), "bytes": n_bytes, "chars": n_chars, "tokens": n_tok, "words": n_words, "spaced": spaced,
         "bytes_per_token": round(n_bytes / max(n_tok, 1), 4),
         "chars_per_token": round(n_chars / max(n_tok, 1), 4),
-        "tokens_per_word": round(n_tok / max(n_words, 1), 4) if n_words else None,
+        "tokens_per_word": round(n_tok / n_words, 4) if spaced else None,
     }
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir, *, min_frequency: int = 2,
-                    show_progress: bool = True, overwrite: bool = True, holdout_every: int = 0,
-                    holdout_max_bytes: int = 2_000_000, max_bytes: int | None = None) -> dict:
-    """Train a byte-level BPE on an iterable of documents (streamed; BPE keeps only word counts in
-    memory) and save it to output_dir. Returns the report dict (vocab size, special ids, time,
-    compression on the held-out slice when holdout_every > 0, else on the first training docs)."""
-    from tokenizers import pre_tokenizers, trainers
+def _check_output_dir(out: Path) -> None:
+    """The directory is swapped as a whole (data_utils.atomic_dir): refuse one that holds anything
+    besides a tokenizer, even with --overwrite, so that no other file is ever deleted."""
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in TOKENIZER_FILES)
+        if foreign:
+            raise DataError(f"--output-dir {out}: holds files that are not a tokenizer ({', '.join(foreign[:3])}); "
+                            "choose a new or empty directory")
 
-    vocab_size = int(vocab_size)
-    if vocab_size < MIN_VOCAB:
-        raise DataError(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB} "
-                        f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a directory; choose another --output-dir")
-    if out.is_dir() and (out / "tokenizer.json").exists() and not overwrite:
-        raise DataError(f"{out}: already contains a tokenizer; pass --overwrite to replace it")
+
+def _train_bpe(reader: _Reader, vocab_size: int, min_frequency: int, show_bar: bool):
+    from tokenizers import pre_tokenizers, trainers
 
     tok = build_empty_tokenizer()
     trainer = trainers.BpeTrainer(
@@ -118,129 +191,93 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir, *, min_fr
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),  # added first -> ids 0..3
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: no unknown input ever
-        show_progress=show_progress,
+        show_progress=show_bar,
     )
-    counter = {"bytes": 0, "docs": 0}
-    held: list[str] = []
-    sample: list[str] = []
-
-    def stream():
-        for t in _holdout_split(_limit_bytes(texts, max_bytes, counter), holdout_every, held, holdout_max_bytes):
-            if len(sample) < 200:
-                sample.append(t)
-            yield t
-
-    t0 = time.time()
-    tok.train_from_iterator(stream(), trainer=trainer)
-    train_time = time.time() - t0
-    if counter["docs"] == 0:
+    tok.train_from_iterator(reader, trainer=trainer)
+    if reader.train_docs == 0 and reader.held_docs:
+        raise DataError(f"no training text: all {reader.held_docs} documents were held out to measure compression; "
+                        "pass --holdout-every 0 or give more documents")
+    if reader.train_docs == 0:
         raise DataError("no training text: the inputs contained no documents (empty files?)")
     for i, s in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(s) != i:
             raise DataError(f"internal: special token {s} got id {tok.token_to_id(s)} instead of {i}")
+    return TextTokenizer(tok.to_str())  # default config: ChatML template, fixed special tokens
 
-    text_tok = TextTokenizer(tok.to_str(), _tokenizer_config())
-    # write into a temp dir next to the target, then swap: a crash never leaves a half tokenizer
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir, *, min_frequency: int = 2,
+                    show_progress: bool = True, overwrite: bool = True, holdout_every: int = 0,
+                    holdout_max_bytes: int = 2_000_000, max_bytes: int | None = None) -> dict:
+    """Train a byte-level BPE on an iterable of documents (streamed; BPE keeps only word counts in
+    memory) and save it to output_dir. Returns the report dict (vocab size, special ids, time,
+    compression on the held-out documents when holdout_every > 0, else on the first training docs).
+    Progress: the trainer's bar on a terminal, else a line on stderr every PROGRESS_EVERY_S seconds."""
+    vocab_size = int(vocab_size)
+    if vocab_size < MIN_VOCAB:
+        raise DataError(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB} "
+                        f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    out = Path(output_dir)
+    _check_output_dir(out)
+    on_terminal = sys.stderr.isatty()
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if show_progress and not on_terminal else None
+    reader = _Reader(texts, max_bytes, holdout_every, holdout_max_bytes, log)
+    # built in a temp dir beside `out` and swapped in at the end: a failure keeps the old tokenizer
+    with du.atomic_dir(out, overwrite, flag="--output-dir") as tmp:
+        t0 = time.time()
+        text_tok = _train_bpe(reader, vocab_size, min_frequency, show_progress and on_terminal)
+        train_time = time.time() - t0
         text_tok.save(tmp)
-        if out.is_dir():
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                os.replace(tmp / name, out / name)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-    eval_texts = held if held else sample
-    report = {
+    return {
         "output_dir": str(out),
         "vocab_size": text_tok.vocab_size,
         "requested_vocab_size": vocab_size,
         "special_tokens": {s: i for i, s in enumerate(SPECIAL_TOKENS)},
-        "train_docs": counter["docs"] - len(held),
-        "train_bytes": counter["bytes"] - sum(len(t.encode("utf-8")) for t in held),
+        "train_docs": reader.train_docs,
+        "train_bytes": reader.train_bytes,
+        "held_out_docs": reader.held_docs,
         "train_time_s": round(train_time, 3),
-        "compression_on": "held-out slice" if held else "training sample (no held-out docs)",
-        "compression": compression_stats(text_tok, eval_texts),
+        "compression_on": "held-out slice" if reader.held else "training sample (no held-out docs)",
+        "compression": compression_stats(text_tok, reader.held or reader.sample),
         "hash": text_tok.hash,
     }
-    return report
-
-
-def parse_size(s: str | None) -> int | None:
-    """'200M' -> 200_000_000; accepts K/M/G (powers of 1000) and plain integers."""
-    if s is None:
-        return None
-    s = s.strip().upper()
-    mult = {"K": 10**3, "M": 10**6, "G": 10**9}
-    try:
-        if s and s[-1] in mult:
-            return int(float(s[:-1]) * mult[s[-1]])
-        return int(s)
-    except ValueError:
-        raise DataError(f"--max-bytes: cannot parse {s!r}; use e.g. 500M or 2G") from None
 
 
 def format_report(r: dict) -> str:
     c = r["compression"]
-    lines = [
+    per_unit = (f"{c.get('tokens_per_word')} tokens/word" if c.get("spaced", True)
+                else f"{c.get('chars_per_token')} chars/token (text without spaces between words)")
+    return "\n".join([
         f"tokenizer saved to {r['output_dir']}",
         f"  vocab size      : {r['vocab_size']} (requested {r['requested_vocab_size']})",
         "  special ids     : " + ", ".join(f"{k}={v}" for k, v in r["special_tokens"].items()),
-        f"  trained on      : {r['train_docs']} docs, {r['train_bytes'] / 1e6:.2f} MB in {r['train_time_s']:.1f} s",
-        f"  compression ({r['compression_on']}): {c.get('bytes_per_token')} bytes/token, "
-        f"{c.get('tokens_per_word')} tokens/word over {c.get('bytes', 0) / 1e3:.0f} kB",
+        f"  trained on      : {r['train_docs']} docs, {r['train_bytes'] / 1e6:.2f} MB in {r['train_time_s']:.1f} s"
+        f" ({r.get('held_out_docs', 0)} held out)",
+        f"  compression ({r['compression_on']}): {c.get('bytes_per_token')} bytes/token, {per_unit} "
+        f"over {c.get('bytes', 0) / 1e3:.0f} kB",
         f"  hash            : {r['hash'][:16]}",
-    ]
-    return "\n".join(lines)
+    ])
+
+
+def _cli(args) -> None:
+    du.check_new_file(args.json, "--json", args.overwrite)
+    stats: dict = {}
+    docs = du.iter_documents(args.data, text_key=args.text_key, skip_bad_lines=args.skip_bad_lines,
+                             stats=stats, txt_mode=args.txt_mode)
+    report = train_tokenizer(docs, args.vocab_size, args.output_dir, min_frequency=args.min_frequency,
+                             show_progress=not args.quiet, overwrite=args.overwrite,
+                             holdout_every=args.holdout_every, max_bytes=args.max_bytes)
+    report["input_stats"] = stats
+    print(format_report(report))
+    if stats.get("bad_utf8_bytes"):
+        print(f"  note: {stats['bad_utf8_bytes']} undecodable bytes were replaced by U+FFFD")
+    if stats.get("bad_lines"):
+        print(f"  note: {stats['bad_lines']} bad jsonl lines skipped")
+    if args.json:
+        du.atomic_write_text(args.json, json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer (fixed special ids, ChatML template).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", nargs="+", required=True,
-                   help="inputs: .txt/.md (blank-line blocks = documents), .jsonl, .parquet, directories, "
-                        "globs, hf:NAME[:CONFIG][:SPLIT], or python-docs")
-    p.add_argument("--vocab-size", type=int, default=32000, help="total vocabulary incl. 256 bytes and special tokens")
-    p.add_argument("--output-dir", default="tokenizer", help="where tokenizer.json etc. are written")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
-    p.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
-    p.add_argument("--txt-mode", choices=["block", "line", "file"], default="block",
-                   help="how .txt files split into documents")
-    p.add_argument("--max-bytes", default=None, help="stop reading after this many bytes (e.g. 500M, 2G)")
-    p.add_argument("--holdout-every", type=int, default=50,
-                   help="every N-th document is held out to measure compression (0 = none)")
-    p.add_argument("--skip-bad-lines", action="store_true", help="skip jsonl lines that are not JSON or lack the text field")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --output-dir")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    try:
-        stats: dict = {}
-        docs = iter_documents(args.data, text_key=args.text_key, skip_bad_lines=args.skip_bad_lines,
-                              stats=stats, txt_mode=args.txt_mode)
-        report = train_tokenizer(docs, args.vocab_size, args.output_dir, min_frequency=args.min_frequency,
-                                 show_progress=not args.no_progress, overwrite=args.overwrite,
-                                 holdout_every=args.holdout_every, max_bytes=parse_size(args.max_bytes))
-        report["input_stats"] = stats
-        print(format_report(report))
-        if stats.get("bad_utf8_bytes"):
-            print(f"  note: {stats['bad_utf8_bytes']} undecodable bytes were replaced by U+FFFD")
-        if stats.get("bad_lines"):
-            print(f"  note: {stats['bad_lines']} bad jsonl lines skipped")
-        if args.json:
-            atomic_write_text(Path(args.json), json.dumps(report, indent=2, ensure_ascii=False))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    return du.run_cli(_cli, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _args(**kw):
     base = dict(format="bin", strategy=None, group_size=128, calibration_data=None, calibration_samples=16,
-                calibration_seq_len=None, damp=0.01, eval_data=None, eval_limit=None, eval_batch_size=8,
-                seed=0, force=False, json=None, quiet=True)
+                calibration_seq_len=None, damp=0.01, eval_data=None, limit=None, eval_batch_size=8,
+                seed=0, overwrite=False, json=None, quiet=True)
     base.update(kw)
     return Namespace(**base)
 
@@ -224,7 +224,7 @@ def test_cli_errors_and_no_partial_output(tiny_ckpt, tmp_path):
     out.write_bytes(b"user data")
     r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--model", str(tiny_ckpt), "--output",
                         str(out), "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.startswith("error:") and "--force" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--overwrite" in r.stderr
     assert "Traceback" not in r.stderr and out.read_bytes() == b"user data"
     with pytest.raises(ValueError, match="format hf"):
         Q.run(_args(model=str(tiny_ckpt), output=str(tmp_path / "hf"), format="hf", strategy="int4"))
@@ -425,3 +425,129 @@ def test_seed_command_defaults(tmp_path, tiny_ckpt):
     assert r.returncode == 0, r.stderr
     assert "fishai-mixed.bin" in r.stdout
     assert (tmp_path / "fishai-mixed.bin").read_bytes()[:8] == b"FISHAIQ\x00"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10 / 14: model card, bits/byte headline, flag vocabulary and exit codes, atomic GGUF
+
+def _quantize_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "quantize.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+def test_hf_export_writes_a_model_card(tiny_model, tmp_path):
+    from model import save_checkpoint
+    src = tmp_path / "fishai-best.pt"
+    train_args = {"data": "corpus.txt", "stage": "pretrain", "lr": 0.002, "batch_size": 4, "max_steps": 8}
+    save_checkpoint(src, tiny_model, step=8, best_val_loss=5.4321, train_args=train_args,
+                    extra={"stage": "pretrain", "tokens_seen": 2048})
+    out = tmp_path / "hf-card"
+    rep = Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp16"))
+    card = (out / "README.md").read_text(encoding="utf-8")
+    c = tiny_model.config
+    assert card.startswith("---\nlibrary_name: transformers\n") and "LLaMA-style decoder" in card
+    assert f"| parameters | {tiny_model.num_params():,} " in card and rep["summary"]["params"] == tiny_model.num_params()
+    assert f"| layers | {c.n_layers} |" in card and f"| hidden size | {c.d_model} |" in card
+    assert f"{c.n_heads} query heads, {c.n_kv_heads} key/value heads" in card and f"intermediate size {c.d_ff}" in card
+    assert f"| vocabulary | {c.vocab_size} " in card and f"| context length | {c.max_seq_len} tokens |" in card
+    assert "| weights | FP16 |" in card
+    assert "after 8 optimizer steps" in card and "training data: `corpus.txt` (pretrain)" in card
+    assert "best validation loss: 5.4321" in card and "- tokens_seen: 2048" in card and "| lr | 0.002 |" in card
+    assert f'AutoModelForCausalLM.from_pretrained("{out}")' in card and "--format gguf" in card
+    assert "llama-cli -m hf-card.gguf" in card
+    # the fp16 rows measure the real rounding error of the export (it was 0 when measured after the cast)
+    errs = [r["rel_err"] for r in rep["tensors"] if len(r["shape"]) == 2]
+    assert all(0 < e < 1e-3 for e in errs)
+    # an existing directory is swapped only with --overwrite (model.save_hf's atomic_dir)
+    with pytest.raises(ValueError, match="--overwrite"):
+        Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp32"))
+    Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp32", overwrite=True))
+    assert "| weights | FP32 |" in (out / "README.md").read_text(encoding="utf-8")
+    # a quantized .bin keeps no training record: the card says so instead of inventing one
+    text = Q.model_card(tiny_model, tmp_path / "x.bin", out, "FP32", Q.training_record(tmp_path / "nope.bin"))
+    assert "Not recorded: the source `x.bin`" in text and "optimizer steps" not in text
+
+
+def test_perplexity_line_leads_with_bits_per_byte():
+    def report(spaced, **extra):
+        before = {"bits_per_byte": 1.2, "token_ppl": 20.0, "word_ppl": 40.0, "spaced": spaced, **extra}
+        after = {"bits_per_byte": 1.26, "token_ppl": 21.0, "word_ppl": 42.0, "spaced": spaced,
+                 **{k: v * 1.1 for k, v in extra.items()}}
+        return {"data": "eval.txt", "documents": 3, "before": before, "after": after,
+                "relative_change": Q.ppl_delta(before, after)}
+    en = Q.format_perplexity(report(True))
+    assert en == ("perplexity on eval.txt (3 docs): bits/byte 1.2000 -> 1.2600 (+5.00%), "
+                  "token ppl 20.000 -> 21.000 (+5.00%), word ppl 40.000 -> 42.000 (+5.00%)")
+    zh = Q.format_perplexity(report(False, char_ppl=3.0))
+    assert zh.endswith("char ppl 3.000 -> 3.300 (+10.00%)") and "word ppl" not in zh
+    assert Q.ppl_delta({"char_ppl": 3.0}, {"char_ppl": 3.3})["char_ppl"] == pytest.approx(0.1)
+
+
+def test_cli_perplexity_headline_matches_the_json(tiny_ckpt, tmp_path, training_texts, capsys):
+    text = tmp_path / "eval.txt"
+    text.write_text("\n\n".join(training_texts[:3]), encoding="utf-8")
+    out, js = tmp_path / "m.bin", tmp_path / "m.json"
+    assert Q.main(["--model", str(tiny_ckpt), "--output", str(out), "--strategy", "int8", "--eval-data", str(text),
+                   "--eval-limit", "2", "--json", str(js), "--quiet"]) == 0
+    p = json.loads(js.read_text())["perplexity"]
+    assert p["documents"] == 2                                   # the old --eval-limit spelling still works
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("perplexity on"))
+    b, a = p["before"]["bits_per_byte"], p["after"]["bits_per_byte"]
+    assert line.startswith(f"perplexity on {text} (2 docs): bits/byte {b:.4f} -> {a:.4f} "
+                           f"({p['relative_change']['bits_per_byte']:+.2%})")
+
+
+def test_cli_flag_vocabulary_and_exit_codes(tiny_ckpt, tmp_path, capsys):
+    p = Q.build_parser()
+    old = p.parse_args(["--force", "--eval-limit", "3", "--no-progress"])
+    assert old.overwrite and old.limit == 3 and old.quiet
+    for flag, value in (("--damp", "0"), ("--calibration-samples", "0"), ("--limit", "0"), ("--eval-batch-size", "-1"),
+                        ("--calibration-seq-len", "0"), ("--seed", "-1")):
+        r = _quantize_cli(flag, value)                           # refused before torch is imported
+        assert r.returncode == 2 and r.stderr.startswith(f"error: argument {flag}") and len(r.stderr.splitlines()) == 1
+
+    def error_of(*argv):
+        assert Q.main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.splitlines()) == 1
+        return err
+    assert "missing.pt" in error_of("--model", tmp_path / "missing.pt", "--output", tmp_path / "y.bin")
+    assert "does not exist" in error_of("--model", tiny_ckpt, "--output", tmp_path / "no-such-dir" / "y.bin")
+    js = tmp_path / "old.json"
+    js.write_text("{}", encoding="utf-8")
+    err = error_of("--model", tiny_ckpt, "--output", tmp_path / "z.bin", "--json", js, "--quiet")
+    assert "--json" in err and "--overwrite" in err
+    assert js.read_text() == "{}" and not (tmp_path / "z.bin").exists()
+    with pytest.raises(Q.QuantizeError, match="--calibration-seq-len 999 is longer"):
+        Q.run(_args(model=str(tiny_ckpt), output=str(tmp_path / "c.bin"), calibration_data=str(js),
+                    calibration_seq_len=999))
+    # --overwrite (and the old --force) replace an existing export
+    out = tmp_path / "x.bin"
+    for flag in ("--overwrite", "--force"):
+        out.write_bytes(b"old")
+        assert Q.main(["--model", str(tiny_ckpt), "--output", str(out), flag, "--quiet"]) == 0
+        assert out.read_bytes()[:8] == b"FISHAIQ\x00"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["old.json", "x.bin"]
+
+
+def test_gguf_writer_is_atomic_and_follows_the_umask(tiny_model, tmp_path, monkeypatch):
+    import os
+    out = tmp_path / "m.gguf"
+    old = os.umask(0o022)
+    try:
+        Q.export_gguf(tiny_model, out, "fp16", progress=False)
+        assert (out.stat().st_mode & 0o777) == 0o644
+        before = out.read_bytes()
+        real, calls = Q._gguf_tensor, []
+
+        def failing(*a, **kw):
+            calls.append(a[0])
+            if len(calls) == 5:
+                raise RuntimeError("disk full")
+            return real(*a, **kw)
+        monkeypatch.setattr(Q, "_gguf_tensor", failing)
+        with pytest.raises(RuntimeError, match="disk full"):
+            Q.export_gguf(tiny_model, out, "int8", progress=False)
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["m.gguf"]

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_utils  # noqa: E402
-from data_utils import SPECIAL_TOKENS, DataError, load_tokenizer  # noqa: E402
-from tokenizer_train import parse_size, train_tokenizer  # noqa: E402
+import tokenizer_train  # noqa: E402
+from data_utils import SPECIAL_TOKENS, DataError, load_tokenizer, parse_size  # noqa: E402
+from tokenizer_train import train_tokenizer  # noqa: E402
 
 CHAT = [{"role": "system", "content": "You are FishAI."},
         {"role": "user", "content": "What is 2+2?"},
@@ -135,7 +136,7 @@ def test_train_tokenizer_bad_input(tmp_path):
     assert not (tmp_path / "t2").exists()
     assert parse_size("2M") == 2_000_000 and parse_size("1500") == 1500
     with pytest.raises(DataError, match="--max-bytes"):
-        parse_size("lots")
+        parse_size("lots", "--max-bytes")
 
 
 def test_cli_trains_and_reports(small_corpus, tmp_path):
@@ -182,3 +183,119 @@ def test_cli_bad_inputs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "r4.json").read_text())["input_stats"]["bad_utf8_bytes"] == 400
     assert "undecodable" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10 / 14: the shared hold-out rule, atomic output dir, progress lines, chat jsonl,
+# characters per token for text without spaces, flag validation
+
+def _chinese_docs(n, seed=0):
+    import random
+    rng = random.Random(seed)
+    pool = "从前有一座山里庙老和尚在给小讲故事什么呢天气很好我们去公园玩吧人工智能是研究机器学习的科学今年春节回家过年"
+    docs = []
+    for _ in range(n):
+        sentences = ["".join(rng.choice(pool) for _ in range(rng.randint(8, 20))) + rng.choice("，。！？")
+                     for _ in range(rng.randint(3, 8))]
+        docs.append("".join(sentences))
+    return docs
+
+
+def test_holdout_uses_the_shared_rule_and_is_never_trained_on(tmp_path):
+    docs = list(data_utils.iter_documents("python-docs"))[:45]
+    r = train_tokenizer(docs, 400, tmp_path / "tok", show_progress=False, holdout_every=10)
+    held = [i for i in range(45) if data_utils.holdout_split(i, 0.0, 0.1) == "test"]
+    assert len(held) == 5 and held[0] == 0
+    assert r["held_out_docs"] == 5 and r["train_docs"] == 40
+    assert r["train_bytes"] == sum(len(d.encode("utf-8")) for i, d in enumerate(docs) if i not in held)
+    assert r["compression"]["docs"] == 5
+    assert r["compression"]["bytes"] == sum(len(docs[i].encode("utf-8")) for i in held)
+    # a corpus whose only document is held out has nothing to train on: a clear error
+    with pytest.raises(DataError, match="--holdout-every 0"):
+        train_tokenizer(docs[:1], 300, tmp_path / "t1", show_progress=False, holdout_every=50)
+    assert not (tmp_path / "t1").exists()
+
+
+def test_text_without_spaces_reports_chars_per_token(tmp_path):
+    docs = _chinese_docs(60)
+    r = train_tokenizer(docs, 400, tmp_path / "zh", show_progress=False, holdout_every=5)
+    c = r["compression"]
+    assert c["spaced"] is False and c["tokens_per_word"] is None
+    tok = load_tokenizer(tmp_path / "zh")
+    held = [docs[i] for i in range(60) if data_utils.holdout_split(i, 0.0, 0.2) == "test"]
+    n_tok = sum(len(tok.encode(d)) for d in held)
+    assert c["tokens"] == n_tok and c["chars"] == sum(map(len, held))
+    assert c["chars_per_token"] == round(c["chars"] / n_tok, 4) and c["chars_per_token"] > 1
+    assert c["bytes_per_token"] == round(sum(len(d.encode("utf-8")) for d in held) / n_tok, 4)
+    text = tokenizer_train.format_report(r)
+    assert f"{c['chars_per_token']} chars/token" in text and "tokens/word" not in text
+    # English keeps tokens/word
+    en = tokenizer_train.compression_stats(tok, ["the cat sat on the mat and looked at the dog"])
+    assert en["spaced"] is True and en["tokens_per_word"] == round(en["tokens"] / 11, 4)
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path, monkeypatch, capsys):
+    docs = list(data_utils.iter_documents("python-docs"))[:20]
+    monkeypatch.setattr(tokenizer_train, "PROGRESS_EVERY_S", 0.0)
+    train_tokenizer(docs, 300, tmp_path / "tok", show_progress=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 21                                        # one per document, one at the end
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    assert err[-1].startswith(f"[tokenizer_train] read {mb:,.1f} MB (20 docs) in ")
+    assert "MB/s; computing the merges" in err[-1] and all("MB/s" in line for line in err)
+    train_tokenizer(docs, 300, tmp_path / "tok2", show_progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_chat_jsonl_progress_and_quiet(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}. Anything else?"}]} for i in range(40)]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out, rep = tmp_path / "tok", tmp_path / "r.json"
+    r = run_cli("--data", f, "--vocab-size", 300, "--output-dir", out, "--holdout-every", 0, "--json", rep)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(rep.read_text())
+    rendered = [data_utils.render_chatml(row["messages"]) for row in rows]
+    assert report["train_docs"] == 40 and report["input_stats"]["files"] == 1
+    assert report["train_bytes"] == sum(len(t.encode("utf-8")) for t in rendered)
+    assert "trained on      : 40 docs" in r.stdout
+    # stderr is a pipe here, not a terminal: the progress line says how much was read and how fast
+    assert "[tokenizer_train] read 0.0 MB (40 docs)" in r.stderr and "MB/s" in r.stderr
+    tok = load_tokenizer(out)
+    assert tok.encode_chat(rows[0]["messages"])[0].count(tok.im_start_id) == 2
+    r = run_cli("--data", f, "--vocab-size", 300, "--output-dir", tmp_path / "tok2", "--quiet")
+    assert r.returncode == 0 and r.stderr == ""
+
+
+def test_cli_overwrite_swaps_the_whole_dir_atomically(small_corpus, tmp_path):
+    out = tmp_path / "tok"
+    assert run_cli("--data", small_corpus / "a.txt", "--vocab-size", 300, "--output-dir", out, "--quiet").returncode == 0
+    old = load_tokenizer(out).hash
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    r = run_cli("--data", empty, "--vocab-size", 300, "--output-dir", out, "--overwrite", "--quiet")
+    assert r.returncode == 2 and "no training text" in r.stderr
+    assert load_tokenizer(out).hash == old                       # a failed run keeps the old tokenizer
+    r = run_cli("--data", small_corpus / "a.txt", "--vocab-size", 320, "--output-dir", out, "--overwrite", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert load_tokenizer(out).vocab_size == 320 and load_tokenizer(out).hash != old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "tok"]   # no temp dirs left
+    # a directory holding other files is never swapped away, not even with --overwrite (the old --force)
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    r = run_cli("--data", small_corpus / "a.txt", "--vocab-size", 300, "--output-dir", out, "--force", "--quiet")
+    assert r.returncode == 2 and "notes.txt" in r.stderr and (out / "notes.txt").read_text() == "mine"
+    # an existing --json file is refused before any work
+    js = tmp_path / "r.json"
+    js.write_text("{}", encoding="utf-8")
+    r = run_cli("--data", small_corpus / "a.txt", "--output-dir", tmp_path / "t2", "--json", js, "--quiet")
+    assert r.returncode == 2 and "--overwrite" in r.stderr and not (tmp_path / "t2").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--holdout-every", "1"), ("--holdout-every", "-2"), ("--max-bytes", "0"),
+                                        ("--max-bytes", "lots"), ("--min-frequency", "-1"), ("--vocab-size", "100")])
+def test_cli_bad_numbers_are_one_line_usage_errors(flag, value, tmp_path):
+    r = run_cli("--data", "python-docs", "--output-dir", tmp_path / "t", flag, value)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: argument {flag}"), r.stderr
+    assert not (tmp_path / "t").exists()
