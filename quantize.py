@@ -659,6 +659,7 @@ def load_quantized(path, device="cpu", dtype=None):
                                      f"unexpected {list(unexpected)[:3]})")
     gpt.to(device=device, dtype=fishai.resolve_dtype(dtype, device))  # "fp16"/"bf16"/... or a torch dtype
     gpt.tokenizer = du.TextTokenizer.from_dict(header["tokenizer"]) if header.get("tokenizer") else None
+    gpt.stage = header.get("stage")  # the training stage of the source checkpoint (generate.py --chat)
     return gpt.eval()
 
 
@@ -1080,7 +1081,7 @@ def _export_bin(gpt, args, strategy: str, out: Path, report: dict) -> tuple[list
     tensors, rows = quantize_model(gpt, strategy, args.group_size, calib, args.damp, not args.quiet)
     tok = gpt.tokenizer.to_dict() if gpt.tokenizer is not None else None
     meta = {"strategy": strategy, "group_size": args.group_size, "calibration": report["calibration"],
-            "source": Path(args.model).name, "created_by": "quantize.py"}
+            "source": Path(args.model).name, "stage": gpt.stage, "created_by": "quantize.py"}
     return rows, write_quantized(out, tensors, gpt.config.to_dict(), tok, meta=meta)
 
 

@@ -482,6 +482,11 @@ def test_training_stage_and_chat_warning(tiny_model, tmp_path):
     save_hf(models["sft"], tmp_path / "hf-sft")
     assert load_model(tmp_path / "hf-sft").stage == "sft"
     assert generate.chat_training_warning(load_model(tmp_path / "hf-sft")) is None
+    # and so does a quantized .bin
+    import quantize
+    assert quantize.main(["--model", str(paths["sft"]), "--output", str(tmp_path / "sft.bin"), "--strategy", "int8",
+                          "--quiet"]) == 0
+    assert load_model(tmp_path / "sft.bin").stage == "sft"
 
 
 def test_main_chat_warns_only_for_models_that_were_not_chat_trained(tiny_model, tmp_path, monkeypatch, capsys):
