@@ -362,6 +362,18 @@ def atomic_dir(out, overwrite: bool = False, flag: str = "--output"):
     _fsync_dir(out.parent)
 
 
+# One whitespace-separated word per this many characters or more means text with spaces between
+# its words (English averages about 6); a script without them (Chinese, Japanese) has whole
+# paragraphs as one "word", so word-level figures mean nothing there and character-level ones are used.
+SPACED_CHARS_PER_WORD = 12
+
+
+def is_spaced(n_chars: int, n_words: int) -> bool:
+    """Whether text with these counts has spaces between its words (word perplexity, tokens per
+    word make sense) or not (report per-character figures instead)."""
+    return n_words > 0 and n_words * SPACED_CHARS_PER_WORD >= n_chars
+
+
 # ----------------------------------------------------------------------------------------------
 # the hold-out rule: which documents the tokenizer, validation and test sets may share
 

@@ -40,9 +40,6 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PROGRESS_EVERY_S = 5.0       # seconds between progress lines when stderr is not a terminal (a log file)
 SAMPLE_DOCS = 200            # first training documents kept for the report when nothing is held out
-# More characters per whitespace-separated word than this means a script without spaces between
-# words (Chinese, Japanese): English averages about 6, a Chinese paragraph is one "word".
-SPACED_MAX_CHARS_PER_WORD = 12
 
 
 def build_parser() -> du.ArgumentParser:
@@ -149,11 +146,6 @@ class _Reader:
                 f"{mb / seconds:.1f} MB/s")
 
 
-def is_spaced(n_chars: int, n_words: int) -> bool:
-    """Whether text has spaces between its words (English) or not (Chinese, Japanese)."""
-    return n_words > 0 and n_chars / n_words <= SPACED_MAX_CHARS_PER_WORD
-
-
 def compression_stats(tokenizer: TextTokenizer, texts: list[str]) -> dict:
     """bytes/token and chars/token on `texts`; tokens/word (whitespace-separated words) only for
     text with spaces between words, None for text without (a Chinese paragraph is one "word")."""
@@ -163,7 +155,7 @@ def compression_stats(tokenizer: TextTokenizer, texts: list[str]) -> dict:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_chars = sum(len(t) for t in texts)
     n_words = sum(len(t.split()) for t in texts)
-    spaced = is_spaced(n_chars, n_words)
+    spaced = du.is_spaced(n_chars, n_words)
     return {
         "docs": len(texts), "bytes": n_bytes, "chars": n_chars, "tokens": n_tok, "words": n_words, "spaced": spaced,
         "bytes_per_token": round(n_bytes / max(n_tok, 1), 4),
