@@ -124,7 +124,7 @@ def _add_self_test_parser(sub):
 
 
 def _add_full_parser(sub):
-    fu = sub.add_parser("full", help="perplexity on WikiText-103/WikiText-2/PTB + generation quality",
+    fu = sub.add_parser("full", help="bits/byte and perplexity on WikiText-103/WikiText-2/PTB, generation quality",
                         description="Score a model's bits per byte and perplexity on the standard test sets or "
                         "local files, and measure its generation on fixed prompts.")
     fu.add_argument("--model", default="checkpoints/fishai-best.pt",
@@ -556,8 +556,9 @@ def count_words(text: str) -> int:
 
 
 # Text with fewer whitespace-separated words than one per this many characters has no spaces between
-# its words (Chinese, Japanese: a "word" is a whole line). English has one word per 5-7 characters,
-# code about one per 6; classical and modern Chinese prose one per 30-200.
+# its words (Chinese, Japanese: a "word" is a whole line). Measured on ../shared/data: English books
+# and WikiText have one word per 5-6 characters, the Python docs one per 7; the Chinese books one per
+# 20-42 (their first 20 KB, English Gutenberg header included).
 SPACED_CHARS_PER_WORD = 12
 
 
@@ -866,7 +867,7 @@ def score_datasets(lm: LM, datasets: dict, stride: int, batch_size: int, progres
     return results
 
 
-def _print_full_summary(res: dict, samples_per_prompt: int) -> None:
+def _print_full_summary(res: dict, samples_per_prompt: int, show_samples: bool = True) -> None:
     s = res["settings"]
     print()
     if res["perplexity"]:
@@ -877,7 +878,7 @@ def _print_full_summary(res: dict, samples_per_prompt: int) -> None:
         print(f"\ngeneration ({gen['n']} samples): distinct-1 {gen['distinct_1']:.3f}  distinct-2 "
               f"{gen['distinct_2']:.3f}  repetition {gen['repetition_rate']:.3f}  mean length "
               f"{gen['mean_length']:.1f}  ends with EOS {gen['eos_rate']:.0%}")
-        for r in gen["samples"][::max(1, samples_per_prompt)][:4]:
+        for r in gen["samples"][::max(1, samples_per_prompt)][:4 if show_samples else 0]:
             print(f"  {r['prompt']!r} -> {r['text'][:100]!r}")
 
 
@@ -911,7 +912,7 @@ def run_full(args) -> int:
         "errors": errors,
         "generation": gen,
     }
-    _print_full_summary(res, args.samples)
+    _print_full_summary(res, args.samples, show_samples=not args.quiet)
     write_outputs(args, res, full_report_markdown)
     return du.EXIT_FAILED if errors else du.EXIT_OK
 
@@ -929,6 +930,10 @@ def _sync(device):
 
 def _exc_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _dtype_str(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 class PeakMemory:
@@ -1265,10 +1270,6 @@ SPEED = [time_prefill, partial(time_decode, batch=1, cache=True), partial(time_d
 
 # -- driver
 
-def _dtype_str(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt_len, decode_tokens, repeat,
                      hf, seed, clock) -> SelfTest:
     """The model (random weights from `seed`), its HF twin, the fixed inputs and the settings."""
@@ -1398,16 +1399,38 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+# A child's ru_maxrss also counts the pages of the parent it was forked from (with torch loaded:
+# hundreds of MB), so prepare runs under this wrapper, which reports the peak of the memory exec gave
+# it (VmHWM, Linux) on its last stderr line; elsewhere ru_maxrss is what there is.
+_PEAK_WRAPPER = """\
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    try:
+        with open("/proc/self/status") as f:
+            print("VmHWM", *[line.split()[1] for line in f if line.startswith("VmHWM:")], file=sys.stderr)
+    except OSError:
+        pass
+"""
+
+
 def _run_measured(cmd: list[str]) -> tuple[float, int, float]:
-    """Run a command, return (seconds, peak RSS bytes of that process, CPU seconds user+sys)."""
+    """Run a Python script (cmd = [python, script, args...]); return (seconds, peak RSS bytes of that
+    process, CPU seconds user+sys)."""
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([cmd[0], "-c", _PEAK_WRAPPER, *cmd[1:]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     _, status, ru = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise BenchmarkError(f"benchmark command failed ({' '.join(cmd)}): {err.strip().splitlines()[-1:]}")
-    return time.time() - t0, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
+    err = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
+    proc.stderr.close()
+    peak = ru.ru_maxrss * 1024
+    if err and err[-1].startswith("VmHWM "):
+        peak = int(err.pop().split()[1]) * 1024
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise BenchmarkError(f"benchmark command failed ({' '.join(cmd)}): {err[-1] if err else 'no message'}")
+    return time.time() - t0, peak, ru.ru_utime + ru.ru_stime
 
 
 def make_scaled_corpus(source, out_dir, copies: int, text_key: str = "text") -> tuple[Path, int]:
@@ -1465,7 +1488,8 @@ def _compare_at_1x(tok, corpus: Path, prepare_cmd, outd: Path, repeat: int, batc
     res = {"corpus_bytes": nbytes, "docs": len(docs), "bare_encode_batch": _best(bare, "seconds", nbytes),
            "bare_encode_batch_fast": _best(fast, "seconds", nbytes),
            "end_to_end_x1": _best(e2e, "seconds_pipeline", nbytes)}
-    for key, ref in (("end_to_end_vs_bare", "bare_encode_batch"), ("end_to_end_vs_bare_fast", "bare_encode_batch_fast")):
+    for key, ref in (("end_to_end_vs_bare", "bare_encode_batch"),
+                     ("end_to_end_vs_bare_fast", "bare_encode_batch_fast")):
         res[key] = round(res["end_to_end_x1"]["MB_per_s"] / res[ref]["MB_per_s"], 3)
     return res
 
