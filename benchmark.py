@@ -1,8 +1,8 @@
 """Benchmark a FishAI model: self-test (correctness + speed vs transformers), perplexity, generation quality.
 
 The scoring functions here (`load_lm`, `LM`, `loglikelihood`, `perplexity`) are the ONE code path used
-by benchmark.py, reference_benchmark.py and evaluate.py, so every model (FishAI or any transformers
-causal LM) is scored the same way.
+by benchmark.py, reference_benchmark.py, evaluate.py, quantize.py and quick_train.py, so every model
+(FishAI or any transformers causal LM) is scored the same way.
 
 Usage:
     # does the model build, train and decode correctly on this machine, and how fast vs transformers?
@@ -12,10 +12,14 @@ Usage:
 
     # perplexity (WikiText-103 / WikiText-2 / PTB test from the HF hub, or local files) + generation quality
     python benchmark.py full --model checkpoints/fishai-best.pt --device cuda
-    python benchmark.py full --model checkpoints/fishai-best.pt \
-        --wikitext103 ../shared/data/wikitext103/wiki.test.tokens --ptb ../shared/data/ptb/ptb.valid.txt \
-        --json results.json --report report.md
+    python benchmark.py full --model checkpoints/fishai-best.pt --json results.json \\
+        --wikitext103 ../shared/data/wikitext103/wiki.test.tokens --ptb ../shared/data/ptb/ptb.valid.txt
     python benchmark.py full --model fishai-int4.bin --data mytext=notes.txt --stride 512 --limit 20
+    python benchmark.py full --model checkpoints/fishai-best.pt --max-chars 20000 \\
+        --data hongloumeng=../shared/data/books_zh/24264_hongloumeng.txt   # Chinese: char_ppl
+
+    # data_utils.py prepare end to end vs bare encode_batch, and its peak memory at 1x and 10x the corpus
+    python benchmark.py data --input books/ --tokenizer tokenizer/ --json prepare-bench.json
 
 Scoring conventions (lm-evaluation-harness "loglikelihood_rolling"):
 - Every document is scored token by token, starting with its FIRST token, conditioned on a single
@@ -27,9 +31,14 @@ Scoring conventions (lm-evaluation-harness "loglikelihood_rolling"):
   window conditions on the one token before it; lm-evaluation-harness' default and what the seed's
   figures use); a smaller stride gives every token up to (context - stride) tokens of extra context
   and a lower perplexity, at (context / stride) times the compute.
-- word_ppl = exp(-sum logprob / words) and bits_per_byte = -sum logprob / bytes / ln 2 with
-  words = len(re.split(r"\\s+", text)) and bytes = len(text.encode("utf-8")) on the original text,
-  so models with different tokenizers compare fairly.
+- The headline is bits_per_byte = -sum logprob / bytes / ln 2: it does not depend on the tokenizer
+  or on how a language separates words. Next to it, word_ppl = exp(-sum logprob / words) with
+  words = len(re.split(r"\\s+", text)) (lm-evaluation-harness' word_perplexity) for spaced text,
+  and char_ppl = exp(-sum logprob / chars) for text without spaces between words (Chinese, Japanese),
+  where a "word" would be a whole line and word_ppl an astronomically large number. Text counts as
+  spaced when it has at least one whitespace-separated word per 12 characters (English has one per
+  5-7). Words, characters and bytes are counted on the original text, so models with different
+  tokenizers compare fairly; every figure is in the JSON either way.
 """
 from __future__ import annotations
 
@@ -38,16 +47,137 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import Any, Callable
 
 import data_utils as du
-from data_utils import atomic_write_text, hub_reachable
+
+
+# ----------------------------------------------------------------------------------------------
+# command line (built before torch is imported, so --help and a bad flag answer at once)
+
+def add_output_args(p, json_help: str = "write the results as JSON"):
+    """--json/--report/--overwrite/--quiet: the output flags of every benchmark command."""
+    p.add_argument("--json", metavar="PATH", help=json_help)
+    p.add_argument("--report", metavar="PATH", help="write a markdown report")
+    du.add_overwrite_flag(p, "existing --json/--report files")
+    du.add_quiet_flag(p)
+
+
+def add_data_args(p):
+    """The dataset and scoring flags of benchmark.py full."""
+    p.add_argument("--wikitext103", metavar="PATH", help="local WikiText-103 file (e.g. wiki.test.tokens)")
+    p.add_argument("--wikitext2", metavar="PATH", help="local WikiText-2 file (e.g. test.txt)")
+    p.add_argument("--ptb", metavar="PATH", help="local PTB file (e.g. ptb.test.txt)")
+    p.add_argument("--data", action="append", metavar="NAME=PATH", help="extra dataset (repeatable); NAME "
+                   "wikitext103/wikitext2/ptb uses that reader, anything else reads plain text")
+    p.add_argument("--split", default="test", help="split for hub datasets")
+    p.add_argument("--limit", type=du.int_flag(1), default=None, help="score only the first N documents per dataset")
+    p.add_argument("--max-chars", type=du.int_flag(1), default=None,
+                   help="score at most N characters per dataset (quick runs; cut at a line boundary)")
+    p.add_argument("--detokenize", action="store_true", help="undo WikiText tokenization (' @-@ ', ' , ') "
+                   "before scoring, as the GPT-2 paper's zero-shot numbers did")
+    p.add_argument("--stride", type=du.int_flag(1), default=None, help="new tokens per window (default: the "
+                   "context length = disjoint windows; smaller = more context per token, slower)")
+    p.add_argument("--max-seq-len", type=du.int_flag(1), default=None,
+                   help="cap the context window (default: the model's)")
+    p.add_argument("--batch-size", type=du.int_flag(1), default=8, help="windows per forward pass")
+    return p
+
+
+_AUTO_DTYPE = "auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU"
+
+
+def _add_self_test_parser(sub):
+    st = sub.add_parser("self-test", help="build a preset, check correctness, measure speed vs HF Llama",
+                        description="Build a preset with random weights, check that it computes what it should "
+                        "(KV cache, HF parity, training) and time it against transformers.LlamaForCausalLM.")
+    st.add_argument("--config", default="tiny", help="model preset: tiny, small, medium or large")
+    du.add_device_flag(st)
+    du.add_dtype_flag(st, f"autocast dtype of the training checks and the timings; {_AUTO_DTYPE}")
+    st.add_argument("--compile", action="store_true", help="also check and time torch.compile: the training "
+                    "step and a static-cache decode step (CUDA graphs on GPU)")
+    st.add_argument("--batch-size", type=du.int_flag(1), default=None, help="training batch (default 4 CPU / 16 CUDA)")
+    st.add_argument("--seq-len", type=du.int_flag(2), default=None,
+                    help="training/prefill length (default 256 CPU / 1024 CUDA)")
+    st.add_argument("--prompt-len", type=du.int_flag(1), default=32, help="decode prompt length")
+    st.add_argument("--max-new-tokens", dest="decode_tokens", type=du.int_flag(1), default=None,
+                    help="tokens decoded per timed run (default 32 CPU / 128 CUDA)")
+    st.add_argument("--decode-tokens", dest="decode_tokens", type=du.int_flag(1), default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)
+    st.add_argument("--repeat", type=du.int_flag(1), default=3, help="timed runs per measurement; the median is kept")
+    st.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="time with the wall clock or with process CPU time (CPU only: steadier on a busy "
+                         "machine; speeds are then tokens per CPU-second)")
+    st.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    st.add_argument("--threads", type=du.int_flag(1), default=None, help="CPU threads for torch (default: torch's "
+                    "choice); 1 gives steadier numbers on a busy machine")
+    st.add_argument("--seed", type=du.int_flag(0), default=0, help="seed of the random weights and inputs")
+    add_output_args(st)
+
+
+def _add_full_parser(sub):
+    fu = sub.add_parser("full", help="bits/byte and perplexity on WikiText-103/WikiText-2/PTB, generation quality",
+                        description="Score a model's bits per byte and perplexity on the standard test sets or "
+                        "local files, and measure its generation on fixed prompts.")
+    fu.add_argument("--model", default="checkpoints/fishai-best.pt",
+                    help="checkpoint .pt, quantized .bin, HF dir (or hub name with --hf)")
+    fu.add_argument("--hf", action="store_true", help="load --model through transformers AutoModelForCausalLM")
+    du.add_device_flag(fu)
+    du.add_dtype_flag(fu, f"dtype the model runs in; {_AUTO_DTYPE}")
+    add_data_args(fu)
+    fu.add_argument("--no-generation", action="store_true", help="skip the generation-quality samples")
+    fu.add_argument("--samples", type=du.int_flag(1), default=2, help="samples per prompt")
+    fu.add_argument("--max-new-tokens", type=du.int_flag(1), default=64, help="new tokens per sample")
+    fu.add_argument("--gen-tokens", dest="max_new_tokens", type=du.int_flag(1), default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)
+    fu.add_argument("--temperature", type=du.float_flag(0), default=0.8, help="sampling temperature; 0 = greedy")
+    fu.add_argument("--top-k", type=du.int_flag(0), default=50, help="top-k sampling, 0 = off")
+    fu.add_argument("--seed", type=du.int_flag(0), default=1234, help="sampling seed")
+    add_output_args(fu, "write the results as JSON (per dataset: bits_per_byte, word_ppl, char_ppl, "
+                        "token_ppl and the counts they come from)")
+
+
+def _add_data_parser(sub):
+    da = sub.add_parser("data", help="data_utils.py prepare end to end vs bare encode_batch; peak memory at 1x/Nx",
+                        description="Throughput of data_utils.py prepare (read, filter, encode, write) against "
+                        "bare encode_batch on the same documents, and prepare's peak memory at 1x and Nx the corpus.")
+    da.add_argument("--input", required=True, help="corpus (any data_utils.iter_documents source)")
+    da.add_argument("--tokenizer", required=True, help="tokenizer dir")
+    da.add_argument("--filter", default="default", help="filter spec used by prepare")
+    da.add_argument("--scale", type=du.int_flag(1), default=10,
+                    help="the large corpus is this many copies (memory check; 1 = no large corpus)")
+    da.add_argument("--repeat", type=du.int_flag(1), default=3,
+                    help="alternate bare / end-to-end runs this often, keep the best")
+    da.add_argument("--workdir", default=None, help="keep temp corpora here (default: a temp dir, removed)")
+    add_output_args(da)
+
+
+def build_parser() -> du.ArgumentParser:
+    p = du.ArgumentParser(description="FishAI benchmarks: self-test (correctness + speed vs transformers), "
+                          "full (bits/byte, perplexity, generation quality) and data (prepare throughput).",
+                          epilog="usage examples:" + __doc__.split("Usage:")[1].split("Scoring conventions")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=du.ArgumentParser)
+    _add_self_test_parser(sub)
+    _add_full_parser(sub)
+    _add_data_parser(sub)
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer before torch is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import model as fishai  # noqa: E402
 
 try:  # tqdm is a hard dependency of the project, but keep the scoring core importable without it
     from tqdm.auto import tqdm
@@ -55,43 +185,17 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(du.FishAIError):
     """Bad input for a benchmark (model spec, flag, dataset); the message says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------
-# dtype / device helpers
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
-def parse_dtype(dtype) -> torch.dtype | None:
-    """None / torch.dtype / name ("bf16", "float16", ...) -> torch.dtype or None (model default)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().replace("torch.", "")
-    if key in ("", "auto", "none"):
-        return None
-    if key not in _DTYPES:
-        raise BenchmarkError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16")
-    return _DTYPES[key]
-
-
-def resolve_device(device: str | None) -> str:
-    """'auto' -> cuda when available else cpu; refuse cuda when there is none (clear message)."""
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise BenchmarkError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return str(device)
-
-
-# ----------------------------------------------------------------------------------------------
 # one interface over a FishAI GPT and any transformers causal LM
+
+def _hits_stop(text: str, stops) -> bool:
+    """True when model.cut_at_stop would cut `text` (it holds one of the stop strings)."""
+    return fishai.cut_at_stop(text, stops) != text
+
 
 class LM:
     """A causal LM to score: FishAI GPT (model.load_model) or a transformers AutoModelForCausalLM.
@@ -146,77 +250,76 @@ class LM:
         """Continue one prompt. Returns (new token ids without EOS, ended_with_eos).
 
         Stops at EOS, after max_new_tokens, or as soon as the decoded text contains one of `stop`
-        (the text is cut there by generate())."""
-        prompt = [int(t) for t in prompt_ids] or [self.begin_id]
-        # keep the newest context when the prompt + new tokens do not fit the context window
-        keep = max(1, self.max_seq_len - max_new_tokens)
-        prompt = prompt[-keep:]
-        max_new_tokens = max(0, min(max_new_tokens, self.max_seq_len - len(prompt)))
-        if max_new_tokens == 0:
+        (the text is cut there by generate()). A prompt too long for the context keeps its newest
+        tokens (model.fit_prompt)."""
+        prompt, max_new = fishai.fit_prompt([int(t) for t in prompt_ids] or [self.begin_id], max_new_tokens,
+                                            self.max_seq_len)
+        if max_new == 0:
             return [], False
         idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
         stop = [s for s in (stop or []) if s]
+        sample = self._sample_fishai if self.kind == "fishai" else self._sample_hf
+        return sample(idx, max_new, temperature, top_k, top_p, stop, seed)
+
+    def _take_until_eos(self, tokens, stop=()) -> tuple[list[int], bool]:
+        """The new ids before EOS and whether EOS came; ends early once the text holds a stop string."""
         new: list[int] = []
-        ended = False
-        if self.kind == "fishai":
-            gen = None
-            if seed is not None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(int(seed))
-            stream = self.model.generate_stream(idx, max_new_tokens, temperature=temperature,
-                                                top_k=top_k, top_p=top_p, eos_id=self.eos_id,
-                                                generator=gen)
-            for tok in stream:
-                t = int(tok.view(-1)[0])
-                if self.eos_id is not None and t == self.eos_id:
-                    ended = True
-                    break
-                new.append(t)
-                if stop and any(s in self.decode(new) for s in stop):
-                    break
-            if hasattr(stream, "close"):
-                stream.close()
+        for t in tokens:
+            t = int(t)
+            if self.eos_id is not None and t == self.eos_id:
+                return new, True
+            new.append(t)
+            if stop and _hits_stop(self.decode(new), stop):
+                break
+        return new, False
+
+    def _sample_fishai(self, idx, max_new, temperature, top_k, top_p, stop, seed):
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int(seed))
+        stream = self.model.generate_stream(idx, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                                            eos_id=self.eos_id, generator=gen)
+        try:
+            return self._take_until_eos((tok.view(-1)[0] for tok in stream), stop)
+        finally:
+            stream.close()
+
+    def _sample_hf(self, idx, max_new, temperature, top_k, top_p, stop, seed):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        kwargs = dict(max_new_tokens=max_new, attention_mask=torch.ones_like(idx),
+                      pad_token_id=self.eos_id if self.eos_id is not None else 0)
+        if self.eos_id is not None:
+            kwargs["eos_token_id"] = self.eos_id
+        if temperature and temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(temperature),
+                          top_k=top_k if top_k else 0, top_p=top_p if top_p else 1.0)
         else:
-            from transformers import StoppingCriteria, StoppingCriteriaList
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if stop:
+            kwargs["stopping_criteria"] = self._hf_stopping(idx.shape[1], stop)
+        out = self.model.generate(idx, **kwargs)[0, idx.shape[1]:].tolist()
+        return self._take_until_eos(out)
 
-            lm = self
+    def _hf_stopping(self, prompt_len: int, stop):
+        """transformers stopping criteria: stop once the new text holds a stop string."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
-            class _StopOnStrings(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kwargs):
-                    text = lm.decode(input_ids[0, idx.shape[1]:].tolist())
-                    return torch.full((input_ids.shape[0],), any(s in text for s in stop),
-                                      dtype=torch.bool, device=input_ids.device)
+        lm = self
 
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            kwargs = dict(max_new_tokens=max_new_tokens, attention_mask=torch.ones_like(idx),
-                          pad_token_id=self.eos_id if self.eos_id is not None else 0)
-            if self.eos_id is not None:
-                kwargs["eos_token_id"] = self.eos_id
-            if temperature and temperature > 0:
-                kwargs.update(do_sample=True, temperature=float(temperature),
-                              top_k=top_k if top_k else 0, top_p=top_p if top_p else 1.0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            if stop:
-                kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings()])
-            out = self.model.generate(idx, **kwargs)[0, idx.shape[1]:].tolist()
-            for t in out:
-                if self.eos_id is not None and t == self.eos_id:
-                    ended = True
-                    break
-                new.append(int(t))
-        return new, ended
+        class _StopOnStrings(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                hit = _hits_stop(lm.decode(input_ids[0, prompt_len:].tolist()), stop)
+                return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([_StopOnStrings()])
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None,
                  top_p=None, stop=None, seed=None) -> str:
         """Continue one prompt and return the new text (cut before the first stop string, no EOS)."""
         new, _ = self.generate_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, stop, seed)
-        text = self.decode(new)
-        for s in stop or []:
-            if s and s in text:
-                text = text[: text.index(s)]
-        return text
+        return fishai.cut_at_stop(self.decode(new), stop)
 
 
 def _hf_dir_model_type(path: Path) -> str | None:
@@ -235,9 +338,34 @@ def _looks_like_path(spec: str) -> bool:
             or spec.count("/") > 1 or "\\" in spec)
 
 
-def _load_transformers(spec: str, device: str, dtype, max_seq_len: int | None) -> LM:
+def _from_pretrained(spec: str, local: bool, kwargs: dict):
+    """(tokenizer, model) through transformers; a hub name is tried in the local cache first, so a
+    cached model works offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not local:
+        try:
+            return (AutoTokenizer.from_pretrained(spec, local_files_only=True),
+                    AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **kwargs))
+        except OSError:
+            if not du.hub_reachable():
+                raise BenchmarkError(
+                    f"cannot load {spec!r}: it is not in the local Hugging Face cache and the hub "
+                    "is unreachable (offline); download it on a connected machine or pass a local "
+                    "model directory") from None
+    return AutoTokenizer.from_pretrained(spec), AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+
+
+def _hf_context(model, tok) -> int:
+    """lm-evaluation-harness' rule: the model's own context length attribute, else the tokenizer's."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(model.config, attr, None):
+            return int(getattr(model.config, attr))
+    tml = getattr(tok, "model_max_length", None)
+    return int(tml) if tml and tml < 1_000_000 else 2048
+
+
+def _load_transformers(spec: str, device: str, dtype, max_seq_len: int | None) -> LM:
     local = Path(spec).exists()
     if not local and _looks_like_path(spec):
         raise BenchmarkError(f"{spec}: no such file or directory; pass a model directory saved with "
@@ -245,59 +373,29 @@ def _load_transformers(spec: str, device: str, dtype, max_seq_len: int | None) -
     if local and not Path(spec).is_dir():
         raise BenchmarkError(f"{spec}: a transformers model must be a directory (config.json + weights) "
                              "or a hub name")
-    kwargs = {}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
     try:
-        if local:
-            tok = AutoTokenizer.from_pretrained(spec)
-            model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
-        else:
-            try:  # hub name: the local cache first, so a cached model works offline
-                tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-                model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **kwargs)
-            except OSError:
-                if not hub_reachable():
-                    raise BenchmarkError(
-                        f"cannot load {spec!r}: it is not in the local Hugging Face cache and the hub "
-                        "is unreachable (offline); download it on a connected machine or pass a local "
-                        "model directory") from None
-                tok = AutoTokenizer.from_pretrained(spec)
-                model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+        tok, model = _from_pretrained(spec, local, {} if dtype is None else {"dtype": dtype})
     except BenchmarkError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BenchmarkError(f"cannot load transformers model {spec!r}: {first}") from None
+        raise BenchmarkError(f"cannot load transformers model {spec!r}: {du.one_line(e)}") from None
     model.to(device).eval()
-    cfg = model.config
-    if max_seq_len is None:
-        # lm-evaluation-harness' rule: the model's own context length attribute, else the tokenizer's
-        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-            if getattr(cfg, attr, None):
-                max_seq_len = int(getattr(cfg, attr))
-                break
-        else:
-            tml = getattr(tok, "model_max_length", None)
-            max_seq_len = int(tml) if tml and tml < 1_000_000 else 2048
     eos = tok.eos_token_id
     if eos is None:
-        eos = getattr(cfg, "eos_token_id", None)
+        eos = getattr(model.config, "eos_token_id", None)
         if isinstance(eos, (list, tuple)):
             eos = eos[0] if eos else None
     begin = tok.bos_token_id if tok.bos_token_id is not None else eos
-    vocab = getattr(cfg, "vocab_size", None) or len(tok)
-    return LM(model, tok, kind="hf", name=spec, device=device, max_seq_len=max_seq_len, eos_id=eos,
-              vocab_size=vocab, begin_id=begin)
+    vocab = getattr(model.config, "vocab_size", None) or len(tok)
+    return LM(model, tok, kind="hf", name=spec, device=device, eos_id=eos, vocab_size=vocab, begin_id=begin,
+              max_seq_len=_hf_context(model, tok) if max_seq_len is None else max_seq_len)
 
 
 def _load_fishai(spec: str, device: str, dtype, max_seq_len: int | None) -> LM:
-    from model import CheckpointError, load_model
-
     try:
-        model = load_model(spec, device=device, dtype=dtype)
-    except (CheckpointError, FileNotFoundError) as e:
-        raise BenchmarkError(str(e).strip().splitlines()[0]) from None
+        model = fishai.load_model(spec, device=device, dtype=dtype)
+    except (fishai.CheckpointError, FileNotFoundError) as e:
+        raise BenchmarkError(du.one_line(e)) from None
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise BenchmarkError(f"{spec}: the model has no tokenizer attached; save the checkpoint with its "
@@ -315,12 +413,17 @@ def load_lm(spec, device: str = "cpu", dtype=None, hf: bool = False, max_seq_len
     spec: a FishAI checkpoint (.pt), a quantized export (.bin), a FishAI/Llama HF directory (loaded by
     model.load_model as a FishAI GPT), or with hf=True any transformers causal-LM directory or hub
     name. A directory whose config.json is not a Llama model is loaded through transformers even
-    without hf=True. Never uses trust_remote_code. max_seq_len caps the context window (default: the
-    model's own). Raises BenchmarkError with a one-line message when it cannot load.
+    without hf=True. Never uses trust_remote_code. device: as model.resolve_device ("auto", "cpu",
+    "cuda", ...); dtype: as model.resolve_dtype (None keeps the stored dtype; "auto", "fp32", "bf16",
+    "float16", ...). max_seq_len caps the context window (default: the model's own). Raises
+    BenchmarkError with a one-line message when it cannot load.
     """
-    device = resolve_device(device)
-    dtype = parse_dtype(dtype)
-    spec = str(spec)
+    try:
+        device = fishai.resolve_device(device)
+        dtype = fishai.resolve_dtype(dtype, device)
+    except du.FishAIError as e:
+        raise BenchmarkError(du.one_line(e)) from None
+    device, spec = str(device), str(spec)
     path = Path(spec)
     if hf:
         return _load_transformers(spec, device, dtype, max_seq_len)
@@ -351,6 +454,43 @@ def load_lm(spec, device: str = "cpu", dtype=None, hf: bool = False, max_seq_len
 # ----------------------------------------------------------------------------------------------
 # scoring
 
+def _prepare_requests(lm: LM, requests) -> list[tuple[int, list[int], list[int]]]:
+    """[(index, input ids, continuation ids)], longest input first: each context is cut from the left
+    so that context + continuation fits lm.max_seq_len (+1 for the shift); an empty context becomes
+    the begin token."""
+    L = lm.max_seq_len
+    prepared = []
+    for i, (ctx, cont) in enumerate(requests):
+        ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
+        if not cont:
+            raise BenchmarkError(f"loglikelihood request {i} has an empty continuation")
+        if len(cont) > L:
+            raise BenchmarkError(f"loglikelihood request {i}: continuation of {len(cont)} tokens is longer "
+                                 f"than the model's context ({L})")
+        full = ((ctx or [lm.begin_id]) + cont)[-(L + 1):]
+        prepared.append((i, full[:-1], cont))
+    prepared.sort(key=lambda r: (-len(r[1]), r[0]))
+    return prepared
+
+
+def _score_chunk(lm: LM, chunk) -> list[tuple[int, float, bool]]:
+    """One right-padded forward pass (causal attention makes the padding invisible) ->
+    [(index, sum log p(continuation), is_greedy)]."""
+    T = len(chunk[0][1])  # longest first: the first row of a chunk is its longest
+    idx = torch.zeros(len(chunk), T, dtype=torch.long)
+    for b, (_, inp, _) in enumerate(chunk):
+        idx[b, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+    logits = lm.logits(idx)
+    out = []
+    for b, (i, inp, cont) in enumerate(chunk):
+        # the logits at input positions [len - n, len) predict the n continuation tokens
+        row = logits[b, len(inp) - len(cont):len(inp)]
+        tgt = torch.tensor(cont, dtype=torch.long, device=row.device)
+        lp = F.log_softmax(row, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)
+        out.append((i, float(lp.double().sum()), bool((row.argmax(-1) == tgt).all())))
+    return out
+
+
 def loglikelihood(lm: LM, requests, batch_size: int = 8, progress: bool = True) -> list[tuple[float, bool]]:
     """Score continuations: for each (context_ids, continuation_ids) -> (sum log p(cont | ctx), is_greedy).
 
@@ -359,48 +499,22 @@ def loglikelihood(lm: LM, requests, batch_size: int = 8, progress: bool = True) 
     shift), an empty context becomes the begin token, and results come back in the original order.
     is_greedy: every continuation token is the argmax of its predicted distribution.
     """
-    L = lm.max_seq_len
-    prepared = []
-    for i, (ctx, cont) in enumerate(requests):
-        ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
-        if not cont:
-            raise ValueError(f"loglikelihood request {i} has an empty continuation")
-        if len(cont) > L:
-            raise ValueError(f"loglikelihood request {i}: continuation of {len(cont)} tokens is longer "
-                             f"than the model's context ({L})")
-        if not ctx:
-            ctx = [lm.begin_id]
-        full = (ctx + cont)[-(L + 1):]
-        inp = full[:-1]
-        prepared.append((i, inp, cont))
-    prepared.sort(key=lambda r: (-len(r[1]), r[0]))
+    prepared = _prepare_requests(lm, requests)
     results: list = [None] * len(prepared)
-    total = sum(len(r[2]) for r in prepared)
     bar = None
     if progress and tqdm is not None and prepared:
-        bar = tqdm(total=total, unit="tok", desc=f"scoring {lm.name}"[:60], leave=False, dynamic_ncols=True)
+        bar = tqdm(total=sum(len(r[2]) for r in prepared), unit="tok", desc=f"scoring {lm.name}"[:60],
+                   leave=False, dynamic_ncols=True)
     # cap the (B, T, V) float32 logits of one forward (e.g. SmolLM2: 8192 x 49152 = 1.6 GB per row)
     budget = 2 * 2**30
     start = 0
     while start < len(prepared):
-        T = len(prepared[start][1])  # longest first: the first row of a chunk is its longest
+        T = len(prepared[start][1])
         bs = max(1, min(int(batch_size), budget // max(1, T * lm.vocab_size * 4)))
         chunk = prepared[start:start + bs]
         start += len(chunk)
-        idx = torch.zeros(len(chunk), T, dtype=torch.long)
-        for b, (_, inp, _) in enumerate(chunk):
-            idx[b, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-        logits = lm.logits(idx)
-        for b, (i, inp, cont) in enumerate(chunk):
-            n = len(cont)
-            # the logits at inp positions [len-n, len) predict the n continuation tokens
-            row = logits[b, len(inp) - n:len(inp)]
-            logp = F.log_softmax(row, dim=-1)
-            tgt = torch.tensor(cont, dtype=torch.long, device=logp.device)
-            lp = logp.gather(-1, tgt[:, None]).squeeze(-1)
-            greedy = bool((row.argmax(-1) == tgt).all())
-            results[i] = (float(lp.double().sum()), greedy)
-        del logits
+        for i, score, greedy in _score_chunk(lm, chunk):
+            results[i] = (score, greedy)
         if bar is not None:
             bar.update(sum(len(r[2]) for r in chunk))
     if bar is not None:
@@ -417,8 +531,7 @@ def rolling_windows(tokens: list[int], begin_id: int, max_seq_len: int, stride: 
     """
     L = int(max_seq_len)
     stride = L if stride is None else int(stride)
-    if not 1 <= stride <= L:
-        raise ValueError(f"stride must be between 1 and the context length {L}, got {stride}")
+    _check_stride(stride, L)
     n = len(tokens)
     if n == 0:
         return
@@ -432,9 +545,26 @@ def rolling_windows(tokens: list[int], begin_id: int, max_seq_len: int, stride: 
         predicted = end
 
 
+def _check_stride(stride: int, max_seq_len: int) -> None:
+    if not 1 <= stride <= max_seq_len:
+        raise BenchmarkError(f"--stride {stride}: must be between 1 and the context length {max_seq_len}")
+
+
 def count_words(text: str) -> int:
     """Word count as lm-evaluation-harness (`len(re.split(r"\\s+", doc))`)."""
     return len(re.split(r"\s+", text))
+
+
+# Text with fewer whitespace-separated words than one per this many characters has no spaces between
+# its words (Chinese, Japanese: a "word" is a whole line). Measured on ../shared/data: English books
+# and WikiText have one word per 5-6 characters, the Python docs one per 7; the Chinese books one per
+# 20-42 (their first 20 KB, English Gutenberg header included).
+SPACED_CHARS_PER_WORD = 12
+
+
+def is_spaced(words: int, chars: int) -> bool:
+    """Whether word perplexity means anything for text with these counts (see SPACED_CHARS_PER_WORD)."""
+    return words * SPACED_CHARS_PER_WORD >= chars
 
 
 def _safe_exp(x: float) -> float:
@@ -445,49 +575,69 @@ def _safe_exp(x: float) -> float:
 
 
 def perplexity(lm: LM, texts, stride: int | None = None, batch_size: int = 8, progress: bool = True) -> dict:
-    """Rolling log-likelihood of each document -> token_ppl, word_ppl, bits_per_byte, tokens, words, bytes.
+    """Rolling log-likelihood of the documents -> bits_per_byte, word_ppl, char_ppl, token_ppl, and the
+    counts (tokens, words, chars, bytes) they come from.
 
     stride: new tokens predicted per window (default: lm.max_seq_len, disjoint windows); smaller
     strides give each token up to max_seq_len - stride tokens of extra context. Documents that
-    tokenize to nothing (empty strings) are skipped entirely. Word and byte counts come from the
-    original text, so results of models with different tokenizers are comparable.
+    tokenize to nothing (empty strings) are skipped entirely. Word, character and byte counts come
+    from the original text, so results of models with different tokenizers are comparable.
+    spaced: False for text without spaces between words (is_spaced), where tables show char_ppl
+    instead of word_ppl; chars_per_token is the tokenizer's compression on this text.
     """
-    if isinstance(texts, str):
-        texts = [texts]
+    texts = [texts] if isinstance(texts, str) else texts
     stride = lm.max_seq_len if stride is None else int(stride)
-    if not 1 <= stride <= lm.max_seq_len:
-        raise ValueError(f"stride must be between 1 and the context length {lm.max_seq_len}, got {stride}")
+    _check_stride(stride, lm.max_seq_len)
     requests = []
-    n_tokens = n_words = n_bytes = n_docs = 0
+    n = {"tokens": 0, "words": 0, "chars": 0, "bytes": 0, "documents": 0}
     for text in texts:
         ids = lm.encode(text)
         if not ids:
             continue
-        n_docs += 1
-        n_tokens += len(ids)
-        n_words += count_words(text)
-        n_bytes += len(text.encode("utf-8"))
+        n["documents"] += 1
+        n["tokens"] += len(ids)
+        n["words"] += count_words(text)
+        n["chars"] += len(text)
+        n["bytes"] += len(text.encode("utf-8"))
         requests.extend(rolling_windows(ids, lm.begin_id, lm.max_seq_len, stride))
-    if n_tokens == 0:
-        raise ValueError("perplexity: no tokens to score (all documents are empty)")
+    if n["tokens"] == 0:
+        raise BenchmarkError("perplexity: no tokens to score (all documents are empty)")
     t0 = time.perf_counter()
-    scores = loglikelihood(lm, requests, batch_size=batch_size, progress=progress)
-    seconds = time.perf_counter() - t0
-    nll = -sum(s for s, _ in scores)
+    nll = -sum(s for s, _ in loglikelihood(lm, requests, batch_size=batch_size, progress=progress))
     return {
-        "token_ppl": _safe_exp(nll / n_tokens),
-        "word_ppl": _safe_exp(nll / n_words),
-        "bits_per_byte": nll / n_bytes / math.log(2),
-        "tokens": n_tokens,
-        "words": n_words,
-        "bytes": n_bytes,
+        "bits_per_byte": nll / n["bytes"] / math.log(2),
+        "word_ppl": _safe_exp(nll / n["words"]),
+        "char_ppl": _safe_exp(nll / n["chars"]),
+        "token_ppl": _safe_exp(nll / n["tokens"]),
+        "spaced": is_spaced(n["words"], n["chars"]),
+        "chars_per_token": n["chars"] / n["tokens"],
+        **n,
         "nll": nll,
-        "documents": n_docs,
         "windows": len(requests),
         "stride": stride,
         "max_seq_len": lm.max_seq_len,
-        "seconds": round(seconds, 3),
+        "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def headline_ppl(r: dict) -> tuple[float, str]:
+    """The perplexity a table shows next to bits/byte: (word_ppl, "word") for spaced text,
+    (char_ppl, "char") for text without spaces between words."""
+    return (r["word_ppl"], "word") if r["spaced"] else (r["char_ppl"], "char")
+
+
+def fmt_ppl(v) -> str:
+    """Perplexity for tables: 2 decimals, scientific notation for untrained-model sizes."""
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}" if v < 1e5 else f"{v:.3g}"
+
+
+def describe_ppl(label: str, r: dict) -> str:
+    """One console line for a perplexity() result, bits/byte first."""
+    value, per = headline_ppl(r)
+    return (f"{label}: bits/byte {r['bits_per_byte']:.4f}, {per} ppl {fmt_ppl(value)}, token ppl "
+            f"{fmt_ppl(r['token_ppl'])} ({r['tokens']:,} tokens, {r['seconds']:.1f}s)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,8 +687,6 @@ def load_datasets(specs, split: str = "test", limit: int | None = None, errors=N
     max_chars: at most that many characters per dataset (for quick runs; PTB is one document).
     detokenize: undo WikiText's tokenization (" @-@ ", " , ") as the GPT-2 paper did.
     """
-    from data_utils import load_eval_texts
-
     out = {}
     for name, path in specs:
         kind = name if name in DEFAULT_DATASETS else "text"
@@ -546,7 +694,7 @@ def load_datasets(specs, split: str = "test", limit: int | None = None, errors=N
             msg = f"{name}: unknown dataset name without a path; use --data {name}=PATH"
         else:
             try:
-                docs = load_eval_texts(kind, path, split=split, detokenize=detokenize)
+                docs = du.load_eval_texts(kind, path, split=split, detokenize=detokenize)
                 docs = [d for d in docs if d and d.strip()]
                 if limit:
                     docs = docs[:limit]
@@ -557,7 +705,7 @@ def load_datasets(specs, split: str = "test", limit: int | None = None, errors=N
                 out[name] = docs
                 continue
             except (ValueError, OSError) as e:  # DataError is a ValueError
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                msg = du.one_line(e)
                 if not msg.startswith(name):
                     msg = f"{name}: {msg}"
         if errors is None:
@@ -614,27 +762,50 @@ def generation_quality(lm: LM, prompts=None, samples_per_prompt: int = 2, max_ne
     }
 
 
-def fmt_ppl(v) -> str:
-    """Perplexity for tables: 2 decimals, scientific notation for untrained-model sizes."""
-    if v is None:
-        return "n/a"
-    return f"{v:.2f}" if v < 1e5 else f"{v:.3g}"
-
-
 def format_ppl_table(results: dict, title: str | None = None) -> str:
-    """{dataset: perplexity() dict} -> a fixed-width terminal table."""
+    """{dataset: perplexity() dict} -> a fixed-width terminal table, bits/byte first; `ppl` is per
+    word for spaced text and per character for text without spaces (the `per` column says which)."""
     lines = [title] if title else []
-    lines.append(f"{'dataset':<14}{'token ppl':>11}{'word ppl':>11}{'bits/byte':>10}{'tokens':>10}"
-                 f"{'words':>10}{'bytes':>11}{'sec':>8}")
+    lines.append(f"{'dataset':<14}{'bits/byte':>10}{'ppl':>11} {'per':<5}{'token ppl':>11}{'tokens':>10}"
+                 f"{'chars/tok':>10}{'bytes':>11}{'sec':>8}")
     for name, r in results.items():
-        lines.append(f"{DATASET_LABELS.get(name, name):<14}{fmt_ppl(r['token_ppl']):>11}{fmt_ppl(r['word_ppl']):>11}"
-                     f"{r['bits_per_byte']:>10.4f}{r['tokens']:>10,}{r['words']:>10,}{r['bytes']:>11,}"
-                     f"{r.get('seconds', 0):>8.1f}")
+        value, per = headline_ppl(r)
+        lines.append(f"{DATASET_LABELS.get(name, name):<14}{r['bits_per_byte']:>10.4f}{fmt_ppl(value):>11} "
+                     f"{per:<5}{fmt_ppl(r['token_ppl']):>11}{r['tokens']:>10,}{r['chars_per_token']:>10.2f}"
+                     f"{r['bytes']:>11,}{r.get('seconds', 0):>8.1f}")
     return "\n".join(lines)
 
 
 def write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    du.atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def _ppl_markdown(results: dict) -> list[str]:
+    out = ["## Bits per byte and perplexity", "",
+           "PPL is per word for spaced text and per character (char) for text without spaces between words.", "",
+           "| dataset | bits/byte | PPL | per | token PPL | tokens | chars/token | words | chars | bytes |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        value, per = headline_ppl(r)
+        out.append(f"| {DATASET_LABELS.get(name, name)} | {r['bits_per_byte']:.4f} | {fmt_ppl(value)} | {per} | "
+                   f"{fmt_ppl(r['token_ppl'])} | {r['tokens']:,} | {r['chars_per_token']:.2f} | {r['words']:,} | "
+                   f"{r['chars']:,} | {r['bytes']:,} |")
+    return out + [""]
+
+
+def _generation_markdown(g: dict) -> list[str]:
+    st = g["settings"]
+    out = ["", "## Generation quality", "",
+           f"{g['n']} samples ({st['samples_per_prompt']} per prompt), {st['max_new_tokens']} new tokens max, "
+           f"temperature {st['temperature']}, top-k {st['top_k']}, seed {st['seed']}.", "",
+           "| distinct-1 | distinct-2 | repetition (seq-rep-4) | mean length | ends with EOS |",
+           "|---:|---:|---:|---:|---:|",
+           f"| {g['distinct_1']:.3f} | {g['distinct_2']:.3f} | {g['repetition_rate']:.3f} | "
+           f"{g['mean_length']:.1f} | {g['eos_rate']:.0%} |", "", "### Samples", ""]
+    for r in g["samples"]:
+        text = r["text"].replace("\n", " ").strip()
+        out.append(f"- **{r['prompt']}** → {text}{' ⟨EOS⟩' if r['ended_with_eos'] else ''}")
+    return out
 
 
 def full_report_markdown(res: dict) -> str:
@@ -646,41 +817,19 @@ def full_report_markdown(res: dict) -> str:
            f"({'disjoint windows' if s['stride'] == s['max_seq_len'] else 'overlapping windows'}); "
            f"begin token id {s['begin_id']}", ""]
     if res["perplexity"]:
-        out += ["## Perplexity", "", "| dataset | token PPL | word PPL | bits/byte | tokens | words | bytes |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, r in res["perplexity"].items():
-            out.append(f"| {DATASET_LABELS.get(name, name)} | {fmt_ppl(r['token_ppl'])} | {fmt_ppl(r['word_ppl'])} | "
-                       f"{r['bits_per_byte']:.4f} | {r['tokens']:,} | {r['words']:,} | {r['bytes']:,} |")
-        out.append("")
+        out += _ppl_markdown(res["perplexity"])
     for name, msg in res.get("errors", {}).items():
         out.append(f"- {name}: not scored: {msg}")
-    g = res.get("generation")
-    if g:
-        st = g["settings"]
-        out += ["", "## Generation quality", "",
-                f"{g['n']} samples ({st['samples_per_prompt']} per prompt), {st['max_new_tokens']} new tokens max, "
-                f"temperature {st['temperature']}, top-k {st['top_k']}, seed {st['seed']}.", "",
-                "| distinct-1 | distinct-2 | repetition (seq-rep-4) | mean length | ends with EOS |",
-                "|---:|---:|---:|---:|---:|",
-                f"| {g['distinct_1']:.3f} | {g['distinct_2']:.3f} | {g['repetition_rate']:.3f} | "
-                f"{g['mean_length']:.1f} | {g['eos_rate']:.0%} |", "", "### Samples", ""]
-        for r in g["samples"]:
-            text = r["text"].replace("\n", " ").strip()
-            out.append(f"- **{r['prompt']}** → {text}{' ⟨EOS⟩' if r['ended_with_eos'] else ''}")
+    if res.get("generation"):
+        out += _generation_markdown(res["generation"])
     return "\n".join(out) + "\n"
 
 
 def parse_data_flags(args) -> list[tuple[str, str | None]]:
     """--wikitext103/--wikitext2/--ptb/--data name=path -> [(name, path)]; none -> the HF defaults."""
-    specs = []
-    for name in DEFAULT_DATASETS:
-        p = getattr(args, name, None)
-        if p:
-            specs.append((name, p))
+    specs = [(name, getattr(args, name)) for name in DEFAULT_DATASETS if getattr(args, name, None)]
     for item in args.data or []:
-        if "=" not in item:
-            raise BenchmarkError(f"--data {item!r}: expected NAME=PATH (e.g. --data mytext=notes.txt)")
-        name, path = item.split("=", 1)
+        name, _, path = item.partition("=")
         if not name or not path:
             raise BenchmarkError(f"--data {item!r}: expected NAME=PATH (e.g. --data mytext=notes.txt)")
         specs.append((name, path))
@@ -692,34 +841,65 @@ def parse_data_flags(args) -> list[tuple[str, str | None]]:
     return specs
 
 
+def check_outputs(args):
+    """Refuse, before any work, to replace an existing --json/--report file without --overwrite."""
+    du.check_new_file(args.json, "--json", args.overwrite)
+    du.check_new_file(args.report, "--report", args.overwrite)
+
+
+def write_outputs(args, res, to_markdown):
+    """Write --json (the results) and --report (to_markdown(results)) after a run; the paths were
+    checked by check_outputs before the run started."""
+    if args.json:
+        write_json(args.json, res)
+        print(f"wrote {args.json}")
+    if args.report:
+        du.atomic_write_text(args.report, to_markdown(res))
+        print(f"wrote {args.report}")
+
+
+def score_datasets(lm: LM, datasets: dict, stride: int, batch_size: int, progress: bool) -> dict:
+    """{name: documents} -> {name: perplexity() dict}, one console line per dataset."""
+    results = {}
+    for name, docs in datasets.items():
+        results[name] = perplexity(lm, docs, stride=stride, batch_size=batch_size, progress=progress)
+        print(describe_ppl(DATASET_LABELS.get(name, name), results[name]), flush=True)
+    return results
+
+
+def _print_full_summary(res: dict, samples_per_prompt: int, show_samples: bool = True) -> None:
+    s = res["settings"]
+    print()
+    if res["perplexity"]:
+        print(format_ppl_table(res["perplexity"], title=f"bits/byte and perplexity (stride {s['stride']}, "
+                                                        f"context {s['max_seq_len']})"))
+    gen = res["generation"]
+    if gen:
+        print(f"\ngeneration ({gen['n']} samples): distinct-1 {gen['distinct_1']:.3f}  distinct-2 "
+              f"{gen['distinct_2']:.3f}  repetition {gen['repetition_rate']:.3f}  mean length "
+              f"{gen['mean_length']:.1f}  ends with EOS {gen['eos_rate']:.0%}")
+        for r in gen["samples"][::max(1, samples_per_prompt)][:4 if show_samples else 0]:
+            print(f"  {r['prompt']!r} -> {r['text'][:100]!r}")
+
+
 def run_full(args) -> int:
     specs = parse_data_flags(args)
-    for flag in ("json", "report"):
-        p = getattr(args, flag)
-        if p and Path(p).exists() and not args.overwrite:
-            raise BenchmarkError(f"--{flag} {p}: file exists; pass --overwrite to replace it")
+    check_outputs(args)
     lm = load_lm(args.model, device=args.device, dtype=args.dtype, hf=args.hf, max_seq_len=args.max_seq_len)
     stride = args.stride or lm.max_seq_len
-    if not 1 <= stride <= lm.max_seq_len:
-        raise BenchmarkError(f"--stride {stride}: must be between 1 and the context length {lm.max_seq_len}")
+    _check_stride(stride, lm.max_seq_len)
     print(f"model: {lm.name} ({lm.kind}, context {lm.max_seq_len}, vocab {lm.vocab_size}) on {lm.device}")
     errors: dict = {}
     datasets = load_datasets(specs, split=args.split, limit=args.limit, errors=errors,
                              max_chars=args.max_chars, detokenize=args.detokenize)
     for msg in errors.values():
         print(f"error: {msg}", file=sys.stderr)
-    results = {}
-    for name, docs in datasets.items():
-        results[name] = perplexity(lm, docs, stride=stride, batch_size=args.batch_size,
-                                   progress=not args.no_progress)
-        r = results[name]
-        print(f"{DATASET_LABELS.get(name, name)}: token ppl {r['token_ppl']:.2f}, word ppl {r['word_ppl']:.2f}, "
-              f"bits/byte {r['bits_per_byte']:.4f} ({r['tokens']:,} tokens, {r['seconds']:.1f}s)")
+    results = score_datasets(lm, datasets, stride, args.batch_size, progress=not args.quiet)
     gen = None
     if not args.no_generation:
-        gen = generation_quality(lm, samples_per_prompt=args.samples, max_new_tokens=args.gen_tokens,
+        gen = generation_quality(lm, samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k or None, seed=args.seed,
-                                 progress=not args.no_progress)
+                                 progress=not args.quiet)
     res = {
         "model": str(args.model),
         "kind": lm.kind,
@@ -732,25 +912,28 @@ def run_full(args) -> int:
         "errors": errors,
         "generation": gen,
     }
-    print()
-    if results:
-        print(format_ppl_table(results, title=f"perplexity (stride {stride}, context {lm.max_seq_len})"))
-    if gen:
-        print(f"\ngeneration ({gen['n']} samples): distinct-1 {gen['distinct_1']:.3f}  distinct-2 "
-              f"{gen['distinct_2']:.3f}  repetition {gen['repetition_rate']:.3f}  mean length "
-              f"{gen['mean_length']:.1f}  ends with EOS {gen['eos_rate']:.0%}")
-        for r in gen["samples"][:: max(1, args.samples)][:4]:
-            print(f"  {r['prompt']!r} -> {r['text'][:100]!r}")
+    _print_full_summary(res, args.samples, show_samples=not args.quiet)
     write_outputs(args, res, full_report_markdown)
-    return 1 if errors else 0
+    return du.EXIT_FAILED if errors else du.EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------
-# `self-test`: correctness checks + speed side by side with transformers.LlamaForCausalLM
+# `self-test`: correctness checks + speed side by side with transformers.LlamaForCausalLM.
+# A check is a function of the SelfTest that records pass/fail rows (SelfTest.check); a timing is a
+# function that records speed rows (SelfTest.row). self_test() runs CHECKS, then SPEED: to add a
+# row, write one small function and append it to its list.
 
 def _sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _exc_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _dtype_str(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 class PeakMemory:
@@ -783,24 +966,186 @@ class PeakMemory:
         except OSError:
             pass
         try:
-            import resource
+            import resource  # Unix only
             return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
         except (ImportError, OSError):
             return None
 
 
-def _autocast(device, dtype):
-    dev = "cuda" if str(device).startswith("cuda") else "cpu"
-    if dtype is None or dtype == torch.float32:
-        return torch.autocast(dev, enabled=False)
-    return torch.autocast(dev, dtype=dtype)
+@dataclass
+class SelfTest:
+    """What the self-test steps share: the model and its HF twin, fixed random inputs, the settings,
+    and the results so far."""
+    cfg: Any                       # model.ModelConfig
+    model: Any                     # model.GPT with random weights
+    device: torch.device
+    dtype: torch.dtype
+    gen: torch.Generator           # every random input comes from it (reproducible with --seed)
+    seq_len: int
+    batch_size: int
+    prompt_len: int
+    decode_tokens: int
+    repeat: int
+    clock: Callable[[], float]
+    compile: bool = False
+    hf: Any = None                 # transformers.LlamaForCausalLM with the same weights (None: --no-hf)
+    compiled: Any = None           # torch.compile(model), set by check_compile
+    x: Any = None                  # (2, T) inputs and targets of the loss and training checks
+    y: Any = None
+    seq: Any = None                # (2, prefill_len + a few) tokens of the KV-cache and HF checks
+    prefill_len: int = 0
+    full_logits: Any = None        # the model's logits on seq in one full forward
+    checks: list = field(default_factory=list)
+    speed: dict = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def randint(self, *shape) -> torch.Tensor:
+        return torch.randint(0, self.cfg.vocab_size, shape, generator=self.gen).to(self.device)
+
+    def check(self, name: str, passed, detail: str, required: bool = True):
+        self.checks.append({"name": name, "passed": bool(passed), "detail": detail, "required": required})
+        mark = "PASS" if passed else ("FAIL" if required else "WARN")
+        print(f"[{mark}] {name}: {detail}", flush=True)
+
+    def row(self, key: str, label: str, ours, theirs, unit: str):
+        ratio = (ours / theirs) if (ours is not None and theirs) else None
+        self.speed[key] = {"label": label, "ours": ours, "hf": theirs, "ratio": ratio, "unit": unit}
+
+    def hf_generate(self, idx, n: int, **kw):
+        return self.hf.generate(idx, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(idx), **kw)
+
+    def time_pair(self, fn_ours, fn_hf, warmup: int = 1) -> tuple[float, float | None]:
+        """Median seconds of fn_ours and fn_hf (None without HF), run interleaved (ours, HF, ours,
+        HF, ...) so that both see the same machine load."""
+        fns = [fn_ours] + ([fn_hf] if self.hf is not None and fn_hf is not None else [])
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        times: list[list[float]] = [[] for _ in fns]
+        for _ in range(max(1, self.repeat)):
+            for k, fn in enumerate(fns):
+                _sync(self.device)
+                t0 = self.clock()
+                fn()
+                _sync(self.device)
+                times[k].append(self.clock() - t0)
+        med = [sorted(t)[len(t) // 2] for t in times]
+        return med[0], (med[1] if len(med) > 1 else None)
 
 
-def _check(checks, name, passed, detail, required=True):
-    checks.append({"name": name, "passed": bool(passed), "detail": detail, "required": required})
-    mark = "PASS" if passed else ("FAIL" if required else "WARN")
-    print(f"[{mark}] {name}: {detail}", flush=True)
+# -- checks
 
+def check_param_count(t: SelfTest):
+    n, formula = t.model.num_params(), fishai.count_params(t.cfg)
+    t.check("parameter count", n == formula,
+            f"{n:,} parameters ({n / 1e6:.2f}M, tied embedding counted once; formula {formula:,})")
+
+
+def check_init_loss(t: SelfTest):
+    """Near-uniform predictions at init: cross-entropy close to ln(vocab)."""
+    t.model.eval()
+    with torch.no_grad():
+        _, loss = t.model(t.x, t.y)
+    V = t.cfg.vocab_size
+    t.check("loss at init ~ ln(vocab)", abs(float(loss) - math.log(V)) < 0.5,
+            f"{float(loss):.4f} vs ln({V}) = {math.log(V):.4f}")
+
+
+def check_kv_cache(t: SelfTest):
+    """Prefill + one-token decode steps give the same logits as one full forward."""
+    P, S = t.prefill_len, t.seq.shape[1] - t.prefill_len
+    pos = torch.arange(P + S, device=t.device)
+    with torch.inference_mode():
+        for static in (False, True):
+            t.model.setup_cache(2, P + S, static=static)
+            outs = [t.model(t.seq[:, :P], input_pos=pos[:P])[0]]
+            for i in range(P, P + S):
+                outs.append(t.model(t.seq[:, i:i + 1], input_pos=pos[i:i + 1])[0])
+            t.model.clear_cache()
+            err = float((torch.cat(outs, dim=1) - t.full_logits).abs().max())
+            t.check(f"KV cache ({'static' if static else 'dynamic'}) = full forward", err < 1e-3,
+                    f"max |logit diff| {err:.2e} over {P}-token prefill + {S} decode steps")
+
+
+def check_hf_logits(t: SelfTest):
+    if t.hf is None:
+        return
+    with torch.inference_mode():
+        ref = t.hf(input_ids=t.seq).logits.float()
+    err = float((ref - t.full_logits).abs().max())
+    t.check("same logits as transformers LlamaForCausalLM", err < 1e-3, f"max |logit diff| {err:.2e}")
+
+
+def check_hf_greedy(t: SelfTest):
+    if t.hf is None:
+        return
+    prompt = t.seq[:1, :t.prefill_len]
+    with torch.inference_mode():
+        ours, theirs = t.model.generate(prompt, 16, temperature=0), t.hf_generate(prompt, 16)
+    same = torch.equal(ours.cpu(), theirs.cpu())
+    P = t.prefill_len
+    t.check("greedy decode = LlamaForCausalLM.generate", same,
+            "16 tokens identical" if same else f"ours {ours[0, P:].tolist()} vs HF {theirs[0, P:].tolist()}")
+
+
+def check_forward_backward(t: SelfTest):
+    """Forward/backward in the run dtype (autocast): a finite loss close to fp32's, finite gradients."""
+    t.model.train()
+    with torch.no_grad():
+        _, ref_loss = t.model(t.x, t.y)
+    with fishai.autocast(t.device, t.dtype):
+        _, loss = t.model(t.x, t.y)
+    loss.backward()
+    grads_ok = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in t.model.parameters())
+    loss = loss.detach()
+    ok = bool(torch.isfinite(loss)) and grads_ok and abs(float(loss) - float(ref_loss)) < 0.05 * float(ref_loss)
+    t.check(f"forward/backward ({_dtype_str(t.dtype)})", ok,
+            f"loss {float(loss):.4f} (fp32 {float(ref_loss):.4f}), gradients {'finite' if grads_ok else 'NOT finite'}")
+    t.model.zero_grad(set_to_none=True)
+
+
+def check_training_lowers_loss(t: SelfTest):
+    """A few optimizer steps on one batch must lower its loss (on a copy: the timed model stays as built)."""
+    probe = fishai.GPT(t.cfg).to(t.device)
+    probe.load_state_dict(t.model.state_dict())
+    opt = fishai.configure_optimizers(probe, lr=3e-3, device_type=t.device.type)
+    losses = []
+    for _ in range(5):
+        with fishai.autocast(t.device, t.dtype):
+            _, loss = probe(t.x, t.y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    t.check("training steps lower the loss", losses[-1] < losses[0] - 0.05, " -> ".join(f"{v:.3f}" for v in losses))
+
+
+def check_compile(t: SelfTest):
+    """torch.compile gives eager's loss; the compiled model is then used for the training timing."""
+    if not t.compile:
+        return
+    t0 = time.perf_counter()
+    try:
+        compiled = torch.compile(t.model)
+        with torch.no_grad(), fishai.autocast(t.device, t.dtype):
+            _, lc = compiled(t.x, t.y)
+            _, le = t.model(t.x, t.y)
+        err = abs(float(lc) - float(le))
+        t.check("torch.compile = eager", err < 1e-2 * max(1.0, float(le)),
+                f"loss {float(lc):.4f} vs eager {float(le):.4f} (compile {time.perf_counter() - t0:.1f}s)")
+        t.compiled = compiled
+    except Exception as e:  # a missing compiler toolchain is a failed check, not a crash
+        t.check("torch.compile = eager", False, _exc_line(e))
+
+
+CHECKS = [check_param_count, check_init_loss, check_kv_cache, check_hf_logits, check_hf_greedy,
+          check_forward_backward, check_training_lowers_loss, check_compile]
+
+
+# -- timings (run under autocast in the run dtype)
 
 def _greedy_full_recompute(model, idx, n):
     """Decode without a KV cache: the whole sequence is re-run through the model for every token
@@ -813,291 +1158,185 @@ def _greedy_full_recompute(model, idx, n):
     return idx
 
 
+def time_prefill(t: SelfTest):
+    n = max(1, min(t.seq_len, t.cfg.max_seq_len - 1))
+    idx = t.randint(1, n)
+    t_o, t_h = t.time_pair(lambda: t.model.generate(idx, 1, temperature=0), lambda: t.hf_generate(idx, 1))
+    t.row("prefill_tok_s", f"prefill tokens/s (batch 1, {n} tokens)", n / t_o, n / t_h if t_h else None, "tok/s")
+
+
+def time_decode(t: SelfTest, batch: int, cache: bool):
+    idx, N = t.randint(batch, t.prompt_len), t.decode_tokens
+    if cache:
+        t_o, t_h = t.time_pair(lambda: t.model.generate(idx, N, temperature=0), lambda: t.hf_generate(idx, N))
+    else:
+        t_o, t_h = t.time_pair(lambda: _greedy_full_recompute(t.model, idx, N),
+                               lambda: t.hf_generate(idx, N, use_cache=False))
+    t.row(f"decode_b{batch}_{'' if cache else 'nocache_'}tok_s",
+          f"decode tokens/s (batch {batch}, {'KV' if cache else 'no'} cache, {t.prompt_len}+{N} tokens)",
+          batch * N / t_o, batch * N / t_h if t_h else None, "tok/s")
+
+
+def _train_steps(t: SelfTest, xb, yb):
+    """One AdamW training step on (xb, yb) for ours (compiled with --compile) and for HF (None without)."""
+    t.model.train()
+    ours = t.compiled if t.compiled is not None else t.model
+    opt = fishai.configure_optimizers(t.model, lr=1e-4, device_type=t.device.type)
+
+    def step_ours():
+        _, loss = ours(xb, yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if t.hf is None:
+        return step_ours, None
+    t.hf.train()
+    opt_h = torch.optim.AdamW(fishai.param_groups(t.hf, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=t.cuda)
+
+    def step_hf():
+        t.hf(input_ids=xb, labels=xb).loss.backward()
+        opt_h.step()
+        opt_h.zero_grad(set_to_none=True)
+
+    return step_ours, step_hf
+
+
+def _peak_mb(t: SelfTest, step) -> float | None:
+    """Peak memory of one training step with its optimizer state already allocated."""
+    if step is None:
+        return None
+    mem = PeakMemory(t.device)
+    step()
+    mem.reset()
+    step()
+    peak = mem.peak()
+    return peak / 2**20 if peak else None
+
+
+def time_train(t: SelfTest):
+    xb, yb = t.randint(t.batch_size, t.seq_len), t.randint(t.batch_size, t.seq_len)
+    step_ours, step_hf = _train_steps(t, xb, yb)
+    mem_o, mem_h = _peak_mb(t, step_ours), _peak_mb(t, step_hf)
+    t_o, t_h = t.time_pair(step_ours, step_hf, warmup=1 if t.compiled is not None else 0)
+    t.model.eval()
+    if t.hf is not None:
+        t.hf.eval()
+    tok = t.batch_size * t.seq_len
+    t.row("train_tok_s", f"training step tokens/s (batch {t.batch_size} x {t.seq_len}, AdamW)",
+          tok / t_o, tok / t_h if t_h else None, "tok/s")
+    peak = fishai.device_peak_flops(t.device, t.dtype)
+    if peak:
+        t.row("train_mfu", "training MFU", fishai.estimate_mfu(tok / t_o, t.cfg, t.seq_len, peak),
+              fishai.estimate_mfu(tok / t_h, t.cfg, t.seq_len, peak) if t_h else None, "fraction")
+    t.row("train_peak_mem_mb", f"training peak memory MB ({'CUDA allocated' if t.cuda else 'process peak RSS'})",
+          mem_o, mem_h, "MB")
+
+
+def time_compiled_decode(t: SelfTest):
+    """model.compile_decode: a static-shape decode step (static KV cache, attention over the whole
+    buffer with a mask) compiled once; on CUDA it is replayed as a CUDA graph. Checked against HF."""
+    if not t.compile or t.hf is None:
+        return
+    P, N = t.prompt_len, t.decode_tokens
+    idx = t.randint(1, P)
+    name = "compiled decode step = LlamaForCausalLM.generate"
+    t0 = time.perf_counter()
+    try:
+        t.model.compile_decode(1, P + N)
+
+        def ours():
+            return t.model.generate(idx, N, temperature=0)[:, P:]
+
+        def theirs():
+            return t.hf_generate(idx, N)[:, P:]
+
+        same = torch.equal(ours().cpu(), theirs().cpu())
+        t.check(name, same, f"{N} greedy tokens {'identical' if same else 'DIFFER'} "
+                f"(compile {time.perf_counter() - t0:.1f}s)")
+        t_o, t_h = t.time_pair(ours, theirs)
+        t.row("decode_b1_compiled_tok_s", f"decode tokens/s (batch 1, KV cache, compiled step, {P}+{N} tokens)",
+              N / t_o, N / t_h, "tok/s")
+    except Exception as e:  # no compiler toolchain: report, do not crash the run
+        t.check(name, False, _exc_line(e))
+    finally:
+        t.model.clear_cache()
+
+
+SPEED = [time_prefill, partial(time_decode, batch=1, cache=True), partial(time_decode, batch=8, cache=True),
+         partial(time_decode, batch=1, cache=False), partial(time_decode, batch=8, cache=False), time_train,
+         time_compiled_decode]
+
+
+# -- driver
+
+def _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt_len, decode_tokens, repeat,
+                     hf, seed, clock) -> SelfTest:
+    """The model (random weights from `seed`), its HF twin, the fixed inputs and the settings."""
+    if clock not in ("wall", "cpu"):
+        raise BenchmarkError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    device = fishai.resolve_device(device)
+    cuda = device.type == "cuda"
+    cfg = fishai.get_config(config) if isinstance(config, str) else config
+    decode_tokens = decode_tokens or (128 if cuda else 32)
+    torch.manual_seed(seed)
+    t = SelfTest(cfg=cfg, model=fishai.GPT(cfg).to(device), device=device,
+                 dtype=fishai.resolve_dtype(dtype or "auto", device), gen=torch.Generator().manual_seed(seed),
+                 seq_len=min(seq_len or (1024 if cuda else 256), cfg.max_seq_len),
+                 batch_size=batch_size or (16 if cuda else 4), decode_tokens=decode_tokens,
+                 prompt_len=max(1, min(prompt_len, cfg.max_seq_len - decode_tokens)), repeat=repeat,
+                 # cpu: process CPU seconds instead of wall seconds - on a shared, oversubscribed
+                 # machine the wall clock mostly measures the other processes; CPU time the work done
+                 clock=time.process_time if clock == "cpu" and not cuda else time.perf_counter,
+                 compile=bool(compile))
+    n = min(128, t.seq_len)
+    t.x, t.y = t.randint(2, n), t.randint(2, n)
+    t.prefill_len = min(16, cfg.max_seq_len // 2)
+    t.seq = t.randint(2, t.prefill_len + min(8, cfg.max_seq_len // 4))
+    t.model.eval()
+    with torch.inference_mode():
+        t.full_logits = t.model(t.seq)[0]
+    if hf:
+        t.hf = fishai.to_hf(t.model).to(device).eval()
+        t.hf.generation_config.eos_token_id = None  # decode exactly N tokens, like ours
+        t.hf.generation_config.pad_token_id = 0
+    return t
+
+
 def self_test(config="tiny", device="cpu", dtype=None, compile=False, batch_size=None, seq_len=None,
               prompt_len=32, decode_tokens=None, repeat=3, hf=True, seed=0, progress=True, clock="wall") -> dict:
     """Build the model from a preset and check it works here; measure speed vs LlamaForCausalLM.
 
     Returns {"checks": [...], "speed": {...}, "passed": bool, ...}; `passed` covers the required
     (correctness) checks only - speed figures are reported, never asserted."""
-    import model as M
-
-    device = resolve_device(device)
-    dtype = parse_dtype(dtype)
-    cuda = device.startswith("cuda")
-    if dtype is None:
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    cfg = M.get_config(config) if isinstance(config, str) else config
-    seq_len = min(seq_len or (1024 if cuda else 256), cfg.max_seq_len)
-    batch_size = batch_size or (16 if cuda else 4)
-    decode_tokens = decode_tokens or (128 if cuda else 32)
-    prompt_len = max(1, min(prompt_len, cfg.max_seq_len - decode_tokens))
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    checks: list = []
-    speed: dict = {}
-    extra: dict = {}
-    V = cfg.vocab_size
-    print(f"self-test: config {config if isinstance(config, str) else 'custom'} on {device}, dtype "
-          f"{str(dtype).replace('torch.', '')}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-          flush=True)
-
-    model = M.GPT(cfg).to(device)
-    # 1. parameter count: module parameters vs the formula used for the size table
-    n = model.num_params()
-    _check(checks, "parameter count", n == M.count_params(cfg),
-           f"{n:,} parameters ({n / 1e6:.2f}M, tied embedding counted once; formula {M.count_params(cfg):,})")
-
-    # 2. loss at init: near-uniform predictions -> cross-entropy close to ln(vocab)
-    x = torch.randint(0, V, (2, min(128, seq_len)), generator=gen).to(device)
-    y = torch.randint(0, V, (2, min(128, seq_len)), generator=gen).to(device)
-    model.eval()
-    with torch.no_grad():
-        _, loss0 = model(x, y)
-    _check(checks, "loss at init ~ ln(vocab)", abs(float(loss0) - math.log(V)) < 0.5,
-           f"{float(loss0):.4f} vs ln({V}) = {math.log(V):.4f}")
-
-    # 3. KV cache: prefill + one-token decode steps give the same logits as one full forward
-    P, S = min(16, cfg.max_seq_len // 2), min(8, cfg.max_seq_len // 4)
-    seq = torch.randint(0, V, (2, P + S), generator=gen).to(device)
-    with torch.inference_mode():
-        full, _ = model(seq)
-        for static in (False, True):
-            model.setup_cache(2, P + S, static=static)
-            pos = torch.arange(P + S, device=device)
-            outs = [model(seq[:, :P], input_pos=pos[:P])[0]]
-            for t in range(P, P + S):
-                outs.append(model(seq[:, t:t + 1], input_pos=pos[t:t + 1])[0])
-            cached = torch.cat(outs, dim=1)
-            model.clear_cache()
-            err = float((cached - full).abs().max())
-            _check(checks, f"KV cache ({'static' if static else 'dynamic'}) = full forward", err < 1e-3,
-                   f"max |logit diff| {err:.2e} over {P}-token prefill + {S} decode steps")
-
-    # 4. transformers parity: LlamaForCausalLM with the same weights gives the same logits / tokens
-    hf_model = None
-    if hf:
-        hf_model = M.to_hf(model).to(device).eval()
-        hf_model.generation_config.eos_token_id = None  # decode exactly N tokens, like ours
-        hf_model.generation_config.pad_token_id = 0
-        with torch.inference_mode():
-            ref = hf_model(input_ids=seq).logits.float()
-        err = float((ref - full).abs().max())
-        _check(checks, "same logits as transformers LlamaForCausalLM", err < 1e-3,
-               f"max |logit diff| {err:.2e}")
-        prompt = seq[:1, :P]
-        with torch.inference_mode():
-            ours_tok = model.generate(prompt, 16, temperature=0)
-            hf_tok = hf_model.generate(prompt, max_new_tokens=16, do_sample=False,
-                                       attention_mask=torch.ones_like(prompt))
-        same = torch.equal(ours_tok.cpu(), hf_tok.cpu())
-        _check(checks, "greedy decode = LlamaForCausalLM.generate", same,
-               "16 tokens identical" if same else f"ours {ours_tok[0, P:].tolist()} vs HF {hf_tok[0, P:].tolist()}")
-
-    # 5. forward/backward in the run dtype (autocast), finite loss and gradients
-    model.train()
-    with torch.no_grad():
-        _, ref_loss = model(x, y)
-    with _autocast(device, dtype):
-        _, loss = model(x, y)
-    loss.backward()
-    grads_ok = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
-    loss = loss.detach()
-    ok = bool(torch.isfinite(loss)) and grads_ok and abs(float(loss) - float(ref_loss)) < 0.05 * float(ref_loss)
-    _check(checks, f"forward/backward ({str(dtype).replace('torch.', '')})", ok,
-           f"loss {float(loss):.4f} (fp32 {float(ref_loss):.4f}), gradients {'finite' if grads_ok else 'NOT finite'}")
-    model.zero_grad(set_to_none=True)
-
-    # 6. a few optimizer steps on one batch must lower its loss
-    probe = M.GPT(cfg).to(device)
-    probe.load_state_dict(model.state_dict())
-    opt = M.configure_optimizers(probe, lr=3e-3, device_type="cuda" if cuda else "cpu")
-    losses = []
-    for _ in range(5):
-        with _autocast(device, dtype):
-            _, l = probe(x, y)
-        l.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(l.detach()))
-    _check(checks, "training steps lower the loss", losses[-1] < losses[0] - 0.05,
-           " -> ".join(f"{v:.3f}" for v in losses))
-    del probe, opt
-
-    # 7. torch.compile: same loss as eager
-    compiled = None
-    if compile:
-        t0 = time.perf_counter()
-        try:
-            compiled = torch.compile(model)
-            with torch.no_grad(), _autocast(device, dtype):
-                _, lc = compiled(x, y)
-                _, le = model(x, y)
-            err = abs(float(lc) - float(le))
-            _check(checks, "torch.compile = eager", err < 1e-2 * max(1.0, float(le)),
-                   f"loss {float(lc):.4f} vs eager {float(le):.4f} (compile {time.perf_counter() - t0:.1f}s)")
-        except Exception as e:  # a missing compiler toolchain is a failed check, not a crash
-            compiled = None
-            _check(checks, "torch.compile = eager", False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-
-    # ---------------- speed: ours vs transformers, same weights, same run ----------------
-    model.eval()
-    mem = PeakMemory(device)
-    peak = M.device_peak_flops(device, dtype)
-    if clock not in ("wall", "cpu"):
-        raise BenchmarkError(f"clock must be 'wall' or 'cpu', got {clock!r}")
-    # cpu: process CPU seconds instead of wall seconds - on a shared, oversubscribed machine the
-    # wall clock mostly measures the other processes; CPU time measures the work done
-    cpu_clock = clock == "cpu" and not cuda
-    clock = time.process_time if cpu_clock else time.perf_counter
-    pf_len = max(1, min(seq_len, cfg.max_seq_len - 1))
-
-    def row(key, label, ours, theirs, unit):
-        ratio = (ours / theirs) if (ours is not None and theirs) else None
-        speed[key] = {"label": label, "ours": ours, "hf": theirs, "ratio": ratio, "unit": unit}
-
-    def run_pair(fn_ours, fn_hf, warmup=1):
-        # interleaved (ours, HF, ours, HF, ...) so both see the same machine load; medians kept
-        fns = [fn_ours] + ([fn_hf] if hf_model is not None else [])
-        for fn in fns:
-            for _ in range(warmup):
-                fn()
-        times = [[] for _ in fns]
-        for _ in range(max(1, repeat)):
-            for k, fn in enumerate(fns):
-                _sync(device)
-                t0 = clock()
-                fn()
-                _sync(device)
-                times[k].append(clock() - t0)
-        med = [sorted(t)[len(t) // 2] for t in times]
-        return med[0], (med[1] if len(med) > 1 else None)
-
-    steps = [("prefill", None), ("decode b1 cache", 1), ("decode b8 cache", 8), ("decode b1 no cache", 1),
-             ("decode b8 no cache", 8), ("train", None)]
-    bar = tqdm(steps, desc="speed", unit="test", leave=False, dynamic_ncols=True) if (progress and tqdm) else steps
-    with _autocast(device, dtype):
-        for name, B in bar:
-            if name == "prefill":
-                idx = torch.randint(0, V, (1, pf_len), generator=gen).to(device)
-                t_o, t_h = run_pair(lambda: model.generate(idx, 1, temperature=0),
-                                    lambda: hf_model.generate(idx, max_new_tokens=1, do_sample=False,
-                                                              attention_mask=torch.ones_like(idx)))
-                row("prefill_tok_s", f"prefill tokens/s (batch 1, {pf_len} tokens)", pf_len / t_o,
-                    pf_len / t_h if t_h else None, "tok/s")
-            elif name.startswith("decode"):
-                idx = torch.randint(0, V, (B, prompt_len), generator=gen).to(device)
-                N = decode_tokens
-                if "no cache" in name:
-                    t_o, t_h = run_pair(lambda: _greedy_full_recompute(model, idx, N),
-                                        lambda: hf_model.generate(idx, max_new_tokens=N, do_sample=False,
-                                                                  use_cache=False,
-                                                                  attention_mask=torch.ones_like(idx)))
-                    key = f"decode_b{B}_nocache_tok_s"
-                else:
-                    t_o, t_h = run_pair(lambda: model.generate(idx, N, temperature=0),
-                                        lambda: hf_model.generate(idx, max_new_tokens=N, do_sample=False,
-                                                                  attention_mask=torch.ones_like(idx)))
-                    key = f"decode_b{B}_tok_s"
-                row(key, f"decode tokens/s (batch {B}, {'no' if 'no cache' in name else 'KV'} cache, "
-                    f"{prompt_len}+{N} tokens)", B * N / t_o, B * N / t_h if t_h else None, "tok/s")
-            else:
-                xb = torch.randint(0, V, (batch_size, seq_len), generator=gen).to(device)
-                yb = torch.randint(0, V, (batch_size, seq_len), generator=gen).to(device)
-                model.train()
-                train_model = compiled if compiled is not None else model
-                opt = M.configure_optimizers(model, lr=1e-4, device_type="cuda" if cuda else "cpu")
-
-                def step_ours():
-                    _, l = train_model(xb, yb)
-                    l.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
-                step_hf = opt_h = None
-                if hf_model is not None:
-                    hf_model.train()
-                    opt_h = torch.optim.AdamW(M.param_groups(hf_model, 0.1), lr=1e-4, betas=(0.9, 0.95),
-                                              eps=1e-8, fused=cuda)
-
-                    def step_hf():
-                        out = hf_model(input_ids=xb, labels=xb)
-                        out.loss.backward()
-                        opt_h.step()
-                        opt_h.zero_grad(set_to_none=True)
-
-                # peak memory: one step each on its own (optimizer state already allocated)
-                step_ours()
-                mem.reset()
-                step_ours()
-                mem_o = mem.peak()
-                mem_h = None
-                if step_hf is not None:
-                    step_hf()
-                    mem.reset()
-                    step_hf()
-                    mem_h = mem.peak()
-                # speed: interleaved steps, medians
-                t_o, t_h = run_pair(step_ours, step_hf, warmup=1 if compiled is not None else 0)
-                del opt, opt_h
-                if hf_model is not None:
-                    hf_model.eval()
-                model.eval()
-                tok = batch_size * seq_len
-                row("train_tok_s", f"training step tokens/s (batch {batch_size} x {seq_len}, AdamW)",
-                    tok / t_o, tok / t_h if t_h else None, "tok/s")
-                if peak:
-                    row("train_mfu", "training MFU", M.estimate_mfu(tok / t_o, cfg, seq_len, peak),
-                        M.estimate_mfu(tok / t_h, cfg, seq_len, peak) if t_h else None, "fraction")
-                row("train_peak_mem_mb", "training peak memory MB (" + ("CUDA allocated" if cuda else
-                    "process peak RSS") + ")", mem_o / 2**20 if mem_o else None,
-                    mem_h / 2**20 if mem_h else None, "MB")
-        if compile and hf_model is not None:
-            # model.compile_decode: a static-shape decode step (static KV cache, attention over the
-            # whole buffer with a mask) compiled once; on CUDA it is replayed as a CUDA graph
-            N, B = decode_tokens, 1
-            idx = torch.randint(0, V, (B, prompt_len), generator=gen).to(device)
-            model.compile_decode(B, prompt_len + N)
-
-            def compiled_decode():
-                return model.generate(idx, N, temperature=0)[:, prompt_len:]
-
-            t0 = time.perf_counter()
-            try:
-                same = torch.equal(compiled_decode().cpu(),
-                                   hf_model.generate(idx, max_new_tokens=N, do_sample=False,
-                                                     attention_mask=torch.ones_like(idx))[:, prompt_len:].cpu())
-                _check(checks, "compiled decode step = LlamaForCausalLM.generate", same,
-                       f"{N} greedy tokens {'identical' if same else 'DIFFER'} "
-                       f"(compile {time.perf_counter() - t0:.1f}s)")
-                t_o, t_h = run_pair(compiled_decode,
-                                    lambda: hf_model.generate(idx, max_new_tokens=N, do_sample=False,
-                                                              attention_mask=torch.ones_like(idx)))
-                row("decode_b1_compiled_tok_s", f"decode tokens/s (batch 1, KV cache, compiled step, "
-                    f"{prompt_len}+{N} tokens)", N / t_o, N / t_h, "tok/s")
-            except Exception as e:  # no compiler toolchain: report, do not crash the run
-                _check(checks, "compiled decode step = LlamaForCausalLM.generate", False,
-                       f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            finally:
-                model.clear_cache()
-    extra["seq_len"], extra["batch_size"] = seq_len, batch_size
-    extra["clock"] = "process CPU time" if cpu_clock else "wall clock"
-    extra["prompt_len"], extra["decode_tokens"] = prompt_len, decode_tokens
-    required_ok = all(c["passed"] for c in checks if c["required"])
+    t = _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt_len, decode_tokens, repeat,
+                         hf, seed, clock)
+    print(f"self-test: config {config if isinstance(config, str) else 'custom'} on {t.device}, dtype "
+          f"{_dtype_str(t.dtype)}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    for check in CHECKS:
+        check(t)
+    t.model.eval()
+    steps = tqdm(SPEED, desc="speed", unit="test", leave=False, dynamic_ncols=True) if (progress and tqdm) else SPEED
+    with fishai.autocast(t.device, t.dtype):
+        for timing in steps:
+            timing(t)
     return {
         "config": config if isinstance(config, str) else "custom",
-        "model_config": cfg.to_dict(),
-        "params": n,
-        "device": device,
-        "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)",
-        "dtype": str(dtype).replace("torch.", ""),
-        "compile": bool(compile),
+        "model_config": t.cfg.to_dict(),
+        "params": t.model.num_params(),
+        "device": str(t.device),
+        "device_name": torch.cuda.get_device_name(t.device) if t.cuda else f"CPU ({os.cpu_count()} cores)",
+        "dtype": _dtype_str(t.dtype),
+        "compile": t.compile,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "settings": extra,
-        "checks": checks,
-        "speed": speed,
-        "passed": required_ok,
+        "settings": {"seq_len": t.seq_len, "batch_size": t.batch_size, "prompt_len": t.prompt_len,
+                     "decode_tokens": t.decode_tokens,
+                     "clock": "process CPU time" if t.clock is time.process_time else "wall clock"},
+        "checks": t.checks,
+        "speed": t.speed,
+        "passed": all(c["passed"] for c in t.checks if c["required"]),
     }
 
 
@@ -1133,22 +1372,65 @@ def self_test_markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def run_self_test(args) -> int:
+    check_outputs(args)
+    if args.config not in fishai.CONFIGS:
+        raise BenchmarkError(f"--config {args.config!r}: choose one of {', '.join(fishai.CONFIGS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = self_test(args.config, device=args.device, dtype=args.dtype, compile=args.compile,
+                    batch_size=args.batch_size, seq_len=args.seq_len, prompt_len=args.prompt_len,
+                    decode_tokens=args.decode_tokens, repeat=args.repeat, hf=not args.no_hf, seed=args.seed,
+                    progress=not args.quiet, clock=args.clock)
+    print()
+    print(format_speed_table(res["speed"]))
+    failed = [c["name"] for c in res["checks"] if c["required"] and not c["passed"]]
+    print(f"\n{'all checks passed' if not failed else 'FAILED: ' + ', '.join(failed)}")
+    write_outputs(args, res, self_test_markdown)
+    return du.EXIT_FAILED if failed else du.EXIT_OK
+
+
 # ----------------------------------------------------------------------------------------------
 # `data`: end-to-end prepare (data_utils.py) vs bare encode_batch, and peak memory at 1x / Nx corpus size
 
+def _cpu_seconds() -> float:
+    import resource  # Unix only, like the peak-RSS measurement it comes with
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# A child's ru_maxrss also counts the pages of the parent it was forked from (with torch loaded:
+# hundreds of MB), so prepare runs under this wrapper, which reports the peak of the memory exec gave
+# it (VmHWM, Linux) on its last stderr line; elsewhere ru_maxrss is what there is.
+_PEAK_WRAPPER = """\
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    try:
+        with open("/proc/self/status") as f:
+            print("VmHWM", *[line.split()[1] for line in f if line.startswith("VmHWM:")], file=sys.stderr)
+    except OSError:
+        pass
+"""
+
 
 def _run_measured(cmd: list[str]) -> tuple[float, int, float]:
-    """Run a command, return (seconds, peak RSS bytes of that process, CPU seconds user+sys)."""
-    import subprocess
-
+    """Run a Python script (cmd = [python, script, args...]); return (seconds, peak RSS bytes of that
+    process, CPU seconds user+sys)."""
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([cmd[0], "-c", _PEAK_WRAPPER, *cmd[1:]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     _, status, ru = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise BenchmarkError(f"benchmark command failed ({' '.join(cmd)}): {err.strip().splitlines()[-1:] }")
-    return time.time() - t0, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
+    err = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
+    proc.stderr.close()
+    peak = ru.ru_maxrss * 1024
+    if err and err[-1].startswith("VmHWM "):
+        peak = int(err.pop().split()[1]) * 1024
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise BenchmarkError(f"benchmark command failed ({' '.join(cmd)}): {err[-1] if err else 'no message'}")
+    return time.time() - t0, peak, ru.ru_utime + ru.ru_stime
 
 
 def make_scaled_corpus(source, out_dir, copies: int, text_key: str = "text") -> tuple[Path, int]:
@@ -1158,92 +1440,87 @@ def make_scaled_corpus(source, out_dir, copies: int, text_key: str = "text") -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"corpus_x{copies}.txt"
-    n = 0
     with open(path, "w", encoding="utf-8") as f:
         for k in range(copies):
             for d in du.iter_documents(source, text_key):
-                d = d.replace("\n\n", "\n")  # keep each document one block when re-read
-                d = re.sub(r"\n\s*\n", "\n", d)
-                s = (f"[{k}] " if k else "") + d.strip("\n") + "\n\n"
-                n += f.write(s)
+                d = re.sub(r"\n\s*\n", "\n", d.replace("\n\n", "\n"))  # keep each document one block when re-read
+                f.write((f"[{k}] " if k else "") + d.strip("\n") + "\n\n")
     return path, path.stat().st_size
 
 
+def _measure_prepare(cmd: list[str], outd: Path) -> dict:
+    """One `data_utils.py prepare` subprocess writing to outd (removed afterwards): its own timing
+    (meta.json), process wall and CPU seconds, peak RSS and token count."""
+    secs, rss, cpu = _run_measured(cmd)
+    meta = json.loads((outd / "meta.json").read_text())
+    shutil.rmtree(outd, ignore_errors=True)
+    return {"seconds_pipeline": meta["seconds"], "seconds_process": round(secs, 3),
+            "cpu_seconds_process": round(cpu, 3), "peak_rss_MB": round(rss / 2**20, 1),
+            "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
+            "filter_dropped": (meta.get("filter") or {}).get("dropped")}
+
+
+def _time_encode(encode, docs: list[str], batch_docs: int) -> dict:
+    """encode(batch) over documents already in memory, in batches of batch_docs as prepare does."""
+    c0, t0 = _cpu_seconds(), time.time()
+    n_tok = 0
+    for i in range(0, len(docs), batch_docs):
+        n_tok += sum(len(e) for e in encode(docs[i:i + batch_docs]))
+    return {"seconds": round(time.time() - t0, 3), "cpu_seconds": round(_cpu_seconds() - c0, 3), "tokens": n_tok}
+
+
+def _best(runs: list[dict], key: str, nbytes: int) -> dict:
+    """The fastest of repeated runs (a shared machine's load slows some of them), its MB/s and all times."""
+    best = min(runs, key=lambda r: r[key])
+    return {**best, "MB_per_s": round(nbytes / 1e6 / best[key], 3), "all_seconds": [r[key] for r in runs]}
+
+
+def _compare_at_1x(tok, corpus: Path, prepare_cmd, outd: Path, repeat: int, batch_docs: int) -> dict:
+    """Alternate bare encode_batch, the faster encode prepare uses, and prepare end to end `repeat`
+    times on the same corpus (so the machine's load hits all alike); keep the best of each."""
+    docs = list(du.iter_documents(corpus))
+    nbytes = corpus.stat().st_size
+    bare, fast, e2e = [], [], []
+    for _ in range(max(1, repeat)):
+        bare.append(_time_encode(partial(tok.backend.encode_batch, add_special_tokens=False), docs, batch_docs))
+        fast.append(_time_encode(partial(du.fast_encode_batch, tok.backend), docs, batch_docs))
+        e2e.append(_measure_prepare(prepare_cmd(corpus, outd), outd))
+    res = {"corpus_bytes": nbytes, "docs": len(docs), "bare_encode_batch": _best(bare, "seconds", nbytes),
+           "bare_encode_batch_fast": _best(fast, "seconds", nbytes),
+           "end_to_end_x1": _best(e2e, "seconds_pipeline", nbytes)}
+    for key, ref in (("end_to_end_vs_bare", "bare_encode_batch"),
+                     ("end_to_end_vs_bare_fast", "bare_encode_batch_fast")):
+        res[key] = round(res["end_to_end_x1"]["MB_per_s"] / res[ref]["MB_per_s"], 3)
+    return res
+
+
 def bench_prepare(input_source, tokenizer, workdir=None, filter_spec: str = "default", scale: int = 10,
-          batch_docs: int = 1024, repeat: int = 3, log=print) -> dict:
+                  batch_docs: int = 1024, repeat: int = 3, log=print) -> dict:
     """Throughput of prepare (read -> filter -> encode -> write, in a subprocess) vs bare
     encode_batch on the same documents held in memory, and peak RSS of prepare at 1x and
-    `scale`x the corpus. The 1x comparison alternates bare / end-to-end `repeat` times and keeps
-    the best of each (a shared machine's load hits both alike); CPU seconds are reported too."""
-    import resource
-    import shutil
-
+    `scale`x the corpus. end_to_end_vs_bare is prepare's MB/s over bare encode_batch's (1.0 = the
+    pipeline costs nothing beyond tokenizing); CPU seconds are reported too."""
     tok = du.load_tokenizer(tokenizer)
     work = Path(workdir or tempfile.mkdtemp(prefix="fishai_bench_"))
     work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"input": str(input_source), "tokenizer_vocab": tok.vocab_size, "filter": filter_spec,
-                 "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "repeat": repeat}
 
     def prepare_cmd(corpus, outd):
-        return [sys.executable, str(Path(__file__).with_name("data_utils.py")), "prepare", "--input", str(corpus), "--tokenizer",
-                str(tokenizer), "--output", str(outd), "--filter", filter_spec, "--overwrite", "--quiet",
-                "--batch-docs", str(batch_docs)]
+        return [sys.executable, str(Path(__file__).with_name("data_utils.py")), "prepare", "--input", str(corpus),
+                "--tokenizer", str(tokenizer), "--output", str(outd), "--filter", filter_spec, "--overwrite",
+                "--quiet", "--batch-docs", str(batch_docs)]
 
+    res: dict = {"input": str(input_source), "tokenizer_vocab": tok.vocab_size, "filter": filter_spec,
+                 "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "repeat": repeat}
     try:
-        c1, b1 = make_scaled_corpus(input_source, work / "c1", 1)
-        docs = list(du.iter_documents(c1))
-        res["corpus_bytes"] = b1
-        res["docs"] = len(docs)
-        bare_runs, e2e_runs, fast_runs = [], [], []
-        for _ in range(max(1, repeat)):
-            # bare encode_batch: documents already in memory, same batch size as prepare
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0 = time.time()
-            n_tok = 0
-            for i in range(0, len(docs), batch_docs):
-                n_tok += sum(len(e.ids) for e in tok.backend.encode_batch(docs[i:i + batch_docs], add_special_tokens=False))
-            wall = time.time() - t0
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            bare_runs.append({"seconds": round(wall, 3), "cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3),
-                              "tokens": n_tok})
-            # and the faster variant prepare itself uses, so the overhead of the pipeline shows too
-            t0 = time.time()
-            for i in range(0, len(docs), batch_docs):
-                du.fast_encode_batch(tok.backend, docs[i:i + batch_docs])
-            fast_runs.append(round(time.time() - t0, 3))
-            outd = work / "out1"
-            secs, rss, cpu = _run_measured(prepare_cmd(c1, outd))
-            meta = json.loads((outd / "meta.json").read_text())
-            e2e_runs.append({"seconds_pipeline": meta["seconds"], "seconds_process": round(secs, 3),
-                             "cpu_seconds_process": round(cpu, 3), "peak_rss_MB": round(rss / 2**20, 1),
-                             "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
-                             "filter_dropped": (meta.get("filter") or {}).get("dropped")})
-            shutil.rmtree(outd, ignore_errors=True)
-        del docs
-        best_bare = min(bare_runs, key=lambda r: r["seconds"])
-        best_e2e = min(e2e_runs, key=lambda r: r["seconds_pipeline"])
-        res["bare_encode_batch"] = {**best_bare, "MB_per_s": round(b1 / 1e6 / best_bare["seconds"], 3),
-                                    "all_seconds": [r["seconds"] for r in bare_runs]}
-        res["end_to_end_x1"] = {**best_e2e, "MB_per_s": round(b1 / 1e6 / best_e2e["seconds_pipeline"], 3),
-                                "all_seconds": [r["seconds_pipeline"] for r in e2e_runs]}
-        res["end_to_end_vs_bare"] = round(res["end_to_end_x1"]["MB_per_s"] / res["bare_encode_batch"]["MB_per_s"], 3)
-        res["bare_encode_batch_fast"] = {"seconds": min(fast_runs), "MB_per_s": round(b1 / 1e6 / min(fast_runs), 3),
-                                         "all_seconds": fast_runs}
-        res["end_to_end_vs_bare_fast"] = round(res["end_to_end_x1"]["MB_per_s"]
-                                               / res["bare_encode_batch_fast"]["MB_per_s"], 3)
+        c1, _ = make_scaled_corpus(input_source, work / "c1", 1)
+        res.update(_compare_at_1x(tok, c1, prepare_cmd, work / "out1", repeat, batch_docs))
         if scale and scale > 1:
-            cp, nb = make_scaled_corpus(input_source, work / f"c{scale}", scale)
-            outd = work / f"out{scale}"
-            secs, rss, cpu = _run_measured(prepare_cmd(cp, outd))
-            meta = json.loads((outd / "meta.json").read_text())
-            res[f"end_to_end_x{scale}"] = {"corpus_bytes": nb, "seconds_pipeline": meta["seconds"],
-                                          "MB_per_s": round(nb / 1e6 / meta["seconds"], 3),
-                                          "cpu_seconds_process": round(cpu, 3), "peak_rss_MB": round(rss / 2**20, 1),
-                                          "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
-                                          "filter_dropped": (meta.get("filter") or {}).get("dropped")}
-            shutil.rmtree(outd, ignore_errors=True)
+            cp, nbytes = make_scaled_corpus(input_source, work / f"c{scale}", scale)
+            run = _measure_prepare(prepare_cmd(cp, work / f"out{scale}"), work / f"out{scale}")
+            res[f"end_to_end_x{scale}"] = {"corpus_bytes": nbytes, **run,
+                                           "MB_per_s": round(nbytes / 1e6 / run["seconds_pipeline"], 3)}
             shutil.rmtree(work / f"c{scale}", ignore_errors=True)
-            res["peak_rss_MB_x1_vs_xN"] = [best_e2e["peak_rss_MB"], res[f"end_to_end_x{scale}"]["peak_rss_MB"]]
+            res["peak_rss_MB_x1_vs_xN"] = [res["end_to_end_x1"]["peak_rss_MB"], run["peak_rss_MB"]]
     finally:
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -1252,162 +1529,24 @@ def bench_prepare(input_source, tokenizer, workdir=None, filter_spec: str = "def
     return res
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-def add_output_args(parser, json_help="write the results as JSON"):
-    """--json/--report/--overwrite/--no-progress, shared by both subcommands and reference_benchmark.py."""
-    parser.add_argument("--json", metavar="PATH", help=json_help)
-    parser.add_argument("--report", metavar="PATH", help="write a markdown report")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--report files")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def check_outputs(args):
-    """Refuse to overwrite an existing --json/--report file unless --overwrite."""
-    for flag in ("json", "report"):
-        path = getattr(args, flag)
-        if path and Path(path).exists() and not args.overwrite:
-            raise BenchmarkError(f"--{flag} {path}: file exists; pass --overwrite to replace it")
-
-
-def write_outputs(args, res, to_markdown):
-    """Write --json (the results) and --report (to_markdown(results)) after a run; the paths were
-    checked by check_outputs before the run started."""
-    if args.json:
-        write_json(args.json, res)
-        print(f"wrote {args.json}")
-    if args.report:
-        atomic_write_text(args.report, to_markdown(res))
-        print(f"wrote {args.report}")
-
-
-def add_data_args(parser):
-    """The dataset and scoring flags, shared by benchmark.py full and reference_benchmark.py."""
-    parser.add_argument("--wikitext103", metavar="PATH", help="local WikiText-103 file (e.g. wiki.test.tokens)")
-    parser.add_argument("--wikitext2", metavar="PATH", help="local WikiText-2 file (e.g. test.txt)")
-    parser.add_argument("--ptb", metavar="PATH", help="local PTB file (e.g. ptb.test.txt)")
-    parser.add_argument("--data", action="append", metavar="NAME=PATH", help="extra dataset (repeatable); NAME "
-                        "wikitext103/wikitext2/ptb uses that reader, anything else reads plain text")
-    parser.add_argument("--split", default="test", help="split for hub datasets (default test)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N documents per dataset")
-    parser.add_argument("--max-chars", type=int, default=None, help="score at most N characters per dataset "
-                        "(quick runs; cut at a line boundary)")
-    parser.add_argument("--detokenize", action="store_true", help="undo WikiText tokenization (' @-@ ', ' , ') "
-                        "before scoring, as the GPT-2 paper's zero-shot numbers did")
-    parser.add_argument("--stride", type=int, default=None, help="new tokens per window (default: context length = "
-                        "disjoint windows; smaller = more context per token, slower)")
-    parser.add_argument("--max-seq-len", type=int, default=None, help="cap the context window (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="FishAI benchmarks: self-test (correctness + speed vs transformers) "
-                                "and full (perplexity + generation quality).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Usage:")[1]
-                                .split("Scoring conventions")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
-    st = sub.add_parser("self-test", help="build a preset, check correctness, measure speed vs HF Llama")
-    st.add_argument("--config", default="tiny", help="model preset: tiny, small, medium, large (default tiny)")
-    st.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    st.add_argument("--dtype", default=None, help="autocast dtype: float32, bf16, fp16 "
-                    "(default bf16 on CUDA, float32 on CPU)")
-    st.add_argument("--compile", action="store_true",
-                    help="also check and time torch.compile: the training step and a static-cache decode step "
-                    "(CUDA graphs on GPU)")
-    st.add_argument("--batch-size", type=int, default=None, help="training batch (default 4 CPU / 16 CUDA)")
-    st.add_argument("--seq-len", type=int, default=None, help="training/prefill length (default 256 CPU / 1024 CUDA)")
-    st.add_argument("--prompt-len", type=int, default=32, help="decode prompt length (default 32)")
-    st.add_argument("--decode-tokens", type=int, default=None,
-                    help="new tokens per decode run (default 32 CPU / 128 CUDA)")
-    st.add_argument("--repeat", type=int, default=3, help="timed runs per measurement; the median is kept (default 3)")
-    st.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="time with the wall clock (default) or process CPU time (CPU only: steadier on a busy "
-                         "machine; speeds are then tokens per CPU-second)")
-    st.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    st.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
-                    "1 gives steadier numbers on a busy machine")
-    st.add_argument("--seed", type=int, default=0)
-    add_output_args(st)
-
-    fu = sub.add_parser("full", help="perplexity on WikiText-103/WikiText-2/PTB + generation quality")
-    fu.add_argument("--model", default="checkpoints/fishai-best.pt",
-                    help="checkpoint .pt, quantized .bin, HF dir (or hub name with --hf); "
-                         "default checkpoints/fishai-best.pt")
-    fu.add_argument("--hf", action="store_true", help="load --model through transformers AutoModelForCausalLM")
-    fu.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    fu.add_argument("--dtype", default=None, help="model dtype: float32, bf16, fp16 (default: as stored)")
-    add_data_args(fu)
-    fu.add_argument("--no-generation", action="store_true", help="skip the generation-quality samples")
-    fu.add_argument("--samples", type=int, default=2, help="samples per prompt (default 2)")
-    fu.add_argument("--gen-tokens", type=int, default=64, help="new tokens per sample (default 64)")
-    fu.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    fu.add_argument("--top-k", type=int, default=50, help="top-k sampling, 0 = off (default 50)")
-    fu.add_argument("--seed", type=int, default=1234, help="sampling seed (default 1234)")
-    add_output_args(fu, "write results as JSON (keys as in DESIGN.md)")
-
-    da = sub.add_parser("data", help="data_utils.py prepare end to end vs bare encode_batch; peak memory at 1x/Nx")
-    da.add_argument("--input", required=True, help="corpus (any data_utils.iter_documents source)")
-    da.add_argument("--tokenizer", required=True, help="tokenizer dir")
-    da.add_argument("--filter", default="default", help="filter spec used by prepare (default: default)")
-    da.add_argument("--scale", type=int, default=10, help="the large corpus is this many copies (memory check; default 10)")
-    da.add_argument("--repeat", type=int, default=3, help="alternate bare / end-to-end runs this often, keep the best (default 3)")
-    da.add_argument("--workdir", default=None, help="keep temp corpora here (default: a temp dir, removed)")
-    add_output_args(da)
-    return p
-
-
 def run_data(args) -> int:
     check_outputs(args)
     res = bench_prepare(args.input, args.tokenizer, workdir=args.workdir, filter_spec=args.filter, scale=args.scale,
                         repeat=args.repeat, log=None)
     print(json.dumps(res, indent=2))
     write_outputs(args, res, lambda r: "```json\n" + json.dumps(r, indent=2) + "\n```\n")
-    return 0
+    return du.EXIT_OK
 
 
-def run_self_test(args) -> int:
-    check_outputs(args)
-    import model as M
-    if args.config not in M.CONFIGS:
-        raise BenchmarkError(f"--config {args.config!r}: choose one of {', '.join(M.CONFIGS)}")
-    for flag in ("batch_size", "seq_len", "prompt_len", "decode_tokens", "repeat"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise BenchmarkError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    res = self_test(args.config, device=args.device, dtype=args.dtype, compile=args.compile,
-                    batch_size=args.batch_size, seq_len=args.seq_len, prompt_len=args.prompt_len,
-                    decode_tokens=args.decode_tokens, repeat=args.repeat, hf=not args.no_hf, seed=args.seed,
-                    progress=not args.no_progress, clock=args.clock)
-    print()
-    print(format_speed_table(res["speed"]))
-    failed = [c["name"] for c in res["checks"] if c["required"] and not c["passed"]]
-    print(f"\n{'all checks passed' if not failed else 'FAILED: ' + ', '.join(failed)}")
-    write_outputs(args, res, self_test_markdown)
-    return 0 if not failed else 1
+# ----------------------------------------------------------------------------------------------
+# CLI
 
-
-def run_cli(fn, args) -> int:
-    """Run a command with the scripts' error contract: one `error:` line and exit 2 on bad input,
-    130 on Ctrl-C (shared with reference_benchmark.py)."""
-    try:
-        return fn(args)
-    except (BenchmarkError, ValueError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+COMMANDS = {"self-test": run_self_test, "full": run_full, "data": run_data}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli({"self-test": run_self_test, "full": run_full, "data": run_data}[args.command], args)
+    return du.run_cli(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -298,7 +298,186 @@ def test_self_test_checks_pass_and_speed_is_measured(tiny_config):
 
 def test_self_test_cli_rejects_bad_flags(tmp_path, capsys):
     for args, needle in [(["--config", "huge"], "tiny"), (["--repeat", "0"], "--repeat")]:
-        assert B.main(["self-test", *args, "--json", str(tmp_path / "s.json")]) == 2
+        try:
+            rc = B.main(["self-test", *args, "--json", str(tmp_path / "s.json")])
+        except SystemExit as e:  # numeric flags are refused while parsing (issue 14), with the same exit code
+            rc = e.code
+        assert rc == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and needle in err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_self_test_exit_code_follows_the_checks(tmp_path, tiny_config, monkeypatch, capsys):
+    """Exit 0 when every required check passes, 1 when one fails; the JSON says which (issue 14).
+    Also the --no-hf path: speed rows without an HF figure."""
+    import model
+    monkeypatch.setitem(model.CONFIGS, "unit-test", tiny_config)
+    args = ["self-test", "--config", "unit-test", "--device", "cpu", "--no-hf", "--batch-size", "2",
+            "--seq-len", "32", "--prompt-len", "4", "--max-new-tokens", "4", "--repeat", "1", "--clock", "cpu",
+            "--quiet"]
+    assert B.main([*args, "--json", str(tmp_path / "ok.json")]) == 0
+    ok = json.loads((tmp_path / "ok.json").read_text())
+    assert ok["passed"] and ok["settings"]["decode_tokens"] == 4
+    assert "same logits as transformers LlamaForCausalLM" not in {c["name"] for c in ok["checks"]}
+    assert ok["speed"]["decode_b1_tok_s"]["ours"] > 0 and ok["speed"]["decode_b1_tok_s"]["hf"] is None
+
+    def check_always_fails(t):
+        t.check("a check that fails", False, "on purpose")
+
+    monkeypatch.setattr(B, "CHECKS", [*B.CHECKS, check_always_fails])
+    capsys.readouterr()
+    assert B.main([*args, "--json", str(tmp_path / "bad.json")]) == 1
+    bad = json.loads((tmp_path / "bad.json").read_text())
+    assert not bad["passed"] and bad["checks"][-1] == {"name": "a check that fails", "passed": False,
+                                                       "detail": "on purpose", "required": True}
+    assert "FAILED: a check that fails" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14: bits/byte first, character-level figures for text without spaces
+
+# The opening of the Analects (public domain): no spaces between words, one "word" per line.
+ZH_TEXT = ("子曰：學而時習之，不亦說乎？有朋自遠方來，不亦樂乎？人不知而不慍，不亦君子乎？\n"
+           "有子曰：其為人也孝弟，而好犯上者，鮮矣；不好犯上，而好作亂者，未之有也。君子務本，本立而道生。\n"
+           "子曰：巧言令色，鮮矣仁！\n"
+           "曾子曰：吾日三省吾身：為人謀而不忠乎？與朋友交而不信乎？傳不習乎？\n")
+EN_TEXT = ("The history of the city began in the Roman period, when a small fort was built on the river. "
+           "In the twelfth century the town received a charter, and its market grew quickly.\n")
+
+
+def _check_char_figures(r, text):
+    assert r["chars"] == len(text) and r["bytes"] == len(text.encode("utf-8"))
+    assert r["char_ppl"] == pytest.approx(math.exp(r["nll"] / r["chars"]))
+    assert r["chars_per_token"] == pytest.approx(r["chars"] / r["tokens"])
+    assert r["bits_per_byte"] == pytest.approx(r["nll"] / r["bytes"] / math.log(2))
+
+
+def test_unspaced_text_gets_character_level_figures(trained_lm):
+    zh = B.perplexity(trained_lm, ZH_TEXT, progress=False)
+    en = B.perplexity(trained_lm, EN_TEXT, progress=False)
+    _check_char_figures(zh, ZH_TEXT)
+    _check_char_figures(en, EN_TEXT)
+    assert zh["spaced"] is False and en["spaced"] is True
+    assert zh["words"] * B.SPACED_CHARS_PER_WORD < zh["chars"] and en["words"] * 7 > en["chars"]
+    # per word, a whole line is one "word": its perplexity is astronomically large; per character it is not
+    assert zh["word_ppl"] > 1e20 and math.isfinite(zh["char_ppl"]) and zh["char_ppl"] < zh["word_ppl"]
+    # tables and console lines: bits/byte first, then char PPL for Chinese and word PPL for English
+    table = B.format_ppl_table({"analects": zh, "english": en})
+    head, zh_row, en_row = table.splitlines()
+    assert head.split()[1] == "bits/byte" and zh_row.split()[1] == f"{zh['bits_per_byte']:.4f}"
+    assert zh_row.split()[2:4] == [B.fmt_ppl(zh["char_ppl"]), "char"] and B.fmt_ppl(zh["word_ppl"]) not in zh_row
+    assert en_row.split()[2:4] == [B.fmt_ppl(en["word_ppl"]), "word"]
+    line = B.describe_ppl("analects", zh)
+    assert line.startswith("analects: bits/byte ") and "char ppl" in line and "word ppl" not in line
+    assert B.describe_ppl("english", en).split(", ")[1] == f"word ppl {B.fmt_ppl(en['word_ppl'])}"
+
+
+def test_real_chinese_book_is_scored_per_character(trained_lm, shared_data):
+    """The first 20 KB of a real Chinese book (the old output printed word ppl 2.02e+117 here)."""
+    book = sorted((shared_data / "books_zh").glob("*.txt"))[0]
+    text = book.read_bytes()[:20_000].decode("utf-8", "ignore")
+    r = B.perplexity(trained_lm, text, progress=False)
+    _check_char_figures(r, text)
+    assert r["spaced"] is False and r["words"] * B.SPACED_CHARS_PER_WORD < r["chars"]
+    assert math.isfinite(r["char_ppl"]) and r["char_ppl"] < r["word_ppl"]
+    value, per = B.headline_ppl(r)
+    assert (value, per) == (r["char_ppl"], "char")
+
+
+def test_full_cli_reports_char_ppl_for_chinese(tmp_path, trained_ckpt, capsys):
+    zh, en = tmp_path / "zh.txt", tmp_path / "en.txt"
+    zh.write_text(ZH_TEXT * 3, encoding="utf-8")
+    en.write_text(EN_TEXT * 3, encoding="utf-8")
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    rc = B.main(["full", "--model", str(trained_ckpt), "--device", "cpu", "--data", f"analects={zh}",
+                 "--data", f"english={en}", "--no-generation", "--quiet", "--json", str(out), "--report", str(md)])
+    assert rc == 0
+    res = json.loads(out.read_text())["perplexity"]
+    assert res["analects"]["spaced"] is False and res["english"]["spaced"] is True
+    for r in res.values():  # word PPL stays in the JSON for both
+        assert {"bits_per_byte", "word_ppl", "char_ppl", "chars", "chars_per_token", "spaced"} <= set(r)
+    stdout = capsys.readouterr().out
+    assert f"char ppl {B.fmt_ppl(res['analects']['char_ppl'])}" in stdout
+    assert B.fmt_ppl(res["analects"]["word_ppl"]) not in stdout
+    report = md.read_text()
+    assert "| dataset | bits/byte | PPL | per |" in report
+    for name, per in (("analects", "char"), ("english", "word")):
+        r = res[name]
+        assert f"| {name} | {r['bits_per_byte']:.4f} | {B.fmt_ppl(r[per + '_ppl'])} | {per} |" in report
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14: one flag vocabulary, numbers checked while parsing, exit codes
+
+def test_flag_vocabulary_and_hidden_aliases():
+    p = B.build_parser()
+    full = p.parse_args(["full"])
+    assert (full.dtype, full.max_new_tokens, full.quiet, full.overwrite) == ("auto", 64, False, False)
+    old = p.parse_args(["full", "--gen-tokens", "9", "--no-progress", "--force", "--dtype", "bfloat16"])
+    assert (old.max_new_tokens, old.quiet, old.overwrite, old.dtype) == (9, True, True, "bf16")
+    new = p.parse_args(["full", "--max-new-tokens", "7", "--quiet", "--overwrite", "--limit", "3"])
+    assert (new.max_new_tokens, new.quiet, new.overwrite, new.limit) == (7, True, True, 3)
+    st = p.parse_args(["self-test", "--decode-tokens", "5"])
+    assert st.decode_tokens == 5 and p.parse_args(["self-test", "--max-new-tokens", "6"]).decode_tokens == 6
+    assert p.parse_args(["self-test"]).decode_tokens is None and p.parse_args(["self-test"]).dtype == "auto"
+    helps = {name: sub.format_help() for name, sub in p._subparsers._group_actions[0].choices.items()}
+    assert all("--gen-tokens" not in h and "--no-progress" not in h and "--force" not in h for h in helps.values())
+    for bad in (["full", "--limit", "0"], ["full", "--temperature", "-1"], ["full", "--samples", "0"],
+                ["full", "--max-chars", "0"], ["full", "--batch-size", "0"], ["self-test", "--threads", "0"],
+                ["self-test", "--seq-len", "1"], ["data", "--input", "x", "--tokenizer", "t", "--scale", "0"],
+                ["full", "--dtype", "int3"]):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(bad)
+        assert e.value.code == 2, bad
+
+
+def test_full_exits_1_when_a_dataset_is_not_scored(tmp_path, trained_ckpt, capsys):
+    en, empty = tmp_path / "en.txt", tmp_path / "empty.txt"
+    en.write_text(EN_TEXT, encoding="utf-8")
+    empty.write_text("\n\n", encoding="utf-8")
+    out = tmp_path / "r.json"
+    rc = B.main(["full", "--model", str(trained_ckpt), "--data", f"english={en}", "--data", f"blank={empty}",
+                 "--no-generation", "--quiet", "--json", str(out)])
+    assert rc == 1
+    res = json.loads(out.read_text())
+    assert set(res["perplexity"]) == {"english"} and "blank" in res["errors"]
+    assert "error: blank:" in capsys.readouterr().err
+
+
+def test_generate_ids_fits_a_long_prompt_to_the_context(trained_lm):
+    """model.fit_prompt: a prompt longer than the context keeps its newest tokens beside the new ones."""
+    lm = trained_lm
+    prompt = (lm.encode(EN_TEXT) * 4)[: lm.max_seq_len + 20]
+    ids, _ = lm.generate_ids(prompt, 6, temperature=0)
+    ref, _ = lm.generate_ids(prompt[-(lm.max_seq_len - 6):], 6, temperature=0)
+    assert ids == ref and 0 < len(ids) <= 6
+    assert lm.generate_ids(prompt, 0) == ([], False)
+
+
+# ---------------------------------------------------------------------------------------------
+# `data`: prepare end to end vs bare encode_batch
+
+def test_data_cli_compares_prepare_with_bare_encode(tmp_path, text_file, tiny_tokenizer_dir, capsys):
+    out = tmp_path / "d.json"
+    rc = B.main(["data", "--input", str(text_file), "--tokenizer", str(tiny_tokenizer_dir), "--scale", "2",
+                 "--repeat", "1", "--filter", "none", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out.rsplit("wrote", 1)[0]) == res
+    bare, e2e, x2 = res["bare_encode_batch"], res["end_to_end_x1"], res["end_to_end_x2"]
+    assert res["corpus_bytes"] > 100_000 and res["docs"] > 10
+    # prepare writes every token bare encode_batch gives, plus one EOS per document
+    assert e2e["tokens"] == bare["tokens"] + res["docs"] == res["bare_encode_batch_fast"]["tokens"] + res["docs"]
+    assert x2["corpus_bytes"] > 2 * res["corpus_bytes"] and x2["tokens"] > 2 * e2e["tokens"]
+    assert res["end_to_end_vs_bare"] == pytest.approx(e2e["MB_per_s"] / bare["MB_per_s"], abs=2e-3)
+    assert res["end_to_end_vs_bare_fast"] == pytest.approx(
+        e2e["MB_per_s"] / res["bare_encode_batch_fast"]["MB_per_s"], abs=2e-3)
+    assert 0.01 < res["end_to_end_vs_bare"] < 10 and 0.01 < res["end_to_end_vs_bare_fast"] < 10
+    for r in (bare, e2e):
+        assert r["MB_per_s"] == pytest.approx(res["corpus_bytes"] / 1e6 / r.get("seconds", r.get("seconds_pipeline")),
+                                              rel=0.01) and len(r["all_seconds"]) == 1
+    # the peak memory is prepare's own, not the pages of this (torch-loaded) process it was forked from
+    own_rss_mb = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1]) / 1024
+    assert res["peak_rss_MB_x1_vs_xN"] == [e2e["peak_rss_MB"], x2["peak_rss_MB"]]
+    assert 5 < e2e["peak_rss_MB"] < own_rss_mb

@@ -153,3 +153,28 @@ def test_llama_the_fishai_gpt_cannot_represent_falls_back_to_transformers(tmp_pa
     assert lm.kind == "hf" and lm.max_seq_len == 64
     r = B.perplexity(lm, ["The city of Paris is the capital of France. " * 10], progress=False)
     assert r["tokens"] > 64 and 100 < r["token_ppl"] < 3000  # random weights: about uniform
+
+
+def test_table_puts_bits_per_byte_first_and_char_ppl_for_chinese(tmp_path, trained_ckpt, capsys):
+    """Issue 14: bits/byte is the first figure of each dataset; Chinese gets per-character perplexity."""
+    zh, en = tmp_path / "zh.txt", tmp_path / "en.txt"
+    # the opening of the Daodejing (public domain): no spaces between words
+    zh.write_text("道可道，非常道；名可名，非常名。無名天地之始；有名萬物之母。\n故常無欲，以觀其妙；常有欲，以觀其徼。"
+                  "此兩者，同出而異名，同謂之玄。玄之又玄，衆妙之門。\n" * 3, encoding="utf-8")
+    en.write_text("The river runs through the old town, past the market and the church, to the sea.\n" * 6,
+                  encoding="utf-8")
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    rc = R.main(["--models", "", "--fishai", str(trained_ckpt), "--data", f"daodejing={zh}", "--data", f"river={en}",
+                 "--device", "cpu", "--quiet", "--no-published", "--json", str(out), "--report", str(md)])
+    assert rc == 0
+    r = json.loads(out.read_text())["models"][str(trained_ckpt)]["perplexity"]
+    assert r["daodejing"]["spaced"] is False and r["river"]["spaced"] is True
+    table = capsys.readouterr().out.split("\n\n")[-1]
+    head, row = table.splitlines()[:2]
+    assert head.split()[3:7] == ["daodejing", "bpb", "PPL", "river"]
+    cells = row.split()[3:]
+    assert cells[:3] == [f"{r['daodejing']['bits_per_byte']:.4f}", B.fmt_ppl(r["daodejing"]["char_ppl"]), "char"]
+    assert cells[3:6] == [f"{r['river']['bits_per_byte']:.4f}", B.fmt_ppl(r["river"]["word_ppl"]), "word"]
+    report = md.read_text()
+    assert "| daodejing bits/byte | daodejing PPL | daodejing token PPL |" in report
+    assert f"| {r['daodejing']['bits_per_byte']:.4f} | {B.fmt_ppl(r['daodejing']['char_ppl'])} char |" in report
