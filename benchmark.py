@@ -72,24 +72,9 @@ def add_output_args(p, json_help: str = "write the results as JSON"):
 
 
 def add_data_args(p):
-    """The dataset and scoring flags of benchmark.py full."""
-    p.add_argument("--wikitext103", metavar="PATH", help="local WikiText-103 file (e.g. wiki.test.tokens)")
-    p.add_argument("--wikitext2", metavar="PATH", help="local WikiText-2 file (e.g. test.txt)")
-    p.add_argument("--ptb", metavar="PATH", help="local PTB file (e.g. ptb.test.txt)")
-    p.add_argument("--data", action="append", metavar="NAME=PATH", help="extra dataset (repeatable); NAME "
-                   "wikitext103/wikitext2/ptb uses that reader, anything else reads plain text")
-    p.add_argument("--split", default="test", help="split for hub datasets")
-    p.add_argument("--limit", type=du.int_flag(1), default=None, help="score only the first N documents per dataset")
-    p.add_argument("--max-chars", type=du.int_flag(1), default=None,
-                   help="score at most N characters per dataset (quick runs; cut at a line boundary)")
-    p.add_argument("--detokenize", action="store_true", help="undo WikiText tokenization (' @-@ ', ' , ') "
-                   "before scoring, as the GPT-2 paper's zero-shot numbers did")
-    p.add_argument("--stride", type=du.int_flag(1), default=None, help="new tokens per window (default: the "
-                   "context length = disjoint windows; smaller = more context per token, slower)")
-    p.add_argument("--max-seq-len", type=du.int_flag(1), default=None,
-                   help="cap the context window (default: the model's)")
-    p.add_argument("--batch-size", type=du.int_flag(1), default=8, help="windows per forward pass")
-    return p
+    """The dataset and scoring flags of benchmark.py full (data_utils.add_eval_text_flags, shared
+    with reference_benchmark.py, whose parser must answer --help before torch is imported)."""
+    return du.add_eval_text_flags(p)
 
 
 _AUTO_DTYPE = "auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU"
@@ -555,18 +540,6 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-# Text with fewer whitespace-separated words than one per this many characters has no spaces between
-# its words (Chinese, Japanese: a "word" is a whole line). Measured on ../shared/data: English books
-# and WikiText have one word per 5-6 characters, the Python docs one per 7; the Chinese books one per
-# 20-42 (their first 20 KB, English Gutenberg header included).
-SPACED_CHARS_PER_WORD = 12
-
-
-def is_spaced(words: int, chars: int) -> bool:
-    """Whether word perplexity means anything for text with these counts (see SPACED_CHARS_PER_WORD)."""
-    return words * SPACED_CHARS_PER_WORD >= chars
-
-
 def _safe_exp(x: float) -> float:
     try:
         return math.exp(x)
@@ -582,7 +555,7 @@ def perplexity(lm: LM, texts, stride: int | None = None, batch_size: int = 8, pr
     strides give each token up to max_seq_len - stride tokens of extra context. Documents that
     tokenize to nothing (empty strings) are skipped entirely. Word, character and byte counts come
     from the original text, so results of models with different tokenizers are comparable.
-    spaced: False for text without spaces between words (is_spaced), where tables show char_ppl
+    spaced: False for text without spaces between words (data_utils.is_spaced), where tables show char_ppl
     instead of word_ppl; chars_per_token is the tokenizer's compression on this text.
     """
     texts = [texts] if isinstance(texts, str) else texts
@@ -609,7 +582,7 @@ def perplexity(lm: LM, texts, stride: int | None = None, batch_size: int = 8, pr
         "word_ppl": _safe_exp(nll / n["words"]),
         "char_ppl": _safe_exp(nll / n["chars"]),
         "token_ppl": _safe_exp(nll / n["tokens"]),
-        "spaced": is_spaced(n["words"], n["chars"]),
+        "spaced": du.is_spaced(n["chars"], n["words"]),
         "chars_per_token": n["chars"] / n["tokens"],
         **n,
         "nll": nll,

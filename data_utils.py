@@ -363,8 +363,10 @@ def atomic_dir(out, overwrite: bool = False, flag: str = "--output"):
 
 
 # One whitespace-separated word per this many characters or more means text with spaces between
-# its words (English averages about 6); a script without them (Chinese, Japanese) has whole
-# paragraphs as one "word", so word-level figures mean nothing there and character-level ones are used.
+# its words; a script without them (Chinese, Japanese) has whole lines as one "word", so word-level
+# figures mean nothing there and character-level ones are used. Measured on ../shared/data: English
+# books and WikiText have one word per 5-6 characters, the Python docs one per 7, the Chinese books
+# one per 20-42 (their first 20 KB, English Gutenberg header included).
 SPACED_CHARS_PER_WORD = 12
 
 
@@ -1253,6 +1255,28 @@ def _read_eval_file(path: Path) -> str:
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     return text
+
+
+def add_eval_text_flags(p):
+    """The dataset and scoring flags of benchmark.py full and reference_benchmark.py (which texts
+    load_eval_texts reads, and how perplexity windows them)."""
+    p.add_argument("--wikitext103", metavar="PATH", help="local WikiText-103 file (e.g. wiki.test.tokens)")
+    p.add_argument("--wikitext2", metavar="PATH", help="local WikiText-2 file (e.g. test.txt)")
+    p.add_argument("--ptb", metavar="PATH", help="local PTB file (e.g. ptb.test.txt)")
+    p.add_argument("--data", action="append", metavar="NAME=PATH", help="extra dataset (repeatable); NAME "
+                   "wikitext103/wikitext2/ptb uses that reader, anything else reads plain text")
+    p.add_argument("--split", default="test", help="split for hub datasets")
+    p.add_argument("--limit", type=int_flag(1), default=None, help="score only the first N documents per dataset")
+    p.add_argument("--max-chars", type=int_flag(1), default=None,
+                   help="score at most N characters per dataset (quick runs; cut at a line boundary)")
+    p.add_argument("--detokenize", action="store_true", help="undo WikiText tokenization (' @-@ ', ' , ') "
+                   "before scoring, as the GPT-2 paper's zero-shot numbers did")
+    p.add_argument("--stride", type=int_flag(1), default=None, help="new tokens per window (default: the "
+                   "context length = disjoint windows; smaller = more context per token, slower)")
+    p.add_argument("--max-seq-len", type=int_flag(1), default=None,
+                   help="cap the context window (default: the model's)")
+    p.add_argument("--batch-size", type=int_flag(1), default=8, help="windows per forward pass")
+    return p
 
 
 def load_eval_texts(name: str, path=None, split: str = "test", detokenize: bool = False) -> list[str]:

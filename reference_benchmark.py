@@ -32,28 +32,6 @@ import data_utils as du
 DEFAULT_MODELS = ["EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "gpt2", "HuggingFaceTB/SmolLM2-135M"]
 
 
-def _add_data_args(p):
-    """The dataset and scoring flags, the same as benchmark.py full's (benchmark.add_data_args).
-    A copy, because this parser must answer --help before torch is imported and benchmark.py
-    imports torch: it goes once data_utils holds the shared torch-free version."""
-    p.add_argument("--wikitext103", metavar="PATH", help="local WikiText-103 file (e.g. wiki.test.tokens)")
-    p.add_argument("--wikitext2", metavar="PATH", help="local WikiText-2 file (e.g. test.txt)")
-    p.add_argument("--ptb", metavar="PATH", help="local PTB file (e.g. ptb.test.txt)")
-    p.add_argument("--data", action="append", metavar="NAME=PATH", help="extra dataset (repeatable); NAME "
-                   "wikitext103/wikitext2/ptb uses that reader, anything else reads plain text")
-    p.add_argument("--split", default="test", help="split for hub datasets")
-    p.add_argument("--limit", type=du.int_flag(1), default=None, help="score only the first N documents per dataset")
-    p.add_argument("--max-chars", type=du.int_flag(1), default=None,
-                   help="score at most N characters per dataset (quick runs; cut at a line boundary)")
-    p.add_argument("--detokenize", action="store_true", help="undo WikiText tokenization (' @-@ ', ' , ') "
-                   "before scoring, as the GPT-2 paper's zero-shot numbers did")
-    p.add_argument("--stride", type=du.int_flag(1), default=None, help="new tokens per window (default: the "
-                   "context length = disjoint windows; smaller = more context per token, slower)")
-    p.add_argument("--max-seq-len", type=du.int_flag(1), default=None,
-                   help="cap the context window (default: the model's)")
-    p.add_argument("--batch-size", type=du.int_flag(1), default=8, help="windows per forward pass")
-
-
 def build_parser() -> du.ArgumentParser:
     p = du.ArgumentParser(description="Score reference LMs (Pythia, GPT-2, SmolLM2, ...) with benchmark.py's "
                           "functions, side by side with FishAI models.",
@@ -65,7 +43,7 @@ def build_parser() -> du.ArgumentParser:
                    help="FishAI model to score alongside (.pt, .bin or FishAI HF dir); repeatable")
     du.add_device_flag(p)
     du.add_dtype_flag(p, "dtype the models run in; auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU")
-    _add_data_args(p)
+    du.add_eval_text_flags(p)
     p.add_argument("--no-published", action="store_true", help="do not show the published GPT-2 figures")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--report", metavar="PATH", help="write a markdown report")
