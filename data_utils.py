@@ -2147,8 +2147,12 @@ def tokenize_documents(source, tokenizer: TextTokenizer, *, val_fraction: float 
     val by the hold-out rule, at most about max_tokens tokens read (bounds HF streams)."""
     if tokenizer.eos_id is None:
         raise DataError("tokenizer has no <|endoftext|> token; re-train it with tokenizer_train.py")
-    mixer, *_ = make_mixer([source] if isinstance(source, (str, os.PathLike)) else [list(source)], None,
-                           text_key=text_key, target_tokens=max_tokens,
+    if isinstance(source, (str, os.PathLike)):
+        inputs, mix = [source], None
+    else:  # documents in memory: a callable source is read as it is (no iter_documents)
+        docs = list(source)
+        inputs, mix = None, {"input": (1.0, lambda epoch: iter(docs))}
+    mixer, *_ = make_mixer(inputs, mix, text_key=text_key, target_tokens=max_tokens,
                            count_tokens=lambda t: len(tokenizer.encode(t)))
     sinks = {"train": TokenBuffer(tokenizer.vocab_size), "val": TokenBuffer(tokenizer.vocab_size)}
     bar = _progress_bar(show_progress, None)

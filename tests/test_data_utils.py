@@ -696,3 +696,15 @@ def test_chat_jsonl_is_rendered_with_the_template_and_encoded_safely(tiny_tokeni
     assert ids[:len(first) + 1] == first + [tiny_tokenizer.eos_id] and meta["train"]["docs"] == 3
     # the <|im_end|> typed inside the user's message stays text: control ids only from the template
     assert first.count(tiny_tokenizer.im_end_id) == 2 and first.count(tiny_tokenizer.im_start_id) == 2
+
+
+def test_tokenize_documents_from_files_and_memory(tiny_tokenizer, text_file):
+    docs = list(du.iter_documents(text_file))
+    from_file = du.tokenize_documents(text_file, tiny_tokenizer, val_fraction=0.1, show_progress=False)
+    from_list = du.tokenize_documents(docs, tiny_tokenizer, val_fraction=0.1, show_progress=False)
+    assert all(np.array_equal(from_file[k], from_list[k]) for k in ("train", "val"))
+    expect_val = [t for i, d in enumerate(docs) if du.holdout_split(i, 0.1) == "val"
+                  for t in tiny_tokenizer.encode(d) + [tiny_tokenizer.eos_id]]
+    assert from_list["val"].tolist() == expect_val and len(from_list["train"]) > 5 * len(expect_val)
+    capped = du.tokenize_documents(docs, tiny_tokenizer, max_tokens=2000, show_progress=False)
+    assert 1500 <= len(capped["train"]) + len(capped["val"]) <= 4000  # the target is estimated per document
