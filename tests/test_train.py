@@ -237,7 +237,7 @@ def test_prepared_dir_trains_and_other_tokenizer_is_refused(tmp_path, prepared_d
     capsys.readouterr()
     rc = train.main(args + ["--tokenizer", str(other), "--output-dir", str(tmp_path / "run2")])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1  # bad input: EXIT_USAGE
     assert err.startswith("error:") and "different tokenizer" in err
 
 
@@ -261,18 +261,18 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_tokenizer_dir, text_file
         capsys.readouterr()
         rc = train.main(args)
         err = capsys.readouterr().err.strip()
-        assert rc == 1, extra
+        assert rc == 2, extra  # bad input: EXIT_USAGE
         assert len(err.splitlines()) == 1 and err.startswith("error:") and msg in err, (extra, err)
         assert not (tmp_path / "x" / "fishai-latest.pt").exists()
     # an existing run is never overwritten silently
     rc = train.main(base_args(tiny_tokenizer_dir, text_file, ok, "--max-steps", 2))
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and "--resume auto" in err and "--overwrite" in err
+    assert rc == 2 and "--resume auto" in err and "--overwrite" in err
     # resuming with a different model config
     rc = train.main(base_args(tiny_tokenizer_dir, text_file, ok, "--max-steps", 4, "--resume", "auto",
                               "--model-override", "n_layers=3"))
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1
     assert "differs from --config tiny" in err and "n_layers=2 vs 3" in err
     # a torn/corrupt checkpoint is reported, not loaded
     bad = tmp_path / "bad.pt"
@@ -281,12 +281,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_tokenizer_dir, text_file
         load_checkpoint(bad)
     rc = train.main(base_args(tiny_tokenizer_dir, text_file, tmp_path / "y", "--max-steps", 4, "--resume", bad))
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and err.startswith("error:") and "bad.pt" in err and len(err.splitlines()) == 1
+    assert rc == 2 and err.startswith("error:") and "bad.pt" in err and len(err.splitlines()) == 1
 
 
 def test_cli_error_has_no_traceback_and_no_output(tmp_path, tiny_tokenizer_dir, text_file):
     r = run_cli(base_args(tiny_tokenizer_dir, text_file, tmp_path / "out", "--config", "nope"))
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: --config nope: unknown config 'nope'")
     assert not (tmp_path / "out" / "fishai-latest.pt").exists()
