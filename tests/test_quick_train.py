@@ -56,9 +56,10 @@ def test_default_wikitext_offline_gives_clear_message(tmp_path, capsys, monkeypa
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     rc = quick_train.main(["--config", "tiny", "--output-dir", str(tmp_path / "q"), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1  # bad input: EXIT_USAGE
     assert err.startswith("error: WikiText-103") and "--data" in err and "--data python-docs" in err
     assert not (tmp_path / "q" / "report.json").exists()
+    assert not (tmp_path / "q").exists()  # a failed run leaves nothing behind, not even an empty --output-dir
 
 
 def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, text_file):
@@ -67,7 +68,7 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, text_file):
     (out / "mine.txt").write_text("keep me")
     rc = quick_train.main(small_args(text_file, out))
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and "--overwrite" in err and (out / "mine.txt").read_text() == "keep me"
+    assert rc == 2 and "--overwrite" in err and (out / "mine.txt").read_text() == "keep me"
 
 
 def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys):
