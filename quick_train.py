@@ -106,7 +106,24 @@ def build_parser() -> du.ArgumentParser:
                    help="share of documents held out for validation")
     p.add_argument("--output-dir", default="runs/quick", help="where the run's files go")
     du.add_overwrite_flag(p, "the run in a non-empty --output-dir, and an existing --json file")
-    g = p.add_argument_group("training (preset defaults when omitted)")
+    _add_training_flags(p.add_argument_group("training (preset defaults when omitted)"))
+    g = p.add_argument_group("target and auto-adjust")
+    g.add_argument("--target-ppl", type=du.float_flag(0, lo_open=True), default=None,
+                   help=f"goal for --target-metric, lower is better (default {DEFAULT_TARGET_PPL:g} word ppl for "
+                        "WikiText-103, none otherwise)")
+    g.add_argument("--target-metric", choices=TARGET_METRICS, default="word_ppl",
+                   help="which test figure the target applies to (char_ppl: perplexity per character)")
+    g.add_argument("--max-rounds", type=du.int_flag(1), default=3, help="training rounds at most (1 = no auto-adjust)")
+    g.add_argument("--test-max-kb", type=du.int_flag(1), default=300, help="size cap of the held-out test text, KB")
+    p.add_argument("--samples", type=du.int_flag(0), default=3, help="generated samples in the report")
+    p.add_argument("--max-new-tokens", type=du.int_flag(1), default=60, help="tokens per generated sample")
+    p.add_argument("--sample-tokens", dest="max_new_tokens", type=du.int_flag(1), help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write report.json's content here")
+    du.add_quiet_flag(p)
+    return p
+
+
+def _add_training_flags(g) -> None:
     for flag, typ, what in (("--max-steps", du.int_flag(1), "optimizer steps of the first round"),
                             ("--batch-size", du.int_flag(1), "sequences per micro-batch"),
                             ("--grad-accum", du.int_flag(1), "micro-batches per optimizer step"),
@@ -126,20 +143,6 @@ def build_parser() -> du.ArgumentParser:
                         "explicit --max-steps is never changed)")
     g.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                    help="change a preset field (see train.py --help; by default none)")
-    g = p.add_argument_group("target and auto-adjust")
-    g.add_argument("--target-ppl", type=du.float_flag(0, lo_open=True), default=None,
-                   help=f"goal for --target-metric, lower is better (default {DEFAULT_TARGET_PPL:g} word ppl for "
-                        "WikiText-103, none otherwise)")
-    g.add_argument("--target-metric", choices=TARGET_METRICS, default="word_ppl",
-                   help="which test figure the target applies to (char_ppl: perplexity per character)")
-    g.add_argument("--max-rounds", type=du.int_flag(1), default=3, help="training rounds at most (1 = no auto-adjust)")
-    g.add_argument("--test-max-kb", type=du.int_flag(1), default=300, help="size cap of the held-out test text, KB")
-    p.add_argument("--samples", type=du.int_flag(0), default=3, help="generated samples in the report")
-    p.add_argument("--max-new-tokens", type=du.int_flag(1), default=60, help="tokens per generated sample")
-    p.add_argument("--sample-tokens", dest="max_new_tokens", type=du.int_flag(1), help=argparse.SUPPRESS)
-    p.add_argument("--json", default=None, metavar="PATH", help="also write report.json's content here")
-    du.add_quiet_flag(p)
-    return p
 
 
 if __name__ == "__main__":

@@ -136,7 +136,17 @@ def build_parser() -> du.ArgumentParser:
         prog="train.py", description="\n\n".join(textwrap.fill(t, 100, break_on_hyphens=False) for t in (
             "Pretrain or SFT a FishAI (LLaMA-style) model. Single process or torchrun (DDP).", HOLDOUT_RULE,
             RESUME_RULE)))
-    g = p.add_argument_group("model and data")
+    _add_model_flags(p.add_argument_group("model and data"))
+    _add_optim_flags(p.add_argument_group("optimisation (with --resume: the checkpoint's, see above)"))
+    _add_output_flags(p.add_argument_group("evaluation, samples, checkpoints and logging"))
+    g = p.add_argument_group("hardware")
+    du.add_device_flag(g)
+    du.add_dtype_flag(g, "auto: bf16 on CUDA if supported else fp16 (+GradScaler); fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p
+
+
+def _add_model_flags(g) -> None:
     g.add_argument("--config", default=None,
                    help="model preset from model.py: tiny, small, medium, large (default small; with --resume "
                         "the checkpoint's config, checked against --config when given)")
@@ -161,7 +171,9 @@ def build_parser() -> du.ArgumentParser:
                    help="stop tokenizing raw --data after about this many tokens, e.g. 50M (bounds HF streams)")
     g.add_argument("--init-from", default=None,
                    help="start from this checkpoint's weights (fresh optimizer/schedule); required for sft")
-    g = p.add_argument_group("optimisation (with --resume: the checkpoint's, see above)")
+
+
+def _add_optim_flags(g) -> None:
     g.add_argument("--batch-size", type=du.int_flag(1), default=4, help="sequences per micro-batch per process")
     g.add_argument("--grad-accum", type=du.int_flag(1), default=8, help="micro-batches accumulated per optimizer step")
     g.add_argument("--seq-len", type=du.int_flag(2), default=None,
@@ -187,7 +199,9 @@ def build_parser() -> du.ArgumentParser:
     g.add_argument("--max-nonfinite", type=du.int_flag(1), default=10,
                    help="stop after this many consecutive steps with a NaN/inf loss")
     g.add_argument("--seed", type=du.int_flag(0), default=1337, help="seed of the data order and the weights")
-    g = p.add_argument_group("evaluation, samples, checkpoints and logging")
+
+
+def _add_output_flags(g) -> None:
     g.add_argument("--output-dir", default="checkpoints", help="where checkpoints and metrics.jsonl go")
     g.add_argument("--eval-interval", type=du.int_flag(1), default=250, help="evaluate on the val split every N steps")
     g.add_argument("--eval-iters", type=du.int_flag(1), default=50, help="val batches per evaluation")
@@ -205,11 +219,6 @@ def build_parser() -> du.ArgumentParser:
     g.add_argument("--wandb-project", default="fishai-train", help="wandb project")
     g.add_argument("--wandb-run-name", default=None, help="wandb run name (default: wandb picks one)")
     du.add_quiet_flag(g)
-    g = p.add_argument_group("hardware")
-    du.add_device_flag(g)
-    du.add_dtype_flag(g, "auto: bf16 on CUDA if supported else fp16 (+GradScaler); fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
