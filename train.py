@@ -88,7 +88,8 @@ RESUME_RULE = (
     "--max-new-tokens, --device --dtype --compile and the wandb flags. It is refused, with the reason, "
     "where it would break the exact continuation: --batch-size --grad-accum --seq-len --seed --data "
     "--val-data --text-key --max-data-tokens --stage --init-from --weight-decay --beta1 --beta2 and "
-    "the model config (--config, --model-override). --output-dir, --max-time, --stop-at and --quiet "
+    "the model config (--config, --model-override); a new --data is taken only when the saved path no "
+    "longer exists from here (moved data). --output-dir, --max-time, --stop-at and --quiet "
     "belong to each command.")
 
 # On --resume a flag given again with a new value is applied when it only changes what happens
@@ -574,6 +575,13 @@ def _same(key: str, old, new) -> bool:
     return False
 
 
+def _moved(key: str, old) -> bool:
+    """A saved data path that does not exist from here (moved, or another working directory): the
+    path given now is the only way to name the data, so it is taken (and printed)."""
+    return (key in ("data", "val_data") and bool(old) and not str(old).startswith("hf:")
+            and str(old) != "python-docs" and not os.path.exists(str(old)))
+
+
 def _show(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -594,7 +602,7 @@ def resumed_args(args: argparse.Namespace, ckpt: dict, path: Path, log) -> argpa
         new = getattr(args, key)
         if key not in given or _same(key, old, new):
             setattr(merged, key, old)
-        elif key in RESUME_LOCKED:
+        elif key in RESUME_LOCKED and not _moved(key, old):
             flag = "--" + key.replace("_", "-")
             raise TrainError(f"--resume {path}: {flag} {_show(new)} differs from the checkpoint's {_show(old)} and "
                              f"would break the exact continuation ({RESUME_LOCKED[key]}); drop {flag}, or start a "

@@ -500,10 +500,12 @@ def test_resume_with_only_the_paths_continues_bit_exactly(tmp_path, tiny_tokeniz
 
 
 def test_resume_applies_safe_changes_and_refuses_the_others(tmp_path, tiny_tokenizer_dir, text_file, capsys):
-    out = tmp_path / "run"
-    args = base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 4, "--stop-at", 2)
+    import shutil
+    out, data = tmp_path / "run", tmp_path / "a.txt"
+    shutil.copy(text_file, data)
+    args = base_args(tiny_tokenizer_dir, data, out, "--max-steps", 4, "--stop-at", 2)
     assert train.main(args) == 0
-    paths = ["--data", str(text_file), "--output-dir", str(out), "--resume", "auto", "--quiet"]
+    paths = ["--data", str(data), "--output-dir", str(out), "--resume", "auto", "--quiet"]
     for flag, value, why in (("--batch-size", "4", "sequences of every step"), ("--seq-len", "64", "windows"),
                              ("--seed", "1", "data order"), ("--stage", "sft", "loss"),
                              ("--data", str(tmp_path / "other.txt"), "position in that data")):
@@ -515,9 +517,14 @@ def test_resume_applies_safe_changes_and_refuses_the_others(tmp_path, tiny_token
     assert train.main([*paths, "--max-steps", "1"]) == 2
     assert "at step 2 already" in capsys.readouterr().err
     assert load_checkpoint(out / "fishai-latest.pt")["step"] == 2  # nothing above touched the run
-    # safe changes are applied and printed; a longer --max-steps extends the schedule
+    # safe changes are applied and printed; a longer --max-steps extends the schedule; data that moved
+    # (the saved path is gone) is named anew
+    moved = tmp_path / "moved.txt"
+    data.rename(moved)
+    paths[1] = str(moved)
     assert train.main([*paths, "--lr", "1e-3", "--max-steps", "6", "--eval-interval", "3"]) == 0
     stdout = capsys.readouterr().out
+    assert f"changed on resume: data {data} -> {moved}" in stdout
     assert "changed on resume: lr 0.003 -> 0.001" in stdout and "changed on resume: max-steps 4 -> 6" in stdout
     assert "changed on resume: eval-interval" in stdout
     ck = load_checkpoint(out / "fishai-latest.pt")
