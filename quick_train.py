@@ -1,6 +1,6 @@
 """
 Train + benchmark in one command: tokenizer (if none given) -> prepare -> train -> test perplexity
-(benchmark.py) -> auto-adjust and continue while a perplexity target is missed -> report.
+(benchmark.py) -> auto-adjust and continue while a target is missed -> report.
 
 Usage (copy-paste):
 
@@ -10,13 +10,28 @@ Usage (copy-paste):
   # the seed's command: FishAI-Small on WikiText-103 (HF wikitext-103-raw-v1), target word ppl <= 56
   python quick_train.py --config small --max-steps 5000 --device cuda
 
-  # your own text, an existing tokenizer, a target and up to 3 rounds
-  python quick_train.py --config small --data corpus/ --tokenizer tokenizer/ --target-ppl 40 --max-rounds 3
+  # your own text, an existing tokenizer, a bits/byte target and up to 3 rounds
+  python quick_train.py --config small --data corpus/ --tokenizer tokenizer/ --target-ppl 1.2 \\
+      --target-metric bits_per_byte --max-rounds 3
+
+Test documents: the default --data (WikiText-103) is scored on its own test split, --test-data on
+what it names. Otherwise the test documents come from --data by the project's one hold-out rule
+(data_utils.holdout_split, val fraction --val-fraction, test fraction 0.05) over the one document
+stream that the tokenizer and prepare read too: the tokenizer trains on the train and val documents
+only, prepare leaves the test documents out of train.bin/val.bin, and the first --test-max-kb of
+them are the test set.
+
+Metrics: the headline is bits per byte (comparable across tokenizers and languages). Text with
+spaces between words also gets word perplexity (as lm-evaluation-harness reports it); text without
+them (Chinese, Japanese) gets perplexity per character and characters per token instead.
+
+Too few steps: when --time-budget leaves fewer than 40% of the planned steps (a model that mostly
+writes "the the the"), the console and the top of report.md say so, with what to do.
 
 Outputs in --output-dir (default runs/quick): tokenizer/, data/ (train.bin/val.bin), round1/ ...
-(checkpoints + metrics.jsonl of each round), fishai-best.pt (the best round's best checkpoint),
-report.md, report.json, loss_curve.png (when matplotlib is installed) and the generated samples
-(in the report).
+(checkpoints + metrics.jsonl of each round), fishai-best.pt (the best round's best weights),
+report.md, report.json and loss_curve.png (when matplotlib is installed). A run that fails or is
+interrupted removes what it wrote.
 """
 from __future__ import annotations
 
@@ -25,20 +40,27 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_utils import atomic_write, atomic_write_text
+import data_utils as du
 
 DEFAULT_DATA = "hf:wikitext:wikitext-103-raw-v1"  # train split; the test split is the benchmark
 DEFAULT_TARGET_PPL = 56.0  # the seed's WikiText-103 goal (word-level perplexity)
+TEST_FRACTION = 0.05  # share of --data documents held out as test documents (holdout_split)
+UNDERTRAINED_SHARE = 0.4  # fewer trained steps than this share of the planned ones: say it is undertrained
+SPACED_WORDS_PER_CHAR = 1 / 12  # below this, text has no spaces between words (English ~1/6, Chinese ~1/50)
+TARGET_METRICS = ("word_ppl", "token_ppl", "bits_per_byte", "char_ppl")
+MIN_VOCAB = 256 + len(du.SPECIAL_TOKENS)  # every byte + the special tokens (tokenizer_train.MIN_VOCAB)
 
 # Per-preset defaults: `tiny` is sized so `--data python-docs` finishes in about 5 minutes on a
 # 2-core CPU (measured, docs/RESULTS.md); the others follow train.py's defaults.
 PRESET_DEFAULTS = {
-    "tiny": dict(time_budget=300, max_steps=500, batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, warmup=25, eval_interval=100,
-                 eval_iters=8, vocab_size=4096),
+    "tiny": dict(time_budget=300, max_steps=500, batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, warmup=25,
+                 eval_interval=100, eval_iters=8, vocab_size=4096),
     "small": dict(max_steps=5000, batch_size=4, grad_accum=8, seq_len=512, lr=5e-4, warmup=100,
                   eval_interval=250, eval_iters=50, vocab_size=32000),
     "medium": dict(max_steps=10000, batch_size=4, grad_accum=8, seq_len=1024, lr=3e-4, warmup=200,
@@ -46,6 +68,7 @@ PRESET_DEFAULTS = {
     "large": dict(max_steps=20000, batch_size=2, grad_accum=16, seq_len=1024, lr=2e-4, warmup=500,
                   eval_interval=500, eval_iters=50, vocab_size=32000),
 }
+SETTINGS = ("max_steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "eval_interval", "eval_iters")
 
 SAMPLE_PROMPTS = {
     "python-docs": ["The list type", "Return a new", "This module provides"],
@@ -53,55 +76,109 @@ SAMPLE_PROMPTS = {
 }
 
 
-class QuickTrainError(Exception):
-    """Bad input or an unrecoverable problem; main() prints it as one line."""
+class QuickTrainError(du.FishAIError):
+    """Bad input; main() prints it as one line and exits with EXIT_USAGE (2)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Tokenizer + data + training + perplexity benchmark in one command, with auto-adjust.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="small", help="model preset (tiny, small, medium, large)")
+class QuickTrainFailed(QuickTrainError):
+    """The job ran but produced no usable model: exit EXIT_FAILED (1)."""
+
+
+def build_parser() -> du.ArgumentParser:
+    p = du.ArgumentParser(prog="quick_train.py", description=(
+        "Tokenizer + data + training + perplexity benchmark in one command, with auto-adjust.\n"
+        "Test documents of --data never reach the tokenizer or the training (data_utils.holdout_split)."))
+    p.add_argument("--config", default="small", choices=list(PRESET_DEFAULTS), help="model preset")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="training text: file/dir/glob (txt, jsonl, parquet), hf:NAME[:CONFIG[:SPLIT]] or "
                         "python-docs (Python's bundled documentation: no download)")
     p.add_argument("--text-key", default="text", help="field with the text in jsonl/parquet/HF data")
     p.add_argument("--test-data", default=None,
                    help="benchmark texts: wikitext103[:PATH], wikitext2[:PATH], ptb[:PATH] or a text source; "
-                        "default: WikiText-103 test for the default --data, else every 20th document of "
-                        "--data (held out from training)")
+                        f"default: WikiText-103 test for the default --data, else {TEST_FRACTION * 100:g}%% of the "
+                        "--data documents held out by the hold-out rule (never trained on)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir; trained on --data when omitted")
-    p.add_argument("--vocab-size", type=int, default=None, help="vocab of the trained tokenizer (preset default)")
-    p.add_argument("--max-data-mb", type=float, default=None, help="use at most this many MB of --data")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for validation")
-    p.add_argument("--output-dir", default="runs/quick")
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --output-dir (replaces its run)")
-    g = p.add_argument_group("training (preset defaults when omitted)")
-    for flag, typ in (("--max-steps", int), ("--batch-size", int), ("--grad-accum", int), ("--seq-len", int),
-                      ("--lr", float), ("--warmup", int), ("--eval-interval", int), ("--eval-iters", int)):
-        g.add_argument(flag, type=typ, default=None)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    g.add_argument("--compile", action="store_true")
-    g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--vocab-size", type=du.int_flag(MIN_VOCAB), default=None,
+                   help="vocab of the trained tokenizer (default: the preset's)")
+    p.add_argument("--max-data-mb", type=du.float_flag(0, lo_open=True), default=None,
+                   help="use at most this many MB of --data (all of it by default)")
+    p.add_argument("--val-fraction", type=du.float_flag(0, 0.5, lo_open=True), default=0.02,
+                   help="share of documents held out for validation")
+    p.add_argument("--output-dir", default="runs/quick", help="where the run's files go")
+    du.add_overwrite_flag(p, "the run in a non-empty --output-dir, and an existing --json file")
+    _add_training_flags(p.add_argument_group("training (preset defaults when omitted)"))
+    g = p.add_argument_group("target and auto-adjust")
+    g.add_argument("--target-ppl", type=du.float_flag(0, lo_open=True), default=None,
+                   help=f"goal for --target-metric, lower is better (default {DEFAULT_TARGET_PPL:g} word ppl for "
+                        "WikiText-103, none otherwise)")
+    g.add_argument("--target-metric", choices=TARGET_METRICS, default="word_ppl",
+                   help="which test figure the target applies to (char_ppl: perplexity per character)")
+    g.add_argument("--max-rounds", type=du.int_flag(1), default=3, help="training rounds at most (1 = no auto-adjust)")
+    g.add_argument("--test-max-kb", type=du.int_flag(1), default=300, help="size cap of the held-out test text, KB")
+    p.add_argument("--samples", type=du.int_flag(0), default=3, help="generated samples in the report")
+    p.add_argument("--max-new-tokens", type=du.int_flag(1), default=60, help="tokens per generated sample")
+    p.add_argument("--sample-tokens", dest="max_new_tokens", type=du.int_flag(1), help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write report.json's content here")
+    du.add_quiet_flag(p)
+    return p
+
+
+def _add_training_flags(g) -> None:
+    for flag, typ, what in (("--max-steps", du.int_flag(1), "optimizer steps of the first round"),
+                            ("--batch-size", du.int_flag(1), "sequences per micro-batch"),
+                            ("--grad-accum", du.int_flag(1), "micro-batches per optimizer step"),
+                            ("--seq-len", du.int_flag(2), "tokens per sequence"),
+                            ("--lr", du.float_flag(0, lo_open=True), "peak learning rate of the first round"),
+                            ("--warmup", du.int_flag(0), "warmup steps of the first round"),
+                            ("--eval-interval", du.int_flag(1), "evaluate (and save) every N steps"),
+                            ("--eval-iters", du.int_flag(1), "val batches per evaluation")):
+        g.add_argument(flag, type=typ, default=None, help=f"{what} (default: the preset's)")
+    du.add_device_flag(g)
+    du.add_dtype_flag(g, "training precision, as train.py --dtype")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=du.int_flag(0), default=1337, help="seed of round 1 (round r: seed + r - 1)")
+    g.add_argument("--time-budget", type=du.float_flag(0), default=None, metavar="SECONDS",
                    help="fit the whole job in about this time: the first round's --max-steps is cut to what "
                         "the measured speed allows (default 300 for tiny, off for the others; 0 = off; an "
                         "explicit --max-steps is never changed)")
     g.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a preset field (see train.py --help)")
-    g = p.add_argument_group("target and auto-adjust")
-    g.add_argument("--target-ppl", type=float, default=None,
-                   help=f"test perplexity goal (default {DEFAULT_TARGET_PPL:g} for WikiText-103, none otherwise)")
-    g.add_argument("--target-metric", choices=["word_ppl", "token_ppl"], default="word_ppl",
-                   help="which perplexity the target applies to")
-    g.add_argument("--max-rounds", type=int, default=3, help="training rounds at most (1 = no auto-adjust)")
-    g.add_argument("--test-max-kb", type=int, default=300, help="size cap of held-out test text, KB")
-    p.add_argument("--samples", type=int, default=3, help="generated samples in the report")
-    p.add_argument("--sample-tokens", type=int, default=60)
-    p.add_argument("--json", default=None, metavar="PATH", help="also write report.json's content here")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+                   help="change a preset field (see train.py --help; by default none)")
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer before torch is imported
+
+import torch  # noqa: E402
+
+import benchmark  # noqa: E402
+import model as fishai  # noqa: E402
+import tokenizer_train  # noqa: E402
+import train as trainer  # noqa: E402
+
+
+@dataclass
+class Job:
+    """One quick_train run: its flags, where it writes, and what it decided and why."""
+    args: argparse.Namespace
+    out: Path
+    device: torch.device
+    t0: float
+    target: float | None
+    test_texts: list[str] = field(default_factory=list)
+    test_label: str = ""
+    budget: float | None = None  # seconds of --time-budget in effect, or None
+    planned_steps: int = 0  # the first round's steps before the time budget cut them
+    decisions: list[str] = field(default_factory=list)
+
+    def log(self, msg: str) -> None:
+        print(f"[quick_train] {msg}", flush=True)
+
+    def decide(self, msg: str, prefix: str = "") -> None:
+        self.decisions.append(msg)
+        self.log(prefix + msg)
+
+    def time_left(self) -> float:
+        return self.budget - (time.time() - self.t0)
 
 
 # ----------------------------------------------------------------------------- data
@@ -117,75 +194,115 @@ def offline_message(data: str) -> str:
 
 
 class Corpus:
-    """The --data documents with a deterministic held-out test slice.
+    """The --data documents as one stream (at most max_bytes), split by the hold-out rule
+    (data_utils.holdout_split with val_fraction and test_fraction): the tokenizer reads the train
+    and val documents, prepare reads the whole stream and leaves the test documents out by the same
+    rule, and the test set is the first test documents."""
 
-    Test documents are every 20th document (index % 20 == 10) among the first ones, up to
-    test_max_bytes; they are excluded from tokenizer training, train and val."""
-
-    def __init__(self, source: str, text_key: str, held_out: bool, test_max_bytes: int, max_bytes: int | None):
-        import data_utils
-        self.du = data_utils
+    def __init__(self, source: str, text_key: str, val_fraction: float, test_fraction: float,
+                 max_bytes: int | None):
         self.source, self.text_key, self.max_bytes = source, text_key, max_bytes
-        self.test_ids: set[int] = set()
-        self.test_docs: list[str] = []
-        if held_out:
-            size = 0
-            for i, doc in enumerate(self._raw()):
-                if i >= 20 * 1000 or size >= test_max_bytes:
-                    break
-                if i % 20 == 10:
-                    self.test_ids.add(i)
-                    self.test_docs.append(doc)
-                    size += len(doc.encode("utf-8"))
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
-    def _raw(self):
-        return self.du.iter_documents(self.source, text_key=self.text_key)
-
-    def train_docs(self, epoch: int = 0):
-        budget = None if self.max_bytes is None else int(self.max_bytes)
-        for i, doc in enumerate(self._raw()):
-            if i in self.test_ids:
-                continue
+    def documents(self, epoch: int = 0):
+        """The stream (the epoch argument makes it a DataMixer source)."""
+        budget = self.max_bytes
+        for doc in du.iter_documents(self.source, text_key=self.text_key):
             yield doc
             if budget is not None:
                 budget -= len(doc.encode("utf-8"))
                 if budget <= 0:
                     return
 
+    def split(self, i: int) -> str:
+        return du.holdout_split(i, self.val_fraction, self.test_fraction)
 
-def load_test_texts(spec: str | None, corpus: Corpus, data: str, text_key: str) -> tuple[list[str], str]:
+    def tokenizer_documents(self):
+        return (doc for i, doc in enumerate(self.documents()) if self.split(i) != "test")
+
+    def test_documents(self, max_bytes: int) -> list[str]:
+        docs, size = [], 0
+        for i, doc in enumerate(self.documents()):
+            if size >= max_bytes:
+                break
+            if self.split(i) == "test":
+                docs.append(doc)
+                size += len(doc.encode("utf-8"))
+        return docs
+
+
+def open_corpus(args) -> Corpus:
+    """The --data stream; the default HF dataset fails fast and clearly when it cannot be reached."""
+    try:
+        first = next(iter(du.iter_documents(args.data, text_key=args.text_key)), None)
+    except du.DataError:
+        if _is_default_wikitext(args.data):
+            raise QuickTrainError(offline_message(args.data)) from None
+        raise
+    if first is None:
+        raise QuickTrainError(f"--data {args.data}: no documents found")
+    held_out = args.test_data is None and not _is_default_wikitext(args.data)
+    max_bytes = None if args.max_data_mb is None else int(args.max_data_mb * 1e6)
+    return Corpus(args.data, args.text_key, args.val_fraction, TEST_FRACTION if held_out else 0.0, max_bytes)
+
+
+def load_test_texts(spec: str | None, corpus: Corpus, data: str, text_key: str,
+                    max_bytes: int) -> tuple[list[str], str]:
     """-> (texts, label)."""
-    import data_utils
     if spec is None:
         if _is_default_wikitext(data):
             try:
-                return data_utils.load_eval_texts("wikitext103", split="test"), "WikiText-103 test"
-            except data_utils.DataError:
-                raise QuickTrainError(offline_message(data))
-        if not corpus.test_docs:
-            raise QuickTrainError(f"--data {data}: too few documents to hold out a test slice; pass --test-data")
-        return corpus.test_docs, f"held-out documents of {data}"
+                return du.load_eval_texts("wikitext103", split="test"), "WikiText-103 test"
+            except du.DataError:
+                raise QuickTrainError(offline_message(data)) from None
+        docs = corpus.test_documents(max_bytes)
+        if not docs:
+            raise QuickTrainError(f"--data {data}: too few documents to hold out a test set; pass --test-data")
+        return docs, f"held-out documents of {data}"
     name, _, path = spec.partition(":")
     if name.lower() in ("wikitext103", "wikitext2", "ptb"):
         label = {"wikitext103": "WikiText-103 test", "wikitext2": "WikiText-2 test", "ptb": "PTB test"}[name.lower()]
-        return data_utils.load_eval_texts(name.lower(), path=path or None, split="test"), label
-    docs = list(data_utils.iter_documents(spec, text_key=text_key))
+        return du.load_eval_texts(name.lower(), path=path or None, split="test"), label
+    docs = list(du.iter_documents(spec, text_key=text_key))
     if not docs:
         raise QuickTrainError(f"--test-data {spec}: no text found")
     return docs, spec
 
 
-# ----------------------------------------------------------------------------- auto-adjust
+def get_tokenizer(job: Job, corpus: Corpus, preset: dict) -> tuple[du.TextTokenizer, str]:
+    """--tokenizer, or a byte-level BPE trained here on the train and val documents."""
+    args = job.args
+    if args.tokenizer:
+        return du.load_tokenizer(args.tokenizer), str(args.tokenizer)
+    vocab = args.vocab_size or preset["vocab_size"]
+    tok_dir = job.out / "tokenizer"
+    job.log(f"training a {vocab}-token byte-level BPE tokenizer on {args.data} (test documents left out)")
+    t = time.time()
+    tokenizer_train.train_tokenizer(corpus.tokenizer_documents(), vocab, tok_dir, show_progress=not args.quiet)
+    tok = du.load_tokenizer(tok_dir)
+    return tok, f"trained here (vocab {tok.vocab_size}, {time.time() - t:.1f} s)"
+
+
+def prepare_data(job: Job, corpus: Corpus, tok: du.TextTokenizer, seq_len: int) -> dict:
+    """train.bin/val.bin in <out>/data from the same stream; prepare leaves the test documents out."""
+    args = job.args
+    job.log(f"tokenizing {args.data} into {job.out / 'data'}")
+    meta = du.prepare(mix={"data": (1.0, corpus.documents)}, tokenizer=tok, output=str(job.out / "data"),
+                      val_fraction=corpus.val_fraction, test_fraction=corpus.test_fraction, overwrite=True,
+                      show_progress=not args.quiet, seed=args.seed, log=job.log)
+    if meta["val"]["tokens"] < seq_len + 1:
+        raise QuickTrainError(f"only {meta['val']['tokens']} validation tokens: raise --val-fraction or give more "
+                              f"--data (need > --seq-len {seq_len})")
+    return meta
+
+
+# ----------------------------------------------------------------------------- time budget
 
 def measure_train_speed(config_name: str, overrides: list[str], vocab: int, batch_size: int, seq_len: int,
                         device, steps: int = 5) -> float:
     """Tokens/s of forward+backward+AdamW for this model and batch on this machine: the median of
     `steps` real steps on random tokens after one warm-up step (the median resists a busy machine)."""
-    import statistics
-    import torch
-    import model as fishai
-    import train as trainer
-    cfg = trainer.build_config(fishai, config_name, trainer.round_up(vocab), trainer.parse_overrides(overrides))
+    cfg = trainer.build_config(config_name, trainer.round_up(vocab), trainer.parse_overrides(overrides))
     m = fishai.GPT(cfg).to(device)
     opt = fishai.configure_optimizers(m, device_type=device.type)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
@@ -207,7 +324,6 @@ def pick_cpu_threads(measure) -> tuple[float, str | None]:
     """On a CPU, compare the default OpenMP threads with one thread and keep the faster: small models
     on a few (or busy) cores often run faster on one thread, since idle threads spin against other
     processes. Returns (tokens/s, decision or None)."""
-    import torch
     n = torch.get_num_threads()
     tps_n = measure()
     if n <= 1:
@@ -220,6 +336,63 @@ def pick_cpu_threads(measure) -> tuple[float, str | None]:
     torch.set_num_threads(n)
     return tps_n, None
 
+
+def fit_time_budget(job: Job, settings: dict, preset: dict, vocab: int) -> None:
+    """With a --time-budget (and no explicit --max-steps), measure the speed here and cut the first
+    round's steps to what fits; say so when that leaves too few steps for a useful model."""
+    args = job.args
+    budget = args.time_budget if args.time_budget is not None else preset.get("time_budget")
+    job.planned_steps = settings["max_steps"]
+    job.budget = budget if (budget and args.max_steps is None) else None
+    if not job.budget:
+        return
+
+    def measure():
+        return measure_train_speed(args.config, args.model_override, vocab, settings["batch_size"],
+                                   settings["seq_len"], job.device)
+    if job.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        tps, why_threads = pick_cpu_threads(measure)
+        if why_threads:
+            job.decide(why_threads)
+    else:
+        tps = measure()
+    # ~15% of what is left goes to evaluation, the test perplexity and the samples
+    left = job.time_left()
+    fit = int(0.85 * left * tps / (settings["batch_size"] * settings["grad_accum"] * settings["seq_len"]))
+    planned = settings["max_steps"]
+    if fit >= planned:
+        job.decide(f"time budget: {tps:,.0f} tokens/s measured here; {planned} steps fit the {left:.0f} s left "
+                   f"of --time-budget {job.budget:g}")
+        return
+    new_steps = max(20, fit)
+    job.decide(f"time budget: {left:.0f} s left of --time-budget {job.budget:g} at {tps:,.0f} tokens/s measured "
+               f"here fit ~{fit} steps, so --max-steps {planned} -> {new_steps} (pass --max-steps or "
+               f"--time-budget 0 to keep {planned})")
+    settings["max_steps"] = new_steps
+    settings["warmup"] = min(settings["warmup"], max(1, new_steps // 10))
+    settings["eval_interval"] = min(settings["eval_interval"], max(1, new_steps // 5))
+    if new_steps < UNDERTRAINED_SHARE * planned:
+        job.log("warning: " + undertrained_message(job, new_steps, "leaves time for"))
+
+
+def undertrained_message(job: Job, steps: int, verb: str = "left time for") -> str:
+    return (f"the model is undertrained: the --time-budget of {job.budget:g} s {verb} {steps} of the "
+            f"{job.planned_steps} planned steps ({steps / max(job.planned_steps, 1):.0%}, under "
+            f"{UNDERTRAINED_SHARE:.0%}) on this machine, so expect a weak model and poor samples. To train all "
+            f"{job.planned_steps} steps pass --time-budget 0 (or a larger budget); on a busy machine "
+            "OMP_NUM_THREADS=1 (fewer threads) often trains faster")
+
+
+def undertrained(job: Job, rounds: list[dict]) -> str | None:
+    """The rule: with a time budget in effect, fewer trained steps (all rounds) than
+    UNDERTRAINED_SHARE of the planned ones. Returns the message, or None."""
+    steps = sum(r["steps"] for r in rounds)
+    if job.budget and steps < UNDERTRAINED_SHARE * job.planned_steps:
+        return undertrained_message(job, steps)
+    return None
+
+
+# ----------------------------------------------------------------------------- auto-adjust
 
 def decide_next_round(round_info: dict, settings: dict, prev_rounds: list[dict]) -> tuple[dict | None, str]:
     """Pick the next round's settings after a missed target; (None, reason) means stop.
@@ -261,60 +434,176 @@ def decide_next_round(round_info: dict, settings: dict, prev_rounds: list[dict])
                  f"LR {nxt['lr']:.2e} (x0.3)")
 
 
+# ----------------------------------------------------------------------------- rounds
+
+def train_round(job: Job, r: int, settings: dict, init_from: Path | None) -> tuple[dict, bool] | None:
+    """train.py as a library for round r -> (its summary, diverged), or None when the time budget
+    is used up before the round starts."""
+    args, rdir = job.args, job.out / f"round{r}"
+    max_time = None
+    if job.budget:
+        remaining = job.time_left()
+        if r > 1 and remaining < 30:
+            job.decide(f"round {r}: not started, the --time-budget {job.budget:g} s is used up", "decision: ")
+            return None
+        # the speed estimate can be off on a busy machine: a hard cap keeps the job in its budget
+        # (~10% of the time stays for the test perplexity and the samples)
+        max_time = max(10.0, 0.9 * remaining - 5)
+    job.log(f"round {r}: {settings['max_steps']} steps, peak LR {settings['lr']:.2e}, warmup "
+            f"{settings['warmup']}" + (f", from {init_from}" if init_from else ", from scratch"))
+    train_args = trainer.make_args(
+        config=args.config, model_override=args.model_override, data=str(job.out / "data"), output_dir=str(rdir),
+        **{k: settings[k] for k in SETTINGS}, save_interval=settings["eval_interval"], log_interval=5,
+        device=args.device, dtype=args.dtype, compile=args.compile, seed=args.seed + r - 1, overwrite=True,
+        quiet=args.quiet, init_from=str(init_from) if init_from else None, max_time=max_time)
+    try:
+        return trainer.train(train_args), False
+    except trainer.DivergedError as e:
+        job.log(f"round {r}: {e}")
+        return {"tokens": 0, "steps": 0, "best_val_loss": None, "interrupted": None}, True
+
+
+def with_char_metrics(test: dict, texts: list[str]) -> dict:
+    """benchmark.perplexity's result with the character-level figures (chars, char_ppl,
+    chars_per_token, spaced), computed here from nll when benchmark.py does not report them.
+    spaced is False for text without spaces between words (Chinese): word perplexity means
+    nothing there (one 'word' per sentence), so the report shows characters instead."""
+    t = dict(test)
+    chars = t.get("chars") or sum(len(x) for x in texts)
+    t["chars"] = chars
+    if t.get("char_ppl") is None:
+        x = t["nll"] / max(chars, 1)
+        t["char_ppl"] = math.exp(x) if x < 700 else float("inf")
+    if t.get("chars_per_token") is None:
+        t["chars_per_token"] = chars / max(t["tokens"], 1)
+    if t.get("spaced") is None:
+        t["spaced"] = t["words"] / max(chars, 1) >= SPACED_WORDS_PER_CHAR
+    return t
+
+
+def score_round(job: Job, r: int, ckpt: Path) -> dict:
+    lm = benchmark.load_lm(str(ckpt), device=str(job.device))
+    job.log(f"round {r}: test perplexity on {job.test_label}")
+    try:
+        return with_char_metrics(benchmark.perplexity(lm, job.test_texts, batch_size=8, progress=not job.args.quiet),
+                                 job.test_texts)
+    finally:
+        del lm
+
+
+def run_round(job: Job, r: int, settings: dict, init_from: Path | None, step_offset: int) -> dict | None:
+    """Train and score round r -> its record for the report (None: not started)."""
+    t_r = time.time()
+    trained = train_round(job, r, settings, init_from)
+    if trained is None:
+        return None
+    summary, diverged = trained
+    if summary.get("interrupted"):
+        job.log(f"interrupted ({summary['interrupted']}) during round {r}")
+        raise KeyboardInterrupt  # run_cli: exit 130; quick_train removes the partial run
+    if summary.get("stopped_by") == "max_time":
+        job.decide(f"round {r}: stopped at step {summary['steps']} of {settings['max_steps']} to stay within "
+                   f"--time-budget {job.budget:g} s (this machine was slower than measured)")
+    rdir = job.out / f"round{r}"
+    metrics = trainer.read_metrics(rdir / trainer.METRICS_NAME) if (rdir / trainer.METRICS_NAME).exists() else []
+    best = rdir / trainer.BEST_NAME
+    test = score_round(job, r, best) if best.exists() else None
+    rv = summary.get("best_val_loss")
+    return {"round": r, "settings": dict(settings), "init_from": str(init_from) if init_from else None,
+            "steps": int(summary.get("steps") or 0), "tokens": int(summary.get("tokens") or 0),
+            "time_s": time.time() - t_r, "best_val_loss": rv, "val_ppl": math.exp(rv) if rv is not None else None,
+            "test": test, "diverged": diverged, "val_losses": [m["val_loss"] for m in metrics if "val_loss" in m],
+            "checkpoint": str(best) if test else None, "metrics": metrics, "step_offset": step_offset,
+            "test_metric": test[job.args.target_metric] if test else float("inf")}
+
+
+def _test_line(t: dict) -> str:
+    second = (f"word ppl {_f(t.get('word_ppl'), 2)}" if t.get("spaced", True) else
+              f"char ppl {_f(t.get('char_ppl'), 3)}, {_f(t.get('chars_per_token'), 2)} chars/token")
+    return f"{_f(t.get('bits_per_byte'), 3)} bits/byte, token ppl {_f(t.get('token_ppl'), 2)}, {second}"
+
+
+def judge_round(job: Job, info: dict, rounds: list[dict], settings: dict, have_ckpt: bool) -> tuple[dict | None, bool]:
+    """After round r: (the next round's settings, or None to stop; target met)."""
+    r, metric, target = info["round"], job.args.target_metric, job.target
+    if info["test"]:
+        job.log(f"round {r}: val loss {info['best_val_loss']:.4f} (ppl {info['val_ppl']:.2f}); test "
+                + _test_line(info["test"]))
+    if target is None:
+        job.decisions.append(f"round {r}: no target set, done after one round")
+        return None, False
+    if info["test"] and info["test_metric"] <= target:
+        job.decisions.append(f"round {r}: test {metric} {info['test_metric']:.2f} <= target {target:g}: target met, stop")
+        return None, True
+    missed = f"round {r}: test {metric} {info['test_metric']:.2f} > target {target:g}"
+    if r == job.args.max_rounds:
+        job.decisions.append(f"{missed}; --max-rounds {job.args.max_rounds} reached, stop")
+        return None, False
+    if not have_ckpt:
+        raise QuickTrainFailed(f"round {r} produced no usable checkpoint (diverged before the first eval); "
+                               "lower --lr or raise --warmup")
+    nxt, why = decide_next_round(info, settings, rounds[:-1])
+    job.decide(f"{missed}; {why}", "decision: ")
+    return nxt, False
+
+
+def run_rounds(job: Job, settings: dict) -> tuple[list[dict], Path | None, float | None, bool]:
+    """Rounds until the target is met, a rule says stop, or --max-rounds / the time budget ends.
+    Returns (rounds, best checkpoint, its val loss, target met)."""
+    rounds: list[dict] = []
+    best_ckpt, best_val, step_offset = None, None, 0
+    for r in range(1, job.args.max_rounds + 1):
+        info = run_round(job, r, settings, best_ckpt, step_offset)
+        if info is None:
+            break
+        rounds.append(info)
+        step_offset += info["steps"]
+        rv = info["best_val_loss"]
+        if rv is not None and (best_val is None or rv < best_val):
+            best_val, best_ckpt = rv, job.out / f"round{r}" / trainer.BEST_NAME
+        settings, met = judge_round(job, info, rounds, settings, best_ckpt is not None)
+        if settings is None:
+            return rounds, best_ckpt, best_val, met
+    return rounds, best_ckpt, best_val, False
+
+
 # ----------------------------------------------------------------------------- report
 
-def plot_losses(rounds: list[dict], path: Path) -> str | None:
-    """PNG of train/val loss over cumulative steps; returns a note instead when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "loss_curve.png skipped: matplotlib is not installed (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rounds:
-        tr = [(m["step"] + r["step_offset"], m["loss"]) for m in r["metrics"] if "loss" in m]
-        va = [(m["step"] + r["step_offset"], m["val_loss"]) for m in r["metrics"] if "val_loss" in m]
-        if tr:
-            ax.plot(*zip(*tr), lw=1, label=f"train (round {r['round']})")
-        if va:
-            ax.plot(*zip(*va), "o-", lw=1.5, label=f"val (round {r['round']})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-    return None
-
-
 def report_markdown(rep: dict) -> str:
-    m = rep["target_metric"]
-    lines = [f"# quick_train report: {rep['config']} on {rep['data']}", "",
-             f"- date: {rep['date']}; device: {rep['device']}; total time: {rep['total_time_s']:.0f} s; "
-             f"tokens seen: {rep['tokens_seen']:,}",
-             f"- model: {rep['params'] / 1e6:.2f}M parameters, vocab {rep['vocab_size']}; tokenizer: {rep['tokenizer']}",
-             f"- test set: {rep['test_set']} ({rep['test_tokens']:,} tokens)"]
+    m, t = rep["target_metric"], rep["test"] or {}
+    spaced = t.get("spaced", True)
+    lines = [f"# quick_train report: {rep['config']} on {rep['data']}", ""]
+    if rep.get("undertrained"):
+        lines += [f"> **Warning: {rep['undertrained']}.**", ""]
+    lines += [f"- headline: **{_f(t.get('bits_per_byte'), 3)} bits/byte** on the test set (lower is better; "
+              "comparable across tokenizers and languages)",
+              f"- date: {rep['date']}; device: {rep['device']}; total time: {rep['total_time_s']:.0f} s; "
+              f"tokens seen: {rep['tokens_seen']:,}",
+              f"- model: {rep['params'] / 1e6:.2f}M parameters, vocab {rep['vocab_size']}; tokenizer: {rep['tokenizer']}",
+              f"- test set: {rep['test_set']} ({rep['test_tokens']:,} tokens)"]
+    if not spaced:
+        lines.append(f"- the test text has no spaces between words: word perplexity means nothing there, so the "
+                     f"table shows perplexity per character ({_f(t.get('chars_per_token'), 2)} characters per token)")
     if rep["target_ppl"] is not None:
         lines.append(f"- target: {m} <= {rep['target_ppl']:g} -> **{'met' if rep['target_met'] else 'missed'}**")
     else:
         lines.append("- target: none (pass --target-ppl to enable auto-adjust)")
-    lines += ["", "| round | steps | peak LR | warmup | tokens | time s | best val loss | val ppl | test token ppl "
-              "| test word ppl | test bits/byte |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    last = "test word ppl" if spaced else "test char ppl"
+    lines += ["", f"| round | steps | peak LR | warmup | tokens | time s | best val loss | val ppl | test bits/byte "
+              f"| test token ppl | {last} |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep["rounds"]:
-        t = r["test"] or {}
+        rt = r["test"] or {}
         lines.append(f"| {r['round']} | {r['steps']} of {r['settings']['max_steps']} | {r['settings']['lr']:.2e} | "
                      f"{r['settings']['warmup']} | {r['tokens']:,} | {r['time_s']:.0f} | "
-                     f"{_f(r['best_val_loss'], 4)} | {_f(r['val_ppl'], 2)} | {_f(t.get('token_ppl'), 2)} | "
-                     f"{_f(t.get('word_ppl'), 2)} | {_f(t.get('bits_per_byte'), 3)} |")
-    lines += ["", "## Decisions", ""]
-    lines += [f"- {d}" for d in rep["decisions"]]
+                     f"{_f(r['best_val_loss'], 4)} | {_f(r['val_ppl'], 2)} | {_f(rt.get('bits_per_byte'), 3)} | "
+                     f"{_f(rt.get('token_ppl'), 2)} | {_f(rt.get('word_ppl' if spaced else 'char_ppl'), 2)} |")
+    lines += ["", "## Decisions", ""] + [f"- {d}" for d in rep["decisions"]]
     lines += ["", "## Loss curve", ""]
     lines.append("![loss curve](loss_curve.png)" if rep.get("loss_curve") else f"{rep.get('loss_curve_note')}")
     lines += ["", "## Samples", ""]
+    if rep.get("undertrained") and rep["samples"]:
+        lines += ["The model is undertrained (see the warning at the top): these samples show how far it got, "
+                  "not what the recipe can do.", ""]
     for s in rep["samples"]:
         lines += [f"**{s['prompt']}**", "", "```", s["prompt"] + s["completion"], "```", ""]
     lines += [f"Best checkpoint: `{rep['best_checkpoint']}`", ""]
@@ -326,285 +615,132 @@ def _f(v, nd):
 
 
 def generate_samples(ckpt: Path, prompts: list[str], n_tokens: int, device: str, seed: int) -> list[dict]:
-    import torch
-    import model as fishai
     m = fishai.load_model(str(ckpt), device=device)
-    out = []
     g = torch.Generator(device=m.tok_emb.weight.device).manual_seed(seed)
-    for p in prompts:
-        ids = m.tokenizer.encode(p)
-        x = torch.tensor([ids], dtype=torch.long, device=m.tok_emb.weight.device)
-        y = m.generate(x, n_tokens, temperature=0.8, top_k=40, eos_id=m.tokenizer.eos_id, generator=g)
-        new = [t for t in y[0, len(ids):].tolist() if t != m.tokenizer.eos_id]
-        out.append({"prompt": p, "completion": m.tokenizer.decode(new)})
-    return out
+    return [{"prompt": p, "completion": m.tokenizer.decode(trainer.sample_tokens(m, m.tokenizer.encode(p), n_tokens, g))}
+            for p in prompts]
+
+
+def write_report(job: Job, rounds: list[dict], best_ckpt: Path, best_val: float, target_met: bool,
+                 meta: dict, tok_label: str) -> dict:
+    """fishai-best.pt, samples, loss curve, report.json/.md (and --json) in <out>."""
+    args, out = job.args, job.out
+    final = out / trainer.BEST_NAME
+    with open(best_ckpt, "rb") as src:
+        du.atomic_write(final, lambda f: shutil.copyfileobj(src, f))
+    best_round = next(r for r in rounds if r["checkpoint"] == str(best_ckpt))
+    prompts = SAMPLE_PROMPTS.get(args.data, SAMPLE_PROMPTS[None])[:args.samples]
+    samples = generate_samples(final, prompts, args.max_new_tokens, str(job.device), args.seed) if prompts else []
+    cfg = fishai.ModelConfig.from_dict(fishai.load_checkpoint(str(final))["config"])
+    rep = {
+        "date": time.strftime("%Y-%m-%d"), "config": args.config, "data": args.data, "device": str(job.device),
+        "tokenizer": tok_label, "vocab_size": cfg.vocab_size, "params": fishai.count_params(cfg),
+        "test_set": job.test_label, "test_tokens": (best_round["test"] or {}).get("tokens", 0),
+        "headline_metric": "bits_per_byte", "target_ppl": job.target, "target_metric": args.target_metric,
+        "target_met": target_met, "undertrained": undertrained(job, rounds),
+        "rounds": [{k: v for k, v in r.items() if k != "metrics"} for r in rounds],
+        "decisions": job.decisions, "best_round": best_round["round"], "best_checkpoint": str(final),
+        "best_val_loss": best_val, "test": best_round["test"], "tokens_seen": sum(r["tokens"] for r in rounds),
+        "total_time_s": time.time() - job.t0, "samples": samples,
+        "data_meta": {"train_tokens": meta["train"]["tokens"], "val_tokens": meta["val"]["tokens"],
+                      "test_docs_left_out": meta.get("test_docs_left_out", 0)},
+    }
+    note = trainer.plot_losses([{"metrics": r["metrics"], "step_offset": r["step_offset"], "label": f"round {r['round']}"}
+                                for r in rounds], out / trainer.LOSS_CURVE_NAME)
+    rep["loss_curve"] = None if note else str(out / trainer.LOSS_CURVE_NAME)
+    rep["loss_curve_note"] = note
+    if note:
+        job.log(f"note: {note}")
+    du.atomic_write_text(out / "report.json", json.dumps(rep, indent=2))
+    du.atomic_write_text(out / "report.md", report_markdown(rep))
+    if args.json:
+        du.atomic_write_text(Path(args.json), json.dumps(rep, indent=2))
+    return rep
 
 
 # ----------------------------------------------------------------------------- main flow
 
-def quick_train(args) -> dict:
-    import data_utils
-    import train as trainer
-    import benchmark
-    import model as fishai
+def first_settings(args) -> dict:
+    preset = PRESET_DEFAULTS[args.config]
+    return {k: (getattr(args, k) if getattr(args, k) is not None else preset[k]) for k in SETTINGS}
 
-    t0 = time.time()
-    log = print
-    if args.config not in PRESET_DEFAULTS:
-        raise QuickTrainError(f"--config {args.config}: unknown config; choose one of {', '.join(PRESET_DEFAULTS)}")
-    if args.max_rounds < 1:
-        raise QuickTrainError(f"--max-rounds must be >= 1 (got {args.max_rounds})")
-    d = PRESET_DEFAULTS[args.config]
-    settings = {k: (getattr(args, k) if getattr(args, k) is not None else d[k])
-                for k in ("max_steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "eval_interval",
-                          "eval_iters")}
-    target = args.target_ppl if args.target_ppl is not None else (
-        DEFAULT_TARGET_PPL if _is_default_wikitext(args.data) else None)
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise QuickTrainError(f"--output-dir {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+
+def open_output_dir(out: Path, overwrite: bool) -> bool:
+    """Check --output-dir before any work; returns True when this run created it."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise QuickTrainError(f"--output-dir {out} is not empty; pass --overwrite to replace its run or choose "
                               "another directory")
-    try:
-        trainer._check_writable_dir(out)
-    except trainer.TrainError as e:
-        raise QuickTrainError(str(e)) from None
-    if args.overwrite:
+    created = du.check_writable_dir(out)
+    if overwrite:
         for sub in ["data"] + [p.name for p in out.glob("round*")]:
             shutil.rmtree(out / sub, ignore_errors=True)
+    return created
 
-    # ---- data (fail fast and clearly when the default HF dataset cannot be reached)
-    held_out = args.test_data is None and not _is_default_wikitext(args.data)
+
+def remove_partial_run(job: Job, created: bool) -> None:
+    """A failed or interrupted run leaves nothing behind: the directory it created, or else what it
+    wrote into the existing one."""
+    if created:
+        shutil.rmtree(job.out, ignore_errors=True)
+        return
+    for sub in ["data", *([] if job.args.tokenizer else ["tokenizer"])] + [p.name for p in job.out.glob("round*")]:
+        shutil.rmtree(job.out / sub, ignore_errors=True)
+
+
+def quick_train(args) -> dict:
+    device = fishai.resolve_device(args.device)  # e.g. --device cuda on a CPU machine: refused before any work
+    du.check_new_file(args.json, "--json", args.overwrite)
+    target = args.target_ppl if args.target_ppl is not None else (
+        DEFAULT_TARGET_PPL if _is_default_wikitext(args.data) and args.target_metric == "word_ppl" else None)
+    job = Job(args, Path(args.output_dir), device, time.time(), target)
+    created = open_output_dir(job.out, args.overwrite)
     try:
-        first = next(iter(data_utils.iter_documents(args.data, text_key=args.text_key)), None)
-    except data_utils.DataError:
-        if _is_default_wikitext(args.data):
-            raise QuickTrainError(offline_message(args.data))
+        return _pipeline(job)
+    except BaseException:
+        remove_partial_run(job, created)
         raise
-    if first is None:
-        raise QuickTrainError(f"--data {args.data}: no documents found")
-    max_bytes = None if args.max_data_mb is None else int(args.max_data_mb * 1e6)
-    corpus = Corpus(args.data, args.text_key, held_out, args.test_max_kb * 1000, max_bytes)
-    test_texts, test_label = load_test_texts(args.test_data, corpus, args.data, args.text_key)
-    log(f"[quick_train] test set: {test_label} ({len(test_texts)} documents, "
-        f"{sum(len(t) for t in test_texts) / 1e3:.0f} KB)")
 
-    # ---- tokenizer
-    if args.tokenizer:
-        tok_dir = Path(args.tokenizer)
-        tok = data_utils.load_tokenizer(tok_dir)
-        tok_label = str(tok_dir)
-    else:
-        from tokenizer_train import train_tokenizer
-        vocab = args.vocab_size or d["vocab_size"]
-        tok_dir = out / "tokenizer"
-        log(f"[quick_train] training a {vocab}-token byte-level BPE tokenizer on {args.data}")
-        t_tok = time.time()
-        train_tokenizer(corpus.train_docs(), vocab, tok_dir, show_progress=not args.no_progress,
-                        max_bytes=max_bytes)
-        tok = data_utils.load_tokenizer(tok_dir)
-        tok_label = f"trained here (vocab {tok.vocab_size}, {time.time() - t_tok:.1f} s)"
 
-    # ---- prepare train/val .bin
-    log(f"[quick_train] tokenizing {args.data} into {out / 'data'}")
-    meta = data_utils.prepare(mix={"data": (1.0, corpus.train_docs)}, tokenizer=tok, output=str(out / "data"),
-                              val_fraction=args.val_fraction, overwrite=True, show_progress=not args.no_progress,
-                              seed=args.seed, log=lambda s: log("[quick_train] " + s))
-    if meta["val"]["tokens"] < settings["seq_len"] + 1:
-        raise QuickTrainError(f"only {meta['val']['tokens']} validation tokens: raise --val-fraction or give more "
-                              f"--data (need > --seq-len {settings['seq_len']})")
-
-    # ---- rounds
-    device = trainer.resolve_device(args.device)
-    decisions: list[str] = []
-    budget = args.time_budget if args.time_budget is not None else d.get("time_budget")
-    budget = budget if (budget and args.max_steps is None) else None
-    if budget:
-        def measure():
-            return measure_train_speed(args.config, args.model_override, tok.vocab_size, settings["batch_size"],
-                                       settings["seq_len"], device)
-        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            tps, why_threads = pick_cpu_threads(measure)
-            if why_threads:
-                decisions.append(why_threads)
-                log(f"[quick_train] {why_threads}")
-        else:
-            tps = measure()
-        # ~15% of what is left goes to evaluation, the test perplexity and the samples
-        left = budget - (time.time() - t0)
-        fit = int(0.85 * left * tps / (settings["batch_size"] * settings["grad_accum"] * settings["seq_len"]))
-        if fit < settings["max_steps"]:
-            new_steps = max(20, fit)
-            why = (f"time budget: {left:.0f} s left of --time-budget {budget:g} at {tps:,.0f} tokens/s measured "
-                   f"here fit ~{fit} steps, so --max-steps {settings['max_steps']} -> {new_steps} "
-                   f"(pass --max-steps or --time-budget 0 to keep {settings['max_steps']})")
-            settings["max_steps"] = new_steps
-            settings["warmup"] = min(settings["warmup"], max(1, new_steps // 10))
-            settings["eval_interval"] = min(settings["eval_interval"], max(1, new_steps // 5))
-        else:
-            why = (f"time budget: {tps:,.0f} tokens/s measured here; {settings['max_steps']} steps fit the "
-                   f"{left:.0f} s left of --time-budget {budget:g}")
-        decisions.append(why)
-        log(f"[quick_train] {why}")
-    rounds: list[dict] = []
-    best_ckpt = None
-    best_val = None
-    step_offset = 0
-    tokens_seen = 0
-    target_met = False
-    for r in range(1, args.max_rounds + 1):
-        rdir = out / f"round{r}"
-        argv = ["--config", args.config, "--data", str(out / "data"), "--output-dir", str(rdir),
-                "--max-steps", str(settings["max_steps"]), "--batch-size", str(settings["batch_size"]),
-                "--grad-accum", str(settings["grad_accum"]), "--seq-len", str(settings["seq_len"]),
-                "--lr", str(settings["lr"]), "--warmup", str(settings["warmup"]),
-                "--eval-interval", str(settings["eval_interval"]), "--eval-iters", str(settings["eval_iters"]),
-                "--save-interval", str(settings["eval_interval"]), "--log-interval", "5",
-                "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed + r - 1), "--overwrite"]
-        for o in args.model_override:
-            argv += ["--model-override", o]
-        if args.compile:
-            argv.append("--compile")
-        if args.no_progress:
-            argv.append("--no-progress")
-        if best_ckpt is not None:
-            argv += ["--init-from", str(best_ckpt)]
-        if budget:
-            remaining = budget - (time.time() - t0)
-            if r > 1 and remaining < 30:
-                decisions.append(f"round {r}: not started, the --time-budget {budget:g} s is used up")
-                log(f"[quick_train] decision: {decisions[-1]}")
-                break
-            # the speed estimate can be off on a busy machine: a hard cap keeps the job in its budget
-            # (~10% of the time stays for the test perplexity and the samples)
-            argv += ["--max-time", f"{max(10.0, 0.9 * remaining - 5):.0f}"]
-        log(f"[quick_train] round {r}: {settings['max_steps']} steps, peak LR {settings['lr']:.2e}, warmup "
-            f"{settings['warmup']}" + (f", from {best_ckpt}" if best_ckpt else ", from scratch"))
-        t_r = time.time()
-        diverged = False
-        try:
-            summary = trainer.train(trainer.parse_args(argv))
-        except trainer.TrainError as e:
-            if "NaN/inf" not in str(e):
-                raise
-            log(f"[quick_train] round {r}: {e}")
-            diverged = True
-            summary = {"tokens": 0, "best_val_loss": None, "interrupted": None}
-        if summary.get("interrupted"):
-            raise QuickTrainError(f"interrupted ({summary['interrupted']}) during round {r}; checkpoints are in {rdir}")
-        if summary.get("stopped_by") == "max_time":
-            decisions.append(f"round {r}: stopped at step {summary['steps']} of {settings['max_steps']} to stay within "
-                             f"--time-budget {budget:g} s (this machine was slower than measured)")
-            log(f"[quick_train] {decisions[-1]}")
-        metrics = trainer.read_metrics(rdir / trainer.METRICS_NAME) if (rdir / trainer.METRICS_NAME).exists() else []
-        val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
-        round_best = rdir / trainer.BEST_NAME
-        test = None
-        if round_best.exists():
-            lm = benchmark.load_lm(str(round_best), device=str(device))
-            log(f"[quick_train] round {r}: test perplexity on {test_label}")
-            test = benchmark.perplexity(lm, test_texts, batch_size=8, progress=not args.no_progress)
-            del lm
-        rv = summary.get("best_val_loss")
-        info = {"round": r, "settings": dict(settings), "init_from": str(best_ckpt) if best_ckpt else None,
-                "steps": settings["max_steps"], "tokens": int(summary.get("tokens") or 0), "time_s": time.time() - t_r,
-                "best_val_loss": rv, "val_ppl": math.exp(rv) if rv is not None else None, "test": test,
-                "diverged": diverged, "val_losses": val_losses, "checkpoint": str(round_best) if test else None,
-                "metrics": metrics, "step_offset": step_offset,
-                "test_metric": test[args.target_metric] if test else float("inf")}
-        info["steps"] = int(summary.get("steps") or settings["max_steps"])
-        rounds.append(info)
-        step_offset += info["steps"]
-        tokens_seen += info["tokens"]
-        if rv is not None and (best_val is None or rv < best_val):
-            best_val, best_ckpt = rv, round_best
-        if test:
-            log(f"[quick_train] round {r}: val loss {rv:.4f} (ppl {math.exp(rv):.2f}); test token ppl "
-                f"{test['token_ppl']:.2f}, word ppl {test['word_ppl']:.2f}, {test['bits_per_byte']:.3f} bits/byte")
-        if target is None:
-            decisions.append(f"round {r}: no target set, done after one round")
-            break
-        if test and test[args.target_metric] <= target:
-            target_met = True
-            decisions.append(f"round {r}: test {args.target_metric} {test[args.target_metric]:.2f} <= target "
-                             f"{target:g}: target met, stop")
-            break
-        if r == args.max_rounds:
-            decisions.append(f"round {r}: test {args.target_metric} {info['test_metric']:.2f} > target {target:g}; "
-                             f"--max-rounds {args.max_rounds} reached, stop")
-            break
-        if best_ckpt is None:
-            raise QuickTrainError(f"round {r} produced no usable checkpoint (diverged before the first eval); "
-                                  "lower --lr or raise --warmup")
-        nxt, why = decide_next_round(info, settings, rounds[:-1])
-        decisions.append(f"round {r}: test {args.target_metric} {info['test_metric']:.2f} > target {target:g}; {why}")
-        log(f"[quick_train] decision: {decisions[-1]}")
-        if nxt is None:
-            break
-        settings = nxt
-
-    # ---- final artefacts
+def _pipeline(job: Job) -> dict:
+    args, preset = job.args, PRESET_DEFAULTS[job.args.config]
+    settings = first_settings(args)
+    corpus = open_corpus(args)
+    job.test_texts, job.test_label = load_test_texts(args.test_data, corpus, args.data, args.text_key,
+                                                     args.test_max_kb * 1000)
+    job.log(f"test set: {job.test_label} ({len(job.test_texts)} documents, "
+            f"{sum(len(t) for t in job.test_texts) / 1e3:.0f} KB)")
+    tok, tok_label = get_tokenizer(job, corpus, preset)
+    meta = prepare_data(job, corpus, tok, settings["seq_len"])
+    fit_time_budget(job, settings, preset, tok.vocab_size)
+    rounds, best_ckpt, best_val, target_met = run_rounds(job, settings)
     if best_ckpt is None:
-        raise QuickTrainError("no round produced a checkpoint")
-    final = out / trainer.BEST_NAME
-    with open(best_ckpt, "rb") as src:
-        atomic_write(final, lambda f: shutil.copyfileobj(src, f))
-    best_round = next(r for r in rounds if r["checkpoint"] == str(best_ckpt))
-    prompts = SAMPLE_PROMPTS.get(args.data, SAMPLE_PROMPTS[None])[: max(0, args.samples)]
-    samples = generate_samples(final, prompts, args.sample_tokens, str(device), args.seed) if prompts else []
-    ck = fishai.load_checkpoint(str(final))
-    cfg = fishai.ModelConfig.from_dict(ck["config"])
-    rep = {
-        "date": time.strftime("%Y-%m-%d"), "config": args.config, "data": args.data, "device": str(device),
-        "tokenizer": tok_label, "vocab_size": cfg.vocab_size, "params": fishai.count_params(cfg),
-        "test_set": test_label, "test_tokens": (best_round["test"] or {}).get("tokens", 0),
-        "target_ppl": target, "target_metric": args.target_metric, "target_met": target_met,
-        "rounds": [{k: v for k, v in r.items() if k not in ("metrics",)} for r in rounds],
-        "decisions": decisions, "best_round": best_round["round"], "best_checkpoint": str(final),
-        "best_val_loss": best_val, "test": best_round["test"], "tokens_seen": tokens_seen,
-        "total_time_s": time.time() - t0, "samples": samples, "data_meta": {
-            "train_tokens": meta["train"]["tokens"], "val_tokens": meta["val"]["tokens"]},
-    }
-    note = plot_losses(rounds, out / "loss_curve.png")
-    rep["loss_curve"] = None if note else str(out / "loss_curve.png")
-    rep["loss_curve_note"] = note
-    if note:
-        log(f"[quick_train] note: {note}")
-    atomic_write_text(out / "report.json", json.dumps(rep, indent=2))
-    atomic_write_text(out / "report.md", report_markdown(rep))
-    if args.json:
-        atomic_write_text(Path(args.json), json.dumps(rep, indent=2))
-    t = rep["test"] or {}
-    log(f"[quick_train] done in {rep['total_time_s']:.0f} s: {len(rounds)} round(s), {tokens_seen:,} tokens; "
-        f"test word ppl {_f(t.get('word_ppl'), 2)}, token ppl {_f(t.get('token_ppl'), 2)}"
-        + (f"; target {target:g} {'met' if target_met else 'missed'}" if target is not None else "")
-        + f"; report: {out / 'report.md'}")
-    for s in samples:
-        log(f"[sample] {s['prompt']}{s['completion']!r}")
+        raise QuickTrainFailed("no round produced a checkpoint; lower --lr or raise --warmup")
+    rep = write_report(job, rounds, best_ckpt, best_val, target_met, meta, tok_label)
+    job.log(f"done in {rep['total_time_s']:.0f} s: {len(rounds)} round(s), {rep['tokens_seen']:,} tokens; test "
+            + _test_line(rep["test"] or {})
+            + (f"; target {job.target:g} {'met' if target_met else 'missed'}" if job.target is not None else "")
+            + f"; report: {job.out / 'report.md'}")
+    if rep["undertrained"]:
+        job.log(f"warning: {rep['undertrained']}")
+    for s in rep["samples"]:
+        print(f"[sample] {s['prompt']}{s['completion']!r}")
     return rep
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    import train as trainer
+def _cli(args) -> int:
     try:
         quick_train(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (QuickTrainError, trainer.TrainError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - the shared modules' bad-input errors
-        import data_utils
-        import model as fishai
-        import benchmark
-        if isinstance(e, (data_utils.DataError, fishai.CheckpointError, benchmark.BenchmarkError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    except QuickTrainFailed as e:  # the job ran but produced no usable model: not a usage error
+        print(f"error: {du.one_line(e)}", file=sys.stderr, flush=True)
+        return du.EXIT_FAILED
+    except benchmark.BenchmarkError as e:
+        print(f"error: {du.one_line(e)}", file=sys.stderr, flush=True)
+        return du.EXIT_USAGE
+    return du.EXIT_OK
+
+
+def main(argv=None) -> int:
+    return du.run_cli(_cli, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

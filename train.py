@@ -4,26 +4,40 @@ Train a FishAI model: pretraining or chat SFT, on one CPU/GPU or many GPUs/nodes
 Usage (copy-paste):
 
   # pretrain the seed's FishAI-Small on a prepared dataset (data_utils.py prepare -> data/)
-  python train.py --config small --data data/ --output-dir checkpoints --batch-size 4 \
+  python train.py --config small --data data/ --output-dir checkpoints --batch-size 4 \\
       --grad-accum 8 --lr 5e-4 --warmup 100 --max-steps 10000 --seq-len 512 --device cuda
 
   # raw text (txt / jsonl / parquet / hf:NAME / python-docs) is tokenized on the fly
   python train.py --config tiny --data python-docs --tokenizer tokenizer/ --max-steps 300 --device cpu
 
-  # continue an interrupted run exactly where it stopped (latest checkpoint in --output-dir)
+  # continue an interrupted run exactly where it stopped: the paths are enough, every other
+  # setting (batch, sequence length, LR, schedule, seed, data) comes from the checkpoint
   python train.py --config small --data data/ --output-dir checkpoints --resume auto
+  python train.py --data data/ --resume checkpoints/fishai-latest.pt --output-dir checkpoints
 
   # several GPUs (or CPU processes with gloo); elastic restarts resume from fishai-latest.pt
   torchrun --nproc_per_node 8 --max-restarts 1 train.py --config small --data data/ --resume auto
 
   # chat SFT with assistant-only loss, starting from a pretrained checkpoint
-  python train.py --stage sft --init-from checkpoints/fishai-best.pt --data chat.jsonl \
+  python train.py --stage sft --init-from checkpoints/fishai-best.pt --data chat.jsonl \\
       --output-dir checkpoints-sft --max-steps 500 --lr 1e-4
 
-Outputs in --output-dir: fishai-latest.pt (every --save-interval steps, on Ctrl-C and at the
-end), fishai-best.pt (whenever the validation loss improves) and metrics.jsonl (one JSON
-object per log/eval line). Checkpoints are written atomically, so a killed run always
-leaves a loadable fishai-latest.pt.
+Outputs in --output-dir:
+  fishai-latest.pt  everything needed to resume exactly (weights, optimizer, schedule, scaler, RNG
+                    and data position, train args); every --save-interval steps, on Ctrl-C, at the end
+  fishai-best.pt    the weights, config and tokenizer at the best validation loss (a complete model
+                    for generate.py / quantize.py, without the optimizer state)
+  metrics.jsonl     one JSON object per log/eval/sample line
+  loss_curve.png    train and val loss, written at the end of every run (needs matplotlib)
+Checkpoints are written atomically, so a killed run always leaves a loadable fishai-latest.pt.
+A run that fails before its first checkpoint removes the --output-dir it created.
+
+Validation data (the hold-out rule, data_utils.holdout_split): a prepared dir brings its val.bin;
+raw --data and SFT conversations without --val-data hold out 5% of their documents, document i
+(0-based, reading order) when ceil((i+1)/20) > ceil(i/20): the 1st, 21st, 41st, ... The same rule
+makes prepare's val.bin and quick_train's test documents (which no tokenizer ever sees).
+
+Resume: see RESUME_RULE below (also in --help): everything but the paths comes from the checkpoint.
 
 Fault-injection hooks (environment variables, used by the tests; see README.md, "Train a model"):
 FISHAI_FAULT_NAN_FROM_STEP, FISHAI_FAULT_OOM_AT_STEP, FISHAI_FAULT_EXIT_AT_STEP (+
@@ -34,107 +48,244 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import inspect
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
-import numpy as np
-import torch
+import data_utils as du
 
 LATEST_NAME = "fishai-latest.pt"
 BEST_NAME = "fishai-best.pt"
 METRICS_NAME = "metrics.jsonl"
+LOSS_CURVE_NAME = "loss_curve.png"
 VOCAB_MULTIPLE = 64  # pad the embedding to a multiple of 64 so the vocab matmul uses fast kernels
+VAL_FRACTION = 0.05  # raw --data without --val-data: share of documents held out (du.holdout_split)
+STAGES = ("pretrain", "sft")
+
+HOLDOUT_RULE = (
+    "Validation data: a prepared dir brings its own val.bin; for raw --data (and SFT conversations) "
+    "without --val-data, 5% of the documents are held out by the project's one hold-out rule "
+    "(data_utils.holdout_split, val_fraction 0.05): document i (0-based, in reading order) is a "
+    "validation document when ceil((i+1)/20) > ceil(i/20), i.e. the 1st, 21st, 41st, ... The tokenizer "
+    "may have seen validation documents, never quick_train's test documents.")
+
+RESUME_RULE = (
+    "Resume (--resume): the run continues exactly. Batch, accumulation, sequence length, LR, schedule, "
+    "warmup, max steps, seed, data, intervals, device and dtype come from the checkpoint's train args, "
+    "so the paths are enough. A flag given again with another value is applied and printed "
+    "('changed on resume: lr 0.002 -> 0.001') when that is safe: --lr --min-lr-ratio --warmup "
+    "--max-steps --grad-clip --max-nonfinite, the eval/save/log/sample intervals, --eval-iters, "
+    "--max-new-tokens, --device --dtype --compile and the wandb flags. It is refused, with the reason, "
+    "where it would break the exact continuation: --batch-size --grad-accum --seq-len --seed --data "
+    "--val-data --text-key --max-data-tokens --stage --init-from --weight-decay --beta1 --beta2 and "
+    "the model config (--config, --model-override); a new --data is taken only when the saved path no "
+    "longer exists from here (moved data). --output-dir, --max-time, --stop-at and --quiet "
+    "belong to each command.")
+
+# On --resume a flag given again with a new value is applied when it only changes what happens
+# from now on (the schedule's shape, the intervals, the hardware) ...
+RESUME_SAFE = ("lr", "min_lr_ratio", "warmup", "max_steps", "grad_clip", "max_nonfinite", "eval_interval",
+               "eval_iters", "save_interval", "log_interval", "sample_interval", "max_new_tokens", "device",
+               "dtype", "compile", "wandb", "wandb_project", "wandb_run_name")
+# ... and refused where the saved state would no longer describe the run (flag -> why).
+RESUME_LOCKED = {
+    "batch_size": "it sets the sequences of every step, and the data position counts batches",
+    "grad_accum": "it sets the sequences of every step, and the data position counts batches",
+    "seq_len": "the saved data position and the batches are made of windows of this length",
+    "seed": "the data order and every RNG stream follow it",
+    "data": "the saved data position is a position in that data",
+    "val_data": "the best val loss so far was measured on it",
+    "text_key": "the saved data position is a position in that data",
+    "max_data_tokens": "the saved data position is a position in that data",
+    "stage": "the loss and the data format follow it",
+    "init_from": "the run's weights started from that checkpoint",
+    "weight_decay": "the saved optimizer state carries it",
+    "beta1": "the saved optimizer state carries it",
+    "beta2": "the saved optimizer state carries it",
+}
+# Taken from each command line, never from the checkpoint (--stop-at 3 must not stop the next run at 3).
+PER_COMMAND = ("output_dir", "resume", "overwrite", "quiet", "max_time", "stop_at", "tokenizer", "config",
+               "model_override")
 
 
-class TrainError(Exception):
-    """A bad flag/input or an unrecoverable training problem; main() prints it as one line."""
+class TrainError(du.FishAIError):
+    """A bad flag or input; main() prints it as one line and exits with EXIT_USAGE (2)."""
+
+
+class TrainFailed(TrainError):
+    """The run started but could not go on (CUDA out of memory, divergence): exit EXIT_FAILED (1)."""
+
+
+class DivergedError(TrainFailed):
+    """The loss stayed NaN/inf for --max-nonfinite steps in a row; the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------- arguments
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Pretrain or SFT a FishAI (LLaMA-style) model. Single process or torchrun (DDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model and data")
+def build_parser() -> du.ArgumentParser:
+    p = du.ArgumentParser(
+        prog="train.py", description="\n\n".join(textwrap.fill(t, 100, break_on_hyphens=False) for t in (
+            "Pretrain or SFT a FishAI (LLaMA-style) model. Single process or torchrun (DDP).", HOLDOUT_RULE,
+            RESUME_RULE)))
+    _add_model_flags(p.add_argument_group("model and data"))
+    _add_optim_flags(p.add_argument_group("optimisation (with --resume: the checkpoint's, see above)"))
+    _add_output_flags(p.add_argument_group("evaluation, samples, checkpoints and logging"))
+    g = p.add_argument_group("hardware")
+    du.add_device_flag(g)
+    du.add_dtype_flag(g, "auto: bf16 on CUDA if supported else fp16 (+GradScaler); fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p
+
+
+def _add_model_flags(g) -> None:
     g.add_argument("--config", default=None,
                    help="model preset from model.py: tiny, small, medium, large (default small; with --resume "
                         "the checkpoint's config, checked against --config when given)")
     g.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                    help="change one field of the preset (repeatable), e.g. --model-override d_model=128 "
                         "--model-override n_layers=2; fields: vocab_size d_model n_layers n_heads n_kv_heads "
-                        "d_ff max_seq_len rope_theta norm_eps init_std")
-    g.add_argument("--stage", choices=["pretrain", "sft"], default="pretrain",
+                        "d_ff max_seq_len rope_theta norm_eps init_std (by default none)")
+    g.add_argument("--stage", choices=STAGES, default="pretrain",
                    help="pretrain: next-token loss on all tokens; sft: chat data, loss on assistant tokens only")
     g.add_argument("--data", default=None,
                    help="prepared dir (train.bin/val.bin/meta.json from data_utils.py prepare; default ./data "
-                        "when it holds one), or raw text "
-                        "tokenized on the fly: .txt/.jsonl/.parquet file, dir, glob, hf:NAME[:CONFIG[:SPLIT]] "
-                        "or python-docs. For --stage sft: a chat .jsonl")
+                        "when it holds one), or raw text tokenized on the fly: .txt/.jsonl/.parquet file, dir, "
+                        "glob, hf:NAME[:CONFIG[:SPLIT]] or python-docs. For --stage sft: a chat .jsonl")
     g.add_argument("--val-data", default=None,
-                   help="raw validation text/chat file; default: every 20th document of --data is held out")
+                   help="raw validation text/chat file; without it 5%% of the --data documents are held out "
+                        "(data_utils.holdout_split: the 1st, 21st, 41st, ... document)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer dir (tokenizer_train.py) for raw --data; a prepared dir's own tokenizer/ "
                         "is used when omitted; with --init-from/--resume the checkpoint's tokenizer is used")
     g.add_argument("--text-key", default="text", help="field holding the text in jsonl/parquet/HF data")
-    g.add_argument("--max-data-tokens", type=int, default=None,
-                   help="stop tokenizing raw --data after this many tokens (bounds HF streaming datasets)")
+    g.add_argument("--max-data-tokens", type=du.size_flag, default=None, metavar="N",
+                   help="stop tokenizing raw --data after about this many tokens, e.g. 50M (bounds HF streams)")
     g.add_argument("--init-from", default=None,
                    help="start from this checkpoint's weights (fresh optimizer/schedule); required for sft")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
-    g.add_argument("--grad-accum", type=int, default=8, help="micro-batches accumulated per optimizer step")
-    g.add_argument("--seq-len", type=int, default=None,
+
+
+def _add_optim_flags(g) -> None:
+    g.add_argument("--batch-size", type=du.int_flag(1), default=4, help="sequences per micro-batch per process")
+    g.add_argument("--grad-accum", type=du.int_flag(1), default=8, help="micro-batches accumulated per optimizer step")
+    g.add_argument("--seq-len", type=du.int_flag(2), default=None,
                    help="tokens per sequence (default: min(512, the model's max_seq_len))")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4 pretrain, 1e-4 sft)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at min_lr_ratio * lr")
-    g.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
-    g.add_argument("--max-steps", type=int, default=10000, help="optimizer steps in total (incl. resumed ones)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (2-D matmul weights only)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
-    g.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+    g.add_argument("--lr", type=du.float_flag(0, lo_open=True), default=None,
+                   help="peak learning rate (default 5e-4 pretrain, 1e-4 sft)")
+    g.add_argument("--min-lr-ratio", type=du.float_flag(0, 1), default=0.1,
+                   help="cosine decay ends at min_lr_ratio * lr")
+    g.add_argument("--warmup", type=du.int_flag(0), default=100, help="linear warmup steps")
+    g.add_argument("--max-steps", type=du.int_flag(1), default=10000,
+                   help="optimizer steps in total (incl. resumed ones)")
+    g.add_argument("--weight-decay", type=du.float_flag(0), default=0.1,
+                   help="AdamW weight decay (2-D matmul weights only)")
+    g.add_argument("--beta1", type=du.float_flag(0, 1, hi_open=True), default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=du.float_flag(0, 1, hi_open=True), default=0.95, help="AdamW beta2")
+    g.add_argument("--grad-clip", type=du.float_flag(0), default=1.0, help="clip the global grad norm (0 = off)")
+    g.add_argument("--stop-at", type=du.int_flag(1), default=None, metavar="STEP",
                    help="save fishai-latest.pt and exit once this step is reached, keeping the schedule of "
                         "--max-steps (time-sliced/preemptible jobs; continue later with --resume)")
-    g.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--max-time", type=du.float_flag(0), default=None, metavar="SECONDS",
                    help="evaluate, save fishai-latest.pt and stop after this much wall time (cluster time "
                         "limits, time-boxed runs); continue later with --resume")
-    g.add_argument("--max-nonfinite", type=int, default=10,
+    g.add_argument("--max-nonfinite", type=du.int_flag(1), default=10,
                    help="stop after this many consecutive steps with a NaN/inf loss")
-    g.add_argument("--seed", type=int, default=1337)
-    g = p.add_argument_group("evaluation, checkpoints and logging")
+    g.add_argument("--seed", type=du.int_flag(0), default=1337, help="seed of the data order and the weights")
+
+
+def _add_output_flags(g) -> None:
     g.add_argument("--output-dir", default="checkpoints", help="where checkpoints and metrics.jsonl go")
-    g.add_argument("--eval-interval", type=int, default=250, help="evaluate on the val split every N steps")
-    g.add_argument("--eval-iters", type=int, default=50, help="val batches per evaluation")
-    g.add_argument("--save-interval", type=int, default=250, help="write fishai-latest.pt every N steps")
-    g.add_argument("--log-interval", type=int, default=10, help="write a metrics line every N steps")
+    g.add_argument("--eval-interval", type=du.int_flag(1), default=250, help="evaluate on the val split every N steps")
+    g.add_argument("--eval-iters", type=du.int_flag(1), default=50, help="val batches per evaluation")
+    g.add_argument("--save-interval", type=du.int_flag(1), default=250, help="write fishai-latest.pt every N steps")
+    g.add_argument("--log-interval", type=du.int_flag(1), default=10, help="write a metrics line every N steps")
+    g.add_argument("--sample-interval", type=du.int_flag(0), default=1000, metavar="N",
+                   help="print a text sample every N steps, 0 = off (default 1000: one sample costs about "
+                        "one eval batch, so it adds <0.1%% to a run and a 10,000-step run shows ten)")
+    g.add_argument("--max-new-tokens", type=du.int_flag(1), default=64, help="tokens per text sample")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
                    help="resume from a checkpoint; 'auto' (or no value) = <output-dir>/fishai-latest.pt "
                         "if it exists, else start fresh")
-    g.add_argument("--overwrite", action="store_true",
-                   help="allow starting a fresh run in an --output-dir that already holds checkpoints")
+    du.add_overwrite_flag(g, "the checkpoints of an earlier run in --output-dir (start a fresh run there)")
     g.add_argument("--wandb", action="store_true", help="log config, metrics and the final checkpoint to wandb")
-    g.add_argument("--wandb-project", default="fishai-train")
-    g.add_argument("--wandb-run-name", default=None)
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 on CUDA if supported else fp16 (+GradScaler); fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    return p
+    g.add_argument("--wandb-project", default="fishai-train", help="wandb project")
+    g.add_argument("--wandb-run-name", default=None, help="wandb run name (default: wandb picks one)")
+    du.add_quiet_flag(g)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    """Parse train.py's command line. args._given holds the flags the user typed (a second parse
+    with every default suppressed), so --resume can tell 'not given' from 'given the default'."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for action in parser._actions:  # (set_defaults would put the SUPPRESS marker into the namespace)
+        action.default = argparse.SUPPRESS
+    args._given = frozenset(vars(parser.parse_args(argv)))
+    return args
+
+
+def make_args(**kw) -> argparse.Namespace:
+    """train.py's arguments for library use (quick_train): the parser's defaults with kw (dest
+    names, e.g. batch_size=8) applied. Each value is checked by its flag's own type and choices,
+    as on the command line (TrainError naming the flag otherwise); None keeps the default."""
+    parser = build_parser()
+    args = parser.parse_args([])
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    given = set()
+    for key, value in kw.items():
+        if key not in actions:
+            raise TypeError(f"make_args: train.py has no argument {key!r}")
+        if value is not None:
+            setattr(args, key, _checked_value(actions[key], value))
+            given.add(key)
+    args._given = frozenset(given)
+    return args
+
+
+def _checked_value(action: argparse.Action, value):
+    flag = action.option_strings[0]
+    if isinstance(action, argparse._AppendAction):
+        return [_checked_value(argparse.Action([flag], action.dest, type=action.type), v) for v in value]
+    if action.nargs == 0:  # store_true
+        return bool(value)
+    if isinstance(value, os.PathLike):
+        value = str(value)
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise TrainError(f"{flag} {value}: {e}") from None
+    if action.choices is not None and value not in action.choices:
+        raise TrainError(f"{flag} {value}: choose one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def given_flags(args: argparse.Namespace) -> frozenset:
+    """The dests set explicitly (parse_args/make_args record them); for a hand-made Namespace,
+    the ones that differ from the parser's defaults."""
+    given = getattr(args, "_given", None)
+    if given is not None:
+        return given
+    defaults = vars(build_parser().parse_args([]))
+    return frozenset(k for k, v in vars(args).items() if k in defaults and v != defaults[k])
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer before torch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import model as fishai  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- schedule / rng
@@ -163,7 +314,7 @@ class CosineSchedule:
                 "min_lr_ratio": self.min_lr_ratio, "step": self.step}
 
     def load_state_dict(self, d: dict) -> None:
-        # Only the position is restored: the user may change --max-steps/--lr on resume on purpose.
+        # Only the position: the shape comes from the run's args, which --resume may change on purpose.
         self.step = int(d["step"])
 
 
@@ -195,6 +346,12 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def parse_overrides(items: list[str]) -> dict:
     """['d_model=128', 'rope_theta=5e5'] -> {'d_model': 128, 'rope_theta': 500000.0}."""
     out = {}
@@ -206,11 +363,11 @@ def parse_overrides(items: list[str]) -> dict:
         try:
             out[key] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
         except ValueError:
-            raise TrainError(f"--model-override {item!r}: {value!r} is not a number")
+            raise TrainError(f"--model-override {item!r}: {value!r} is not a number") from None
     return out
 
 
-def build_config(fishai, name: str, vocab_size: int | None, overrides: dict):
+def build_config(name: str, vocab_size: int | None, overrides: dict) -> fishai.ModelConfig:
     """Preset + overrides; the vocab comes from the tokenizer (rounded up) unless overridden."""
     kw = dict(overrides)
     if vocab_size is not None and "vocab_size" not in kw:
@@ -218,14 +375,14 @@ def build_config(fishai, name: str, vocab_size: int | None, overrides: dict):
     try:
         return fishai.get_config(name, **kw)
     except (TypeError, ValueError) as e:
-        raise TrainError(f"--config {name}: {e}")
+        raise TrainError(f"--config {name}: {e}") from None
 
 
 def round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return ((int(n) + multiple - 1) // multiple) * multiple
 
 
-# ----------------------------------------------------------------------------- device / dist
+# ----------------------------------------------------------------------------- distributed
 
 @dataclass
 class Dist:
@@ -240,32 +397,6 @@ class Dist:
     @property
     def master(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if dist is not None and dist.enabled:
-            dev = torch.device("cuda", dist.local_rank)  # one GPU per torchrun worker
-        torch.cuda.set_device(dev)
-    elif dev.type != "cpu" and dev.type != "mps":
-        raise TrainError(f"--device {name!r} is not supported; use auto, cpu or cuda")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # CPU autocast is slower than fp32 for these small matmuls
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def setup_distributed(backend: str | None = None) -> Dist:
@@ -311,6 +442,15 @@ def _all_reduce_sum_tensor(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     return t
 
 
+def _all_gather(obj, dist: Dist) -> list:
+    if not dist.enabled:
+        return [obj]
+    import torch.distributed as tdist
+    out = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 # ----------------------------------------------------------------------------- fault hooks
 
 def _env_int(name: str) -> int | None:
@@ -353,113 +493,262 @@ class FaultHooks:
         return loss
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- where a run starts
 
-def tokenize_documents(docs, tokenizer, max_tokens: int | None = None, desc: str = "tokenizing",
-                       show_progress: bool = True) -> np.ndarray:
-    """Encode documents (batched, the Rust tokenizer is parallel) and join them with EOS."""
-    from tqdm import tqdm
-    eos = tokenizer.eos_id
-    chunks: list[np.ndarray] = []
-    total = 0
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    batch: list[str] = []
+@dataclass
+class Start:
+    """Where a run starts: its effective args (on resume: the checkpoint's, see RESUME_RULE), the
+    checkpoint it resumes (everything) or is initialised from (weights), each read once, the
+    tokenizer and the model config."""
+    args: argparse.Namespace
+    resume_path: Path | None
+    ckpt: dict | None
+    init: dict | None
+    tokenizer: du.TextTokenizer | None
+    cfg: fishai.ModelConfig
+    config_name: str
 
-    def flush():
-        nonlocal total
-        for ids in tokenizer.encode_batch(batch):
-            ids.append(eos)
-            chunks.append(np.asarray(ids, dtype=dtype))
-            total += len(ids)
-        batch.clear()
 
-    bar = tqdm(desc=desc, unit=" docs", disable=not show_progress, mininterval=1.0)
-    for doc in docs:
-        if not doc:
+def resolve_start(args: argparse.Namespace, dist: Dist, log) -> Start:
+    out = Path(args.output_dir)
+    resume_path = find_resume_checkpoint(args, out, dist, log)
+    ckpt = load_resume_checkpoint(resume_path) if resume_path else None
+    args = resumed_args(args, ckpt, resume_path, log) if ckpt else argparse.Namespace(**vars(args))
+    _default_data(args, log)
+    if args.stage == "sft" and not args.init_from and ckpt is None:
+        raise TrainError("--stage sft needs --init-from CHECKPOINT (a pretrained model and its tokenizer)")
+    init = None
+    if ckpt is None and args.init_from:
+        if not os.path.exists(args.init_from):
+            raise TrainError(f"--init-from {args.init_from}: no such checkpoint")
+        init = fishai.load_checkpoint(args.init_from)
+    source = ckpt or init
+    tokenizer = resolve_tokenizer(args, source, resume_path or args.init_from)
+    cfg, config_name = resolve_config(args, ckpt, init, tokenizer, resume_path)
+    if args.seq_len is None:
+        args.seq_len = min(512, cfg.max_seq_len)
+    if not 2 <= args.seq_len <= cfg.max_seq_len:
+        raise TrainError(f"--seq-len {args.seq_len} must be between 2 and the model's max_seq_len "
+                         f"{cfg.max_seq_len} (config {config_name})")
+    if args.lr is None:
+        args.lr = 1e-4 if args.stage == "sft" else 5e-4
+    return Start(args, resume_path, ckpt, init, tokenizer, cfg, config_name)
+
+
+def find_resume_checkpoint(args, out: Path, dist: Dist, log) -> Path | None:
+    if args.resume is None:
+        if dist.master and (out / LATEST_NAME).exists() and not args.overwrite:
+            raise TrainError(f"--output-dir {out} already holds {LATEST_NAME}; pass --resume auto to continue it "
+                             "or --overwrite to start over (its checkpoints will be replaced)")
+        return None
+    path = out / LATEST_NAME if args.resume == "auto" else Path(args.resume)
+    if args.resume == "auto" and not path.exists():
+        log(f"--resume auto: no {path} yet, starting a fresh run")
+        return None
+    if not path.exists():
+        raise TrainError(f"--resume {path}: no such checkpoint")
+    return path
+
+
+def load_resume_checkpoint(path: Path) -> dict:
+    """Read the checkpoint to resume; when it is unreadable, the error names fishai-best.pt (beside
+    it) as the way out: a new run from the best weights."""
+    try:
+        ckpt = fishai.load_checkpoint(str(path))
+    except fishai.CheckpointError as e:
+        best = path.parent / BEST_NAME
+        way_out = (f"{best} holds the best weights: start a new run from them with --init-from {best} --overwrite"
+                   if best.exists() else f"no {BEST_NAME} was found beside it either: start a new run with --overwrite")
+        raise TrainError(f"{du.one_line(e)}; {way_out}") from None
+    if ckpt.get("optimizer") is None:
+        raise TrainError(f"--resume {path}: it holds weights only ({BEST_NAME} files keep no optimizer, schedule "
+                         f"or data position), so the run cannot continue exactly; start a new run from these "
+                         f"weights with --init-from {path}")
+    return ckpt
+
+
+def _same(key: str, old, new) -> bool:
+    if old == new:
+        return True
+    if key in ("data", "val_data", "init_from") and old and new:
+        return os.path.realpath(str(old)) == os.path.realpath(str(new))
+    return False
+
+
+def _moved(key: str, old) -> bool:
+    """A saved data path that does not exist from here (moved, or another working directory): the
+    path given now is the only way to name the data, so it is taken (and printed)."""
+    return (key in ("data", "val_data") and bool(old) and not str(old).startswith("hf:")
+            and str(old) != "python-docs" and not os.path.exists(str(old)))
+
+
+def _show(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def resumed_args(args: argparse.Namespace, ckpt: dict, path: Path, log) -> argparse.Namespace:
+    """The run's settings on --resume: the checkpoint's train args, with each flag given on this
+    command line applied when that keeps the continuation exact (RESUME_SAFE, printed) and refused
+    with the reason otherwise (RESUME_LOCKED). See RESUME_RULE."""
+    saved = ckpt.get("train_args") or {}
+    merged = argparse.Namespace(**vars(args))
+    if not saved:
+        log(f"note: {path} has no saved train args (an older checkpoint); this command line's flags are used")
+        return merged
+    given = given_flags(args)
+    for key, old in saved.items():
+        if key not in vars(args) or key in PER_COMMAND or key.startswith("_"):
             continue
-        batch.append(doc)
-        bar.update(1)
-        if len(batch) >= 512:
-            flush()
-            bar.set_postfix(tokens=total)
-            if max_tokens is not None and total >= max_tokens:
-                break
-    if batch:
-        flush()
-    bar.close()
-    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
-    return tokens
+        new = getattr(args, key)
+        if key not in given or _same(key, old, new):
+            setattr(merged, key, old)
+        elif key in RESUME_LOCKED and not _moved(key, old):
+            flag = "--" + key.replace("_", "-")
+            raise TrainError(f"--resume {path}: {flag} {_show(new)} differs from the checkpoint's {_show(old)} and "
+                             f"would break the exact continuation ({RESUME_LOCKED[key]}); drop {flag}, or start a "
+                             f"new run from these weights with --init-from {path} --output-dir NEW_DIR")
+        else:
+            log(f"changed on resume: {key.replace('_', '-')} {_show(old)} -> {_show(new)}")
+    step = int(ckpt.get("step", 0))
+    if merged.max_steps < step:
+        raise TrainError(f"--resume {path}: the checkpoint is at step {step} already; give --max-steps >= {step}")
+    return merged
 
 
-def _split_documents(docs, every: int = 20):
-    """Deterministic document-level split: every `every`-th document goes to validation."""
-    train, val = [], []
-    for i, d in enumerate(docs):
-        (val if i % every == every - 1 else train).append(d)
-    return train, val
+def _default_data(args, log) -> None:
+    if args.data is not None:
+        return
+    # the seed's command has no --data: use what `data_utils.py prepare --output data/` wrote
+    if args.stage == "pretrain" and (Path("data") / "train.bin").is_file():
+        args.data = "data"
+        log("--data not given: using the prepared dataset in ./data")
+        return
+    raise TrainError("--data not given and ./data has no train.bin: run `python data_utils.py prepare "
+                     "--input ... --tokenizer tokenizer/ --output data/` first, or pass --data (a prepared "
+                     "dir, a text/jsonl/parquet file, hf:NAME or python-docs)")
 
 
 def is_prepared_dir(path: str | None) -> bool:
     return bool(path) and os.path.isdir(path) and os.path.exists(os.path.join(path, "train.bin"))
 
 
+def resolve_tokenizer(args, source: dict | None, source_name) -> du.TextTokenizer | None:
+    """The checkpoint's embedded tokenizer > --tokenizer > a prepared dir's own tokenizer/."""
+    if source is not None and source.get("tokenizer"):
+        try:
+            tok = du.TextTokenizer.from_dict(source["tokenizer"])
+        except Exception as e:  # noqa: BLE001 - reported as one line
+            raise TrainError(f"{source_name}: embedded tokenizer cannot be loaded ({e})") from None
+        if args.tokenizer and du.load_tokenizer(args.tokenizer).hash != tok.hash:
+            raise TrainError(f"--tokenizer {args.tokenizer} differs from the one in checkpoint {source_name}; "
+                             "drop --tokenizer (the checkpoint's is used)")
+        return tok
+    if args.tokenizer:
+        return du.load_tokenizer(args.tokenizer)
+    if is_prepared_dir(args.data) and (Path(args.data) / "tokenizer" / "tokenizer.json").exists():
+        return du.load_tokenizer(Path(args.data) / "tokenizer")
+    if not is_prepared_dir(args.data):
+        raise TrainError(f"--data {args.data}: raw text needs a tokenizer; pass --tokenizer DIR (train one with "
+                         "tokenizer_train.py) or prepare the data with data_utils.py")
+    return None  # a prepared dir without its tokenizer/: the preset's vocab
+
+
+def _config_diff(a: dict, b: dict) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [f"{k}={a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def resolve_config(args, ckpt, init, tokenizer, resume_path) -> tuple[fishai.ModelConfig, str]:
+    """The model config: the checkpoint's (a resumed one is checked against --config and
+    --model-override when given), else the preset + overrides with the tokenizer's vocab rounded up."""
+    overrides = parse_overrides(args.model_override)
+    name = args.config or "small"
+    vocab = round_up(tokenizer.vocab_size) if tokenizer is not None else None  # None: the preset's vocab
+    wanted = build_config(name, vocab, overrides)  # also fails fast on an unknown preset/field
+    source = ckpt or init
+    if source is None:
+        cfg = wanted
+    else:
+        try:
+            cfg = fishai.ModelConfig.from_dict(dict(source["config"]))
+        except (TypeError, ValueError) as e:
+            raise TrainError(f"{resume_path or args.init_from}: bad model config in checkpoint ({e})") from None
+        diff = _config_diff(cfg.to_dict(), wanted.to_dict())
+        if ckpt is not None and (args.config is not None or overrides) and diff:
+            against = f"--config {name}" + (" with --model-override" if overrides else "")
+            raise TrainError(f"--resume {resume_path}: the checkpoint's model config differs from {against} "
+                             f"({'; '.join(diff[:4])}); use the same --config or a new --output-dir")
+        name = (args.config or "from checkpoint") if ckpt is not None else f"from {args.init_from}"
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise TrainError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab {cfg.vocab_size}; "
+                         "the model must be built for this tokenizer")
+    return cfg, name
+
+
+# ----------------------------------------------------------------------------- data
+
+BATCH_KEYS = ("idx", "targets", "loss_mask", "doc_ids")
+
+
+def as_batch(tensors) -> dict:
+    """(x, y) of TokenWindowSampler or (x, y, loss_mask, doc_ids) of SFTDataset -> GPT.forward's
+    keyword arguments, so pretraining and SFT share one train_step and one evaluate."""
+    return dict(zip(BATCH_KEYS, tensors))
+
+
+@dataclass
+class Data:
+    sampler: object  # TokenWindowSampler | SFTDataset: .next_batch(device), .state_dict(), .load_state_dict()
+    val_batches: Callable[[], Iterator[dict]]  # a fresh, deterministic pass over this rank's val batches
+    n_train_tokens: int | None
+    sample_prompt: list[int] | None  # token ids the text samples continue
+
+    def next_batch(self, device) -> dict:
+        return as_batch(self.sampler.next_batch(device))
+
+
 def load_pretrain_tokens(args, tokenizer, show_progress: bool, model_vocab: int):
     """-> (train_tokens, val_tokens) as 1-D integer arrays (memmaps for prepared dirs)."""
-    import data_utils
     if is_prepared_dir(args.data):
-        d = Path(args.data)
-        if tokenizer is not None:
-            data_utils.check_meta(d, tokenizer)  # refuses a .bin made with another tokenizer
-        else:
-            meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
-            if int(meta.get("vocab_size", 0)) > model_vocab:
-                raise TrainError(f"--data {d}: token vocab {meta.get('vocab_size')} > model vocab {model_vocab}; "
-                                 "pass the data's --tokenizer")
-        train = data_utils.read_token_file(d / "train.bin")
-        val_path = d / "val.bin"
-        if args.val_data:
-            if tokenizer is None:
-                raise TrainError("--val-data is raw text and needs a tokenizer; pass --tokenizer")
-            val = tokenize_documents(data_utils.iter_documents(args.val_data, text_key=args.text_key),
-                                     tokenizer, desc="tokenizing val", show_progress=show_progress)
-        elif val_path.exists() and data_utils.read_token_header(val_path)["n_tokens"] > 0:
-            val = data_utils.read_token_file(val_path)
-        else:
-            raise TrainError(f"--data {d}: val.bin is missing or empty; prepare with --val-fraction > 0 "
-                             "or pass --val-data FILE")
-        _check_token_range(train, tokenizer.vocab_size if tokenizer is not None else model_vocab, d / "train.bin")
-        return train, val
-    docs = data_utils.iter_documents(args.data, text_key=args.text_key)
+        return _prepared_tokens(args, tokenizer, show_progress, model_vocab)
     if args.val_data:
-        train = tokenize_documents(docs, tokenizer, args.max_data_tokens, "tokenizing train", show_progress)
-        val = tokenize_documents(data_utils.iter_documents(args.val_data, text_key=args.text_key),
-                                 tokenizer, None, "tokenizing val", show_progress)
-        return train, val
-    docs = list(_bounded_docs(docs, args.max_data_tokens))
-    train_docs, val_docs = _split_documents(docs)
-    if not val_docs:  # a single document: hold out its tail instead
-        train_docs, val_docs = docs, []
-    train = tokenize_documents(train_docs, tokenizer, None, "tokenizing train", show_progress)
-    val = tokenize_documents(val_docs, tokenizer, None, "tokenizing val", show_progress)
-    if len(val) == 0 and len(train) > 0:
-        cut = int(len(train) * 0.95)
-        train, val = train[:cut], train[cut:]
+        train = _tokenize(args.data, args, tokenizer, 0.0, show_progress)["train"]
+        return train, _tokenize(args.val_data, args, tokenizer, 0.0, show_progress)["train"]
+    split = _tokenize(args.data, args, tokenizer, VAL_FRACTION, show_progress)
+    train, val = split["train"], split["val"]
+    if len(train) == 0 and len(val) > 0:  # one document: the hold-out rule gave it to val; cut its tail off
+        cut = int(len(val) * (1 - VAL_FRACTION))
+        train, val = val[:cut], val[cut:]
     return train, val
 
 
-def _bounded_docs(docs, max_tokens):
-    # Rough bound before tokenizing (~4 chars per token) so HF streaming data is not read forever.
-    if max_tokens is None:
-        yield from docs
-        return
-    budget = max_tokens * 5
-    for d in docs:
-        yield d
-        budget -= len(d)
-        if budget <= 0:
-            return
+def _tokenize(source, args, tokenizer, val_fraction, show_progress) -> dict:
+    return du.tokenize_documents(source, tokenizer, val_fraction=val_fraction, max_tokens=args.max_data_tokens,
+                                 text_key=args.text_key, show_progress=show_progress)
+
+
+def _prepared_tokens(args, tokenizer, show_progress, model_vocab):
+    d = Path(args.data)
+    if tokenizer is not None:
+        du.check_meta(d, tokenizer)  # refuses a .bin made with another tokenizer
+    else:
+        meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
+        if int(meta.get("vocab_size", 0)) > model_vocab:
+            raise TrainError(f"--data {d}: token vocab {meta.get('vocab_size')} > model vocab {model_vocab}; "
+                             "pass the data's --tokenizer")
+    train = du.read_token_file(d / "train.bin")
+    val_path = d / "val.bin"
+    if args.val_data:
+        if tokenizer is None:
+            raise TrainError("--val-data is raw text and needs a tokenizer; pass --tokenizer")
+        val = _tokenize(args.val_data, args, tokenizer, 0.0, show_progress)["train"]
+    elif val_path.exists() and du.read_token_header(val_path)["n_tokens"] > 0:
+        val = du.read_token_file(val_path)
+    else:
+        raise TrainError(f"--data {d}: val.bin is missing or empty; prepare with --val-fraction > 0 "
+                         "or pass --val-data FILE")
+    _check_token_range(train, tokenizer.vocab_size if tokenizer is not None else model_vocab, d / "train.bin")
+    return train, val
 
 
 def _check_token_range(tokens, vocab_size: int, path):
@@ -470,42 +759,230 @@ def _check_token_range(tokens, vocab_size: int, path):
                          "the data was made with a different tokenizer, re-run prepare with this one")
 
 
-# ----------------------------------------------------------------------------- checkpoint helpers
-
-def _ckpt_config_dict(ckpt: dict) -> dict:
-    for key in ("config", "model_config"):
-        if key in ckpt:
-            return dict(ckpt[key])
-    raise TrainError("checkpoint has no model config")
-
-
-def _config_diff(a: dict, b: dict) -> list[str]:
-    keys = sorted(set(a) | set(b))
-    return [f"{k}={a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-
-
-def _tokenizer_from_ckpt(ckpt: dict, path):
-    import data_utils
-    tok = ckpt.get("tokenizer")
-    if not tok:
-        return None
-    try:
-        return data_utils.TextTokenizer.from_dict(tok)
-    except Exception as e:  # noqa: BLE001 - reported as one line
-        raise TrainError(f"{path}: embedded tokenizer cannot be loaded ({e})")
+def load_sft_conversations(args, world_size: int = 1):
+    """Chat conversations -> (train, val): --val-data when given, else the hold-out rule over the
+    conversations (HOLDOUT_RULE); with too few for a split the training set doubles as val."""
+    if is_prepared_dir(args.data):
+        raise TrainError(f"--stage sft --data {args.data}: expected a chat .jsonl file, got a prepared dir")
+    convs = du.read_sft_jsonl(args.data)
+    if args.val_data:
+        return convs, du.read_sft_jsonl(args.val_data)
+    splits = [du.holdout_split(i, VAL_FRACTION) for i in range(len(convs))]
+    train = [c for c, s in zip(convs, splits) if s == "train"]
+    val = [c for c, s in zip(convs, splits) if s == "val"]
+    if len(val) < world_size or not train:
+        return convs, convs
+    return train, val
 
 
-def _check_writable_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise TrainError(f"--output-dir {path} is not writable ({e.strerror or e}); choose another directory")
+def build_data(start: Start, dist: Dist, device, show_progress: bool) -> Data:
+    args, tok = start.args, start.tokenizer
+    if args.stage == "pretrain":
+        return _pretrain_data(args, tok, start.cfg, dist, device, show_progress)
+    if tok is None:
+        raise TrainError(f"--stage sft: checkpoint {args.init_from} has no embedded tokenizer; the chat "
+                         "template needs one (pass --tokenizer DIR)")
+    train_convs, val_convs = load_sft_conversations(args, dist.world_size)
+    sampler = du.SFTDataset(train_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed,
+                            rank=dist.rank, world_size=dist.world_size)
+    val_ds = du.SFTDataset(val_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed + 1,
+                           rank=dist.rank, world_size=dist.world_size)
+    start_state = val_ds.state_dict()
+
+    def val_batches():
+        val_ds.load_state_dict(start_state)  # the same batches at every evaluation
+        for _ in range(args.eval_iters):
+            yield as_batch(val_ds.next_batch(device))
+
+    prompt = None
+    first = next((c for c in val_convs if any(m["role"] == "assistant" for m in c)), None)
+    if first is not None:
+        turns = first[:next(i for i, m in enumerate(first) if m["role"] == "assistant")]
+        prompt = tok.encode_chat(turns, add_generation_prompt=True)[0]
+    return Data(sampler, val_batches, None, prompt)
 
 
-# ----------------------------------------------------------------------------- metrics / wandb
+def _pretrain_data(args, tok, cfg, dist: Dist, device, show_progress) -> Data:
+    train_tokens, val_tokens = load_pretrain_tokens(args, tok, show_progress, cfg.vocab_size)
+    for name, tokens, fix in (("training", train_tokens, "give more data"),
+                              ("validation", val_tokens, "give --val-data")):
+        if len(tokens) < args.seq_len + 1:
+            raise TrainError(f"--data {args.data}: only {len(tokens)} {name} tokens, fewer than --seq-len + 1 = "
+                             f"{args.seq_len + 1}; {fix} or lower --seq-len")
+    sampler = du.TokenWindowSampler(train_tokens, args.seq_len, args.batch_size, seed=args.seed,
+                                    rank=dist.rank, world_size=dist.world_size)
+
+    def val_batches():
+        # the first --eval-iters contiguous windows, shared out over the ranks
+        batches = du.iter_eval_batches(val_tokens, args.seq_len, args.batch_size, max_batches=args.eval_iters,
+                                       device=device)
+        for i, (x, y) in enumerate(batches):
+            if i % dist.world_size == dist.rank:
+                yield {"idx": x, "targets": y}
+
+    prompt = None
+    if tok is not None:  # the opening tokens of the first validation document
+        prompt = [int(t) for t in val_tokens[:16]]
+        if tok.eos_id in prompt[1:]:
+            prompt = prompt[:prompt.index(tok.eos_id, 1)]
+    return Data(sampler, val_batches, int(len(train_tokens)), prompt)
+
+
+# ----------------------------------------------------------------------------- model / optimizer
+
+def build_model(start: Start, dist: Dist, device) -> fishai.GPT:
+    seed_everything(start.args.seed + dist.rank)
+    model = fishai.GPT(start.cfg)
+    weights = start.ckpt or start.init
+    if weights is not None:
+        fishai.load_state_checked(model, weights["model"], source=str(start.resume_path or start.args.init_from))
+    model.tokenizer = start.tokenizer
+    return model.to(device)
+
+
+def build_optimizer(model, args, device) -> torch.optim.Optimizer:
+    return fishai.configure_optimizers(model, weight_decay=args.weight_decay, lr=args.lr,
+                                       betas=(args.beta1, args.beta2), device_type=device.type)
+
+
+def build_schedule(args) -> CosineSchedule:
+    return CosineSchedule(args.lr, args.warmup, args.max_steps, args.min_lr_ratio)
+
+
+def wrap_model(model, args, dist: Dist, device):
+    """torch.compile and DDP around the bare GPT; returns what the forward passes run through."""
+    if args.compile:
+        model = torch.compile(model)
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp_kw = {"device_ids": [device.index] if device.type == "cuda" else None}
+    # the only buffers are the RoPE tables, identical on every rank: no per-forward broadcast
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        ddp_kw["forward_sync_buffers"] = False
+    else:
+        ddp_kw["broadcast_buffers"] = False
+    return DDP(model, **ddp_kw)
+
+
+# ----------------------------------------------------------------------------- the run's state
+
+@dataclass
+class TrainState:
+    """What the training loop advances; restored from fishai-latest.pt on resume."""
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+    nonfinite: int = 0  # consecutive steps with a NaN/inf loss
+    last_good: Path | None = None  # the newest fishai-latest.pt this run wrote
+
+
+@dataclass
+class Run:
+    """Everything one training run works with, built once by train()."""
+    args: argparse.Namespace
+    dist: Dist
+    device: torch.device
+    dtype: torch.dtype
+    out: Path
+    raw_model: fishai.GPT  # the bare GPT: saved and sampled from
+    model: torch.nn.Module  # what the forward passes run through (compiled / DDP)
+    optimizer: torch.optim.Optimizer
+    schedule: CosineSchedule
+    scaler: torch.amp.GradScaler
+    data: Data
+    tokenizer: du.TextTokenizer | None
+    train_args: dict
+    say: "Printer"
+    metrics: "MetricsLog | None" = None
+    wandb: "WandbLogger | None" = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.args.batch_size * self.args.grad_accum * self.dist.world_size * self.args.seq_len
+
+    def record(self, rec: dict) -> None:
+        self.metrics.write(rec)
+        self.wandb.log(rec, rec["step"])
+
+
+def restore_state(run: Run, ckpt: dict | None) -> TrainState:
+    """Optimizer, schedule position, scaler, data position and RNG from a resumed checkpoint."""
+    if ckpt is None:
+        return TrainState()
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scheduler") is not None:
+        run.schedule.load_state_dict(ckpt["scheduler"])
+    if run.scaler.is_enabled() and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    step, dist = int(ckpt.get("step", 0)), run.dist
+    data_state = ckpt.get("data_state")
+    if data_state:
+        states = data_state.get("ranks") or [data_state]
+        if int(data_state.get("world_size", 1)) != dist.world_size or len(states) <= dist.rank:
+            # a sampler's state is (seed, batches drawn) and each rank's batches depend on its own
+            # rank, so rank 0's position is a valid position for every rank
+            run.say(f"note: checkpoint data position was saved with world_size={data_state.get('world_size')}, "
+                    f"now {dist.world_size}; every rank continues from rank 0's data position")
+            states = [states[0]] * dist.world_size
+        run.data.sampler.load_state_dict(states[dist.rank])
+    rng = ckpt.get("rng")
+    if rng and int(rng.get("world_size", 1)) == dist.world_size and len(rng.get("ranks", [])) > dist.rank:
+        set_rng_state(rng["ranks"][dist.rank])
+    extra = ckpt.get("extra") or {}
+    return TrainState(step=step, tokens_seen=int(extra.get("tokens_seen", step * run.tokens_per_step)),
+                      best_val_loss=ckpt.get("best_val_loss"))
+
+
+def save_latest(run: Run, state: TrainState) -> None:
+    """fishai-latest.pt: everything the exact resume needs. Every rank takes part (the data
+    positions and RNG states are gathered); rank 0 writes."""
+    data_states = _all_gather(run.data.sampler.state_dict(), run.dist)
+    rng_states = _all_gather(get_rng_state(), run.dist)
+    if not run.dist.master:
+        return
+    path = run.out / LATEST_NAME
+    run.schedule.step = state.step
+    ws = run.dist.world_size
+    fishai.save_checkpoint(str(path), run.raw_model, tokenizer=run.tokenizer, optimizer=run.optimizer,
+                           scheduler=run.schedule, scaler=run.scaler if run.scaler.is_enabled() else None,
+                           step=state.step, best_val_loss=state.best_val_loss,
+                           rng_state={"world_size": ws, "ranks": rng_states},
+                           data_state={"world_size": ws, "ranks": data_states},
+                           train_args=run.train_args, extra=_extra(run, state))
+    state.last_good = path
+
+
+def save_best(run: Run, state: TrainState) -> None:
+    """fishai-best.pt: weights, config and tokenizer (+ step and train args for the model card);
+    no optimizer state, so it is a fraction of fishai-latest.pt. Rank 0 only."""
+    if run.dist.master:
+        fishai.save_checkpoint(str(run.out / BEST_NAME), run.raw_model, tokenizer=run.tokenizer, step=state.step,
+                               best_val_loss=state.best_val_loss, train_args=run.train_args,
+                               extra=_extra(run, state))
+
+
+def _extra(run: Run, state: TrainState) -> dict:
+    return {"stage": run.args.stage, "tokens_seen": state.tokens_seen}
+
+
+# ----------------------------------------------------------------------------- metrics / wandb / console
+
+class Printer:
+    """print() on rank 0 only, through tqdm.write while a progress bar is on screen."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
 
 class MetricsLog:
     """metrics.jsonl writer (rank 0); on resume, lines past the resumed step are dropped because
@@ -524,8 +1001,7 @@ class MetricsLog:
                     continue  # a line cut by a kill
                 if rec.get("step", 0) <= resume_step and rec.get("event") != "end":
                     kept.append(line)
-            from data_utils import atomic_write_text
-            atomic_write_text(path, "".join(k + "\n" for k in kept))
+            du.atomic_write_text(path, "".join(k + "\n" for k in kept))
             self.f = open(path, "a")
         else:
             self.f = open(path, "w")
@@ -560,7 +1036,7 @@ class WandbLogger:
         try:
             import wandb  # lazy: only when --wandb is given
         except ImportError:
-            raise TrainError("--wandb needs the wandb package: pip install wandb")
+            raise TrainError("--wandb needs the wandb package: pip install wandb") from None
         self.wandb = wandb
         self.run = wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=config,
                               dir=os.environ.get("WANDB_DIR", str(output_dir)), resume="allow")
@@ -577,7 +1053,255 @@ class WandbLogger:
             self.run = None
 
 
-# ----------------------------------------------------------------------------- training
+def plot_losses(series: list[dict], path) -> str | None:
+    """PNG of train and val loss over steps, written atomically. series: [{"metrics": records of
+    metrics.jsonl, "step_offset": 0, "label": None or e.g. "round 2"}, ...]. The one loss-curve
+    plot (train.py at the end of every run, quick_train over its rounds). Returns a note instead
+    when matplotlib is missing."""
+    try:
+        import matplotlib  # lazy: optional
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"{Path(path).name} skipped: matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s in series:
+        off, label = s.get("step_offset", 0), f" ({s['label']})" if s.get("label") else ""
+        tr = [(m["step"] + off, m["loss"]) for m in s["metrics"] if "loss" in m]
+        va = [(m["step"] + off, m["val_loss"]) for m in s["metrics"] if "val_loss" in m]
+        if tr:
+            ax.plot(*zip(*tr), lw=1, label="train" + label)
+        if va:
+            ax.plot(*zip(*va), "o-", lw=1.5, label="val" + label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        du.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    return None
+
+
+def sample_tokens(model: fishai.GPT, ids: list[int], max_new_tokens: int, generator: torch.Generator,
+                  temperature: float = 0.8, top_k: int = 40) -> list[int]:
+    """Continue `ids` with up to max_new_tokens sampled tokens; returns the new ids before the
+    first EOS. The draws come from `generator` alone, so training's RNG streams are untouched and
+    an exact resume stays exact."""
+    eos = model.tokenizer.eos_id if model.tokenizer is not None else None
+    ids, n = fishai.fit_prompt(ids, max_new_tokens, model.config.max_seq_len)
+    x = torch.tensor([ids], dtype=torch.long, device=model.tok_emb.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        y = model.generate(x, n, temperature=temperature, top_k=top_k, eos_id=eos, generator=generator)
+    finally:
+        model.clear_cache()  # the KV cache is only for this sample
+        model.train(was_training)
+    new = y[0, len(ids):].tolist()
+    return new[:new.index(eos)] if eos in new else new
+
+
+# ----------------------------------------------------------------------------- one step, evaluation
+
+def train_step(run: Run, step: int, hooks: FaultHooks) -> tuple[float, float, bool, int]:
+    """One optimizer step of --grad-accum micro-batches (gradients synced across ranks on the last
+    only). Returns (loss averaged over micro-batches and ranks, grad norm, finite, tokens on this
+    rank). A NaN/inf loss is not applied (with fp16 the GradScaler skips it itself)."""
+    args, model, opt, scaler = run.args, run.model, run.optimizer, run.scaler
+    lr = run.schedule.lr_at(step)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss_sum = torch.zeros((), device=run.device)
+    tokens = 0
+    for micro in range(args.grad_accum):
+        last = micro == args.grad_accum - 1
+        batch = run.data.next_batch(run.device)
+        with model.no_sync() if (run.dist.enabled and not last) else contextlib.nullcontext():
+            with fishai.autocast(run.device, run.dtype):
+                _, loss = model(**batch)
+            loss = hooks.poison(loss, step) / args.grad_accum
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+        tokens += batch["targets"].numel()
+    grad_norm = torch.zeros((), device=run.device)
+    if args.grad_clip > 0:
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
+    # one host sync per step: the (rank-averaged) loss decides whether the step is applied
+    loss_val, gn = _all_reduce_mean(loss_sum.item(), run.dist, run.device), float(grad_norm)
+    finite = math.isfinite(loss_val) and (scaler.is_enabled() or math.isfinite(gn))
+    if finite or scaler.is_enabled():
+        scaler.step(opt)  # with fp16 the scaler skips steps with inf/nan grads and lowers its scale
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss_val, gn, finite, tokens
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, dtype, dist: Dist) -> float:
+    """Mean loss per target token over `batches` (this rank's share; targets not IGNORE_INDEX and,
+    for SFT, under loss_mask), averaged over all ranks; NaN when there is no target token."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        on = batch["targets"] != fishai.IGNORE_INDEX
+        if batch.get("loss_mask") is not None:
+            on &= batch["loss_mask"].bool()
+        n = on.sum()
+        with fishai.autocast(device, dtype):
+            _, loss = model(**batch)
+        total[0] += loss.double() * n
+        total[1] += n
+    _all_reduce_sum_tensor(total, dist)
+    model.train(was_training)
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+def evaluate_and_keep_best(run: Run, state: TrainState, train_loss: float) -> None:
+    val = evaluate(run.model, run.data.val_batches(), run.device, run.dtype, run.dist)
+    improved = math.isfinite(val) and (state.best_val_loss is None or val < state.best_val_loss)
+    if improved:
+        state.best_val_loss = val
+    state.last_val_loss = val
+    ppl = math.exp(min(val, 50.0)) if math.isfinite(val) else float("nan")
+    run.record({"step": state.step, "val_loss": val, "val_ppl": ppl, "best_val_loss": state.best_val_loss})
+    run.say(f"step {state.step}: train loss {train_loss:.4f}, val loss {val:.4f}, val ppl {ppl:.2f}"
+            + (" (best)" if improved else ""))
+    if improved:
+        save_best(run, state)
+
+
+def print_sample(run: Run, step: int) -> None:
+    """A text sample from the current weights (rank 0), continuing the first val document."""
+    if not run.dist.master or run.tokenizer is None or not run.data.sample_prompt:
+        return
+    gen = torch.Generator(device=run.device).manual_seed(run.args.seed + step)
+    with fishai.autocast(run.device, run.dtype):
+        new = sample_tokens(run.raw_model, run.data.sample_prompt, run.args.max_new_tokens, gen)
+    text = run.tokenizer.decode(run.data.sample_prompt) + run.tokenizer.decode(new)
+    run.metrics.write({"step": step, "sample": text})
+    run.say(f"sample at step {step}: {text!r}")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class SpeedMeter:
+    """Tokens/s over the steps since the last log line (evaluation time left out)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.t, self.tokens = time.time(), 0
+
+    def rate(self) -> float:
+        return self.tokens / max(time.time() - self.t, 1e-9)
+
+
+def log_step(run: Run, state: TrainState, loss: float, gn: float, speed: SpeedMeter, t_start: float, bar) -> None:
+    lr, tps = run.schedule.lr_at(state.step - 1), speed.rate()
+    rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_sec": tps,
+           "tokens": state.tokens_seen, "time": time.time() - t_start}
+    peak = fishai.device_peak_flops(run.device, run.dtype)
+    if peak:
+        rec["mfu"] = fishai.estimate_mfu(tps, run.raw_model.config, run.args.seq_len, peak * run.dist.world_size)
+    run.record(rec)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+    speed.reset()
+
+
+def check_finite(run: Run, state: TrainState, finite: bool, loss: float, gn: float) -> None:
+    if finite:
+        state.nonfinite = 0
+        return
+    state.nonfinite += 1
+    run.say(f"warning: step {state.step - 1}: non-finite loss ({loss}) / grad norm ({gn}); step skipped "
+            f"({state.nonfinite}/{run.args.max_nonfinite} in a row)")
+    if state.nonfinite >= run.args.max_nonfinite:
+        kept = f"the last good checkpoint is {state.last_good}" if state.last_good else "no checkpoint was written yet"
+        raise DivergedError(f"loss was NaN/inf for {state.nonfinite} consecutive steps (up to step {state.step}); "
+                            f"stopping, {kept}. Lower --lr, raise --warmup or use --dtype bf16/fp32")
+
+
+def agree_on_stop(run: Run, stop: "_StopFlag", t_start: float) -> tuple[bool, bool]:
+    """(signal received, --max-time reached), agreed by all ranks: a rank that stopped alone would
+    leave the others hanging in the next all-reduce."""
+    timed_out = run.args.max_time is not None and time.time() - t_start >= run.args.max_time
+    flags = [1.0 if stop.signum is not None else 0.0, 1.0 if timed_out else 0.0]
+    if run.dist.enabled:
+        ft = torch.tensor(flags, device=run.device)
+        _all_reduce_sum_tensor(ft, run.dist)
+        flags = ft.tolist()
+    return flags[0] > 0, flags[1] > 0
+
+
+def after_step(run: Run, state: TrainState, stop: "_StopFlag", loss: float, t_start: float,
+               speed: SpeedMeter) -> str | None:
+    """Evaluate, sample and save as due after a step; returns why the run stops here, or None."""
+    args, step, latest = run.args, state.step, run.out / LATEST_NAME
+    stop_now, timed_out = agree_on_stop(run, stop, t_start)
+    pause = args.stop_at is not None and step >= args.stop_at
+    last = step == args.max_steps
+    if step % args.eval_interval == 0 or last or timed_out:
+        evaluate_and_keep_best(run, state, loss)
+        speed.t = time.time()  # evaluation time is not training speed
+    if args.sample_interval and step % args.sample_interval == 0:
+        print_sample(run, step)
+    # during a NaN/inf streak keep the last good fishai-latest.pt (the streak may end the run)
+    if ((step % args.save_interval == 0 or last) and state.nonfinite == 0) or stop_now or pause or timed_out:
+        save_latest(run, state)
+    if stop_now:
+        name = signal.Signals(stop.signum).name if stop.signum else "signal on another rank"
+        run.say(f"{name}: saved {latest} at step {step}; resume with --resume auto")
+        return name
+    if pause:
+        run.say(f"--stop-at {args.stop_at}: saved {latest} at step {step}; continue with --resume auto")
+        return "stop_at"
+    if timed_out and not last:
+        run.say(f"--max-time {args.max_time:g} s reached at step {step}/{args.max_steps}: saved {latest}; "
+                "continue with --resume auto")
+        return "max_time"
+    return None
+
+
+def train_loop(run: Run, state: TrainState, t_start: float) -> str | None:
+    """Train until --max-steps or a stop (signal, --stop-at, --max-time); returns the stop reason."""
+    from tqdm import tqdm
+    hooks, stop, speed = FaultHooks(), _StopFlag(), SpeedMeter()
+    args = run.args
+    bar = tqdm(total=args.max_steps, initial=state.step, desc=args.stage, unit="step", dynamic_ncols=True,
+               disable=not (run.dist.master and not args.quiet), leave=True)
+    run.say.bar = bar
+    stop.install()
+    run.model.train()
+    try:
+        while state.step < args.max_steps:
+            hooks.before_step(state.step, run.dist.rank)
+            loss, gn, finite, tokens = train_step(run, state.step, hooks)
+            state.step += 1
+            state.tokens_seen += run.tokens_per_step
+            speed.tokens += tokens * run.dist.world_size
+            bar.update(1)
+            check_finite(run, state, finite, loss, gn)
+            if state.step % args.log_interval == 0 or state.step == args.max_steps:
+                log_step(run, state, loss, gn, speed, t_start, bar)
+            reason = after_step(run, state, stop, loss, t_start, speed)
+            if reason:
+                return reason
+        return None
+    except torch.cuda.OutOfMemoryError:
+        raise TrainFailed(f"CUDA out of memory with --batch-size {args.batch_size} --seq-len {args.seq_len}: lower "
+                          f"--batch-size (raise --grad-accum to keep {args.batch_size * args.grad_accum} sequences "
+                          f"per step) or lower --seq-len") from None
+    finally:
+        bar.close()
+        run.say.bar = None
+        stop.restore()
+
 
 class _StopFlag:
     """SIGINT/SIGTERM set a flag; the loop finishes the current step, saves and exits.
@@ -605,61 +1329,16 @@ class _StopFlag:
         self._old.clear()
 
 
-@torch.no_grad()
-def evaluate_pretrain(model, val_tokens, seq_len, batch_size, eval_iters, device, autocast_ctx, dist: Dist) -> float:
-    """Mean loss over the first `eval_iters` contiguous val batches, sharded over ranks."""
-    import data_utils
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i, (x, y) in enumerate(data_utils.iter_eval_batches(val_tokens, seq_len, batch_size, max_batches=eval_iters)):
-        if i % dist.world_size != dist.rank:
-            continue
-        x, y = x.to(device), y.to(device)
-        with autocast_ctx():
-            _, loss = model(x, y)
-        n = y.numel()
-        total[0] += loss.double() * n
-        total[1] += n
-    _all_reduce_sum_tensor(total, dist)
-    model.train(was_training)
-    if total[1] == 0:
-        raise TrainError(f"the validation split is shorter than one sequence of {seq_len + 1} tokens; "
-                         "lower --seq-len or give more --val-data")
-    return (total[0] / total[1]).item()
-
-
-@torch.no_grad()
-def evaluate_sft(model, make_val_dataset, eval_iters, device, autocast_ctx, dist: Dist) -> float:
-    """Assistant-token loss over `eval_iters` batches of a freshly seeded val SFTDataset (deterministic)."""
-    was_training = model.training
-    model.eval()
-    ds = make_val_dataset()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for _ in range(eval_iters):
-        x, y, mask, doc_ids = ds.next_batch(device)
-        with autocast_ctx():
-            _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
-        n = float(mask.sum().item())
-        if n > 0 and torch.isfinite(loss):
-            total[0] += loss.double() * n
-            total[1] += n
-    _all_reduce_sum_tensor(total, dist)
-    model.train(was_training)
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-
+# ----------------------------------------------------------------------------- train()
 
 def train(args: argparse.Namespace) -> dict:
-    """Run training as configured by `args` (see build_parser). Returns a summary dict:
+    """Run training as configured by `args` (parse_args / make_args). Returns a summary dict:
     steps, tokens, best_val_loss, last_val_loss, elapsed_s, latest/best checkpoint paths,
-    interrupted (signal name or None)."""
-    import model as fishai
-    import data_utils
-
+    interrupted (signal name or None), stopped_by ("signal", "stop_at", "max_time" or None)."""
     dist = setup_distributed()
     ok = False
     try:
-        summary = _train(args, dist, fishai, data_utils)
+        summary = _train(args, dist)
         ok = True
         return summary
     finally:
@@ -673,406 +1352,100 @@ def train(args: argparse.Namespace) -> dict:
                 tdist.destroy_process_group()
 
 
-def _train(args, dist: Dist, fishai, data_utils) -> dict:
+def _train(args, dist: Dist) -> dict:
     t_start = time.time()
-    master = dist.master
-    show_progress = master and not args.no_progress
-    log = (lambda msg: print(msg, flush=True)) if master else (lambda msg: None)
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "save_interval",
-                 "log_interval"):
-        if getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if args.data is None:
-        # the seed's command has no --data: use what `data_utils.py prepare --output data/` wrote
-        if args.stage == "pretrain" and (Path("data") / "train.bin").is_file():
-            args.data = "data"
-            if os.environ.get("RANK", "0") == "0":
-                print("--data not given: using the prepared dataset in ./data", flush=True)
-        else:
-            raise TrainError("--data not given and ./data has no train.bin: run `python data_utils.py prepare "
-                             "--input ... --tokenizer tokenizer/ --output data/` first, or pass --data (a prepared "
-                             "dir, a text/jsonl/parquet file, hf:NAME or python-docs)")
-    if args.stage == "sft" and not args.init_from and args.resume is None:
-        raise TrainError("--stage sft needs --init-from CHECKPOINT (a pretrained model and its tokenizer)")
-    lr = args.lr if args.lr is not None else (1e-4 if args.stage == "sft" else 5e-4)
-    overrides = parse_overrides(args.model_override)
-    build_config(fishai, args.config or "small", None, overrides)  # fail fast on an unknown preset/field
-
-    device = resolve_device(args.device, dist)
-    ptdtype = resolve_dtype(args.dtype, device)
+    say = Printer(dist.master)
+    start = resolve_start(args, dist, say)
+    args = start.args
+    device = fishai.resolve_device(args.device, dist.local_rank if dist.enabled else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = fishai.resolve_dtype(args.dtype, device)
     out = Path(args.output_dir)
-    if master:
-        _check_writable_dir(out)
-
-    # ---- which checkpoint do we start from?
-    resume_path = None
-    if args.resume is not None:
-        resume_path = out / LATEST_NAME if args.resume == "auto" else Path(args.resume)
-        if args.resume == "auto" and not resume_path.exists():
-            log(f"--resume auto: no {resume_path} yet, starting a fresh run")
-            resume_path = None
-        elif not resume_path.exists():
-            raise TrainError(f"--resume {resume_path}: no such checkpoint")
-    elif master and (out / LATEST_NAME).exists() and not args.overwrite:
-        raise TrainError(f"--output-dir {out} already holds {LATEST_NAME}; pass --resume auto to continue it "
-                         "or --overwrite to start over (its checkpoints will be replaced)")
-    ckpt = fishai.load_checkpoint(str(resume_path)) if resume_path else None
-    init = None
-    if ckpt is None and args.init_from:
-        if not os.path.exists(args.init_from):
-            raise TrainError(f"--init-from {args.init_from}: no such checkpoint")
-        init = fishai.load_checkpoint(args.init_from)
-
-    # ---- tokenizer: checkpoint's > --tokenizer > prepared dir's own
-    tokenizer = None
-    source = ckpt or init
-    if source is not None:
-        tokenizer = _tokenizer_from_ckpt(source, resume_path or args.init_from)
-        if tokenizer is not None and args.tokenizer:
-            other = data_utils.load_tokenizer(args.tokenizer)
-            if other.hash != tokenizer.hash:
-                raise TrainError(f"--tokenizer {args.tokenizer} differs from the one in checkpoint "
-                                 f"{resume_path or args.init_from}; drop --tokenizer (the checkpoint's is used)")
-    elif args.tokenizer:
-        tokenizer = data_utils.load_tokenizer(args.tokenizer)
-    elif is_prepared_dir(args.data) and (Path(args.data) / "tokenizer" / "tokenizer.json").exists():
-        tokenizer = data_utils.load_tokenizer(Path(args.data) / "tokenizer")
-    if tokenizer is None and not is_prepared_dir(args.data):
-        raise TrainError(f"--data {args.data}: raw text needs a tokenizer; pass --tokenizer DIR (train one with "
-                         "tokenizer_train.py) or prepare the data with data_utils.py")
-    vocab = round_up(tokenizer.vocab_size) if tokenizer is not None else None  # None: the preset's vocab
-
-    # ---- model config: vocab from the tokenizer (rounded up); the preset's only without a tokenizer
-    config_name = args.config or "small"
-    if ckpt is not None:
-        cfg = fishai.ModelConfig.from_dict(_ckpt_config_dict(ckpt))
-        want, against = None, None
-        if args.init_from and os.path.exists(args.init_from):
-            want = fishai.ModelConfig.from_dict(_ckpt_config_dict(fishai.load_checkpoint(args.init_from)))
-            against = f"--init-from {args.init_from}"
-        elif args.config is not None or overrides:
-            want = build_config(fishai, config_name, vocab, overrides)
-            against = f"--config {config_name}" + (" with --model-override" if overrides else "")
-        if want is not None:
-            diff = _config_diff(cfg.to_dict(), want.to_dict())
-            if diff:
-                raise TrainError(f"--resume {resume_path}: the checkpoint's model config differs from {against} "
-                                 f"({'; '.join(diff[:4])}); use the same --config or a new --output-dir")
-        config_name = args.config or "from checkpoint"
-    elif init is not None:
-        cfg = fishai.ModelConfig.from_dict(_ckpt_config_dict(init))
-        config_name = f"from {args.init_from}"
-    else:
-        cfg = build_config(fishai, config_name, vocab, overrides)
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise TrainError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab {cfg.vocab_size}; "
-                         "the model must be built for this tokenizer")
-    seq_len = args.seq_len if args.seq_len is not None else min(512, cfg.max_seq_len)
-    if seq_len < 2 or seq_len > cfg.max_seq_len:
-        raise TrainError(f"--seq-len {seq_len} must be between 2 and the model's max_seq_len "
-                         f"{cfg.max_seq_len} (config {config_name})")
-
-    # ---- data
-    if args.stage == "pretrain":
-        train_tokens, val_tokens = load_pretrain_tokens(args, tokenizer, show_progress, cfg.vocab_size)
-        if len(train_tokens) < seq_len + 1:
-            raise TrainError(f"--data {args.data}: only {len(train_tokens)} training tokens, fewer than "
-                             f"--seq-len + 1 = {seq_len + 1}; give more data or lower --seq-len")
-        if len(val_tokens) < seq_len + 1:
-            raise TrainError(f"--data {args.data}: only {len(val_tokens)} validation tokens, fewer than "
-                             f"--seq-len + 1 = {seq_len + 1}; give --val-data or lower --seq-len")
-        sampler = data_utils.TokenWindowSampler(train_tokens, seq_len, args.batch_size, seed=args.seed,
-                                                rank=dist.rank, world_size=dist.world_size)
-        n_train_tokens = int(len(train_tokens))
-    else:
-        if is_prepared_dir(args.data):
-            raise TrainError(f"--stage sft --data {args.data}: expected a chat .jsonl file, got a prepared dir")
-        if tokenizer is None:
-            raise TrainError(f"--stage sft: checkpoint {args.init_from} has no embedded tokenizer; the chat "
-                             "template needs one (pass --tokenizer DIR)")
-        train_convs, val_convs = _load_sft_conversations(args, data_utils, dist.world_size)
-        sampler = data_utils.SFTDataset(train_convs, tokenizer, seq_len, args.batch_size, pack=True,
-                                        seed=args.seed, rank=dist.rank, world_size=dist.world_size)
-        n_train_tokens = None
-
-        def make_val_dataset():
-            return data_utils.SFTDataset(val_convs, tokenizer, seq_len, args.batch_size, pack=True,
-                                         seed=args.seed + 1, rank=dist.rank, world_size=dist.world_size)
-
-    # ---- model / optimizer / scaler
-    torch.manual_seed(args.seed + dist.rank)
-    random.seed(args.seed + dist.rank)
-    np.random.seed((args.seed + dist.rank) % 2**32)
-    model = fishai.GPT(cfg)
-    if source is not None:
-        fishai.load_state_checked(model, source["model"], source=str(resume_path or args.init_from))
-    model.tokenizer = tokenizer
-    model.to(device)
-    optimizer = fishai.configure_optimizers(model, weight_decay=args.weight_decay, lr=lr,
-                                            betas=(args.beta1, args.beta2), device_type=device.type)
-    schedule = CosineSchedule(lr, args.warmup, args.max_steps, args.min_lr_ratio)
-    use_scaler = ptdtype == torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    step = 0
-    tokens_per_step_guess = args.batch_size * args.grad_accum * dist.world_size * seq_len
-    tokens_seen = 0
-    best_val = None
-    if ckpt is not None:
-        if ckpt.get("optimizer") is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scheduler") is not None:
-            schedule.load_state_dict(ckpt["scheduler"])
-        if use_scaler and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = int(ckpt.get("step", 0))
-        tokens_seen = int((ckpt.get("extra") or {}).get("tokens_seen", step * tokens_per_step_guess))
-        best_val = ckpt.get("best_val_loss")
-        data_state = ckpt.get("data_state")
-        if data_state:
-            states = data_state.get("ranks") or [data_state]
-            if int(data_state.get("world_size", 1)) == dist.world_size and len(states) > dist.rank:
-                sampler.load_state_dict(states[dist.rank])
-            else:
-                log(f"note: checkpoint data position was saved with world_size={data_state.get('world_size')}, "
-                    f"now {dist.world_size}; every rank continues from rank 0's data position")
-                _load_sampler_state_other_world(sampler, states[0], dist)
-        rng = ckpt.get("rng")
-        if rng and int(rng.get("world_size", 1)) == dist.world_size and len(rng.get("ranks", [])) > dist.rank:
-            set_rng_state(rng["ranks"][dist.rank])
-        log(f"resumed from {resume_path} at step {step}" + (f" (best val loss {best_val:.4f})" if best_val else ""))
-    elif init is not None:
-        log(f"initialised weights from {args.init_from} (step {init.get('step', '?')}); fresh optimizer")
-
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp_kw = {"device_ids": [device.index] if device.type == "cuda" else None}
-        # the only buffers are the RoPE tables, identical on every rank: no per-forward broadcast
-        import inspect
-        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
-            ddp_kw["forward_sync_buffers"] = False
-        else:
-            ddp_kw["broadcast_buffers"] = False
-        model = DDP(model, **ddp_kw)
-
-    def autocast_ctx():
-        if ptdtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.amp.autocast(device_type=device.type, dtype=ptdtype)
-
-    tokens_per_step = args.batch_size * args.grad_accum * dist.world_size * seq_len
-    peak_flops = fishai.device_peak_flops(device, ptdtype)
-    log(f"model: config {config_name}, {raw_model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size} "
-        f"(tokenizer {tokenizer.vocab_size if tokenizer is not None else 'none: preset vocab'}), seq_len {seq_len}; device {device}, dtype "
-        f"{str(ptdtype).replace('torch.', '')}{' + GradScaler' if use_scaler else ''}"
-        f"{', compiled' if args.compile else ''}")
-    log(f"batch: {args.batch_size} seq x {args.grad_accum} accum x {dist.world_size} procs = "
-        f"{args.batch_size * args.grad_accum * dist.world_size} sequences, {tokens_per_step:,} tokens/step; "
-        f"{args.stage} on {args.data}" + (f" ({n_train_tokens:,} train tokens)" if n_train_tokens else ""))
-
-    metrics = MetricsLog(out / METRICS_NAME, master, step if ckpt is not None else None)
-    run_config = {**{k: v for k, v in vars(args).items()}, "lr": lr, "seq_len": seq_len, "world_size": dist.world_size,
-                  "model_config": cfg.to_dict(), "tokens_per_step": tokens_per_step}
-    wandb_log = WandbLogger(args, args.wandb and master, run_config, out)
-    train_args = {k: v for k, v in run_config.items() if isinstance(v, (str, int, float, bool, type(None)))}
-
-    def gather_states():
-        data_states = [sampler.state_dict()]
-        rng_states = [get_rng_state()]
-        if dist.enabled:
-            import torch.distributed as tdist
-            data_states = [None] * dist.world_size
-            rng_states = [None] * dist.world_size
-            tdist.all_gather_object(data_states, sampler.state_dict())
-            tdist.all_gather_object(rng_states, get_rng_state())
-        return ({"world_size": dist.world_size, "ranks": data_states},
-                {"world_size": dist.world_size, "ranks": rng_states})
-
-    def save(path: Path):
-        # every rank takes part in the gather; only rank 0 writes
-        data_state, rng_state = gather_states()
-        if master:
-            schedule.step = step
-            fishai.save_checkpoint(str(path), raw_model, tokenizer=tokenizer, optimizer=optimizer,
-                                   scheduler=schedule, scaler=scaler if use_scaler else None, step=step,
-                                   best_val_loss=best_val, rng_state=rng_state, data_state=data_state,
-                                   train_args=train_args, extra={"stage": args.stage, "tokens_seen": tokens_seen})
-
-    def run_eval() -> float:
-        if args.stage == "pretrain":
-            return evaluate_pretrain(model, val_tokens, seq_len, args.batch_size, args.eval_iters, device,
-                                     autocast_ctx, dist)
-        return evaluate_sft(model, make_val_dataset, args.eval_iters, device, autocast_ctx, dist)
-
-    hooks = FaultHooks()
-    stop = _StopFlag()
-    stop.install()
-    from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, desc=args.stage, unit="step", disable=not show_progress,
-               dynamic_ncols=True, leave=True)
-    say = (lambda msg: (tqdm.write(msg) if show_progress else print(msg, flush=True))) if master else (lambda m: None)
-    nonfinite = 0
-    last_val = None
-    last_good = None
-    interrupted = None
-    stopped_by = None
-    t_window, tok_window = time.time(), 0
-    model.train()
+    created = du.check_writable_dir(out) if dist.master else False
     try:
-        while step < args.max_steps:
-            hooks.before_step(step, dist.rank)
-            cur_lr = schedule.lr_at(step)
-            for g in optimizer.param_groups:
-                g["lr"] = cur_lr
-            loss_sum = torch.zeros((), device=device)
-            tokens_this = 0
-            for micro in range(args.grad_accum):
-                sync = micro == args.grad_accum - 1
-                ctx = model.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
-                with ctx:
-                    if args.stage == "pretrain":
-                        x, y = sampler.next_batch(device)
-                        with autocast_ctx():
-                            _, loss = model(x, y)
-                        tokens_this += y.numel()
-                    else:
-                        x, y, mask, doc_ids = sampler.next_batch(device)
-                        with autocast_ctx():
-                            _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
-                        tokens_this += y.numel()
-                    loss = hooks.poison(loss, step)
-                    loss = loss / args.grad_accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            else:
-                grad_norm = torch.zeros((), device=device)
-            # one host sync per step: the (rank-averaged) loss decides whether the step is applied
-            loss_val = _all_reduce_mean(loss_sum.item(), dist, device)
-            gn = float(grad_norm)
-            finite = math.isfinite(loss_val) and (use_scaler or math.isfinite(gn))
-            if finite:
-                scaler.step(optimizer)  # with fp16 the scaler itself skips steps with inf grads
-                nonfinite = 0
-            else:
-                nonfinite += 1
-                if use_scaler:
-                    scaler.step(optimizer)  # skipped internally (inf/nan grads); lowers the scale
-                say(f"warning: step {step}: non-finite loss ({loss_val}) / grad norm ({gn}); step skipped "
-                    f"({nonfinite}/{args.max_nonfinite} in a row)")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            tok_window += tokens_this * dist.world_size
-            bar.update(1)
-            if nonfinite >= args.max_nonfinite:
-                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise TrainError(f"loss was NaN/inf for {nonfinite} consecutive steps (up to step {step}); stopping, "
-                                 f"{kept}. Lower --lr, raise --warmup or use --dtype bf16/fp32")
+        run = build_run(start, dist, device, dtype, out, say)
+        state = restore_state(run, start.ckpt)
+        if start.ckpt is not None:
+            best = state.best_val_loss
+            say(f"resumed from {start.resume_path} at step {state.step}"
+                + (f" (best val loss {best:.4f})" if best else ""))
+        elif start.init is not None:
+            say(f"initialised weights from {args.init_from} (step {start.init.get('step', '?')}); fresh optimizer")
+        describe_run(run, start)
+        return run_and_finish(run, state, start, t_start)
+    except BaseException:
+        if created and not any((out / n).exists() for n in (LATEST_NAME, BEST_NAME)):
+            shutil.rmtree(out, ignore_errors=True)  # a failed run leaves nothing behind
+        raise
 
-            if step % args.log_interval == 0 or step == args.max_steps:
-                dt = max(time.time() - t_window, 1e-9)
-                tps = tok_window / dt
-                rec = {"step": step, "loss": loss_val, "lr": cur_lr, "grad_norm": gn, "tokens_per_sec": tps,
-                       "tokens": tokens_seen, "time": time.time() - t_start}
-                if peak_flops:
-                    rec["mfu"] = fishai.estimate_mfu(tps, cfg, seq_len, peak_flops * dist.world_size)
-                metrics.write(rec)
-                wandb_log.log(rec, step)
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{cur_lr:.2e}", tok_s=f"{tps:,.0f}")
-                t_window, tok_window = time.time(), 0
 
-            # stop requests (signal, --max-time) are agreed by all ranks before anything collective
-            timed_out = args.max_time is not None and time.time() - t_start >= args.max_time
-            flags = [1.0 if stop.signum is not None else 0.0, 1.0 if timed_out else 0.0]
-            if dist.enabled:  # a rank that stops alone would leave the others hanging in all-reduce
-                ft = torch.tensor(flags, device=device)
-                _all_reduce_sum_tensor(ft, dist)
-                flags = ft.tolist()
-            stop_now, timed_out = flags[0] > 0, flags[1] > 0
-            pause = args.stop_at is not None and step >= args.stop_at
+def build_run(start: Start, dist: Dist, device, dtype, out: Path, say: Printer) -> Run:
+    args = start.args
+    data = build_data(start, dist, device, dist.master and not args.quiet)
+    raw_model = build_model(start, dist, device)
+    optimizer = build_optimizer(raw_model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    train_args = {k: v for k, v in vars(args).items() if not k.startswith("_") and
+                  (isinstance(v, (str, int, float, bool, type(None))) or k == "model_override")}
+    train_args["world_size"] = dist.world_size
+    run = Run(args, dist, device, dtype, out, raw_model, wrap_model(raw_model, args, dist, device), optimizer,
+              build_schedule(args), scaler, data, start.tokenizer, train_args, say)
+    run.train_args["tokens_per_step"] = run.tokens_per_step
+    return run
 
-            if step % args.eval_interval == 0 or step == args.max_steps or timed_out:
-                last_val = run_eval()
-                improved = math.isfinite(last_val) and (best_val is None or last_val < best_val)
-                if improved:
-                    best_val = last_val
-                rec = {"step": step, "val_loss": last_val,
-                       "val_ppl": math.exp(min(last_val, 50.0)) if math.isfinite(last_val) else float("nan"),
-                       "best_val_loss": best_val}
-                metrics.write(rec)
-                wandb_log.log(rec, step)
-                say(f"step {step}: train loss {loss_val:.4f}, val loss {last_val:.4f}, val ppl {rec['val_ppl']:.2f}"
-                    + (" (best)" if improved else ""))
-                if improved:
-                    save(out / BEST_NAME)
-                t_window = time.time()  # don't count eval time in tokens/s
 
-            # during a NaN/inf streak keep the last good fishai-latest.pt (the streak may end the run)
-            periodic = (step % args.save_interval == 0 or step == args.max_steps) and nonfinite == 0
-            if periodic or stop_now or pause or timed_out:
-                save(out / LATEST_NAME)
-                last_good = out / LATEST_NAME
-            if stop_now:
-                interrupted = signal.Signals(stop.signum).name if stop.signum else "signal on another rank"
-                say(f"{interrupted}: saved {out / LATEST_NAME} at step {step}; resume with --resume auto")
-                break
-            if pause:
-                say(f"--stop-at {args.stop_at}: saved {out / LATEST_NAME} at step {step}; continue with --resume auto")
-                break
-            if timed_out and step < args.max_steps:
-                stopped_by = "max_time"
-                say(f"--max-time {args.max_time:g} s reached at step {step}/{args.max_steps}: saved "
-                    f"{out / LATEST_NAME}; continue with --resume auto")
-                break
-    except torch.cuda.OutOfMemoryError:
-        raise TrainError(f"CUDA out of memory with --batch-size {args.batch_size} --seq-len {seq_len}: lower "
-                         f"--batch-size (raise --grad-accum to keep {args.batch_size * args.grad_accum} sequences "
-                         f"per step) or lower --seq-len")
+def describe_run(run: Run, start: Start) -> None:
+    args, cfg, tok = run.args, start.cfg, start.tokenizer
+    ws = run.dist.world_size
+    run.say(f"model: config {start.config_name}, {run.raw_model.num_params() / 1e6:.2f}M params, vocab "
+            f"{cfg.vocab_size} (tokenizer {tok.vocab_size if tok is not None else 'none: preset vocab'}), seq_len "
+            f"{args.seq_len}; device {run.device}, dtype {str(run.dtype).replace('torch.', '')}"
+            f"{' + GradScaler' if run.scaler.is_enabled() else ''}{', compiled' if args.compile else ''}")
+    n_train = run.data.n_train_tokens
+    run.say(f"batch: {args.batch_size} seq x {args.grad_accum} accum x {ws} procs = "
+            f"{args.batch_size * args.grad_accum * ws} sequences, {run.tokens_per_step:,} tokens/step; "
+            f"{args.stage} on {args.data}" + (f" ({n_train:,} train tokens)" if n_train else ""))
+
+
+def run_and_finish(run: Run, state: TrainState, start: Start, t_start: float) -> dict:
+    """The loop, then the end-of-run records: metrics 'end' line, wandb summary, loss curve."""
+    args, out = run.args, run.out
+    run.metrics = MetricsLog(out / METRICS_NAME, run.dist.master, state.step if start.ckpt is not None else None)
+    run_config = {**run.train_args, "model_config": start.cfg.to_dict()}
+    run.wandb = WandbLogger(args, args.wandb and run.dist.master, run_config, out)
+    try:
+        reason = train_loop(run, state, t_start)
+        elapsed = time.time() - t_start
+        interrupted = None if reason in (None, "stop_at", "max_time") else reason
+        run.metrics.write({"step": state.step, "event": "end", "elapsed_s": elapsed,
+                           "best_val_loss": state.best_val_loss, "interrupted": interrupted})
     finally:
-        bar.close()
-        stop.restore()
-        metrics.close()
-
-    elapsed = time.time() - t_start
-    summary = {"steps": step, "tokens": tokens_seen, "best_val_loss": best_val,
-               "last_val_loss": last_val, "elapsed_s": elapsed, "seq_len": seq_len, "lr": lr,
-               "latest": str(out / LATEST_NAME), "best": str(out / BEST_NAME) if (out / BEST_NAME).exists() else None,
-               "interrupted": interrupted, "stopped_by": stopped_by or ("signal" if interrupted else None),
-               "world_size": dist.world_size, "tokens_per_step": tokens_per_step}
-    if master:
-        metrics_f = MetricsLog(out / METRICS_NAME, True, step)  # re-open in append mode
-        metrics_f.write({"step": step, "event": "end", "elapsed_s": elapsed, "best_val_loss": best_val,
-                         "interrupted": interrupted})
-        metrics_f.close()
-    wandb_log.finish({"final_checkpoint": summary["latest"], "best_checkpoint": summary["best"],
-                      "best_val_loss": best_val})
-    log(f"done: {step} steps, {summary['tokens']:,} tokens in {elapsed:.1f}s; best val loss "
-        f"{best_val if best_val is None else round(best_val, 4)}; checkpoints in {out}")
+        run.metrics.close()
+    best = out / BEST_NAME
+    summary = {"steps": state.step, "tokens": state.tokens_seen, "best_val_loss": state.best_val_loss,
+               "last_val_loss": state.last_val_loss, "elapsed_s": elapsed, "seq_len": args.seq_len, "lr": args.lr,
+               "latest": str(out / LATEST_NAME), "best": str(best) if best.exists() else None,
+               "interrupted": interrupted, "stopped_by": "signal" if interrupted else reason,
+               "world_size": run.dist.world_size, "tokens_per_step": run.tokens_per_step}
+    run.wandb.finish({"final_checkpoint": summary["latest"], "best_checkpoint": summary["best"],
+                      "best_val_loss": state.best_val_loss})
+    if run.dist.master:
+        note = plot_losses([{"metrics": read_metrics(out / METRICS_NAME)}], out / LOSS_CURVE_NAME)
+        run.say(f"note: {note}" if note else f"loss curve: {out / LOSS_CURVE_NAME}")
+    best_txt = None if state.best_val_loss is None else round(state.best_val_loss, 4)
+    run.say(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {elapsed:.1f}s; best val loss "
+            f"{best_txt}; checkpoints in {out}")
     return summary
 
 
-def _load_sampler_state_other_world(sampler, state: dict, dist: Dist) -> None:
-    """A checkpoint from another world size: the samplers' state is (seed, batches drawn) and each
-    rank's batches depend on its own rank, so rank 0's position is a valid position for every rank."""
-    sampler.load_state_dict(state)
-
-
-def _load_sft_conversations(args, data_utils, world_size: int = 1):
-    """Read chat conversations; hold out every 20th one for validation unless --val-data is given
-    (with fewer than 20 conversations the training set doubles as the validation set)."""
-    convs = data_utils.read_sft_jsonl(args.data)
-    if args.val_data:
-        return convs, data_utils.read_sft_jsonl(args.val_data)
-    train, val = _split_documents(convs)
-    if len(val) < world_size:
-        return convs, convs
-    return train, val
+def _cli(args) -> int:
+    try:
+        summary = train(args)
+    except TrainFailed as e:  # the run started but could not go on: not a usage error
+        print(f"error: {du.one_line(e)}", file=sys.stderr, flush=True)
+        return du.EXIT_FAILED
+    return du.EXIT_INTERRUPTED if summary.get("interrupted") == "SIGINT" else du.EXIT_OK
 
 
 def main(argv=None) -> int:
@@ -1081,24 +1454,7 @@ def main(argv=None) -> int:
         # a worker that dies on a signal under torchrun shows only "exitcode -11"; this prints
         # the Python stack of every thread to that worker's stderr first
         faulthandler.enable()
-    try:
-        summary = train(args)
-    except KeyboardInterrupt:  # a second Ctrl-C during a step
-        print("interrupted", file=sys.stderr)
-        return 130
-    except TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - known bad-input errors from the shared modules
-        import model as fishai
-        import data_utils
-        if isinstance(e, (fishai.CheckpointError, data_utils.DataError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
-    if summary.get("interrupted") == "SIGINT":
-        return 130
-    return 0
+    return du.run_cli(_cli, args)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,10 @@ def test_default_wikitext_offline_gives_clear_message(tmp_path, capsys, monkeypa
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     rc = quick_train.main(["--config", "tiny", "--output-dir", str(tmp_path / "q"), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1  # bad input: EXIT_USAGE
     assert err.startswith("error: WikiText-103") and "--data" in err and "--data python-docs" in err
     assert not (tmp_path / "q" / "report.json").exists()
+    assert not (tmp_path / "q").exists()  # a failed run leaves nothing behind, not even an empty --output-dir
 
 
 def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, text_file):
@@ -67,7 +68,7 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, text_file):
     (out / "mine.txt").write_text("keep me")
     rc = quick_train.main(small_args(text_file, out))
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and "--overwrite" in err and (out / "mine.txt").read_text() == "keep me"
+    assert rc == 2 and "--overwrite" in err and (out / "mine.txt").read_text() == "keep me"
 
 
 def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys):
@@ -144,3 +145,96 @@ def test_pick_cpu_threads_keeps_the_faster_setting():
         assert tps == 1000.0 and why is None and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+def test_device_cuda_without_cuda_is_refused_before_any_work(tmp_path, capsys, text_file):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "q"
+    rc = quick_train.main(small_args(text_file, out, "--device", "cuda"))
+    err = capsys.readouterr()
+    assert rc == 2 and err.err.strip() == "error: --device cuda: CUDA is not available on this machine; use --device cpu"
+    assert err.out == "" and not out.exists()
+
+
+def test_character_figures_for_text_without_spaces():
+    zh = ["从前有一座山，山里有一座庙。" * 20]
+    base = {"nll": 500.0, "tokens": 200, "words": 1, "bytes": 840, "bits_per_byte": 0.86, "token_ppl": 12.2,
+            "word_ppl": float("inf")}
+    t = quick_train.with_char_metrics(base, zh)
+    assert t["chars"] == 280 and t["spaced"] is False
+    assert t["char_ppl"] == pytest.approx(math.exp(500 / 280)) and t["chars_per_token"] == pytest.approx(1.4)
+    en = quick_train.with_char_metrics({**base, "words": 50}, ["word " * 50])
+    assert en["spaced"] is True
+    given = quick_train.with_char_metrics({**base, "chars": 10, "char_ppl": 3.0, "spaced": True}, zh)
+    assert (given["chars"], given["char_ppl"], given["spaced"]) == (10, 3.0, True)  # benchmark.py's own keys win
+    rep = {"config": "tiny", "data": "zh.txt", "date": "d", "device": "cpu", "total_time_s": 1.0, "tokens_seen": 10,
+           "params": 1e6, "vocab_size": 512, "tokenizer": "t", "test_set": "s", "test_tokens": 200, "test": t,
+           "target_ppl": None, "target_metric": "word_ppl", "target_met": False, "decisions": [], "samples": [],
+           "loss_curve": None, "loss_curve_note": "n", "best_checkpoint": "b", "undertrained": None,
+           "rounds": [{"round": 1, "steps": 4, "settings": {"max_steps": 4, "lr": 1e-3, "warmup": 1}, "tokens": 10,
+                       "time_s": 1.0, "best_val_loss": 2.0, "val_ppl": 7.4, "test": t}]}
+    md = quick_train.report_markdown(rep)
+    assert "**0.860 bits/byte**" in md and "test char ppl |" in md and "word ppl" not in md.replace("word perplexity", "")
+    assert f"| {t['char_ppl']:.2f} |" in md and "1.40 characters per token" in md
+
+
+def test_undertrained_rule_warns_on_the_console_and_at_the_top_of_the_report(capsys):
+    job = quick_train.Job(quick_train.build_parser().parse_args([]), None, torch.device("cpu"), 0.0, None)
+    job.budget, job.planned_steps = 300, 500
+    assert quick_train.undertrained(job, [{"steps": 200}]) is None  # 40% of the planned steps is enough
+    msg = quick_train.undertrained(job, [{"steps": 58}, {"steps": 100}])
+    assert "158 of the 500 planned steps (32%" in msg and "--time-budget 0" in msg and "OMP_NUM_THREADS=1" in msg
+    job.budget = None
+    assert quick_train.undertrained(job, [{"steps": 5}]) is None  # without a budget the user chose the steps
+    t = {"bits_per_byte": 2.5, "token_ppl": 400.0, "word_ppl": 481.0, "spaced": True}
+    rep = {"config": "tiny", "data": "python-docs", "date": "d", "device": "cpu", "total_time_s": 1.0,
+           "tokens_seen": 10, "params": 1e6, "vocab_size": 512, "tokenizer": "t", "test_set": "s", "test_tokens": 9,
+           "test": t, "target_ppl": None, "target_metric": "word_ppl", "target_met": False, "decisions": [],
+           "samples": [{"prompt": "The", "completion": " the the the"}], "loss_curve": None, "loss_curve_note": "n",
+           "best_checkpoint": "b", "undertrained": msg, "rounds": []}
+    md = quick_train.report_markdown(rep).splitlines()
+    assert md[2].startswith("> **Warning: the model is undertrained") and "--time-budget 0" in md[2]
+    samples = md.index("## Samples")
+    assert md[samples + 2].startswith("The model is undertrained")
+
+
+def test_test_documents_follow_the_holdout_rule_and_never_reach_the_tokenizer(text_file):
+    import data_utils as du
+    c = quick_train.Corpus(str(text_file), "text", 0.02, quick_train.TEST_FRACTION, None)
+    docs = list(c.documents())
+    splits = [du.holdout_split(i, 0.02, quick_train.TEST_FRACTION) for i in range(len(docs))]
+    test = [d for d, s in zip(docs, splits) if s == "test"]
+    assert 0 < len(test) and list(c.tokenizer_documents()) == [d for d, s in zip(docs, splits) if s != "test"]
+    assert c.test_documents(10**9) == test and c.test_documents(1) == test[:1]
+
+
+def test_failed_rounds_remove_the_run_and_exit_1(tmp_path, capsys, text_file, monkeypatch):
+    def diverge(args):
+        raise quick_train.trainer.DivergedError("loss was NaN/inf for 10 consecutive steps")
+    monkeypatch.setattr(quick_train.trainer, "train", diverge)
+    out = tmp_path / "q"
+    rc = quick_train.main(small_args(text_file, out, "--max-rounds", 1))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == ["error: no round produced a checkpoint; lower --lr or raise --warmup"]
+    assert not out.exists()
+
+
+def test_bits_per_byte_target_and_new_flag_spellings(tmp_path, text_file):
+    p = quick_train.build_parser()
+    assert p.parse_args(["--sample-tokens", "5"]).max_new_tokens == 5 and p.parse_args(["--no-progress"]).quiet
+    assert p.parse_args(["--force"]).overwrite and p.parse_args(["--target-metric", "char_ppl"]).target_metric
+    out = tmp_path / "q"
+    args = small_args(text_file, out, "--target-metric", "bits_per_byte", "--target-ppl", 8, "--max-steps", 4,
+                      "--samples", 0, "--json", tmp_path / "r.json")
+    assert quick_train.main(args) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["decisions"][0].startswith("round 1: test bits_per_byte") and rep["target_met"] is True
+    assert rep["headline_metric"] == "bits_per_byte" and rep["test"]["spaced"] is True
+    assert rep["test"]["char_ppl"] > 1 and rep["test"]["chars_per_token"] > 1
+    assert rep["data_meta"]["test_docs_left_out"] > 0
+    # --json refuses to replace an existing file without --overwrite, before any work
+    assert quick_train.main(small_args(text_file, tmp_path / "q2", "--json", tmp_path / "r.json")) == 2
+    assert not (tmp_path / "q2").exists()

@@ -237,7 +237,7 @@ def test_prepared_dir_trains_and_other_tokenizer_is_refused(tmp_path, prepared_d
     capsys.readouterr()
     rc = train.main(args + ["--tokenizer", str(other), "--output-dir", str(tmp_path / "run2")])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1  # bad input: EXIT_USAGE
     assert err.startswith("error:") and "different tokenizer" in err
 
 
@@ -261,18 +261,18 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_tokenizer_dir, text_file
         capsys.readouterr()
         rc = train.main(args)
         err = capsys.readouterr().err.strip()
-        assert rc == 1, extra
+        assert rc == 2, extra  # bad input: EXIT_USAGE
         assert len(err.splitlines()) == 1 and err.startswith("error:") and msg in err, (extra, err)
         assert not (tmp_path / "x" / "fishai-latest.pt").exists()
     # an existing run is never overwritten silently
     rc = train.main(base_args(tiny_tokenizer_dir, text_file, ok, "--max-steps", 2))
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and "--resume auto" in err and "--overwrite" in err
+    assert rc == 2 and "--resume auto" in err and "--overwrite" in err
     # resuming with a different model config
     rc = train.main(base_args(tiny_tokenizer_dir, text_file, ok, "--max-steps", 4, "--resume", "auto",
                               "--model-override", "n_layers=3"))
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1
     assert "differs from --config tiny" in err and "n_layers=2 vs 3" in err
     # a torn/corrupt checkpoint is reported, not loaded
     bad = tmp_path / "bad.pt"
@@ -281,12 +281,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_tokenizer_dir, text_file
         load_checkpoint(bad)
     rc = train.main(base_args(tiny_tokenizer_dir, text_file, tmp_path / "y", "--max-steps", 4, "--resume", bad))
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and err.startswith("error:") and "bad.pt" in err and len(err.splitlines()) == 1
+    assert rc == 2 and err.startswith("error:") and "bad.pt" in err and len(err.splitlines()) == 1
 
 
 def test_cli_error_has_no_traceback_and_no_output(tmp_path, tiny_tokenizer_dir, text_file):
     r = run_cli(base_args(tiny_tokenizer_dir, text_file, tmp_path / "out", "--config", "nope"))
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: --config nope: unknown config 'nope'")
     assert not (tmp_path / "out" / "fishai-latest.pt").exists()
@@ -463,3 +463,148 @@ def test_seed_command_without_data_uses_prepared_data_dir(tmp_path, tiny_tokeniz
     assert r.returncode == 0, r.stderr
     assert "using the prepared dataset in ./data" in r.stdout
     assert load_checkpoint(tmp_path / "ck" / "fishai-latest.pt")["step"] == 2
+
+
+# ----------------------------------------------------------------------------- issue 14: exact resume from the paths
+
+OWN = ["--config", "tiny", *SHRINK, "--seq-len", "48", "--batch-size", "3", "--grad-accum", "2", "--lr", "2.5e-3",
+       "--warmup", "3", "--max-steps", "8", "--eval-interval", "4", "--eval-iters", "2", "--log-interval", "1",
+       "--sample-interval", "2", "--max-new-tokens", "6", "--seed", "7", "--device", "cpu", "--quiet"]
+
+
+def test_resume_with_only_the_paths_continues_bit_exactly(tmp_path, tiny_tokenizer_dir, text_file, capsys):
+    """A run that chose its own batch, sequence length, LR, warmup, seed and sample interval, cut at step 3
+    and at step 5, continues from the paths alone in both README forms with the losses of a straight run."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    paths = lambda out: ["--tokenizer", str(tiny_tokenizer_dir), "--data", str(text_file), "--output-dir", str(out)]
+    assert train.main([*OWN, *paths(straight)]) == 0
+    assert train.main([*OWN, *paths(split), "--stop-at", "3"]) == 0
+    capsys.readouterr()
+    # README form 1 (--resume auto) and form 2 (--resume PATH), each naming only --data and --output-dir
+    assert train.main(["--data", str(text_file), "--output-dir", str(split), "--resume", "auto", "--stop-at", "5"]) == 0
+    assert train.main(["--data", str(text_file), "--resume", str(split / "fishai-latest.pt"),
+                       "--output-dir", str(split)]) == 0
+    out = capsys.readouterr().out
+    assert "changed on resume" not in out
+    assert "3 seq x 2 accum x 1 procs = 6 sequences, 288 tokens/step" in out  # the checkpoint's batch, not the default
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(a) == list(range(1, 9)) and a == b  # bit-identical
+    ca, cb = load_checkpoint(straight / "fishai-latest.pt"), load_checkpoint(split / "fishai-latest.pt")
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert cb["train_args"]["lr"] == 2.5e-3 and cb["train_args"]["seq_len"] == 48 and cb["train_args"]["seed"] == 7
+    # samples every 2 steps, drawn from their own generator: the same text in both runs, training untouched
+    samples = lambda d: [(r["step"], r["sample"]) for r in train.read_metrics(d / "metrics.jsonl") if "sample" in r]
+    assert [s for s, _ in samples(straight)] == [2, 4, 6, 8] and samples(straight) == samples(split)
+    assert "sample at step 8:" in out
+    assert (split / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_applies_safe_changes_and_refuses_the_others(tmp_path, tiny_tokenizer_dir, text_file, capsys):
+    import shutil
+    out, data = tmp_path / "run", tmp_path / "a.txt"
+    shutil.copy(text_file, data)
+    args = base_args(tiny_tokenizer_dir, data, out, "--max-steps", 4, "--stop-at", 2)
+    assert train.main(args) == 0
+    paths = ["--data", str(data), "--output-dir", str(out), "--resume", "auto", "--quiet"]
+    for flag, value, why in (("--batch-size", "4", "sequences of every step"), ("--seq-len", "64", "windows"),
+                             ("--seed", "1", "data order"), ("--stage", "sft", "loss"),
+                             ("--data", str(tmp_path / "other.txt"), "position in that data")):
+        capsys.readouterr()
+        rc = train.main([*paths, flag, value] if flag != "--data" else [*paths[2:], flag, value])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, (flag, err)
+        assert f"{flag} {value} differs from the checkpoint's" in err and why in err and "exact" in err, err
+    assert train.main([*paths, "--max-steps", "1"]) == 2
+    assert "at step 2 already" in capsys.readouterr().err
+    assert load_checkpoint(out / "fishai-latest.pt")["step"] == 2  # nothing above touched the run
+    # safe changes are applied and printed; a longer --max-steps extends the schedule; data that moved
+    # (the saved path is gone) is named anew
+    moved = tmp_path / "moved.txt"
+    data.rename(moved)
+    paths[1] = str(moved)
+    assert train.main([*paths, "--lr", "1e-3", "--max-steps", "6", "--eval-interval", "3"]) == 0
+    stdout = capsys.readouterr().out
+    assert f"changed on resume: data {data} -> {moved}" in stdout
+    assert "changed on resume: lr 0.003 -> 0.001" in stdout and "changed on resume: max-steps 4 -> 6" in stdout
+    assert "changed on resume: eval-interval" in stdout
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["step"] == 6 and ck["train_args"]["lr"] == 1e-3 and ck["train_args"]["batch_size"] == 2
+    lrs = {r["step"]: r["lr"] for r in train.read_metrics(out / "metrics.jsonl") if "lr" in r}
+    assert lrs[3] == pytest.approx(train.CosineSchedule(1e-3, 2, 6, 0.1).lr_at(2))
+
+
+def test_best_checkpoint_holds_weights_only_and_unreadable_latest_names_it(tmp_path, tiny_tokenizer_dir,
+                                                                            text_file, capsys):
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 2, "--eval-interval", 2)) == 0
+    best, latest = load_checkpoint(out / "fishai-best.pt"), load_checkpoint(out / "fishai-latest.pt")
+    assert best["optimizer"] is None and best["rng"] is None and best["data_state"] is None
+    assert best["scheduler"] is None and best["step"] == 2 and best["tokenizer"]["tokenizer_json"]
+    assert latest["optimizer"]["state"] and latest["rng"] and latest["data_state"]
+    assert (out / "fishai-best.pt").stat().st_size < 0.5 * (out / "fishai-latest.pt").stat().st_size
+    import model as fishai
+    assert fishai.load_model(out / "fishai-best.pt").tokenizer is not None  # a complete model
+    # resuming from the weights-only file is refused: it cannot continue exactly
+    capsys.readouterr()
+    paths = ["--data", str(text_file), "--output-dir", str(out), "--quiet"]
+    assert train.main([*paths, "--resume", str(out / "fishai-best.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "weights only" in err and f"--init-from {out / 'fishai-best.pt'}" in err
+    # an unreadable fishai-latest.pt: the error names fishai-best.pt as the way out
+    (out / "fishai-latest.pt").write_bytes(b"torn")
+    assert train.main([*paths, "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fishai-latest.pt" in err
+    assert f"--init-from {out / 'fishai-best.pt'} --overwrite" in err
+
+
+def test_failed_run_leaves_no_output_dir_and_missing_matplotlib_is_one_note(tmp_path, tiny_tokenizer_dir, text_file,
+                                                                            monkeypatch, capsys):
+    out = tmp_path / "new" / "run"
+    assert train.main(base_args(tiny_tokenizer_dir, tmp_path / "missing.txt", out, "--max-steps", 2)) == 2
+    assert "no such file" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv("FISHAI_FAULT_OOM_AT_STEP", "0")  # fails after the data was read, before any checkpoint
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 2)) == 1
+    assert not out.exists()
+    monkeypatch.delenv("FISHAI_FAULT_OOM_AT_STEP")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    capsys.readouterr()
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 2)) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if "matplotlib" in ln]
+    assert notes == ["note: loss_curve.png skipped: matplotlib is not installed (pip install matplotlib)"]
+    assert not (out / "loss_curve.png").exists() and (out / "fishai-latest.pt").exists()
+
+
+def test_make_args_validates_like_the_cli_and_records_given_flags(tmp_path):
+    a = train.make_args(batch_size=8, lr=2e-3, data=tmp_path / "d", model_override=["d_model=64"], seq_len=None,
+                        quiet=True, dtype="bfloat16")
+    assert (a.batch_size, a.lr, a.data, a.model_override, a.seq_len, a.dtype) == (8, 2e-3, str(tmp_path / "d"),
+                                                                                ["d_model=64"], None, "bf16")
+    assert a.grad_accum == 8 and a.warmup == 100  # the parser's defaults
+    assert a._given == {"batch_size", "lr", "data", "model_override", "quiet", "dtype"}
+    assert train.given_flags(a) == a._given and train.parse_args(["--lr", "1e-3"])._given == {"lr"}
+    with pytest.raises(train.TrainError, match="--batch-size 0: must be >= 1"):
+        train.make_args(batch_size=0)
+    with pytest.raises(train.TrainError, match="--stage x: choose one of pretrain, sft"):
+        train.make_args(stage="x")
+    with pytest.raises(TypeError, match="no argument 'batch'"):
+        train.make_args(batch=4)
+    assert issubclass(train.DivergedError, train.TrainError) and issubclass(train.TrainError, ValueError)
+
+
+def test_raw_text_holdout_is_the_shared_rule_and_sampling_keeps_the_rng(tiny_tokenizer, text_file, tiny_model):
+    import data_utils as du
+    args = train.make_args(data=str(text_file))
+    tr, va = train.load_pretrain_tokens(args, tiny_tokenizer, False, 512)
+    want = du.tokenize_documents(str(text_file), tiny_tokenizer, val_fraction=0.05, show_progress=False)
+    assert tr.tolist() == want["train"].tolist() and va.tolist() == want["val"].tolist()
+    docs = list(du.iter_documents(str(text_file)))
+    first = tiny_tokenizer.encode(docs[0]) + [tiny_tokenizer.eos_id]
+    assert va.tolist()[:len(first)] == first  # document 0 is the first validation document
+    assert len(va) < 0.15 * len(tr)
+    before = torch.get_rng_state()
+    g = torch.Generator().manual_seed(0)
+    new = train.sample_tokens(tiny_model, tiny_tokenizer.encode("The list"), 12, g)
+    assert torch.equal(torch.get_rng_state(), before) and 0 < len(new) <= 12
+    assert train.sample_tokens(tiny_model, tiny_tokenizer.encode("The list"), 12,
+                               torch.Generator().manual_seed(0)) == new
