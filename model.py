@@ -19,24 +19,36 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import math
-import os
 import pickle
 import sys
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import contextlib
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
+import data_utils as du
 from data_utils import FishAIError, TextTokenizer, atomic_dir, atomic_write, atomic_write_text, dtype_name
+
+PRESET_NAMES = ("tiny", "small", "medium", "large")  # CONFIGS below; named here for the torch-free parser
+
+
+def build_parser() -> du.ArgumentParser:
+    p = du.ArgumentParser(description="FishAI GPT presets: true parameter counts and sizes.")
+    p.add_argument("--config", choices=PRESET_NAMES, help="show one preset with its tensors (default: all)")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    du.add_overwrite_flag(p, "an existing --json file")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer before torch is imported (3 s here)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 IGNORE_INDEX = -1  # target id ignored by the loss (padding)
 CHECKPOINT_FORMAT = "fishai-checkpoint"
@@ -943,11 +955,13 @@ def size_table(names=None) -> list[dict]:
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="FishAI GPT presets: true parameter counts and sizes.")
-    parser.add_argument("--config", choices=list(CONFIGS), help="show one preset (default: all)")
-    parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
-    args = parser.parse_args(argv)
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return du.run_cli(print_size_table, args)
+
+
+def print_size_table(args) -> None:
+    du.check_new_file(args.json, "--json", args.overwrite)
     rows = size_table([args.config] if args.config else None)
     print(f"{'config':<8}{'d_model':>8}{'layers':>7}{'heads':>6}{'kv':>4}{'d_ff':>6}{'vocab':>7}"
           f"{'params':>14}{'FP32 MB':>10}{'FP16 MB':>10}{'INT4 MB':>10}")

@@ -28,6 +28,7 @@ def tokens(b, t, seed=0, vocab=256):
 # --- presets and architecture ----------------------------------------------------------------
 
 def test_presets_true_parameter_counts():
+    assert tuple(M.CONFIGS) == M.PRESET_NAMES  # the torch-free parser's list of presets
     for name, cfg in M.CONFIGS.items():
         with torch.device("meta"):
             m = GPT(cfg)
