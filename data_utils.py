@@ -28,6 +28,7 @@ import argparse
 import codecs
 import contextlib
 import glob as _glob
+import gzip
 import hashlib
 import importlib
 import inspect
@@ -690,40 +691,53 @@ def _iter_txt(path: Path, mode: str, stats: dict | None) -> Iterator[str]:
         _bump(stats, "empty_files")
 
 
-def _iter_jsonl(path: Path, text_key: str, skip_bad_lines: bool, stats: dict | None) -> Iterator[str]:
+def iter_jsonl(path, skip_bad_lines: bool = False, stats: dict | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed row) for every non-empty line of a .jsonl (or .jsonl.gz) file: THE jsonl
+    reader (documents, SFT conversations, evaluate.py's benchmark files). A line that is not JSON
+    is a DataError naming file:line, or skipped and counted in stats["bad_lines"]."""
+    path = Path(path)
     before = _BAD_UTF8[0]
-    n = 0
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                if skip_bad_lines:
-                    _bump(stats, "bad_lines")
+    try:
+        f = gzip.open(path, "rt", encoding="utf-8", errors="fishai-count") if path.suffix == ".gz" else _open_text(path)
+        with f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
                     continue
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix the line or pass --skip-bad-lines") from None
-            text = row.get(text_key) if isinstance(row, dict) else None
-            if text is None and _is_chat_row(row):
                 try:
-                    text = ChatDocument(normalize_conversation(row))
-                except DataError as e:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
                     if not skip_bad_lines:
-                        raise DataError(f"{path}:{lineno}: {e}; fix the line or pass --skip-bad-lines") from None
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix the line or pass "
+                                        "--skip-bad-lines") from None
                     _bump(stats, "bad_lines")
-                    continue
-            if not isinstance(text, str):
-                if skip_bad_lines:
-                    _bump(stats, "bad_lines")
-                    continue
-                what = "is not a JSON object" if not isinstance(row, dict) else (
-                    f"has no string field '{text_key}' (keys: {', '.join(list(row)[:8])})")
-                raise DataError(f"{path}:{lineno}: line {what}; pass --text-key KEY or --skip-bad-lines")
-            if text.strip():
-                n += 1
-                yield text
-    _bump(stats, "bad_utf8_bytes", _BAD_UTF8[0] - before)
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path}: cannot read it as gzipped JSON lines ({type(e).__name__})") from None
+    finally:
+        _bump(stats, "bad_utf8_bytes", _BAD_UTF8[0] - before)
+
+
+def _iter_jsonl(path: Path, text_key: str, skip_bad_lines: bool, stats: dict | None) -> Iterator[str]:
+    n = 0
+    for lineno, row in iter_jsonl(path, skip_bad_lines, stats):
+        text = row.get(text_key) if isinstance(row, dict) else None
+        if text is None and _is_chat_row(row):
+            try:
+                text = ChatDocument(normalize_conversation(row))
+            except DataError as e:
+                if not skip_bad_lines:
+                    raise DataError(f"{path}:{lineno}: {e}; fix the line or pass --skip-bad-lines") from None
+                _bump(stats, "bad_lines")
+                continue
+        if not isinstance(text, str):
+            if skip_bad_lines:
+                _bump(stats, "bad_lines")
+                continue
+            what = "is not a JSON object" if not isinstance(row, dict) else (
+                f"has no string field '{text_key}' (keys: {', '.join(list(row)[:8])})")
+            raise DataError(f"{path}:{lineno}: line {what}; pass --text-key KEY or --skip-bad-lines")
+        if text.strip():
+            n += 1
+            yield text
     if n == 0:
         _bump(stats, "empty_files")
 
@@ -1374,18 +1388,13 @@ def read_sft_jsonl(path, skip_bad_lines: bool = False, stats: dict | None = None
     if not path.is_file():
         raise DataError(f"{path}: SFT data file not found")
     convs = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                convs.append(normalize_conversation(json.loads(line)))
-            except (json.JSONDecodeError, DataError) as e:
-                if skip_bad_lines:
-                    _bump(stats, "bad_lines")
-                    continue
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-                raise DataError(f"{path}:{lineno}: {msg}; fix the line or pass --skip-bad-lines") from None
+    for lineno, row in iter_jsonl(path, skip_bad_lines, stats):
+        try:
+            convs.append(normalize_conversation(row))
+        except DataError as e:
+            if not skip_bad_lines:
+                raise DataError(f"{path}:{lineno}: {e}; fix the line or pass --skip-bad-lines") from None
+            _bump(stats, "bad_lines")
     if not convs:
         raise DataError(f"{path}: no conversations found")
     return convs

@@ -790,21 +790,32 @@ def load_model(path, device="cpu", dtype=None) -> GPT:
 # -----------------------------------------------------------------------------
 # Hugging Face interop (transformers.LlamaForCausalLM, tied embeddings)
 
-_HF_LAYER = {"attn_norm.weight": "input_layernorm.weight", "attn.wq.weight": "self_attn.q_proj.weight",
-             "attn.wk.weight": "self_attn.k_proj.weight", "attn.wv.weight": "self_attn.v_proj.weight",
-             "attn.wo.weight": "self_attn.o_proj.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
-             "mlp.w_gate.weight": "mlp.gate_proj.weight", "mlp.w_up.weight": "mlp.up_proj.weight",
-             "mlp.w_down.weight": "mlp.down_proj.weight"}
+# our tensor name -> (its transformers LlamaForCausalLM name, its llama.cpp GGUF name); the layer
+# tensors are "layers.{i}.<key>" on our side. One table, so the HF and GGUF exports cannot drift apart.
+_TENSOR_NAMES = {
+    "tok_emb.weight": ("model.embed_tokens.weight", "token_embd.weight"),
+    "norm.weight": ("model.norm.weight", "output_norm.weight"),
+    "attn_norm.weight": ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    "attn.wq.weight": ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    "attn.wk.weight": ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    "attn.wv.weight": ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    "attn.wo.weight": ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    "mlp_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    "mlp.w_gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    "mlp.w_up.weight": ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    "mlp.w_down.weight": ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+}
+
+
+def external_name(name: str, fmt: str = "hf") -> str:
+    """Our tensor name -> the name transformers ("hf") or llama.cpp ("gguf") gives it."""
+    i, key = (name.split(".", 2)[1:] if name.startswith("layers.") else (None, name))
+    return _TENSOR_NAMES[key][0 if fmt == "hf" else 1].format(i=i)
 
 
 def hf_name(name: str) -> str:
     """Our tensor name -> the LlamaForCausalLM one."""
-    if name == "tok_emb.weight":
-        return "model.embed_tokens.weight"
-    if name == "norm.weight":
-        return "model.norm.weight"
-    _, i, rest = name.split(".", 2)
-    return f"model.layers.{i}.{_HF_LAYER[rest]}"
+    return external_name(name, "hf")
 
 
 def hf_config(config: ModelConfig, tokenizer=None):

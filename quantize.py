@@ -866,20 +866,6 @@ def model_card(gpt, source, out, dtype_label: str, record: dict | None) -> str:
 
 GGUF_FILE_TYPES = {"fp32": "ALL_F32", "fp16": "MOSTLY_F16", "int8": "MOSTLY_Q8_0", "int4": "MOSTLY_Q4_0",
                    "mixed": "MOSTLY_Q4_0"}
-_GGUF_LAYER = {"attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight",
-               "attn.wk.weight": "attn_k.weight", "attn.wv.weight": "attn_v.weight",
-               "attn.wo.weight": "attn_output.weight", "mlp_norm.weight": "ffn_norm.weight",
-               "mlp.w_gate.weight": "ffn_gate.weight", "mlp.w_up.weight": "ffn_up.weight",
-               "mlp.w_down.weight": "ffn_down.weight"}
-
-
-def _gguf_name(name: str) -> str:
-    if name == "tok_emb.weight":
-        return "token_embd.weight"
-    if name == "norm.weight":
-        return "output_norm.weight"
-    _, i, rest = name.split(".", 2)
-    return f"blk.{i}.{_GGUF_LAYER[rest]}"
 
 
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -974,7 +960,7 @@ def _gguf_tensor(name: str, w: torch.Tensor, config, strategy: str):
     qtype = getattr(gguf.GGMLQuantizationType, tname)
     data = gguf.quants.quantize(np.ascontiguousarray(w.numpy()), qtype)
     deq = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float32))
-    row = {"name": name, "gguf_name": _gguf_name(name), "qtype": tname, "fallback": note,
+    row = {"name": name, "gguf_name": fishai.external_name(name, "gguf"), "qtype": tname, "fallback": note,
            "shape": list(w.shape), "params": w.numel(), "bytes": int(data.nbytes),
            "bits_per_weight": 8.0 * data.nbytes / w.numel(), **quant_error(w, deq)}
     return data, (None if tname in ("F32", "F16") else qtype), row
@@ -1007,7 +993,7 @@ def read_gguf_state(path, config) -> dict:
     by_name = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     out = {}
     for name, shape in fishai.param_shapes(config).items():
-        t = by_name[_gguf_name(name)]
+        t = by_name[fishai.external_name(name, "gguf")]
         arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
         heads = _rope_heads(name, config)
