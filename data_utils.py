@@ -333,6 +333,14 @@ def _silent_unlink(path) -> None:
         pass
 
 
+def _follow_umask(root: Path) -> None:
+    """mkdtemp makes 0700 and some writers (safetensors) 0600: give the directory and every file
+    in it the permissions the user's umask gives new ones."""
+    mask = _umask()
+    for p in [root, *root.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out, overwrite: bool = False, flag: str = "--output"):
     """Build a directory atomically: yield an empty temp dir beside `out`; when the block ends
@@ -349,7 +357,7 @@ def atomic_dir(out, overwrite: bool = False, flag: str = "--output"):
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        _follow_umask(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
             os.replace(out, old / "d")
@@ -2102,6 +2110,12 @@ def _input_bytes(sources) -> int | None:
     None when a source is a stream (hf:, python-docs, an iterable) whose size is unknown."""
     total = 0
     for s in sources:
+        if isinstance(s, (list, tuple)):
+            sub = _input_bytes(s)
+            if sub is None:
+                return None
+            total += sub
+            continue
         if not isinstance(s, (str, os.PathLike)) or str(s) == "python-docs" or str(s).startswith("hf:"):
             return None
         try:

@@ -708,3 +708,12 @@ def test_tokenize_documents_from_files_and_memory(tiny_tokenizer, text_file):
     assert from_list["val"].tolist() == expect_val and len(from_list["train"]) > 5 * len(expect_val)
     capped = du.tokenize_documents(docs, tiny_tokenizer, max_tokens=2000, show_progress=False)
     assert 1500 <= len(capped["train"]) + len(capped["val"]) <= 4000  # the target is estimated per document
+
+
+def test_prepare_progress_shows_percent_and_time_left(tiny_tokenizer_dir, corpus_dir, tmp_path, capsys):
+    """Input sizes are known for local files, so the bar has a total: percent and time left."""
+    du.prepare([corpus_dir], tiny_tokenizer_dir, tmp_path / "data", show_progress=True, log=None)
+    err = capsys.readouterr().err
+    assert "100%" in err and "<00:00" in err  # tqdm's "[elapsed<left]" needs a total
+    assert du._input_bytes([corpus_dir]) == sum(p.stat().st_size for p in corpus_dir.iterdir())
+    assert du._input_bytes(["python-docs"]) is None  # a stream: no total, no percent

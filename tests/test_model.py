@@ -444,3 +444,18 @@ def test_cuda_compiled_forward_and_decode_step_match_eager():
     expected = m.generate(x[:, :8], 16, temperature=0)
     m.compile_decode(2)
     assert torch.equal(m.generate(x[:, :8], 16, temperature=0), expected)
+
+
+def test_written_files_follow_the_umask(tmp_path, tiny_model):
+    """Checkpoints, HF exports and their directories get the permissions the user's umask gives
+    (the temp-file-then-rename writer used to leave them 0600)."""
+    from model import save_checkpoint, save_hf
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "c.pt", tiny_model)
+        save_hf(tiny_model, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "c.pt", tmp_path / "hf", *(tmp_path / "hf").iterdir()]}
+    assert modes.pop("hf") == 0o755 and set(modes.values()) == {0o644}, modes
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(modes)
