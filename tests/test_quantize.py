@@ -486,6 +486,45 @@ def test_llama_cpp_token_ids_are_ours(llama_ggufs, tiny_tokenizer, training_text
             assert llm.tokenize(raw) == tok.encode(text)             # add_bos_token is false: no BOS added
             ids = tok.encode(text, allow_special=True)
             assert llm.detokenize(ids, special=True) == tok.decode(ids).encode("utf-8"), (strategy, text[:60])
+    # random strings over the characters where pre-tokenizers disagree: every kind of whitespace,
+    # digits and letters of other scripts, marks, emoji with modifiers and joiners, control strings
+    pool = (list("aZ09 .,;!?'\"-_()[]{}<>|/\\@#$%^&*+=~`") + list("\t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2028"
+            "\u2029\u202f\u3000\u200b\u200d\ufeff") + list("٣३３①²½Ⅻ〇éßЖΩשعहि漢字かカ한ไ\u0301\u20e3\ufe0f")
+            + ["🐟", "👍🏽", "👨‍👩‍👧", "€", "…", "\U0001d400", "\ue000", "\x00", "\x7f", "'s", "'LL", "<|im_end|>",
+               "<|endoftext|>"])
+    rng = np.random.default_rng(0)
+    llm = llama_ggufs["fp16"]
+    for _ in range(300):
+        text = "".join(rng.choice(pool, size=rng.integers(1, 40)))
+        for special in (False, True):
+            assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=special) == \
+                tok.encode(text, allow_special=special), (special, text)
+
+
+def test_llama_cpp_matches_a_non_special_added_token(tiny_tokenizer, tmp_path):
+    """An added token that is not special (USER_DEFINED in the file) is matched in any text, by both."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING, exc_type=ImportError)
+    from data_utils import TextTokenizer
+    from model import GPT, ModelConfig
+    tj = json.loads(tiny_tokenizer.to_dict()["tokenizer_json"])
+    new_id = tiny_tokenizer.vocab_size
+    tj["added_tokens"].append({"id": new_id, "content": " fish food", "single_word": False, "lstrip": False,
+                               "rstrip": False, "normalized": False, "special": False})
+    tok = TextTokenizer(json.dumps(tj), tiny_tokenizer.config)
+    m = GPT(ModelConfig(vocab_size=new_id + 64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=192,
+                        max_seq_len=128))
+    m.tokenizer = tok
+    out = tmp_path / "added.gguf"
+    Q.export_gguf(m, out, "fp16", progress=False)
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    try:
+        for text in ("a fish food b", "<|im_end|> fish food", "fish food"):
+            for special in (False, True):
+                ids = tok.encode(text, allow_special=special)
+                assert llm.tokenize(text.encode(), add_bos=False, special=special) == ids, (text, special)
+        assert tok.encode("a fish food")[-1] == new_id and llm.detokenize([new_id]) == b" fish food"
+    finally:
+        llm.close()
 
 
 def test_llama_cpp_reads_our_special_tokens_context_and_chat_template(llama_ggufs, tiny_tokenizer, tiny_config):
@@ -591,6 +630,30 @@ def test_llama_cpp_chat_completion_uses_our_chatml(llama_ggufs, tiny_tokenizer):
     r = llm.create_chat_completion(msgs, max_tokens=1, temperature=0.0)
     rendered = tok.encode(render_chatml(msgs, add_generation_prompt=True), allow_special=True)
     assert r["usage"]["prompt_tokens"] == len(rendered) < len(tok.encode_chat(msgs, add_generation_prompt=True)[0])
+
+
+def test_gguf_without_a_tokenizer_still_loads_in_llama_cpp(tiny_model, tmp_path):
+    """A model with no tokenizer embedded gets tokenizer.ggml.model "none": llama.cpp refuses a file
+    without one, and loads this one for token-id input."""
+    import gguf
+    m = type(tiny_model)(tiny_model.config).eval()
+    m.load_state_dict(tiny_model.state_dict())
+    assert m.tokenizer is None
+    out = tmp_path / "no-tokenizer.gguf"
+    Q.export_gguf(m, out, "fp16", progress=False)
+    f = gguf.GGUFReader(str(out)).fields
+    assert f["tokenizer.ggml.model"].contents() == "none" and "tokenizer.ggml.tokens" not in f
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING, exc_type=ImportError)
+    llm = llama_cpp.Llama(str(out), n_ctx=128, n_threads=1, logits_all=True, verbose=False)
+    try:
+        ids = [5, 17, 99, 300, 4]
+        llm.eval(ids)
+        with torch.no_grad():
+            ours = m(torch.tensor([ids]))[0][0].numpy()
+        assert llm.n_vocab() == m.config.vocab_size
+        assert float(np.abs(np.asarray(llm.scores[:len(ids)]) - ours).max()) < GGUF_LOGIT_TOL["fp16"]
+    finally:
+        llm.close()
 
 
 def test_eval_data_specs(shared_data, tmp_path):
