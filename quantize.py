@@ -902,6 +902,8 @@ def gguf_plan(name: str, shape, strategy: str) -> tuple[str, str | None]:
 
 
 def _gguf_metadata(writer, config, strategy: str) -> None:
+    """The llama-architecture hyperparameters. RoPE: plain (no scaling) over the whole head with
+    our rope_theta; llama.cpp's llama RoPE rotates interleaved pairs, hence the Q/K row permutation."""
     import gguf
     writer.add_name("FishAI")
     writer.add_context_length(config.max_seq_len)
@@ -915,35 +917,58 @@ def _gguf_metadata(writer, config, strategy: str) -> None:
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(getattr(gguf.LlamaFileType, GGUF_FILE_TYPES[strategy])))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _gguf_tokenizer(writer, tokenizer, vocab_size: int):
+# llama.cpp's name for GPT-2's pre-tokenizer regex, which is exactly what our tokenizer splits with
+# (tokenizers' ByteLevel(use_regex=True)). "default" would split digits in threes and punctuation
+# apart ("1892" -> "189" "2"), so llama.cpp users got other ids than training used.
+GGUF_PRE_TOKENIZER = "gpt-2"
+
+
+def _gguf_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) in the form llama.cpp's "gpt2" (byte-level BPE) tokenizer reads:
+    BPE pieces in their byte-level spelling as NORMAL; special added tokens as CONTROL (llama.cpp
+    parses them only with parse_special, as our encode does only with allow_special); other added
+    tokens as USER_DEFINED (always matched, in HF tokenizers too); the ids past the tokenizer's
+    vocabulary (the model rounds it up to a multiple of 64) as UNUSED placeholders."""
     import gguf
     tj = json.loads(tokenizer.to_dict()["tokenizer_json"])
-    vocab = dict(tj["model"]["vocab"])
-    special = set()
-    for t in tj.get("added_tokens", []):
-        vocab[t["content"]] = t["id"]
-        if t.get("special"):
-            special.add(t["id"])
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [gguf.TokenType.UNUSED] * vocab_size
-    for tok, i in vocab.items():
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    for tok, i in tj["model"]["vocab"].items():
         if i < vocab_size:
-            tokens[i] = tok
-            types[i] = gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+            tokens[i], types[i] = tok, int(gguf.TokenType.NORMAL)
+    for t in tj.get("added_tokens", []):
+        if t["id"] < vocab_size:
+            tokens[t["id"]] = t["content"]
+            types[t["id"]] = int(gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
+    return tokens, types, merges
+
+
+def _gguf_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """The tokenizer as llama.cpp needs it to give exactly our ids, stop where we stop and render our
+    chat template (tested against llama-cpp-python in tests/test_quantize.py)."""
+    tokens, types, merges = _gguf_vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")             # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     if tokenizer.eos_id is not None:
         writer.add_eos_token_id(tokenizer.eos_id)
-        writer.add_bos_token_id(tokenizer.eos_id)   # GPT-2 style: <|endoftext|> is both
+        # <|endoftext|> separates the training documents, so it is also what may precede one
+        # (GPT-2 style); without a BOS id llama.cpp would assume id 11
+        writer.add_bos_token_id(tokenizer.eos_id)
+    if tokenizer.im_end_id is not None:
+        # end of a chat turn; llama.cpp would otherwise guess it from the token texts
+        writer.add_eot_token_id(tokenizer.im_end_id)
     if tokenizer.pad_id is not None:
         writer.add_pad_token_id(tokenizer.pad_id)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(False)                 # we never add BOS or EOS to a text
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
@@ -975,6 +1000,8 @@ def export_gguf(gpt, out_path, strategy: str, progress: bool = True) -> list[dic
         _gguf_metadata(writer, gpt.config, strategy)
         if gpt.tokenizer is not None:
             _gguf_tokenizer(writer, gpt.tokenizer, gpt.config.vocab_size)
+        else:                                       # llama.cpp loads it for token-id input only
+            writer.add_tokenizer_model("none")
         for name, w in tqdm(gpt.state_dict().items(), desc="gguf", unit="tensor", disable=not progress):
             data, raw_dtype, row = _gguf_tensor(name, w, gpt.config, strategy)
             writer.add_tensor(row["gguf_name"], data, raw_dtype=raw_dtype)

@@ -400,6 +400,262 @@ def test_llama_cpp_permutation_round_trip():
     assert torch.equal(Q.llama_cpp_unpermute(p, 2), w)
 
 
+def test_gguf_tokenizer_metadata(tiny_model, tiny_tokenizer, tmp_path):
+    """What llama.cpp reads to tokenize, stop and chat like us (the gguf reader: runs without llama.cpp)."""
+    import gguf
+    from data_utils import SPECIAL_TOKENS
+    out = tmp_path / "m.gguf"
+    Q.export_gguf(tiny_model, out, "fp16", progress=False)
+    f = gguf.GGUFReader(str(out)).fields
+    kv = {k: f[k].contents() for k in f if not k.startswith("GGUF.")}
+    tok, c = tiny_tokenizer, tiny_model.config
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (tok.eos_id, tok.eos_id)
+    assert kv["tokenizer.ggml.eot_token_id"] == tok.im_end_id
+    assert kv["tokenizer.ggml.padding_token_id"] == tok.pad_id
+    assert kv["tokenizer.ggml.add_bos_token"] is False and kv["tokenizer.ggml.add_eos_token"] is False
+    assert kv["tokenizer.ggml.add_space_prefix"] is False
+    assert kv["tokenizer.chat_template"] == tok.chat_template
+    assert kv["llama.context_length"] == c.max_seq_len and kv["llama.rope.dimension_count"] == c.head_dim
+    assert kv["llama.rope.freq_base"] == c.rope_theta and "llama.rope.scaling.type" not in kv
+    assert kv["general.quantization_version"] == gguf.GGML_QUANT_VERSION
+    # ids -> pieces exactly as our tokenizer spells them (byte-level), merges in rank order
+    backend = tok.backend
+    assert kv["tokenizer.ggml.tokens"] == [backend.id_to_token(i) for i in range(c.vocab_size)]
+    tj = json.loads(tok.to_dict()["tokenizer_json"])
+    assert kv["tokenizer.ggml.merges"] == [" ".join(m) for m in tj["model"]["merges"]]
+    types = kv["tokenizer.ggml.token_type"]
+    assert types[:len(SPECIAL_TOKENS)] == [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS)
+    assert set(types[len(SPECIAL_TOKENS):]) == {gguf.TokenType.NORMAL}
+    # the model's vocabulary is the tokenizer's rounded up to 64: the extra ids are unused placeholders
+    tokens, types, _ = Q._gguf_vocab(tok, tok.vocab_size + 64)
+    assert tokens[tok.vocab_size:] == [f"[PAD{i}]" for i in range(tok.vocab_size, tok.vocab_size + 64)]
+    assert set(types[tok.vocab_size:]) == {gguf.TokenType.UNUSED}
+
+
+# The same GGUF files in the real llama.cpp (llama-cpp-python): skipped when it is not installed.
+# Verified with llama-cpp-python 0.3.36 and gguf 0.19.0.
+
+LLAMA_CPP_MISSING = ("llama-cpp-python is not installed: `pip install llama-cpp-python` (it compiles "
+                     "llama.cpp, ~6 minutes on 2 cores) to test the GGUF export in the real llama.cpp")
+GGUF_SAMPLES = [
+    "In 1892 the town had 12,345 people; by 2024, 3.5 million (+28.6%)!!! Really...?",
+    "def area(r: float) -> float:\n    return 3.14159 * r ** 2  # circle\n\n\tif a != b: print(f'{a!r}')\n",
+    "你好，世界！这是一个测试。北京2008年奥运会。",
+    "fish 🐟 party 🎉 thumbs 👍🏽 family 👨‍👩‍👧 ½ ² ٣ ３",
+    "   leading, inner   runs,\ttabs\t\tand trailing   \n\n\n  \r\n",
+    "It's we'll they've I'M DON'T o'clock",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|><|pad|> plain <|im_end",
+    "café naïve µ Ω ℌ𝔢𝔩𝔩𝔬 ﬁ \u00a0nbsp\u3000ideographic\u2028line",
+    "", " ", "\n", "0 00 000 0000 123456789",
+]
+# max |llama.cpp - ours| over the logits (their std is ~3 on the trained fixture). llama.cpp keeps
+# its KV cache in F16 (so even ALL_F32 is not exact), and for Q8_0/Q4_0 weights it also rounds the
+# activations to Q8_0: measured 0.001 (F32), 0.004 (F16), 0.07 (Q8_0), 0.6 (Q4_0), 0.4 (mixed).
+GGUF_LOGIT_TOL = {"fp32": 0.01, "fp16": 0.02, "int8": 0.25, "int4": 1.5, "mixed": 1.5}
+GGUF_ACTIVATION_TOL = 0.15       # measured <= 0.06 against our model run on the file's own weights
+
+
+@pytest.fixture(scope="module")
+def llama_ggufs(trained_ckpt, tmp_path_factory):
+    """{strategy: llama_cpp.Llama} of the trained tiny model, exported by `quantize.py --format gguf`."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING, exc_type=ImportError)
+    d = tmp_path_factory.mktemp("gguf-llama-cpp")
+    models = {}
+    for strategy in GGUF_LOGIT_TOL:
+        path = d / f"tiny-{strategy}.gguf"
+        Q.run(_args(model=str(trained_ckpt), output=str(path), format="gguf", strategy=strategy))
+        models[strategy] = llama_cpp.Llama(str(path), n_ctx=128, n_batch=128, n_threads=1, logits_all=True,
+                                           verbose=False)
+    yield models
+    for llm in models.values():
+        llm.close()
+
+
+def test_llama_cpp_token_ids_are_ours(llama_ggufs, tiny_tokenizer, training_texts):
+    tok = tiny_tokenizer
+    texts = GGUF_SAMPLES + training_texts[:100]
+    for strategy, llm in llama_ggufs.items():
+        for text in texts:
+            raw = text.encode("utf-8")
+            # special=False keeps "<|im_end|>" typed in text as text, like our encode; special=True
+            # parses it as the control token, like encode(allow_special=True)
+            for special in (False, True):
+                ids = tok.encode(text, allow_special=special)
+                assert llm.tokenize(raw, add_bos=False, special=special) == ids, (strategy, special, text[:60])
+            assert llm.tokenize(raw) == tok.encode(text)             # add_bos_token is false: no BOS added
+            ids = tok.encode(text, allow_special=True)
+            assert llm.detokenize(ids, special=True) == tok.decode(ids).encode("utf-8"), (strategy, text[:60])
+    # random strings over the characters where pre-tokenizers disagree: every kind of whitespace,
+    # digits and letters of other scripts, marks, emoji with modifiers and joiners, control strings
+    pool = (list("aZ09 .,;!?'\"-_()[]{}<>|/\\@#$%^&*+=~`") + list("\t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2028"
+            "\u2029\u202f\u3000\u200b\u200d\ufeff") + list("٣३３①²½Ⅻ〇éßЖΩשعहि漢字かカ한ไ\u0301\u20e3\ufe0f")
+            + ["🐟", "👍🏽", "👨‍👩‍👧", "€", "…", "\U0001d400", "\ue000", "\x00", "\x7f", "'s", "'LL", "<|im_end|>",
+               "<|endoftext|>"])
+    rng = np.random.default_rng(0)
+    llm = llama_ggufs["fp16"]
+    for _ in range(300):
+        text = "".join(rng.choice(pool, size=rng.integers(1, 40)))
+        for special in (False, True):
+            assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=special) == \
+                tok.encode(text, allow_special=special), (special, text)
+
+
+def test_llama_cpp_matches_a_non_special_added_token(tiny_tokenizer, tmp_path):
+    """An added token that is not special (USER_DEFINED in the file) is matched in any text, by both."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING, exc_type=ImportError)
+    from data_utils import TextTokenizer
+    from model import GPT, ModelConfig
+    tj = json.loads(tiny_tokenizer.to_dict()["tokenizer_json"])
+    new_id = tiny_tokenizer.vocab_size
+    tj["added_tokens"].append({"id": new_id, "content": " fish food", "single_word": False, "lstrip": False,
+                               "rstrip": False, "normalized": False, "special": False})
+    tok = TextTokenizer(json.dumps(tj), tiny_tokenizer.config)
+    m = GPT(ModelConfig(vocab_size=new_id + 64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=192,
+                        max_seq_len=128))
+    m.tokenizer = tok
+    out = tmp_path / "added.gguf"
+    Q.export_gguf(m, out, "fp16", progress=False)
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    try:
+        for text in ("a fish food b", "<|im_end|> fish food", "fish food"):
+            for special in (False, True):
+                ids = tok.encode(text, allow_special=special)
+                assert llm.tokenize(text.encode(), add_bos=False, special=special) == ids, (text, special)
+        assert tok.encode("a fish food")[-1] == new_id and llm.detokenize([new_id]) == b" fish food"
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_reads_our_special_tokens_context_and_chat_template(llama_ggufs, tiny_tokenizer, tiny_config):
+    import ctypes
+    import llama_cpp
+    from data_utils import render_chatml
+    tok = tiny_tokenizer
+    for llm in llama_ggufs.values():
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        assert llm.token_bos() == llm.token_eos() == tok.eos_id
+        assert llama_cpp.llama_vocab_eot(vocab) == tok.im_end_id and llama_cpp.llama_vocab_pad(vocab) == tok.pad_id
+        assert not llama_cpp.llama_vocab_get_add_bos(vocab) and not llama_cpp.llama_vocab_get_add_eos(vocab)
+        # generation ends on <|endoftext|> and on <|im_end|> (end of an assistant turn), not on the others
+        assert [i for i in range(8) if llama_cpp.llama_vocab_is_eog(vocab, i)] == sorted([tok.eos_id, tok.im_end_id])
+        assert llama_cpp.llama_model_n_ctx_train(llm.model) == tiny_config.max_seq_len
+        assert llm.n_vocab() == tiny_config.vocab_size
+        assert float(llm.metadata["llama.rope.freq_base"]) == tiny_config.rope_theta
+    # llama.cpp's built-in template engine (llama-cli, llama-server without --jinja) renders our ChatML
+    llm = llama_ggufs["fp16"]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Bye"}]
+    chat = (llama_cpp.llama_chat_message * len(msgs))(
+        *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in msgs])
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(llama_cpp.llama_model_chat_template(llm.model, None), chat, len(msgs),
+                                            True, buf, len(buf))
+    assert buf.raw[:n].decode("utf-8") == render_chatml(msgs, add_generation_prompt=True)
+
+
+def test_llama_cpp_logits_match_ours(llama_ggufs, trained_ckpt, tiny_tokenizer):
+    ref = load_model(trained_ckpt)
+    ids = tiny_tokenizer.encode(" ".join(GGUF_SAMPLES))[:120]
+    with torch.no_grad():
+        ours = ref(torch.tensor([ids]))[0][0].numpy()
+    for strategy, llm in llama_ggufs.items():
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)])
+        err = float(np.abs(theirs - ours).max())
+        assert err < GGUF_LOGIT_TOL[strategy], (strategy, err)
+        # against our model run on the file's own (dequantized) weights only llama.cpp's F16 KV cache
+        # and Q8_0 activations remain: the quantized files are computed right, not just roughly
+        m = type(ref)(ref.config).eval()
+        m.load_state_dict(Q.read_gguf_state(llm.model_path, ref.config))
+        with torch.no_grad():
+            same_weights = m(torch.tensor([ids]))[0][0].numpy()
+        assert float(np.abs(theirs - same_weights).max()) < GGUF_ACTIVATION_TOL, strategy
+
+
+def _llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """llama.cpp's greedy continuation of ids, up to n tokens, ending at an end-of-generation token."""
+    import llama_cpp
+    vocab, out = llama_cpp.llama_model_get_vocab(llm.model), []
+    for t in llm.generate(ids, temp=0.0, reset=True):
+        if llama_cpp.llama_vocab_is_eog(vocab, t) or len(out) == n:
+            break
+        out.append(t)
+    return out
+
+
+def test_llama_cpp_greedy_text_is_ours(llama_ggufs, trained_ckpt, tiny_tokenizer):
+    """F16 greedy decoding in llama.cpp picks our model's greedy tokens. A weak tiny model has
+    near-ties: where our own top two logits are closer than twice the proven logit error, either pick is
+    right, so every step is checked against that bound and a continuation without such a tie must be
+    identical, text included (create_completion, the path a llama-cpp-python user calls)."""
+    ref, tok, n = load_model(trained_ckpt), tiny_tokenizer, 24
+    prompts = ["The album was released on", "It was the best of times,", "def main():\n    ",
+               "In the first season, the team", "The history of the city began in 1892, when"]
+    llm, tie, identical = llama_ggufs["fp16"], 2 * GGUF_LOGIT_TOL["fp16"], 0
+    for prompt in prompts:
+        ids = tok.encode(prompt)
+        theirs = _llama_cpp_greedy(llm, ids, n)
+        with torch.no_grad():
+            logits = ref(torch.tensor([ids + theirs]))[0][0, len(ids) - 1:]
+            ours = ref.generate(torch.tensor([ids]), n, temperature=0.0)[0, len(ids):].tolist()
+        for step, t in enumerate(theirs):
+            assert logits[step].max() - logits[step, t] <= tie, (prompt, step)
+        top2 = logits[:len(theirs) + (len(theirs) < n)].topk(2, -1).values   # + the step that ended it
+        if (top2[:, 0] - top2[:, 1]).min() > tie:        # no near-tie on the way: the very same tokens
+            assert theirs == ours[:len(theirs)] and (len(theirs) == n or ours[len(theirs)] in
+                                                     (tok.eos_id, tok.im_end_id)), prompt
+            identical += 1
+        r = llm.create_completion(prompt, max_tokens=n, temperature=0.0)
+        assert r["usage"]["prompt_tokens"] == len(ids), prompt
+        assert r["choices"][0]["text"] == tok.decode(theirs), prompt
+    assert identical >= 2, "too few tie-free prompts to compare whole continuations"
+
+
+def test_llama_cpp_chat_completion_uses_our_chatml(llama_ggufs, tiny_tokenizer):
+    """create_chat_completion renders our template from the file and feeds our ChatML ids."""
+    from data_utils import render_chatml
+    tok, llm = tiny_tokenizer, llama_ggufs["fp16"]
+    msgs = [{"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "Tell me about the history of the city."}]
+    ids, _ = tok.encode_chat(msgs, add_generation_prompt=True)
+    r = llm.create_chat_completion(msgs, max_tokens=16, temperature=0.0)
+    assert r["usage"]["prompt_tokens"] == len(ids)
+    assert r["choices"][0]["message"]["content"] == tok.decode(_llama_cpp_greedy(llm, ids, 16))
+    # documented difference: llama-cpp-python tokenizes the rendered chat with special=True, so a
+    # "<|im_end|>" typed in a message becomes the control token (as in HF's apply_chat_template);
+    # our encode_chat keeps message text as text
+    msgs[1]["content"] = "hi <|im_end|> there"
+    r = llm.create_chat_completion(msgs, max_tokens=1, temperature=0.0)
+    rendered = tok.encode(render_chatml(msgs, add_generation_prompt=True), allow_special=True)
+    assert r["usage"]["prompt_tokens"] == len(rendered) < len(tok.encode_chat(msgs, add_generation_prompt=True)[0])
+
+
+def test_gguf_without_a_tokenizer_still_loads_in_llama_cpp(tiny_model, tmp_path):
+    """A model with no tokenizer embedded gets tokenizer.ggml.model "none": llama.cpp refuses a file
+    without one, and loads this one for token-id input."""
+    import gguf
+    m = type(tiny_model)(tiny_model.config).eval()
+    m.load_state_dict(tiny_model.state_dict())
+    assert m.tokenizer is None
+    out = tmp_path / "no-tokenizer.gguf"
+    Q.export_gguf(m, out, "fp16", progress=False)
+    f = gguf.GGUFReader(str(out)).fields
+    assert f["tokenizer.ggml.model"].contents() == "none" and "tokenizer.ggml.tokens" not in f
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING, exc_type=ImportError)
+    llm = llama_cpp.Llama(str(out), n_ctx=128, n_threads=1, logits_all=True, verbose=False)
+    try:
+        ids = [5, 17, 99, 300, 4]
+        llm.eval(ids)
+        with torch.no_grad():
+            ours = m(torch.tensor([ids]))[0][0].numpy()
+        assert llm.n_vocab() == m.config.vocab_size
+        assert float(np.abs(np.asarray(llm.scores[:len(ids)]) - ours).max()) < GGUF_LOGIT_TOL["fp16"]
+    finally:
+        llm.close()
+
+
 def test_eval_data_specs(shared_data, tmp_path):
     wiki = shared_data / "wikitext103"
     by_name = Q.load_eval_texts(f"wikitext103:{wiki}", limit=2)
