@@ -15,18 +15,20 @@ import evaluate as ev
 # helpers
 
 class FakeLM:
-    """A byte-level LM with uniform logits: lets prompt construction be tested exactly, fast."""
+    """A byte-level LM with uniform logits: lets prompt construction be tested exactly, fast. It is its
+    own tokenizer (byte 0 is EOS, the one special token)."""
 
     def __init__(self, max_seq_len=100_000):
-        self.name, self.device, self.max_seq_len = "fake", "cpu", max_seq_len
+        self.name, self.device, self.max_seq_len, self.kind = "fake", "cpu", max_seq_len, "fishai"
         self.eos_id = self.begin_id = 0
         self.vocab_size = 256
+        self.tokenizer = self
 
     def encode(self, text):
         return list(text.encode("utf-8"))
 
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
+    def decode(self, ids, skip_special=False):
+        return bytes(i for i in ids if not (skip_special and i == 0)).decode("utf-8", errors="replace")
 
     def logits(self, idx):
         return torch.zeros(*idx.shape, self.vocab_size)
@@ -177,13 +179,21 @@ def test_ceval_prompt_and_fewer_shots_when_context_is_short(shared_data):
     sub = {"computer_network": data["computer_network"]}
     res, log = ev.run_mmlu_like(ev.Scorer(FakeLM(), progress=False), "ceval", sub, 5, 2)
     p = log[0]["prompt"]
-    assert p.startswith("以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n")
+    # ceval-valid_computer_network.yaml's description (no "考试")
+    assert p.startswith("以下是中国关于计算机网络的单项选择题，请选出其中的正确答案。\n\n")
     assert p.count("\n答案：") == 6 and p.endswith("\n答案：") and res["fewshot_reduced"] == 0
-    assert res["categories"] == {"STEM": {"acc": res["acc"], "acc_norm": res["acc_norm"], "n": 2}}
-    # a 300-byte window: fewer shots, and with 0 shots still too long -> counted as truncated
-    res2, log2 = ev.run_mmlu_like(ev.Scorer(FakeLM(300), progress=False), "ceval", sub, 5, 2)
+    assert res["categories"] == {"STEM": {"acc": res["acc"], "acc_stderr": res["acc_stderr"],
+                                          "acc_norm": res["acc_norm"], "acc_norm_stderr": res["acc_norm_stderr"],
+                                          "n": 2}}
+    # a 300-byte window: by default (the harness's rule) all 5 shots stay and the oldest tokens are cut
+    res1, log1 = ev.run_mmlu_like(ev.Scorer(FakeLM(300), progress=False), "ceval", sub, 5, 2)
+    assert [r["prompt"] for r in log1] == [r["prompt"] for r in log]
+    assert res1["truncated"] == 2 and res1["fewshot_reduced"] == 0 and res1["num_fewshot"] == 5
+    # --drop-shots: fewer shots, and with 0 shots still too long -> counted as truncated
+    res2, log2 = ev.run_mmlu_like(ev.Scorer(FakeLM(300), progress=False), "ceval", sub, 5, 2, drop_shots=True)
     assert res2["fewshot_reduced"] == 2 and log2[0]["prompt"].count("\n答案：") < 6
-    assert all(len(r["prompt"].encode()) + 3 <= 300 or res2["truncated"] for r in log2)
+    assert res2["num_fewshot"] == min(r["num_fewshot"] for r in log2) < 5
+    assert all(len(r["prompt"].encode()) + 1 <= 300 or r["truncated"] for r in log2)
 
 
 # ------------------------------------------------------------------------------------------
@@ -379,8 +389,10 @@ def test_all_benchmarks_end_to_end(trained_ckpt, shared_data, tmp_path, capsys):
         for k, v in r.items():
             if k.startswith(("acc", "exact_match", "pass@")) and "stderr" not in k:
                 assert 0.0 <= v <= 1.0
-    # the 128-token tiny model cannot hold 5-shot prompts: fewer shots, and it says so
-    assert res["mmlu"]["fewshot_reduced"] > 0 and "fewer than 5 shots" in err
+    # the 128-token tiny model cannot hold 5-shot prompts: as in the harness they keep their newest
+    # tokens (no shot is dropped without --drop-shots), and it says so
+    assert res["mmlu"]["truncated"] > 0 and res["mmlu"]["fewshot_reduced"] == 0 and res["mmlu"]["num_fewshot"] == 5
+    assert "lost their oldest tokens" in err
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     by_task = {}
     for r in rows:
@@ -483,15 +495,15 @@ def test_missing_input_files_exit_2(capsys, tmp_path):
 
 
 class GenLM(FakeLM):
-    """FakeLM with a generate() that records what it was asked and answers with a fixed text."""
+    """FakeLM with a generate_ids() that records what it was asked and answers with a fixed text."""
 
     def __init__(self, max_seq_len):
         super().__init__(max_seq_len)
         self.calls = []
 
-    def generate(self, ids, max_new_tokens, temperature=0.0, stop=None, seed=None):
+    def generate_ids(self, ids, max_new_tokens, temperature=0.0, stop=None, seed=None):
         self.calls.append((list(ids), max_new_tokens))
-        return " 42.\n\nQuestion: next one"
+        return self.encode(" 42.\n\nQuestion: next one"), False
 
 
 def test_generate_keeps_the_newest_prompt_tokens_and_cuts_at_stop():
