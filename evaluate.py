@@ -4,8 +4,8 @@ HumanEval, scored exactly as lm-evaluation-harness 0.4.13 scores them (tests/tes
 real harness on the same data and model and compares every metric).
 
 Usage:
-  # 5-shot MMLU from the Hugging Face hub (cais/mmlu)
-  python evaluate.py --model checkpoints/fishai-best.pt --benchmark mmlu
+  # 5-shot MMLU from the Hugging Face hub (cais/mmlu); without --num-fewshot it is 0-shot, as in the harness
+  python evaluate.py --model checkpoints/fishai-best.pt --benchmark mmlu --num-fewshot 5
   # two MMLU subjects and one C-Eval subject, from local copies
   python evaluate.py --model checkpoints/fishai-best.pt --benchmark mmlu,ceval --data-dir ../shared/data \\
       --subjects anatomy,marketing,computer_network
@@ -23,8 +23,8 @@ Usage:
   python evaluate.py --samples samples.jsonl --benchmark humaneval --data-dir data/ --allow-code-execution
 
 Scoring (lm-evaluation-harness 0.4.13's task files mmlu/default, ceval, hellaswag, gsm8k, humaneval):
-  mmlu       5-shot (the first k of the dev split), "question / A. .. D. / Answer:", argmax of
-             log p(" A".." D"); acc per subject, size-weighted per category and overall.
+  mmlu       0-shot by default; k shots are the first k of the dev split; "question / A. .. D. /
+             Answer:", argmax of log p(" A".." D"); acc per subject, size-weighted per category and overall.
   ceval      the same in Chinese (dev shots, val split scored); acc and acc_norm per subject and
              size-weighted overall (and per C-Eval category: STEM, Social Science, Humanities, Other).
   hellaswag  0-shot, the harness's text preprocessing, 4 endings: acc (summed log-likelihood) and
@@ -65,8 +65,10 @@ from pathlib import Path
 import data_utils as du
 
 BENCHMARKS = ("mmlu", "ceval", "hellaswag", "gsm8k", "humaneval")
-# lm-eval 0.4.13: num_fewshot of gsm8k.yaml and humaneval.yaml; mmlu/ceval are run 5-shot, hellaswag 0-shot
-DEFAULT_FEWSHOT = {"mmlu": 5, "ceval": 5, "hellaswag": 0, "gsm8k": 5, "humaneval": 0}
+# lm-eval 0.4.13's defaults: num_fewshot of gsm8k.yaml (5) and humaneval.yaml (0); the mmlu, ceval and
+# hellaswag task files set none, and simple_evaluate then runs 0-shot (the usual "5-shot MMLU" is
+# --num-fewshot 5 in both tools)
+DEFAULT_FEWSHOT = {"mmlu": 0, "ceval": 0, "hellaswag": 0, "gsm8k": 5, "humaneval": 0}
 # max_gen_toks: humaneval.yaml's 1024, else the HF model class's default of 256
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "humaneval": 1024}
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
