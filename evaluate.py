@@ -870,6 +870,8 @@ class Scorer:
     def next_token_logprobs(self, contexts: list[list[int]]) -> list[torch.Tensor]:
         """log p(next token | context) over the vocabulary, for each context's newest max_seq_len tokens:
         longest first, right-padded batches (causal attention makes the padding invisible)."""
+        if not contexts:
+            return []
         inputs = [ctx[-self.ctx_len:] for ctx in contexts]
         order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), i))
         out: list = [None] * len(inputs)

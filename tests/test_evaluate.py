@@ -519,6 +519,111 @@ def test_generate_keeps_the_newest_prompt_tokens_and_cuts_at_stop():
     assert not truncated and lm.calls[-1] == (list(b"short"), 16)
 
 
+class SpecialLM(GenLM):
+    """GenLM whose answer holds a special token (byte 0) and that records the stop strings it got."""
+
+    def generate_ids(self, ids, max_new_tokens, temperature=0.0, stop=None, seed=None):
+        self.stops = stop
+        return [*b"12", 0, *b" 3\n\nQuestion: x"], False
+
+
+def test_generation_skips_special_tokens_and_stops_at_the_eos_text():
+    # lm-eval's HF model: tok_decode(skip_special_tokens=True), and the EOS token's text joins `until`
+    lm = SpecialLM(64)
+    out, truncated = ev.Scorer(lm, progress=False).generate("q", 8, ev.GSM8K_STOP)
+    assert out == "12 3\n\n" and not truncated
+    assert lm.stops == ["Question:", "</s>", "<|im_end|>", "\x00"]
+
+
+def test_max_new_tokens_defaults_and_cap(capsys):
+    args = ev.build_parser().parse_args(["--benchmark", "humaneval"])
+    assert ev.max_new_tokens_for("humaneval", args, 4096) == 1024 and ev.max_new_tokens_for("gsm8k", args, 4096) == 256
+    # the harness refuses max_gen_toks >= the context; here it becomes half the context, with a warning
+    assert ev.max_new_tokens_for("gsm8k", args, 128) == 64
+    assert "gsm8k: --max-new-tokens 256 leaves no room for a prompt" in capsys.readouterr().err
+    args = ev.build_parser().parse_args(["--benchmark", "gsm8k", "--max-new-tokens", "100"])
+    assert ev.max_new_tokens_for("gsm8k", args, 128) == 100  # the harness runs this: 28 prompt tokens
+
+
+def test_exact_match_is_the_harness_metric():
+    ref = "So she has 5 * 3 = <<5*3=15>>15.\n#### 1,015"
+    preds = ["1,015", "1015", "$1015.", "1015 ", " 1015", "1015.0", "[invalid]", "1,0,1,5"]
+    ours = [ev.gsm8k_exact_match(p, ref) for p in preds]
+    assert ours == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # no whitespace stripping, as in the harness
+    metrics = pytest.importorskip("lm_eval.api.metrics", reason="lm-eval is not installed")
+    theirs = [metrics.exact_match_hf_evaluate([p], [ref], regexes_to_ignore=[",", "\\$", "(?s).*#### ", "\\.$"],
+                                              ignore_case=True)["exact_match"] for p in preds]
+    assert ours == theirs
+
+
+def test_shot_sampler_is_the_harness_sampler():
+    """sample_shots draws what lm-eval's default ContextSampler draws, call after call from one seed,
+    with and without an eval doc to leave out (and its resampling when copies of it were drawn)."""
+    import random
+    samplers = pytest.importorskip("lm_eval.api.samplers", reason="lm-eval is not installed")
+    for pool, n in (([{"i": i} for i in range(40)], 5), ([{"i": 1}] * 4 + [{"i": 0}, {"i": 2}], 2)):
+        theirs = samplers.ContextSampler(pool, rnd=None).set_rnd(1234)
+        rnd = random.Random(1234)
+        for doc in [None, {"i": 1}, {"i": 3}, None, {"i": 1}, {"i": 99}] * 3:
+            assert ev.sample_shots(rnd, pool, n, eval_doc=doc) == theirs.sample(n, eval_doc=doc)
+    assert ev.sample_shots(random.Random(0), pool, 0) == []
+
+
+def test_one_forward_pass_per_question_equals_the_per_choice_scores(tiny_ckpt, shared_data):
+    """MMLU's " A".." D" are one token each: one forward pass per question gives the log-likelihoods of
+    one request per choice (5-shot: every prompt cut to the 128-token window; 0-shot: some cut, others
+    shorter, in padded batches)."""
+    import benchmark
+    s = ev.Scorer(benchmark.load_lm(tiny_ckpt, device="cpu"), batch_size=3, progress=False)
+    forward_inputs = []
+    one_pass = s.next_token_logprobs
+    s.next_token_logprobs = lambda contexts: forward_inputs.extend(contexts) or one_pass(contexts)
+    data = ev.load_mmlu(shared_data, subjects=["anatomy", "marketing"])
+    for k, n_truncated in ((5, 8), (0, 5)):
+        forward_inputs.clear()
+        log = ev.run_mmlu_like(s, "mmlu", data, k, 4)[1]
+        assert len(forward_inputs) == len(log) == 8 and sum(r["truncated"] for r in log) == n_truncated
+        per_choice = s._per_choice_loglikelihoods([[s.encode_pair(r["prompt"], c) for c in r["choices"]]
+                                                   for r in log], "mmlu")
+        for r, ll in zip(log, per_choice):
+            assert r["loglikelihoods"] == pytest.approx(ll, abs=1e-5) and r["pred"] == int(np.argmax(ll))
+
+
+def test_subjects_flag(capsys, tmp_path, tiny_ckpt, shared_data):
+    assert ev.parse_subjects("anatomy, college_physics,computer_network", ["mmlu", "ceval", "gsm8k"]) == \
+        {"mmlu": ["anatomy", "college_physics"], "ceval": ["college_physics", "computer_network"]}
+    assert ev.parse_subjects(None, ["mmlu", "gsm8k"]) == {"mmlu": None}
+    assert list(ev.load_mmlu(shared_data, subjects=["marketing", "anatomy"])) == ["anatomy", "marketing"]
+    assert list(ev.load_ceval(shared_data, need_dev=False, subjects=["law"])) == ["law"]
+    for argv, message in (
+            (["--benchmark", "mmlu", "--subjects", "anatomy,astrology"],
+             "--subjects: unknown subject 'astrology' for mmlu; valid subjects: abstract_algebra, anatomy, "),
+            (["--benchmark", "ceval", "--subjects", "anatomy"], "--subjects: unknown subject 'anatomy' for ceval"),
+            (["--benchmark", "mmlu,ceval", "--subjects", "anatomy"], "--subjects names no ceval subject"),
+            (["--benchmark", "gsm8k", "--subjects", "anatomy"], "--subjects selects MMLU / C-Eval subjects; add mmlu"),
+            (["--benchmark", "mmlu", "--subjects", "astronomy", "--data-dir", shared_data],
+             f"--subjects astronomy: no {shared_data}/mmlu/test/astronomy_test.csv; this --data-dir has "
+             f"abstract_algebra, anatomy,")):
+        rc, stdout, err = run_cli(capsys, "--model", tiny_ckpt, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2 and stdout == "" and len(lines) == 1 and lines[0].startswith("error: " + message), err
+
+
+def test_drop_shots_is_opt_in_and_reported(tiny_ckpt, shared_data, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    common = ["--model", tiny_ckpt, "--benchmark", "mmlu", "--subjects", "anatomy", "--limit", "2",
+              "--num-fewshot", "5", "--data-dir", shared_data, "--device", "cpu", "--json", out, "--overwrite"]
+    rc, _, err = run_cli(capsys, *common, "--drop-shots")
+    assert rc == 0, err
+    r = json.loads(out.read_text())
+    res = r["results"]["mmlu"]
+    assert r["config"]["drop_shots"] is True and res["fewshot_reduced"] == 2 and res["num_fewshot"] < 5
+    assert "mmlu: 2 of 2 prompts got fewer than 5 shots" in err
+    rc, _, err = run_cli(capsys, *common)
+    res = json.loads(out.read_text())["results"]["mmlu"]
+    assert rc == 0 and res["fewshot_reduced"] == 0 and res["num_fewshot"] == 5 and res["truncated"] == 2
+
+
 def test_device_and_dtype_go_through_model_resolvers(monkeypatch):
     import benchmark
     seen = {}
