@@ -27,8 +27,9 @@ Scoring (lm-evaluation-harness 0.4.13's task files mmlu/default, ceval, hellaswa
              Answer:", argmax of log p(" A".." D"); acc per subject, size-weighted per category and overall.
   ceval      the same in Chinese (dev shots, val split scored); acc and acc_norm per subject and
              size-weighted overall (and per C-Eval category: STEM, Social Science, Humanities, Other).
-  hellaswag  0-shot, the harness's text preprocessing, 4 endings: acc (summed log-likelihood) and
-             acc_norm (log-likelihood / length of the ending in characters).
+  hellaswag  0-shot by default (k shots: the harness's seeded sampler, from the train split), the
+             harness's text preprocessing, 4 endings: acc (summed log-likelihood) and acc_norm
+             (log-likelihood / length of the ending in characters).
   gsm8k      5-shot "Question: ..\\nAnswer: ..", shots drawn from the train split by the harness's
              seeded sampler (--fewshot-seed), greedy, at most 256 new tokens, stop at "Question:",
              "</s>", "<|im_end|>" and the model's EOS; exact_match with the strict ("#### N") and
