@@ -1,10 +1,14 @@
 """
-Evaluate a FishAI (or any Hugging Face causal) language model on MMLU, C-Eval,
-HellaSwag, GSM8K and HumanEval, scored the way lm-evaluation-harness scores them.
+Evaluate a FishAI (or any Hugging Face causal) language model on MMLU, C-Eval, HellaSwag, GSM8K and
+HumanEval, scored exactly as lm-evaluation-harness 0.4.13 scores them (tests/test_evaluate.py runs the
+real harness on the same data and model and compares every metric).
 
 Usage:
-  # 5-shot MMLU from the Hugging Face hub (cais/mmlu)
-  python evaluate.py --model checkpoints/fishai-best.pt --benchmark mmlu
+  # 5-shot MMLU from the Hugging Face hub (cais/mmlu); without --num-fewshot it is 0-shot, as in the harness
+  python evaluate.py --model checkpoints/fishai-best.pt --benchmark mmlu --num-fewshot 5
+  # two MMLU subjects and one C-Eval subject, from local copies
+  python evaluate.py --model checkpoints/fishai-best.pt --benchmark mmlu,ceval --data-dir ../shared/data \\
+      --subjects anatomy,marketing,computer_network
   # everything, from local copies of the datasets (layout: see --help of --data-dir)
   python evaluate.py --model checkpoints/fishai-best.pt --benchmark all --data-dir ../shared/data \\
       --allow-code-execution --limit 50 --json results.json --log-samples samples.jsonl
@@ -18,18 +22,23 @@ Usage:
   # score a file of completions ({"task_id", "completion"} per line) without a model, as openai/human-eval does
   python evaluate.py --samples samples.jsonl --benchmark humaneval --data-dir data/ --allow-code-execution
 
-Scoring (the same rules as lm-evaluation-harness):
-  mmlu       k-shot (default 5, dev split, first k), "question / A. .. D. / Answer:", argmax of
-             log p(" A".." D"); acc per subject and the size-weighted average; --limit is per subject.
-  ceval      the same in Chinese (dev split as shots, val split scored); acc and acc_norm per subject,
-             size-weighted per C-Eval category (STEM, Social Science, Humanities, Other) and overall.
-  hellaswag  0-shot, the harness's text preprocessing, 4 endings: acc (summed log-likelihood) and
-             acc_norm (log-likelihood / length of the ending in characters).
-  gsm8k      8-shot chain of thought "Question: ..\\nAnswer: ..", greedy, stop at "Question:";
-             exact_match with the strict ("#### N") and flexible (last number) extraction.
-  humaneval  completion of the prompt, Codex stop sequences, execution of the problem's tests in a
-             sandboxed subprocess (only with --allow-code-execution); pass@1 (greedy) or pass@k with
-             the unbiased estimator of Chen et al. (2021) from --num-samples n --temperature t.
+Scoring (lm-evaluation-harness 0.4.13's task files mmlu/default, ceval, hellaswag, gsm8k, humaneval):
+  mmlu       0-shot by default; k shots are the first k of the dev split; "question / A. .. D. /
+             Answer:", argmax of log p(" A".." D"); acc per subject, size-weighted per category and overall.
+  ceval      the same in Chinese (dev shots, val split scored); acc and acc_norm per subject and
+             size-weighted overall (and per C-Eval category: STEM, Social Science, Humanities, Other).
+  hellaswag  0-shot by default (k shots: the harness's seeded sampler, from the train split), the
+             harness's text preprocessing, 4 endings: acc (summed log-likelihood) and acc_norm
+             (log-likelihood / length of the ending in characters).
+  gsm8k      5-shot "Question: ..\\nAnswer: ..", shots drawn from the train split by the harness's
+             seeded sampler (--fewshot-seed), greedy, at most 256 new tokens, stop at "Question:",
+             "</s>", "<|im_end|>" and the model's EOS; exact_match with the strict ("#### N") and
+             flexible (last number) extraction.
+  humaneval  completion of the prompt (at most 1024 new tokens), Codex stop sequences, execution of
+             the problem's tests in a sandboxed subprocess (only with --allow-code-execution); pass@1
+             (greedy) or pass@k with the unbiased estimator of Chen et al. (2021).
+  A prompt longer than the model's context keeps its newest tokens (the harness's rule); with
+  --drop-shots whole few-shot examples are dropped instead. --json counts both.
 
 Log-likelihood scoring and generation go through benchmark.py (load_lm, LM, loglikelihood), the
 same code reference_benchmark.py uses, so FishAI checkpoints and HF baselines are scored alike.
@@ -39,10 +48,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -57,8 +66,13 @@ from pathlib import Path
 import data_utils as du
 
 BENCHMARKS = ("mmlu", "ceval", "hellaswag", "gsm8k", "humaneval")
-DEFAULT_FEWSHOT = {"mmlu": 5, "ceval": 5, "hellaswag": 0, "gsm8k": 8, "humaneval": 0}
-DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "humaneval": 512}
+# lm-eval 0.4.13's defaults: num_fewshot of gsm8k.yaml (5) and humaneval.yaml (0); the mmlu, ceval and
+# hellaswag task files set none, and simple_evaluate then runs 0-shot (the usual "5-shot MMLU" is
+# --num-fewshot 5 in both tools)
+DEFAULT_FEWSHOT = {"mmlu": 0, "ceval": 0, "hellaswag": 0, "gsm8k": 5, "humaneval": 0}
+# max_gen_toks: humaneval.yaml's 1024, else the HF model class's default of 256
+DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "humaneval": 1024}
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 DEFAULT_MODEL = "checkpoints/fishai-best.pt"  # what train.py writes
 
 DATA_DIR_LAYOUT = """\
@@ -74,10 +88,23 @@ class EvalError(du.FishAIError):
     """A bad input (file, column, flag): the message names it and says what to do."""
 
 
+def _add_prompt_flags(p: du.ArgumentParser) -> None:
+    p.add_argument("--limit", type=du.int_flag(1), help="score only the first N documents (per subject for mmlu/ceval)")
+    p.add_argument("--subjects", metavar="LIST",
+                   help="mmlu/ceval: only these subjects (comma-separated, e.g. anatomy,computer_network)")
+    p.add_argument("--num-fewshot", type=du.int_flag(0),
+                   help="shots (default: " + ", ".join(f"{b} {k}" for b, k in DEFAULT_FEWSHOT.items()) + ")")
+    p.add_argument("--fewshot-seed", type=du.int_flag(0), default=FEWSHOT_SEED,
+                   help="seed of the harness's few-shot sampler (gsm8k, hellaswag); mmlu/ceval take the first k")
+    p.add_argument("--drop-shots", action="store_true",
+                   help="drop whole few-shot examples (the last first) until a prompt fits the context, instead "
+                        "of cutting its oldest tokens as lm-evaluation-harness does (--json reports the shots used)")
+
+
 def build_parser() -> du.ArgumentParser:
     p = du.ArgumentParser(
         description="Evaluate a model on MMLU, C-Eval, HellaSwag, GSM8K and HumanEval\n"
-                    "(lm-evaluation-harness scoring).",
+                    "(scored exactly as lm-evaluation-harness 0.4.13 scores them).",
         epilog="--data-dir layout (the datasets' original formats):\n" + DATA_DIR_LAYOUT)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="FishAI checkpoint (.pt), quantized export (.bin) or FishAI HF dir "
@@ -88,9 +115,7 @@ def build_parser() -> du.ArgumentParser:
     p.add_argument("--benchmark", required=True,
                    help="mmlu | ceval | hellaswag | gsm8k | humaneval | all (or a comma-separated list)")
     p.add_argument("--data-dir", help="local dataset copies (layout below); default: the HF hub by name")
-    p.add_argument("--limit", type=du.int_flag(1), help="score only the first N documents (per subject for mmlu/ceval)")
-    p.add_argument("--num-fewshot", type=du.int_flag(0),
-                   help="shots (default: " + ", ".join(f"{b} {k}" for b, k in DEFAULT_FEWSHOT.items()) + ")")
+    _add_prompt_flags(p)
     p.add_argument("--batch-size", type=du.int_flag(1), default=8, help="log-likelihood batch size")
     du.add_device_flag(p)
     du.add_dtype_flag(p, "model dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 elsewhere)")
@@ -109,8 +134,8 @@ def build_parser() -> du.ArgumentParser:
                    help="HumanEval samples per problem; 1 decodes greedily")
     p.add_argument("--temperature", type=du.float_flag(0), default=0.0,
                    help="HumanEval sampling temperature (default 0: greedy)")
-    p.add_argument("--exec-timeout", type=du.float_flag(0, lo_open=True), default=10.0,
-                   help="seconds per HumanEval program")
+    p.add_argument("--exec-timeout", type=du.float_flag(0, lo_open=True), default=3.0,
+                   help="seconds per HumanEval program (3: the harness's code_eval and openai/human-eval)")
     p.add_argument("--exec-memory-mb", type=du.int_flag(64), default=1024, help="address-space limit per program in MB")
     p.add_argument("--exec-workers", type=du.int_flag(1), help="programs run in parallel (default: CPU count, max 8)")
     du.add_quiet_flag(p)
@@ -122,6 +147,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import benchmark  # noqa: E402
@@ -136,64 +162,73 @@ HF_DATASETS = {
 }
 LETTERS = ("A", "B", "C", "D")
 
-# MMLU subject -> category, as lm-evaluation-harness groups them (mmlu_stem, mmlu_humanities, ...).
-MMLU_SUBJECTS = {
-    "abstract_algebra": "stem", "anatomy": "stem", "astronomy": "stem", "business_ethics": "other",
-    "clinical_knowledge": "other", "college_biology": "stem", "college_chemistry": "stem",
-    "college_computer_science": "stem", "college_mathematics": "stem", "college_medicine": "other",
-    "college_physics": "stem", "computer_security": "stem", "conceptual_physics": "stem",
-    "econometrics": "social_sciences", "electrical_engineering": "stem", "elementary_mathematics": "stem",
-    "formal_logic": "humanities", "global_facts": "other", "high_school_biology": "stem",
-    "high_school_chemistry": "stem", "high_school_computer_science": "stem",
-    "high_school_european_history": "humanities", "high_school_geography": "social_sciences",
-    "high_school_government_and_politics": "social_sciences", "high_school_macroeconomics": "social_sciences",
-    "high_school_mathematics": "stem", "high_school_microeconomics": "social_sciences",
-    "high_school_physics": "stem", "high_school_psychology": "social_sciences",
-    "high_school_statistics": "stem", "high_school_us_history": "humanities",
-    "high_school_world_history": "humanities", "human_aging": "other", "human_sexuality": "social_sciences",
-    "international_law": "humanities", "jurisprudence": "humanities", "logical_fallacies": "humanities",
-    "machine_learning": "stem", "management": "other", "marketing": "other", "medical_genetics": "other",
-    "miscellaneous": "other", "moral_disputes": "humanities", "moral_scenarios": "humanities",
-    "nutrition": "other", "philosophy": "humanities", "prehistory": "humanities",
-    "professional_accounting": "other", "professional_law": "humanities", "professional_medicine": "other",
-    "professional_psychology": "social_sciences", "public_relations": "social_sciences",
-    "security_studies": "social_sciences", "sociology": "social_sciences",
-    "us_foreign_policy": "social_sciences", "virology": "other", "world_religions": "humanities",
+# MMLU subjects by category, as lm-evaluation-harness 0.4.13 groups them (mmlu_stem, mmlu_humanities, ...).
+_MMLU_BY_CATEGORY = {
+    "stem": """
+        abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science
+        college_mathematics college_physics computer_security conceptual_physics electrical_engineering
+        elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science
+        high_school_mathematics high_school_physics high_school_statistics machine_learning
+        """,
+    "humanities": """
+        formal_logic high_school_european_history high_school_us_history high_school_world_history
+        international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy
+        prehistory professional_law world_religions
+        """,
+    "social_sciences": """
+        econometrics high_school_geography high_school_government_and_politics high_school_macroeconomics
+        high_school_microeconomics high_school_psychology human_sexuality professional_psychology
+        public_relations security_studies sociology us_foreign_policy
+        """,
+    "other": """
+        business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing
+        medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology
+        """,
 }
+MMLU_SUBJECTS = {s: cat for cat, names in _MMLU_BY_CATEGORY.items() for s in names.split()}
 
-# C-Eval subject -> (Chinese name, category), from C-Eval's subject_mapping.json.
-CEVAL_SUBJECTS = {
-    "computer_network": ("计算机网络", "STEM"), "operating_system": ("操作系统", "STEM"),
-    "computer_architecture": ("计算机组成", "STEM"), "college_programming": ("大学编程", "STEM"),
-    "college_physics": ("大学物理", "STEM"), "college_chemistry": ("大学化学", "STEM"),
-    "advanced_mathematics": ("高等数学", "STEM"), "probability_and_statistics": ("概率统计", "STEM"),
-    "discrete_mathematics": ("离散数学", "STEM"), "electrical_engineer": ("注册电气工程师", "STEM"),
-    "metrology_engineer": ("注册计量师", "STEM"), "high_school_mathematics": ("高中数学", "STEM"),
-    "high_school_physics": ("高中物理", "STEM"), "high_school_chemistry": ("高中化学", "STEM"),
-    "high_school_biology": ("高中生物", "STEM"), "middle_school_mathematics": ("初中数学", "STEM"),
-    "middle_school_biology": ("初中生物", "STEM"), "middle_school_physics": ("初中物理", "STEM"),
-    "middle_school_chemistry": ("初中化学", "STEM"), "veterinary_medicine": ("兽医学", "STEM"),
-    "college_economics": ("大学经济学", "Social Science"), "business_administration": ("工商管理", "Social Science"),
-    "marxism": ("马克思主义基本原理", "Social Science"),
-    "mao_zedong_thought": ("毛泽东思想和中国特色社会主义理论体系概论", "Social Science"),
-    "education_science": ("教育学", "Social Science"), "teacher_qualification": ("教师资格", "Social Science"),
-    "high_school_politics": ("高中政治", "Social Science"), "high_school_geography": ("高中地理", "Social Science"),
-    "middle_school_politics": ("初中政治", "Social Science"),
-    "middle_school_geography": ("初中地理", "Social Science"),
-    "modern_chinese_history": ("近代史纲要", "Humanities"),
-    "ideological_and_moral_cultivation": ("思想道德修养与法律基础", "Humanities"),
-    "logic": ("逻辑学", "Humanities"), "law": ("法学", "Humanities"),
-    "chinese_language_and_literature": ("中国语言文学", "Humanities"), "art_studies": ("艺术学", "Humanities"),
-    "professional_tour_guide": ("导游资格", "Humanities"), "legal_professional": ("法律职业资格", "Humanities"),
-    "high_school_chinese": ("高中语文", "Humanities"), "high_school_history": ("高中历史", "Humanities"),
-    "middle_school_history": ("初中历史", "Humanities"), "civil_servant": ("公务员", "Other"),
-    "sports_science": ("体育学", "Other"), "plant_protection": ("植物保护", "Other"),
-    "basic_medicine": ("基础医学", "Other"), "clinical_medicine": ("临床医学", "Other"),
-    "urban_and_rural_planner": ("注册城乡规划师", "Other"), "accountant": ("注册会计师", "Other"),
-    "fire_engineer": ("注册消防工程师", "Other"),
-    "environmental_impact_assessment_engineer": ("环境影响评价工程师", "Other"),
-    "tax_accountant": ("税务师", "Other"), "physician": ("医师资格", "Other"),
+# C-Eval subjects (English name, Chinese name) by category, from C-Eval's subject_mapping.json, in the
+# order of lm-evaluation-harness's ceval-valid group.
+_CEVAL_BY_CATEGORY = {
+    "STEM": """
+        computer_network 计算机网络, operating_system 操作系统,
+        computer_architecture 计算机组成, college_programming 大学编程,
+        college_physics 大学物理, college_chemistry 大学化学, advanced_mathematics 高等数学,
+        probability_and_statistics 概率统计, discrete_mathematics 离散数学,
+        electrical_engineer 注册电气工程师, metrology_engineer 注册计量师,
+        high_school_mathematics 高中数学, high_school_physics 高中物理,
+        high_school_chemistry 高中化学, high_school_biology 高中生物,
+        middle_school_mathematics 初中数学, middle_school_biology 初中生物,
+        middle_school_physics 初中物理, middle_school_chemistry 初中化学,
+        veterinary_medicine 兽医学
+        """,
+    "Social Science": """
+        college_economics 大学经济学, business_administration 工商管理,
+        marxism 马克思主义基本原理,
+        mao_zedong_thought 毛泽东思想和中国特色社会主义理论体系概论,
+        education_science 教育学, teacher_qualification 教师资格, high_school_politics 高中政治,
+        high_school_geography 高中地理, middle_school_politics 初中政治,
+        middle_school_geography 初中地理
+        """,
+    "Humanities": """
+        modern_chinese_history 近代史纲要,
+        ideological_and_moral_cultivation 思想道德修养与法律基础, logic 逻辑学, law 法学,
+        chinese_language_and_literature 中国语言文学, art_studies 艺术学,
+        professional_tour_guide 导游资格, legal_professional 法律职业资格,
+        high_school_chinese 高中语文, high_school_history 高中历史,
+        middle_school_history 初中历史
+        """,
+    "Other": """
+        civil_servant 公务员, sports_science 体育学, plant_protection 植物保护,
+        basic_medicine 基础医学, clinical_medicine 临床医学,
+        urban_and_rural_planner 注册城乡规划师, accountant 注册会计师,
+        fire_engineer 注册消防工程师,
+        environmental_impact_assessment_engineer 环境影响评价工程师, tax_accountant 税务师,
+        physician 医师资格
+        """,
 }
+CEVAL_SUBJECTS = {s: (name, cat) for cat, text in _CEVAL_BY_CATEGORY.items()
+                  for s, name in (pair.split() for pair in text.split(","))}
 
 # GSM8K few-shot exemplars used when the training split is not available (no hub access and no
 # DIR/gsm8k/train.jsonl). Written for this project in the GSM8K answer format (worked steps with
@@ -232,8 +267,10 @@ GSM8K_FEWSHOT = [
      "Two jackets cost 2 * 60 = $<<2*60=120>>120.\n#### 120"),
 ]
 
-GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "<|endoftext|>"]
-HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # Codex paper / openai human-eval
+# generation_kwargs.until of gsm8k.yaml and humaneval.yaml (the Codex paper's stop sequences); the
+# harness's HF model class adds the model's EOS token string to both (Scorer.generate does too)
+GSM8K_STOP = ["Question:", "</s>", "<|im_end|>"]
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 GSM8K_STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 GSM8K_FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 GSM8K_IGNORE_RES = [re.compile(p) for p in (r",", r"\$", r"(?s).*#### ", r"\.$")]
@@ -267,22 +304,16 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
+    """The rows of a benchmark .jsonl(.gz) file, read by data_utils.iter_jsonl; each must be an object."""
     rows = []
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise EvalError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append(row)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-        raise EvalError(f"{path}: cannot read it as JSON lines ({type(e).__name__})") from None
+        for i, row in du.iter_jsonl(path):
+            if not isinstance(row, dict):
+                raise EvalError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+    except du.DataError as e:  # a benchmark file is read whole: its bad lines are not skipped
+        raise EvalError(str(e).replace("fix the line or pass --skip-bad-lines", "expected one JSON object per line")) \
+            from None
     return rows
 
 
@@ -349,60 +380,65 @@ def _subjects_in(d: Path, suffix: str) -> list[str]:
     return sorted(p.name[: -len(suffix)] for p in d.glob(f"*{suffix}"))
 
 
-def load_mmlu(data_dir=None, need_dev: bool = True) -> dict[str, tuple[list[dict], list[dict]]]:
+def _load_mc_local(data_dir, bench: str, split: str, subjects: list[str] | None,
+                   need_dev: bool) -> dict[str, tuple[list[dict], list[dict]]]:
+    """subject -> (docs of `split`, dev docs) from DIR/<bench>/<split>/<subject>_<split>.csv and
+    DIR/<bench>/dev/<subject>_dev.csv; `subjects` (from --subjects) or every subject found."""
+    read = read_mmlu_csv if bench == "mmlu" else read_ceval_csv
+    eval_dir = _split_dir(Path(data_dir), bench, split, f"{bench} scoring")
+    found = _subjects_in(eval_dir, f"_{split}.csv")
+    if not found:
+        raise EvalError(f"{eval_dir}: no <subject>_{split}.csv files; {SEE_LAYOUT}")
+    if bench == "ceval":
+        unknown = [s for s in found if s not in CEVAL_SUBJECTS]
+        if unknown:
+            raise EvalError(f"{eval_dir / (unknown[0] + '_val.csv')}: unknown C-Eval subject {unknown[0]!r}; "
+                            f"expected one of the 52 ceval-exam subjects")
+    if subjects is not None:
+        missing = [s for s in subjects if s not in found]
+        if missing:
+            raise EvalError(f"--subjects {missing[0]}: no {eval_dir / (missing[0] + f'_{split}.csv')}; "
+                            f"this --data-dir has {', '.join(found)}")
+        found = subjects
+    dev_dir = _split_dir(Path(data_dir), bench, "dev", "the few-shot examples; or pass --num-fewshot 0") \
+        if need_dev else None
+    out = {}
+    for s in sorted(found):
+        dev = []
+        if dev_dir is not None:
+            p = dev_dir / f"{s}_dev.csv"
+            if not p.is_file():
+                raise EvalError(f"missing split: {p} (few-shot examples for {s}); or pass --num-fewshot 0")
+            dev = read(p, s)
+        out[s] = (read(eval_dir / f"{s}_{split}.csv", s), dev)
+    return out
+
+
+def load_mmlu(data_dir=None, need_dev: bool = True,
+              subjects: list[str] | None = None) -> dict[str, tuple[list[dict], list[dict]]]:
     """subject -> (test docs, dev docs). Docs: {subject, question, choices[4], answer (0-3)}."""
-    out: dict[str, tuple[list, list]] = {}
     if data_dir is not None:
-        test_dir = _split_dir(Path(data_dir), "mmlu", "test", "MMLU scoring")
-        subjects = _subjects_in(test_dir, "_test.csv")
-        if not subjects:
-            raise EvalError(f"{test_dir}: no <subject>_test.csv files; {SEE_LAYOUT}")
-        dev_dir = _split_dir(Path(data_dir), "mmlu", "dev", "the few-shot examples; or pass --num-fewshot 0") \
-            if need_dev else None
-        for s in subjects:
-            dev = []
-            if dev_dir is not None:
-                p = dev_dir / f"{s}_dev.csv"
-                if not p.is_file():
-                    raise EvalError(f"missing split: {p} (few-shot examples for {s}); or pass --num-fewshot 0")
-                dev = read_mmlu_csv(p, s)
-            out[s] = (read_mmlu_csv(test_dir / f"{s}_test.csv", s), dev)
-        return out
+        return _load_mc_local(data_dir, "mmlu", "test", subjects, need_dev)
     name, config = HF_DATASETS["mmlu"]
-    splits = {sp: _hf_load(name, config, sp) for sp in (("test", "dev") if need_dev else ("test",))}
-    for sp, ds in splits.items():
-        for i, r in enumerate(ds):
+    out: dict[str, tuple[list, list]] = {}
+    for sp in ("test", "dev") if need_dev else ("test",):
+        for i, r in enumerate(_hf_load(name, config, sp)):
             _require_keys(f"{name}[{sp}]", i, r, ("question", "subject", "choices", "answer"))
-            doc = {"subject": r["subject"], "question": r["question"], "choices": list(r["choices"]),
-                   "answer": int(r["answer"])}
-            out.setdefault(r["subject"], ([], []))[0 if sp == "test" else 1].append(doc)
+            if subjects is None or r["subject"] in subjects:
+                doc = {"subject": r["subject"], "question": r["question"], "choices": list(r["choices"]),
+                       "answer": int(r["answer"])}
+                out.setdefault(r["subject"], ([], []))[0 if sp == "test" else 1].append(doc)
     return dict(sorted(out.items()))
 
 
-def load_ceval(data_dir=None, need_dev: bool = True) -> dict[str, tuple[list[dict], list[dict]]]:
+def load_ceval(data_dir=None, need_dev: bool = True,
+               subjects: list[str] | None = None) -> dict[str, tuple[list[dict], list[dict]]]:
     """subject -> (val docs, dev docs); the test split's labels are hidden, so val is scored."""
-    out = {}
     if data_dir is not None:
-        val_dir = _split_dir(Path(data_dir), "ceval", "val", "C-Eval scoring")
-        subjects = _subjects_in(val_dir, "_val.csv")
-        if not subjects:
-            raise EvalError(f"{val_dir}: no <subject>_val.csv files; {SEE_LAYOUT}")
-        dev_dir = _split_dir(Path(data_dir), "ceval", "dev", "the few-shot examples; or pass --num-fewshot 0") \
-            if need_dev else None
-        for s in subjects:
-            if s not in CEVAL_SUBJECTS:
-                raise EvalError(f"{val_dir / (s + '_val.csv')}: unknown C-Eval subject {s!r}; "
-                                f"expected one of the 52 ceval-exam subjects")
-            dev = []
-            if dev_dir is not None:
-                p = dev_dir / f"{s}_dev.csv"
-                if not p.is_file():
-                    raise EvalError(f"missing split: {p} (few-shot examples for {s}); or pass --num-fewshot 0")
-                dev = read_ceval_csv(p, s)
-            out[s] = (read_ceval_csv(val_dir / f"{s}_val.csv", s), dev)
-        return out
+        return _load_mc_local(data_dir, "ceval", "val", subjects, need_dev)
     name = HF_DATASETS["ceval"][0]
-    for s in CEVAL_SUBJECTS:
+    out = {}
+    for s in subjects or CEVAL_SUBJECTS:
         parts = []
         for sp in ("val", "dev") if need_dev else ("val",):
             docs = []
@@ -496,7 +532,7 @@ def mmlu_description(subject: str) -> str:
 
 
 def ceval_description(subject: str) -> str:
-    return f"以下是中国关于{CEVAL_SUBJECTS.get(subject, (subject,))[0]}考试的单项选择题，请选出其中的正确答案。\n\n"
+    return f"以下是中国关于{CEVAL_SUBJECTS.get(subject, (subject,))[0]}的单项选择题，请选出其中的正确答案。\n\n"
 
 
 def mc_question(doc: dict, answer_cue: str) -> str:
@@ -555,10 +591,11 @@ def extract_flexible(text: str) -> str:
 
 
 def normalize_answer(s: str) -> str:
-    """exact_match's regexes_to_ignore for gsm8k (',', '$', everything up to '#### ', a final '.'), lower case."""
+    """exact_match's regexes_to_ignore for gsm8k (',', '$', everything up to '#### ', a final '.'), then
+    ignore_case; nothing else (the harness does not strip whitespace)."""
     for r in GSM8K_IGNORE_RES:
         s = r.sub("", s)
-    return s.strip().lower()
+    return s.lower()
 
 
 def gsm8k_exact_match(prediction: str, reference: str) -> float:
@@ -574,12 +611,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def mean_stderr(xs) -> tuple[float, float]:
+def mean_stderr(xs) -> tuple[float, float | None]:
+    """The mean and its standard error (sample std / sqrt(n)); None (the harness's "N/A") for n < 2."""
     a = np.asarray(xs, dtype=np.float64)
     if len(a) == 0:
-        return float("nan"), float("nan")
+        return float("nan"), None
     se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None  # None: valid JSON
     return float(a.mean()), se
+
+
+def pooled_stderr(stderrs: list, sizes: list[int]) -> float | None:
+    """lm-eval's stderr of a size-weighted group mean (metrics.pooled_sample_stderr over the group's
+    subtasks); None when a subtask has none or there is only one subtask of one document."""
+    if any(se is None for se in stderrs) or sum(sizes) <= len(sizes):
+        return None
+    var = sum((n - 1) * se ** 2 * n for n, se in zip(sizes, stderrs)) / (sum(sizes) - len(sizes))
+    return float(math.sqrt(var / sum(sizes)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -762,72 +809,54 @@ def read_samples(path: Path, problems: list[dict]) -> list[dict]:
 # Scoring with a model (through benchmark.py's LM and loglikelihood)
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class FitStats:
-    """How prompts were fitted into the model's context window."""
-    max_shots: int = 0
-    reduced: int = 0        # prompts that got fewer shots than asked
-    truncated: int = 0      # prompts still too long with 0 shots: truncated from the left
-    total: int = 0
-    min_shots: int | None = None
-
-    def note(self, shots_used: int, truncated: bool) -> None:
-        self.total += 1
-        self.reduced += shots_used < self.max_shots
-        self.truncated += truncated
-        self.min_shots = shots_used if self.min_shots is None else min(self.min_shots, shots_used)
-
-    def report(self, task: str, ctx_len: int) -> dict:
-        parts = []
-        if self.reduced:
-            parts.append(f"{self.reduced} of {self.total} prompts got fewer than {self.max_shots} shots "
-                         f"(min {self.min_shots}) to fit the model's {ctx_len}-token context")
-        if self.truncated:
-            parts.append(f"{self.truncated} of {self.total} prompts were longer than the context even with "
-                         f"0 shots and were truncated from the left")
-        if parts:
-            warn(f"{task}: " + "; ".join(parts))
-        return {"fewshot_reduced": self.reduced, "truncated": self.truncated}
+# the most (B, T, V) float32 logits one forward may hold, as in benchmark.loglikelihood
+LOGITS_BUDGET = 2 * 2**30
 
 
 class Scorer:
-    """Prompt -> requests -> scores for one LM, with caching of continuation encodings."""
+    """Prompt -> requests -> scores for one LM, tokenized, truncated and decoded as lm-evaluation-harness's
+    HF model class (lm_eval.models.huggingface.HFLM) does it."""
 
     def __init__(self, lm, batch_size: int = 8, progress: bool = True):
         self.lm = lm
         self.batch_size = batch_size
         self.progress = progress
         self.ctx_len = int(lm.max_seq_len)
-        self._cont_cache: dict[str, int] = {}
+        # the harness adds the EOS token's text to the stop strings of every generation
+        self.eos_text = lm.decode([lm.eos_id]) if lm.eos_id is not None else None
+
+    def encode(self, text: str) -> list[int]:
+        """HFLM.tok_encode: an HF tokenizer adds its own special tokens (a Llama tokenizer's BOS); FishAI's
+        tokenizer (and its HF export) adds none."""
+        if self.lm.kind == "hf":
+            return list(self.lm.tokenizer.encode(text))
+        return self.lm.encode(text)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's split: trailing spaces of the context move to the continuation; the continuation's
-        tokens are the tail of encode(context + continuation) after encode(context)."""
+        """The harness's split: trailing spaces of the context move to the continuation; the continuation's
+        tokens are the tail of encode(context + continuation) after encode(context). An empty context
+        becomes the begin token (BOS, else EOS)."""
+        if not context:
+            cont = self.lm.encode(continuation)
+            begin = self.lm.begin_id
+            return ([begin], cont) if cont[0] != begin else (cont[:1], cont[1:])
         n = len(context) - len(context.rstrip())
         if n:
             continuation = context[-n:] + continuation
             context = context[:-n]
-        whole = self.lm.encode(context + continuation)
-        ctx = self.lm.encode(context)
-        # an empty context stays empty: loglikelihood() conditions on the model's begin token then
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
         return ctx, whole[len(ctx):]
 
-    def _cont_len(self, cont: str) -> int:
-        if cont not in self._cont_cache:
-            self._cont_cache[cont] = len(self.lm.encode(cont))
-        return self._cont_cache[cont]
-
-    def fit_context(self, build, k: int, reserve: int, stats: FitStats) -> str:
-        """build(j) -> prompt with j shots; use the largest j <= k whose prompt plus `reserve`
-        tokens fits the context window (harness would truncate from the left instead: keeping
-        whole examples keeps the prompt well formed)."""
-        for j in range(k, -1, -1):
-            text = build(j)
-            if len(self.lm.encode(text)) + reserve <= self.ctx_len:
-                stats.note(j, False)
-                return text
-        stats.note(0, True)
-        return build(0)
+    def prompt(self, description: str, shots: list[str], query: str, reserve: int,
+               drop_shots: bool) -> tuple[str, int]:
+        """(prompt text, shots in it): all the shots (the harness: a prompt too long keeps its newest
+        tokens), or with drop_shots the most j <= len(shots) whose prompt plus `reserve` tokens fits."""
+        j = len(shots)
+        while drop_shots and j > 0 and len(self.encode(fewshot_context(description, shots[:j], query))) \
+                + reserve > self.ctx_len:
+            j -= 1
+        return fewshot_context(description, shots[:j], query), j
 
     def split_request(self, ctx: list[int], cont: list[int]) -> list[tuple[list[int], list[int]]]:
         """A continuation longer than the context window is scored in pieces of half a window, each
@@ -839,42 +868,126 @@ class Scorer:
         full = ctx + cont
         return [(full[:i], full[i:i + step]) for i in range(len(ctx), len(full), step)]
 
-    def multiple_choice(self, items: list[dict], task: str) -> list[dict]:
-        """items: {context, continuations, gold, choice_lens?}. Adds lls, pred, acc, acc_norm."""
+    def next_token_logprobs(self, contexts: list[list[int]]) -> list[torch.Tensor]:
+        """log p(next token | context) over the vocabulary, for each context's newest max_seq_len tokens:
+        longest first, right-padded batches (causal attention makes the padding invisible)."""
+        if not contexts:
+            return []
+        inputs = [ctx[-self.ctx_len:] for ctx in contexts]
+        order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), i))
+        out: list = [None] * len(inputs)
+        bar = tqdm(total=len(order), desc="scoring", unit="q", disable=not self.progress, file=sys.stderr)
+        start = 0
+        while start < len(order):
+            T = len(inputs[order[start]])
+            chunk = order[start:start + max(1, min(self.batch_size, LOGITS_BUDGET // (T * self.lm.vocab_size * 4)))]
+            start += len(chunk)
+            idx = torch.zeros(len(chunk), T, dtype=torch.long)
+            for b, i in enumerate(chunk):
+                idx[b, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
+            logits = self.lm.logits(idx)
+            for b, i in enumerate(chunk):
+                out[i] = F.log_softmax(logits[b, len(inputs[i]) - 1], dim=-1).cpu()
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def _per_choice_loglikelihoods(self, pairs: list[list[tuple]], task: str) -> list[list[float]]:
+        """One request per (question, choice): benchmark.loglikelihood, long continuations in windows."""
         reqs, owner, split = [], [], 0
-        for i, it in enumerate(items):
-            for j, c in enumerate(it["continuations"]):
-                parts = self.split_request(*self.encode_pair(it["context"], c))
+        for i, ps in enumerate(pairs):
+            for j, (ctx, cont) in enumerate(ps):
+                parts = self.split_request(ctx, cont)
                 split += len(parts) > 1
                 reqs.extend(parts)
                 owner.extend([(i, j)] * len(parts))
         if split:
             warn(f"{task}: {split} answer continuations were longer than the model's {self.ctx_len}-token "
                  f"context and were scored in windows of {max(1, self.ctx_len // 2)} tokens")
-        if self.progress:
-            print(f"{task}: {len(items)} questions, {len(reqs)} log-likelihood requests", file=sys.stderr)
-        res = benchmark.loglikelihood(self.lm, reqs, batch_size=self.batch_size, progress=self.progress)
-        lls = [[0.0] * len(it["continuations"]) for it in items]
-        for (i, j), (ll, _greedy) in zip(owner, res):
+        lls = [[0.0] * len(ps) for ps in pairs]
+        for (i, j), (ll, _greedy) in zip(owner, benchmark.loglikelihood(self.lm, reqs, batch_size=self.batch_size,
+                                                                        progress=self.progress)):
             lls[i][j] += float(ll)
-        for it, ll in zip(items, lls):
+        return lls
+
+    def multiple_choice(self, items: list[dict], task: str) -> list[dict]:
+        """items: {context, continuations, gold, choice_lens?}. Adds loglikelihoods, pred, acc, acc_norm and
+        truncated (context + continuation longer than the window + 1: the oldest tokens are cut).
+
+        A question whose choices are all one token after its context (MMLU/C-Eval " A".." D") costs one
+        forward pass: the harness's per-choice inputs (context + choice)[-(L+1):][:-1] are then the same
+        tokens, the context's newest L, so the choices' scores are entries of one next-token distribution."""
+        pairs = [[self.encode_pair(it["context"], c) for c in it["continuations"]] for it in items]
+        one_token = [i for i, ps in enumerate(pairs) if all(len(cont) == 1 and ctx == ps[0][0] for ctx, cont in ps)]
+        other = sorted(set(range(len(items))) - set(one_token))
+        if self.progress:
+            print(f"{task}: {len(items)} questions, {len(one_token)} of them scored in one forward pass",
+                  file=sys.stderr)
+        lls: list = [None] * len(items)
+        for i, logp in zip(one_token, self.next_token_logprobs([pairs[i][0][0] for i in one_token])):
+            lls[i] = [float(logp[cont[0]]) for _, cont in pairs[i]]
+        for i, ll in zip(other, self._per_choice_loglikelihoods([pairs[i] for i in other], task)):
+            lls[i] = ll
+        for it, ps, ll in zip(items, pairs, lls):
             lens = np.array(it.get("choice_lens") or [len(c) for c in it["continuations"]], dtype=np.float64)
-            ll = np.array(ll)
-            it["loglikelihoods"] = ll.tolist()
-            it["pred"] = int(np.argmax(ll))
+            with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice: the harness divides by 0 too
+                norm = np.array(ll) / lens
+            it.update(loglikelihoods=ll, pred=int(np.argmax(ll)), truncated=any(
+                len(ctx) + len(cont) > self.ctx_len + 1 for ctx, cont in ps))
             it["acc"] = float(it["pred"] == it["gold"])
-            it["acc_norm"] = float(int(np.argmax(ll / lens)) == it["gold"])
+            it["acc_norm"] = float(int(np.argmax(norm)) == it["gold"])
         return items
+
+    def _decode_generated(self, ids: list[int]) -> str:
+        """HFLM.tok_decode: generated text without special tokens."""
+        if self.lm.kind == "hf":
+            return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.lm.tokenizer.decode(ids, skip_special=True)
 
     def generate(self, prompt: str, max_new_tokens: int, stop: list[str], temperature=0.0,
                  seed=None) -> tuple[str, bool]:
-        """Greedy/sampled continuation, cut at the first stop sequence. Prompts longer than the
-        window minus max_new_tokens lose their oldest tokens (model.fit_prompt, the harness's rule;
-        returned flag = truncated)."""
-        full = self.lm.encode(prompt)
+        """The harness's generate_until for one prompt: it keeps its newest max_seq_len - max_new_tokens
+        tokens (model.fit_prompt); the continuation ends at EOS, at a stop string or the EOS text, or after
+        max_new_tokens, and is cut before the first stop string. Returns (text, prompt was truncated)."""
+        full = self.encode(prompt)
         ids, max_new = fishai.fit_prompt(full, max_new_tokens, self.ctx_len)
-        text = self.lm.generate(ids, max_new, temperature=temperature, stop=stop, seed=seed)
-        return fishai.cut_at_stop(text, stop), len(ids) < len(full)
+        stops = list(stop) + ([self.eos_text] if self.eos_text and self.eos_text not in stop else [])
+        new, _ = self.lm.generate_ids(ids, max_new, temperature=temperature, stop=stops, seed=seed)
+        return fishai.cut_at_stop(self._decode_generated(new), stops), len(ids) < len(full)
+
+
+def sample_shots(rnd: random.Random, pool: list, n: int, eval_doc=None) -> list:
+    """lm-eval 0.4.13's default few-shot sampler (api/samplers.ContextSampler.sample): n draws from `pool`
+    with the task's one random.Random(fewshot seed), drawn in document order. With eval_doc (the harness
+    passes it when the few-shot split is the scored split, or neither is named: hellaswag) n + 1 are drawn
+    and copies of eval_doc removed."""
+    if n == 0:
+        return []
+    if eval_doc is None:
+        return rnd.sample(pool, n)
+    res = [x for x in rnd.sample(pool, n + 1) if x != eval_doc][:n]
+    if len(res) < n:
+        res = rnd.sample([x for x in pool if x != eval_doc], n)
+    return res
+
+
+def fit_report(task: str, rows: list[dict], k: int, ctx_len: int) -> dict:
+    """How the prompts met the context, for --json: num_fewshot (the fewest shots a prompt got: k
+    unless --drop-shots dropped some), fewshot_reduced (prompts that got fewer) and truncated (prompts
+    that lost their oldest tokens: the harness's rule). Warns when either happened."""
+    shots = [r["num_fewshot"] for r in rows]
+    reduced = sum(s < k for s in shots)
+    truncated = sum(bool(r["truncated"]) for r in rows)
+    parts = []
+    if reduced:
+        parts.append(f"{reduced} of {len(rows)} prompts got fewer than {k} shots (min {min(shots)}) to fit "
+                     f"the model's {ctx_len}-token context (--drop-shots)")
+    if truncated:
+        parts.append(f"{truncated} of {len(rows)} prompts did not fit the model's {ctx_len}-token context "
+                     f"and lost their oldest tokens (lm-evaluation-harness's rule)")
+    if parts:
+        warn(f"{task}: " + "; ".join(parts))
+    return {"num_fewshot": min(shots, default=k), "fewshot_reduced": reduced, "truncated": truncated}
 
 
 def _limited(docs: list, limit: int | None) -> list:
@@ -889,111 +1002,119 @@ def _aggregate(items: list[dict], metrics=("acc",)) -> dict:
     return out
 
 
-def _group(items: list[dict], key, metrics) -> dict:
-    groups: dict[str, list] = {}
-    for it in items:
-        groups.setdefault(key(it), []).append(it)
-    return {g: {**{m: float(np.mean([x[m] for x in v])) for m in metrics}, "n": len(v)}
-            for g, v in sorted(groups.items())}
+def _combine(groups: list[dict], metrics) -> dict:
+    """A harness group of subtasks (aggregate_metric_list with weight_by_size): the size-weighted mean and
+    the pooled standard error of each metric."""
+    sizes = [g["n"] for g in groups]
+    out = {}
+    for m in metrics:
+        out[m] = sum(g[m] * g["n"] for g in groups) / sum(sizes)
+        out[f"{m}_stderr"] = pooled_stderr([g[f"{m}_stderr"] for g in groups], sizes)
+    out["n"] = sum(sizes)
+    return out
 
 
 def _mc_log(task: str, items: list[dict]) -> list[dict]:
     return [{"task": task, "doc_id": it["doc_id"], **({"subject": it["subject"]} if "subject" in it else {}),
-             "prompt": it["context"], "choices": it["continuations"], "target": it["gold"],
-             "loglikelihoods": it["loglikelihoods"], "pred": it["pred"], "acc": it["acc"],
-             "acc_norm": it["acc_norm"]} for it in items]
+             "prompt": it["context"], "num_fewshot": it["num_fewshot"], "truncated": it["truncated"],
+             "choices": it["continuations"], "target": it["gold"], "loglikelihoods": it["loglikelihoods"],
+             "pred": it["pred"], "acc": it["acc"], "acc_norm": it["acc_norm"]} for it in items]
 
 
-def run_mmlu_like(scorer: Scorer, task: str, data: dict, k: int, limit: int | None) -> tuple[dict, list]:
-    """MMLU and C-Eval: k-shot from dev (first k), 4 letter continuations."""
+def run_mmlu_like(scorer: Scorer, task: str, data: dict, k: int, limit: int | None,
+                  drop_shots: bool = False) -> tuple[dict, list]:
+    """MMLU and C-Eval: the first k dev examples as shots (the harness's first_n sampler), 4 letter
+    continuations; per subject, per category and overall as the harness's groups aggregate them."""
     cue, describe = ("Answer:", mmlu_description) if task == "mmlu" else ("答案：", ceval_description)
     conts = [" " + L for L in LETTERS]
-    reserve = max(scorer._cont_len(c) for c in conts) + 1
-    stats = FitStats(max_shots=k)
+    reserve = max(len(scorer.encode(c)) for c in conts) - 1  # context + continuation may fill L + 1
     items = []
     for subject, (docs, dev) in data.items():
         if k > len(dev):
             raise EvalError(f"{task}: --num-fewshot {k} but subject {subject} has only {len(dev)} dev examples")
         shots = [mc_question(d, cue) + " " + LETTERS[d["answer"]] for d in dev[:k]]
         for i, doc in enumerate(_limited(docs, limit)):
-            q = mc_question(doc, cue)
-            ctx = scorer.fit_context(lambda j: fewshot_context(describe(subject), shots[:j], q), k, reserve, stats)
-            items.append({"doc_id": i, "subject": subject, "context": ctx, "continuations": conts,
-                          "gold": doc["answer"], "choice_lens": [1, 1, 1, 1]})
-    fit = stats.report(task, scorer.ctx_len)
+            ctx, used = scorer.prompt(describe(subject), shots, mc_question(doc, cue), reserve, drop_shots)
+            items.append({"doc_id": i, "subject": subject, "context": ctx, "num_fewshot": used,
+                          "continuations": conts, "gold": doc["answer"], "choice_lens": [1, 1, 1, 1]})
     scorer.multiple_choice(items, task)
     metrics = ("acc",) if task == "mmlu" else ("acc", "acc_norm")
-    res = {**_aggregate(items, metrics), "num_fewshot": k, **fit}
-    if task == "mmlu":
-        res["categories"] = _group(items, lambda it: MMLU_SUBJECTS.get(it["subject"], "other"), metrics)
-    else:
-        res["categories"] = _group(items, lambda it: CEVAL_SUBJECTS[it["subject"]][1], metrics)
-    res["subjects"] = _group(items, lambda it: it["subject"], metrics)
+    subjects = {s: _aggregate([it for it in items if it["subject"] == s], metrics) for s in data}
+    category = (lambda s: MMLU_SUBJECTS.get(s, "other")) if task == "mmlu" else (lambda s: CEVAL_SUBJECTS[s][1])
+    cats = sorted({category(s) for s in subjects})
+    res = {**_combine(list(subjects.values()), metrics), **fit_report(task, items, k, scorer.ctx_len)}
+    res["categories"] = {c: _combine([r for s, r in subjects.items() if category(s) == c], metrics) for c in cats}
+    res["subjects"] = subjects
     return res, _mc_log(task, items)
 
 
-def run_hellaswag(scorer: Scorer, rows: list[dict], train: list[dict], k: int, limit: int | None):
-    docs = [hellaswag_doc(r) for r in _limited(rows, limit)]
-    shots = [d["query"] + " " + d["choices"][d["gold"]] for d in (hellaswag_doc(r) for r in train[:k])]
-    stats = FitStats(max_shots=k)
+def run_hellaswag(scorer: Scorer, rows: list[dict], train: list[dict], k: int, limit: int | None,
+                  drop_shots: bool = False, seed: int = FEWSHOT_SEED):
+    """0-shot by default; k shots are drawn from the train split by the harness's sampler, which
+    removes the scored document from its n + 1 draws (hellaswag.yaml names no test or few-shot split)."""
+    if k > len(train):
+        raise EvalError(f"hellaswag: --num-fewshot {k} but the train split has only {len(train)} rows")
+    rnd = random.Random(seed)
     items = []
-    for i, d in enumerate(docs):
+    for i, row in enumerate(_limited(rows, limit)):
+        d = hellaswag_doc(row)
+        shots = [s["query"] + " " + s["choices"][s["gold"]]
+                 for s in map(hellaswag_doc, sample_shots(rnd, train, k, eval_doc=row))]
         conts = [" " + c for c in d["choices"]]
-        reserve = max(len(scorer.lm.encode(c)) for c in conts) + 1
-        ctx = scorer.fit_context(lambda j: fewshot_context("", shots[:j], d["query"]), k, reserve, stats)
+        reserve = max(len(scorer.encode(c)) for c in conts) - 1
+        ctx, used = scorer.prompt("", shots, d["query"], reserve, drop_shots)
         # acc_norm divides by the length of the ending in characters (the harness's choice strings)
-        items.append({"doc_id": i, "context": ctx, "continuations": conts, "gold": d["gold"],
-                      "choice_lens": [max(1, len(c)) for c in d["choices"]]})
-    fit = stats.report("hellaswag", scorer.ctx_len)
+        items.append({"doc_id": i, "context": ctx, "num_fewshot": used, "continuations": conts, "gold": d["gold"],
+                      "choice_lens": [len(c) for c in d["choices"]]})
     scorer.multiple_choice(items, "hellaswag")
-    return {**_aggregate(items, ("acc", "acc_norm")), "num_fewshot": k, **fit}, _mc_log("hellaswag", items)
+    res = {**_aggregate(items, ("acc", "acc_norm")), **fit_report("hellaswag", items, k, scorer.ctx_len)}
+    return res, _mc_log("hellaswag", items)
 
 
-def gsm8k_shots(train: list[dict] | None, k: int) -> list[str]:
-    pairs = [(r["question"], r["answer"]) for r in train[:k]] if train else GSM8K_FEWSHOT[:k]
-    if len(pairs) < k:
-        raise EvalError(f"gsm8k: --num-fewshot {k} but only {len(pairs)} few-shot examples are available")
-    return [gsm8k_question(q) + " " + a for q, a in pairs]
+def gsm8k_shots(pool: list[tuple[str, str]] | None, k: int, rnd: random.Random | None = None) -> list[str]:
+    """k shots "Question: ..\\nAnswer: <worked solution>": the harness's sampler's draw (rnd) from the
+    train split's (question, answer) pairs, or without them the first k built-in exemplars."""
+    if pool is None:
+        pool, rnd = GSM8K_FEWSHOT, None
+    if k > len(pool):
+        raise EvalError(f"gsm8k: --num-fewshot {k} but only {len(pool)} few-shot examples are available")
+    chosen = sample_shots(rnd, pool, k) if rnd is not None else pool[:k]
+    return [gsm8k_question(q) + " " + a for q, a in chosen]
 
 
-def run_gsm8k(scorer: Scorer, rows: list[dict], shots: list[str], k: int, limit: int | None,
-              max_new_tokens: int):
-    stats = FitStats(max_shots=k)
-    strict, flexible, log = [], [], []
-    docs = _limited(rows, limit)
-    for i, r in enumerate(tqdm(docs, desc="gsm8k", unit="q", disable=not scorer.progress, file=sys.stderr)):
-        q = gsm8k_question(r["question"])
-        prompt = scorer.fit_context(lambda j: fewshot_context("", shots[:j], q), k, max_new_tokens, stats)
-        out, _ = scorer.generate(prompt, max_new_tokens, GSM8K_STOP)  # fit_context already counted truncation
+def run_gsm8k(scorer: Scorer, rows: list[dict], pool: list[tuple[str, str]] | None, k: int, limit: int | None,
+              max_new_tokens: int, drop_shots: bool = False, seed: int = FEWSHOT_SEED):
+    rnd = random.Random(seed)
+    log = []
+    for i, r in enumerate(tqdm(_limited(rows, limit), desc="gsm8k", unit="q", disable=not scorer.progress,
+                               file=sys.stderr)):
+        prompt, used = scorer.prompt("", gsm8k_shots(pool, k, rnd), gsm8k_question(r["question"]),
+                                     max_new_tokens, drop_shots)
+        out, truncated = scorer.generate(prompt, max_new_tokens, GSM8K_STOP)
         s, f = extract_strict(out), extract_flexible(out)
-        strict.append(gsm8k_exact_match(s, r["answer"]))
-        flexible.append(gsm8k_exact_match(f, r["answer"]))
-        log.append({"task": "gsm8k", "doc_id": i, "prompt": prompt, "target": r["answer"], "response": out,
-                    "strict": s, "flexible": f, "exact_match,strict-match": strict[-1],
-                    "exact_match,flexible-extract": flexible[-1]})
-    fit = stats.report("gsm8k", scorer.ctx_len)
-    m1, s1 = mean_stderr(strict)
-    m2, s2 = mean_stderr(flexible)
-    return {"exact_match,strict-match": m1, "exact_match_stderr,strict-match": s1,
-            "exact_match,flexible-extract": m2, "exact_match_stderr,flexible-extract": s2,
-            "n": len(docs), "num_fewshot": k, **fit}, log
+        log.append({"task": "gsm8k", "doc_id": i, "prompt": prompt, "num_fewshot": used, "truncated": truncated,
+                    "target": r["answer"], "response": out, "strict": s, "flexible": f,
+                    "exact_match,strict-match": gsm8k_exact_match(s, r["answer"]),
+                    "exact_match,flexible-extract": gsm8k_exact_match(f, r["answer"])})
+    res = {}
+    for m in ("strict-match", "flexible-extract"):
+        res[f"exact_match,{m}"], res[f"exact_match_stderr,{m}"] = mean_stderr([x[f"exact_match,{m}"] for x in log])
+    return {**res, "n": len(log), **fit_report("gsm8k", log, k, scorer.ctx_len),
+            "max_new_tokens": max_new_tokens}, log
 
 
 def generate_humaneval_samples(scorer: Scorer, problems: list[dict], num_samples: int, temperature: float,
                                max_new_tokens: int, seed: int) -> list[dict]:
-    samples, truncated = [], 0
+    samples = []
     total = len(problems) * num_samples
     with tqdm(total=total, desc="humaneval", unit="sample", disable=not scorer.progress, file=sys.stderr) as bar:
         for pi, p in enumerate(problems):
             for s in range(num_samples):
-                out, t = scorer.generate(p["prompt"], max_new_tokens, HUMANEVAL_STOP, temperature=temperature,
-                                         seed=None if temperature == 0 else seed + pi * num_samples + s)
-                truncated += t
-                samples.append({"task_id": p["task_id"], "completion": out, "prompt": p["prompt"]})
+                out, truncated = scorer.generate(p["prompt"], max_new_tokens, HUMANEVAL_STOP, temperature=temperature,
+                                                 seed=None if temperature == 0 else seed + pi * num_samples + s)
+                samples.append({"task_id": p["task_id"], "completion": out, "prompt": p["prompt"],
+                                "num_fewshot": 0, "truncated": truncated})
                 bar.update(1)
-    if truncated:
-        warn(f"humaneval: {truncated} of {total} prompts were longer than the model's context "
-             f"({scorer.ctx_len} tokens) minus {max_new_tokens} new tokens and were truncated from the left")
     return samples
 
 
@@ -1017,10 +1138,34 @@ def parse_benchmarks(spec: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def parse_subjects(spec: str | None, benches: list[str]) -> dict[str, list[str] | None]:
+    """--subjects -> {"mmlu": [...], "ceval": [...]} for the multiple-choice benchmarks being run (None:
+    every subject). A name may belong to either (college_physics is in both); each one named must belong
+    to a benchmark being run, and each of those must get at least one."""
+    mc = [b for b in benches if b in ("mmlu", "ceval")]
+    if spec is None:
+        return {b: None for b in mc}
+    if not mc:
+        raise EvalError("--subjects selects MMLU / C-Eval subjects; add mmlu or ceval to --benchmark")
+    tables = {"mmlu": MMLU_SUBJECTS, "ceval": CEVAL_SUBJECTS}
+    names = list(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    valid = sorted({s for b in mc for s in tables[b]})
+    unknown = [s for s in names if s not in valid]
+    if unknown or not names:
+        raise EvalError(f"--subjects: unknown subject {unknown[0] if unknown else spec!r} for "
+                        f"{' and '.join(mc)}; valid subjects: {', '.join(valid)}")
+    out = {b: [s for s in names if s in tables[b]] for b in mc}
+    for b, chosen in out.items():
+        if not chosen:
+            raise EvalError(f"--subjects names no {b} subject; add one or leave {b} out of --benchmark")
+    return out
+
+
 def check_args(args) -> list[str]:
     """The checks across flags and of the input paths, before anything is loaded (each numeric
     flag's own range is checked by the parser). Returns the benchmarks to run."""
     benches = parse_benchmarks(args.benchmark)
+    args.subject_lists = parse_subjects(args.subjects, benches)
     if not (args.model or args.hf or args.samples):
         args.model = DEFAULT_MODEL
     if args.samples and benches != ["humaneval"]:
@@ -1046,16 +1191,17 @@ def check_args(args) -> list[str]:
 
 
 def load_gsm8k_data(data_dir, k: int) -> dict:
-    """The GSM8K test rows and k shots: the training split's first k, as the harness takes them,
-    or the built-in exemplars when that split is not available."""
+    """The GSM8K test rows and the shots' pool: the train split (the harness samples from it), or
+    the built-in exemplars when that split is not available."""
     rows, train = load_gsm8k(data_dir, "test"), None
     if k > 0:
         try:
             train = load_gsm8k(data_dir, "train")
         except EvalError as e:
-            warn(f"gsm8k: training split unavailable ({str(e).split(';')[0]}); using the built-in "
-                 f"few-shot examples (evaluate.GSM8K_FEWSHOT)")
-    return {"rows": rows, "shots": gsm8k_shots(train, k), "fewshot_source": "train split" if train else "built-in"}
+            warn(f"gsm8k: training split unavailable ({str(e).split(';')[0]}); using the first {k} built-in "
+                 f"few-shot examples (evaluate.GSM8K_FEWSHOT): the prompts differ from lm-evaluation-harness's")
+    pool = [(r["question"], r["answer"]) for r in train] if train else None
+    return {"rows": rows, "pool": pool, "fewshot_source": "train split" if train else "built-in"}
 
 
 def load_humaneval_data(data_dir, limit: int | None, samples_path: str | None) -> dict:
@@ -1082,7 +1228,8 @@ def load_benchmark_data(b: str, args) -> dict:
     k = DEFAULT_FEWSHOT[b] if args.num_fewshot is None else args.num_fewshot
     d = args.data_dir
     if b in ("mmlu", "ceval"):
-        return {"k": k, "data": (load_mmlu if b == "mmlu" else load_ceval)(d, need_dev=k > 0)}
+        load = load_mmlu if b == "mmlu" else load_ceval
+        return {"k": k, "data": load(d, need_dev=k > 0, subjects=args.subject_lists[b])}
     if b == "hellaswag":
         return {"k": k, "rows": load_hellaswag(d, "validation"), "train": load_hellaswag(d, "train") if k else []}
     if b == "gsm8k":
@@ -1103,14 +1250,13 @@ def load_scorer(args) -> Scorer:
 
 
 def max_new_tokens_for(b: str, args, ctx_len: int) -> int:
-    """--max-new-tokens (or the benchmark's default), at most half the context window so that a
-    prompt still fits beside it."""
+    """--max-new-tokens (or the benchmark's default). lm-evaluation-harness refuses a budget that leaves
+    no room for the prompt (max_gen_toks >= the context); here it becomes half the context, with a warning."""
     n = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[b]
-    cap = ctx_len // 2
-    if n > cap:
-        warn(f"{b}: --max-new-tokens {n} does not fit the model's {ctx_len}-token context with a "
-             f"prompt; using {cap}")
-        n = cap
+    if n >= ctx_len:
+        warn(f"{b}: --max-new-tokens {n} leaves no room for a prompt in the model's {ctx_len}-token context "
+             f"(lm-evaluation-harness refuses it); using {ctx_len // 2}")
+        n = ctx_len // 2
     return n
 
 
@@ -1118,22 +1264,23 @@ def run_benchmark(b: str, d: dict, scorer: Scorer | None, args) -> tuple[dict, l
     """Score one benchmark from its loaded data `d`; returns (metrics, sample log)."""
     k = d["k"]
     if b in ("mmlu", "ceval"):
-        return run_mmlu_like(scorer, b, d["data"], k, args.limit)
+        return run_mmlu_like(scorer, b, d["data"], k, args.limit, args.drop_shots)
     if b == "hellaswag":
-        return run_hellaswag(scorer, d["rows"], d["train"], k, args.limit)
+        return run_hellaswag(scorer, d["rows"], d["train"], k, args.limit, args.drop_shots, args.fewshot_seed)
     if b == "gsm8k":
-        res, log = run_gsm8k(scorer, d["rows"], d["shots"], k, args.limit, max_new_tokens_for(b, args, scorer.ctx_len))
+        res, log = run_gsm8k(scorer, d["rows"], d["pool"], k, args.limit, max_new_tokens_for(b, args, scorer.ctx_len),
+                             args.drop_shots, args.fewshot_seed)
         res["fewshot_source"] = d["fewshot_source"]
         return res, log
-    samples = d["samples"]
+    samples, fit = d["samples"], {}
     if samples is None:
-        samples = generate_humaneval_samples(scorer, d["problems"], args.num_samples, args.temperature,
-                                             max_new_tokens_for(b, args, scorer.ctx_len), args.seed)
+        n = max_new_tokens_for(b, args, scorer.ctx_len)
+        samples = generate_humaneval_samples(scorer, d["problems"], args.num_samples, args.temperature, n, args.seed)
+        fit = {**fit_report(b, samples, 0, scorer.ctx_len), "max_new_tokens": n}
     res, log = score_humaneval_samples(d["problems"], samples, timeout=args.exec_timeout,
                                        memory_mb=args.exec_memory_mb, workers=args.exec_workers,
                                        progress=not args.quiet)
-    res["temperature"] = args.temperature
-    return res, log
+    return {**res, **fit, "temperature": args.temperature}, log
 
 
 def evaluate(args, benches: list[str]) -> tuple[dict, list[dict]]:
@@ -1155,14 +1302,14 @@ def format_table(results: dict) -> str:
     for task, r in results.items():
         for m, v in r.items():
             if m in ("n", "num_fewshot", "seconds", "temperature", "num_samples", "fewshot_reduced",
-                     "truncated", "fewshot_source") or "stderr" in m or not isinstance(v, float):
+                     "truncated", "fewshot_source", "max_new_tokens") or "stderr" in m or not isinstance(v, float):
                 continue
             se = r.get(m.replace(",", "_stderr,", 1) if "," in m else f"{m}_stderr")
             se_s = f"{se:.4f}" if isinstance(se, float) else ""
             rows.append(f"| {task} | {m} | {v:.4f} | {se_s} | {r['n']} |")
-        for group in ("categories",):
-            for g, gr in r.get(group, {}).items():
-                rows.append(f"| {task}/{g} | acc | {gr['acc']:.4f} |  | {gr['n']} |")
+        for g, gr in r.get("categories", {}).items():
+            se = f"{gr['acc_stderr']:.4f}" if isinstance(gr["acc_stderr"], float) else ""
+            rows.append(f"| {task}/{g} | acc | {gr['acc']:.4f} | {se} | {gr['n']} |")
     return "\n".join(rows)
 
 
@@ -1172,8 +1319,10 @@ def write_outputs(args, benches: list[str], results: dict, log: list[dict]) -> N
         out = {"model": args.model or args.hf or f"samples:{args.samples}",
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "config": {"benchmarks": benches, "data": args.data_dir or "huggingface hub", "limit": args.limit,
-                          "num_fewshot": args.num_fewshot, "batch_size": args.batch_size, "device": args.device,
-                          "seed": args.seed, "num_samples": args.num_samples, "temperature": args.temperature},
+                          "subjects": args.subjects, "num_fewshot": args.num_fewshot, "drop_shots": args.drop_shots,
+                          "fewshot_seed": args.fewshot_seed, "batch_size": args.batch_size, "device": args.device,
+                          "seed": args.seed, "num_samples": args.num_samples, "temperature": args.temperature,
+                          "exec_timeout": args.exec_timeout},
                "results": results}
         du.atomic_write_text(args.json, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     if args.log_samples:

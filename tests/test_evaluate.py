@@ -15,18 +15,20 @@ import evaluate as ev
 # helpers
 
 class FakeLM:
-    """A byte-level LM with uniform logits: lets prompt construction be tested exactly, fast."""
+    """A byte-level LM with uniform logits: lets prompt construction be tested exactly, fast. It is its
+    own tokenizer (byte 0 is EOS, the one special token)."""
 
     def __init__(self, max_seq_len=100_000):
-        self.name, self.device, self.max_seq_len = "fake", "cpu", max_seq_len
+        self.name, self.device, self.max_seq_len, self.kind = "fake", "cpu", max_seq_len, "fishai"
         self.eos_id = self.begin_id = 0
         self.vocab_size = 256
+        self.tokenizer = self
 
     def encode(self, text):
         return list(text.encode("utf-8"))
 
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
+    def decode(self, ids, skip_special=False):
+        return bytes(i for i in ids if not (skip_special and i == 0)).decode("utf-8", errors="replace")
 
     def logits(self, idx):
         return torch.zeros(*idx.shape, self.vocab_size)
@@ -177,13 +179,21 @@ def test_ceval_prompt_and_fewer_shots_when_context_is_short(shared_data):
     sub = {"computer_network": data["computer_network"]}
     res, log = ev.run_mmlu_like(ev.Scorer(FakeLM(), progress=False), "ceval", sub, 5, 2)
     p = log[0]["prompt"]
-    assert p.startswith("以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n")
+    # ceval-valid_computer_network.yaml's description (no "考试")
+    assert p.startswith("以下是中国关于计算机网络的单项选择题，请选出其中的正确答案。\n\n")
     assert p.count("\n答案：") == 6 and p.endswith("\n答案：") and res["fewshot_reduced"] == 0
-    assert res["categories"] == {"STEM": {"acc": res["acc"], "acc_norm": res["acc_norm"], "n": 2}}
-    # a 300-byte window: fewer shots, and with 0 shots still too long -> counted as truncated
-    res2, log2 = ev.run_mmlu_like(ev.Scorer(FakeLM(300), progress=False), "ceval", sub, 5, 2)
+    assert res["categories"] == {"STEM": {"acc": res["acc"], "acc_stderr": res["acc_stderr"],
+                                          "acc_norm": res["acc_norm"], "acc_norm_stderr": res["acc_norm_stderr"],
+                                          "n": 2}}
+    # a 300-byte window: by default (the harness's rule) all 5 shots stay and the oldest tokens are cut
+    res1, log1 = ev.run_mmlu_like(ev.Scorer(FakeLM(300), progress=False), "ceval", sub, 5, 2)
+    assert [r["prompt"] for r in log1] == [r["prompt"] for r in log]
+    assert res1["truncated"] == 2 and res1["fewshot_reduced"] == 0 and res1["num_fewshot"] == 5
+    # --drop-shots: fewer shots, and with 0 shots still too long -> counted as truncated
+    res2, log2 = ev.run_mmlu_like(ev.Scorer(FakeLM(300), progress=False), "ceval", sub, 5, 2, drop_shots=True)
     assert res2["fewshot_reduced"] == 2 and log2[0]["prompt"].count("\n答案：") < 6
-    assert all(len(r["prompt"].encode()) + 3 <= 300 or res2["truncated"] for r in log2)
+    assert res2["num_fewshot"] == min(r["num_fewshot"] for r in log2) < 5
+    assert all(len(r["prompt"].encode()) + 1 <= 300 or r["truncated"] for r in log2)
 
 
 # ------------------------------------------------------------------------------------------
@@ -379,8 +389,12 @@ def test_all_benchmarks_end_to_end(trained_ckpt, shared_data, tmp_path, capsys):
         for k, v in r.items():
             if k.startswith(("acc", "exact_match", "pass@")) and "stderr" not in k:
                 assert 0.0 <= v <= 1.0
-    # the 128-token tiny model cannot hold 5-shot prompts: fewer shots, and it says so
-    assert res["mmlu"]["fewshot_reduced"] > 0 and "fewer than 5 shots" in err
+    # the harness's shot defaults: MMLU 0-shot, GSM8K 5-shot. The 128-token tiny model cannot hold 5-shot
+    # prompts: as in the harness they keep their newest tokens (no shot is dropped without --drop-shots),
+    # and it says so
+    assert res["mmlu"]["num_fewshot"] == 0 and res["gsm8k"]["num_fewshot"] == 5
+    assert res["gsm8k"]["truncated"] == 2 and res["gsm8k"]["fewshot_reduced"] == 0
+    assert "gsm8k: 2 of 2 prompts did not fit the model's 128-token context and lost their oldest tokens" in err
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     by_task = {}
     for r in rows:
@@ -483,15 +497,15 @@ def test_missing_input_files_exit_2(capsys, tmp_path):
 
 
 class GenLM(FakeLM):
-    """FakeLM with a generate() that records what it was asked and answers with a fixed text."""
+    """FakeLM with a generate_ids() that records what it was asked and answers with a fixed text."""
 
     def __init__(self, max_seq_len):
         super().__init__(max_seq_len)
         self.calls = []
 
-    def generate(self, ids, max_new_tokens, temperature=0.0, stop=None, seed=None):
+    def generate_ids(self, ids, max_new_tokens, temperature=0.0, stop=None, seed=None):
         self.calls.append((list(ids), max_new_tokens))
-        return " 42.\n\nQuestion: next one"
+        return self.encode(" 42.\n\nQuestion: next one"), False
 
 
 def test_generate_keeps_the_newest_prompt_tokens_and_cuts_at_stop():
@@ -503,6 +517,111 @@ def test_generate_keeps_the_newest_prompt_tokens_and_cuts_at_stop():
     assert out == " 42.\n\n" and truncated and lm.calls[-1] == (list(prompt.encode())[-48:], 16)
     out, truncated = s.generate("short", 16, ev.GSM8K_STOP)
     assert not truncated and lm.calls[-1] == (list(b"short"), 16)
+
+
+class SpecialLM(GenLM):
+    """GenLM whose answer holds a special token (byte 0) and that records the stop strings it got."""
+
+    def generate_ids(self, ids, max_new_tokens, temperature=0.0, stop=None, seed=None):
+        self.stops = stop
+        return [*b"12", 0, *b" 3\n\nQuestion: x"], False
+
+
+def test_generation_skips_special_tokens_and_stops_at_the_eos_text():
+    # lm-eval's HF model: tok_decode(skip_special_tokens=True), and the EOS token's text joins `until`
+    lm = SpecialLM(64)
+    out, truncated = ev.Scorer(lm, progress=False).generate("q", 8, ev.GSM8K_STOP)
+    assert out == "12 3\n\n" and not truncated
+    assert lm.stops == ["Question:", "</s>", "<|im_end|>", "\x00"]
+
+
+def test_max_new_tokens_defaults_and_cap(capsys):
+    args = ev.build_parser().parse_args(["--benchmark", "humaneval"])
+    assert ev.max_new_tokens_for("humaneval", args, 4096) == 1024 and ev.max_new_tokens_for("gsm8k", args, 4096) == 256
+    # the harness refuses max_gen_toks >= the context; here it becomes half the context, with a warning
+    assert ev.max_new_tokens_for("gsm8k", args, 128) == 64
+    assert "gsm8k: --max-new-tokens 256 leaves no room for a prompt" in capsys.readouterr().err
+    args = ev.build_parser().parse_args(["--benchmark", "gsm8k", "--max-new-tokens", "100"])
+    assert ev.max_new_tokens_for("gsm8k", args, 128) == 100  # the harness runs this: 28 prompt tokens
+
+
+def test_exact_match_is_the_harness_metric():
+    ref = "So she has 5 * 3 = <<5*3=15>>15.\n#### 1,015"
+    preds = ["1,015", "1015", "$1015.", "1015 ", " 1015", "1015.0", "[invalid]", "1,0,1,5"]
+    ours = [ev.gsm8k_exact_match(p, ref) for p in preds]
+    assert ours == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # no whitespace stripping, as in the harness
+    metrics = pytest.importorskip("lm_eval.api.metrics", reason="lm-eval is not installed")
+    theirs = [metrics.exact_match_hf_evaluate([p], [ref], regexes_to_ignore=[",", "\\$", "(?s).*#### ", "\\.$"],
+                                              ignore_case=True)["exact_match"] for p in preds]
+    assert ours == theirs
+
+
+def test_shot_sampler_is_the_harness_sampler():
+    """sample_shots draws what lm-eval's default ContextSampler draws, call after call from one seed,
+    with and without an eval doc to leave out (and its resampling when copies of it were drawn)."""
+    import random
+    samplers = pytest.importorskip("lm_eval.api.samplers", reason="lm-eval is not installed")
+    for pool, n in (([{"i": i} for i in range(40)], 5), ([{"i": 1}] * 4 + [{"i": 0}, {"i": 2}], 2)):
+        theirs = samplers.ContextSampler(pool, rnd=None).set_rnd(1234)
+        rnd = random.Random(1234)
+        for doc in [None, {"i": 1}, {"i": 3}, None, {"i": 1}, {"i": 99}] * 3:
+            assert ev.sample_shots(rnd, pool, n, eval_doc=doc) == theirs.sample(n, eval_doc=doc)
+    assert ev.sample_shots(random.Random(0), pool, 0) == []
+
+
+def test_one_forward_pass_per_question_equals_the_per_choice_scores(tiny_ckpt, shared_data):
+    """MMLU's " A".." D" are one token each: one forward pass per question gives the log-likelihoods of
+    one request per choice (5-shot: every prompt cut to the 128-token window; 0-shot: some cut, others
+    shorter, in padded batches)."""
+    import benchmark
+    s = ev.Scorer(benchmark.load_lm(tiny_ckpt, device="cpu"), batch_size=3, progress=False)
+    forward_inputs = []
+    one_pass = s.next_token_logprobs
+    s.next_token_logprobs = lambda contexts: forward_inputs.extend(contexts) or one_pass(contexts)
+    data = ev.load_mmlu(shared_data, subjects=["anatomy", "marketing"])
+    for k, n_truncated in ((5, 8), (0, 5)):
+        forward_inputs.clear()
+        log = ev.run_mmlu_like(s, "mmlu", data, k, 4)[1]
+        assert len(forward_inputs) == len(log) == 8 and sum(r["truncated"] for r in log) == n_truncated
+        per_choice = s._per_choice_loglikelihoods([[s.encode_pair(r["prompt"], c) for c in r["choices"]]
+                                                   for r in log], "mmlu")
+        for r, ll in zip(log, per_choice):
+            assert r["loglikelihoods"] == pytest.approx(ll, abs=1e-5) and r["pred"] == int(np.argmax(ll))
+
+
+def test_subjects_flag(capsys, tmp_path, tiny_ckpt, shared_data):
+    assert ev.parse_subjects("anatomy, college_physics,computer_network", ["mmlu", "ceval", "gsm8k"]) == \
+        {"mmlu": ["anatomy", "college_physics"], "ceval": ["college_physics", "computer_network"]}
+    assert ev.parse_subjects(None, ["mmlu", "gsm8k"]) == {"mmlu": None}
+    assert list(ev.load_mmlu(shared_data, subjects=["marketing", "anatomy"])) == ["anatomy", "marketing"]
+    assert list(ev.load_ceval(shared_data, need_dev=False, subjects=["law"])) == ["law"]
+    for argv, message in (
+            (["--benchmark", "mmlu", "--subjects", "anatomy,astrology"],
+             "--subjects: unknown subject 'astrology' for mmlu; valid subjects: abstract_algebra, anatomy, "),
+            (["--benchmark", "ceval", "--subjects", "anatomy"], "--subjects: unknown subject 'anatomy' for ceval"),
+            (["--benchmark", "mmlu,ceval", "--subjects", "anatomy"], "--subjects names no ceval subject"),
+            (["--benchmark", "gsm8k", "--subjects", "anatomy"], "--subjects selects MMLU / C-Eval subjects; add mmlu"),
+            (["--benchmark", "mmlu", "--subjects", "astronomy", "--data-dir", shared_data],
+             f"--subjects astronomy: no {shared_data}/mmlu/test/astronomy_test.csv; this --data-dir has "
+             f"abstract_algebra, anatomy,")):
+        rc, stdout, err = run_cli(capsys, "--model", tiny_ckpt, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2 and stdout == "" and len(lines) == 1 and lines[0].startswith("error: " + message), err
+
+
+def test_drop_shots_is_opt_in_and_reported(tiny_ckpt, shared_data, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    common = ["--model", tiny_ckpt, "--benchmark", "mmlu", "--subjects", "anatomy", "--limit", "2",
+              "--num-fewshot", "5", "--data-dir", shared_data, "--device", "cpu", "--json", out, "--overwrite"]
+    rc, _, err = run_cli(capsys, *common, "--drop-shots")
+    assert rc == 0, err
+    r = json.loads(out.read_text())
+    res = r["results"]["mmlu"]
+    assert r["config"]["drop_shots"] is True and res["fewshot_reduced"] == 2 and res["num_fewshot"] < 5
+    assert "mmlu: 2 of 2 prompts got fewer than 5 shots" in err
+    rc, _, err = run_cli(capsys, *common)
+    res = json.loads(out.read_text())["results"]["mmlu"]
+    assert rc == 0 and res["fewshot_reduced"] == 0 and res["num_fewshot"] == 5 and res["truncated"] == 2
 
 
 def test_device_and_dtype_go_through_model_resolvers(monkeypatch):
@@ -524,3 +643,243 @@ def test_device_and_dtype_go_through_model_resolvers(monkeypatch):
     monkeypatch.setattr(benchmark, "load_lm", failing_load_lm)
     with pytest.raises(ev.EvalError, match=r"^cannot load 'org/name': offline$"):
         ev.load_scorer(args)
+
+
+# ------------------------------------------------------------------------------------------
+# against the real lm-evaluation-harness: the same data, the same trained weights (its HF export)
+
+PEER_LIMIT, PEER_MAX_NEW = 3, 24
+PEER_MMLU = ["abstract_algebra", "anatomy", "college_biology", "computer_security",
+             "high_school_government_and_politics", "management", "marketing", "philosophy"]
+PEER_CEVAL = ["computer_network", "marxism", "law", "accountant"]  # one per C-Eval category
+
+# HF `evaluate`'s code_eval metric, which the harness's humaneval/utils.py loads from the hub at import
+# (impossible offline; and this repo's evaluate.py would shadow the package). The stand-in runs the
+# same program, candidate + "\n" + test, with code_eval's 3 s timeout and its pass@k estimate.
+CODE_EVAL_STANDIN = '''
+import subprocess, sys
+import numpy as np
+
+
+class CodeEval:
+    def compute(self, references, predictions, k=(1, 10, 100), timeout=3.0):
+        passed = []
+        for test, candidates in zip(references, predictions):
+            ok = []
+            for c in candidates:
+                try:
+                    ok.append(subprocess.run([sys.executable, "-c", c + "\\n" + test], capture_output=True,
+                                             timeout=timeout).returncode == 0)
+                except subprocess.TimeoutExpired:
+                    ok.append(False)
+            passed.append(ok)
+        n, c = np.array([len(p) for p in passed]), np.array([sum(p) for p in passed])
+        est = lambda n, c, k: 1.0 if n - c < k else 1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1))
+        return {f"pass@{j}": float(np.mean([est(a, b, j) for a, b in zip(n, c)])) for j in k if (n >= j).all()}, passed
+
+
+def load(name, **kwargs):
+    assert name == "code_eval", name
+    return CodeEval()
+'''
+
+HARNESS_RUN = '''
+import json, sys
+cfg = json.loads(sys.argv[1])
+sys.path.insert(0, cfg["standin"])
+import lm_eval
+from lm_eval.tasks import TaskManager
+out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={cfg['hf']},dtype=float32", device="cpu",
+                              tasks=cfg["tasks"], task_manager=TaskManager(include_path=cfg["include"],
+                              include_defaults=False), batch_size=1, limit=cfg["limit"], log_samples=True,
+                              gen_kwargs={"max_gen_toks": cfg["max_new"]}, confirm_run_unsafe_code=True)
+json.dump({"results": out["results"], "samples": out["samples"]}, open(cfg["out"], "w"), default=str)
+'''
+
+
+def _csv_rows(path):
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _peer_task_yamls(root, shared, harness_tasks):
+    """Our task yamls: each includes the harness's own task file and only points its dataset at local
+    json files (dataset_path: json), written here from ../shared/data in the hub datasets' fields."""
+    tasks, j = root / "tasks", root / "json"
+    tasks.mkdir()
+
+    def task(name, include, files, extra=""):
+        data_files = "".join(f"\n    {split}: {path}" for split, path in files.items())
+        (tasks / f"{name}.yaml").write_text(f"include: {include}\ntask: {name}\ntag: []\ndataset_path: json\n"
+                                            f"dataset_name: null\ndataset_kwargs:\n  data_files:{data_files}\n{extra}")
+
+    def group(name, children, metrics):
+        agg = "".join(f"  - metric: {m}\n    weight_by_size: true\n" for m in metrics)
+        (tasks / f"{name}.yaml").write_text(f"group: {name}\ntask: {json.dumps(children)}\n"
+                                            f"aggregate_metric_list:\n{agg}")
+
+    for s in PEER_MMLU:
+        files = {}
+        for split in ("test", "dev"):
+            rows = [{"question": r[0], "subject": s, "choices": r[1:5], "answer": "ABCD".index(r[5])}
+                    for r in _csv_rows(shared / "mmlu" / split / f"{s}_{split}.csv")]
+            files[split] = _write_jsonl(j / f"mmlu_{s}_{split}.jsonl", rows)
+        task(f"peer_mmlu_{s}", harness_tasks / "mmlu" / "default" / f"mmlu_{s}.yaml", files, "num_fewshot: 5\n")
+    cats = {}
+    for s in PEER_MMLU:
+        cats.setdefault(ev.MMLU_SUBJECTS[s], []).append(f"peer_mmlu_{s}")
+    for c, names in cats.items():
+        group(f"peer_mmlu_{c}", names, ["acc"])
+    group("peer_mmlu", [f"peer_mmlu_{c}" for c in cats], ["acc"])
+    for s in PEER_CEVAL:
+        files = {}
+        for split in ("val", "dev"):
+            header, *rows = _csv_rows(shared / "ceval" / split / f"{s}_{split}.csv")
+            rows = [{"explanation": "", **dict(zip(header, r))} for r in rows]  # the hub's val has the column too
+            files[split] = _write_jsonl(j / f"ceval_{s}_{split}.jsonl", rows)
+        task(f"peer_ceval_{s}", harness_tasks / "ceval" / f"ceval-valid_{s}.yaml", files, "num_fewshot: 5\n")
+    group("peer_ceval", [f"peer_ceval_{s}" for s in PEER_CEVAL], ["acc", "acc_norm"])
+    hs = shared / "hellaswag" / "hellaswag_val_subset1000.jsonl"
+    hs_train = _write_jsonl(root / "data" / "hellaswag" / "hellaswag_train.jsonl",
+                            [json.loads(x) for x in hs.read_text().splitlines()[500:]])
+    for name, extra in (("peer_hellaswag", ""), ("peer_hellaswag_2shot", "num_fewshot: 2\n")):
+        task(name, harness_tasks / "hellaswag" / "hellaswag.yaml", {"train": hs_train, "validation": hs}, extra)
+    gsm = shared / "gsm8k" / "test.jsonl"
+    gsm_train = _write_jsonl(root / "data" / "gsm8k" / "train.jsonl",
+                             [json.loads(x) for x in gsm.read_text().splitlines()[100:]])
+    task("peer_gsm8k", harness_tasks / "gsm8k" / "gsm8k.yaml", {"train": gsm_train, "test": gsm})
+    task("peer_humaneval", harness_tasks / "humaneval" / "humaneval.yaml",
+         {"test": shared / "humaneval" / "HumanEval.jsonl"})
+    return tasks
+
+
+def _our_data_dir(root, shared):
+    """evaluate.py's --data-dir: the shared files, plus the same train splits the harness got."""
+    d = root / "data"
+    for bench in ("mmlu", "ceval", "humaneval"):
+        (d / bench).symlink_to(shared / bench)
+    (d / "hellaswag" / "hellaswag_val.jsonl").symlink_to(shared / "hellaswag" / "hellaswag_val_subset1000.jsonl")
+    (d / "gsm8k" / "test.jsonl").symlink_to(shared / "gsm8k" / "test.jsonl")
+    return d
+
+
+@pytest.fixture(scope="module")
+def peer_runs(trained_ckpt, shared_data, tmp_path_factory):
+    """The harness (lm_eval.simple_evaluate, in a subprocess) and evaluate.py on the same five benchmarks,
+    the same documents and the trained tiny model: 128-token context, so the 5-shot prompts do not fit."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
+    if lm_eval.__version__ != "0.4.13":
+        pytest.skip(f"the rules were checked against lm-eval 0.4.13; {lm_eval.__version__} is installed")
+    pytest.importorskip("accelerate", reason="lm-eval's HF model needs accelerate (pip install 'lm-eval[hf]==0.4.13')")
+    import subprocess
+    import sys
+    from pathlib import Path
+    from model import load_model, save_hf
+    root = tmp_path_factory.mktemp("peer")
+    hf = save_hf(load_model(trained_ckpt), root / "hf")
+    include = _peer_task_yamls(root, shared_data, Path(lm_eval.__file__).parent / "tasks")
+    data = _our_data_dir(root, shared_data)
+    (root / "standin").mkdir()
+    (root / "standin" / "evaluate.py").write_text(CODE_EVAL_STANDIN)
+    cfg = {"standin": str(root / "standin"), "hf": str(hf), "include": str(include), "limit": PEER_LIMIT,
+           "max_new": PEER_MAX_NEW, "out": str(root / "harness.json"),
+           "tasks": ["peer_mmlu", "peer_ceval", "peer_hellaswag", "peer_hellaswag_2shot", "peer_gsm8k",
+                     "peer_humaneval"]}
+    env = {**os.environ, "HF_HOME": str(root / "hf_home"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_ALLOW_CODE_EVAL": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", HARNESS_RUN, json.dumps(cfg)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    harness = json.loads((root / "harness.json").read_text())
+    ours = {}
+    common = ["--model", trained_ckpt, "--data-dir", data, "--limit", PEER_LIMIT, "--device", "cpu"]
+    for name, argv in (("mc", ["--benchmark", "mmlu,ceval", "--subjects", ",".join(PEER_MMLU + PEER_CEVAL),
+                               "--num-fewshot", 5]),
+                       ("main", ["--benchmark", "hellaswag,gsm8k,humaneval", "--max-new-tokens", PEER_MAX_NEW,
+                                 "--allow-code-execution"]),
+                       ("hellaswag_2shot", ["--benchmark", "hellaswag", "--num-fewshot", 2])):
+        out, log = root / f"{name}.json", root / f"{name}.jsonl"
+        rc = ev.main([str(a) for a in [*common, *argv, "--json", out, "--log-samples", log, "--quiet"]])
+        assert rc == 0
+        ours[name] = (json.loads(out.read_text())["results"],
+                      [json.loads(line) for line in log.read_text().splitlines()])
+    return harness, ours
+
+
+def _peer_samples(harness, task, ours, bench):
+    """(harness sample, our log row) pairs, document by document."""
+    theirs = sorted(harness["samples"][task], key=lambda r: r["doc_id"])
+    mine = [r for r in ours if r["task"] == bench]
+    assert len(theirs) == len(mine) == PEER_LIMIT
+    return list(zip(theirs, mine))
+
+
+def _same_metrics(theirs: dict, mine: dict, names):
+    """The harness's results[task] ("acc,none", "acc_stderr,none", "exact_match,strict-match", ...) vs ours
+    ("acc", "acc_stderr", "exact_match,strict-match", ...): equal values and standard errors."""
+    for name in names:
+        metric, filt = name.split(",")
+        key, se_key = (metric, f"{metric}_stderr") if filt == "none" else (name, f"{metric}_stderr,{filt}")
+        assert mine[key] == pytest.approx(theirs[name], abs=1e-9), name
+        their_se = theirs[f"{metric}_stderr,{filt}"]
+        assert mine[se_key] is None if their_se == "N/A" else mine[se_key] == pytest.approx(their_se, abs=1e-9), name
+
+
+def test_peer_harness_multiple_choice(peer_runs):
+    """MMLU and C-Eval 5-shot on a 128-token model (every prompt is longer than the context), HellaSwag
+    0- and 2-shot: the harness's prompts, log-likelihoods and metrics, per document and per group."""
+    harness, ours = peer_runs
+    h = harness["results"]
+    res, log = ours["mc"]
+    assert res["mmlu"]["truncated"] == res["mmlu"]["n"] == 24 and res["mmlu"]["num_fewshot"] == 5
+    for bench, subjects, metrics in (("mmlu", PEER_MMLU, ["acc"]), ("ceval", PEER_CEVAL, ["acc", "acc_norm"])):
+        _same_metrics(h[f"peer_{bench}"], res[bench], [f"{m},none" for m in metrics])
+        for s in subjects:
+            _same_metrics(h[f"peer_{bench}_{s}"], res[bench]["subjects"][s], [f"{m},none" for m in metrics])
+            for theirs, mine in _peer_samples(harness, f"peer_{bench}_{s}", [r for r in log if r.get("subject") == s],
+                                              bench):
+                assert [a for a in theirs["arguments"]] == [[mine["prompt"], c] for c in mine["choices"]]
+                assert mine["prompt"].count("\nAnswer:" if bench == "mmlu" else "\n答案：") == 6  # 5 shots
+                assert [r[0][0] for r in theirs["resps"]] == pytest.approx(mine["loglikelihoods"], abs=1e-4)
+                assert [theirs[m] for m in metrics] == [mine[m] for m in metrics]
+    for c in ("stem", "humanities", "social_sciences", "other"):
+        _same_metrics(h[f"peer_mmlu_{c}"], res["mmlu"]["categories"][c], ["acc,none"])
+    for task, run in (("peer_hellaswag", "main"), ("peer_hellaswag_2shot", "hellaswag_2shot")):
+        res, log = ours[run]
+        _same_metrics(h[task], res["hellaswag"], ["acc,none", "acc_norm,none"])
+        for theirs, mine in _peer_samples(harness, task, log, "hellaswag"):
+            assert [a for a in theirs["arguments"]] == [[mine["prompt"], c] for c in mine["choices"]]
+            assert [r[0][0] for r in theirs["resps"]] == pytest.approx(mine["loglikelihoods"], abs=1e-4)
+            assert (theirs["acc"], theirs["acc_norm"]) == (mine["acc"], mine["acc_norm"])
+    assert ours["hellaswag_2shot"][0]["hellaswag"]["num_fewshot"] == 2
+
+
+def test_peer_harness_generation(peer_runs):
+    """GSM8K 5-shot (shots from the seeded sampler, prompts cut to fit 128 - 24 tokens) and HumanEval:
+    the harness's prompts, generated text (its stop sequences), extracted answers and metrics."""
+    harness, ours = peer_runs
+    res, log = ours["main"]
+    h = harness["results"]
+    _same_metrics(h["peer_gsm8k"], res["gsm8k"], ["exact_match,strict-match", "exact_match,flexible-extract"])
+    assert res["gsm8k"]["truncated"] == 3 and res["gsm8k"]["fewshot_source"] == "train split"
+    by_filter = {}
+    for r in harness["samples"]["peer_gsm8k"]:
+        by_filter.setdefault(r["filter"], {})[r["doc_id"]] = r
+    for i, mine in enumerate(r for r in log if r["task"] == "gsm8k"):
+        theirs = by_filter["strict-match"][i]
+        assert theirs["arguments"][0][0] == mine["prompt"] and theirs["resps"][0][0] == mine["response"]
+        assert theirs["filtered_resps"][0] == mine["strict"]
+        assert by_filter["flexible-extract"][i]["filtered_resps"][0] == mine["flexible"]
+    assert res["humaneval"]["pass@1"] == h["peer_humaneval"]["pass@1,create_test"]
+    for theirs, mine in _peer_samples(harness, "peer_humaneval", log, "humaneval"):
+        assert theirs["arguments"][0][0] == mine["prompt"]
+        assert theirs["resps"][0][0] == mine["completion"]
+        assert theirs["filtered_resps"][0] == [mine["prompt"] + mine["completion"]]  # build_predictions
