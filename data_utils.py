@@ -699,10 +699,11 @@ def _iter_txt(path: Path, mode: str, stats: dict | None) -> Iterator[str]:
         _bump(stats, "empty_files")
 
 
-def iter_jsonl(path, skip_bad_lines: bool = False, stats: dict | None = None) -> Iterator[tuple[int, object]]:
+def iter_jsonl(path, skip_bad_lines: bool = False, stats: dict | None = None,
+               fix: str = "fix the line or pass --skip-bad-lines") -> Iterator[tuple[int, object]]:
     """(line number, parsed row) for every non-empty line of a .jsonl (or .jsonl.gz) file: THE jsonl
     reader (documents, SFT conversations, evaluate.py's benchmark files). A line that is not JSON
-    is a DataError naming file:line, or skipped and counted in stats["bad_lines"]."""
+    is a DataError naming file:line and `fix`, or skipped and counted in stats["bad_lines"]."""
     path = Path(path)
     before = _BAD_UTF8[0]
     try:
@@ -715,8 +716,7 @@ def iter_jsonl(path, skip_bad_lines: bool = False, stats: dict | None = None) ->
                     yield lineno, json.loads(line)
                 except json.JSONDecodeError as e:
                     if not skip_bad_lines:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix the line or pass "
-                                        "--skip-bad-lines") from None
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); {fix}") from None
                     _bump(stats, "bad_lines")
     except (gzip.BadGzipFile, EOFError) as e:
         raise DataError(f"{path}: cannot read it as gzipped JSON lines ({type(e).__name__})") from None

@@ -306,14 +306,10 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
 def _read_jsonl(path: Path) -> list[dict]:
     """The rows of a benchmark .jsonl(.gz) file, read by data_utils.iter_jsonl; each must be an object."""
     rows = []
-    try:
-        for i, row in du.iter_jsonl(path):
-            if not isinstance(row, dict):
-                raise EvalError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-    except du.DataError as e:  # a benchmark file is read whole: its bad lines are not skipped
-        raise EvalError(str(e).replace("fix the line or pass --skip-bad-lines", "expected one JSON object per line")) \
-            from None
+    for i, row in du.iter_jsonl(path, fix="expected one JSON object per line"):  # read whole: nothing skipped
+        if not isinstance(row, dict):
+            raise EvalError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 

@@ -268,7 +268,7 @@ def test_bad_files_name_the_file_and_expected_columns(tmp_path):
     with pytest.raises(ev.EvalError, match=r"hellaswag_val\.jsonl:1: missing field\(s\) endings"):
         ev.load_hellaswag(tmp_path / "e")
     (h / "hellaswag_val.jsonl").write_text("{not json\n")
-    with pytest.raises(ev.EvalError, match=r"hellaswag_val\.jsonl:1: not valid JSON"):
+    with pytest.raises(ev.du.FishAIError, match=r"hellaswag_val\.jsonl:1: not valid JSON.*one JSON object per line"):
         ev.load_hellaswag(tmp_path / "e")
     with pytest.raises(ev.EvalError, match=r"missing split.*hellaswag_train"):
         ev.load_hellaswag(tmp_path / "e", split="train")
