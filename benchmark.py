@@ -1340,7 +1340,7 @@ def _quantized_model(t: SelfTest, workdir: Path, strategy: str):
     tensors, _ = quantize.quantize_model(t.model, strategy, progress=False)
     size = quantize.write_quantized(path, tensors, t.cfg.to_dict())
     rss = _rss_bytes()
-    qm = fishai.load_model(path, device=t.device)
+    qm = fishai.load_model(path, device=t.device, dtype=t.dtype)  # bf16 activations on CUDA, fp32 on CPU
     grown = (_rss_bytes() - rss) / 2**20 if rss is not None and not t.cuda else None
     t.row(f"quant_{strategy}_model_mb", f"{strategy} .bin: parameters + buffers MB vs the file",
           quantize.model_bytes(qm) / 2**20, size / 2**20, "MB", peer=".bin file")
@@ -1349,9 +1349,34 @@ def _quantized_model(t: SelfTest, workdir: Path, strategy: str):
     return qm
 
 
+def _time_quantized_batch(t: SelfTest, qm, strategy: str, batch: int, llama) -> None:
+    """The rows of one batch size: eager (the lean decode step) vs HF and llama.cpp, interleaved on
+    the same prompt; with --compile on CUDA also compile_decode's CUDA-graph step vs HF."""
+    idx, N = t.randint(batch, t.prompt_len), t.decode_tokens
+    hf_name = "HF LlamaForCausalLM " + ("fp32" if t.dtype == torch.float32 else f"{_dtype_str(t.dtype)} autocast")
+    t_q, t_h, t_l = t.time_runs([lambda: qm.generate(idx, N, temperature=0),
+                                 (lambda: t.hf_generate(idx, N)) if t.hf is not None else None,
+                                 (lambda: llama.generate(idx.tolist(), N)) if llama else None])
+    label = f"{strategy} .bin: decode tokens/s (batch {batch}, {t.prompt_len}+{N} tokens)"
+    t.row(f"quant_{strategy}_b{batch}_tok_s", label, batch * N / t_q, batch * N / t_h if t_h else None,
+          "tok/s", peer=hf_name)
+    if t_l:
+        t.row(f"quant_{strategy}_b{batch}_llama_cpp_tok_s", label, batch * N / t_q, batch * N / t_l, "tok/s",
+              peer=f"llama.cpp {QUANT_PEERS[strategy][1]}")
+    if t.compile and t.cuda:
+        torch._dynamo.reset()  # a fresh trace per model and batch, never dynamo's recompile limit
+        qm.compile_decode(batch, t.prompt_len + N)
+        try:
+            t_c, t_h = t.time_pair(lambda: qm.generate(idx, N, temperature=0), lambda: t.hf_generate(idx, N))
+        finally:
+            qm.clear_cache()
+        t.row(f"quant_{strategy}_b{batch}_compiled_tok_s", f"{label}, CUDA graph", batch * N / t_c,
+              batch * N / t_h if t_h else None, "tok/s", peer=hf_name)
+
+
 def time_quantized(t: SelfTest, strategy: str):
     """Decode tokens/s at batch 1 and 8 of t.model's weights as a `strategy` .bin loaded quantized,
-    against HF fp32 generate and llama.cpp (QUANT_PEERS) on the same prompt, interleaved."""
+    against HF generate and llama.cpp (QUANT_PEERS) on the same prompt, interleaved."""
     if not t.quantized:
         return
     with tempfile.TemporaryDirectory() as d:
@@ -1359,18 +1384,7 @@ def time_quantized(t: SelfTest, strategy: str):
         llama = _llama_cpp_decoders(t, Path(d), strategy)
         try:
             for batch in (1, 8):
-                idx, N = t.randint(batch, t.prompt_len), t.decode_tokens
-                dec = llama.get(batch)
-                t_q, t_h, t_l = t.time_runs([lambda: qm.generate(idx, N, temperature=0),
-                                             (lambda: t.hf_generate(idx, N)) if t.hf is not None else None,
-                                             (lambda: dec.generate(idx.tolist(), N)) if dec else None])
-                label = f"{strategy} .bin: decode tokens/s (batch {batch}, {t.prompt_len}+{N} tokens)"
-                t.row(f"quant_{strategy}_b{batch}_tok_s", label, batch * N / t_q, batch * N / t_h if t_h else None,
-                      "tok/s", peer="HF LlamaForCausalLM fp32")
-                if t_l:
-                    name = f"llama.cpp {QUANT_PEERS[strategy][1]}"
-                    t.row(f"quant_{strategy}_b{batch}_llama_cpp_tok_s", label,
-                          batch * N / t_q, batch * N / t_l, "tok/s", peer=name)
+                _time_quantized_batch(t, qm, strategy, batch, llama.get(batch))
         finally:
             for dec in llama.values():
                 dec.close()

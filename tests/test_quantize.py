@@ -772,3 +772,17 @@ def test_cuda_quantized_linears_and_decode(exports, tiny_ckpt):
         m.compile_decode(2)
         assert torch.equal(m.generate(idx, 16, temperature=0), eager), strategy
         m.clear_cache()
+
+
+def test_generate_cli_runs_a_bin_quantized_or_dequantized(exports):
+    import generate
+    assert generate.build_parser().parse_args(["--dequantize"]).dequantize is True
+    path, _ = exports["int4"]
+    outs = []
+    for extra in ([], ["--dequantize"]):
+        r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(path), "--prompt", "The",
+                            "--temperature", "0", "--max-new-tokens", "6", "--quiet", *extra],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert all(o.startswith("The") and len(o) > 3 for o in outs)
