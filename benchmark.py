@@ -1256,13 +1256,30 @@ def time_compiled_decode(t: SelfTest):
 # -- quantized: the same weights exported as .bin strategies and loaded as load_model loads them
 # (int8/int4 kernels), against HF fp32 and llama.cpp running quantize.py's GGUF export of them
 
-def _rss_bytes() -> int | None:
-    """The process' resident memory now (Linux /proc), None elsewhere."""
+# run in a fresh process: in the self-test's own, freed memory is reused and RSS says little
+_RSS_AT_LOAD = """\
+import os, sys
+sys.path.insert(0, sys.argv[3])
+import model, quantize
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+m = model.load_model(sys.argv[1], device=sys.argv[2])
+print(before, rss())
+"""
+
+
+def _rss_growth_at_load(path, device) -> int | None:
+    """Resident memory that load_model(path) adds to a fresh Python process that has imported torch
+    and model.py (Linux /proc), None elsewhere."""
+    r = subprocess.run([sys.executable, "-c", _RSS_AT_LOAD, str(path), str(device), str(Path(__file__).parent)],
+                       capture_output=True, text=True)
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        before, after = map(int, r.stdout.split()[-2:])
+    except ValueError:
         return None
+    return after - before
 
 
 class LlamaCppDecoder:
@@ -1339,13 +1356,12 @@ def _quantized_model(t: SelfTest, workdir: Path, strategy: str):
     path = workdir / f"{strategy}.bin"
     tensors, _ = quantize.quantize_model(t.model, strategy, progress=False)
     size = quantize.write_quantized(path, tensors, t.cfg.to_dict())
-    rss = _rss_bytes()
     qm = fishai.load_model(path, device=t.device, dtype=t.dtype)  # bf16 activations on CUDA, fp32 on CPU
-    grown = (_rss_bytes() - rss) / 2**20 if rss is not None and not t.cuda else None
     t.row(f"quant_{strategy}_model_mb", f"{strategy} .bin: parameters + buffers MB vs the file",
           quantize.model_bytes(qm) / 2**20, size / 2**20, "MB", peer=".bin file")
-    t.row(f"quant_{strategy}_rss_mb", f"{strategy} .bin: process RSS growth at load MB vs the file",
-          grown, size / 2**20, "MB", peer=".bin file")
+    grown = None if t.cuda else _rss_growth_at_load(path, t.device)
+    t.row(f"quant_{strategy}_rss_mb", f"{strategy} .bin: RSS a fresh process gains at load, MB",
+          grown / 2**20 if grown is not None else None, size / 2**20, "MB", peer=".bin file")
     return qm
 
 

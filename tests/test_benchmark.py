@@ -510,6 +510,8 @@ def test_self_test_quantized_rows(tiny_config):
                 assert lc["peer"] == f"llama.cpp {gguf_name}" and lc["hf"] > 0 and lc["ours"] == r["ours"]
         mem = sp[f"quant_{strategy}_model_mb"]
         assert mem["peer"] == ".bin file" and mem["ours"] > 0 and mem["hf"] > 0
+        rss = sp[f"quant_{strategy}_rss_mb"]                # measured in a fresh process (Linux)
+        assert rss["hf"] == mem["hf"] and (rss["ours"] is not None or not Path("/proc/self/statm").exists())
     files = {s: sp[f"quant_{s}_model_mb"]["hf"] for s in B.QUANT_PEERS}
     assert files["int4"] < files["int8"] < files["fp32"] and files["mixed"] < files["fp32"]
     assert sp["quant_fp32_model_mb"]["ratio"] == pytest.approx(1.0, abs=0.05)   # a stock fp32 model
