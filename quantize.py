@@ -1064,9 +1064,8 @@ def _runtime_embedding(qt: QTensor, device, dtype) -> tuple:
         return Int4Embedding(qt, head, dtype), head
     if qt.qtype == "f16" and dtype != torch.float16:
         return HalfEmbedding(qt.codes.to(device), dtype), int8_from_float(qt.codes, device, "tok_emb.weight")
-    emb = torch.nn.Embedding(*qt.shape, device="meta")
-    emb.weight = torch.nn.Parameter(qt.dequantize().to(device, dtype))
-    return emb, None
+    # from_pretrained: no init of its own (nn.Embedding's would import torch._dynamo on meta)
+    return torch.nn.Embedding.from_pretrained(qt.dequantize().to(device, dtype), freeze=False), None
 
 
 def _stack_rows(qts: list) -> QTensor | None:
