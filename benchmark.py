@@ -102,6 +102,9 @@ def _add_self_test_parser(sub):
                     help="time with the wall clock or with process CPU time (CPU only: steadier on a busy "
                          "machine; speeds are then tokens per CPU-second)")
     st.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    st.add_argument("--no-quantized", dest="quantized", action="store_false",
+                    help="skip the quantized rows (the same weights as fp32/int8/int4/mixed .bin files, "
+                         "against HF and, when llama-cpp-python is installed, llama.cpp on the GGUF export)")
     st.add_argument("--threads", type=du.int_flag(1), default=None, help="CPU threads for torch (default: torch's "
                     "choice); 1 gives steadier numbers on a busy machine")
     st.add_argument("--seed", type=du.int_flag(0), default=0, help="seed of the random weights and inputs")
@@ -115,6 +118,8 @@ def _add_full_parser(sub):
     fu.add_argument("--model", default="checkpoints/fishai-best.pt",
                     help="checkpoint .pt, quantized .bin, HF dir (or hub name with --hf)")
     fu.add_argument("--hf", action="store_true", help="load --model through transformers AutoModelForCausalLM")
+    fu.add_argument("--dequantize", action="store_true", help="a quantized .bin runs with plain float weights "
+                    "(dequantized at load) instead of its int8/int4 kernels")
     du.add_device_flag(fu)
     du.add_dtype_flag(fu, f"dtype the model runs in; {_AUTO_DTYPE}")
     add_data_args(fu)
@@ -159,10 +164,12 @@ def build_parser() -> du.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer before torch is imported
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as fishai  # noqa: E402
+import quantize  # noqa: E402  (quantize imports benchmark too: neither uses the other at import time)
 
 try:  # tqdm is a hard dependency of the project, but keep the scoring core importable without it
     from tqdm.auto import tqdm
@@ -376,9 +383,9 @@ def _load_transformers(spec: str, device: str, dtype, max_seq_len: int | None) -
               max_seq_len=_hf_context(model, tok) if max_seq_len is None else max_seq_len)
 
 
-def _load_fishai(spec: str, device: str, dtype, max_seq_len: int | None) -> LM:
+def _load_fishai(spec: str, device: str, dtype, max_seq_len: int | None, dequantize: bool = False) -> LM:
     try:
-        model = fishai.load_model(spec, device=device, dtype=dtype)
+        model = fishai.load_model(spec, device=device, dtype=dtype, dequantize=dequantize)
     except (fishai.CheckpointError, FileNotFoundError) as e:
         raise BenchmarkError(du.one_line(e)) from None
     tok = getattr(model, "tokenizer", None)
@@ -392,7 +399,8 @@ def _load_fishai(spec: str, device: str, dtype, max_seq_len: int | None) -> LM:
               vocab_size=model.config.vocab_size, begin_id=eos)
 
 
-def load_lm(spec, device: str = "cpu", dtype=None, hf: bool = False, max_seq_len: int | None = None) -> LM:
+def load_lm(spec, device: str = "cpu", dtype=None, hf: bool = False, max_seq_len: int | None = None,
+            dequantize: bool = False) -> LM:
     """Load something to score.
 
     spec: a FishAI checkpoint (.pt), a quantized export (.bin), a FishAI/Llama HF directory (loaded by
@@ -400,7 +408,8 @@ def load_lm(spec, device: str = "cpu", dtype=None, hf: bool = False, max_seq_len
     name. A directory whose config.json is not a Llama model is loaded through transformers even
     without hf=True. Never uses trust_remote_code. device: as model.resolve_device ("auto", "cpu",
     "cuda", ...); dtype: as model.resolve_dtype (None keeps the stored dtype; "auto", "fp32", "bf16",
-    "float16", ...). max_seq_len caps the context window (default: the model's own). Raises
+    "float16", ...). max_seq_len caps the context window (default: the model's own). A quantized .bin
+    runs on its int8/int4 kernels unless dequantize=True (model.load_model). Raises
     BenchmarkError with a one-line message when it cannot load.
     """
     try:
@@ -428,7 +437,7 @@ def load_lm(spec, device: str = "cpu", dtype=None, hf: bool = False, max_seq_len
             except BenchmarkError:
                 raise e from None
     if path.is_file():
-        return _load_fishai(spec, device, dtype, max_seq_len)
+        return _load_fishai(spec, device, dtype, max_seq_len, dequantize)
     if _looks_like_path(spec):
         raise BenchmarkError(f"{spec}: no such file or directory; pass a checkpoint (.pt), a quantized "
                              ".bin, a model directory or a hub name (org/name)")
@@ -858,7 +867,8 @@ def _print_full_summary(res: dict, samples_per_prompt: int, show_samples: bool =
 def run_full(args) -> int:
     specs = parse_data_flags(args)
     check_outputs(args)
-    lm = load_lm(args.model, device=args.device, dtype=args.dtype, hf=args.hf, max_seq_len=args.max_seq_len)
+    lm = load_lm(args.model, device=args.device, dtype=args.dtype, hf=args.hf, max_seq_len=args.max_seq_len,
+                 dequantize=args.dequantize)
     stride = args.stride or lm.max_seq_len
     _check_stride(stride, lm.max_seq_len)
     print(f"model: {lm.name} ({lm.kind}, context {lm.max_seq_len}, vocab {lm.vocab_size}) on {lm.device}")
@@ -961,6 +971,7 @@ class SelfTest:
     repeat: int
     clock: Callable[[], float]
     compile: bool = False
+    quantized: bool = True         # time the .bin strategies too (--no-quantized: False)
     hf: Any = None                 # transformers.LlamaForCausalLM with the same weights (None: --no-hf)
     compiled: Any = None           # torch.compile(model), set by check_compile
     x: Any = None                  # (2, T) inputs and targets of the loss and training checks
@@ -983,9 +994,10 @@ class SelfTest:
         mark = "PASS" if passed else ("FAIL" if required else "WARN")
         print(f"[{mark}] {name}: {detail}", flush=True)
 
-    def row(self, key: str, label: str, ours, theirs, unit: str):
+    def row(self, key: str, label: str, ours, theirs, unit: str, peer: str = "HF LlamaForCausalLM"):
+        """One result row; `theirs` (JSON key "hf") is the figure of `peer`."""
         ratio = (ours / theirs) if (ours is not None and theirs) else None
-        self.speed[key] = {"label": label, "ours": ours, "hf": theirs, "ratio": ratio, "unit": unit}
+        self.speed[key] = {"label": label, "ours": ours, "hf": theirs, "ratio": ratio, "unit": unit, "peer": peer}
 
     def hf_generate(self, idx, n: int, **kw):
         return self.hf.generate(idx, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(idx), **kw)
@@ -993,20 +1005,25 @@ class SelfTest:
     def time_pair(self, fn_ours, fn_hf, warmup: int = 1) -> tuple[float, float | None]:
         """Median seconds of fn_ours and fn_hf (None without HF), run interleaved (ours, HF, ours,
         HF, ...) so that both see the same machine load."""
-        fns = [fn_ours] + ([fn_hf] if self.hf is not None and fn_hf is not None else [])
-        for fn in fns:
+        t_o, t_h = self.time_runs([fn_ours, fn_hf if self.hf is not None else None], warmup)
+        return t_o, t_h
+
+    def time_runs(self, fns: list, warmup: int = 1) -> list[float | None]:
+        """Median seconds of each function (None for a None entry), run interleaved."""
+        live = [fn for fn in fns if fn is not None]
+        for fn in live:
             for _ in range(warmup):
                 fn()
-        times: list[list[float]] = [[] for _ in fns]
+        times: list[list[float]] = [[] for _ in live]
         for _ in range(max(1, self.repeat)):
-            for k, fn in enumerate(fns):
+            for k, fn in enumerate(live):
                 _sync(self.device)
                 t0 = self.clock()
                 fn()
                 _sync(self.device)
                 times[k].append(self.clock() - t0)
-        med = [sorted(t)[len(t) // 2] for t in times]
-        return med[0], (med[1] if len(med) > 1 else None)
+        med = iter(sorted(t)[len(t) // 2] for t in times)
+        return [None if fn is None else next(med) for fn in fns]
 
 
 # -- checks
@@ -1236,15 +1253,168 @@ def time_compiled_decode(t: SelfTest):
         t.model.clear_cache()
 
 
+# -- quantized: the same weights exported as .bin strategies and loaded as load_model loads them
+# (int8/int4 kernels), against HF fp32 and llama.cpp running quantize.py's GGUF export of them
+
+# run in a fresh process: in the self-test's own, freed memory is reused and RSS says little
+_RSS_AT_LOAD = """\
+import os, sys
+sys.path.insert(0, sys.argv[3])
+import model, quantize
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+m = model.load_model(sys.argv[1], device=sys.argv[2])
+print(before, rss())
+"""
+
+
+def _rss_growth_at_load(path, device) -> int | None:
+    """Resident memory that load_model(path) adds to a fresh Python process that has imported torch
+    and model.py (Linux /proc), None elsewhere."""
+    r = subprocess.run([sys.executable, "-c", _RSS_AT_LOAD, str(path), str(device), str(Path(__file__).parent)],
+                       capture_output=True, text=True)
+    try:
+        before, after = map(int, r.stdout.split()[-2:])
+    except ValueError:
+        return None
+    return after - before
+
+
+class LlamaCppDecoder:
+    """llama.cpp (llama-cpp-python, low-level API) decoding a batch of sequences greedily, one
+    llama_decode for all rows per step (as generate() does): the same prompt ids as ours, the same
+    number of threads. The self-test's random model has no tokenizer, so llama.cpp is told the
+    vocabulary is "none" (a GGUF with a tokenizer loads as it is)."""
+
+    def __init__(self, gguf_path, batch: int, length: int, threads: int, has_vocab: bool):
+        import llama_cpp
+        from llama_cpp import _internals
+        overrides = None if has_vocab else {"tokenizer.ggml.model": "none"}
+        self.llm = llama_cpp.Llama(str(gguf_path), n_ctx=256, n_threads=threads, n_threads_batch=threads,
+                                   kv_overrides=overrides, verbose=False)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = -(-batch * length // 256) * 256
+        params.n_batch = params.n_ubatch = max(batch * length, 8)
+        params.n_seq_max, params.n_threads, params.n_threads_batch = batch, threads, threads
+        self.ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+        self.batch = _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=batch, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def _step(self, rows: list[list[int]], start: int) -> list[int]:
+        """Decode rows[s] at positions start.. for every sequence s; the argmax after each."""
+        b, n = self.batch.batch, len(rows[0])
+        b.n_tokens = len(rows) * n
+        for s, ids in enumerate(rows):
+            for i, tok in enumerate(ids):
+                j = s * n + i
+                b.token[j], b.pos[j], b.seq_id[j][0], b.n_seq_id[j], b.logits[j] = tok, start + i, s, 1, i == n - 1
+        self.ctx.decode(self.batch)
+        return [int(np.ctypeslib.as_array(self.ctx.get_logits_ith(s * n + n - 1), shape=(self.n_vocab,)).argmax())
+                for s in range(len(rows))]
+
+    def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        self.ctx.kv_cache_clear()
+        nxt = self._step(prompts, 0)
+        out = [[t] for t in nxt]
+        for i in range(n - 1):
+            nxt = self._step([[t] for t in nxt], len(prompts[0]) + i)
+            for row, t in zip(out, nxt):
+                row.append(t)
+        return out
+
+    def close(self):
+        self.batch.close()
+        self.ctx.close()
+        self.llm.close()
+
+
+# our .bin strategy -> (the GGUF strategy of the same bit width, llama.cpp's name for it)
+QUANT_PEERS = {"fp32": ("fp16", "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0"),
+               "mixed": ("mixed", "Q4_0+Q8_0+F16")}
+
+
+def _llama_cpp_decoders(t: SelfTest, workdir: Path, strategy: str) -> dict:
+    """{batch: LlamaCppDecoder} on the GGUF export of t.model at the bit width of `strategy`;
+    empty without llama-cpp-python or on a GPU run (the comparison is a CPU one)."""
+    try:
+        import llama_cpp  # noqa: F401  (optional: the rows are skipped without it)
+    except ImportError:
+        return {}
+    if t.cuda:
+        return {}
+    path = workdir / f"{strategy}.gguf"
+    quantize.export_gguf(t.model, path, QUANT_PEERS[strategy][0], progress=False)
+    length = t.prompt_len + t.decode_tokens
+    return {b: LlamaCppDecoder(path, b, length, torch.get_num_threads(), t.model.tokenizer is not None)
+            for b in (1, 8)}
+
+
+def _quantized_model(t: SelfTest, workdir: Path, strategy: str):
+    """t.model's weights as a .bin of `strategy`, loaded quantized; rows for its memory."""
+    path = workdir / f"{strategy}.bin"
+    tensors, _ = quantize.quantize_model(t.model, strategy, progress=False)
+    size = quantize.write_quantized(path, tensors, t.cfg.to_dict())
+    qm = fishai.load_model(path, device=t.device, dtype=t.dtype)  # bf16 activations on CUDA, fp32 on CPU
+    t.row(f"quant_{strategy}_model_mb", f"{strategy} .bin: parameters + buffers MB vs the file",
+          quantize.model_bytes(qm) / 2**20, size / 2**20, "MB", peer=".bin file")
+    grown = None if t.cuda else _rss_growth_at_load(path, t.device)
+    t.row(f"quant_{strategy}_rss_mb", f"{strategy} .bin: RSS a fresh process gains at load, MB",
+          grown / 2**20 if grown is not None else None, size / 2**20, "MB", peer=".bin file")
+    return qm
+
+
+def _time_quantized_batch(t: SelfTest, qm, strategy: str, batch: int, llama) -> None:
+    """The rows of one batch size: eager (the lean decode step) vs HF and llama.cpp, interleaved on
+    the same prompt; with --compile on CUDA also compile_decode's CUDA-graph step vs HF."""
+    idx, N = t.randint(batch, t.prompt_len), t.decode_tokens
+    hf_name = "HF LlamaForCausalLM " + ("fp32" if t.dtype == torch.float32 else f"{_dtype_str(t.dtype)} autocast")
+    t_q, t_h, t_l = t.time_runs([lambda: qm.generate(idx, N, temperature=0),
+                                 (lambda: t.hf_generate(idx, N)) if t.hf is not None else None,
+                                 (lambda: llama.generate(idx.tolist(), N)) if llama else None])
+    label = f"{strategy} .bin: decode tokens/s (batch {batch}, {t.prompt_len}+{N} tokens)"
+    t.row(f"quant_{strategy}_b{batch}_tok_s", label, batch * N / t_q, batch * N / t_h if t_h else None,
+          "tok/s", peer=hf_name)
+    if t_l:
+        t.row(f"quant_{strategy}_b{batch}_llama_cpp_tok_s", label, batch * N / t_q, batch * N / t_l, "tok/s",
+              peer=f"llama.cpp {QUANT_PEERS[strategy][1]}")
+    if t.compile and t.cuda:
+        torch._dynamo.reset()  # a fresh trace per model and batch, never dynamo's recompile limit
+        qm.compile_decode(batch, t.prompt_len + N)
+        try:
+            t_c, t_h = t.time_pair(lambda: qm.generate(idx, N, temperature=0), lambda: t.hf_generate(idx, N))
+        finally:
+            qm.clear_cache()
+        t.row(f"quant_{strategy}_b{batch}_compiled_tok_s", f"{label}, CUDA graph", batch * N / t_c,
+              batch * N / t_h if t_h else None, "tok/s", peer=hf_name)
+
+
+def time_quantized(t: SelfTest, strategy: str):
+    """Decode tokens/s at batch 1 and 8 of t.model's weights as a `strategy` .bin loaded quantized,
+    against HF generate and llama.cpp (QUANT_PEERS) on the same prompt, interleaved."""
+    if not t.quantized:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        qm = _quantized_model(t, Path(d), strategy)
+        llama = _llama_cpp_decoders(t, Path(d), strategy)
+        try:
+            for batch in (1, 8):
+                _time_quantized_batch(t, qm, strategy, batch, llama.get(batch))
+        finally:
+            for dec in llama.values():
+                dec.close()
+
+
 SPEED = [time_prefill, partial(time_decode, batch=1, cache=True), partial(time_decode, batch=8, cache=True),
          partial(time_decode, batch=1, cache=False), partial(time_decode, batch=8, cache=False), time_train,
-         time_compiled_decode]
+         time_compiled_decode, *(partial(time_quantized, strategy=s) for s in QUANT_PEERS)]
 
 
 # -- driver
 
 def _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt_len, decode_tokens, repeat,
-                     hf, seed, clock) -> SelfTest:
+                     hf, seed, clock, quantized=True) -> SelfTest:
     """The model (random weights from `seed`), its HF twin, the fixed inputs and the settings."""
     if clock not in ("wall", "cpu"):
         raise BenchmarkError(f"clock must be 'wall' or 'cpu', got {clock!r}")
@@ -1261,7 +1431,7 @@ def _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt
                  # cpu: process CPU seconds instead of wall seconds - on a shared, oversubscribed
                  # machine the wall clock mostly measures the other processes; CPU time the work done
                  clock=time.process_time if clock == "cpu" and not cuda else time.perf_counter,
-                 compile=bool(compile))
+                 compile=bool(compile), quantized=bool(quantized))
     n = min(128, t.seq_len)
     t.x, t.y = t.randint(2, n), t.randint(2, n)
     t.prefill_len = min(16, cfg.max_seq_len // 2)
@@ -1277,13 +1447,14 @@ def _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt
 
 
 def self_test(config="tiny", device="cpu", dtype=None, compile=False, batch_size=None, seq_len=None,
-              prompt_len=32, decode_tokens=None, repeat=3, hf=True, seed=0, progress=True, clock="wall") -> dict:
+              prompt_len=32, decode_tokens=None, repeat=3, hf=True, seed=0, progress=True, clock="wall",
+              quantized=True) -> dict:
     """Build the model from a preset and check it works here; measure speed vs LlamaForCausalLM.
 
     Returns {"checks": [...], "speed": {...}, "passed": bool, ...}; `passed` covers the required
     (correctness) checks only - speed figures are reported, never asserted."""
     t = _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt_len, decode_tokens, repeat,
-                         hf, seed, clock)
+                         hf, seed, clock, quantized)
     print(f"self-test: config {config if isinstance(config, str) else 'custom'} on {t.device}, dtype "
           f"{_dtype_str(t.dtype)}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     for check in CHECKS:
@@ -1323,10 +1494,11 @@ def _speed_cells(r: dict) -> tuple[str, str, str]:
 
 
 def format_speed_table(speed: dict) -> str:
-    lines = [f"{'metric':<66}{'FishAI':>12}{'HF Llama':>12}{'ratio':>8}"]
+    """The console table: each row against its peer (HF LlamaForCausalLM unless the row names one)."""
+    lines = [f"{'metric':<66}{'FishAI':>12}{'peer':>12}{'ratio':>8}  peer"]
     for r in speed.values():
         ours, hf, ratio = _speed_cells(r)
-        lines.append(f"{r['label']:<66}{ours:>12}{hf:>12}{ratio:>8}")
+        lines.append(f"{r['label']:<66}{ours:>12}{hf:>12}{ratio:>8}  {r.get('peer', 'HF LlamaForCausalLM')}")
     return "\n".join(lines)
 
 
@@ -1339,9 +1511,9 @@ def self_test_markdown(res: dict) -> str:
     for c in res["checks"]:
         detail = str(c["detail"]).replace("|", "\\|")  # "max |diff|" must not split the table cell
         out.append(f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {detail} |")
-    out += ["", "| metric | FishAI | HF LlamaForCausalLM | ratio |", "|---|---:|---:|---:|"]
+    out += ["", "| metric | FishAI | peer | ratio | peer is |", "|---|---:|---:|---:|---|"]
     for r in res["speed"].values():
-        out.append(f"| {r['label']} | {' | '.join(_speed_cells(r))} |")
+        out.append(f"| {r['label']} | {' | '.join(_speed_cells(r))} | {r.get('peer', 'HF LlamaForCausalLM')} |")
     return "\n".join(out) + "\n"
 
 
@@ -1354,7 +1526,7 @@ def run_self_test(args) -> int:
     res = self_test(args.config, device=args.device, dtype=args.dtype, compile=args.compile,
                     batch_size=args.batch_size, seq_len=args.seq_len, prompt_len=args.prompt_len,
                     decode_tokens=args.decode_tokens, repeat=args.repeat, hf=not args.no_hf, seed=args.seed,
-                    progress=not args.quiet, clock=args.clock)
+                    progress=not args.quiet, clock=args.clock, quantized=args.quantized)
     print()
     print(format_speed_table(res["speed"]))
     failed = [c["name"] for c in res["checks"] if c["required"] and not c["passed"]]

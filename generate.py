@@ -90,6 +90,9 @@ def build_parser() -> du.ArgumentParser:
     du.add_device_flag(p)
     du.add_dtype_flag(p, "compute dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, "
                          "fp32 elsewhere)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="a quantized .bin runs with plain float weights (dequantized at load) instead of "
+                        "its int8/int4 kernels")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: static KV cache + torch.compile'd decode step replayed as a CUDA "
                         "graph (the first call compiles); on other devices it warns and runs eagerly")
@@ -504,10 +507,10 @@ def check_args(args: argparse.Namespace) -> None:
                              f"checkpoint, a quantized .bin or an HF model directory)")
 
 
-def load(path: str, device, dtype: torch.dtype | None):
+def load(path: str, device, dtype: torch.dtype | None, dequantize: bool = False):
     """model.load_model, plus a check that a tokenizer came with the model."""
     try:
-        model = fishai.load_model(path, device=device, dtype=dtype)
+        model = fishai.load_model(path, device=device, dtype=dtype, dequantize=dequantize)
     except du.FishAIError:
         raise  # CheckpointError & co. already name the file and the fix
     except Exception as e:  # e.g. the unpickler or transformers choking on a file that is not a model
@@ -607,7 +610,7 @@ def run(args: argparse.Namespace) -> int:
         # minute-long compile) costs more than the Python overhead CUDA graphs remove.
         print(f"warning: --compile only speeds up CUDA decoding; running eagerly on {device}", file=sys.stderr)
         args.compile = False
-    model = load(args.model, device, dtype)
+    model = load(args.model, device, dtype, args.dequantize)
     if args.chat:
         run_chat(model, args)
     else:

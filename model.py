@@ -20,12 +20,14 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import pickle
 import sys
 import zipfile
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import data_utils as du
@@ -358,6 +360,21 @@ def cut_at_stop(text: str, stops) -> str:
     return text[:cut]
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused():
+    """Python's cyclic garbage collector off, then back as it was. A decode step makes hundreds of
+    short-lived tensors and no reference cycles, and the collections they trigger cost ~10% of a
+    batch-1 step (measured: small, int4, CPU). generate_stream decodes inside this (the collector
+    is back when the stream ends or is closed)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 class GPT(nn.Module):
     # loss is computed in chunks (recomputed in backward) once B*T*V exceeds this many logits,
     # so a big batch never holds the full fp32 logits tensor
@@ -366,10 +383,18 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        # built under `with torch.device("meta")` (quantize.build_runtime_model) there is nothing to
+        # initialize, and nn.Embedding's own init of a meta tensor would import torch._dynamo (seconds)
+        meta = torch.empty(0).is_meta
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model,
+                                    _weight=torch.empty(config.vocab_size, config.d_model) if meta else None)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        cos, sin = rope_tables(config, config.max_seq_len)
+        # the output layer is tied to tok_emb (F.linear on its weight); a quantized model loaded
+        # from a .bin sets its own module here (quantize.build_runtime_model)
+        self.lm_head = None
+        with torch.device("cpu") if meta else contextlib.nullcontext():  # (arange on meta: the same import)
+            cos, sin = rope_tables(config, config.max_seq_len)
         # one table shared by all layers; not saved (derived from the config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -386,6 +411,8 @@ class GPT(nn.Module):
         # with depth (GPT-2 / nanoGPT): std / sqrt(2 * n_layers)
         resid_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
+            if p.is_meta:  # no values to fill (quantize.build_runtime_model builds on the meta device)
+                continue
             if p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w_down.weight")):
@@ -402,8 +429,9 @@ class GPT(nn.Module):
         """Allocate per-layer KV buffers. static=True keeps every decode step the same shape
         (attention over the whole buffer with a mask) for torch.compile / CUDA graphs."""
         length = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
-        dtype = dtype or self.tok_emb.weight.dtype
-        device = device or self.tok_emb.weight.device
+        # the norms are float in the model dtype even when tok_emb holds int8/int4 codes
+        dtype = dtype or self.norm.weight.dtype
+        device = device or self.norm.weight.device
         c = self.config
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch_size, c.n_kv_heads, length, c.head_dim, dtype, device)
@@ -432,7 +460,7 @@ class GPT(nn.Module):
         self.setup_cache(batch_size, max_seq_len, static=True)
         step = self._last_logits
         if use_compile:
-            mode = mode or ("reduce-overhead" if self.tok_emb.weight.is_cuda else None)
+            mode = mode or ("reduce-overhead" if self.norm.weight.is_cuda else None)
             step = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
         self._decode_fn = step
         return step
@@ -480,12 +508,15 @@ class GPT(nn.Module):
         whose loss_mask is 1. input_pos: positions of idx in the KV cache (after setup_cache);
         with the default (non-static) cache they must be consecutive, start..start+T-1."""
         h = self._hidden(idx, input_pos=input_pos, doc_ids=doc_ids)
-        weight = self.tok_emb.weight
         if targets is None:
-            return F.linear(h, weight).float(), None
+            return self._head(h).float(), None
         loss = self._loss(h, targets, loss_mask)
-        logits = F.linear(h, weight).float() if return_logits else None
+        logits = self._head(h).float() if return_logits else None
         return logits, loss
+
+    def _head(self, h):
+        """The output layer: tied to the embedding, or a quantized model's own lm_head."""
+        return F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
 
     def _loss(self, h, targets, loss_mask):
         weight = self.tok_emb.weight
@@ -494,6 +525,9 @@ class GPT(nn.Module):
         if loss_mask is not None:
             t = torch.where(loss_mask.reshape(-1).bool(), t, torch.full_like(t, IGNORE_INDEX))
         count = (t != IGNORE_INDEX).sum().clamp(min=1)
+        if self.lm_head is not None:  # a quantized model: inference only, no chunked backward
+            logits = self._head(h).float()
+            return F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum") / count
         n = h.size(0)
         chunk = max(1, self.loss_chunk_elems // weight.size(0))
         if n <= chunk:
@@ -508,48 +542,77 @@ class GPT(nn.Module):
 
     def _last_logits(self, idx, input_pos):
         h = self._hidden(idx, input_pos=input_pos)
-        return F.linear(h[:, -1, :], self.tok_emb.weight).float()
+        return self._head(h[:, -1, :]).float()
 
     def _lean_decode_ok(self) -> bool:
-        """True when every layer is the stock module with no hooks on it, so that the lean decode
-        step below computes exactly what the module path does. Swapped-in layers (quantized linears,
-        LoRA) or hooks (GPTQ calibration, profilers) make generate() use the module path instead."""
+        """True when every layer is a stock module or a layer that declares `lean_decode = True`
+        (quantize.py's quantized layers: plain modules whose forward is all they do), with no hooks
+        on any of them, so that the lean decode step below computes exactly what the module path
+        does. Other swapped-in layers (LoRA wrappers, subclasses) or hooks (GPTQ calibration,
+        profilers) make generate() use the module path instead."""
         from torch.nn.modules import module as nn_module
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return False
         stock = (GPT, nn.Embedding, nn.ModuleList, Block, RMSNorm, Attention, MLP, nn.Linear, KVCache)
-        return all(type(m) in stock and not m._forward_hooks and not m._forward_pre_hooks
-                   for m in self.modules())
+        return all((type(m) in stock or getattr(type(m), "lean_decode", False))
+                   and not m._forward_hooks and not m._forward_pre_hooks for m in self.modules())
 
-    def _lean_decode_step(self, layers, tok, pos: int):
+    def _lean_plan(self):
+        """What _lean_decode_step runs: (embed, head, per-layer tuples). Matmuls are callables -
+        F.linear bound to a stock weight, or a quantized layer's forward (no nn.Module.__call__)."""
+        def fn(m):
+            return partial(F.linear, weight=m.weight) if type(m) is nn.Linear else m.forward
+
+        def group(parent, names):
+            # the outputs of parent's linears `names` for one input: one matmul split in parts when
+            # quantize.build_runtime_model fused them (parent.fused_<names>), else one call each
+            fused = getattr(parent, "fused_" + "_".join(names), None)
+            if fused is not None:
+                f, sizes = fused.forward, [getattr(parent, n).out_features for n in names]
+                return lambda h: f(h).split(sizes, dim=-1)
+            fns = [fn(getattr(parent, n)) for n in names]
+            return lambda h: [g(h) for g in fns]
+
+        emb = self.tok_emb
+        embed = partial(F.embedding, weight=emb.weight) if type(emb) is nn.Embedding else emb.forward
+        head = partial(F.linear, weight=emb.weight) if self.lm_head is None else self.lm_head.forward
+        layers = [(b.attn_norm.weight, group(b.attn, ("wq", "wk", "wv")), fn(b.attn.wo), b.mlp_norm.weight,
+                   group(b.mlp, ("w_gate", "w_up")), fn(b.mlp.w_down), b.attn.kv_cache.k, b.attn.kv_cache.v)
+                  for b in self.layers]
+        return embed, head, layers
+
+    def _lean_decode_step(self, plan, tok, pos: int):
         """One token per row at position `pos` (a Python int) through the eager KV cache: the
-        module path's math with F.linear on the weights, slices instead of gathers and no no-op
-        casts. At batch 1 on a CPU, module-call and indexing overhead is a third of the step for
-        the small presets; this is what makes decode ~1.6x faster than HF's generate there.
-        `layers` is the per-layer tuple list made by generate_stream (weights + cache buffers)."""
+        module path's math with the matmuls called directly, slices instead of gathers and no
+        no-op casts. At batch 1 on a CPU, module-call and indexing overhead is a third of the step
+        for the small presets; this is what makes decode ~1.6x faster than HF's generate there.
+        `plan` is _lean_plan()'s (embed, head, per-layer tuples of norms, matmuls, cache buffers)."""
+        embed, head, layers = plan
         B = tok.shape[0]
         c = self.config
         H, KV, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
         # one position per row, so x stays (B, d) and (B, H*hd) -> (B, H, 1, hd) is a free view
-        x = F.embedding(tok.view(B), self.tok_emb.weight)
+        x = embed(tok.view(B))
         cos, sin = self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1]
         gqa = KV != H
-        for an, wq, wk, wv, wo, mn, wg, wu, wd, kc, vc in layers:
+        for an, qkv, wo, mn, gate_up, wd, kc, vc in layers:
             h = F.rms_norm(x, an.shape, an, eps)
-            q = apply_rope(F.linear(h, wq).view(B, H, 1, hd), cos, sin)
-            k = apply_rope(F.linear(h, wk).view(B, KV, 1, hd), cos, sin)
-            v = F.linear(h, wv).view(B, KV, 1, hd)
+            q, k, v = qkv(h)
+            q = apply_rope(q.view(B, H, 1, hd), cos, sin)
+            k = apply_rope(k.view(B, KV, 1, hd), cos, sin)
+            v = v.view(B, KV, 1, hd)
             if k.dtype != kc.dtype:
                 k, v, q = k.to(kc.dtype), v.to(kc.dtype), q.to(kc.dtype)
             kc[:B, :, pos:pos + 1] = k
             vc[:B, :, pos:pos + 1] = v
             y = F.scaled_dot_product_attention(q, kc[:B, :, :pos + 1], vc[:B, :, :pos + 1], enable_gqa=gqa)
             y = y.reshape(B, H * hd)
-            x = x + F.linear(y if y.dtype == x.dtype else y.to(x.dtype), wo)
+            x = x + wo(y if y.dtype == x.dtype else y.to(x.dtype))
             h = F.rms_norm(x, mn.shape, mn, eps)
-            x = x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
+            g, u = gate_up(h)
+            x = x + wd(F.silu(g) * u)
         x = F.rms_norm(x, self.norm.weight.shape, self.norm.weight, eps)
-        return F.linear(x, self.tok_emb.weight).float()
+        return head(x).float()
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
@@ -570,28 +633,25 @@ class GPT(nn.Module):
                              dtype=dtype, static=self._cache_static)
         compiled = self._decode_fn is not None
         step = self._decode_fn if compiled else self._last_logits
-        lean = None
-        if not compiled and not self._cache_static and self._lean_decode_ok():
-            lean = [(b.attn_norm.weight, b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight, b.attn.wo.weight,
-                     b.mlp_norm.weight, b.mlp.w_gate.weight, b.mlp.w_up.weight, b.mlp.w_down.weight,
-                     b.attn.kv_cache.k, b.attn.kv_cache.v) for b in self.layers]
+        lean = self._lean_plan() if not compiled and not self._cache_static and self._lean_decode_ok() else None
         positions = torch.arange(total, device=idx.device)
         logits = self._last_logits(idx, positions[:T])  # the prefill runs eagerly (its length varies)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done = done | (nxt == eos_id)
-            yield nxt
-            if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-                break
-            if lean is not None:
-                logits = self._lean_decode_step(lean, nxt[:, None], T + i)
-                continue
-            logits = step(nxt[:, None], positions[T + i:T + i + 1])
-            if compiled:
-                logits = logits.clone()  # a CUDA-graph replay overwrites its output on the next call
+        with _cyclic_gc_paused():
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                    done = done | (nxt == eos_id)
+                yield nxt
+                if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                    break
+                if lean is not None:
+                    logits = self._lean_decode_step(lean, nxt[:, None], T + i)
+                    continue
+                logits = step(nxt[:, None], positions[T + i:T + i + 1])
+                if compiled:
+                    logits = logits.clone()  # a CUDA-graph replay overwrites its output on the next call
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
@@ -755,9 +815,12 @@ def _tokenizer_from(data):
     return TextTokenizer.from_dict(data) if data else None
 
 
-def load_model(path, device="cpu", dtype=None) -> GPT:
+def load_model(path, device="cpu", dtype=None, dequantize: bool = False) -> GPT:
     """One entry point for every model file: a training checkpoint (.pt), a quantize.py export
-    (.bin) or an HF Llama directory. Returns a GPT in eval mode with .tokenizer attached."""
+    (.bin) or an HF Llama directory. Returns a GPT in eval mode with .tokenizer attached.
+    A .bin runs quantized (int8/int4 kernels, about the memory of the file; quantize.py
+    build_runtime_model) unless dequantize=True, which gives plain float weights (for training,
+    export or comparison). dtype is the activation dtype then (None: float32)."""
     path = Path(path)
     dtype = resolve_dtype(dtype, device)
     if path.is_dir():
@@ -771,7 +834,7 @@ def load_model(path, device="cpu", dtype=None) -> GPT:
             head = f.read(len(QUANT_MAGIC))
         if head == QUANT_MAGIC:
             import quantize  # lazy: the export format lives with its writer
-            model = quantize.load_quantized(path, device=device, dtype=dtype)
+            model = quantize.load_quantized(path, device=device, dtype=dtype, dequantize=dequantize)
             model.source = str(path)
             return model.eval()
         ckpt = load_checkpoint(path)

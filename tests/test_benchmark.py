@@ -482,3 +482,77 @@ def test_data_cli_compares_prepare_with_bare_encode(tmp_path, text_file, tiny_to
     own_rss_mb = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1]) / 1024
     assert res["peak_rss_MB_x1_vs_xN"] == [e2e["peak_rss_MB"], x2["peak_rss_MB"]]
     assert 5 < e2e["peak_rss_MB"] < own_rss_mb
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 12: self-test rows for the quantized .bin strategies, against HF and llama.cpp
+
+def _has_llama_cpp():
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_self_test_quantized_rows(tiny_config):
+    t = B._build_self_test(tiny_config, "cpu", None, False, 2, 32, 4, 4, 1, True, 0, "cpu")
+    for strategy in B.QUANT_PEERS:
+        B.time_quantized(t, strategy)
+    sp = t.speed
+    for strategy, (_, gguf_name) in B.QUANT_PEERS.items():
+        for batch in (1, 8):
+            r = sp[f"quant_{strategy}_b{batch}_tok_s"]
+            assert r["ours"] > 0 and r["hf"] > 0 and r["peer"] == "HF LlamaForCausalLM fp32"
+            assert r["ratio"] == pytest.approx(r["ours"] / r["hf"]) and f"batch {batch}" in r["label"]
+            if _has_llama_cpp():
+                lc = sp[f"quant_{strategy}_b{batch}_llama_cpp_tok_s"]
+                assert lc["peer"] == f"llama.cpp {gguf_name}" and lc["hf"] > 0 and lc["ours"] == r["ours"]
+        mem = sp[f"quant_{strategy}_model_mb"]
+        assert mem["peer"] == ".bin file" and mem["ours"] > 0 and mem["hf"] > 0
+        rss = sp[f"quant_{strategy}_rss_mb"]                # measured in a fresh process (Linux)
+        assert rss["hf"] == mem["hf"] and (rss["ours"] is not None or not Path("/proc/self/statm").exists())
+    files = {s: sp[f"quant_{s}_model_mb"]["hf"] for s in B.QUANT_PEERS}
+    assert files["int4"] < files["int8"] < files["fp32"] and files["mixed"] < files["fp32"]
+    assert sp["quant_fp32_model_mb"]["ratio"] == pytest.approx(1.0, abs=0.05)   # a stock fp32 model
+    table = B.format_speed_table(sp)
+    assert "int4 .bin: decode tokens/s (batch 8" in table and "HF LlamaForCausalLM fp32" in table
+    if _has_llama_cpp():
+        assert "llama.cpp Q4_0" in table and "llama.cpp Q8_0" in table
+    # --no-quantized: no rows
+    t.quantized, t.speed = False, {}
+    B.time_quantized(t, "int8")
+    assert t.speed == {}
+    assert B.build_parser().parse_args(["self-test", "--no-quantized"]).quantized is False
+
+
+@pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_decoder_batches_like_single_rows(trained_ckpt, tmp_path):
+    """The llama.cpp peer decodes a batch of rows at once exactly as it decodes each alone, and on
+    the F16 export of a trained model it picks the tokens our model picks."""
+    import quantize
+    from model import load_model
+    m = load_model(trained_ckpt)
+    path = tmp_path / "m.gguf"
+    quantize.export_gguf(m, path, "fp16", progress=False)
+    prompts = [m.tokenizer.encode(t)[:6] for t in ("The history of the city", "In the year 1990 the")]
+    one = B.LlamaCppDecoder(path, 1, 16, 1, has_vocab=True)
+    two = B.LlamaCppDecoder(path, 2, 16, 1, has_vocab=True)
+    try:
+        alone = [one.generate([p], 8)[0] for p in prompts]
+        assert two.generate(prompts, 8) == alone
+    finally:
+        one.close()
+        two.close()
+    ours = m.generate(torch.tensor(prompts), 8, temperature=0)[:, 6:].tolist()
+    assert [row[:4] for row in ours] == [row[:4] for row in alone]
+
+
+def test_dequantize_flag_reaches_load_model(tmp_path, tiny_ckpt):
+    import quantize
+    assert B.build_parser().parse_args(["full", "--dequantize"]).dequantize is True
+    out = tmp_path / "m.bin"
+    quantize.main(["--model", str(tiny_ckpt), "--output", str(out), "--strategy", "int4", "--quiet"])
+    kinds = {type(x).__name__ for x in B.load_lm(out).model.modules()}
+    assert "Int4Linear" in kinds and "Linear" not in kinds
+    assert "Linear" in {type(x).__name__ for x in B.load_lm(out, dequantize=True).model.modules()}

@@ -144,7 +144,7 @@ def test_strategy_plans(tiny_model):
 def test_load_model_reads_every_strategy(exports, tiny_ckpt, strategy, tol):
     path, report = exports[strategy]
     ref = load_model(tiny_ckpt)
-    m = load_model(path)
+    m = load_model(path, dequantize=True)  # issue 12: the default runs quantized (tests at the end)
     assert not m.training and m.tokenizer is not None and m.tokenizer.hash == ref.tokenizer.hash
     # the loaded weights are exactly the stored dequantized values
     _, tensors = Q.read_quantized(path)
@@ -157,7 +157,7 @@ def test_load_model_reads_every_strategy(exports, tiny_ckpt, strategy, tol):
     assert (a - b).abs().max().item() < tol
     if strategy == "fp32":
         assert torch.allclose(a, b, atol=1e-6)
-    m16 = load_model(path, dtype="fp16")
+    m16 = load_model(path, dtype="fp16", dequantize=True)
     assert m16.tok_emb.weight.dtype == torch.float16
 
 
@@ -814,3 +814,231 @@ def test_gguf_writer_is_atomic_and_follows_the_umask(tiny_model, tmp_path, monke
     finally:
         os.umask(old)
     assert out.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["m.gguf"]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 12: a .bin runs quantized (int8/int4 kernels, memory ~ the file, the fast decode step)
+
+def _bound(x, w):
+    """What bf16 activations may cost a matmul: 2^-7 of sum |x| |w| per output (the kernels round
+    x to bf16 (2^-9 relative) and their result (2^-9), and the int4 kernel its bf16 scales)."""
+    return 2.0 ** -7 * (x.abs() @ w.abs().T) + 1e-6
+
+
+def test_int8_kernel_signature_is_codes_times_row_scales():
+    # torch's kernel, as quantize.Int8Linear calls it: (x bf16 (M, K), codes int8 (N, K), scales (N,))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g)
+    codes = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    scales = torch.rand(48, generator=g) + 0.5
+    y = torch._weight_int8pack_mm(x.bfloat16(), codes, scales.bfloat16()).float()
+    w = codes.float() * scales.bfloat16().float()[:, None]
+    assert ((y - x.bfloat16().float() @ w.T).abs() <= 2.0 ** -8 * (x.abs() @ w.abs().T)).all()
+
+
+def test_int4_kernel_dequantizes_q_minus_8_times_scale_plus_zero():
+    # the CPU kernel reads qScaleAndZeros (K/group, N, 2) = [scale, zero] and computes
+    # w = (q - 8) * scale + zero; the .bin's w = (q - z) * s is then zero = (8 - z) * s
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (32, 128), generator=g, dtype=torch.int32)
+    s = torch.rand(32, 2, generator=g) + 0.1
+    z = torch.randint(0, 16, (32, 2), generator=g).float()
+    w = (q.float() - z.repeat_interleave(64, 1)) * s.repeat_interleave(64, 1)
+    sz = torch.stack([s, (8 - z) * s], -1).transpose(0, 1).contiguous()
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    assert packed.shape == (32, 64) and packed.dtype == torch.uint8
+    x = torch.randn(2, 128, generator=g)
+    y = torch._weight_int4pack_mm_for_cpu(x, packed, 64, sz)                 # fp32: exact arithmetic
+    assert torch.allclose(y, x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,group", [((64, 256), 128), ((48, 200), 128), ((96, 192), 128), ((40, 64), 32),
+                                         ((64, 100), 50), ((16, 704), 128)])
+def test_quantized_linears_match_their_dequantized_weights(shape, group):
+    """Per type: the layer's output is x @ W^T of the stored (dequantized) W within bf16 rounding;
+    shapes cover padding (K = 200, 100), the .bin's shorter last group (192, 704 = 5.5 groups),
+    rows the int4 kernel cannot take (N = 40: dequantized per call) and a non-kernel group (50)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(*shape, generator=g) * 0.05
+    x = torch.randn(2, 3, shape[1], generator=g)
+    for qtype in ("q8", "q4"):
+        qt = Q.quantize_rtn(w, qtype, group)
+        ref = x @ qt.dequantize().T
+        layer = Q.int8_linear(qt.codes, qt.scales, "cpu") if qtype == "q8" else Q.int4_linear(qt, "cpu")
+        y = layer(x)
+        assert y.shape == (2, 3, shape[0]) and y.dtype == torch.float32
+        assert ((y - ref).abs() <= _bound(x, qt.dequantize())).all(), (qtype, getattr(layer, "mode", "kernel"))
+        if qtype == "q4":
+            expect = "dequant" if shape[0] % 16 or group not in Q.INT4_KERNEL_GROUPS else "cpu"
+            assert layer.mode == expect
+    # without a kernel the layer is dequantized for each call: fp32 arithmetic, no bf16
+    for qtype in ("q8", "q4"):
+        qt = Q.quantize_rtn(w, qtype, group)
+        layer = (Q.int8_linear(qt.codes, qt.scales, "cpu", kernel=False) if qtype == "q8"
+                 else Q.int4_linear(qt, "cpu", mode="dequant"))
+        assert torch.allclose(layer(x), x @ qt.dequantize().T, rtol=1e-5, atol=1e-6)
+
+
+def test_int4_kernel_group_and_padding():
+    assert Q._kernel_group(704, 128) == 64 and Q._kernel_group(512, 128) == 128
+    assert Q._kernel_group(200, 128) == 128 and Q._kernel_group(64, 128) == 64
+    qt = Q.quantize_rtn(torch.randn(32, 200), "q4", 128)
+    layer = Q.int4_linear(qt, "cpu")
+    assert (layer.kernel_group, layer.pad, layer.scales_and_zeros.shape) == (128, 56, (2, 32, 2))
+
+
+@pytest.mark.parametrize("rows", [512, 208, 96, 32])
+def test_int4_embedding_reads_rows_from_the_kernel_layout(rows):
+    """The tied int4 table is stored once, in the CPU kernel's layout; lookups read it back exactly
+    (full 64-row blocks, a shorter last block: 208 = 3 x 64 + 16, 96, 32)."""
+    qt = Q.quantize_rtn(torch.randn(rows, 192, generator=torch.Generator().manual_seed(3)), "q4", 128)
+    head = Q.int4_linear(qt, "cpu")
+    emb = Q.Int4Embedding(qt, head, torch.float32)
+    assert not emb.row_packed and emb.weight.data_ptr() == head.weight.data_ptr()
+    idx = torch.tensor([[0, rows - 1, rows // 2], [1, 17, rows - 16]])
+    assert torch.equal(emb(idx), qt.dequantize()[idx])
+
+
+def test_int8_and_fp16_embeddings_are_exact():
+    w = torch.randn(80, 48, generator=torch.Generator().manual_seed(4))
+    idx = torch.tensor([3, 79, 0])
+    q8 = Q.quantize_rtn(w, "q8")
+    emb8 = Q.Int8Embedding(Q.int8_linear(q8.codes, q8.scales, "cpu"), q8.scales, torch.float32)
+    assert torch.equal(emb8(idx), q8.dequantize()[idx])
+    half = Q.HalfEmbedding(w.half(), torch.float32)
+    assert torch.equal(half(idx), w.half().float()[idx])
+
+
+def test_fused_qkv_and_gate_up_share_the_parts_storage(tmp_path, tiny_model):
+    tensors, _ = Q.quantize_model(tiny_model, "int8", progress=False)
+    path = tmp_path / "int8.bin"
+    Q.write_quantized(path, tensors, tiny_model.config.to_dict())
+    m = load_model(path)
+    attn, mlp = m.layers[0].attn, m.layers[0].mlp
+    assert hasattr(attn, "fused_wq_wk_wv") and hasattr(mlp, "fused_w_gate_w_up")
+    fused = attn.fused_wq_wk_wv
+    assert attn.wk.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+    x = torch.randn(3, tiny_model.config.d_model)
+    q, k, v = fused(x).split([attn.wq.out_features, attn.wk.out_features, attn.wv.out_features], -1)
+    assert torch.equal(q, attn.wq(x)) and torch.equal(k, attn.wk(x)) and torch.equal(v, attn.wv(x))
+
+
+@pytest.fixture(scope="module")
+def quantized(exports):
+    return {s: (load_model(exports[s][0]), load_model(exports[s][0], dequantize=True)) for s in Q.STRATEGIES}
+
+
+@pytest.mark.parametrize("strategy", Q.STRATEGIES)
+def test_load_model_runs_quantized_by_default(quantized, strategy):
+    qm, dm = quantized[strategy]
+    kinds = {type(mod).__name__ for mod in qm.modules()}
+    want = {"fp32": {"Linear", "Embedding"}, "fp16": {"HalfLinear", "HalfEmbedding", "Int8Linear"},
+            "int8": {"Int8Linear", "Int8Embedding"}, "int4": {"Int4Linear", "Int4Embedding"},
+            "mixed": {"Int8Linear", "Int4Linear", "HalfEmbedding"}}[strategy]
+    assert want <= kinds and ("Linear" in kinds) == (strategy == "fp32")
+    assert {type(mod).__name__ for mod in dm.modules()} >= {"Linear", "Embedding"}
+    assert qm._lean_decode_ok() and not qm.training and qm.tokenizer is not None
+    idx = torch.randint(0, qm.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = qm(idx)[0], dm(idx)[0]
+    assert (a - b).abs().max().item() < (1e-6 if strategy == "fp32" else 0.05 * b.abs().max().item())
+    # greedy decoding: the fast decode step gives what the module path (a forward per token) gives
+    out = qm.generate(idx[:, :8], 12, temperature=0)
+    with torch.no_grad():
+        logits = qm(out)[0]
+    assert torch.equal(logits[:, 7:-1].argmax(-1), out[:, 8:])
+
+
+def test_quantized_decode_paths_agree(quantized):
+    """generate(): lean step, module path (a hook on a layer) and compile_decode's static loop."""
+    qm, _ = quantized["mixed"]
+    x = torch.randint(0, qm.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(6))
+    lean = qm.generate(x, 10, temperature=0)
+    h = qm.layers[0].mlp.w_down.register_forward_hook(lambda *a: None)
+    assert not qm._lean_decode_ok()
+    assert torch.equal(qm.generate(x, 10, temperature=0), lean)
+    h.remove()
+    qm.compile_decode(2, use_compile=False)
+    assert torch.equal(qm.generate(x, 10, temperature=0), lean)
+    qm.clear_cache()
+
+
+def test_quantized_memory_is_within_1_5x_the_file(tmp_path):
+    """Bytes of parameters + buffers (shared storage once) <= 1.5x the .bin, for a model shaped like
+    the presets (vocab >> d_model, d_ff = 704 gives int4 groups of 64)."""
+    from model import GPT, ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=704, max_seq_len=256)
+    gpt = GPT(cfg).eval()
+    sizes = {}
+    for strategy in Q.STRATEGIES:
+        tensors, _ = Q.quantize_model(gpt, strategy, progress=False)
+        sizes[strategy] = Q.write_quantized(tmp_path / f"{strategy}.bin", tensors, cfg.to_dict())
+        ratio = Q.model_bytes(load_model(tmp_path / f"{strategy}.bin")) / sizes[strategy]
+        assert ratio <= 1.5, (strategy, ratio)
+        if strategy in ("int8", "int4"):
+            assert ratio < 1.15, (strategy, ratio)      # no second copy of the tied table
+    # ...while dequantize=True is the float model (7.5x the int4 file)
+    assert Q.model_bytes(load_model(tmp_path / "int4.bin", dequantize=True)) > 6 * sizes["int4"]
+
+
+def test_quantized_perplexity_matches_dequantized_on_wikitext(trained_ckpt, tmp_path, shared_data):
+    """Perplexity through the kernels is within 0.1% of the dequantized model (a WikiText-103 test
+    slice; the full figure is in docs/RESULTS.md)."""
+    import benchmark
+    texts = Q.load_eval_texts(f"wikitext103:{shared_data / 'wikitext103'}", limit=3)
+    texts = [t[:4000] for t in texts]
+    for strategy in ("int8", "int4", "mixed"):
+        out = tmp_path / f"{strategy}.bin"
+        Q.run(_args(model=str(trained_ckpt), output=str(out), strategy=strategy, group_size=64))
+        q = benchmark.perplexity(benchmark.load_lm(out), texts, progress=False)
+        d = benchmark.perplexity(benchmark.load_lm(out, dequantize=True), texts, progress=False)
+        assert q["tokens"] == d["tokens"] > 1000
+        assert abs(q["token_ppl"] / d["token_ppl"] - 1) < 1e-3, strategy
+        assert abs(q["bits_per_byte"] / d["bits_per_byte"] - 1) < 1e-3, strategy
+
+
+def test_a_bin_source_is_requantized_from_its_float_weights(exports, tmp_path):
+    src, _ = exports["int8"]
+    rep = Q.run(_args(model=str(src), output=str(tmp_path / "again.bin"), strategy="int4"))
+    assert rep["summary"]["file_bytes"] < src.stat().st_size
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_quantized_linears_and_decode(exports, tiny_ckpt):
+    """CUDA: int8 (_weight_int8pack_mm) and int4 (tinygemm, _convert_weight_to_int4pack) layers
+    match their dequantized weights; generate() and the CUDA-graph decode step run on them."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    x = torch.randn(4, 256, generator=g)
+    for qtype in ("q8", "q4"):
+        qt = Q.quantize_rtn(w, qtype, 128)
+        layer = Q.int8_linear(qt.codes, qt.scales, "cuda") if qtype == "q8" else Q.int4_linear(qt, "cuda")
+        assert getattr(layer, "mode", "cuda") == "cuda" and getattr(layer, "kernel", True)
+        y = layer(x.cuda()).float().cpu()
+        assert ((y - x @ qt.dequantize().T).abs() <= _bound(x, qt.dequantize())).all(), qtype
+    for strategy in ("int8", "int4", "mixed"):
+        m = load_model(exports[strategy][0], device="cuda")
+        assert Q.model_bytes(m) <= 1.6 * exports[strategy][0].stat().st_size
+        idx = torch.randint(0, m.config.vocab_size, (2, 8), device="cuda", generator=None)
+        eager = m.generate(idx, 16, temperature=0)
+        m.compile_decode(2)
+        assert torch.equal(m.generate(idx, 16, temperature=0), eager), strategy
+        m.clear_cache()
+
+
+def test_generate_cli_runs_a_bin_quantized_or_dequantized(exports):
+    import generate
+    assert generate.build_parser().parse_args(["--dequantize"]).dequantize is True
+    path, _ = exports["int4"]
+    outs = []
+    for extra in ([], ["--dequantize"]):
+        r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(path), "--prompt", "The",
+                            "--temperature", "0", "--max-new-tokens", "6", "--quiet", *extra],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert all(o.startswith("The") and len(o) > 3 for o in outs)
