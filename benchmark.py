@@ -118,8 +118,7 @@ def _add_full_parser(sub):
     fu.add_argument("--model", default="checkpoints/fishai-best.pt",
                     help="checkpoint .pt, quantized .bin, HF dir (or hub name with --hf)")
     fu.add_argument("--hf", action="store_true", help="load --model through transformers AutoModelForCausalLM")
-    fu.add_argument("--dequantize", action="store_true", help="a quantized .bin runs with plain float weights "
-                    "(dequantized at load) instead of its int8/int4 kernels")
+    du.add_dequantize_flag(fu)
     du.add_device_flag(fu)
     du.add_dtype_flag(fu, f"dtype the model runs in; {_AUTO_DTYPE}")
     add_data_args(fu)

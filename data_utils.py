@@ -214,6 +214,11 @@ def add_device_flag(p):
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps")
 
 
+def add_dequantize_flag(p):
+    p.add_argument("--dequantize", action="store_true", help="a quantized .bin runs with plain float weights "
+                   "(dequantized at load) instead of its int8/int4 kernels")
+
+
 def add_quiet_flag(p):
     """--quiet: no progress bars or per-item tables (results and errors still print); the older
     spelling --no-progress stays as a hidden alias."""

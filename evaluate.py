@@ -119,6 +119,7 @@ def build_parser() -> du.ArgumentParser:
     p.add_argument("--batch-size", type=du.int_flag(1), default=8, help="log-likelihood batch size")
     du.add_device_flag(p)
     du.add_dtype_flag(p, "model dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 elsewhere)")
+    du.add_dequantize_flag(p)
     p.add_argument("--seed", type=du.int_flag(0), default=1234, help="seed for sampling")
     p.add_argument("--max-new-tokens", type=du.int_flag(1),
                    help="tokens to generate per answer (default: " +
@@ -1239,8 +1240,9 @@ def load_scorer(args) -> Scorer:
     device = fishai.resolve_device(args.device)
     dtype = fishai.resolve_dtype(args.dtype, device)
     try:
-        lm = benchmark.load_lm(args.hf or args.model, device=str(device), dtype=dtype, hf=bool(args.hf))
-    except benchmark.BenchmarkError as e:  # a plain ValueError in benchmark.py: report it as bad input
+        lm = benchmark.load_lm(args.hf or args.model, device=str(device), dtype=dtype, hf=bool(args.hf),
+                               dequantize=args.dequantize)
+    except benchmark.BenchmarkError as e:  # a model that cannot be loaded is bad input
         raise EvalError(du.one_line(e)) from None
     return Scorer(lm, batch_size=args.batch_size, progress=not args.quiet)
 

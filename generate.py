@@ -90,9 +90,7 @@ def build_parser() -> du.ArgumentParser:
     du.add_device_flag(p)
     du.add_dtype_flag(p, "compute dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, "
                          "fp32 elsewhere)")
-    p.add_argument("--dequantize", action="store_true",
-                   help="a quantized .bin runs with plain float weights (dequantized at load) instead of "
-                        "its int8/int4 kernels")
+    du.add_dequantize_flag(p)
     p.add_argument("--compile", action="store_true",
                    help="CUDA: static KV cache + torch.compile'd decode step replayed as a CUDA "
                         "graph (the first call compiles); on other devices it warns and runs eagerly")

@@ -628,15 +628,18 @@ def test_device_and_dtype_go_through_model_resolvers(monkeypatch):
     import benchmark
     seen = {}
 
-    def fake_load_lm(spec, device, dtype, hf):
-        seen.update(spec=spec, device=device, dtype=dtype, hf=hf)
+    def fake_load_lm(spec, device, dtype, hf, dequantize):
+        seen.update(spec=spec, device=device, dtype=dtype, hf=hf, dequantize=dequantize)
         return FakeLM(256)
     monkeypatch.setattr(benchmark, "load_lm", fake_load_lm)
     for name, want in (("auto", torch.float32), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
         args = ev.build_parser().parse_args(["--benchmark", "mmlu", "--hf", "org/name", "--dtype", name,
                                           "--device", "cpu"])
         assert ev.load_scorer(args).ctx_len == 256
-        assert seen == {"spec": "org/name", "device": "cpu", "dtype": want, "hf": True}
+        assert seen == {"spec": "org/name", "device": "cpu", "dtype": want, "hf": True, "dequantize": False}
+    args = ev.build_parser().parse_args(["--benchmark", "mmlu", "--model", "m.bin", "--dequantize"])
+    ev.load_scorer(args)
+    assert seen["dequantize"] is True and seen["spec"] == "m.bin"  # a quantized .bin on plain float weights
 
     def failing_load_lm(*a, **kw):
         raise benchmark.BenchmarkError("cannot load 'org/name': offline\nsecond line")
