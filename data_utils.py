@@ -114,9 +114,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
-                or action.option_strings == [] or text == argparse.SUPPRESS):
-            return text
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or text == argparse.SUPPRESS or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text  # an on/off flag's default is its absence
         return f"{text} (default: {action.default})"
 
 
