@@ -3,9 +3,16 @@ Train a FishAI model: pretraining or chat SFT, on one CPU/GPU or many GPUs/nodes
 
 Usage (copy-paste):
 
-  # pretrain the seed's FishAI-Small on a prepared dataset (data_utils.py prepare -> data/)
-  python train.py --config small --data data/ --output-dir checkpoints --batch-size 4 \\
-      --grad-accum 8 --lr 5e-4 --warmup 100 --max-steps 10000 --seq-len 512 --device cuda
+  # pretrain the seed's FishAI-Small on a prepared dataset (data_utils.py prepare -> data/) with
+  # the preset's recipe (Muon + warmup-stable-decay, batch and LRs by RECIPE_RULE)
+  python train.py --config small --data data/ --output-dir checkpoints --max-steps 10000 --device cuda
+
+  # the 2022 baseline instead: AdamW + cosine, LR and batch of your choice
+  python train.py --config small --data data/ --optimizer adamw --schedule cosine --lr 5e-4 \\
+      --batch-size 4 --grad-accum 8 --warmup 100 --output-dir checkpoints-adamw
+
+  # a WSD run is extended from the end of its stable phase: 10000 -> 20000 steps
+  python train.py --resume checkpoints/fishai-stable.pt --max-steps 20000 --output-dir checkpoints
 
   # raw text (txt / jsonl / parquet / hf:NAME / python-docs) is tokenized on the fly
   python train.py --config tiny --data python-docs --tokenizer tokenizer/ --max-steps 300 --device cpu
@@ -27,6 +34,8 @@ Outputs in --output-dir:
                     and data position, train args); every --save-interval steps, on Ctrl-C, at the end
   fishai-best.pt    the weights, config and tokenizer at the best validation loss (a complete model
                     for generate.py / quantize.py, without the optimizer state)
+  fishai-stable.pt  --schedule wsd: the full state where the LR decay starts; extend the run with
+                    --resume fishai-stable.pt --max-steps MORE (the decay moves to the new end)
   metrics.jsonl     one JSON object per log/eval/sample line
   loss_curve.png    train and val loss, written at the end of every run (needs matplotlib)
 Checkpoints are written atomically, so a killed run always leaves a loadable fishai-latest.pt.
@@ -70,7 +79,10 @@ METRICS_NAME = "metrics.jsonl"
 LOSS_CURVE_NAME = "loss_curve.png"
 VOCAB_MULTIPLE = 64  # pad the embedding to a multiple of 64 so the vocab matmul uses fast kernels
 VAL_FRACTION = 0.05  # raw --data without --val-data: share of documents held out (du.holdout_split)
+STABLE_NAME = "fishai-stable.pt"
 STAGES = ("pretrain", "sft")
+OPTIMIZERS = ("muon", "adamw")
+SCHEDULES = ("wsd", "cosine")
 
 HOLDOUT_RULE = (
     "Validation data: a prepared dir brings its own val.bin; for raw --data (and SFT conversations) "
@@ -80,25 +92,45 @@ HOLDOUT_RULE = (
     "may have seen validation documents, never quick_train's test documents.")
 
 RESUME_RULE = (
-    "Resume (--resume): the run continues exactly. Batch, accumulation, sequence length, LR, schedule, "
-    "warmup, max steps, seed, data, intervals, device and dtype come from the checkpoint's train args, "
-    "so the paths are enough. A flag given again with another value is applied and printed "
-    "('changed on resume: lr 0.002 -> 0.001') when that is safe: --lr --min-lr-ratio --warmup "
-    "--max-steps --grad-clip --max-nonfinite, the eval/save/log/sample intervals, --eval-iters, "
-    "--max-new-tokens, --device --dtype --compile and the wandb flags. It is refused, with the reason, "
-    "where it would break the exact continuation: --batch-size --grad-accum --seq-len --seed --data "
-    "--val-data --text-key --max-data-tokens --stage --init-from --weight-decay --beta1 --beta2 and "
+    "Resume (--resume): the run continues exactly. Optimizer, batch, accumulation, sequence length, LRs, "
+    "schedule, warmup, max steps, seed, data, intervals, device and dtype come from the checkpoint's "
+    "train args, so the paths are enough. A flag given again with another value is applied and printed "
+    "('changed on resume: lr 0.002 -> 0.001') when that is safe: --lr --embed-lr --norm-lr "
+    "--min-lr-ratio --warmup --max-steps --schedule --decay-frac --grad-clip --max-nonfinite, the "
+    "eval/save/log/sample intervals, --eval-iters, --max-new-tokens, --device --dtype --compile and the "
+    "wandb flags. A WSD run is extended by resuming its fishai-stable.pt (saved where the decay starts) "
+    "with a larger --max-steps. A flag is refused, with the reason, where it would break the exact "
+    "continuation: --optimizer --batch-size --grad-accum --seq-len --seed --data --val-data --text-key "
+    "--max-data-tokens --stage --init-from --weight-decay --beta1 --beta2 --muon-momentum and "
     "the model config (--config, --model-override); a new --data is taken only when the saved path no "
     "longer exists from here (moved data). --output-dir, --max-time, --stop-at and --quiet "
     "belong to each command.")
 
+# The recipe: what a run uses for each optimisation flag it was not given. Measured on `tiny`
+# (python benchmark.py recipe, docs/RESULTS.md); the other presets follow the same rule by width.
+RECIPE_LR = {"muon": 8e-3, "adamw": 2e-3}  # peak LR of the matmul weights at d_model 256
+RECIPE_EMBED_LR_RATIO = 1.0  # muon: the embedding/head's AdamW LR = ratio * the Muon LR
+RECIPE_WARMUP_FRAC = 0.02  # warmup steps = 2% of --max-steps
+RECIPE_SFT_LR_SCALE = 0.2  # SFT starts from a trained model: a fifth of the pretraining LR
+RECIPE_DECAY_FRAC = 0.2  # wsd: the last 20% of the steps decay the LR
+RECIPE_RULE = (
+    f"Recipe (the default of every optimisation flag not given): --optimizer muon --schedule wsd; LR of "
+    f"the matmul weights = {RECIPE_LR['muon']:g} x sqrt(256 / d_model) with Muon ({RECIPE_LR['adamw']:g} x "
+    f"sqrt(256 / d_model) with --optimizer adamw); embedding LR = {RECIPE_EMBED_LR_RATIO:g} x that, norm LR = "
+    f"that; x {RECIPE_SFT_LR_SCALE:g} for --stage sft; --warmup = {RECIPE_WARMUP_FRAC:.0%} of --max-steps; "
+    f"sequences per step = 16 x d_model / 256 (tiny 16, small 32, medium 64, large 128), micro-batch "
+    f"16 x 256 / d_model (at least 1) and --grad-accum the rest; --grad-clip 1.0. The tiny values are "
+    f"measured (python benchmark.py recipe); the larger presets follow the rule. A flag given wins.")
+
 # On --resume a flag given again with a new value is applied when it only changes what happens
 # from now on (the schedule's shape, the intervals, the hardware) ...
-RESUME_SAFE = ("lr", "min_lr_ratio", "warmup", "max_steps", "grad_clip", "max_nonfinite", "eval_interval",
+RESUME_SAFE = ("lr", "embed_lr", "norm_lr", "min_lr_ratio", "warmup", "max_steps", "schedule", "decay_frac",
+               "grad_clip", "max_nonfinite", "eval_interval",
                "eval_iters", "save_interval", "log_interval", "sample_interval", "max_new_tokens", "device",
                "dtype", "compile", "wandb", "wandb_project", "wandb_run_name")
 # ... and refused where the saved state would no longer describe the run (flag -> why).
 RESUME_LOCKED = {
+    "optimizer": "the saved optimizer state is that optimizer's",
     "batch_size": "it sets the sequences of every step, and the data position counts batches",
     "grad_accum": "it sets the sequences of every step, and the data position counts batches",
     "seq_len": "the saved data position and the batches are made of windows of this length",
@@ -112,6 +144,7 @@ RESUME_LOCKED = {
     "weight_decay": "the saved optimizer state carries it",
     "beta1": "the saved optimizer state carries it",
     "beta2": "the saved optimizer state carries it",
+    "muon_momentum": "the saved optimizer state carries it",
 }
 # Taken from each command line, never from the checkpoint (--stop-at 3 must not stop the next run at 3).
 PER_COMMAND = ("output_dir", "resume", "overwrite", "quiet", "max_time", "stop_at", "tokenizer", "config",
@@ -135,8 +168,8 @@ class DivergedError(TrainFailed):
 def build_parser() -> du.ArgumentParser:
     p = du.ArgumentParser(
         prog="train.py", description="\n\n".join(textwrap.fill(t, 100, break_on_hyphens=False) for t in (
-            "Pretrain or SFT a FishAI (LLaMA-style) model. Single process or torchrun (DDP).", HOLDOUT_RULE,
-            RESUME_RULE)))
+            "Pretrain or SFT a FishAI (LLaMA-style) model. Single process or torchrun (DDP).", RECIPE_RULE,
+            HOLDOUT_RULE, RESUME_RULE)))
     _add_model_flags(p.add_argument_group("model and data"))
     _add_optim_flags(p.add_argument_group("optimisation (with --resume: the checkpoint's, see above)"))
     _add_output_flags(p.add_argument_group("evaluation, samples, checkpoints and logging"))
@@ -175,22 +208,41 @@ def _add_model_flags(g) -> None:
 
 
 def _add_optim_flags(g) -> None:
-    g.add_argument("--batch-size", type=du.int_flag(1), default=4, help="sequences per micro-batch per process")
-    g.add_argument("--grad-accum", type=du.int_flag(1), default=8, help="micro-batches accumulated per optimizer step")
+    recipe = "default: the model's recipe, see RECIPE_RULE"
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help=f"muon: Muon for the hidden matrices + AdamW for the embedding and norms; adamw: AdamW "
+                        f"for everything ({recipe})")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help=f"wsd: warmup, constant, linear decay over the last --decay-frac of the steps "
+                        f"(extendable from fishai-stable.pt); cosine: warmup, cosine decay ({recipe})")
+    g.add_argument("--decay-frac", type=du.float_flag(0, 1, lo_open=True), default=RECIPE_DECAY_FRAC,
+                   help="wsd: share of --max-steps spent decaying the LR")
+    g.add_argument("--batch-size", type=du.int_flag(1), default=None,
+                   help=f"sequences per micro-batch per process ({recipe})")
+    g.add_argument("--grad-accum", type=du.int_flag(1), default=None,
+                   help=f"micro-batches accumulated per optimizer step ({recipe})")
     g.add_argument("--seq-len", type=du.int_flag(2), default=None,
                    help="tokens per sequence (default: min(512, the model's max_seq_len))")
     g.add_argument("--lr", type=du.float_flag(0, lo_open=True), default=None,
-                   help="peak learning rate (default 5e-4 pretrain, 1e-4 sft)")
+                   help=f"peak learning rate of the matmul weights (Muon or AdamW; {recipe})")
+    g.add_argument("--embed-lr", type=du.float_flag(0, lo_open=True), default=None,
+                   help=f"muon: AdamW peak LR of the tied embedding/head ({recipe})")
+    g.add_argument("--norm-lr", type=du.float_flag(0, lo_open=True), default=None,
+                   help=f"muon: AdamW peak LR of the RMSNorm weights ({recipe})")
     g.add_argument("--min-lr-ratio", type=du.float_flag(0, 1), default=0.1,
-                   help="cosine decay ends at min_lr_ratio * lr")
-    g.add_argument("--warmup", type=du.int_flag(0), default=100, help="linear warmup steps")
+                   help="the decay ends at min_lr_ratio * lr")
+    g.add_argument("--warmup", type=du.int_flag(0), default=None,
+                   help=f"linear warmup steps ({recipe})")
     g.add_argument("--max-steps", type=du.int_flag(1), default=10000,
                    help="optimizer steps in total (incl. resumed ones)")
     g.add_argument("--weight-decay", type=du.float_flag(0), default=0.1,
-                   help="AdamW weight decay (2-D matmul weights only)")
+                   help="decoupled weight decay of the 2-D matmul weights (never the embedding or norms)")
     g.add_argument("--beta1", type=du.float_flag(0, 1, hi_open=True), default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=du.float_flag(0, 1, hi_open=True), default=0.95, help="AdamW beta2")
-    g.add_argument("--grad-clip", type=du.float_flag(0), default=1.0, help="clip the global grad norm (0 = off)")
+    g.add_argument("--muon-momentum", type=du.float_flag(0, 1, hi_open=True), default=0.95,
+                   help="muon: Nesterov momentum (warmed up from 0.85 over the first 300 steps)")
+    g.add_argument("--grad-clip", type=du.float_flag(0), default=None,
+                   help=f"clip the global grad norm, 0 = off ({recipe})")
     g.add_argument("--stop-at", type=du.int_flag(1), default=None, metavar="STEP",
                    help="save fishai-latest.pt and exit once this step is reached, keeping the schedule of "
                         "--max-steps (time-sliced/preemptible jobs; continue later with --resume)")
@@ -316,6 +368,147 @@ class CosineSchedule:
     def load_state_dict(self, d: dict) -> None:
         # Only the position: the shape comes from the run's args, which --resume may change on purpose.
         self.step = int(d["step"])
+
+
+class WSDSchedule(CosineSchedule):
+    """Warmup-stable-decay: linear warmup to `lr`, constant, then a linear decay to `min_lr_ratio * lr`
+    over the last `decay_frac` of `max_steps`. Up to `decay_start` the LR does not depend on
+    max_steps, so a run resumed from its fishai-stable.pt with a larger --max-steps is exactly a
+    longer WSD run (quick_train's "more steps" rounds continue this way)."""
+
+    def __init__(self, lr: float, warmup: int, max_steps: int, min_lr_ratio: float = 0.1, decay_frac: float = 0.2):
+        super().__init__(lr, warmup, max_steps, min_lr_ratio)
+        self.decay_frac = float(decay_frac)
+
+    @property
+    def decay_start(self) -> int:
+        """The first step of the decay (the LR of this step is still the peak)."""
+        return max(self.warmup, self.max_steps - round(self.decay_frac * self.max_steps))
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / (self.warmup + 1)
+        if step >= self.max_steps:
+            return self.lr * self.min_lr_ratio
+        done = (step - self.decay_start) / max(1, self.max_steps - self.decay_start)
+        return self.lr * (1.0 - max(0.0, done) * (1.0 - self.min_lr_ratio))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "kind": "wsd", "decay_frac": self.decay_frac}
+
+
+# ----------------------------------------------------------------------------- optimizer: Muon
+
+# Quintic Newton-Schulz coefficients from Keller Jordan's Muon write-up: in 5 steps they push every
+# singular value above ~1/500 of the Frobenius norm into roughly [0.7, 1.2], orthogonal enough for an
+# update direction (exact convergence to 1 would need more steps for no gain in training).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300  # momentum ramps 0.85 -> --muon-momentum
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """An approximately orthogonal matrix with g's singular vectors, U V^T of g = U S V^T, by the
+    quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X. bf16 on CUDA (the iteration tolerates it and
+    runs on tensor cores), fp32 elsewhere."""
+    a, b, c = NS_COEFFS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm() + eps)  # singular values <= 1, where the iteration converges
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+def muon_split(model) -> tuple[list[str], list[str], list[str]]:
+    """(muon, embed, norm) parameter names: Muon takes the 2-D hidden matrices (q/k/v/o and
+    gate/up/down of every block); AdamW the tied embedding/head and every 1-D weight (RMSNorm)."""
+    muon, embed, norm = [], [], []
+    for name, p in fishai._unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("tok_emb.weight"):
+            embed.append(name)
+        elif p.dim() == 2:
+            muon.append(name)
+        else:
+            norm.append(name)
+    return muon, embed, norm
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (momentum + Newton-Schulz orthogonalisation) for groups with use_muon=True, AdamW for
+    the others, in one optimizer: one state_dict for the exact resume, one GradScaler.unscale_.
+
+    Muon update of a (rows x cols) matrix: m <- lerp(m, g, 1 - mu); Nesterov u = lerp(g, m, mu);
+    p <- p (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * NS(u). The factor makes the update's RMS
+    0.2, what AdamW's update has in practice (Moonlight, "Muon is scalable for LLM training"), so the
+    two share LR scales and weight decay. Under DDP the gradients are already all-reduced and every
+    rank keeps the (cheap, element-wise) momentum of every matrix, but each matrix's Newton-Schulz
+    runs on one rank only (i % world_size), which then broadcasts the new weights: the state stays
+    replicated (rank 0's state_dict is complete) and the matmul work is shared out."""
+
+    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
+                 ns_steps: int = 5, rank: int = 0, world_size: int = 1):
+        defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps, weight_decay=0.0,
+                        use_muon=False)
+        super().__init__(groups, defaults)
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending, index = [], 0
+        for group in self.param_groups:
+            if not group["use_muon"]:
+                self._adamw(group)
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    owner = index % self.world_size
+                    self._muon(p, group, mine=owner == self.rank)
+                    if self.world_size > 1:
+                        pending.append(torch.distributed.broadcast(p, src=owner, async_op=True))
+                index += 1
+        for work in pending:
+            work.wait()
+        return loss
+
+    def _muon(self, p: torch.Tensor, group: dict, mine: bool) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"], state["momentum_buffer"] = 0, torch.zeros_like(p)
+        state["step"] += 1
+        warm = min(1.0, state["step"] / MUON_MOMENTUM_WARMUP)
+        mu = MUON_MOMENTUM_START + warm * (group["momentum"] - MUON_MOMENTUM_START)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - mu)
+        if not mine:
+            return
+        update = newton_schulz(p.grad.lerp(buf, mu), group["ns_steps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"] * 0.2 * max(p.shape) ** 0.5)
+
+    def _adamw(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"]
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
 
 
 def get_rng_state() -> dict:
@@ -530,9 +723,37 @@ def resolve_start(args: argparse.Namespace, dist: Dist, log) -> Start:
     if not 2 <= args.seq_len <= cfg.max_seq_len:
         raise TrainError(f"--seq-len {args.seq_len} must be between 2 and the model's max_seq_len "
                          f"{cfg.max_seq_len} (config {config_name})")
-    if args.lr is None:
-        args.lr = 1e-4 if args.stage == "sft" else 5e-4
+    apply_recipe(args, cfg, legacy=ckpt is not None and "optimizer" not in (ckpt.get("train_args") or {}))
     return Start(args, resume_path, ckpt, init, tokenizer, cfg, config_name)
+
+
+def recipe_for(cfg: fishai.ModelConfig, optimizer: str = "muon", stage: str = "pretrain") -> dict:
+    """The optimisation settings of RECIPE_RULE for a model of this width."""
+    width = cfg.d_model / 256
+    lr = RECIPE_LR[optimizer] / math.sqrt(width) * (RECIPE_SFT_LR_SCALE if stage == "sft" else 1.0)
+    seqs = max(1, round(16 * width))
+    micro = max(1, min(seqs, round(16 / width)))
+    return {"optimizer": optimizer, "schedule": "wsd", "lr": lr, "embed_lr": lr * RECIPE_EMBED_LR_RATIO,
+            "norm_lr": lr, "batch_size": micro, "grad_accum": max(1, seqs // micro), "grad_clip": 1.0}
+
+
+def apply_recipe(args, cfg: fishai.ModelConfig, legacy: bool = False) -> None:
+    """Fill every optimisation flag left at None from the model's recipe. A checkpoint from before
+    the recipe existed (no 'optimizer' in its train args) ran AdamW + cosine, and resumes so."""
+    if legacy:
+        args.optimizer = args.optimizer or "adamw"
+        args.schedule = args.schedule or "cosine"
+        for key, old_default in (("batch_size", 4), ("grad_accum", 8), ("warmup", 100), ("grad_clip", 1.0)):
+            if getattr(args, key) is None:
+                setattr(args, key, old_default)
+    recipe = recipe_for(cfg, args.optimizer or "muon", args.stage)
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.warmup is None:
+        args.warmup = math.ceil(RECIPE_WARMUP_FRAC * args.max_steps)
+    if args.lr is None:  # a legacy checkpoint without a saved LR
+        args.lr = recipe["lr"]
 
 
 def find_resume_checkpoint(args, out: Path, dist: Dist, log) -> Path | None:
@@ -840,12 +1061,31 @@ def build_model(start: Start, dist: Dist, device) -> fishai.GPT:
     return model.to(device)
 
 
-def build_optimizer(model, args, device) -> torch.optim.Optimizer:
-    return fishai.configure_optimizers(model, weight_decay=args.weight_decay, lr=args.lr,
-                                       betas=(args.beta1, args.beta2), device_type=device.type)
+def build_optimizer(model, args, device, dist: Dist | None = None) -> torch.optim.Optimizer:
+    """AdamW (torch's, fused on CUDA) for --optimizer adamw; else Muon for the hidden matrices and
+    AdamW for the embedding and norms (muon_split), each group tagged with its role for group_lrs."""
+    if args.optimizer == "adamw":
+        return fishai.configure_optimizers(model, weight_decay=args.weight_decay, lr=args.lr,
+                                           betas=(args.beta1, args.beta2), device_type=device.type)
+    params = dict(fishai._unwrap(model).named_parameters())
+    muon, embed, norm = muon_split(model)
+    groups = [{"params": [params[n] for n in muon], "use_muon": True, "role": "matrix",
+               "weight_decay": args.weight_decay},
+              {"params": [params[n] for n in embed], "role": "embed"},
+              {"params": [params[n] for n in norm], "role": "norm"}]
+    return Muon([g for g in groups if g["params"]], lr=args.lr, betas=(args.beta1, args.beta2),
+                momentum=args.muon_momentum, rank=dist.rank if dist else 0,
+                world_size=dist.world_size if dist else 1)
+
+
+def group_lrs(args) -> dict:
+    """Peak LR per optimizer-group role (AdamW's own groups have no role: --lr)."""
+    return {"matrix": args.lr, "embed": args.embed_lr, "norm": args.norm_lr, None: args.lr}
 
 
 def build_schedule(args) -> CosineSchedule:
+    if args.schedule == "wsd":
+        return WSDSchedule(args.lr, args.warmup, args.max_steps, args.min_lr_ratio, args.decay_frac)
     return CosineSchedule(args.lr, args.warmup, args.max_steps, args.min_lr_ratio)
 
 
@@ -935,14 +1175,15 @@ def restore_state(run: Run, ckpt: dict | None) -> TrainState:
                       best_val_loss=ckpt.get("best_val_loss"))
 
 
-def save_latest(run: Run, state: TrainState) -> None:
+def save_latest(run: Run, state: TrainState, name: str = LATEST_NAME) -> None:
     """fishai-latest.pt: everything the exact resume needs. Every rank takes part (the data
-    positions and RNG states are gathered); rank 0 writes."""
+    positions and RNG states are gathered); rank 0 writes. name=STABLE_NAME writes the same
+    content as fishai-stable.pt, the point a WSD run is extended from."""
     data_states = _all_gather(run.data.sampler.state_dict(), run.dist)
     rng_states = _all_gather(get_rng_state(), run.dist)
     if not run.dist.master:
         return
-    path = run.out / LATEST_NAME
+    path = run.out / name
     run.schedule.step = state.step
     ws = run.dist.world_size
     fishai.save_checkpoint(str(path), run.raw_model, tokenizer=run.tokenizer, optimizer=run.optimizer,
@@ -951,7 +1192,8 @@ def save_latest(run: Run, state: TrainState) -> None:
                            rng_state={"world_size": ws, "ranks": rng_states},
                            data_state={"world_size": ws, "ranks": data_states},
                            train_args=run.train_args, extra=_extra(run, state))
-    state.last_good = path
+    if name == LATEST_NAME:
+        state.last_good = path
 
 
 def save_best(run: Run, state: TrainState) -> None:
@@ -1111,9 +1353,9 @@ def train_step(run: Run, step: int, hooks: FaultHooks) -> tuple[float, float, bo
     only). Returns (loss averaged over micro-batches and ranks, grad norm, finite, tokens on this
     rank). A NaN/inf loss is not applied (with fp16 the GradScaler skips it itself)."""
     args, model, opt, scaler = run.args, run.model, run.optimizer, run.scaler
-    lr = run.schedule.lr_at(step)
-    for g in opt.param_groups:
-        g["lr"] = lr
+    scale, peaks = run.schedule.lr_at(step) / run.schedule.lr, group_lrs(args)
+    for g in opt.param_groups:  # every group follows the schedule from its own peak LR
+        g["lr"] = peaks[g.get("role")] * scale
     loss_sum = torch.zeros((), device=run.device)
     tokens = 0
     for micro in range(args.grad_accum):
@@ -1251,6 +1493,8 @@ def after_step(run: Run, state: TrainState, stop: "_StopFlag", loss: float, t_st
         speed.t = time.time()  # evaluation time is not training speed
     if args.sample_interval and step % args.sample_interval == 0:
         print_sample(run, step)
+    if isinstance(run.schedule, WSDSchedule) and step == run.schedule.decay_start < args.max_steps:
+        save_latest(run, state, STABLE_NAME)  # the end of the stable phase: extend the run from here
     # during a NaN/inf streak keep the last good fishai-latest.pt (the streak may end the run)
     if ((step % args.save_interval == 0 or last) and state.nonfinite == 0) or stop_now or pause or timed_out:
         save_latest(run, state)
@@ -1384,7 +1628,7 @@ def build_run(start: Start, dist: Dist, device, dtype, out: Path, say: Printer) 
     args = start.args
     data = build_data(start, dist, device, dist.master and not args.quiet)
     raw_model = build_model(start, dist, device)
-    optimizer = build_optimizer(raw_model, args, device)
+    optimizer = build_optimizer(raw_model, args, device, dist)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     train_args = {k: v for k, v in vars(args).items() if not k.startswith("_") and
                   (isinstance(v, (str, int, float, bool, type(None))) or k == "model_override")}

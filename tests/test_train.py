@@ -5,6 +5,7 @@ Runs on CPU with a ~130K-parameter model (the `tiny` preset shrunk with --model-
 seq-len 32, so every training run takes a second or two.
 """
 import json
+import math
 import os
 import random
 import signal
@@ -580,7 +581,7 @@ def test_make_args_validates_like_the_cli_and_records_given_flags(tmp_path):
                         quiet=True, dtype="bfloat16")
     assert (a.batch_size, a.lr, a.data, a.model_override, a.seq_len, a.dtype) == (8, 2e-3, str(tmp_path / "d"),
                                                                                 ["d_model=64"], None, "bf16")
-    assert a.grad_accum == 8 and a.warmup == 100  # the parser's defaults
+    assert a.grad_accum is None and a.warmup is None and a.max_steps == 10000  # None: the recipe fills it
     assert a._given == {"batch_size", "lr", "data", "model_override", "quiet", "dtype"}
     assert train.given_flags(a) == a._given and train.parse_args(["--lr", "1e-3"])._given == {"lr"}
     with pytest.raises(train.TrainError, match="--batch-size 0: must be >= 1"):
@@ -608,3 +609,163 @@ def test_raw_text_holdout_is_the_shared_rule_and_sampling_keeps_the_rng(tiny_tok
     assert torch.equal(torch.get_rng_state(), before) and 0 < len(new) <= 12
     assert train.sample_tokens(tiny_model, tiny_tokenizer.encode("The list"), 12,
                                torch.Generator().manual_seed(0)) == new
+
+
+# ----------------------------------------------------------------------------- the recipe: Muon, WSD, presets
+
+def test_newton_schulz_gives_singular_values_near_one():
+    torch.manual_seed(0)
+    for shape in [(64, 64), (32, 96), (96, 32)]:
+        # a badly conditioned input: singular values spread over two orders of magnitude (5 steps
+        # lift values down to ~1/500 of the Frobenius norm; a gradient's spectrum is within that)
+        u, _, v = torch.linalg.svd(torch.randn(*shape), full_matrices=False)
+        s_in = torch.logspace(0, -2, min(shape))
+        out = train.newton_schulz(u @ torch.diag(s_in) @ v)
+        s = torch.linalg.svdvals(out)
+        assert out.shape == shape and out.dtype == torch.float32
+        assert s.min() > 0.6 and s.max() < 1.25, (shape, s.min(), s.max())
+        assert abs(s.mean() - 1) < 0.15
+        # the same singular vectors: close to U V^T, the exact orthogonal factor
+        cos = torch.nn.functional.cosine_similarity((u @ v).flatten(), out.flatten(), dim=0)
+        assert cos > 0.95
+
+
+def test_muon_parameter_groups_by_name(tiny_model):
+    muon, embed, norm = train.muon_split(tiny_model)
+    assert embed == ["tok_emb.weight"]
+    assert all(n.endswith("norm.weight") for n in norm) and len(norm) == 2 * tiny_model.config.n_layers + 1
+    kinds = {n.split(".")[-2] for n in muon}
+    assert kinds == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+    assert len(muon) == 7 * tiny_model.config.n_layers
+    args = train.make_args(optimizer="muon", lr=1e-3, embed_lr=2e-3, norm_lr=3e-3, weight_decay=0.1)
+    opt = train.build_optimizer(tiny_model, args, torch.device("cpu"))
+    roles = {g["role"]: g for g in opt.param_groups}
+    assert roles["matrix"]["use_muon"] and roles["matrix"]["weight_decay"] == 0.1
+    assert not roles["embed"]["use_muon"] and roles["embed"]["weight_decay"] == 0.0
+    assert roles["norm"]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(tiny_model.parameters()))
+    assert train.group_lrs(args) == {"matrix": 1e-3, "embed": 2e-3, "norm": 3e-3, None: 1e-3}
+    adamw = train.build_optimizer(tiny_model, train.make_args(optimizer="adamw", lr=1e-3), torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW)
+
+
+def test_muon_update_rms_matches_adamw_scale():
+    p = torch.nn.Parameter(torch.zeros(64, 256))
+    opt = train.Muon([{"params": [p], "use_muon": True}], lr=1.0)
+    p.grad = torch.randn(64, 256)
+    opt.step()
+    # 0.2 * sqrt(max(rows, cols)) * an orthogonal 64x256 matrix: RMS 0.2 (AdamW's typical update)
+    assert p.detach().pow(2).mean().sqrt().item() == pytest.approx(0.2, rel=0.2)
+
+
+def test_wsd_lr_at_the_boundaries():
+    s = train.WSDSchedule(1e-3, warmup=10, max_steps=100, min_lr_ratio=0.1, decay_frac=0.2)
+    assert s.decay_start == 80
+    assert s.lr_at(0) == pytest.approx(1e-3 / 11) and s.lr_at(9) == pytest.approx(1e-3 * 10 / 11)
+    assert s.lr_at(10) == s.lr_at(50) == s.lr_at(79) == s.lr_at(80) == 1e-3  # stable, decay starts after 80
+    assert s.lr_at(90) == pytest.approx(1e-3 * (1 - 0.5 * 0.9))
+    assert s.lr_at(100) == s.lr_at(500) == pytest.approx(1e-4)
+    assert s.lr_at(99) > s.lr_at(100)
+    # extending the run moves only the decay: the stable phase is the same
+    longer = train.WSDSchedule(1e-3, warmup=10, max_steps=200, min_lr_ratio=0.1, decay_frac=0.2)
+    assert [longer.lr_at(i) for i in range(81)] == [s.lr_at(i) for i in range(81)]
+    assert longer.decay_start == 160 and s.state_dict()["kind"] == "wsd"
+
+
+def test_recipe_fills_only_what_was_not_given():
+    import model as fishai
+    tiny, small = fishai.get_config("tiny"), fishai.get_config("small")
+    r = train.recipe_for(tiny)
+    assert (r["optimizer"], r["schedule"], r["batch_size"], r["grad_accum"]) == ("muon", "wsd", 16, 1)
+    assert r["lr"] == pytest.approx(train.RECIPE_LR["muon"])
+    rs = train.recipe_for(small)
+    assert rs["batch_size"] * rs["grad_accum"] == 32 and rs["lr"] == pytest.approx(r["lr"] / 2 ** 0.5)
+    assert train.recipe_for(tiny, "adamw", "sft")["lr"] == pytest.approx(
+        train.RECIPE_LR["adamw"] * train.RECIPE_SFT_LR_SCALE)
+    args = train.make_args(lr=1e-3, batch_size=3, max_steps=500)
+    train.apply_recipe(args, tiny)
+    assert (args.lr, args.batch_size, args.grad_accum, args.optimizer, args.warmup) == (1e-3, 3, 1, "muon", 10)
+    assert args.embed_lr == pytest.approx(r["embed_lr"])
+    legacy = train.make_args()
+    train.apply_recipe(legacy, tiny, legacy=True)  # a checkpoint from before the recipe: AdamW + cosine
+    assert (legacy.optimizer, legacy.schedule, legacy.batch_size, legacy.grad_accum, legacy.warmup) == \
+        ("adamw", "cosine", 4, 8, 100)
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("muon", "wsd"), ("adamw", "cosine")])
+def test_exact_resume_per_recipe_and_wsd_stable_checkpoint(tmp_path, tiny_tokenizer_dir, text_file, optimizer,
+                                                           schedule):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--max-steps", 10, "--eval-interval", 5, "--save-interval", 100, "--optimizer", optimizer,
+              "--schedule", schedule, "--decay-frac", "0.4"]
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, straight, *common)) == 0
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, split, *common, "--stop-at", 4)) == 0
+    assert train.main(base_args(tiny_tokenizer_dir, text_file, split, "--resume")) == 0
+    assert train_losses(straight) == train_losses(split)
+    ca, cb = load_checkpoint(straight / "fishai-latest.pt"), load_checkpoint(split / "fishai-latest.pt")
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert ca["train_args"]["optimizer"] == optimizer and ca["train_args"]["schedule"] == schedule
+    assert (straight / "fishai-stable.pt").exists() == (schedule == "wsd")
+    if schedule == "wsd":
+        stable = load_checkpoint(straight / "fishai-stable.pt")
+        assert stable["step"] == 6 and stable["optimizer"]["state"]  # decay starts at 10 - 0.4 * 10
+        assert len(stable["optimizer"]["state"]) == len(ca["model"])  # momentum of every matrix + Adam
+        # extend 10 -> 20 steps from the stable phase: steps 7..20 at the peak LR, then a new decay
+        ext = tmp_path / "extended"
+        assert train.main(base_args(tiny_tokenizer_dir, text_file, ext, "--resume",
+                                    straight / "fishai-stable.pt", "--max-steps", 20)) == 0
+        lrs = {r["step"]: r["lr"] for r in train.read_metrics(ext / "metrics.jsonl") if "lr" in r}
+        assert min(lrs) == 7 and lrs[7] == lrs[12] == 3e-3 and lrs[20] < lrs[13]
+
+
+def test_muon_with_fp16_gradscaler_and_bf16_autocast_on_cpu(tmp_path, tiny_tokenizer_dir, text_file):
+    for dtype in ("fp16", "bf16"):
+        out = tmp_path / dtype
+        assert train.main(base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 6, "--eval-interval", 6,
+                                    "--optimizer", "muon", "--dtype", dtype)) == 0
+        losses = train_losses(out)
+        assert sorted(losses) == list(range(1, 7)) and all(map(math.isfinite, losses.values()))
+        assert losses[6] < losses[1]
+        ck = load_checkpoint(out / "fishai-latest.pt")
+        assert ck["train_args"]["dtype"] == dtype
+        # fp16 runs through the GradScaler (unscaled before clipping and Muon); bf16 needs none
+        assert bool(ck.get("scaler")) == (dtype == "fp16")
+        assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+MUON_WORKER = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import train
+rank, world, init, out = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+if world > 1:
+    dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=world)
+torch.manual_seed(0)
+ps = [torch.nn.Parameter(torch.randn(*s)) for s in [(8, 4), (6, 6), (4, 10), (5, 7), (3, 3)]]
+emb = torch.nn.Parameter(torch.randn(10, 4))
+opt = train.Muon([{"params": ps, "use_muon": True, "weight_decay": 0.1}, {"params": [emb]}], lr=0.02,
+                 rank=rank, world_size=world)
+for step in range(3):
+    g = torch.Generator().manual_seed(step)  # the all-reduced gradient: the same on every rank
+    for p in ps + [emb]:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+torch.save([p.detach() for p in ps + [emb]], out)
+if world > 1:
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def test_muon_shares_newton_schulz_across_two_gloo_ranks(tmp_path):
+    def launch(rank, world):
+        return subprocess.Popen([sys.executable, "-c", MUON_WORKER, str(ROOT), str(rank), str(world),
+                                 str(tmp_path / "init"), str(tmp_path / f"w{world}r{rank}.pt")],
+                                env=ENV1, stderr=subprocess.PIPE, text=True)
+    procs = [launch(r, 2) for r in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    assert launch(0, 1).wait(timeout=120) == 0
+    single, r0, r1 = (torch.load(tmp_path / n) for n in ("w1r0.pt", "w2r0.pt", "w2r1.pt"))
+    for a, b, c in zip(single, r0, r1):
+        assert torch.equal(a, b) and torch.equal(b, c)  # each rank did half the NS work, same weights
