@@ -747,13 +747,13 @@ def apply_recipe(args, cfg: fishai.ModelConfig, legacy: bool = False) -> None:
             if getattr(args, key) is None:
                 setattr(args, key, old_default)
     recipe = recipe_for(cfg, args.optimizer or "muon", args.stage)
+    if args.lr is not None:  # the embedding and norm LRs follow a given --lr
+        recipe.update(embed_lr=args.lr * RECIPE_EMBED_LR_RATIO, norm_lr=args.lr)
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.warmup is None:
         args.warmup = math.ceil(RECIPE_WARMUP_FRAC * args.max_steps)
-    if args.lr is None:  # a legacy checkpoint without a saved LR
-        args.lr = recipe["lr"]
 
 
 def find_resume_checkpoint(args, out: Path, dist: Dist, log) -> Path | None:

@@ -685,7 +685,7 @@ def test_recipe_fills_only_what_was_not_given():
     args = train.make_args(lr=1e-3, batch_size=3, max_steps=500)
     train.apply_recipe(args, tiny)
     assert (args.lr, args.batch_size, args.grad_accum, args.optimizer, args.warmup) == (1e-3, 3, 1, "muon", 10)
-    assert args.embed_lr == pytest.approx(r["embed_lr"])
+    assert args.embed_lr == pytest.approx(1e-3 * train.RECIPE_EMBED_LR_RATIO) and args.norm_lr == 1e-3
     legacy = train.make_args()
     train.apply_recipe(legacy, tiny, legacy=True)  # a checkpoint from before the recipe: AdamW + cosine
     assert (legacy.optimizer, legacy.schedule, legacy.batch_size, legacy.grad_accum, legacy.warmup) == \
