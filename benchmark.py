@@ -21,6 +21,10 @@ Usage:
     # data_utils.py prepare end to end vs bare encode_batch, and its peak memory at 1x and 10x the corpus
     python benchmark.py data --input books/ --tokenizer tokenizer/ --json prepare-bench.json
 
+    # the training recipe: AdamW + cosine (3 LRs) vs the default (Muon + WSD), same tiny model, data and
+    # tokens; val curves, held-out bits/byte and the tokens each needs to reach the baseline's loss (~10 min CPU)
+    python benchmark.py recipe --data ../shared/data/books --json recipe.json --report recipe.md
+
 Scoring conventions (lm-evaluation-harness "loglikelihood_rolling"):
 - Every document is scored token by token, starting with its FIRST token, conditioned on a single
   "begin" token: the tokenizer's BOS when the model has one, otherwise its EOS (FishAI, GPT-2 and
@@ -149,14 +153,46 @@ def _add_data_parser(sub):
     add_output_args(da)
 
 
+def _add_recipe_parser(sub):
+    re_ = sub.add_parser("recipe", help="train one preset with AdamW+cosine (LR swept) and the default recipe "
+                         "on the same data and tokens; val curves, held-out bits/byte, tokens to the baseline's loss",
+                         description="The training-recipe comparison: the same preset, data and token budget, "
+                         "trained with the AdamW + cosine baseline at several LRs and with train.py's default "
+                         "recipe. Whole documents (books) are held out for the test bits/byte.")
+    re_.add_argument("--config", default="tiny", help="model preset")
+    re_.add_argument("--data", default="../shared/data/books",
+                     help="a directory of text files, one document (book) each; every 10th is held out as test")
+    re_.add_argument("--tokens", type=du.size_flag, default=300_000, help="training tokens per run (e.g. 300K, 2M)")
+    re_.add_argument("--baseline-lrs", default="0.5,1,2", metavar="X,Y,...",
+                     help="baseline LRs as multiples of the AdamW recipe LR (train.RECIPE_RULE)")
+    re_.add_argument("--default-lrs", default="1", metavar="X,Y,...",
+                     help="LRs of the default recipe, as multiples of its own LR (1 = the default; a sweep "
+                          "shows how the preset's LR was chosen)")
+    re_.add_argument("--vocab-size", type=du.int_flag(300), default=4096, help="BPE vocabulary trained on the "
+                     "training documents")
+    re_.add_argument("--test-chars", type=du.size_flag, default=200_000,
+                     help="characters scored from each held-out document")
+    re_.add_argument("--evals", type=du.int_flag(2), default=12, help="val-loss evaluations per run (the curve)")
+    re_.add_argument("--eval-iters", type=du.int_flag(1), default=8, help="val batches per evaluation")
+    re_.add_argument("--seed", type=du.int_flag(0), default=1337, help="seed of every run (data order, weights)")
+    re_.add_argument("--workdir", default=None, help="keep the tokenizer, data and runs here (default: temp dir)")
+    du.add_device_flag(re_)
+    du.add_dtype_flag(re_, f"training dtype; {_AUTO_DTYPE}")
+    re_.add_argument("--compile", action="store_true", help="torch.compile every run")
+    re_.add_argument("--png", metavar="PATH", help="write the val-loss curves as PNG (default: beside --report)")
+    add_output_args(re_)
+
+
 def build_parser() -> du.ArgumentParser:
     p = du.ArgumentParser(description="FishAI benchmarks: self-test (correctness + speed vs transformers), "
-                          "full (bits/byte, perplexity, generation quality) and data (prepare throughput).",
+                          "full (bits/byte, perplexity, generation quality), data (prepare throughput) and "
+                          "recipe (AdamW + cosine vs the default training recipe).",
                           epilog="usage examples:" + __doc__.split("Usage:")[1].split("Scoring conventions")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=du.ArgumentParser)
     _add_self_test_parser(sub)
     _add_full_parser(sub)
     _add_data_parser(sub)
+    _add_recipe_parser(sub)
     return p
 
 
@@ -169,6 +205,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import model as fishai  # noqa: E402
 import quantize  # noqa: E402  (quantize imports benchmark too: neither uses the other at import time)
+import tokenizer_train  # noqa: E402
+import train  # noqa: E402
 
 try:  # tqdm is a hard dependency of the project, but keep the scoring core importable without it
     from tqdm.auto import tqdm
@@ -1683,9 +1721,169 @@ def run_data(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# `recipe`: AdamW + cosine (LR swept) vs the default recipe, same preset, data and token budget
+
+@dataclass
+class RecipeRun:
+    name: str
+    overrides: dict  # train.make_args keys beyond the shared ones
+    curve: list = field(default_factory=list)  # [(tokens, val_loss)]
+    result: dict = field(default_factory=dict)
+
+
+def _multiples(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise BenchmarkError(f"{flag} {text!r}: give positive multiples, e.g. 0.5,1,2")
+    return values
+
+
+def recipe_runs(cfg, baseline_lrs: list[float], default_lrs: list[float]) -> list[RecipeRun]:
+    """The baseline (AdamW + cosine at each LR multiple) and the default recipe (at each multiple)."""
+    base, new = train.recipe_for(cfg, "adamw"), train.recipe_for(cfg, "muon")
+    runs = [RecipeRun(f"adamw+cosine lr {base['lr'] * m:.2g}", {"optimizer": "adamw", "schedule": "cosine",
+                                                                "lr": base["lr"] * m}) for m in baseline_lrs]
+    runs += [RecipeRun(f"default ({new['optimizer']}+{new['schedule']}) lr {new['lr'] * m:.2g}",
+                       {"lr": new["lr"] * m} if m != 1 else {}) for m in default_lrs]
+    return runs
+
+
+def split_books(data: str) -> tuple[list[Path], list[Path]]:
+    """(train, test) documents of a directory: whole files, every 10th held out (du.holdout_split)."""
+    files = sorted(p for p in Path(data).rglob("*") if p.is_file() and p.suffix in (".txt", ".md"))
+    if len(files) < 2:
+        raise BenchmarkError(f"--data {data}: need a directory with at least 2 .txt/.md documents (books); "
+                             "pass --data DIR")
+    split = [du.holdout_split(i, test_fraction=0.1) for i in range(len(files))]
+    return ([f for f, s in zip(files, split) if s == "train"], [f for f, s in zip(files, split) if s == "test"])
+
+
+def crossing_tokens(curve: list[tuple[int, float]], target: float) -> int | None:
+    """Tokens at which a val-loss curve first reaches `target` (linear between evaluations)."""
+    prev = None
+    for tokens, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return tokens
+            t0, l0 = prev
+            return round(t0 + (tokens - t0) * (l0 - target) / (l0 - loss))
+        prev = (tokens, loss)
+    return None
+
+
+def _train_recipe(run: RecipeRun, common: dict, out: Path, progress: bool) -> None:
+    t0 = time.time()
+    summary = train.train(train.make_args(**common, **run.overrides, output_dir=str(out)))
+    per_step = summary["tokens_per_step"]
+    metrics = train.read_metrics(out / train.METRICS_NAME)
+    run.curve = [(m["step"] * per_step, m["val_loss"]) for m in metrics if "val_loss" in m]
+    run.result = {"name": run.name, **run.overrides, "wall_s": round(time.time() - t0, 1),
+                  "tokens": summary["tokens"], "final_val_loss": run.curve[-1][1], "curve": run.curve,
+                  "metrics": metrics}
+    if progress:
+        print(f"{run.name}: final val loss {run.curve[-1][1]:.4f} in {run.result['wall_s']:.0f} s", flush=True)
+
+
+def recipe_benchmark(args) -> dict:
+    """Tokenizer and data from the training books, every run of recipe_runs, test bits/byte on the
+    held-out books, and tokens-to-target against the best baseline's final val loss."""
+    cfg = fishai.get_config(args.config)
+    runs = recipe_runs(cfg, _multiples(args.baseline_lrs, "--baseline-lrs"), _multiples(args.default_lrs,
+                                                                                           "--default-lrs"))
+    train_books, test_books = split_books(args.data)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fishai-recipe-"))
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
+    try:
+        say(f"recipe: {len(train_books)} training and {len(test_books)} held-out documents in {args.data}")
+        tokenizer_train.train_tokenizer((d for f in train_books for d in du.iter_documents(str(f))),
+                                        args.vocab_size, work / "tokenizer", show_progress=not args.quiet)
+        du.prepare([str(f) for f in train_books], str(work / "tokenizer"), str(work / "data"), val_fraction=0.05,
+                   overwrite=True, show_progress=not args.quiet, log=say)
+        vocab = du.load_tokenizer(str(work / "tokenizer")).vocab_size
+        cfg = fishai.ModelConfig(**{**cfg.to_dict(), "vocab_size": train.round_up(vocab)})  # as train.py builds it
+        rec = train.recipe_for(cfg)
+        tokens_per_step = rec["batch_size"] * rec["grad_accum"] * min(512, cfg.max_seq_len)
+        steps = max(2, args.tokens // tokens_per_step)
+        common = dict(config=args.config, data=str(work / "data"), max_steps=steps, seed=args.seed,
+                      batch_size=rec["batch_size"], grad_accum=rec["grad_accum"],
+                      eval_interval=max(1, steps // args.evals), eval_iters=args.eval_iters, save_interval=steps,
+                      log_interval=max(1, steps // 50), sample_interval=0, device=args.device, dtype=args.dtype,
+                      compile=args.compile, quiet=True, overwrite=True)
+        test_texts = truncate_docs([f.read_text(encoding="utf-8", errors="replace") for f in test_books],
+                                   args.test_chars)
+        for i, run in enumerate(runs):
+            say(f"[{i + 1}/{len(runs)}] {run.name}: {steps} steps x {tokens_per_step:,} tokens")
+            _train_recipe(run, common, work / f"run{i}", not args.quiet)
+            lm = load_lm(str(work / f"run{i}" / train.LATEST_NAME), device=args.device)
+            run.result["test"] = {k: v for k, v in perplexity(lm, test_texts, progress=False).items()
+                                  if isinstance(v, (int, float))}
+        return recipe_summary(args, cfg, runs, steps, tokens_per_step, len(train_books), len(test_books))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def recipe_summary(args, cfg, runs: list[RecipeRun], steps: int, tokens_per_step: int, n_train: int,
+                   n_test: int) -> dict:
+    baselines = [r for r in runs if r.overrides.get("optimizer") == "adamw"]
+    best = min(baselines, key=lambda r: r.result["final_val_loss"])
+    target = best.result["final_val_loss"]
+    for r in runs:
+        reach = crossing_tokens(r.curve, target)
+        r.result["tokens_to_target"] = reach
+        r.result["tokens_ratio"] = None if reach is None else reach / best.result["tokens"]
+        r.result["bpb_vs_baseline"] = r.result["test"]["bits_per_byte"] / best.result["test"]["bits_per_byte"] - 1
+    default = min((r for r in runs if r not in baselines), key=lambda r: r.result["final_val_loss"])
+    lrs = sorted(r.overrides["lr"] for r in baselines)
+    return {"config": args.config, "params": fishai.count_params(cfg), "data": args.data, "train_docs": n_train,
+            "test_docs": n_test, "steps": steps, "tokens_per_step": tokens_per_step, "tokens": steps * tokens_per_step,
+            "device": args.device, "baseline_best": best.name, "target_val_loss": target,
+            "baseline_lr_at_edge": best.overrides["lr"] in (lrs[0], lrs[-1]) and len(lrs) > 1,
+            "default_best": default.name, "runs": [r.result for r in runs],
+            "date": time.strftime("%Y-%m-%d"), "command": "python benchmark.py recipe " + " ".join(sys.argv[2:])}
+
+
+def recipe_markdown(res: dict) -> str:
+    lines = [f"# Training recipe: `{res['config']}` ({res['params'] / 1e6:.2f}M params), {res['tokens']:,} tokens "
+             f"per run", "", f"`{res['command']}` ({res['date']}, device {res['device']}). Data: {res['data']}, "
+             f"{res['train_docs']} training documents, {res['test_docs']} held out whole for the test. "
+             f"{res['steps']} steps x {res['tokens_per_step']:,} tokens. Target = the best baseline's final "
+             f"val loss ({res['baseline_best']}: {res['target_val_loss']:.4f}).", "",
+             "| run | final val loss | tokens to target | vs baseline | test bits/byte | vs baseline | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res["runs"]:
+        reach = "not reached" if r["tokens_to_target"] is None else f"{r['tokens_to_target']:,}"
+        ratio = "" if r["tokens_ratio"] is None else f"{r['tokens_ratio']:.2f}x"
+        lines.append(f"| {r['name']} | {r['final_val_loss']:.4f} | {reach} | {ratio} | "
+                     f"{r['test']['bits_per_byte']:.4f} | {r['bpb_vs_baseline']:+.1%} | {r['wall_s']:.0f} |")
+    if res["baseline_lr_at_edge"]:
+        lines += ["", "Note: the best baseline LR is at the edge of the sweep; widen --baseline-lrs."]
+    return "\n".join(lines) + "\n"
+
+
+def run_recipe(args) -> int:
+    check_outputs(args)
+    png = args.png or (str(Path(args.report).with_suffix(".png")) if args.report else None)
+    if png:
+        du.check_new_file(png, "--png", args.overwrite)
+    res = recipe_benchmark(args)
+    print("\n" + recipe_markdown(res))
+    if png:
+        note = train.plot_losses([{"metrics": r.pop("metrics"), "label": r["name"]} for r in res["runs"]], png)
+        res["png"] = None if note else png
+    for r in res["runs"]:
+        r.pop("metrics", None)
+    write_outputs(args, res, recipe_markdown)
+    return du.EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
-COMMANDS = {"self-test": run_self_test, "full": run_full, "data": run_data}
+COMMANDS = {"self-test": run_self_test, "full": run_full, "data": run_data, "recipe": run_recipe}
 
 
 def main(argv=None) -> int:

@@ -556,3 +556,52 @@ def test_dequantize_flag_reaches_load_model(tmp_path, tiny_ckpt):
     kinds = {type(x).__name__ for x in B.load_lm(out).model.modules()}
     assert "Int4Linear" in kinds and "Linear" not in kinds
     assert "Linear" in {type(x).__name__ for x in B.load_lm(out, dequantize=True).model.modules()}
+
+
+# ----------------------------------------------------------------------------- recipe
+
+def test_recipe_helpers_split_runs_and_crossing(tmp_path):
+    import model as fishai
+    for i in range(12):
+        (tmp_path / f"book{i:02d}.txt").write_text(f"book {i}\n\nsome text", encoding="utf-8")
+    train_books, test_books = B.split_books(str(tmp_path))
+    assert [p.name for p in test_books] == ["book00.txt", "book10.txt"]  # whole books, the hold-out rule
+    assert len(train_books) == 10 and not set(train_books) & set(test_books)
+    runs = B.recipe_runs(fishai.get_config("tiny"), [0.5, 1, 2], [1])
+    assert [r.overrides.get("optimizer") for r in runs] == ["adamw"] * 3 + [None]  # None: the recipe's
+    import train
+    assert [r.overrides["lr"] for r in runs[:3]] == pytest.approx([train.RECIPE_LR["adamw"] * m for m in (0.5, 1, 2)])
+    assert runs[3].overrides == {}
+    curve = [(100, 5.0), (200, 4.0), (300, 3.0)]
+    assert B.crossing_tokens(curve, 3.5) == 250 and B.crossing_tokens(curve, 5.5) == 100
+    assert B.crossing_tokens(curve, 2.0) is None
+    with pytest.raises(B.BenchmarkError, match="--baseline-lrs"):
+        B._multiples("0,x", "--baseline-lrs")
+    with pytest.raises(B.BenchmarkError, match="--data"):
+        B.split_books(str(tmp_path / "missing"))
+
+
+def test_recipe_command_trains_both_recipes_and_reports(tmp_path, training_texts):
+    books = tmp_path / "books"
+    books.mkdir()
+    for i in range(10):  # 10 small "books" of real text: 9 train, 1 held out
+        (books / f"b{i}.txt").write_text("\n\n".join(training_texts[i * 20:(i + 1) * 20]), encoding="utf-8")
+    out = tmp_path / "r.json"
+    cmd = ["recipe", "--data", str(books), "--tokens", "8K", "--vocab-size", "300", "--evals", "2",
+           "--eval-iters", "1", "--test-chars", "3000", "--baseline-lrs", "1,2"]
+    assert B.main(cmd + ["--json", str(out), "--report", str(tmp_path / "r.md"), "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    assert res["test_docs"] == 1 and res["train_docs"] == 9 and res["steps"] == 2
+    assert [r["name"].split()[0] for r in res["runs"]] == ["adamw+cosine", "adamw+cosine", "default"]
+    target = min(r["final_val_loss"] for r in res["runs"][:2])
+    assert res["target_val_loss"] == target
+    for r in res["runs"]:
+        assert len(r["curve"]) == 2 and r["tokens"] == 2 * res["tokens_per_step"]
+        assert 0 < r["test"]["bits_per_byte"] < 10 and math.isfinite(r["final_val_loss"])
+        if r["final_val_loss"] <= target:
+            assert r["tokens_to_target"] <= r["tokens"]
+    md = (tmp_path / "r.md").read_text()
+    assert "tokens to target" in md and "default (muon+wsd)" in md
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    # outputs are refused before any work without --overwrite
+    assert B.main(cmd + ["--json", str(out), "--quiet"]) == du.EXIT_USAGE
