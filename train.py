@@ -108,7 +108,7 @@ RESUME_RULE = (
 
 # The recipe: what a run uses for each optimisation flag it was not given. Measured on `tiny`
 # (python benchmark.py recipe, docs/RESULTS.md); the other presets follow the same rule by width.
-RECIPE_LR = {"muon": 8e-3, "adamw": 2e-3}  # peak LR of the matmul weights at d_model 256
+RECIPE_LR = {"muon": 8e-3, "adamw": 1.4e-3}  # peak LR of the matmul weights at d_model 256 (measured: RESULTS.md)
 RECIPE_EMBED_LR_RATIO = 1.0  # muon: the embedding/head's AdamW LR = ratio * the Muon LR
 RECIPE_WARMUP_FRAC = 0.02  # warmup steps = 2% of --max-steps
 RECIPE_SFT_LR_SCALE = 0.2  # SFT starts from a trained model: a fifth of the pretraining LR
@@ -778,7 +778,8 @@ def load_resume_checkpoint(path: Path) -> dict:
         ckpt = fishai.load_checkpoint(str(path))
     except fishai.CheckpointError as e:
         best = path.parent / BEST_NAME
-        way_out = (f"{best} holds the best weights: start a new run from them with --init-from {best} --overwrite"
+        way_out = (f"{best} holds the best weights: start a new run from them with --init-from {best} "
+                   "--output-dir NEW_DIR (a new directory keeps them safe)"
                    if best.exists() else f"no {BEST_NAME} was found beside it either: start a new run with --overwrite")
         raise TrainError(f"{du.one_line(e)}; {way_out}") from None
     if ckpt.get("optimizer") is None:

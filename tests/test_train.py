@@ -556,7 +556,7 @@ def test_best_checkpoint_holds_weights_only_and_unreadable_latest_names_it(tmp_p
     assert train.main([*paths, "--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fishai-latest.pt" in err
-    assert f"--init-from {out / 'fishai-best.pt'} --overwrite" in err
+    assert f"--init-from {out / 'fishai-best.pt'} --output-dir NEW_DIR" in err
 
 
 def test_failed_run_leaves_no_output_dir_and_missing_matplotlib_is_one_note(tmp_path, tiny_tokenizer_dir, text_file,
