@@ -52,7 +52,6 @@ DEFAULT_DATA = "hf:wikitext:wikitext-103-raw-v1"  # train split; the test split 
 DEFAULT_TARGET_PPL = 56.0  # the seed's WikiText-103 goal (word-level perplexity)
 TEST_FRACTION = 0.05  # share of --data documents held out as test documents (holdout_split)
 UNDERTRAINED_SHARE = 0.4  # fewer trained steps than this share of the planned ones: say it is undertrained
-SPACED_WORDS_PER_CHAR = 1 / 12  # below this, text has no spaces between words (English ~1/6, Chinese ~1/50)
 TARGET_METRICS = ("word_ppl", "token_ppl", "bits_per_byte", "char_ppl")
 MIN_VOCAB = 256 + len(du.SPECIAL_TOKENS)  # every byte + the special tokens (tokenizer_train.MIN_VOCAB)
 
@@ -477,7 +476,7 @@ def with_char_metrics(test: dict, texts: list[str]) -> dict:
     if t.get("chars_per_token") is None:
         t["chars_per_token"] = chars / max(t["tokens"], 1)
     if t.get("spaced") is None:
-        t["spaced"] = t["words"] / max(chars, 1) >= SPACED_WORDS_PER_CHAR
+        t["spaced"] = du.is_spaced(chars, t["words"])  # the one rule: <= 12 characters per word
     return t
 
 
