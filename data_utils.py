@@ -11,8 +11,9 @@ Usage (copy-paste):
         --tokenizer tokenizer/ --output data/ --target-tokens 5000000 --filter default
     # inspect a token file
     python data_utils.py stats data/train.bin
-    # throughput / memory benchmark (end to end vs bare encode_batch)
-    python data_utils.py bench --input books/ --tokenizer tokenizer/
+    # throughput / memory benchmark (end to end vs bare encode_batch): it lives in benchmark.py;
+    # `python data_utils.py bench ...` still works and forwards its flags to this command
+    python benchmark.py data --input books/ --tokenizer tokenizer/
 
 Library use (see docs/API.md):
 

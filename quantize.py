@@ -23,8 +23,8 @@ An existing output is only replaced with --overwrite. The .bin file loads anywhe
 accepted: `model.load_model("fishai-small-int4.bin")` (benchmark.py, evaluate.py, generate.py), and
 runs quantized: int8/int4 layers on torch's int8/int4 kernels (the memory of the file, about 3x
 faster batch-1 decoding than fp32 on CPU; see "Running quantized" below and docs/FORMAT.md).
-`load_model(path, dequantize=True)` (`--dequantize` in benchmark.py full and generate.py) gives plain
-float weights instead.
+`load_model(path, dequantize=True)` (`--dequantize` in benchmark.py full, evaluate.py and generate.py)
+gives plain float weights instead.
 
 Strategies (2-D matmul weights and the tied embedding; 1-D RMSNorm gammas are always FP16):
     fp32   lossless reference (FP32 everywhere)

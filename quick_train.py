@@ -25,13 +25,22 @@ Metrics: the headline is bits per byte (comparable across tokenizers and languag
 spaces between words also gets word perplexity (as lm-evaluation-harness reports it); text without
 them (Chinese, Japanese) gets perplexity per character and characters per token instead.
 
+Recipe: the optimizer, LR schedule, peak LR and warmup are train.py's recipe for the model
+(train.py --help, RECIPE_RULE: Muon + warmup-stable-decay, LR by width, warmup 2% of the steps);
+--optimizer, --schedule, --lr and --warmup override it. When a round misses the target, a rule picks
+the next one and says why (report.md, "Decisions"). With WSD, an undertrained round (val loss still
+falling) is continued from its fishai-stable.pt, saved where its LR decay began: train.py --resume
+with twice the --max-steps, so the stable phase goes on at the same LR and the decay moves to the
+new end (exactly a longer WSD run). The other rules, and --schedule cosine, start the next round
+from the best checkpoint with a new LR and a rewarm.
+
 Too few steps: when --time-budget leaves fewer than 40% of the planned steps (a model that mostly
 writes "the the the"), the console and the top of report.md say so, with what to do.
 
 Outputs in --output-dir (default runs/quick): tokenizer/, data/ (train.bin/val.bin), round1/ ...
-(checkpoints + metrics.jsonl of each round), fishai-best.pt (the best round's best weights),
-report.md, report.json and loss_curve.png (when matplotlib is installed). A run that fails or is
-interrupted removes what it wrote.
+(checkpoints, fishai-stable.pt with WSD, and metrics.jsonl of each round), fishai-best.pt (the best
+round's best weights), report.md, report.json and loss_curve.png (when matplotlib is installed). A
+run that fails or is interrupted removes what it wrote.
 """
 from __future__ import annotations
 
@@ -52,23 +61,26 @@ DEFAULT_DATA = "hf:wikitext:wikitext-103-raw-v1"  # train split; the test split 
 DEFAULT_TARGET_PPL = 56.0  # the seed's WikiText-103 goal (word-level perplexity)
 TEST_FRACTION = 0.05  # share of --data documents held out as test documents (holdout_split)
 UNDERTRAINED_SHARE = 0.4  # fewer trained steps than this share of the planned ones: say it is undertrained
-SPACED_WORDS_PER_CHAR = 1 / 12  # below this, text has no spaces between words (English ~1/6, Chinese ~1/50)
 TARGET_METRICS = ("word_ppl", "token_ppl", "bits_per_byte", "char_ppl")
 MIN_VOCAB = 256 + len(du.SPECIAL_TOKENS)  # every byte + the special tokens (tokenizer_train.MIN_VOCAB)
 
-# Per-preset defaults: `tiny` is sized so `--data python-docs` finishes in about 5 minutes on a
-# 2-core CPU (measured, docs/RESULTS.md); the others follow train.py's defaults.
+# Per-preset defaults. The optimisation recipe (optimizer, schedule, peak LR, warmup = 2% of the
+# steps) is train.py's for every preset (train.apply_recipe, RECIPE_RULE): quick_train passes None
+# and train fills it in. `tiny` keeps its own batch, sequence length and eval settings, sized so
+# `--data python-docs` finishes in about 5 minutes on a 2-core CPU (measured, docs/RESULTS.md);
+# the others take the recipe's batch too (None here = train.py's recipe).
 PRESET_DEFAULTS = {
-    "tiny": dict(time_budget=300, max_steps=500, batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, warmup=25,
+    "tiny": dict(time_budget=300, max_steps=500, batch_size=8, grad_accum=1, seq_len=256,
                  eval_interval=100, eval_iters=8, vocab_size=4096),
-    "small": dict(max_steps=5000, batch_size=4, grad_accum=8, seq_len=512, lr=5e-4, warmup=100,
-                  eval_interval=250, eval_iters=50, vocab_size=32000),
-    "medium": dict(max_steps=10000, batch_size=4, grad_accum=8, seq_len=1024, lr=3e-4, warmup=200,
-                   eval_interval=500, eval_iters=50, vocab_size=32000),
-    "large": dict(max_steps=20000, batch_size=2, grad_accum=16, seq_len=1024, lr=2e-4, warmup=500,
-                  eval_interval=500, eval_iters=50, vocab_size=32000),
+    "small": dict(max_steps=5000, seq_len=512, eval_interval=250, eval_iters=50, vocab_size=32000),
+    "medium": dict(max_steps=10000, seq_len=1024, eval_interval=500, eval_iters=50, vocab_size=32000),
+    "large": dict(max_steps=20000, seq_len=1024, eval_interval=500, eval_iters=50, vocab_size=32000),
 }
-SETTINGS = ("max_steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "eval_interval", "eval_iters")
+# What one round passes to train.make_args; None = train.py's recipe fills it.
+SETTINGS = ("max_steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "eval_interval", "eval_iters",
+            "optimizer", "schedule")
+OPTIMIZERS = ("muon", "adamw")  # train.OPTIMIZERS / train.SCHEDULES (train imports torch: not imported yet here)
+SCHEDULES = ("wsd", "cosine")
 
 SAMPLE_PROMPTS = {
     "python-docs": ["The list type", "Return a new", "This module provides"],
@@ -106,7 +118,7 @@ def build_parser() -> du.ArgumentParser:
                    help="share of documents held out for validation")
     p.add_argument("--output-dir", default="runs/quick", help="where the run's files go")
     du.add_overwrite_flag(p, "the run in a non-empty --output-dir, and an existing --json file")
-    _add_training_flags(p.add_argument_group("training (preset defaults when omitted)"))
+    _add_training_flags(p.add_argument_group("training (preset or train.py recipe defaults when omitted)"))
     g = p.add_argument_group("target and auto-adjust")
     g.add_argument("--target-ppl", type=du.float_flag(0, lo_open=True), default=None,
                    help=f"goal for --target-metric, lower is better (default {DEFAULT_TARGET_PPL:g} word ppl for "
@@ -124,19 +136,31 @@ def build_parser() -> du.ArgumentParser:
 
 
 def _add_training_flags(g) -> None:
-    for flag, typ, what in (("--max-steps", du.int_flag(1), "optimizer steps of the first round"),
-                            ("--batch-size", du.int_flag(1), "sequences per micro-batch"),
-                            ("--grad-accum", du.int_flag(1), "micro-batches per optimizer step"),
-                            ("--seq-len", du.int_flag(2), "tokens per sequence"),
-                            ("--lr", du.float_flag(0, lo_open=True), "peak learning rate of the first round"),
-                            ("--warmup", du.int_flag(0), "warmup steps of the first round"),
-                            ("--eval-interval", du.int_flag(1), "evaluate (and save) every N steps"),
-                            ("--eval-iters", du.int_flag(1), "val batches per evaluation")):
-        g.add_argument(flag, type=typ, default=None, help=f"{what} (default: the preset's)")
+    preset, recipe = "default: the preset's", "train.py's recipe for the model, see train.py --help"
+    for flag, typ, what in (("--max-steps", du.int_flag(1), f"optimizer steps of the first round ({preset})"),
+                            ("--batch-size", du.int_flag(1), f"sequences per micro-batch ({preset}, else {recipe})"),
+                            ("--grad-accum", du.int_flag(1), f"micro-batches per optimizer step ({preset}, else "
+                                                             f"{recipe})"),
+                            ("--seq-len", du.int_flag(2), f"tokens per sequence ({preset})"),
+                            ("--lr", du.float_flag(0, lo_open=True), f"peak learning rate of the first round "
+                                                                     f"(default: {recipe}; a given --lr wins)"),
+                            ("--warmup", du.int_flag(0), f"warmup steps of the first round (default: "
+                                                         f"{recipe}: 2%% of the steps)"),
+                            ("--eval-interval", du.int_flag(1), f"evaluate (and save) every N steps ({preset})"),
+                            ("--eval-iters", du.int_flag(1), f"val batches per evaluation ({preset})")):
+        g.add_argument(flag, type=typ, default=None, help=what)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help=f"muon (Muon + AdamW for the embedding and norms) or adamw, as train.py --optimizer "
+                        f"(default: {recipe})")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help=f"wsd (warmup-stable-decay: a 'more steps' round continues the run from its "
+                        f"fishai-stable.pt) or cosine (a 'more steps' round restarts from the best checkpoint "
+                        f"with a rewarm), as train.py --schedule (default: {recipe})")
     du.add_device_flag(g)
     du.add_dtype_flag(g, "training precision, as train.py --dtype")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=du.int_flag(0), default=1337, help="seed of round 1 (round r: seed + r - 1)")
+    g.add_argument("--seed", type=du.int_flag(0), default=1337,
+                   help="seed of round 1 (round r: seed + r - 1; a round that continues a WSD run keeps its seed)")
     g.add_argument("--time-budget", type=du.float_flag(0), default=None, metavar="SECONDS",
                    help="fit the whole job in about this time: the first round's --max-steps is cut to what "
                         "the measured speed allows (default 300 for tiny, off for the others; 0 = off; an "
@@ -168,6 +192,7 @@ class Job:
     test_label: str = ""
     budget: float | None = None  # seconds of --time-budget in effect, or None
     planned_steps: int = 0  # the first round's steps before the time budget cut them
+    vocab: int = 0  # the tokenizer's vocab (the model's, rounded up: train.round_up)
     decisions: list[str] = field(default_factory=list)
 
     def log(self, msg: str) -> None:
@@ -299,12 +324,15 @@ def prepare_data(job: Job, corpus: Corpus, tok: du.TextTokenizer, seq_len: int) 
 # ----------------------------------------------------------------------------- time budget
 
 def measure_train_speed(config_name: str, overrides: list[str], vocab: int, batch_size: int, seq_len: int,
-                        device, steps: int = 5) -> float:
-    """Tokens/s of forward+backward+AdamW for this model and batch on this machine: the median of
-    `steps` real steps on random tokens after one warm-up step (the median resists a busy machine)."""
+                        device, steps: int = 5, train_args=None) -> float:
+    """Tokens/s of forward+backward+optimizer step for this model and batch on this machine: the
+    median of `steps` real steps on random tokens after one warm-up step (the median resists a busy
+    machine). The optimizer is the round's (train.build_optimizer of train_args: Muon or AdamW),
+    AdamW when train_args is None."""
     cfg = trainer.build_config(config_name, trainer.round_up(vocab), trainer.parse_overrides(overrides))
     m = fishai.GPT(cfg).to(device)
-    opt = fishai.configure_optimizers(m, device_type=device.type)
+    opt = (trainer.build_optimizer(m, train_args, device) if train_args is not None
+           else fishai.configure_optimizers(m, device_type=device.type))
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
     times = []
     for _ in range(steps + 1):
@@ -347,9 +375,11 @@ def fit_time_budget(job: Job, settings: dict, preset: dict, vocab: int) -> None:
     if not job.budget:
         return
 
+    _, targs = recipe_settings(args, settings, vocab)
+
     def measure():
         return measure_train_speed(args.config, args.model_override, vocab, settings["batch_size"],
-                                   settings["seq_len"], job.device)
+                                   settings["seq_len"], job.device, train_args=targs)
     if job.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         tps, why_threads = pick_cpu_threads(measure)
         if why_threads:
@@ -369,7 +399,8 @@ def fit_time_budget(job: Job, settings: dict, preset: dict, vocab: int) -> None:
                f"here fit ~{fit} steps, so --max-steps {planned} -> {new_steps} (pass --max-steps or "
                f"--time-budget 0 to keep {planned})")
     settings["max_steps"] = new_steps
-    settings["warmup"] = min(settings["warmup"], max(1, new_steps // 10))
+    if settings["warmup"] is not None:  # a given --warmup; the recipe's is a share of the (new) steps
+        settings["warmup"] = min(settings["warmup"], max(1, new_steps // 10))
     settings["eval_interval"] = min(settings["eval_interval"], max(1, new_steps // 5))
     if new_steps < UNDERTRAINED_SHARE * planned:
         job.log("warning: " + undertrained_message(job, new_steps, "leaves time for"))
@@ -397,10 +428,14 @@ def undertrained(job: Job, rounds: list[dict]) -> str | None:
 def decide_next_round(round_info: dict, settings: dict, prev_rounds: list[dict]) -> tuple[dict | None, str]:
     """Pick the next round's settings after a missed target; (None, reason) means stop.
 
-    round_info: {"val_losses": [...], "diverged": bool, "test_metric": float}
-    settings: this round's {"max_steps", "lr", "warmup", ...}. Every rule states why."""
+    round_info: {"val_losses": [...], "diverged": bool, "test_metric": float}, and for the WSD
+    continuation "stable_checkpoint" (the round's fishai-stable.pt, or None when it wrote none),
+    "stable_step"; "end_step", "stopped_by" and "decay_start" say why there is none.
+    settings: this round's settings as it ran {"max_steps", "lr", "warmup", "schedule", ...}.
+    The next round starts from the best checkpoint (fresh optimizer) unless the settings carry
+    "resume": continue that fishai-stable.pt exactly (train.py --resume). Every rule states why."""
     steps, lr = int(settings["max_steps"]), float(settings["lr"])
-    nxt = dict(settings)
+    nxt = {k: v for k, v in settings.items() if k != "resume"}
     if round_info.get("diverged"):
         nxt["lr"] = lr / 3
         nxt["warmup"] = max(1, 2 * int(settings["warmup"]))
@@ -415,12 +450,22 @@ def decide_next_round(round_info: dict, settings: dict, prev_rounds: list[dict])
     vals = [v for v in round_info.get("val_losses", []) if math.isfinite(v)]
     if len(vals) >= 2 and (vals[-2] - vals[-1]) / max(vals[-2], 1e-9) > 0.01:
         drop = (vals[-2] - vals[-1]) / vals[-2] * 100
+        falling = f"val loss was still falling ({drop:.1f}% over the last eval interval): undertrained"
+        stable = round_info.get("stable_checkpoint")
+        if settings.get("schedule", "wsd") == "wsd" and stable:
+            nxt["max_steps"] = steps + steps
+            nxt["resume"] = stable
+            return nxt, (f"{falling}, so continue the WSD run from {stable} (step {round_info.get('stable_step')}, "
+                         f"where its LR decay began) with --max-steps {steps} -> {nxt['max_steps']}: the stable "
+                         f"phase goes on at the same peak LR {lr:.2e} with no rewarm (the optimizer state and the "
+                         f"data position carry over) and the decay moves to the new end, so the result is exactly "
+                         f"a {nxt['max_steps']}-step WSD run")
         nxt["max_steps"] = steps
         nxt["lr"] = lr * 0.5
         nxt["warmup"] = max(1, steps // 10)
-        return nxt, (f"val loss was still falling ({drop:.1f}% over the last eval interval): undertrained, so "
-                     f"train {steps} more steps from the best checkpoint with peak LR {nxt['lr']:.2e} (x0.5) "
-                     f"after a {nxt['warmup']}-step rewarm")
+        return nxt, (f"{falling}{_no_continuation(round_info, settings)}, so train {steps} more steps from the best "
+                     f"checkpoint with peak LR {nxt['lr']:.2e} (x0.5: trained weights want smaller steps than a "
+                     f"fresh model) after a {nxt['warmup']}-step rewarm (the fresh optimizer state needs one)")
     if len(vals) >= 2 and vals[-1] > min(vals) * 1.01:
         nxt["max_steps"] = max(1, steps // 2)
         nxt["lr"] = lr * 0.3
@@ -434,11 +479,28 @@ def decide_next_round(round_info: dict, settings: dict, prev_rounds: list[dict])
                  f"LR {nxt['lr']:.2e} (x0.3)")
 
 
+def _no_continuation(round_info: dict, settings: dict) -> str:
+    """Why an undertrained round is not continued from its fishai-stable.pt (the fallback's reason)."""
+    if settings.get("schedule", "wsd") != "wsd":
+        return (f"; with --schedule {settings['schedule']} the LR has already decayed to its floor and there is "
+                "no stable phase to continue")
+    end, decay = round_info.get("end_step"), round_info.get("decay_start")
+    if round_info.get("stopped_by") == "max_time" and end is not None and decay is not None and end < decay:
+        return (f"; the round left no fishai-stable.pt to continue: the time budget stopped it at step {end}, "
+                f"before its LR decay began at step {decay}")
+    if decay is not None and decay >= int(settings["max_steps"]):
+        return (f"; the round left no fishai-stable.pt to continue: a {settings['max_steps']}-step run has no "
+                "decay phase")
+    return "; the round left no fishai-stable.pt to continue"
+
+
 # ----------------------------------------------------------------------------- rounds
 
-def train_round(job: Job, r: int, settings: dict, init_from: Path | None) -> tuple[dict, bool] | None:
-    """train.py as a library for round r -> (its summary, diverged), or None when the time budget
-    is used up before the round starts."""
+def train_round(job: Job, r: int, settings: dict, init_from: Path | None) -> tuple[dict, bool, dict] | None:
+    """train.py as a library for round r -> (its summary, diverged, the settings it ran with), or
+    None when the time budget is used up before the round starts. settings["resume"] (a
+    fishai-stable.pt) continues that run exactly: only RESUME_SAFE flags are passed (the new
+    --max-steps and this round's intervals), the rest comes from the checkpoint (train.RESUME_RULE)."""
     args, rdir = job.args, job.out / f"round{r}"
     max_time = None
     if job.budget:
@@ -449,18 +511,35 @@ def train_round(job: Job, r: int, settings: dict, init_from: Path | None) -> tup
         # the speed estimate can be off on a busy machine: a hard cap keeps the job in its budget
         # (~10% of the time stays for the test perplexity and the samples)
         max_time = max(10.0, 0.9 * remaining - 5)
-    job.log(f"round {r}: {settings['max_steps']} steps, peak LR {settings['lr']:.2e}, warmup "
-            f"{settings['warmup']}" + (f", from {init_from}" if init_from else ", from scratch"))
-    train_args = trainer.make_args(
-        config=args.config, model_override=args.model_override, data=str(job.out / "data"), output_dir=str(rdir),
-        **{k: settings[k] for k in SETTINGS}, save_interval=settings["eval_interval"], log_interval=5,
-        device=args.device, dtype=args.dtype, compile=args.compile, seed=args.seed + r - 1, overwrite=True,
-        quiet=args.quiet, init_from=str(init_from) if init_from else None, max_time=max_time)
+    common = dict(config=args.config, model_override=args.model_override, output_dir=str(rdir),
+                  eval_interval=settings["eval_interval"], eval_iters=settings["eval_iters"],
+                  save_interval=settings["eval_interval"], log_interval=5, device=args.device, dtype=args.dtype,
+                  compile=args.compile, overwrite=True, quiet=args.quiet, max_time=max_time)
+    resume = settings.get("resume")
+    if resume:
+        ran = dict(settings)  # the checkpoint's settings (the previous round's) with the new max_steps
+        train_args = trainer.make_args(**common, resume=str(resume), max_steps=settings["max_steps"])
+        origin, lr_from = f", continuing {resume} (no rewarm)", " (the checkpoint's)"
+    else:
+        ran, _ = recipe_settings(args, settings, job.vocab)
+        train_args = trainer.make_args(
+            **common, **{k: settings[k] for k in SETTINGS if k not in common}, data=str(job.out / "data"),
+            seed=args.seed + r - 1, init_from=str(init_from) if init_from else None)
+        origin = f", from {init_from}" if init_from else ", from scratch"
+        lr_from = " (train.py's recipe)" if settings.get("lr") is None else ""
+    job.log(f"round {r}: {ran['max_steps']} steps, {ran['optimizer']} + {ran['schedule']}, peak LR "
+            f"{ran['lr']:.2e}{lr_from}, warmup {ran['warmup']}{origin}")
     try:
-        return trainer.train(train_args), False
+        return trainer.train(train_args), False, ran
     except trainer.DivergedError as e:
         job.log(f"round {r}: {e}")
-        return {"tokens": 0, "steps": 0, "best_val_loss": None, "interrupted": None}, True
+        return {"tokens": 0, "steps": 0, "best_val_loss": None, "interrupted": None}, True, ran
+
+
+def checkpoint_position(path: Path) -> tuple[int, int]:
+    """(step, tokens seen) of a train.py checkpoint."""
+    ckpt = fishai.load_checkpoint(str(path))
+    return int(ckpt.get("step") or 0), int((ckpt.get("extra") or {}).get("tokens_seen") or 0)
 
 
 def with_char_metrics(test: dict, texts: list[str]) -> dict:
@@ -477,7 +556,7 @@ def with_char_metrics(test: dict, texts: list[str]) -> dict:
     if t.get("chars_per_token") is None:
         t["chars_per_token"] = chars / max(t["tokens"], 1)
     if t.get("spaced") is None:
-        t["spaced"] = t["words"] / max(chars, 1) >= SPACED_WORDS_PER_CHAR
+        t["spaced"] = du.is_spaced(chars, t["words"])  # the one rule: <= 12 characters per word
     return t
 
 
@@ -492,28 +571,48 @@ def score_round(job: Job, r: int, ckpt: Path) -> dict:
 
 
 def run_round(job: Job, r: int, settings: dict, init_from: Path | None, step_offset: int) -> dict | None:
-    """Train and score round r -> its record for the report (None: not started)."""
+    """Train and score round r -> its record for the report (None: not started). A round that
+    continues a WSD run (settings["resume"]) starts at that checkpoint's step: its steps and tokens
+    count from there, and its metrics.jsonl steps are the run's (so its loss curve shares the
+    continued round's step_offset)."""
     t_r = time.time()
     trained = train_round(job, r, settings, init_from)
     if trained is None:
         return None
-    summary, diverged = trained
+    summary, diverged, ran = trained
+    if summary.get("lr") is not None:
+        ran["lr"] = summary["lr"]  # train.py's own account of the peak LR it ran with
     if summary.get("interrupted"):
         job.log(f"interrupted ({summary['interrupted']}) during round {r}")
         raise KeyboardInterrupt  # run_cli: exit 130; quick_train removes the partial run
     if summary.get("stopped_by") == "max_time":
         job.decide(f"round {r}: stopped at step {summary['steps']} of {settings['max_steps']} to stay within "
                    f"--time-budget {job.budget:g} s (this machine was slower than measured)")
+    resume = settings.get("resume")
+    start_step, start_tokens = checkpoint_position(Path(resume)) if resume else (0, 0)
+    end_step = max(start_step, int(summary.get("steps") or 0))
     rdir = job.out / f"round{r}"
     metrics = trainer.read_metrics(rdir / trainer.METRICS_NAME) if (rdir / trainer.METRICS_NAME).exists() else []
+    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
     best = rdir / trainer.BEST_NAME
     test = score_round(job, r, best) if best.exists() else None
-    rv = summary.get("best_val_loss")
-    return {"round": r, "settings": dict(settings), "init_from": str(init_from) if init_from else None,
-            "steps": int(summary.get("steps") or 0), "tokens": int(summary.get("tokens") or 0),
+    # a continued round's best val loss starts at the checkpoint's; without its own fishai-best.pt
+    # it never beat that, so report what it reached itself
+    rv = summary.get("best_val_loss") if best.exists() else min((v for v in val_losses if math.isfinite(v)),
+                                                                 default=None)
+    stable = rdir / trainer.STABLE_NAME
+    decay_start = (trainer.WSDSchedule(ran["lr"], ran["warmup"], ran["max_steps"],
+                                       decay_frac=trainer.RECIPE_DECAY_FRAC).decay_start
+                   if ran["schedule"] == "wsd" else None)
+    return {"round": r, "settings": {k: v for k, v in ran.items() if k != "resume"},
+            "init_from": str(init_from) if init_from else None, "resumed_from": str(resume) if resume else None,
+            "start_step": start_step, "end_step": end_step, "steps": end_step - start_step,
+            "tokens": max(0, int(summary.get("tokens") or 0) - start_tokens), "stopped_by": summary.get("stopped_by"),
             "time_s": time.time() - t_r, "best_val_loss": rv, "val_ppl": math.exp(rv) if rv is not None else None,
-            "test": test, "diverged": diverged, "val_losses": [m["val_loss"] for m in metrics if "val_loss" in m],
+            "test": test, "diverged": diverged, "val_losses": val_losses,
             "checkpoint": str(best) if test else None, "metrics": metrics, "step_offset": step_offset,
+            "decay_start": decay_start, "stable_checkpoint": str(stable) if stable.exists() else None,
+            "stable_step": checkpoint_position(stable)[0] if stable.exists() else None,
             "test_metric": test[job.args.target_metric] if test else float("inf")}
 
 
@@ -523,7 +622,7 @@ def _test_line(t: dict) -> str:
     return f"{_f(t.get('bits_per_byte'), 3)} bits/byte, token ppl {_f(t.get('token_ppl'), 2)}, {second}"
 
 
-def judge_round(job: Job, info: dict, rounds: list[dict], settings: dict, have_ckpt: bool) -> tuple[dict | None, bool]:
+def judge_round(job: Job, info: dict, rounds: list[dict], have_ckpt: bool) -> tuple[dict | None, bool]:
     """After round r: (the next round's settings, or None to stop; target met)."""
     r, metric, target = info["round"], job.args.target_metric, job.target
     if info["test"]:
@@ -542,7 +641,7 @@ def judge_round(job: Job, info: dict, rounds: list[dict], settings: dict, have_c
     if not have_ckpt:
         raise QuickTrainFailed(f"round {r} produced no usable checkpoint (diverged before the first eval); "
                                "lower --lr or raise --warmup")
-    nxt, why = decide_next_round(info, settings, rounds[:-1])
+    nxt, why = decide_next_round(info, info["settings"], rounds[:-1])
     job.decide(f"{missed}; {why}", "decision: ")
     return nxt, False
 
@@ -551,17 +650,20 @@ def run_rounds(job: Job, settings: dict) -> tuple[list[dict], Path | None, float
     """Rounds until the target is met, a rule says stop, or --max-rounds / the time budget ends.
     Returns (rounds, best checkpoint, its val loss, target met)."""
     rounds: list[dict] = []
-    best_ckpt, best_val, step_offset = None, None, 0
+    best_ckpt, best_val = None, None
     for r in range(1, job.args.max_rounds + 1):
-        info = run_round(job, r, settings, best_ckpt, step_offset)
+        # loss-curve x = step + step_offset: a fresh or init-from round starts where the last one
+        # ended; a continuation counts the continued run's steps, so it shares that round's offset
+        prev, resume = (rounds[-1] if rounds else None), settings.get("resume")
+        step_offset = 0 if prev is None else prev["step_offset"] + (0 if resume else prev["end_step"])
+        info = run_round(job, r, settings, None if resume else best_ckpt, step_offset)
         if info is None:
             break
         rounds.append(info)
-        step_offset += info["steps"]
         rv = info["best_val_loss"]
-        if rv is not None and (best_val is None or rv < best_val):
+        if rv is not None and info["checkpoint"] and (best_val is None or rv < best_val):
             best_val, best_ckpt = rv, job.out / f"round{r}" / trainer.BEST_NAME
-        settings, met = judge_round(job, info, rounds, settings, best_ckpt is not None)
+        settings, met = judge_round(job, info, rounds, best_ckpt is not None)
         if settings is None:
             return rounds, best_ckpt, best_val, met
     return rounds, best_ckpt, best_val, False
@@ -589,12 +691,18 @@ def report_markdown(rep: dict) -> str:
     else:
         lines.append("- target: none (pass --target-ppl to enable auto-adjust)")
     last = "test word ppl" if spaced else "test char ppl"
-    lines += ["", f"| round | steps | peak LR | warmup | tokens | time s | best val loss | val ppl | test bits/byte "
-              f"| test token ppl | {last} |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"| round | steps | optimizer + schedule | peak LR | warmup | tokens | time s | best val loss "
+              f"| val ppl | test bits/byte | test token ppl | {last} |", "|---" * 12 + "|"]
     for r in rep["rounds"]:
-        rt = r["test"] or {}
-        lines.append(f"| {r['round']} | {r['steps']} of {r['settings']['max_steps']} | {r['settings']['lr']:.2e} | "
-                     f"{r['settings']['warmup']} | {r['tokens']:,} | {r['time_s']:.0f} | "
+        rt, st = r["test"] or {}, r["settings"]
+        steps = f"{r['steps']} of {st['max_steps']}"
+        if r.get("start_step"):  # a continued WSD run: its steps go on from the stable checkpoint's
+            steps = f"{r['steps']} (steps {r['start_step'] + 1}-{r['end_step']} of {st['max_steps']})"
+        recipe = f"{st.get('optimizer') or '-'} + {st.get('schedule') or '-'}"
+        if r.get("resumed_from"):
+            recipe += ", continued"
+        lines.append(f"| {r['round']} | {steps} | {recipe} | {st['lr']:.2e} | "
+                     f"{st['warmup']} | {r['tokens']:,} | {r['time_s']:.0f} | "
                      f"{_f(r['best_val_loss'], 4)} | {_f(r['val_ppl'], 2)} | {_f(rt.get('bits_per_byte'), 3)} | "
                      f"{_f(rt.get('token_ppl'), 2)} | {_f(rt.get('word_ppl' if spaced else 'char_ppl'), 2)} |")
     lines += ["", "## Decisions", ""] + [f"- {d}" for d in rep["decisions"]]
@@ -661,8 +769,20 @@ def write_report(job: Job, rounds: list[dict], best_ckpt: Path, best_val: float,
 # ----------------------------------------------------------------------------- main flow
 
 def first_settings(args) -> dict:
+    """Round 1's settings: each flag given, else the preset's, else None (train.py's recipe)."""
     preset = PRESET_DEFAULTS[args.config]
-    return {k: (getattr(args, k) if getattr(args, k) is not None else preset[k]) for k in SETTINGS}
+    return {k: (getattr(args, k) if getattr(args, k) is not None else preset.get(k)) for k in SETTINGS}
+
+
+def recipe_settings(args, settings: dict, vocab: int) -> tuple[dict, argparse.Namespace]:
+    """(settings with every None filled as train.py fills it, the train args that gives): train's
+    own rule (train.apply_recipe, RECIPE_RULE) for this model, so quick_train can show and plan
+    with the numbers a round will run with while still passing None to train."""
+    targs = trainer.make_args(config=args.config, model_override=args.model_override,
+                              **{k: settings.get(k) for k in SETTINGS})
+    cfg = trainer.build_config(args.config, trainer.round_up(vocab), trainer.parse_overrides(args.model_override))
+    trainer.apply_recipe(targs, cfg)
+    return {**settings, **{k: getattr(targs, k) for k in SETTINGS}}, targs
 
 
 def open_output_dir(out: Path, overwrite: bool) -> bool:
@@ -710,6 +830,9 @@ def _pipeline(job: Job) -> dict:
     job.log(f"test set: {job.test_label} ({len(job.test_texts)} documents, "
             f"{sum(len(t) for t in job.test_texts) / 1e3:.0f} KB)")
     tok, tok_label = get_tokenizer(job, corpus, preset)
+    job.vocab = tok.vocab_size
+    filled, _ = recipe_settings(args, settings, job.vocab)  # the batch sets the speed and tokens per step
+    settings.update(batch_size=filled["batch_size"], grad_accum=filled["grad_accum"])
     meta = prepare_data(job, corpus, tok, settings["seq_len"])
     fit_time_budget(job, settings, preset, tok.vocab_size)
     rounds, best_ckpt, best_val, target_met = run_rounds(job, settings)

@@ -26,6 +26,15 @@ def small_args(data, out, *extra):
             "--sample-tokens", "8", "--val-fraction", "0.05", *map(str, extra)]
 
 
+def recipe_args(data, out, *extra):
+    """small_args without --lr and --warmup: train.py's recipe fills them."""
+    args = small_args(data, out, *extra)
+    for flag in ("--lr", "--warmup"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    return args
+
+
 # ----------------------------------------------------------------------------- decisions
 
 BASE = {"max_steps": 100, "lr": 1e-3, "warmup": 10}
@@ -35,6 +44,47 @@ def test_decide_undertrained_continues_with_more_steps_and_lower_lr():
     nxt, why = quick_train.decide_next_round({"val_losses": [5.0, 4.5, 4.2], "test_metric": 80.0}, BASE, [])
     assert nxt["max_steps"] == 100 and nxt["lr"] == pytest.approx(5e-4) and nxt["warmup"] == 10
     assert "still falling" in why and "undertrained" in why
+
+
+WSD = {**BASE, "optimizer": "muon", "schedule": "wsd"}
+STABLE = {"stable_checkpoint": "/runs/q/round1/fishai-stable.pt", "stable_step": 80, "end_step": 100,
+          "decay_start": 80}
+
+
+def test_decide_wsd_undertrained_continues_the_stable_phase_from_fishai_stable():
+    info = {"val_losses": [5.0, 4.5, 4.2], "test_metric": 80.0, **STABLE}
+    nxt, why = quick_train.decide_next_round(info, WSD, [])
+    # the same run, longer: max_steps 100 + 100, the LR and warmup untouched (no rewarm)
+    assert nxt == {**WSD, "max_steps": 200, "resume": "/runs/q/round1/fishai-stable.pt"}
+    assert nxt["lr"] == 1e-3 and nxt["warmup"] == 10
+    assert "still falling" in why and "fishai-stable.pt (step 80" in why and "100 -> 200" in why
+    assert "no rewarm" in why and "decay moves to the new end" in why
+    # a continuation of a continuation goes on from its own stable checkpoint; the other rules
+    # start from the best checkpoint and drop the continuation
+    nxt2, _ = quick_train.decide_next_round({**info, "stable_checkpoint": "/r2/fishai-stable.pt"}, nxt, [])
+    assert nxt2["resume"] == "/r2/fishai-stable.pt" and nxt2["max_steps"] == 400 and nxt2["lr"] == 1e-3
+    for vals, word in (([4.0, 3.5, 3.7], "rose"), ([4.0, 3.5, 3.499], "plateaued")):
+        nxt3, why = quick_train.decide_next_round({"val_losses": vals, "test_metric": 80.0, **STABLE}, nxt, [])
+        assert "resume" not in nxt3 and nxt3["lr"] == pytest.approx(3e-4) and word in why
+    nxt3, why = quick_train.decide_next_round({"diverged": True, "test_metric": math.inf, **STABLE}, nxt, [])
+    assert "resume" not in nxt3 and nxt3["lr"] == pytest.approx(1e-3 / 3) and "diverged" in why
+
+
+def test_decide_without_stable_checkpoint_falls_back_to_the_best_checkpoint_and_says_why():
+    falling = {"val_losses": [5.0, 4.5, 4.2], "test_metric": 80.0}
+    # cut by the time budget before the decay began: no fishai-stable.pt
+    info = {**falling, "stable_checkpoint": None, "stopped_by": "max_time", "end_step": 60, "decay_start": 80}
+    nxt, why = quick_train.decide_next_round(info, WSD, [])
+    assert "resume" not in nxt and nxt["max_steps"] == 100 and nxt["warmup"] == 10
+    assert nxt["lr"] == pytest.approx(5e-4)
+    assert "no fishai-stable.pt" in why and "stopped it at step 60, before its LR decay began at step 80" in why
+    assert "from the best checkpoint" in why and "rewarm" in why
+    # --schedule cosine: the old rule even when a stable checkpoint is somehow there
+    nxt, why = quick_train.decide_next_round({**falling, **STABLE}, {**WSD, "schedule": "cosine"}, [])
+    assert "resume" not in nxt and nxt["lr"] == pytest.approx(5e-4) and "--schedule cosine" in why
+    nxt, why = quick_train.decide_next_round({**falling, "stable_checkpoint": None, "decay_start": 2},
+                                             {**WSD, "max_steps": 2}, [])
+    assert "resume" not in nxt and "a 2-step run has no decay phase" in why
 
 
 def test_decide_overfitting_and_plateau_and_divergence_and_stall():
@@ -71,9 +121,14 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, text_file):
     assert rc == 2 and "--overwrite" in err and (out / "mine.txt").read_text() == "keep me"
 
 
-def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys):
+def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys, monkeypatch):
     out = tmp_path / "q"
-    # an unreachable target forces the auto-adjust path: round 2 continues from round 1's best
+    plotted = []
+    plot = quick_train.trainer.plot_losses
+    monkeypatch.setattr(quick_train.trainer, "plot_losses",
+                        lambda series, path: plotted.append(series) or plot(series, path))
+    # an unreachable target forces the auto-adjust path; round 1's val loss is still falling, so
+    # round 2 continues the WSD run from round 1's fishai-stable.pt with twice the steps
     rc = quick_train.main(small_args(text_file, out, "--target-ppl", 1.01, "--max-rounds", 2,
                                      "--json", tmp_path / "r.json"))
     stdout = capsys.readouterr().out
@@ -82,23 +137,48 @@ def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys):
     assert json.loads((tmp_path / "r.json").read_text()) == rep
     assert len(rep["rounds"]) == 2 and rep["target_met"] is False
     r1, r2 = rep["rounds"]
-    assert r1["init_from"] is None and r2["init_from"] == str(out / "round1" / "fishai-best.pt")
-    assert r2["settings"]["lr"] < r1["settings"]["lr"]  # every rule lowers the peak LR
+    from model import load_checkpoint
+    stable = out / "round1" / "fishai-stable.pt"
+    stable_step = load_checkpoint(stable)["step"]
+    assert stable_step == r1["stable_step"] == r1["decay_start"] == 10  # 12 steps, the last 20% decay
+    assert r1["init_from"] is None and r2["init_from"] is None and r2["resumed_from"] == str(stable)
+    # --lr 3e-3 wins over the recipe, and the continuation keeps it: same LR, no rewarm, more steps
+    s1, s2 = r1["settings"], r2["settings"]
+    assert (s1["optimizer"], s1["schedule"], s1["lr"], s1["max_steps"]) == ("muon", "wsd", 3e-3, 12)
+    assert load_checkpoint(out / "round1" / "fishai-best.pt")["train_args"]["lr"] == 3e-3
+    assert s2 == {**s1, "max_steps": 24}
+    assert "round 1: 12 steps, muon + wsd, peak LR 3.00e-03, warmup 2, from scratch" in stdout
+    assert (f"round 2: 24 steps, muon + wsd, peak LR 3.00e-03 (the checkpoint's), warmup 2, continuing {stable}"
+            in stdout)
+    # round 2's steps start after the stable step: its own metrics, the record and the loss curve agree
+    m2 = [json.loads(x) for x in (out / "round2" / "metrics.jsonl").read_text().splitlines()]
+    steps2 = [m["step"] for m in m2 if "loss" in m or "val_loss" in m]
+    assert steps2[0] > stable_step and steps2[-1] == 24
+    assert all(m["lr"] == pytest.approx(3e-3) for m in m2 if "lr" in m and m["step"] <= 19)  # stable phase: peak
+    assert (r2["start_step"], r2["end_step"], r2["steps"]) == (stable_step, 24, 24 - stable_step)
+    assert r1["step_offset"] == r2["step_offset"] == 0  # the same run: round 2 branches off round 1 at step 10
+    curve = plotted[-1][1]  # quick_train's plot over the rounds (train.py plots each run first)
+    assert plotted[-1][0]["label"] == "round 1" and curve["label"] == "round 2"
+    assert curve["step_offset"] == 0 and min(m["step"] for m in curve["metrics"]) > stable_step
+    assert "still falling" in rep["decisions"][0] and "fishai-stable.pt (step 10" in rep["decisions"][0]
+    assert "--max-steps 12 -> 24" in rep["decisions"][0] and "no rewarm" in rep["decisions"][0]
     assert rep["decisions"][0].startswith("round 1: test word_ppl") and "> target 1.01" in rep["decisions"][0]
     assert "--max-rounds 2 reached" in rep["decisions"][1]
     assert "[quick_train] decision: round 1" in stdout
     # the loss falls, perplexities are real numbers on held-out text
-    assert r1["val_losses"][-1] < r1["val_losses"][0]
+    assert r1["val_losses"][-1] < r1["val_losses"][0] and r2["best_val_loss"] < r1["best_val_loss"]
     t = rep["test"]
     assert 1 < t["token_ppl"] < 300 and t["word_ppl"] > t["token_ppl"] and 0 < t["bits_per_byte"] < 8
     assert t["tokens"] > 1000 and rep["test_set"].startswith("held-out documents")
-    assert rep["tokens_seen"] == r1["tokens"] + r2["tokens"] == 2 * 12 * 4 * 32  # steps x batch x seq-len
+    # tokens trained: round 1's 12 steps + round 2's 14 (steps 11-24), x batch x seq-len
+    assert r2["tokens"] == 14 * 4 * 32 and rep["tokens_seen"] == r1["tokens"] + r2["tokens"] == (12 + 14) * 4 * 32
     assert rep["vocab_size"] == 320  # trained 300-token tokenizer, rounded up to 64
     # artefacts: best checkpoint, report, samples, loss curve (or the note why not)
-    from model import load_checkpoint
-    assert load_checkpoint(out / "fishai-best.pt")["step"] >= 4
+    assert load_checkpoint(out / "fishai-best.pt")["step"] > stable_step  # round 2's weights
     md = (out / "report.md").read_text()
-    assert "| round | steps |" in md and "## Decisions" in md and "## Samples" in md
+    assert "| round | steps | optimizer + schedule |" in md and "## Decisions" in md and "## Samples" in md
+    assert "| 1 | 12 of 12 | muon + wsd | 3.00e-03 | 2 |" in md
+    assert "| 2 | 14 (steps 11-24 of 24) | muon + wsd, continued | 3.00e-03 | 2 |" in md
     assert len(rep["samples"]) == 3 and all(isinstance(s["completion"], str) for s in rep["samples"])
     if rep["loss_curve"]:
         assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -107,6 +187,23 @@ def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys):
     # held-out test documents never reached training: the test docs are absent from train/val
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert meta["train"]["docs"] + meta["val"]["docs"] < len(text_file.read_text().split("\n\n"))
+
+
+def test_cosine_schedule_keeps_the_init_from_best_rule(tmp_path, text_file):
+    out = tmp_path / "q"
+    rc = quick_train.main(small_args(text_file, out, "--schedule", "cosine", "--optimizer", "adamw", "--target-ppl",
+                                     1.01, "--max-rounds", 2, "--samples", 0))
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    r1, r2 = rep["rounds"]
+    assert (r1["settings"]["optimizer"], r1["settings"]["schedule"]) == ("adamw", "cosine")
+    assert not (out / "round1" / "fishai-stable.pt").exists() and r1["stable_checkpoint"] is None
+    assert "still falling" in rep["decisions"][0] and "--schedule cosine" in rep["decisions"][0]
+    assert r2["init_from"] == str(out / "round1" / "fishai-best.pt") and r2["resumed_from"] is None
+    assert r2["settings"]["lr"] == pytest.approx(3e-3 * 0.5) and r2["settings"]["warmup"] == 1  # rewarm 12 // 10
+    assert (r2["start_step"], r2["step_offset"]) == (0, 12)  # a new run after round 1's 12 steps
+    m2 = [json.loads(x) for x in (out / "round2" / "metrics.jsonl").read_text().splitlines()]
+    assert min(m["step"] for m in m2) <= 5 and rep["tokens_seen"] == 2 * 12 * 4 * 32
 
 
 def test_target_met_stops_after_one_round(tmp_path, text_file, capsys):
@@ -226,11 +323,27 @@ def test_bits_per_byte_target_and_new_flag_spellings(tmp_path, text_file):
     p = quick_train.build_parser()
     assert p.parse_args(["--sample-tokens", "5"]).max_new_tokens == 5 and p.parse_args(["--no-progress"]).quiet
     assert p.parse_args(["--force"]).overwrite and p.parse_args(["--target-metric", "char_ppl"]).target_metric
+    trainer = quick_train.trainer
+    assert quick_train.OPTIMIZERS == trainer.OPTIMIZERS and quick_train.SCHEDULES == trainer.SCHEDULES
+    a = p.parse_args(["--optimizer", "adamw", "--schedule", "cosine", "--lr", "1e-3"])
+    first = quick_train.first_settings(a)
+    assert (first["optimizer"], first["schedule"], first["lr"]) == ("adamw", "cosine", 1e-3)
+    assert quick_train.first_settings(p.parse_args(["--config", "tiny"]))["lr"] is None  # None: train's recipe
     out = tmp_path / "q"
-    args = small_args(text_file, out, "--target-metric", "bits_per_byte", "--target-ppl", 8, "--max-steps", 4,
-                      "--samples", 0, "--json", tmp_path / "r.json")
+    args = recipe_args(text_file, out, "--target-metric", "bits_per_byte", "--target-ppl", 8, "--max-steps", 4,
+                       "--samples", 0, "--json", tmp_path / "r.json")
     assert quick_train.main(args) == 0
     rep = json.loads((out / "report.json").read_text())
+    # no --lr/--warmup: train.py's recipe for this width (d_model 64) fills them, and the round records it
+    cfg = trainer.build_config("tiny", 320, trainer.parse_overrides(SHRINK[1::2]))
+    recipe = trainer.recipe_for(cfg)
+    settings = rep["rounds"][0]["settings"]
+    assert recipe["lr"] == pytest.approx(8e-3 * 2) and settings["lr"] == pytest.approx(recipe["lr"])
+    assert (settings["optimizer"], settings["schedule"], settings["warmup"]) == ("muon", "wsd", 1)  # 2% of 4, up
+    assert (settings["batch_size"], settings["grad_accum"]) == (4, 1)  # given flags win over the recipe's
+    from model import load_checkpoint
+    ran = load_checkpoint(out / "round1" / "fishai-best.pt")["train_args"]  # what train.py itself ran with
+    assert (ran["lr"], ran["warmup"], ran["optimizer"], ran["schedule"]) == (settings["lr"], 1, "muon", "wsd")
     assert rep["decisions"][0].startswith("round 1: test bits_per_byte") and rep["target_met"] is True
     assert rep["headline_metric"] == "bits_per_byte" and rep["test"]["spaced"] is True
     assert rep["test"]["char_ppl"] > 1 and rep["test"]["chars_per_token"] > 1
