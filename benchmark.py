@@ -1803,9 +1803,9 @@ def recipe_benchmark(args) -> dict:
         du.prepare([str(f) for f in train_books], str(work / "tokenizer"), str(work / "data"), val_fraction=0.05,
                    overwrite=True, show_progress=not args.quiet, log=say)
         vocab = du.load_tokenizer(str(work / "tokenizer")).vocab_size
-        cfg = fishai.ModelConfig(**{**cfg.to_dict(), "vocab_size": train.round_up(vocab)})  # as train.py builds it
+        cfg = train.build_config(args.config, train.round_up(vocab), {})  # the model train.py builds
         rec = train.recipe_for(cfg)
-        tokens_per_step = rec["batch_size"] * rec["grad_accum"] * min(512, cfg.max_seq_len)
+        tokens_per_step = rec["batch_size"] * rec["grad_accum"] * train.default_seq_len(cfg)
         steps = max(2, args.tokens // tokens_per_step)
         common = dict(config=args.config, data=str(work / "data"), max_steps=steps, seed=args.seed,
                       batch_size=rec["batch_size"], grad_accum=rec["grad_accum"],

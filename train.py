@@ -423,19 +423,12 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 
 def muon_split(model) -> tuple[list[str], list[str], list[str]]:
-    """(muon, embed, norm) parameter names: Muon takes the 2-D hidden matrices (q/k/v/o and
-    gate/up/down of every block); AdamW the tied embedding/head and every 1-D weight (RMSNorm)."""
-    muon, embed, norm = [], [], []
-    for name, p in fishai._unwrap(model).named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.endswith("tok_emb.weight"):
-            embed.append(name)
-        elif p.dim() == 2:
-            muon.append(name)
-        else:
-            norm.append(name)
-    return muon, embed, norm
+    """(muon, embed, norm) parameter names: Muon takes the matrices that get weight decay
+    (model.weight_decay_split: the q/k/v/o and gate/up/down weights of every block); AdamW the
+    tied embedding/head and every 1-D weight (RMSNorm)."""
+    decay, no_decay = fishai.weight_decay_split(model)
+    embed = [n for n in no_decay if n.endswith("tok_emb.weight")]
+    return decay, embed, [n for n in no_decay if n not in embed]
 
 
 class Muon(torch.optim.Optimizer):
@@ -558,6 +551,12 @@ def parse_overrides(items: list[str]) -> dict:
         except ValueError:
             raise TrainError(f"--model-override {item!r}: {value!r} is not a number") from None
     return out
+
+
+def default_seq_len(cfg: fishai.ModelConfig) -> int:
+    """--seq-len when not given: the model's context, capped at 512 (longer windows cost more per
+    token than they teach a small model early on)."""
+    return min(512, cfg.max_seq_len)
 
 
 def build_config(name: str, vocab_size: int | None, overrides: dict) -> fishai.ModelConfig:
@@ -719,7 +718,7 @@ def resolve_start(args: argparse.Namespace, dist: Dist, log) -> Start:
     tokenizer = resolve_tokenizer(args, source, resume_path or args.init_from)
     cfg, config_name = resolve_config(args, ckpt, init, tokenizer, resume_path)
     if args.seq_len is None:
-        args.seq_len = min(512, cfg.max_seq_len)
+        args.seq_len = default_seq_len(cfg)
     if not 2 <= args.seq_len <= cfg.max_seq_len:
         raise TrainError(f"--seq-len {args.seq_len} must be between 2 and the model's max_seq_len "
                          f"{cfg.max_seq_len} (config {config_name})")
