@@ -25,24 +25,13 @@ Usage:
     # tokens; val curves, held-out bits/byte and the tokens each needs to reach the baseline's loss (~10 min CPU)
     python benchmark.py recipe --data ../shared/data/books --json recipe.json --report recipe.md
 
-Scoring conventions (lm-evaluation-harness "loglikelihood_rolling"):
-- Every document is scored token by token, starting with its FIRST token, conditioned on a single
-  "begin" token: the tokenizer's BOS when the model has one, otherwise its EOS (FishAI, GPT-2 and
-  Pythia use <|endoftext|>; FishAI training data separates documents with EOS, so for FishAI this is
-  exactly the context the model saw before every training document).
-- Long documents are cut into windows of the model's context length. --stride (default = context
-  length) is how many new tokens each window predicts: stride = context gives disjoint windows (each
-  window conditions on the one token before it; lm-evaluation-harness' default and what the seed's
-  figures use); a smaller stride gives every token up to (context - stride) tokens of extra context
-  and a lower perplexity, at (context / stride) times the compute.
-- The headline is bits_per_byte = -sum logprob / bytes / ln 2: it does not depend on the tokenizer
-  or on how a language separates words. Next to it, word_ppl = exp(-sum logprob / words) with
-  words = len(re.split(r"\\s+", text)) (lm-evaluation-harness' word_perplexity) for spaced text,
-  and char_ppl = exp(-sum logprob / chars) for text without spaces between words (Chinese, Japanese),
-  where a "word" would be a whole line and word_ppl an astronomically large number. Text counts as
-  spaced when it has at least one whitespace-separated word per 12 characters (English has one per
-  5-7). Words, characters and bytes are counted on the original text, so models with different
-  tokenizers compare fairly; every figure is in the JSON either way.
+Scoring conventions (lm-evaluation-harness "loglikelihood_rolling"; README "benchmark.py" has the
+long form): every document is scored from its FIRST token after one "begin" token (BOS, else EOS:
+for FishAI the <|endoftext|> that precedes every training document), in windows of the context
+length; --stride (default: the context, disjoint windows) is the number of new tokens per window.
+The headline is bits_per_byte = -sum logprob / bytes / ln 2 (independent of the tokenizer); beside
+it word_ppl (words = len(re.split(r"\\s+", text)), as the harness) for spaced text, and char_ppl for
+text without spaces between words (Chinese), both counted on the original text.
 """
 from __future__ import annotations
 
@@ -73,12 +62,6 @@ def add_output_args(p, json_help: str = "write the results as JSON"):
     p.add_argument("--report", metavar="PATH", help="write a markdown report")
     du.add_overwrite_flag(p, "existing --json/--report files")
     du.add_quiet_flag(p)
-
-
-def add_data_args(p):
-    """The dataset and scoring flags of benchmark.py full (data_utils.add_eval_text_flags, shared
-    with reference_benchmark.py, whose parser must answer --help before torch is imported)."""
-    return du.add_eval_text_flags(p)
 
 
 _AUTO_DTYPE = "auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU"
@@ -125,7 +108,7 @@ def _add_full_parser(sub):
     du.add_dequantize_flag(fu)
     du.add_device_flag(fu)
     du.add_dtype_flag(fu, f"dtype the model runs in; {_AUTO_DTYPE}")
-    add_data_args(fu)
+    du.add_eval_text_flags(fu)  # shared with reference_benchmark.py, whose --help needs no torch
     fu.add_argument("--no-generation", action="store_true", help="skip the generation-quality samples")
     fu.add_argument("--samples", type=du.int_flag(1), default=2, help="samples per prompt")
     fu.add_argument("--max-new-tokens", type=du.int_flag(1), default=64, help="new tokens per sample")
@@ -204,7 +187,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as fishai  # noqa: E402
-import quantize  # noqa: E402  (quantize imports benchmark too: neither uses the other at import time)
 import tokenizer_train  # noqa: E402
 import train  # noqa: E402
 
@@ -956,40 +938,23 @@ def _dtype_str(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-class PeakMemory:
-    """Peak memory of a phase: CUDA max_memory_allocated, or on CPU the process' peak RSS (VmHWM,
-    reset through /proc/self/clear_refs). Returns bytes, or None when it cannot be measured."""
-
-    def __init__(self, device):
-        self.cuda = str(device).startswith("cuda")
-
-    def reset(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-    def peak(self) -> int | None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return int(torch.cuda.max_memory_allocated())
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            import resource  # Unix only
-            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-        except (ImportError, OSError):
-            return None
+def peak_memory(device, fn) -> int | None:
+    """Peak memory while fn() runs, in bytes: CUDA max_memory_allocated, or on CPU the process'
+    peak RSS (VmHWM, reset through /proc/self/clear_refs, Linux); None where it cannot be measured."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fn()
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
 
 
 @dataclass
@@ -1233,11 +1198,8 @@ def _peak_mb(t: SelfTest, step) -> float | None:
     """Peak memory of one training step with its optimizer state already allocated."""
     if step is None:
         return None
-    mem = PeakMemory(t.device)
     step()
-    mem.reset()
-    step()
-    peak = mem.peak()
+    peak = peak_memory(t.device, step)
     return peak / 2**20 if peak else None
 
 
@@ -1372,7 +1334,19 @@ QUANT_PEERS = {"fp32": ("fp16", "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4
                "mixed": ("mixed", "Q4_0+Q8_0+F16")}
 
 
-def _llama_cpp_decoders(t: SelfTest, workdir: Path, strategy: str) -> dict:
+def _quantize_cli(ckpt: Path, out: Path, strategy: str, fmt: str = "bin") -> int:
+    """Export `ckpt` with the quantize.py command a user runs (a child process: quantize.py scores
+    with this file's functions, so this file does not import it); returns the file's size."""
+    cmd = [sys.executable, str(Path(__file__).with_name("quantize.py")), "--model", str(ckpt), "--output", str(out),
+           "--strategy", strategy, "--format", fmt, "--quiet", "--overwrite"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BenchmarkError(f"quantize.py --strategy {strategy} --format {fmt} failed: "
+                             f"{(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return out.stat().st_size
+
+
+def _llama_cpp_decoders(t: SelfTest, ckpt: Path, strategy: str) -> dict:
     """{batch: LlamaCppDecoder} on the GGUF export of t.model at the bit width of `strategy`;
     empty without llama-cpp-python or on a GPU run (the comparison is a CPU one)."""
     try:
@@ -1381,21 +1355,20 @@ def _llama_cpp_decoders(t: SelfTest, workdir: Path, strategy: str) -> dict:
         return {}
     if t.cuda:
         return {}
-    path = workdir / f"{strategy}.gguf"
-    quantize.export_gguf(t.model, path, QUANT_PEERS[strategy][0], progress=False)
+    path = ckpt.with_name(f"{strategy}.gguf")
+    _quantize_cli(ckpt, path, QUANT_PEERS[strategy][0], fmt="gguf")
     length = t.prompt_len + t.decode_tokens
     return {b: LlamaCppDecoder(path, b, length, torch.get_num_threads(), t.model.tokenizer is not None)
             for b in (1, 8)}
 
 
-def _quantized_model(t: SelfTest, workdir: Path, strategy: str):
+def _quantized_model(t: SelfTest, ckpt: Path, strategy: str):
     """t.model's weights as a .bin of `strategy`, loaded quantized; rows for its memory."""
-    path = workdir / f"{strategy}.bin"
-    tensors, _ = quantize.quantize_model(t.model, strategy, progress=False)
-    size = quantize.write_quantized(path, tensors, t.cfg.to_dict())
+    path = ckpt.with_name(f"{strategy}.bin")
+    size = _quantize_cli(ckpt, path, strategy)
     qm = fishai.load_model(path, device=t.device, dtype=t.dtype)  # bf16 activations on CUDA, fp32 on CPU
     t.row(f"quant_{strategy}_model_mb", f"{strategy} .bin: parameters + buffers MB vs the file",
-          quantize.model_bytes(qm) / 2**20, size / 2**20, "MB", peer=".bin file")
+          fishai.model_bytes(qm) / 2**20, size / 2**20, "MB", peer=".bin file")
     grown = None if t.cuda else _rss_growth_at_load(path, t.device)
     t.row(f"quant_{strategy}_rss_mb", f"{strategy} .bin: RSS a fresh process gains at load, MB",
           grown / 2**20 if grown is not None else None, size / 2**20, "MB", peer=".bin file")
@@ -1433,8 +1406,10 @@ def time_quantized(t: SelfTest, strategy: str):
     if not t.quantized:
         return
     with tempfile.TemporaryDirectory() as d:
-        qm = _quantized_model(t, Path(d), strategy)
-        llama = _llama_cpp_decoders(t, Path(d), strategy)
+        ckpt = Path(d) / "model.pt"
+        fishai.save_checkpoint(ckpt, t.model, tokenizer=t.model.tokenizer)
+        qm = _quantized_model(t, ckpt, strategy)
+        llama = _llama_cpp_decoders(t, ckpt, strategy)
         try:
             for batch in (1, 8):
                 _time_quantized_batch(t, qm, strategy, batch, llama.get(batch))

@@ -33,6 +33,7 @@ import gzip
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -499,8 +500,8 @@ class TextTokenizer:
         path = Path(path)
         tj = path / "tokenizer.json" if path.is_dir() else path
         if not tj.is_file():
-            raise DataError(f"{path}: no tokenizer.json found; train one with "
-                            f"`python tokenizer_train.py --data ... --output-dir {path}`")
+            raise DataError(f"{path}: {'no tokenizer.json found' if path.exists() else 'tokenizer not found'}; "
+                            f"train one with `python tokenizer_train.py --data ... --output-dir {path}`")
         try:
             text = tj.read_text(encoding="utf-8")
             json.loads(text)
@@ -632,11 +633,7 @@ def _check_messages(messages) -> None:
 
 def load_tokenizer(path) -> TextTokenizer:
     """Load a tokenizer directory (tokenizer.json + tokenizer_config.json) or a tokenizer.json file."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: tokenizer not found; train one with "
-                        f"`python tokenizer_train.py --data ... --output-dir {p}`")
-    return TextTokenizer.from_dir(p)
+    return TextTokenizer.from_dir(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -841,10 +838,7 @@ def _iter_hf(spec: str, text_key: str, stats: dict | None) -> Iterator[str]:
         return
     if text_key not in first:
         raise DataError(f"{spec}: dataset has no field '{text_key}' (fields: {', '.join(first)}); pass --text-key")
-    for row in [first] if first is not None else []:
-        if isinstance(row.get(text_key), str) and row[text_key].strip():
-            yield row[text_key]
-    for row in it:
+    for row in itertools.chain([first], it):
         t = row.get(text_key)
         if isinstance(t, str) and t.strip():
             yield t
@@ -1068,23 +1062,11 @@ class TokenFileWriter:
 
 
 def write_token_file(path, token_iter: Iterable, vocab_size: int) -> int:
-    """Write a .bin token file atomically. token_iter yields token chunks (lists or numpy arrays of
-    ids; plain ints are accepted too). Returns the number of tokens written."""
+    """Write a .bin token file atomically from chunks of ids (lists or numpy arrays; a plain int is
+    a chunk of one). Returns the number of tokens written."""
     with TokenFileWriter(path, vocab_size) as w:
-        buf: list[int] = []
         for chunk in token_iter:
-            if isinstance(chunk, (int, np.integer)):
-                buf.append(int(chunk))
-                if len(buf) >= 1 << 16:
-                    w.write(buf)
-                    buf = []
-                continue
-            if buf:
-                w.write(buf)
-                buf = []
-            w.write(chunk)
-        if buf:
-            w.write(buf)
+            w.write(np.atleast_1d(chunk))
         return w.n_tokens
 
 
@@ -1539,7 +1521,6 @@ _DIGIT_RE = re.compile(r"\d")
 # The filter counts the rare characters (special, foreign letters) with findall: scanning for
 # what is rare is ~5x faster than counting what is common.
 _SPECIAL_RE = re.compile(r"[^\w\s.,;:!?'\"()\-\u2018\u2019\u201C\u201D\u2014\u2013\u3000-\u303F\uFF00-\uFFEF]")
-_WS_RE = re.compile(r"\s+")
 # Counting without scanning the whole text with Unicode regexes (3x faster, same counts): the
 # ASCII part is counted on the UTF-8 bytes with bytes.translate (deletes all other bytes in one C
 # pass); the few non-ASCII characters are collected once and matched with the regexes. The
@@ -2018,42 +1999,20 @@ def _batches(items: Iterator, max_docs: int, max_bytes: int) -> Iterator[list]:
 
 
 def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
-    """Run `gen` (reading + filtering + mixing, pure Python) in a background thread so it overlaps
-    with encode_batch (Rust, releases the GIL) in the caller's thread. Exceptions are re-raised."""
-    import queue
-    import threading
+    """Run `gen` (reading + filtering + mixing, pure Python) up to `depth` items ahead in a worker
+    thread, so it overlaps with encode_batch (Rust, releases the GIL) in the caller's thread. An
+    exception in `gen` is raised here, at the item where it happened."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    END = object()
-
-    def run():
-        try:
-            for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(END)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
+    end = object()
+    pool = ThreadPoolExecutor(max_workers=1)  # one worker: the next() calls run in order
     try:
-        while True:
-            item = q.get()
-            if item is END:
-                return
-            if isinstance(item, BaseException):
-                raise item
+        ahead = [pool.submit(next, gen, end) for _ in range(depth)]
+        while (item := ahead.pop(0).result()) is not end:
+            ahead.append(pool.submit(next, gen, end))
             yield item
     finally:
-        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)  # a consumer that stops early waits for nothing
 
 
 class TokenBuffer:

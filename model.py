@@ -986,6 +986,14 @@ def save_hf(model, out_dir, tokenizer=None, overwrite=False, model_card: str | N
 # Size table (README's model table comes from here)
 
 
+def model_bytes(model) -> int:
+    """Bytes held by a model's parameters and buffers, each storage counted once (tied or shared
+    tensors; a KV cache when one is allocated): what a loaded model costs in memory."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
+
+
 def int4_bytes(config: ModelConfig, group_size=128) -> int:
     """Bytes of the weights as INT4 (two per byte) with an fp16 scale and zero point per group;
     norm gains in fp16. The file header adds a few KB."""

@@ -1129,16 +1129,6 @@ def build_runtime_model(config, tensors: dict, device, dtype) -> "fishai.GPT":
     return gpt
 
 
-def model_bytes(model) -> int:
-    """Bytes held by a model's parameters and buffers, each storage counted once (tied or shared
-    tensors; a KV cache when one is allocated)."""
-    storages = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-    return sum(storages.values())
-
-
 # ----------------------------------------------------------------------------------------------
 # Export drivers
 

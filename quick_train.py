@@ -542,30 +542,12 @@ def checkpoint_position(path: Path) -> tuple[int, int]:
     return int(ckpt.get("step") or 0), int((ckpt.get("extra") or {}).get("tokens_seen") or 0)
 
 
-def with_char_metrics(test: dict, texts: list[str]) -> dict:
-    """benchmark.perplexity's result with the character-level figures (chars, char_ppl,
-    chars_per_token, spaced), computed here from nll when benchmark.py does not report them.
-    spaced is False for text without spaces between words (Chinese): word perplexity means
-    nothing there (one 'word' per sentence), so the report shows characters instead."""
-    t = dict(test)
-    chars = t.get("chars") or sum(len(x) for x in texts)
-    t["chars"] = chars
-    if t.get("char_ppl") is None:
-        x = t["nll"] / max(chars, 1)
-        t["char_ppl"] = math.exp(x) if x < 700 else float("inf")
-    if t.get("chars_per_token") is None:
-        t["chars_per_token"] = chars / max(t["tokens"], 1)
-    if t.get("spaced") is None:
-        t["spaced"] = du.is_spaced(chars, t["words"])  # the one rule: <= 12 characters per word
-    return t
-
-
 def score_round(job: Job, r: int, ckpt: Path) -> dict:
     lm = benchmark.load_lm(str(ckpt), device=str(job.device))
     job.log(f"round {r}: test perplexity on {job.test_label}")
     try:
-        return with_char_metrics(benchmark.perplexity(lm, job.test_texts, batch_size=8, progress=not job.args.quiet),
-                                 job.test_texts)
+        # bits/byte, token/word/char perplexity and `spaced` (whether word figures mean anything)
+        return benchmark.perplexity(lm, job.test_texts, batch_size=8, progress=not job.args.quiet)
     finally:
         del lm
 

@@ -275,7 +275,7 @@ def test_full_cli_bad_input_is_one_line_error(tmp_path, tiny_ckpt, capsys):
 
 def test_self_test_checks_pass_and_speed_is_measured(tiny_config):
     res = B.self_test(tiny_config, device="cpu", batch_size=2, seq_len=32, prompt_len=4, decode_tokens=4,
-                      repeat=1, progress=False, clock="cpu")
+                      repeat=1, progress=False, clock="cpu", quantized=False)  # quantized rows: below
     names = {c["name"]: c for c in res["checks"]}
     assert res["passed"], [c for c in res["checks"] if not c["passed"]]
     assert {"parameter count", "loss at init ~ ln(vocab)", "KV cache (dynamic) = full forward",
@@ -316,7 +316,7 @@ def test_self_test_exit_code_follows_the_checks(tmp_path, tiny_config, monkeypat
     monkeypatch.setitem(model.CONFIGS, "unit-test", tiny_config)
     args = ["self-test", "--config", "unit-test", "--device", "cpu", "--no-hf", "--batch-size", "2",
             "--seq-len", "32", "--prompt-len", "4", "--max-new-tokens", "4", "--repeat", "1", "--clock", "cpu",
-            "--quiet"]
+            "--quiet", "--no-quantized"]  # the quantized rows: test_self_test_quantized_rows
     assert B.main([*args, "--json", str(tmp_path / "ok.json")]) == 0
     ok = json.loads((tmp_path / "ok.json").read_text())
     assert ok["passed"] and ok["settings"]["decode_tokens"] == 4

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import quantize as Q
-from model import CheckpointError, load_model
+from model import CheckpointError, load_model, model_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -974,12 +974,12 @@ def test_quantized_memory_is_within_1_5x_the_file(tmp_path):
     for strategy in Q.STRATEGIES:
         tensors, _ = Q.quantize_model(gpt, strategy, progress=False)
         sizes[strategy] = Q.write_quantized(tmp_path / f"{strategy}.bin", tensors, cfg.to_dict())
-        ratio = Q.model_bytes(load_model(tmp_path / f"{strategy}.bin")) / sizes[strategy]
+        ratio = model_bytes(load_model(tmp_path / f"{strategy}.bin")) / sizes[strategy]
         assert ratio <= 1.5, (strategy, ratio)
         if strategy in ("int8", "int4"):
             assert ratio < 1.15, (strategy, ratio)      # no second copy of the tied table
     # ...while dequantize=True is the float model (7.5x the int4 file)
-    assert Q.model_bytes(load_model(tmp_path / "int4.bin", dequantize=True)) > 6 * sizes["int4"]
+    assert model_bytes(load_model(tmp_path / "int4.bin", dequantize=True)) > 6 * sizes["int4"]
 
 
 def test_quantized_perplexity_matches_dequantized_on_wikitext(trained_ckpt, tmp_path, shared_data):
@@ -1022,7 +1022,7 @@ def test_cuda_quantized_linears_and_decode(exports, tiny_ckpt):
         assert ((y - x @ qt.dequantize().T).abs() <= _bound(x, qt.dequantize())).all(), qtype
     for strategy in ("int8", "int4", "mixed"):
         m = load_model(exports[strategy][0], device="cuda")
-        assert Q.model_bytes(m) <= 1.6 * exports[strategy][0].stat().st_size
+        assert model_bytes(m) <= 1.6 * exports[strategy][0].stat().st_size
         idx = torch.randint(0, m.config.vocab_size, (2, 8), device="cuda", generator=None)
         eager = m.generate(idx, 16, temperature=0)
         m.compile_decode(2)
