@@ -717,3 +717,21 @@ def test_prepare_progress_shows_percent_and_time_left(tiny_tokenizer_dir, corpus
     assert "100%" in err and "<00:00" in err  # tqdm's "[elapsed<left]" needs a total
     assert du._input_bytes([corpus_dir]) == sum(p.stat().st_size for p in corpus_dir.iterdir())
     assert du._input_bytes(["python-docs"]) is None  # a stream: no total, no percent
+
+
+def test_prefetch_keeps_order_raises_where_the_reader_failed_and_stops_early():
+    def reader(fail_at=None):
+        for i in range(10):
+            if i == fail_at:
+                raise DataError(f"bad document {i}")
+            yield i
+
+    assert list(du._prefetch(reader())) == list(range(10))
+    got = []
+    with pytest.raises(DataError, match="bad document 6"):
+        for item in du._prefetch(reader(fail_at=6)):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4, 5]                 # every item before the failure, in order
+    it = du._prefetch(iter(range(10**9)))           # a consumer that stops early does not wait for the rest
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
