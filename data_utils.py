@@ -348,24 +348,72 @@ def _follow_umask(root: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-@contextlib.contextmanager
-def atomic_dir(out, overwrite: bool = False, flag: str = "--output"):
-    """Build a directory atomically: yield an empty temp dir beside `out`; when the block ends
-    without an error, the temp dir takes the place of `out`. An existing non-empty `out` is only
-    replaced with overwrite=True, and then removed only after the new one is in place (a failure
-    at any moment keeps the old one). On an error the temp dir is removed. The one atomic
-    directory swap of the project (prepare, tokenizer_train, save_hf)."""
+def _input_path(source) -> Path | None:
+    """The local path a data source names (a glob: the folder its pattern starts in); None for
+    sources that are no local path (hf:NAME, python-docs)."""
+    s = str(source)
+    if s.startswith("hf:") or s == "python-docs":
+        return None
+    cut = min((s.index(c) for c in "*?[" if c in s), default=None)
+    if cut is not None:
+        s = os.path.dirname(s[:cut]) or "."
+    return Path(s).expanduser().resolve()
+
+
+def check_output_apart(out, inputs, flag: str = "--output", input_flag: str = "--input") -> None:
+    """Refuse an output directory that is, contains or lies inside one of the inputs: replacing it
+    would delete or mix with the user's own data (prepare --input books/ --output books/)."""
+    o = Path(out).expanduser().resolve()
+    for src in inputs or ():
+        p = _input_path(src)
+        if p is None or not p.exists():  # a dataset name (wikitext, hf:...), not a local path
+            continue
+        how = ("is" if o == p else "lies inside" if p in o.parents else "contains" if o in p.parents else None)
+        if how:
+            raise DataError(f"{flag} {out}: {how} the input {input_flag} {src}; write the output to a directory "
+                            "apart from the inputs")
+
+
+def check_replaceable_dir(out, owns, overwrite: bool, flag: str = "--output", what: str = "this command's output") -> None:
+    """An output directory this script replaces as a whole (atomic_dir) must be new, empty, or, with
+    --overwrite, hold only what this script writes (`owns`: its top-level names, or a test of a
+    name). Anything else is
+    the user's and is never deleted: the directory is refused with a list of what is there."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{flag} {out}: exists and is not a directory; choose another one")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{flag} {out}: directory exists and is not empty; pass --overwrite to replace it")
+    if not out.is_dir():
+        return
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return
+    mine = owns if callable(owns) else set(owns or ()).__contains__
+    foreign = [n for n in present if not mine(n)]
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise DataError(f"{flag} {out}: holds files that are not {what} ({shown}); they would be deleted, so "
+                        "choose a new or empty directory")
+    if not overwrite:
+        raise DataError(f"{flag} {out}: already holds {what}; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_dir(out, overwrite: bool = False, flag: str = "--output", owns=(), what: str = "this command's output"):
+    """Build a directory atomically: yield an empty temp dir beside `out`; when the block ends
+    without an error, the temp dir takes the place of `out`. An existing non-empty `out` is only
+    replaced with overwrite=True and when it holds nothing but the names in `owns` (what this
+    writer makes: check_replaceable_dir), and is removed only after the new one is in place (a
+    failure at any moment keeps the old one). On an error the temp dir is removed. The one atomic
+    directory swap of the project (prepare, tokenizer_train, save_hf)."""
+    out = Path(out)
+    check_replaceable_dir(out, owns, overwrite, flag, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         yield tmp
         _follow_umask(tmp)
         if out.exists():
+            check_replaceable_dir(out, owns, overwrite, flag, what)  # nothing foreign arrived meanwhile
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
             os.replace(out, old / "d")
             os.replace(tmp, out)
@@ -2152,6 +2200,9 @@ def tokenize_documents(source, tokenizer: TextTokenizer, *, val_fraction: float 
     return {split: sink.array() for split, sink in sinks.items()}
 
 
+PREPARED_NAMES = ("train.bin", "val.bin", "meta.json", "tokenizer")  # what prepare writes into --output
+
+
 def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | None = None,
             filter: str | DataFilter | None = None, val_fraction: float = 0.005, test_fraction: float = 0.0,
             overwrite: bool = False, workers: int | None = None, text_key: str = "text",
@@ -2184,8 +2235,12 @@ def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | Non
         count_tokens=lambda t: len(tok.encode(t)))
     total = None if (target_tokens or target_docs) else _input_bytes([s for _, s in sources.values()])
     out = Path(output)
+    named = [x for _, src in sources.values() for x in (src if isinstance(src, (list, tuple)) else [src])
+             if isinstance(x, (str, os.PathLike))]
+    check_output_apart(out, named, "--output", "--mix" if mix else "--input")
+    check_replaceable_dir(out, PREPARED_NAMES, overwrite, "--output", "a prepared dataset")  # before any work
     t0 = time.time()
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "--output", owns=PREPARED_NAMES, what="a prepared dataset") as tmp:
         writers = {s: TokenFileWriter(tmp / f"{s}.bin", tok.vocab_size, eos_id=tok.eos_id) for s in ("train", "val")}
         bar = _progress_bar(show_progress, total)
         try:

@@ -76,10 +76,19 @@ def resolve_device(name="auto", local_rank: int | None = None) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise FishAIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if local_rank is not None:
+        count = torch.cuda.device_count()
+        if local_rank is not None:  # a torchrun worker uses the GPU of its local rank
+            if local_rank >= count:
+                raise FishAIError(f"LOCAL_RANK {local_rank}: this machine has {count} GPU(s); start at most "
+                                  f"{count} processes per node (torchrun --nproc_per_node {count})")
             dev = torch.device("cuda", local_rank)
-        elif dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise FishAIError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+        elif dev.index is None:
+            # always an indexed device: torch.cuda.set_device, DDP device_ids and the memory
+            # counters need the index ("cuda" alone crashed train.py on its first CUDA run)
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= count:
+            raise FishAIError(f"--device {name}: this machine has {count} GPU(s) (cuda:0"
+                              f"{f' .. cuda:{count - 1}' if count > 1 else ''}); pick one of them")
     elif dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise FishAIError(f"--device {name}: MPS is not available on this machine; use --device cpu")
@@ -966,14 +975,22 @@ def from_hf(model_or_dir, device="cpu") -> GPT:
     return model.to(device).eval()
 
 
+def is_hf_output(name: str) -> bool:
+    """Whether a file name is one save_hf writes (so --overwrite may replace it)."""
+    return (name in ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                     "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "chat_template.jinja")
+            or (name.startswith("model-") and name.endswith(".safetensors")))
+
+
 def save_hf(model, out_dir, tokenizer=None, overwrite=False, model_card: str | None = None):
     """Write an HF Llama directory (config.json, model.safetensors, tokenizer files and, when
     given, the model card as README.md), built in a temp dir beside out_dir and swapped into place
-    (data_utils.atomic_dir: an existing directory is only replaced with overwrite=True, and only
-    once the new one is complete)."""
+    (data_utils.atomic_dir: an existing directory is only replaced with overwrite=True, when it
+    holds nothing but what save_hf writes, and only once the new one is complete)."""
     m = _unwrap(model)
     tokenizer = tokenizer or m.tokenizer
-    with atomic_dir(out_dir, overwrite, flag="--output") as tmp:
+    with atomic_dir(out_dir, overwrite, flag="--output", owns=is_hf_output, what="an HF model directory") as tmp:
         to_hf(m).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -1536,6 +1536,9 @@ def _plan_output(args) -> tuple[str, str, Path]:
         du.check_new_file(out, "--output", args.overwrite)
     elif out.exists() and not out.is_dir():
         raise QuantizeError(f"--output {out} is a file; --format hf writes a directory")
+    else:  # the directory is replaced as a whole: refuse one holding anything else, before any work
+        du.check_output_apart(out, [args.model], "--output", "--model")
+        du.check_replaceable_dir(out, fishai.is_hf_output, args.overwrite, "--output", "an HF model directory")
     du.check_new_file(args.json, "--json", args.overwrite)
     return fmt, strategy, out
 

@@ -767,11 +767,19 @@ def recipe_settings(args, settings: dict, vocab: int) -> tuple[dict, argparse.Na
     return {**settings, **{k: getattr(targs, k) for k in SETTINGS}}, targs
 
 
-def open_output_dir(out: Path, overwrite: bool) -> bool:
-    """Check --output-dir before any work; returns True when this run created it."""
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise QuickTrainError(f"--output-dir {out} is not empty; pass --overwrite to replace its run or choose "
-                              "another directory")
+def is_run_output(name: str) -> bool:
+    """Whether a name in --output-dir is one quick_train writes (what --overwrite may replace)."""
+    return (name in ("data", "tokenizer", trainer.BEST_NAME, trainer.LOSS_CURVE_NAME, "report.json", "report.md")
+            or (name.startswith("round") and name[5:].isdigit()))
+
+
+def open_output_dir(out: Path, overwrite: bool, data: str | None = None) -> bool:
+    """Check --output-dir before any work; returns True when this run created it. A directory with
+    anything quick_train did not write is refused even with --overwrite (its files are the user's)."""
+    if data is not None:
+        du.check_output_apart(out, [data], "--output-dir", "--data")
+    if out.is_dir() and any(out.iterdir()):
+        du.check_replaceable_dir(out, is_run_output, overwrite, "--output-dir", "a quick_train run")
     created = du.check_writable_dir(out)
     if overwrite:
         for sub in ["data"] + [p.name for p in out.glob("round*")]:
@@ -795,7 +803,7 @@ def quick_train(args) -> dict:
     target = args.target_ppl if args.target_ppl is not None else (
         DEFAULT_TARGET_PPL if _is_default_wikitext(args.data) and args.target_metric == "word_ppl" else None)
     job = Job(args, Path(args.output_dir), device, time.time(), target)
-    created = open_output_dir(job.out, args.overwrite)
+    created = open_output_dir(job.out, args.overwrite, args.data)
     try:
         return _pipeline(job)
     except BaseException:

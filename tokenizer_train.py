@@ -164,16 +164,6 @@ def compression_stats(tokenizer: TextTokenizer, texts: list[str]) -> dict:
     }
 
 
-def _check_output_dir(out: Path) -> None:
-    """The directory is swapped as a whole (data_utils.atomic_dir): refuse one that holds anything
-    besides a tokenizer, even with --overwrite, so that no other file is ever deleted."""
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in TOKENIZER_FILES)
-        if foreign:
-            raise DataError(f"--output-dir {out}: holds files that are not a tokenizer ({', '.join(foreign[:3])}); "
-                            "choose a new or empty directory")
-
-
 def _train_bpe(reader: _Reader, vocab_size: int, min_frequency: int, show_bar: bool):
     from tokenizers import pre_tokenizers, trainers
 
@@ -209,12 +199,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir, *, min_fr
         raise DataError(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB} "
                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     out = Path(output_dir)
-    _check_output_dir(out)
+    # the directory is swapped as a whole: with --overwrite it may hold a tokenizer and nothing else
+    du.check_replaceable_dir(out, TOKENIZER_FILES, overwrite, "--output-dir", "a tokenizer")
     on_terminal = sys.stderr.isatty()
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if show_progress and not on_terminal else None
     reader = _Reader(texts, max_bytes, holdout_every, holdout_max_bytes, log)
     # built in a temp dir beside `out` and swapped in at the end: a failure keeps the old tokenizer
-    with du.atomic_dir(out, overwrite, flag="--output-dir") as tmp:
+    with du.atomic_dir(out, overwrite, flag="--output-dir", owns=TOKENIZER_FILES, what="a tokenizer") as tmp:
         t0 = time.time()
         text_tok = _train_bpe(reader, vocab_size, min_frequency, show_progress and on_terminal)
         train_time = time.time() - t0
@@ -252,6 +243,7 @@ def format_report(r: dict) -> str:
 
 def _cli(args) -> None:
     du.check_new_file(args.json, "--json", args.overwrite)
+    du.check_output_apart(args.output_dir, args.data, "--output-dir", "--data")
     stats: dict = {}
     docs = du.iter_documents(args.data, text_key=args.text_key, skip_bad_lines=args.skip_bad_lines,
                              stats=stats, txt_mode=args.txt_mode)

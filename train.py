@@ -618,6 +618,16 @@ def setup_distributed(backend: str | None = None) -> Dist:
                 world_size=tdist.get_world_size())
 
 
+def setup_device(name: str, dist: Dist) -> torch.device:
+    """The run's device (a torchrun worker: its local rank's GPU), made the current CUDA device so
+    that kernels, NCCL and the memory counters all use it. resolve_device always returns an indexed
+    CUDA device: torch.cuda.set_device refuses a bare "cuda"."""
+    device = fishai.resolve_device(name, dist.local_rank if dist.enabled else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def _all_reduce_mean(value: float, dist: Dist, device: torch.device) -> float:
     if not dist.enabled:
         return value
@@ -1601,9 +1611,7 @@ def _train(args, dist: Dist) -> dict:
     say = Printer(dist.master)
     start = resolve_start(args, dist, say)
     args = start.args
-    device = fishai.resolve_device(args.device, dist.local_rank if dist.enabled else None)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = setup_device(args.device, dist)
     dtype = fishai.resolve_dtype(args.dtype, device)
     out = Path(args.output_dir)
     created = du.check_writable_dir(out) if dist.master else False

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -669,10 +670,10 @@ def test_cli_convention_helpers(tmp_path):
             (d / "x").write_text("1")
         assert (tmp_path / "d" / "x").read_text() == "1" and ((tmp_path / "d").stat().st_mode & 0o777) == 0o755
         with pytest.raises(DataError, match="--overwrite"):
-            with du.atomic_dir(tmp_path / "d"):
+            with du.atomic_dir(tmp_path / "d", owns=("x",)):
                 pass
         with pytest.raises(RuntimeError):
-            with du.atomic_dir(tmp_path / "d", overwrite=True) as d:
+            with du.atomic_dir(tmp_path / "d", overwrite=True, owns=("x", "y")) as d:
                 (d / "y").write_text("2")
                 raise RuntimeError("boom")
         assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["x"]   # the old dir stays whole
@@ -735,3 +736,50 @@ def test_prefetch_keeps_order_raises_where_the_reader_failed_and_stops_early():
     it = du._prefetch(iter(range(10**9)))           # a consumer that stops early does not wait for the rest
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     it.close()
+
+
+def test_overwrite_never_deletes_what_the_user_had(tiny_tokenizer_dir, corpus_dir, tmp_path):
+    """prepare --overwrite replaces only its own files: an output that is (or holds, or lies inside)
+    an input is refused, and so is one holding anything prepare did not write, with the list."""
+    books = tmp_path / "mybooks"
+    shutil.copytree(corpus_dir, books)
+    (books / "notes.txt").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in books.iterdir()}
+    for out in (books, books / "sub", tmp_path):  # is, lies inside, contains the input
+        r = run_cli("prepare", "--input", f"{books}/", "--tokenizer", tiny_tokenizer_dir, "--output", out,
+                    "--overwrite", "--quiet")
+        how = "is" if out == books else "lies inside" if out == books / "sub" else "contains"
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"error: --output {out}: {how} the input --input {books}/; write the output to a directory apart "
+            "from the inputs"), r.stderr
+    assert {p.name: p.read_bytes() for p in books.iterdir()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (other / "train.bin").write_bytes(b"old")
+    r = run_cli("prepare", "--input", books, "--tokenizer", tiny_tokenizer_dir, "--output", other, "--overwrite",
+                "--quiet")
+    assert r.returncode == 2 and "holds files that are not a prepared dataset (keep.txt)" in r.stderr
+    assert (other / "keep.txt").read_text() == "mine" and (other / "train.bin").read_bytes() == b"old"
+    # its own output is replaced with --overwrite (and only with it)
+    data = tmp_path / "data"
+    assert run_cli("prepare", "--input", books, "--tokenizer", tiny_tokenizer_dir, "--output", data,
+                   "--quiet").returncode == 0
+    r = run_cli("prepare", "--input", books, "--tokenizer", tiny_tokenizer_dir, "--output", data, "--quiet")
+    assert r.returncode == 2 and "already holds a prepared dataset; pass --overwrite" in r.stderr
+    assert run_cli("prepare", "--input", books, "--tokenizer", tiny_tokenizer_dir, "--output", data, "--overwrite",
+                   "--quiet").returncode == 0
+    assert sorted(p.name for p in data.iterdir()) == sorted(du.PREPARED_NAMES)
+
+
+def test_atomic_dir_rechecks_before_the_swap(tmp_path):
+    # a foreign file that appears while the new directory is being built is not deleted either
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "x").write_text("1")
+    with pytest.raises(DataError, match=r"holds files that are not this command's output \(late.txt\)"):
+        with du.atomic_dir(out, overwrite=True, owns=("x",)) as d:
+            (d / "x").write_text("2")
+            (out / "late.txt").write_text("mine")
+    assert (out / "late.txt").read_text() == "mine" and (out / "x").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

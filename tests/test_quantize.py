@@ -719,6 +719,15 @@ def test_hf_export_writes_a_model_card(tiny_model, tmp_path):
         Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp32"))
     Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp32", overwrite=True))
     assert "| weights | FP32 |" in (out / "README.md").read_text(encoding="utf-8")
+    # a file quantize.py did not write is never deleted, not even with --overwrite; the check runs first
+    (out / "notes.txt").write_text("mine")
+    r = _quantize_cli("--model", src, "--output", out, "--format", "hf", "--overwrite")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: --output {out}: holds files that are not an HF model directory (notes.txt); they would be "
+        "deleted, so choose a new or empty directory")
+    assert (out / "notes.txt").read_text() == "mine" and "| weights | FP32 |" in (out / "README.md").read_text()
+    r = _quantize_cli("--model", src, "--output", tmp_path, "--format", "hf", "--overwrite")
+    assert r.returncode == 2 and "contains the input --model" in r.stderr and src.is_file()
     # a quantized .bin keeps no training record: the card says so instead of inventing one
     text = Q.model_card(tiny_model, tmp_path / "x.bin", out, "FP32", Q.training_record(tmp_path / "nope.bin"))
     assert "Not recorded: the source `x.bin`" in text and "optimizer steps" not in text

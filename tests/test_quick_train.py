@@ -118,7 +118,19 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, text_file):
     (out / "mine.txt").write_text("keep me")
     rc = quick_train.main(small_args(text_file, out))
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "--overwrite" in err and (out / "mine.txt").read_text() == "keep me"
+    assert rc == 2 and "--overwrite" not in err and (out / "mine.txt").read_text() == "keep me"
+    assert err == (f"error: --output-dir {out}: holds files that are not a quick_train run (mine.txt); they would "
+                   "be deleted, so choose a new or empty directory")
+    # not even with --overwrite, which replaces only quick_train's own outputs
+    (out / "data").mkdir()
+    (out / "data" / "raw.txt").write_text("my data")
+    rc = quick_train.main(small_args(text_file, out, "--overwrite"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "(mine.txt)" in err and (out / "data" / "raw.txt").read_text() == "my data"
+    # an output directory that holds the input is refused too
+    rc = quick_train.main(small_args(text_file, text_file.parent, "--overwrite"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"contains the input --data {text_file}" in err and text_file.is_file()
 
 
 def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys, monkeypatch):

@@ -207,6 +207,48 @@ def test_max_time_evaluates_saves_and_stops(tmp_path, tiny_tokenizer_dir, text_f
     assert (out / "fishai-best.pt").exists()
 
 
+@pytest.fixture()
+def one_fake_gpu(monkeypatch):
+    """torch.cuda as a one-GPU machine shows it, with set_device as strict as the real one (it
+    refuses a device without an index): the CUDA plumbing is checked here without a GPU."""
+    calls = []
+
+    def set_device(device):
+        d = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        if d.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        calls.append(d)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    return calls
+
+
+def test_cuda_device_handed_to_set_device_has_an_index(one_fake_gpu):
+    from data_utils import FishAIError
+    assert train.setup_device("cuda", train.Dist()) == torch.device("cuda", 0)
+    assert train.setup_device("auto", train.Dist()) == torch.device("cuda", 0)
+    assert train.setup_device("cuda:0", train.Dist()) == torch.device("cuda", 0)
+    assert one_fake_gpu == [torch.device("cuda", 0)] * 3
+    # a torchrun worker takes its local rank's GPU
+    assert train.setup_device("cuda", train.Dist(rank=0, local_rank=0, world_size=2)) == torch.device("cuda", 0)
+    with pytest.raises(FishAIError, match=r"^--device cuda:1: this machine has 1 GPU\(s\) \(cuda:0\); pick one"):
+        train.setup_device("cuda:1", train.Dist())
+    with pytest.raises(FishAIError, match=r"^LOCAL_RANK 1: this machine has 1 GPU\(s\); start at most 1 process"):
+        train.setup_device("cuda", train.Dist(rank=1, local_rank=1, world_size=2))
+    assert train.setup_device("cpu", train.Dist()) == torch.device("cpu") and len(one_fake_gpu) == 4
+
+
+def test_device_cuda_1_on_a_one_gpu_machine_is_refused_by_the_command(one_fake_gpu, tmp_path, tiny_tokenizer_dir,
+                                                                       text_file, capsys):
+    rc = train.main(base_args(tiny_tokenizer_dir, text_file, tmp_path / "run", "--device", "cuda:1"))
+    assert rc == 2 and capsys.readouterr().err.strip() == (
+        "error: --device cuda:1: this machine has 1 GPU(s) (cuda:0); pick one of them")
+    assert not (tmp_path / "run").exists() and one_fake_gpu == []
+
+
 def test_cuda_oom_names_the_knobs(tmp_path, tiny_tokenizer_dir, text_file, monkeypatch, capsys):
     monkeypatch.setenv("FISHAI_FAULT_OOM_AT_STEP", "1")
     rc = train.main(base_args(tiny_tokenizer_dir, text_file, tmp_path / "run", "--max-steps", 5))
