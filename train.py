@@ -408,14 +408,16 @@ MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300  # momentum ramps 0.85 -> 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """An approximately orthogonal matrix with g's singular vectors, U V^T of g = U S V^T, by the
-    quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X. bf16 on CUDA (the iteration tolerates it and
-    runs on tensor cores), fp32 elsewhere."""
+    quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X. g may be a stack (..., rows, cols) of
+    same-shape matrices: each is orthogonalised on its own, in one batched matmul per term (Muon
+    stacks the matrices of a shape, so a step is a few bmm launches instead of hundreds of small
+    mm ones). bf16 on CUDA (the iteration tolerates it and runs on tensor cores), fp32 elsewhere."""
     a, b, c = NS_COEFFS
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
-    x = x / (x.norm() + eps)  # singular values <= 1, where the iteration converges
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # singular values <= 1, where the iteration converges
     for _ in range(steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -438,10 +440,16 @@ class Muon(torch.optim.Optimizer):
     Muon update of a (rows x cols) matrix: m <- lerp(m, g, 1 - mu); Nesterov u = lerp(g, m, mu);
     p <- p (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * NS(u). The factor makes the update's RMS
     0.2, what AdamW's update has in practice (Moonlight, "Muon is scalable for LLM training"), so the
-    two share LR scales and weight decay. Under DDP the gradients are already all-reduced and every
-    rank keeps the (cheap, element-wise) momentum of every matrix, but each matrix's Newton-Schulz
-    runs on one rank only (i % world_size), which then broadcasts the new weights: the state stays
-    replicated (rank 0's state_dict is complete) and the matmul work is shared out."""
+    two share LR scales and weight decay.
+
+    Why not torch.optim.Muon (torch >= 2.9): it orthogonalises one matrix at a time. Here the
+    matrices of one shape (a transposed one counts as the same: NS runs on the wide side) are
+    stacked and orthogonalised in one batched call, and the element-wise parts are foreach ops, so
+    a step of `small` is ~100 kernel launches instead of ~1,000 (on a GPU the per-matrix loop is
+    launch-bound: docs/RESULTS.md). It also shares the NS work out under DDP: every rank keeps the
+    (cheap, element-wise) momentum of every matrix, each matrix's NS runs on one rank only
+    (i % world_size), which broadcasts the new weights; the state stays replicated (rank 0's
+    state_dict is complete, so the exact resume works)."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
                  ns_steps: int = 5, rank: int = 0, world_size: int = 1):
@@ -461,47 +469,77 @@ class Muon(torch.optim.Optimizer):
             if not group["use_muon"]:
                 self._adamw(group)
                 continue
+            owned = []
             for p in group["params"]:
                 if p.grad is not None:
                     owner = index % self.world_size
-                    self._muon(p, group, mine=owner == self.rank)
+                    owned.append((p, owner == self.rank))
                     if self.world_size > 1:
-                        pending.append(torch.distributed.broadcast(p, src=owner, async_op=True))
+                        pending.append((p, owner))
                 index += 1
-        for work in pending:
+            self._muon(owned, group)
+        works = [torch.distributed.broadcast(p, src=owner, async_op=True) for p, owner in pending]
+        for work in works:
             work.wait()
         return loss
 
-    def _muon(self, p: torch.Tensor, group: dict, mine: bool) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"], state["momentum_buffer"] = 0, torch.zeros_like(p)
-        state["step"] += 1
-        warm = min(1.0, state["step"] / MUON_MOMENTUM_WARMUP)
+    def _muon(self, owned: list[tuple[torch.Tensor, bool]], group: dict) -> None:
+        """One Muon step of a group's matrices: owned = [(param, NS runs on this rank)]."""
+        if not owned:
+            return
+        params = [p for p, _ in owned]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"], state["momentum_buffer"] = 0, torch.zeros_like(p)
+            state["step"] += 1
+        warm = min(1.0, self.state[params[0]]["step"] / MUON_MOMENTUM_WARMUP)
         mu = MUON_MOMENTUM_START + warm * (group["momentum"] - MUON_MOMENTUM_START)
-        buf = state["momentum_buffer"]
-        buf.lerp_(p.grad, 1 - mu)
+        grads = [p.grad for p, _ in owned]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        mine = [i for i, (_, m) in enumerate(owned) if m]
         if not mine:
             return
-        update = newton_schulz(p.grad.lerp(buf, mu), group["ns_steps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"] * 0.2 * max(p.shape) ** 0.5)
+        nesterov = torch._foreach_lerp([grads[i] for i in mine], [bufs[i] for i in mine], mu)
+        by_shape: dict[tuple, list[int]] = {}
+        for k, i in enumerate(mine):  # a matrix and its transpose share a stack (NS runs on the wide side)
+            rows, cols = params[i].shape
+            by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append(k)
+        lr, wd = group["lr"], group["weight_decay"]
+        for (_, long_side), ks in by_shape.items():
+            wide = [nesterov[k] if nesterov[k].size(0) <= nesterov[k].size(1) else nesterov[k].mT for k in ks]
+            ortho = newton_schulz(torch.stack(wide), group["ns_steps"]).unbind(0)
+            updates = [o if nesterov[k].size(0) <= nesterov[k].size(1) else o.mT for k, o in zip(ks, ortho)]
+            ps = [params[mine[k]] for k in ks]
+            if wd:
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_add_(ps, updates, alpha=-lr * 0.2 * long_side ** 0.5)
 
     def _adamw(self, group: dict) -> None:
+        """AdamW of a group (the embedding, the norms) with foreach ops: a few launches per step."""
         beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
             state = self.state[p]
             if not state:
                 state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
             state["step"] += 1
-            t = state["step"]
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+        t = self.state[params[0]]["step"]
+        grads = [p.grad for p in params]
+        exp_avg = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
+        torch._foreach_add_(denom, group["eps"])
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_addcdiv_(params, exp_avg, denom, value=-group["lr"] / (1 - beta1 ** t))
 
 
 def get_rng_state() -> dict:
