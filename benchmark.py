@@ -67,6 +67,9 @@ def add_output_args(p, json_help: str = "write the results as JSON"):
 _AUTO_DTYPE = "auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU"
 
 
+SPEED_GROUPS = ("prefill", "decode", "train", "compiled-decode", "quantized")  # SPEED_BY_GROUP's keys
+
+
 def _add_self_test_parser(sub):
     st = sub.add_parser("self-test", help="build a preset, check correctness, measure speed vs HF Llama",
                         description="Build a preset with random weights, check that it computes what it should "
@@ -95,6 +98,8 @@ def _add_self_test_parser(sub):
     st.add_argument("--threads", type=du.int_flag(1), default=None, help="CPU threads for torch (default: torch's "
                     "choice); 1 gives steadier numbers on a busy machine")
     st.add_argument("--seed", type=du.int_flag(0), default=0, help="seed of the random weights and inputs")
+    st.add_argument("--only", default=None, metavar="GROUP,...",
+                    help="time only these row groups: " + ", ".join(SPEED_GROUPS) + " (the checks always run)")
     add_output_args(st)
 
 
@@ -148,6 +153,12 @@ def _add_recipe_parser(sub):
     re_.add_argument("--tokens", type=du.size_flag, default=300_000, help="training tokens per run (e.g. 300K, 2M)")
     re_.add_argument("--baseline-lrs", default="0.5,1,2", metavar="X,Y,...",
                      help="baseline LRs as multiples of the AdamW recipe LR (train.RECIPE_RULE)")
+    re_.add_argument("--baseline-warmups", default="0.02,0.1", metavar="X,Y,...",
+                     help="baseline warmups as shares of the steps (each LR runs with each); nanoGPT's runs warm "
+                          "up over a few percent to ~10%% of their steps")
+    re_.add_argument("--max-extend", type=du.int_flag(0), default=2,
+                     help="baseline runs added (half the lowest or twice the highest LR) while the best baseline "
+                          "LR is at an edge of the sweep")
     re_.add_argument("--default-lrs", default="1", metavar="X,Y,...",
                      help="LRs of the default recipe, as multiples of its own LR (1 = the default; a sweep "
                           "shows how the preset's LR was chosen)")
@@ -166,6 +177,36 @@ def _add_recipe_parser(sub):
     add_output_args(re_)
 
 
+GPU_STEPS = ("data", "train", "self-test", "pytest", "recipe")
+
+
+def _add_gpu_parser(sub):
+    gp = sub.add_parser("gpu", help="on a GPU: verify and measure - the CUDA tests, the self-test, a timed train.py "
+                        "run, decode speed and the recipe comparison, into one JSON",
+                        description="The one GPU check: runs, each as a child process with its own time limit, "
+                        "(1) a tokenizer and prepared data from --data, (2) a --seconds train.py run of --config "
+                        "(tokens/s, MFU), (3) the self-test of --config with torch.compile and the quantized rows "
+                        "(the isolated train step vs HF in the same step, compiled decode vs HF static-cache "
+                        "generate), (4) python -m pytest tests -m cuda, (5) the recipe comparison. Results go "
+                        "into one JSON as each step ends, so a step that fails or runs out of time costs only "
+                        "its own figures. Refused without a CUDA GPU.")
+    gp.add_argument("--data", default="../shared/data/books", help="a directory of text files (books): tokenizer, "
+                    "training data and the recipe comparison")
+    gp.add_argument("--config", default="small", help="model preset of the train run and the self-test")
+    gp.add_argument("--vocab-size", type=du.int_flag(300), default=32000, help="tokenizer vocabulary (32000: the "
+                    "preset's, so the train run and the self-test time the same shapes)")
+    gp.add_argument("--seconds", type=du.float_flag(1), default=75, help="length of the timed train.py run "
+                    "(--max-time: start-up and compilation included)")
+    gp.add_argument("--recipe-tokens", type=du.size_flag, default=2_000_000, help="training tokens per recipe run")
+    gp.add_argument("--budget", type=du.float_flag(10), default=540, help="seconds for the whole check: each step "
+                    "gets its own limit, capped by what is left")
+    gp.add_argument("--skip", default="", metavar="STEP,...", help="steps to leave out: " + ", ".join(GPU_STEPS))
+    gp.add_argument("--workdir", default=None, help="keep the tokenizer, data, runs and logs here (default: a "
+                    "temp dir)")
+    gp.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # the suite's dry run
+    add_output_args(gp, "write every step's figures as JSON (rewritten after each step)")
+
+
 def build_parser() -> du.ArgumentParser:
     p = du.ArgumentParser(description="FishAI benchmarks: self-test (correctness + speed vs transformers), "
                           "full (bits/byte, perplexity, generation quality), data (prepare throughput) and "
@@ -176,6 +217,7 @@ def build_parser() -> du.ArgumentParser:
     _add_full_parser(sub)
     _add_data_parser(sub)
     _add_recipe_parser(sub)
+    _add_gpu_parser(sub)
     return p
 
 
@@ -412,6 +454,8 @@ def _load_fishai(spec: str, device: str, dtype, max_seq_len: int | None, dequant
         raise BenchmarkError(f"{spec}: the model has no tokenizer attached; save the checkpoint with its "
                              "tokenizer (train.py does) or use an HF directory with tokenizer files")
     model.eval()
+    # generation tasks decode through the compiled CUDA-graph step on a GPU (model.fast_decode_default)
+    model.fast_decode = fishai.fast_decode_default(device)
     ctx = model.config.max_seq_len if max_seq_len is None else min(max_seq_len, model.config.max_seq_len)
     eos = getattr(tok, "eos_id", None)
     return LM(model, tok, kind="fishai", name=str(spec), device=device, max_seq_len=ctx, eos_id=eos,
@@ -975,7 +1019,6 @@ class SelfTest:
     compile: bool = False
     quantized: bool = True         # time the .bin strategies too (--no-quantized: False)
     hf: Any = None                 # transformers.LlamaForCausalLM with the same weights (None: --no-hf)
-    compiled: Any = None           # torch.compile(model), set by check_compile
     x: Any = None                  # (2, T) inputs and targets of the loss and training checks
     y: Any = None
     seq: Any = None                # (2, prefill_len + a few) tokens of the KV-cache and HF checks
@@ -1116,7 +1159,7 @@ def check_training_lowers_loss(t: SelfTest):
 
 
 def check_compile(t: SelfTest):
-    """torch.compile gives eager's loss; the compiled model is then used for the training timing."""
+    """torch.compile gives eager's loss (the training timing compiles its own copy: train.step_runner)."""
     if not t.compile:
         return
     t0 = time.perf_counter()
@@ -1128,7 +1171,6 @@ def check_compile(t: SelfTest):
         err = abs(float(lc) - float(le))
         t.check("torch.compile = eager", err < 1e-2 * max(1.0, float(le)),
                 f"loss {float(lc):.4f} vs eager {float(le):.4f} (compile {time.perf_counter() - t0:.1f}s)")
-        t.compiled = compiled
     except Exception as e:  # a missing compiler toolchain is a failed check, not a crash
         t.check("torch.compile = eager", False, _exc_line(e))
 
@@ -1169,29 +1211,38 @@ def time_decode(t: SelfTest, batch: int, cache: bool):
           batch * N / t_o, batch * N / t_h if t_h else None, "tok/s")
 
 
+class HFTrainAdapter(torch.nn.Module):
+    """transformers' LlamaForCausalLM behind GPT's training interface - forward(idx, targets) ->
+    (None, mean loss), the tied embedding named tok_emb - so that train.py's own train_step (Muon for
+    the matrices, AdamW for the embedding and norms, by parameter name) trains it: the same loop for
+    both models."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.tok_emb = hf.model.embed_tokens  # registered first, so this name wins in named_parameters
+        self.hf = hf
+
+    def forward(self, idx, targets=None, loss_mask=None, doc_ids=None):
+        logits = self.hf(input_ids=idx).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=fishai.IGNORE_INDEX)
+        return None, loss
+
+
 def _train_steps(t: SelfTest, xb, yb):
-    """One AdamW training step on (xb, yb) for ours (compiled with --compile) and for HF (None without)."""
-    t.model.train()
-    ours = t.compiled if t.compiled is not None else t.model
-    opt = fishai.configure_optimizers(t.model, lr=1e-4, device_type=t.device.type)
-
-    def step_ours():
-        _, loss = ours(xb, yb)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    """The real training step (train.step_runner: train_step with the recipe's Muon + AdamW groups,
+    clipping, autocast in the run dtype, torch.compile with --compile) for a copy of ours and for HF
+    (None without) through the same train_step."""
+    args = train.make_args(batch_size=t.batch_size, grad_accum=1, seq_len=t.seq_len, max_steps=10_000,
+                           compile=t.compile, dtype=_dtype_str(t.dtype).replace("float32", "fp32")
+                           .replace("bfloat16", "bf16").replace("float16", "fp16"))
+    train.apply_recipe(args, t.cfg)
+    ours = fishai.GPT(t.cfg).to(t.device)
+    ours.load_state_dict(t.model.state_dict())
+    step_ours = train.step_runner(ours, args, t.device, t.dtype, [(xb, yb)])
     if t.hf is None:
         return step_ours, None
-    t.hf.train()
-    opt_h = torch.optim.AdamW(fishai.param_groups(t.hf, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=t.cuda)
-
-    def step_hf():
-        t.hf(input_ids=xb, labels=xb).loss.backward()
-        opt_h.step()
-        opt_h.zero_grad(set_to_none=True)
-
-    return step_ours, step_hf
+    hf = fishai.to_hf(ours).to(t.device)
+    return step_ours, train.step_runner(HFTrainAdapter(hf), args, t.device, t.dtype, [(xb, yb)])
 
 
 def _peak_mb(t: SelfTest, step) -> float | None:
@@ -1207,45 +1258,67 @@ def time_train(t: SelfTest):
     xb, yb = t.randint(t.batch_size, t.seq_len), t.randint(t.batch_size, t.seq_len)
     step_ours, step_hf = _train_steps(t, xb, yb)
     mem_o, mem_h = _peak_mb(t, step_ours), _peak_mb(t, step_hf)
-    t_o, t_h = t.time_pair(step_ours, step_hf, warmup=1 if t.compiled is not None else 0)
-    t.model.eval()
-    if t.hf is not None:
-        t.hf.eval()
+    t_o, t_h = t.time_pair(step_ours, step_hf, warmup=2 if t.compile else 0)
     tok = t.batch_size * t.seq_len
-    t.row("train_tok_s", f"training step tokens/s (batch {t.batch_size} x {t.seq_len}, AdamW)",
-          tok / t_o, tok / t_h if t_h else None, "tok/s")
+    t.row("train_tok_s", f"training step tokens/s (batch {t.batch_size} x {t.seq_len}, train.train_step: Muon)",
+          tok / t_o, tok / t_h if t_h else None, "tok/s", peer="HF LlamaForCausalLM in the same train_step")
     peak = fishai.device_peak_flops(t.device, t.dtype)
     if peak:
         t.row("train_mfu", "training MFU", fishai.estimate_mfu(tok / t_o, t.cfg, t.seq_len, peak),
-              fishai.estimate_mfu(tok / t_h, t.cfg, t.seq_len, peak) if t_h else None, "fraction")
+              fishai.estimate_mfu(tok / t_h, t.cfg, t.seq_len, peak) if t_h else None, "fraction",
+              peer="HF LlamaForCausalLM in the same train_step")
     t.row("train_peak_mem_mb", f"training peak memory MB ({'CUDA allocated' if t.cuda else 'process peak RSS'})",
           mem_o, mem_h, "MB")
 
 
+def decode_tolerance(dtype) -> float:
+    """Largest |logit difference| between two decode paths, relative to the largest |logit|, that
+    still counts as the same numbers: fp32 rounding, or a half-precision dtype's (bf16 has 8
+    significant bits; two kernels that sum in another order differ by a few of its ulps)."""
+    return 1e-4 if dtype in (None, torch.float32) else 3e-2
+
+
+def check_decode_paths_agree(model, seq, prompt_len: int, dtype) -> tuple[bool, str]:
+    """The decode step model.generate uses now (compiled, CUDA graph) against the eager one,
+    teacher-forced on seq: per-step logits within decode_tolerance. Greedy text is no check on
+    random weights: near-tied logits flip an argmax, and one flip changes every later input."""
+    got = model.teacher_forced_logits(seq, prompt_len)
+    path, fast = model.decode_path, model.fast_decode
+    model.clear_cache()
+    model.fast_decode = False
+    try:
+        ref = model.teacher_forced_logits(seq, prompt_len)
+    finally:
+        model.clear_cache()
+        model.fast_decode = fast
+    err = float((got - ref).abs().max())
+    scale = float(ref.abs().max())
+    ok = err <= decode_tolerance(dtype) * scale
+    return ok, (f"{path}: max |logit diff| {err:.2e} over {got.shape[1]} teacher-forced steps (largest |logit| "
+                f"{scale:.2f}, tolerance {decode_tolerance(dtype):g} of it)")
+
+
 def time_compiled_decode(t: SelfTest):
     """model.compile_decode: a static-shape decode step (static KV cache, attention over the whole
-    buffer with a mask) compiled once; on CUDA it is replayed as a CUDA graph. Checked against HF."""
-    if not t.compile or t.hf is None:
+    buffer with a mask), compiled and on CUDA replayed as a CUDA graph - what generate.py, evaluate.py
+    and benchmark.py decode with on CUDA. Checked against the eager step, teacher-forced; timed
+    against HF's fastest generate (static cache, which transformers compiles on CUDA)."""
+    if not t.compile:
         return
     P, N = t.prompt_len, t.decode_tokens
-    idx = t.randint(1, P)
-    name = "compiled decode step = LlamaForCausalLM.generate"
+    name = "compiled decode step = eager step (teacher-forced logits)"
     t0 = time.perf_counter()
     try:
         t.model.compile_decode(1, P + N)
-
-        def ours():
-            return t.model.generate(idx, N, temperature=0)[:, P:]
-
-        def theirs():
-            return t.hf_generate(idx, N)[:, P:]
-
-        same = torch.equal(ours().cpu(), theirs().cpu())
-        t.check(name, same, f"{N} greedy tokens {'identical' if same else 'DIFFER'} "
-                f"(compile {time.perf_counter() - t0:.1f}s)")
-        t_o, t_h = t.time_pair(ours, theirs)
-        t.row("decode_b1_compiled_tok_s", f"decode tokens/s (batch 1, KV cache, compiled step, {P}+{N} tokens)",
-              N / t_o, N / t_h, "tok/s")
+        seq = t.randint(1, P + N)
+        ok, detail = check_decode_paths_agree(t.model, seq, P, t.dtype)
+        t.model.compile_decode(1, P + N)
+        t.check(name, ok, f"{detail} (build {time.perf_counter() - t0:.1f}s)")
+        idx = seq[:, :P]
+        hf = (lambda: t.hf_generate(idx, N, cache_implementation="static")) if t.hf is not None else None
+        t_o, t_h = t.time_pair(lambda: t.model.generate(idx, N, temperature=0), hf, warmup=2)
+        t.row("decode_b1_compiled_tok_s", f"decode tokens/s (batch 1, {t.model.decode_path}, {P}+{N} tokens)",
+              N / t_o, N / t_h if t_h else None, "tok/s", peer="HF generate, static cache (+ its torch.compile on CUDA)")
     except Exception as e:  # no compiler toolchain: report, do not crash the run
         t.check(name, False, _exc_line(e))
     finally:
@@ -1389,14 +1462,15 @@ def _time_quantized_batch(t: SelfTest, qm, strategy: str, batch: int, llama) -> 
     if t_l:
         t.row(f"quant_{strategy}_b{batch}_llama_cpp_tok_s", label, batch * N / t_q, batch * N / t_l, "tok/s",
               peer=f"llama.cpp {QUANT_PEERS[strategy][1]}")
-    if t.compile and t.cuda:
+    if t.compile and t.cuda and batch == 1:  # (batch 8 too would double the compile time of the self-test)
         torch._dynamo.reset()  # a fresh trace per model and batch, never dynamo's recompile limit
         qm.compile_decode(batch, t.prompt_len + N)
+        path = qm.decode_path
         try:
             t_c, t_h = t.time_pair(lambda: qm.generate(idx, N, temperature=0), lambda: t.hf_generate(idx, N))
         finally:
             qm.clear_cache()
-        t.row(f"quant_{strategy}_b{batch}_compiled_tok_s", f"{label}, CUDA graph", batch * N / t_c,
+        t.row(f"quant_{strategy}_b{batch}_compiled_tok_s", f"{label}, {path}", batch * N / t_c,
               batch * N / t_h if t_h else None, "tok/s", peer=hf_name)
 
 
@@ -1418,9 +1492,14 @@ def time_quantized(t: SelfTest, strategy: str):
                 dec.close()
 
 
-SPEED = [time_prefill, partial(time_decode, batch=1, cache=True), partial(time_decode, batch=8, cache=True),
-         partial(time_decode, batch=1, cache=False), partial(time_decode, batch=8, cache=False), time_train,
-         time_compiled_decode, *(partial(time_quantized, strategy=s) for s in QUANT_PEERS)]
+SPEED_BY_GROUP = {
+    "prefill": [time_prefill],
+    "decode": [partial(time_decode, batch=b, cache=c) for c in (True, False) for b in (1, 8)],
+    "train": [time_train],
+    "compiled-decode": [time_compiled_decode],
+    "quantized": [partial(time_quantized, strategy=s) for s in QUANT_PEERS],
+}
+SPEED = [fn for fns in SPEED_BY_GROUP.values() for fn in fns]
 
 
 # -- driver
@@ -1460,7 +1539,7 @@ def _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt
 
 def self_test(config="tiny", device="cpu", dtype=None, compile=False, batch_size=None, seq_len=None,
               prompt_len=32, decode_tokens=None, repeat=3, hf=True, seed=0, progress=True, clock="wall",
-              quantized=True) -> dict:
+              quantized=True, only=None) -> dict:
     """Build the model from a preset and check it works here; measure speed vs LlamaForCausalLM.
 
     Returns {"checks": [...], "speed": {...}, "passed": bool, ...}; `passed` covers the required
@@ -1472,7 +1551,8 @@ def self_test(config="tiny", device="cpu", dtype=None, compile=False, batch_size
     for check in CHECKS:
         check(t)
     t.model.eval()
-    steps = tqdm(SPEED, desc="speed", unit="test", leave=False, dynamic_ncols=True) if (progress and tqdm) else SPEED
+    timings = [fn for group in (only or SPEED_GROUPS) for fn in SPEED_BY_GROUP[group]]
+    steps = tqdm(timings, desc="speed", unit="test", leave=False, dynamic_ncols=True) if (progress and tqdm) else timings
     with fishai.autocast(t.device, t.dtype):
         for timing in steps:
             timing(t)
@@ -1535,10 +1615,14 @@ def run_self_test(args) -> int:
         raise BenchmarkError(f"--config {args.config!r}: choose one of {', '.join(fishai.CONFIGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    only = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else None
+    bad = [g for g in only or () if g not in SPEED_GROUPS]
+    if bad or only == []:
+        raise BenchmarkError(f"--only {args.only}: choose from {', '.join(SPEED_GROUPS)}")
     res = self_test(args.config, device=args.device, dtype=args.dtype, compile=args.compile,
                     batch_size=args.batch_size, seq_len=args.seq_len, prompt_len=args.prompt_len,
                     decode_tokens=args.decode_tokens, repeat=args.repeat, hf=not args.no_hf, seed=args.seed,
-                    progress=not args.quiet, clock=args.clock, quantized=args.quantized)
+                    progress=not args.quiet, clock=args.clock, quantized=args.quantized, only=only)
     print()
     print(format_speed_table(res["speed"]))
     failed = [c["name"] for c in res["checks"] if c["required"] and not c["passed"]]
@@ -1716,11 +1800,19 @@ def _multiples(text: str, flag: str) -> list[float]:
     return values
 
 
-def recipe_runs(cfg, baseline_lrs: list[float], default_lrs: list[float]) -> list[RecipeRun]:
-    """The baseline (AdamW + cosine at each LR multiple) and the default recipe (at each multiple)."""
+def baseline_run(lr: float, warmup: int) -> RecipeRun:
+    return RecipeRun(f"adamw+cosine lr {lr:.2g} warmup {warmup}",
+                     {"optimizer": "adamw", "schedule": "cosine", "lr": lr, "warmup": warmup})
+
+
+def recipe_runs(cfg, baseline_lrs: list[float], default_lrs: list[float], warmup_fracs: list[float],
+                steps: int) -> list[RecipeRun]:
+    """The baseline (AdamW + cosine at each LR multiple x each warmup share of the steps: nanoGPT's
+    runs warm up over a few percent to ~10% of the steps, more than the recipe's 2%) and the default
+    recipe (at each multiple)."""
     base, new = train.recipe_for(cfg, "adamw"), train.recipe_for(cfg, "muon")
-    runs = [RecipeRun(f"adamw+cosine lr {base['lr'] * m:.2g}", {"optimizer": "adamw", "schedule": "cosine",
-                                                                "lr": base["lr"] * m}) for m in baseline_lrs]
+    warmups = sorted({max(1, math.ceil(w * steps)) for w in warmup_fracs})  # (short runs: shares can coincide)
+    runs = [baseline_run(base["lr"] * m, w) for m in baseline_lrs for w in warmups]
     runs += [RecipeRun(f"default ({new['optimizer']}+{new['schedule']}) lr {new['lr'] * m:.2g}",
                        {"lr": new["lr"] * m} if m != 1 else {}) for m in default_lrs]
     return runs
@@ -1765,9 +1857,11 @@ def _train_recipe(run: RecipeRun, common: dict, out: Path, progress: bool) -> No
 def recipe_benchmark(args) -> dict:
     """Tokenizer and data from the training books, every run of recipe_runs, test bits/byte on the
     held-out books, and tokens-to-target against the best baseline's final val loss."""
-    cfg = fishai.get_config(args.config)
-    runs = recipe_runs(cfg, _multiples(args.baseline_lrs, "--baseline-lrs"), _multiples(args.default_lrs,
-                                                                                           "--default-lrs"))
+    lr_multiples = _multiples(args.baseline_lrs, "--baseline-lrs")
+    default_multiples = _multiples(args.default_lrs, "--default-lrs")
+    warmups = _multiples(args.baseline_warmups, "--baseline-warmups")
+    if max(warmups) >= 1:
+        raise BenchmarkError(f"--baseline-warmups {args.baseline_warmups}: give shares of the steps below 1, e.g. 0.02,0.1")
     train_books, test_books = split_books(args.data)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fishai-recipe-"))
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
@@ -1782,6 +1876,7 @@ def recipe_benchmark(args) -> dict:
         rec = train.recipe_for(cfg)
         tokens_per_step = rec["batch_size"] * rec["grad_accum"] * train.default_seq_len(cfg)
         steps = max(2, args.tokens // tokens_per_step)
+        runs = recipe_runs(cfg, lr_multiples, default_multiples, warmups, steps)
         common = dict(config=args.config, data=str(work / "data"), max_steps=steps, seed=args.seed,
                       batch_size=rec["batch_size"], grad_accum=rec["grad_accum"],
                       eval_interval=max(1, steps // args.evals), eval_iters=args.eval_iters, save_interval=steps,
@@ -1789,22 +1884,51 @@ def recipe_benchmark(args) -> dict:
                       compile=args.compile, quiet=True, overwrite=True)
         test_texts = truncate_docs([f.read_text(encoding="utf-8", errors="replace") for f in test_books],
                                    args.test_chars)
-        for i, run in enumerate(runs):
+        def run_one(i: int, run: RecipeRun) -> None:
             say(f"[{i + 1}/{len(runs)}] {run.name}: {steps} steps x {tokens_per_step:,} tokens")
             _train_recipe(run, common, work / f"run{i}", not args.quiet)
             lm = load_lm(str(work / f"run{i}" / train.LATEST_NAME), device=args.device)
             run.result["test"] = {k: v for k, v in perplexity(lm, test_texts, progress=False).items()
                                   if isinstance(v, (int, float))}
+
+        for i, run in enumerate(runs):
+            run_one(i, run)
+        for _ in range(args.max_extend):  # the best baseline LR at an edge of the sweep: widen it
+            extra = widen_baseline(runs)
+            if extra is None:
+                break
+            say(f"the best baseline LR is at the edge of the sweep: adding {extra.name}")
+            runs.append(extra)
+            run_one(len(runs) - 1, extra)
         return recipe_summary(args, cfg, runs, steps, tokens_per_step, len(train_books), len(test_books))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def best_baseline(runs: list[RecipeRun]) -> tuple[RecipeRun, bool]:
+    """(the baseline run with the lowest final val loss, whether its LR is the sweep's lowest or highest)."""
+    baselines = [r for r in runs if r.overrides.get("optimizer") == "adamw"]
+    best = min(baselines, key=lambda r: r.result["final_val_loss"])
+    lrs = sorted({r.overrides["lr"] for r in baselines})
+    return best, len(lrs) > 1 and best.overrides["lr"] in (lrs[0], lrs[-1])
+
+
+def widen_baseline(runs: list[RecipeRun]) -> RecipeRun | None:
+    """The next baseline run when the best LR is at an edge: half the lowest or twice the highest LR,
+    at the best run's warmup; None when the best is inside the sweep."""
+    best, at_edge = best_baseline(runs)
+    if not at_edge:
+        return None
+    lrs = [r.overrides["lr"] for r in runs if r.overrides.get("optimizer") == "adamw"]
+    lr = min(lrs) / 2 if best.overrides["lr"] == min(lrs) else max(lrs) * 2
+    return baseline_run(lr, best.overrides["warmup"])
+
+
 def recipe_summary(args, cfg, runs: list[RecipeRun], steps: int, tokens_per_step: int, n_train: int,
                    n_test: int) -> dict:
     baselines = [r for r in runs if r.overrides.get("optimizer") == "adamw"]
-    best = min(baselines, key=lambda r: r.result["final_val_loss"])
+    best, at_edge = best_baseline(runs)
     target = best.result["final_val_loss"]
     for r in runs:
         reach = crossing_tokens(r.curve, target)
@@ -1812,11 +1936,12 @@ def recipe_summary(args, cfg, runs: list[RecipeRun], steps: int, tokens_per_step
         r.result["tokens_ratio"] = None if reach is None else reach / best.result["tokens"]
         r.result["bpb_vs_baseline"] = r.result["test"]["bits_per_byte"] / best.result["test"]["bits_per_byte"] - 1
     default = min((r for r in runs if r not in baselines), key=lambda r: r.result["final_val_loss"])
-    lrs = sorted(r.overrides["lr"] for r in baselines)
     return {"config": args.config, "params": fishai.count_params(cfg), "data": args.data, "train_docs": n_train,
             "test_docs": n_test, "steps": steps, "tokens_per_step": tokens_per_step, "tokens": steps * tokens_per_step,
             "device": args.device, "baseline_best": best.name, "target_val_loss": target,
-            "baseline_lr_at_edge": best.overrides["lr"] in (lrs[0], lrs[-1]) and len(lrs) > 1,
+            "baseline_lr_at_edge": at_edge, "baseline_runs": len(baselines),
+            "baseline_lrs": sorted({r.overrides["lr"] for r in baselines}),
+            "baseline_warmups": sorted({r.overrides["warmup"] for r in baselines}),
             "default_best": default.name, "runs": [r.result for r in runs],
             "date": time.strftime("%Y-%m-%d"), "command": "python benchmark.py recipe " + " ".join(sys.argv[2:])}
 
@@ -1834,8 +1959,12 @@ def recipe_markdown(res: dict) -> str:
         ratio = "" if r["tokens_ratio"] is None else f"{r['tokens_ratio']:.2f}x"
         lines.append(f"| {r['name']} | {r['final_val_loss']:.4f} | {reach} | {ratio} | "
                      f"{r['test']['bits_per_byte']:.4f} | {r['bpb_vs_baseline']:+.1%} | {r['wall_s']:.0f} |")
-    if res["baseline_lr_at_edge"]:
-        lines += ["", "Note: the best baseline LR is at the edge of the sweep; widen --baseline-lrs."]
+    lrs = ", ".join(f"{v:.2g}" for v in res["baseline_lrs"])
+    lines += ["", f"Baseline sweep: {res['baseline_runs']} AdamW + cosine runs, LR {lrs} x warmup "
+              f"{', '.join(map(str, res['baseline_warmups']))} steps (widened automatically while the best LR sat "
+              f"at an edge, up to --max-extend times). The best baseline LR is "
+              + ("**still at the edge of the sweep**: raise --max-extend or widen --baseline-lrs."
+                 if res["baseline_lr_at_edge"] else "inside the sweep.")]
     return "\n".join(lines) + "\n"
 
 
@@ -1856,9 +1985,157 @@ def run_recipe(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# `gpu`: the one GPU check (verify and measure), each step a child process under its own time limit
+
+@dataclass
+class GpuCheck:
+    args: Any
+    work: Path
+    deadline: float
+    device: str
+    res: dict = field(default_factory=dict)
+
+    def run(self, name: str, cmd: list, limit: float) -> dict:
+        """Run one step's command (a child process, output to logs/<name>.log) within its limit."""
+        limit = min(limit, self.deadline - time.time())
+        if limit < 5:
+            return {"status": "skipped", "why": "the --budget was spent"}
+        log = self.work / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(log, "w") as f:
+            try:
+                rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, timeout=limit,
+                                    cwd=Path(__file__).resolve().parent, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            except subprocess.TimeoutExpired:
+                rc = None
+        out = {"status": "ok" if rc == 0 else ("timed out" if rc is None else f"failed (exit {rc})"),
+               "seconds": round(time.time() - t0, 1), "log": str(log)}
+        if rc != 0:
+            out["log_tail"] = log.read_text(errors="replace")[-1500:]
+        print(f"gpu check: {name}: {out['status']} in {out['seconds']:.0f} s", flush=True)
+        return out
+
+    def save(self) -> None:
+        if self.args.json:
+            du.atomic_write_text(self.args.json, json.dumps(self.res, indent=2))
+
+
+def _gpu_data(c: GpuCheck) -> dict:
+    py, a = sys.executable, c.args
+    r = c.run("tokenizer", [py, "tokenizer_train.py", "--data", a.data, "--vocab-size", a.vocab_size, "--max-bytes",
+                            "10M", "--output-dir", c.work / "tokenizer", "--overwrite", "--quiet"], 120)
+    if r["status"] == "ok":
+        r = c.run("prepare", [py, "data_utils.py", "prepare", "--input", a.data, "--tokenizer", c.work / "tokenizer",
+                              "--output", c.work / "data", "--overwrite", "--quiet"], 120)
+    return r
+
+
+def _gpu_train(c: GpuCheck) -> dict:
+    """A --seconds train.py run of the recipe (bf16, compiled): tokens/s and MFU of its log lines after
+    the first two (compilation), against the isolated step of the self-test."""
+    out = c.work / "train"
+    r = c.run("train", [sys.executable, "train.py", "--config", c.args.config, "--data", c.work / "data", "--output-dir",
+                        out, "--overwrite", "--max-steps", 100_000, "--max-time", c.args.seconds, "--eval-interval",
+                        100_000, "--save-interval", 100_000, "--sample-interval", 0, "--log-interval", 10,
+                        "--device", c.device, "--no-progress"], c.args.seconds + 150)
+    metrics = [m for m in train.read_metrics(out / train.METRICS_NAME) if "tokens_per_sec" in m] \
+        if (out / train.METRICS_NAME).exists() else []
+    steady = metrics[2:] or metrics
+    if steady:
+        rates = sorted(m["tokens_per_sec"] for m in steady)
+        r.update(steps=metrics[-1]["step"], tokens_per_sec=rates[len(rates) // 2],
+                 mfu=sorted(m.get("mfu") or 0 for m in steady)[len(steady) // 2],
+                 loss_first=metrics[0]["loss"], loss_last=metrics[-1]["loss"])
+    return r
+
+
+def _gpu_self_test(c: GpuCheck) -> dict:
+    js = c.work / "self-test.json"
+    r = c.run("self-test", [sys.executable, "benchmark.py", "self-test", "--config", c.args.config, "--device", c.device,
+                            "--compile", "--batch-size", 32, "--seq-len", 512, "--quiet", "--json", js, "--overwrite"],
+              240)
+    if js.exists():
+        st = json.loads(js.read_text())
+        r.update(passed=st["passed"], failed=[ch["name"] for ch in st["checks"] if not ch["passed"]],
+                 speed=st["speed"], device_name=st["device_name"], torch=st["torch"])
+    return r
+
+
+def _gpu_pytest(c: GpuCheck) -> dict:
+    r = c.run("pytest", [sys.executable, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider"], 300)
+    tail = Path(r["log"]).read_text(errors="replace").strip().splitlines()
+    r["summary"] = tail[-1] if tail else ""
+    return r
+
+
+def _gpu_recipe(c: GpuCheck) -> dict:
+    js = c.work / "recipe.json"
+    r = c.run("recipe", [sys.executable, "benchmark.py", "recipe", "--config", c.args.config, "--data", c.args.data,
+                         "--tokens", c.args.recipe_tokens, "--vocab-size", 8192, "--device", c.device, "--quiet",
+                         "--json", js, "--report", c.work / "recipe.md", "--overwrite"], 240)
+    if js.exists():
+        rec = json.loads(js.read_text())
+        r.update({k: rec[k] for k in ("baseline_best", "default_best", "baseline_lr_at_edge", "target_val_loss")},
+                 runs=[{k: v for k, v in run.items() if k not in ("curve",)} for run in rec["runs"]],
+                 markdown=(c.work / "recipe.md").read_text())
+    return r
+
+
+GPU_STEP_FNS = {"data": _gpu_data, "train": _gpu_train, "self-test": _gpu_self_test, "pytest": _gpu_pytest,
+                "recipe": _gpu_recipe}
+
+
+def gpu_summary(res: dict) -> dict:
+    """The headline figures: the train loop against its own isolated step and HF, decode vs HF."""
+    speed = (res.get("self-test") or {}).get("speed") or {}
+    loop = (res.get("train") or {}).get("tokens_per_sec")
+    step, dec = speed.get("train_tok_s") or {}, speed.get("decode_b1_compiled_tok_s") or {}
+    return {"train_loop_tok_s": loop, "train_loop_mfu": (res.get("train") or {}).get("mfu"),
+            "isolated_step_tok_s": step.get("ours"), "hf_same_step_tok_s": step.get("hf"),
+            "loop_vs_isolated_step": loop / step["ours"] if loop and step.get("ours") else None,
+            "loop_vs_hf_step": loop / step["hf"] if loop and step.get("hf") else None,
+            "decode_b1_tok_s": dec.get("ours"), "decode_b1_hf_static_tok_s": dec.get("hf"),
+            "decode_b1_vs_hf": dec.get("ratio")}
+
+
+def run_gpu(args) -> int:
+    check_outputs(args)
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        raise BenchmarkError("benchmark.py gpu needs a CUDA GPU: torch.cuda.is_available() is False here (on a CPU "
+                             "the same figures come from self-test, full and recipe)")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(GPU_STEPS):
+        raise BenchmarkError(f"--skip {args.skip}: choose from {', '.join(GPU_STEPS)}")
+    if not Path(args.data).is_dir():
+        raise BenchmarkError(f"--data {args.data}: no such directory; pass a directory of text files (books)")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fishai-gpu-")).resolve()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = GpuCheck(args, work, time.time() + args.budget, device)
+    c.res.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
+                 device_name=torch.cuda.get_device_name() if device == "cuda" else "CPU", torch=torch.__version__,
+                 command="python benchmark.py gpu " + " ".join(sys.argv[2:]), workdir=str(work))
+    t0 = time.time()
+    for name in GPU_STEPS:
+        if name in skip or (name == "train" and c.res["data"]["status"] != "ok"):
+            c.res[name] = {"status": "skipped"}
+            continue
+        c.res[name] = GPU_STEP_FNS[name](c)
+        c.res["summary"] = gpu_summary(c.res)
+        c.save()
+    c.res["seconds"] = round(time.time() - t0, 1)
+    c.save()
+    print(json.dumps(c.res["summary"], indent=2))
+    failed = [n for n in GPU_STEPS if c.res[n]["status"] not in ("ok", "skipped")]
+    failed += ["self-test checks"] if (c.res.get("self-test") or {}).get("passed") is False else []
+    print("gpu check: " + ("all steps ok" if not failed else "FAILED: " + ", ".join(failed)))
+    return du.EXIT_FAILED if failed else du.EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
-COMMANDS = {"self-test": run_self_test, "full": run_full, "data": run_data, "recipe": run_recipe}
+COMMANDS = {"self-test": run_self_test, "full": run_full, "data": run_data, "recipe": run_recipe, "gpu": run_gpu}
 
 
 def main(argv=None) -> int:

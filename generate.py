@@ -26,8 +26,9 @@ Usage (copy-paste):
     # scripted chat: one user message per line in, the conversation in ChatML out
     printf 'Hello!\\nWhat is 2+2?\\n' | python generate.py --model checkpoints/fishai-sft.pt --chat
 
-    # CUDA: static KV cache + torch.compile'd decode step (the first call compiles, then it is fast)
-    python generate.py --model checkpoints/fishai-best.pt --prompt "Hello" --device cuda --compile
+    # CUDA decodes through a compiled step replayed as a CUDA graph by default (the first call
+    # compiles for ~20-60 s); --no-compile decodes eagerly (no wait, slower per token)
+    python generate.py --model checkpoints/fishai-best.pt --prompt "Hello" --device cuda --no-compile
 
 Plain generation prints the prompt followed by the continuation; generation stops at the
 tokenizer's end-of-text token or after --max-new-tokens. Timing figures go to stderr (none with
@@ -91,9 +92,10 @@ def build_parser() -> du.ArgumentParser:
     du.add_dtype_flag(p, "compute dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, "
                          "fp32 elsewhere)")
     du.add_dequantize_flag(p)
-    p.add_argument("--compile", action="store_true",
-                   help="CUDA: static KV cache + torch.compile'd decode step replayed as a CUDA "
-                        "graph (the first call compiles); on other devices it warns and runs eagerly")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="static KV cache + torch.compile'd decode step replayed as a CUDA graph (the first "
+                        "call compiles). Default: on for CUDA, off elsewhere (on a CPU it warns and runs "
+                        "eagerly: compiling costs more than it saves there)")
     du.add_quiet_flag(p)
     return p
 
@@ -178,7 +180,7 @@ def model_token_stream(model, *, max_new_tokens: int, temperature: float = 1.0,
     size and kept across calls (chat turns), so a CUDA graph's buffers stay put.
     use_compile=False runs the same static-cache loop eagerly."""
     def stream(idx):
-        if compile and (model._decode_fn is None or getattr(model, "_cache_batch", 0) != idx.shape[0]):
+        if compile and model._decode_fn is None:  # (a new batch size: generate_stream builds it again)
             model.compile_decode(idx.shape[0], use_compile=use_compile)
         # eos_id=None: stopping is decided in stream_generate, which knows every stop id
         # (<|endoftext|> and <|im_end|> in chat), not just one.
@@ -603,7 +605,9 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     device = fishai.resolve_device(args.device)
     dtype = fishai.resolve_dtype(args.dtype, device)
-    if args.compile and device.type != "cuda":
+    if args.compile is None:
+        args.compile = fishai.fast_decode_default(device)
+    elif args.compile and device.type != "cuda":
         # The static cache attends over the whole context every step; on CPU that (and the
         # minute-long compile) costs more than the Python overhead CUDA graphs remove.
         print(f"warning: --compile only speeds up CUDA decoding; running eagerly on {device}", file=sys.stderr)

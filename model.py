@@ -384,6 +384,44 @@ def _cyclic_gc_paused():
             gc.enable()
 
 
+class StaticDecodeStep:
+    """A decode step with its own input buffers (tokens, position): every call copies into them, so
+    a compiled step always sees the same tensors (no guard failure, no recompile). With
+    cuda_graph=True the step is captured once as a CUDA graph and replayed: its kernels then cost
+    one launch, and its output buffer holds the logits until the next replay. (gpt-fast gets the
+    same from torch.compile's "reduce-overhead" mode; a graph of our own keeps the buffers and
+    their lifetime explicit.)"""
+
+    def __init__(self, fn, tok: torch.Tensor, pos: torch.Tensor, cuda_graph: bool = False, warmup: int = 3):
+        self.fn, self.tok, self.pos, self.graph = fn, tok, pos, None
+        if not cuda_graph:
+            fn(tok, pos)  # compiles now, so that a failure shows here
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compilation, autotuning, lazy inits) off the capture
+            for _ in range(warmup):
+                fn(tok, pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(tok, pos)
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        if self.graph is None:
+            return self.fn(self.tok, self.pos)
+        self.graph.replay()
+        return self.out
+
+
+def fast_decode_default(device) -> bool:
+    """Whether scripts decode through compile_decode's compiled CUDA-graph step by default: on CUDA
+    (launch-bound otherwise), not on a CPU (compiling takes longer than the decoding it saves)."""
+    return torch.device(device).type == "cuda"
+
+
 class GPT(nn.Module):
     # loss is computed in chunks (recomputed in backward) once B*T*V exceeds this many logits,
     # so a big batch never holds the full fp32 logits tensor
@@ -409,8 +447,13 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.tokenizer = None
         self.stage = None  # the training stage train.py recorded ("pretrain" / "sft"); exports carry it
+        # generate() builds (once per batch size) and uses compile_decode's compiled CUDA-graph step:
+        # generate.py, evaluate.py and benchmark.py turn this on for CUDA (fast_decode_default)
+        self.fast_decode = False
+        self.decode_path = "eager"
         self._cache_static = False
         self._cache_len = 0
+        self._cache_batch = 0
         self._decode_fn = None  # set by compile_decode()
         self.reset_parameters()
 
@@ -456,23 +499,51 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = None
         self._cache_len = 0
+        self._cache_batch = 0
         self._cache_static = False  # the next generate() sets up the (faster eager) dynamic cache
         self._decode_fn = None
+        self.decode_path = "eager"
         if hasattr(self, "causal_mask"):
             del self.causal_mask
 
-    def compile_decode(self, batch_size, max_seq_len=None, use_compile=True, mode=None):
-        """Static KV cache + a torch.compile'd single-token decode step (the gpt-fast recipe):
-        every step has the same shapes, so it is traced once and, on CUDA with
-        mode="reduce-overhead", replayed as a CUDA graph. generate()/generate_stream() use it
-        from then on (until clear_cache). use_compile=False runs the same static loop eagerly."""
-        self.setup_cache(batch_size, max_seq_len, static=True)
-        step = self._last_logits
-        if use_compile:
-            mode = mode or ("reduce-overhead" if self.norm.weight.is_cuda else None)
-            step = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
-        self._decode_fn = step
-        return step
+    def compile_decode(self, batch_size, max_seq_len=None, use_compile=True, cuda_graph=None, dtype=None):
+        """Static KV cache + a single-token decode step of fixed shapes (the gpt-fast recipe), used
+        by generate()/generate_stream() from then on (until clear_cache). The step is
+        torch.compile'd (use_compile) and, on CUDA (cuda_graph=None means "on CUDA"), captured once
+        as a CUDA graph and replayed, so a token costs one graph launch instead of ~100 kernel
+        launches. Where a stage fails (no compiler, an op that cannot be captured) the next one
+        runs: compiled + graph, eager + graph, compiled, eager; self.decode_path names what runs
+        and why. dtype: the KV cache's (default: the model's; generate passes its autocast dtype)."""
+        self.setup_cache(batch_size, max_seq_len, dtype=dtype, static=True)
+        self._decode_settings = (use_compile, cuda_graph)
+        device = self.norm.weight.device
+        graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        plans = [(c, g) for c in ((True, False) if use_compile else (False,)) for g in ((True, False) if graph else (False,))]
+        plans.sort(key=lambda cg: (not cg[1], not cg[0]))  # a graph first (it removes the launches), then compiled
+        why = []
+        for compiled, captured in plans:
+            try:
+                step = self._build_decode_step(batch_size, device, compiled, captured)
+            except Exception as e:  # noqa: BLE001 - reported in decode_path, the next plan runs
+                why.append(f"{'compiled' if compiled else 'eager'}{' + CUDA graph' if captured else ''} failed: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+                continue
+            self._decode_fn = step
+            self.decode_path = ("compiled" if compiled else "eager static") + (" + CUDA graph" if captured else "")
+            if why:
+                self.decode_path += " (" + "; ".join(why) + ")"
+            return step
+        raise RuntimeError("no decode step could be built: " + "; ".join(why))
+
+    @torch.inference_mode()
+    def _build_decode_step(self, batch_size: int, device, compiled: bool, captured: bool):
+        """One decode plan of compile_decode, run once (compiles, captures) so that it fails here if it
+        fails at all. Its warm-up steps write position 0 of the static cache, which every prefill
+        overwrites."""
+        fn = torch.compile(self._last_logits, fullgraph=True, dynamic=False) if compiled else self._last_logits
+        tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        pos = torch.zeros(1, dtype=torch.long, device=device)
+        return StaticDecodeStep(fn, tok, pos, cuda_graph=captured)
 
     # --- forward ------------------------------------------------------------------
 
@@ -623,28 +694,47 @@ class GPT(nn.Module):
         x = F.rms_norm(x, self.norm.weight.shape, self.norm.weight, eps)
         return head(x).float()
 
+    def _start_decode(self, idx, total: int):
+        """Set up the KV cache (or the compiled step, with fast_decode) for B rows and `total`
+        positions, and prefill idx. Returns (step(tok (B, 1), pos) -> (B, V) logits, the prefill's
+        last logits). The one decode set-up of generate_stream and teacher_forced_logits."""
+        B, T = idx.shape
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({total - T}) exceeds the model's "
+                             f"context of {self.config.max_seq_len}: shorten the prompt or lower max_new_tokens")
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
+        cache = self.layers[0].attn.kv_cache
+        wrong_dtype = cache is not None and dtype is not None and cache.k.dtype != dtype
+        if self.fast_decode and (self._decode_fn is None or self._cache_batch != B or wrong_dtype):
+            self.compile_decode(B, dtype=dtype)  # the whole context: one graph serves every length
+        elif self._decode_fn is not None and (self._cache_batch != B or self._cache_len < total or wrong_dtype):
+            # a step compiled for other shapes: build it again for these (same compile/graph settings)
+            self.compile_decode(B, max(total, self._cache_len), *self._decode_settings, dtype=dtype)
+        elif self._cache_len < total or self._cache_batch < B or wrong_dtype:
+            self.setup_cache(B, max(total, self._cache_len if not self._cache_static else 0) or total,
+                             dtype=dtype, static=self._cache_static)
+        positions = torch.arange(total, device=idx.device)
+        logits = self._last_logits(idx, positions[:T])  # the prefill runs eagerly (its length varies)
+        if self._decode_fn is not None:
+            fn = self._decode_fn
+            # a CUDA graph's output buffer is overwritten by the next replay: hand out a copy
+            return (lambda tok, pos: fn(tok, positions[pos:pos + 1]).clone()), logits
+        if not self._cache_static and self._lean_decode_ok():
+            plan = self._lean_plan()
+            return (lambda tok, pos: self._lean_decode_step(plan, tok, pos)), logits
+        return (lambda tok, pos: self._last_logits(tok, positions[pos:pos + 1])), logits
+
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                         generator=None):
         """Yield the (B,) next tokens one step at a time, using the KV cache.
         Rows that produced eos_id keep producing eos_id; stops when every row is done."""
         B, T = idx.shape
-        total = T + max_new_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                             f"context of {self.config.max_seq_len}: shorten the prompt or lower max_new_tokens")
         if max_new_tokens <= 0:
+            if T + max_new_tokens > self.config.max_seq_len:
+                raise ValueError(f"prompt ({T} tokens) exceeds the model's context of {self.config.max_seq_len}")
             return
-        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
-        if (self._cache_len < total or getattr(self, "_cache_batch", 0) < B
-                or (dtype is not None and self.layers[0].attn.kv_cache.k.dtype != dtype)):
-            self.setup_cache(B, max(total, self._cache_len if not self._cache_static else 0) or total,
-                             dtype=dtype, static=self._cache_static)
-        compiled = self._decode_fn is not None
-        step = self._decode_fn if compiled else self._last_logits
-        lean = self._lean_plan() if not compiled and not self._cache_static and self._lean_decode_ok() else None
-        positions = torch.arange(total, device=idx.device)
-        logits = self._last_logits(idx, positions[:T])  # the prefill runs eagerly (its length varies)
+        step, logits = self._start_decode(idx, T + max_new_tokens)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         with _cyclic_gc_paused():
             for i in range(max_new_tokens):
@@ -655,12 +745,20 @@ class GPT(nn.Module):
                 yield nxt
                 if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                     break
-                if lean is not None:
-                    logits = self._lean_decode_step(lean, nxt[:, None], T + i)
-                    continue
-                logits = step(nxt[:, None], positions[T + i:T + i + 1])
-                if compiled:
-                    logits = logits.clone()  # a CUDA-graph replay overwrites its output on the next call
+                logits = step(nxt[:, None], T + i)
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, idx, prompt_len: int):
+        """(B, T - prompt_len + 1, V) float logits of the decode loop when it is fed idx's own tokens
+        after prefilling its first prompt_len: the prefill's last logits, then one per decode step.
+        Compares decode paths (compiled CUDA graph vs eager) step by step, which greedy text cannot
+        do: one flipped near-tie changes every later input."""
+        B, T = idx.shape
+        step, logits = self._start_decode(idx[:, :prompt_len], T)
+        out = [logits]
+        for i in range(prompt_len, T):
+            out.append(step(idx[:, i:i + 1], i))
+        return torch.stack(out, dim=1).float()
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):

@@ -113,13 +113,16 @@ RECIPE_EMBED_LR_RATIO = 1.0  # muon: the embedding/head's AdamW LR = ratio * the
 RECIPE_WARMUP_FRAC = 0.02  # warmup steps = 2% of --max-steps
 RECIPE_SFT_LR_SCALE = 0.2  # SFT starts from a trained model: a fifth of the pretraining LR
 RECIPE_DECAY_FRAC = 0.2  # wsd: the last 20% of the steps decay the LR
+GPU_ACTIVATION_SHARE = 0.4  # a GPU micro-batch's activations may take this share of the GPU's memory
 RECIPE_RULE = (
     f"Recipe (the default of every optimisation flag not given): --optimizer muon --schedule wsd; LR of "
     f"the matmul weights = {RECIPE_LR['muon']:g} x sqrt(256 / d_model) with Muon ({RECIPE_LR['adamw']:g} x "
     f"sqrt(256 / d_model) with --optimizer adamw); embedding LR = {RECIPE_EMBED_LR_RATIO:g} x that, norm LR = "
     f"that; x {RECIPE_SFT_LR_SCALE:g} for --stage sft; --warmup = {RECIPE_WARMUP_FRAC:.0%} of --max-steps; "
     f"sequences per step = 16 x d_model / 256 (tiny 16, small 32, medium 64, large 128), micro-batch "
-    f"16 x 256 / d_model (at least 1) and --grad-accum the rest; --grad-clip 1.0. The tiny values are "
+    f"16 x 256 / d_model (at least 1) and --grad-accum the rest - on a GPU the whole step in one micro-batch "
+    f"when its activations fit in {GPU_ACTIVATION_SHARE:.0%} of the GPU's memory (else halved until they do); "
+    f"--grad-clip 1.0. The tiny values are "
     f"measured (python benchmark.py recipe); the larger presets follow the rule. A flag given wins.")
 
 # On --resume a flag given again with a new value is applied when it only changes what happens
@@ -176,7 +179,9 @@ def build_parser() -> du.ArgumentParser:
     g = p.add_argument_group("hardware")
     du.add_device_flag(g)
     du.add_dtype_flag(g, "auto: bf16 on CUDA if supported else fp16 (+GradScaler); fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on CUDA, off elsewhere, where compiling costs more "
+                        "than it saves for these sizes)")
     return p
 
 
@@ -509,7 +514,10 @@ class Muon(torch.optim.Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         for (_, long_side), ks in by_shape.items():
             wide = [nesterov[k] if nesterov[k].size(0) <= nesterov[k].size(1) else nesterov[k].mT for k in ks]
-            ortho = newton_schulz(torch.stack(wide), group["ns_steps"]).unbind(0)
+            if wide[0].is_cuda:  # one batched call per shape: a few launches instead of one set per matrix
+                ortho = newton_schulz(torch.stack(wide), group["ns_steps"]).unbind(0)
+            else:  # a CPU is not launch-bound, and its mm is 15-20% faster than bmm here (measured)
+                ortho = [newton_schulz(w, group["ns_steps"]) for w in wide]
             updates = [o if nesterov[k].size(0) <= nesterov[k].size(1) else o.mT for k, o in zip(ks, ortho)]
             ps = [params[mine[k]] for k in ks]
             if wd:
@@ -663,6 +671,8 @@ def setup_device(name: str, dist: Dist) -> torch.device:
     device = fishai.resolve_device(name, dist.local_rank if dist.enabled else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # fp32 matmuls (outside bf16 autocast) on TF32 tensor cores, as nanoGPT does
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 
 
@@ -770,21 +780,44 @@ def resolve_start(args: argparse.Namespace, dist: Dist, log) -> Start:
     if not 2 <= args.seq_len <= cfg.max_seq_len:
         raise TrainError(f"--seq-len {args.seq_len} must be between 2 and the model's max_seq_len "
                          f"{cfg.max_seq_len} (config {config_name})")
-    apply_recipe(args, cfg, legacy=ckpt is not None and "optimizer" not in (ckpt.get("train_args") or {}))
+    apply_recipe(args, cfg, legacy=ckpt is not None and "optimizer" not in (ckpt.get("train_args") or {}),
+                 gpu_bytes=gpu_memory_bytes(args.device, dist.local_rank if dist.enabled else None))
     return Start(args, resume_path, ckpt, init, tokenizer, cfg, config_name)
 
 
-def recipe_for(cfg: fishai.ModelConfig, optimizer: str = "muon", stage: str = "pretrain") -> dict:
-    """The optimisation settings of RECIPE_RULE for a model of this width."""
+def activation_bytes_per_token(cfg: fishai.ModelConfig) -> int:
+    """What one token of a bf16 training micro-batch keeps for the backward pass, roughly: per layer
+    the fp32 residual inputs, the normed inputs, q/k/v and the attention output (flash attention
+    keeps no T x T matrix), the four d_ff-wide MLP tensors; then ~12 bytes per logit (bf16 logits,
+    their fp32 copy and both gradients)."""
+    return cfg.n_layers * 2 * (12 * cfg.d_model + 4 * cfg.d_ff) + 12 * cfg.vocab_size
+
+
+def recipe_for(cfg: fishai.ModelConfig, optimizer: str = "muon", stage: str = "pretrain",
+               gpu_bytes: int | None = None, seq_len: int | None = None) -> dict:
+    """The optimisation settings of RECIPE_RULE for a model of this width. gpu_bytes (the GPU's
+    memory; None on a CPU) sets the micro-batch: the whole step when its activations fit."""
     width = cfg.d_model / 256
     lr = RECIPE_LR[optimizer] / math.sqrt(width) * (RECIPE_SFT_LR_SCALE if stage == "sft" else 1.0)
     seqs = max(1, round(16 * width))
     micro = max(1, min(seqs, round(16 / width)))
+    if gpu_bytes:  # a GPU wants big matmuls: as many sequences at once as fit, same tokens per step
+        micro, per_seq = seqs, activation_bytes_per_token(cfg) * (seq_len or default_seq_len(cfg))
+        while micro % 2 == 0 and micro * per_seq > GPU_ACTIVATION_SHARE * gpu_bytes:
+            micro //= 2
     return {"optimizer": optimizer, "schedule": "wsd", "lr": lr, "embed_lr": lr * RECIPE_EMBED_LR_RATIO,
             "norm_lr": lr, "batch_size": micro, "grad_accum": max(1, seqs // micro), "grad_clip": 1.0}
 
 
-def apply_recipe(args, cfg: fishai.ModelConfig, legacy: bool = False) -> None:
+def gpu_memory_bytes(device_name, local_rank: int | None = None) -> int | None:
+    """Total memory of the GPU a --device names (None for a CPU or MPS)."""
+    if not torch.cuda.is_available():
+        return None
+    device = fishai.resolve_device(device_name, local_rank)
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def apply_recipe(args, cfg: fishai.ModelConfig, legacy: bool = False, gpu_bytes: int | None = None) -> None:
     """Fill every optimisation flag left at None from the model's recipe. A checkpoint from before
     the recipe existed (no 'optimizer' in its train args) ran AdamW + cosine, and resumes so."""
     if legacy:
@@ -793,7 +826,7 @@ def apply_recipe(args, cfg: fishai.ModelConfig, legacy: bool = False) -> None:
         for key, old_default in (("batch_size", 4), ("grad_accum", 8), ("warmup", 100), ("grad_clip", 1.0)):
             if getattr(args, key) is None:
                 setattr(args, key, old_default)
-    recipe = recipe_for(cfg, args.optimizer or "muon", args.stage)
+    recipe = recipe_for(cfg, args.optimizer or "muon", args.stage, gpu_bytes, args.seq_len)
     if args.lr is not None:  # the embedding and norm LRs follow a given --lr
         recipe.update(embed_lr=args.lr * RECIPE_EMBED_LR_RATIO, norm_lr=args.lr)
     for key, value in recipe.items():
@@ -1106,7 +1139,17 @@ def build_model(start: Start, dist: Dist, device) -> fishai.GPT:
     if weights is not None:
         fishai.load_state_checked(model, weights["model"], source=str(start.resume_path or start.args.init_from))
     model.tokenizer = start.tokenizer
+    if device.type == "cuda":
+        model.loss_chunk_elems = loss_chunk_budget(device)
     return model.to(device)
+
+
+def loss_chunk_budget(device) -> int:
+    """Logits the training loss may hold at once on a GPU: what a tenth of its memory holds at ~12
+    bytes per logit (bf16 logits, their fp32 copy and both gradients). Below that the loss is one
+    fused matmul + cross-entropy; above it, chunks recomputed in backward (GPT.loss_chunk_elems,
+    2^27 on a CPU, where memory is shared with everything else)."""
+    return max(fishai.GPT.loss_chunk_elems, torch.cuda.get_device_properties(device).total_memory // 10 // 12)
 
 
 def build_optimizer(model, args, device, dist: Dist | None = None) -> torch.optim.Optimizer:
@@ -1137,9 +1180,14 @@ def build_schedule(args) -> CosineSchedule:
     return CosineSchedule(args.lr, args.warmup, args.max_steps, args.min_lr_ratio)
 
 
+def use_compile(args, device) -> bool:
+    """--compile / --no-compile, else on for CUDA (nanoGPT's default) and off elsewhere."""
+    return args.compile if args.compile is not None else device.type == "cuda"
+
+
 def wrap_model(model, args, dist: Dist, device):
     """torch.compile and DDP around the bare GPT; returns what the forward passes run through."""
-    if args.compile:
+    if use_compile(args, device):
         model = torch.compile(model)
     if not dist.enabled:
         return model
@@ -1420,14 +1468,53 @@ def train_step(run: Run, step: int, hooks: FaultHooks) -> tuple[float, float, bo
     if args.grad_clip > 0:
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
-    # one host sync per step: the (rank-averaged) loss decides whether the step is applied
-    loss_val, gn = _all_reduce_mean(loss_sum.item(), run.dist, run.device), float(grad_norm)
+    # one host sync per step (loss and grad norm in one copy): whether the step is applied depends
+    # on them. It comes after the backward pass is queued, so the GPU is busy while the host waits.
+    loss_val, gn = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
+    loss_val = _all_reduce_mean(loss_val, run.dist, run.device)
     finite = math.isfinite(loss_val) and (scaler.is_enabled() or math.isfinite(gn))
     if finite or scaler.is_enabled():
         scaler.step(opt)  # with fp16 the scaler skips steps with inf/nan grads and lowers its scale
     scaler.update()
     opt.zero_grad(set_to_none=True)
     return loss_val, gn, finite, tokens
+
+
+class FixedBatches:
+    """A sampler that cycles through given batches (tensors already on the device): what
+    step_runner feeds the real train_step when only the step's speed is measured."""
+
+    def __init__(self, batches: list[tuple]):
+        self.batches, self.i = batches, 0
+
+    def next_batch(self, device):
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return batch
+
+
+def step_runner(model, args: argparse.Namespace, device, dtype, batches: list[tuple]) -> Callable[[], float]:
+    """A callable running one real train_step (args' optimizer, schedule, clipping, accumulation and
+    --compile, as train.py runs them) on `model` over fixed `batches`; returns the step's loss. What
+    benchmark.py times as the training step. `model` is a GPT or anything with its forward and
+    parameter names (benchmark.py's LlamaForCausalLM adapter)."""
+    device = torch.device(device)
+    if device.type == "cuda" and isinstance(model, fishai.GPT):
+        model.loss_chunk_elems = loss_chunk_budget(device)
+    dist = Dist()
+    run = Run(args, dist, device, dtype, Path("."), model, wrap_model(model, args, dist, device),
+              build_optimizer(model, args, device, dist), build_schedule(args),
+              torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              Data(FixedBatches(batches), lambda: iter(()), None, None), None, {}, Printer(False))
+    model.train()
+    hooks, step = FaultHooks(), [0]
+
+    def one_step() -> float:
+        loss, _, _, _ = train_step(run, step[0], hooks)
+        step[0] += 1
+        return loss
+
+    return one_step
 
 
 @torch.no_grad()
@@ -1691,7 +1778,7 @@ def describe_run(run: Run, start: Start) -> None:
     run.say(f"model: config {start.config_name}, {run.raw_model.num_params() / 1e6:.2f}M params, vocab "
             f"{cfg.vocab_size} (tokenizer {tok.vocab_size if tok is not None else 'none: preset vocab'}), seq_len "
             f"{args.seq_len}; device {run.device}, dtype {str(run.dtype).replace('torch.', '')}"
-            f"{' + GradScaler' if run.scaler.is_enabled() else ''}{', compiled' if args.compile else ''}")
+            f"{' + GradScaler' if run.scaler.is_enabled() else ''}{', compiled' if use_compile(args, run.device) else ''}")
     n_train = run.data.n_train_tokens
     run.say(f"batch: {args.batch_size} seq x {args.grad_accum} accum x {ws} procs = "
             f"{args.batch_size * args.grad_accum * ws} sequences, {run.tokens_per_step:,} tokens/step; "

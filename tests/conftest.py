@@ -33,6 +33,54 @@ SHARED_HIDDEN = _SHARED_ENV.lower() == "none"
 
 def shared_available() -> bool:
     return not SHARED_HIDDEN and (SHARED_DATA / "SOURCES.md").is_file()
+# ---- the CUDA tests: real commands on a GPU (python -m pytest tests -m cuda). Without a GPU they skip;
+# FISHAI_CUDA_TESTS_DEVICE=cpu runs the same commands on the CPU, a dry run of the tests themselves.
+CUDA_TESTS_DEVICE = os.environ.get("FISHAI_CUDA_TESTS_DEVICE", "cuda")
+SHRINK = ["--model-override", "d_model=64", "--model-override", "n_layers=2", "--model-override", "n_heads=4",
+          "--model-override", "n_kv_heads=2", "--model-override", "d_ff=192", "--model-override", "max_seq_len=128"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (python -m pytest tests -m cuda); skipped "
+                                       "without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA_TESTS_DEVICE != "cuda" or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (FISHAI_CUDA_TESTS_DEVICE=cpu dry-runs these commands on "
+                                   "the CPU)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
+def run_script(script: str, *args, stdin: str | None = None, timeout: int = 300, env: dict | None = None):
+    """Run one of the project's scripts as a user types it (a child process, in the repo root)."""
+    import subprocess
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=timeout, env=e, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    """The device of the CUDA tests: "cuda", or "cpu" for their dry run."""
+    return CUDA_TESTS_DEVICE
+
+
+@pytest.fixture(scope="session")
+def gpu_trained(tmp_path_factory, tiny_tokenizer_dir, text_file, gpu):
+    """A tiny model trained by train.py on the GPU (the recipe's Muon + WSD, bf16, eager): the run
+    directory whose fishai-best.pt the other CUDA tests quantize, generate from and evaluate."""
+    out = tmp_path_factory.mktemp("gpu") / "run"
+    r = run_script("train.py", "--config", "tiny", *SHRINK, "--tokenizer", tiny_tokenizer_dir, "--data", text_file,
+                   "--output-dir", out, "--seq-len", 64, "--batch-size", 16, "--grad-accum", 1, "--max-steps", 300,
+                   "--eval-interval", 100, "--eval-iters", 4, "--device", gpu, "--no-compile", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
 TINY = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=128)
 
 

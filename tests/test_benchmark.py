@@ -567,11 +567,21 @@ def test_recipe_helpers_split_runs_and_crossing(tmp_path):
     train_books, test_books = B.split_books(str(tmp_path))
     assert [p.name for p in test_books] == ["book00.txt", "book10.txt"]  # whole books, the hold-out rule
     assert len(train_books) == 10 and not set(train_books) & set(test_books)
-    runs = B.recipe_runs(fishai.get_config("tiny"), [0.5, 1, 2], [1])
-    assert [r.overrides.get("optimizer") for r in runs] == ["adamw"] * 3 + [None]  # None: the recipe's
+    runs = B.recipe_runs(fishai.get_config("tiny"), [0.5, 1, 2], [1], [0.02, 0.1], 200)
+    assert [r.overrides.get("optimizer") for r in runs] == ["adamw"] * 6 + [None]  # None: the recipe's
     import train
-    assert [r.overrides["lr"] for r in runs[:3]] == pytest.approx([train.RECIPE_LR["adamw"] * m for m in (0.5, 1, 2)])
-    assert runs[3].overrides == {}
+    lr = train.RECIPE_LR["adamw"]
+    assert [r.overrides["lr"] for r in runs[:6]] == pytest.approx([lr * m for m in (0.5, 0.5, 1, 1, 2, 2)])
+    assert [r.overrides["warmup"] for r in runs[:6]] == [4, 20] * 3 and runs[6].overrides == {}
+    # the sweep widens while the best baseline LR sits at an edge, at the best run's warmup
+    for r, loss in zip(runs, [3.0, 3.1, 3.2, 3.3, 3.4, 3.5, 2.0]):
+        r.result["final_val_loss"] = loss
+    extra = B.widen_baseline(runs)
+    assert extra.overrides == {"optimizer": "adamw", "schedule": "cosine", "lr": pytest.approx(lr / 4), "warmup": 4}
+    extra.result["final_val_loss"] = 3.05
+    assert B.widen_baseline(runs + [extra]) is None  # the best (lr/2) is now inside the sweep
+    runs[5].result["final_val_loss"] = 1.0  # the highest LR best: twice it is next
+    assert B.widen_baseline(runs).overrides["lr"] == pytest.approx(lr * 4)
     curve = [(100, 5.0), (200, 4.0), (300, 3.0)]
     assert B.crossing_tokens(curve, 3.5) == 250 and B.crossing_tokens(curve, 5.5) == 100
     assert B.crossing_tokens(curve, 2.0) is None
@@ -588,12 +598,16 @@ def test_recipe_command_trains_both_recipes_and_reports(tmp_path, training_texts
         (books / f"b{i}.txt").write_text("\n\n".join(training_texts[i * 20:(i + 1) * 20]), encoding="utf-8")
     out = tmp_path / "r.json"
     cmd = ["recipe", "--data", str(books), "--tokens", "8K", "--vocab-size", "300", "--evals", "2",
-           "--eval-iters", "1", "--test-chars", "3000", "--baseline-lrs", "1,2"]
+           "--eval-iters", "1", "--test-chars", "3000", "--baseline-lrs", "1,2", "--baseline-warmups", "0.5",
+           "--max-extend", "1"]
     assert B.main(cmd + ["--json", str(out), "--report", str(tmp_path / "r.md"), "--quiet"]) == 0
     res = json.loads(out.read_text())
     assert res["test_docs"] == 1 and res["train_docs"] == 9 and res["steps"] == 2
-    assert [r["name"].split()[0] for r in res["runs"]] == ["adamw+cosine", "adamw+cosine", "default"]
-    target = min(r["final_val_loss"] for r in res["runs"][:2])
+    names = [r["name"].split()[0] for r in res["runs"]]
+    # two LRs: the best is always at an edge, so one run is added (--max-extend 1), after the default
+    assert names == ["adamw+cosine", "adamw+cosine", "default", "adamw+cosine"] and res["baseline_runs"] == 3
+    assert all(r["warmup"] == 1 for r in res["runs"] if "warmup" in r)
+    target = min(r["final_val_loss"] for r in res["runs"] if r["name"].startswith("adamw"))
     assert res["target_val_loss"] == target
     for r in res["runs"]:
         assert len(r["curve"]) == 2 and r["tokens"] == 2 * res["tokens_per_step"]
@@ -601,7 +615,37 @@ def test_recipe_command_trains_both_recipes_and_reports(tmp_path, training_texts
         if r["final_val_loss"] <= target:
             assert r["tokens_to_target"] <= r["tokens"]
     md = (tmp_path / "r.md").read_text()
-    assert "tokens to target" in md and "default (muon+wsd)" in md
+    assert "tokens to target" in md and "default (muon+wsd)" in md and "Baseline sweep: 3 AdamW + cosine runs" in md
     assert (tmp_path / "r.png").stat().st_size > 1000
     # outputs are refused before any work without --overwrite
     assert B.main(cmd + ["--json", str(out), "--quiet"]) == du.EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU (pytest -m cuda)
+
+@pytest.mark.cuda
+def test_cuda_full_and_self_test(gpu_trained, gpu, shared_data, tmp_path):
+    """benchmark.py full on the GPU scores what it scores on the CPU; the self-test's checks pass
+    there, with the compiled decode step and the quantized rows."""
+    from conftest import run_script
+    ckpt, res = gpu_trained / "fishai-best.pt", {}
+    for i, device in enumerate((gpu, "cpu")):
+        out = tmp_path / f"full-{i}.json"
+        r = run_script("benchmark.py", "full", "--model", ckpt, "--device", device, "--dtype", "fp32",
+                       "--wikitext2", shared_data / "wikitext2" / "test.txt", "--max-chars", 20000,
+                       "--samples", 1, "--max-new-tokens", 16, "--quiet", "--json", out)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res[device] = json.loads(out.read_text())
+    g, c = res[gpu]["perplexity"]["wikitext2"], res["cpu"]["perplexity"]["wikitext2"]
+    assert g["tokens"] == c["tokens"] > 1000 and abs(g["bits_per_byte"] / c["bits_per_byte"] - 1) < 1e-4
+    st = tmp_path / "st.json"
+    # (the training and quantized rows have their own tests; `benchmark.py gpu` times them all)
+    r = run_script("benchmark.py", "self-test", "--config", "tiny", "--device", gpu, "--compile", "--only",
+                   "decode,compiled-decode", "--decode-tokens", 16, "--repeat", 1, "--quiet", "--json", st)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rep = json.loads(st.read_text())
+    assert rep["passed"] and "compiled decode step = eager step (teacher-forced logits)" in {
+        c["name"] for c in rep["checks"] if c["passed"]}
+    assert set(rep["speed"]) == {"decode_b1_tok_s", "decode_b8_tok_s", "decode_b1_nocache_tok_s",
+                                 "decode_b8_nocache_tok_s", "decode_b1_compiled_tok_s"}

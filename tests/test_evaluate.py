@@ -886,3 +886,22 @@ def test_peer_harness_generation(peer_runs):
         assert theirs["arguments"][0][0] == mine["prompt"]
         assert theirs["resps"][0][0] == mine["completion"]
         assert theirs["filtered_resps"][0] == [mine["prompt"] + mine["completion"]]  # build_predictions
+
+
+@pytest.mark.cuda
+def test_cuda_scores_equal_the_cpu_scores(gpu_trained, gpu, shared_data, tmp_path):
+    """evaluate.py on the GPU (fp32) gives the CPU's per-document log-likelihoods and accuracy."""
+    from conftest import run_script
+    ckpt = gpu_trained / "fishai-best.pt"
+    runs = {}
+    for device in (gpu, "cpu"):
+        log, out = tmp_path / f"{device}.jsonl", tmp_path / f"{device}.json"
+        r = run_script("evaluate.py", "--model", ckpt, "--benchmark", "hellaswag", "--data-dir", shared_data,
+                       "--limit", 40, "--device", device, "--dtype", "fp32", "--json", out, "--log-samples", log,
+                       "--overwrite", "--quiet")
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[device] = (json.loads(out.read_text())["results"]["hellaswag"],
+                        [json.loads(line)["loglikelihoods"] for line in log.read_text().splitlines()])
+    (res_g, ll_g), (res_c, ll_c) = runs[gpu], runs["cpu"]
+    assert res_g["n"] == res_c["n"] == 40 and res_g["acc"] == res_c["acc"] and res_g["acc_norm"] == res_c["acc_norm"]
+    assert max(abs(a - b) for g, c in zip(ll_g, ll_c) for a, b in zip(g, c)) < 1e-3

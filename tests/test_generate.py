@@ -529,3 +529,38 @@ def test_flag_vocabulary_quiet_and_dtype_spellings(tiny_ckpt, capsys):
     assert generate.main(args + ["--quiet"]) == 0
     quiet = capsys.readouterr()
     assert "tok/s" in loud.err and quiet.err == "" and quiet.out == loud.out
+
+
+# ----------------------------------------------------------------------------- on a GPU (pytest -m cuda)
+
+@pytest.mark.cuda
+def test_cuda_compiled_graph_decode_gives_the_eager_text_on_a_trained_model(gpu_trained, gpu):
+    """generate.py decodes through the compiled CUDA-graph step by default on CUDA; on a trained
+    checkpoint its greedy text is the eager step's, token for token (fp32)."""
+    from conftest import run_script
+    ckpt = gpu_trained / "fishai-best.pt"
+    common = ["--model", ckpt, "--prompt", "The", "--temperature", 0, "--max-new-tokens", 60, "--device", gpu,
+              "--dtype", "fp32"]
+    fast, eager = run_script("generate.py", *common), run_script("generate.py", *common, "--no-compile")
+    assert fast.returncode == 0 and eager.returncode == 0, fast.stderr[-2000:] + eager.stderr[-2000:]
+    assert fast.stdout == eager.stdout and len(fast.stdout) > 20
+    # teacher-forced, the two steps give the same logits in bf16 too (benchmark.decode_tolerance)
+    import benchmark
+    from model import load_model
+    m = load_model(ckpt, device=gpu)
+    seq = torch.tensor([m.tokenizer.encode(fast.stdout)[:48]], device=gpu)
+    with torch.autocast(torch.device(gpu).type, dtype=torch.bfloat16):
+        m.compile_decode(1)
+        ok, detail = benchmark.check_decode_paths_agree(m, seq, 8, torch.bfloat16)
+    assert ok, detail
+    assert ("CUDA graph" in detail) == (gpu == "cuda") and "failed" not in detail
+
+
+@pytest.mark.cuda
+def test_cuda_scripted_chat(gpu_trained, gpu):
+    from conftest import run_script
+    r = run_script("generate.py", "--model", gpu_trained / "fishai-best.pt", "--chat", "--temperature", 0,
+                   "--max-new-tokens", 12, "--device", gpu, stdin="hello\nand again\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("<|im_start|>user\n") == 2 and r.stdout.count("<|im_start|>assistant\n") == 2
+    assert "may not be chat-trained" in r.stderr and "Traceback" not in r.stderr

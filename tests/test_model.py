@@ -403,7 +403,9 @@ def test_compile_decode_static_step_used_by_generate(net):
 
 # --- CUDA (run on a GPU machine; skipped elsewhere) ------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def cuda(fn):
+    """pytest -m cuda selects it; hard-wired to the GPU, so it skips without one (even in the CPU dry run)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn))
 
 
 @cuda
@@ -441,9 +443,11 @@ def test_cuda_compiled_forward_and_decode_step_match_eager():
     x = tokens(2, 32, 23).cuda()
     compiled = torch.compile(m, fullgraph=True)
     assert torch.allclose(compiled(x)[0], m(x)[0], atol=1e-3)
-    expected = m.generate(x[:, :8], 16, temperature=0)
+    expected = m.teacher_forced_logits(x, 8)  # (greedy text on random weights flips at near-ties)
+    m.clear_cache()
     m.compile_decode(2)
-    assert torch.equal(m.generate(x[:, :8], 16, temperature=0), expected)
+    assert m.decode_path == "compiled + CUDA graph"
+    assert (m.teacher_forced_logits(x, 8) - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_written_files_follow_the_umask(tmp_path, tiny_model):

@@ -358,3 +358,16 @@ def test_bits_per_byte_target_and_new_flag_spellings(tmp_path, text_file):
     # --json refuses to replace an existing file without --overwrite, before any work
     assert quick_train.main(small_args(text_file, tmp_path / "q2", "--json", tmp_path / "r.json")) == 2
     assert not (tmp_path / "q2").exists()
+
+
+@pytest.mark.cuda
+def test_cuda_quick_train_end_to_end(tmp_path, text_file, gpu):
+    """quick_train.py --device cuda as the README runs it: tokenizer -> prepare -> train on the GPU
+    -> test bits/byte -> report."""
+    from conftest import run_script
+    out = tmp_path / "q"
+    r = run_script("quick_train.py", *small_args(text_file, out, "--device", gpu, "--json", tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["device"].startswith(gpu) and rep["rounds"][0]["steps"] == 12
+    assert 0 < rep["test"]["bits_per_byte"] < 10 and (out / "fishai-best.pt").is_file()

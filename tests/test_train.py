@@ -811,3 +811,47 @@ def test_muon_shares_newton_schulz_across_two_gloo_ranks(tmp_path):
     single, r0, r1 = (torch.load(tmp_path / n) for n in ("w1r0.pt", "w2r0.pt", "w2r1.pt"))
     for a, b, c in zip(single, r0, r1):
         assert torch.equal(a, b) and torch.equal(b, c)  # each rank did half the NS work, same weights
+
+
+# ----------------------------------------------------------------------------- on a GPU (pytest -m cuda)
+
+@pytest.mark.cuda
+def test_cuda_pretrain_bf16_compile_then_resume_auto(tmp_path, tiny_tokenizer_dir, text_file, gpu):
+    """train.py as a user types it on a GPU: bf16 + torch.compile, stopped at step 15, then
+    --resume auto to 30 (the CUDA RNG state travels in the checkpoint)."""
+    from conftest import run_script
+    out = tmp_path / "run"
+    common = [*base_args(tiny_tokenizer_dir, text_file, out, "--max-steps", 30, "--eval-interval", 10),
+              "--device", gpu, "--dtype", "bf16", "--compile"]
+    r = run_script("train.py", *common, "--stop-at", 15)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"device {gpu}{':0' if gpu == 'cuda' else ''}, dtype bfloat16, compiled" in r.stdout
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["step"] == 15 and ck["train_args"]["dtype"] == "bf16"
+    if gpu == "cuda":
+        assert len(ck["rng"]["ranks"][0]["cuda"]) == torch.cuda.device_count()
+    r = run_script("train.py", *common, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'fishai-latest.pt'} at step 15" in r.stdout
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 31)) and all(map(math.isfinite, losses.values()))
+    assert losses[30] < losses[1] - 0.5 and load_checkpoint(out / "fishai-latest.pt")["step"] == 30
+
+
+@pytest.mark.cuda
+def test_cuda_sft_from_the_gpu_checkpoint(tmp_path, gpu_trained, gpu):
+    from conftest import run_script
+    chat = tmp_path / "chat.jsonl"
+    rng = random.Random(0)
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"zq {a} zq {b}"},
+                                                     {"role": "assistant", "content": f"sum {a + b}"}]}) + "\n"
+                            for a, b in ((rng.randint(0, 9), rng.randint(0, 9)) for _ in range(80))))
+    out = tmp_path / "sft"
+    r = run_script("train.py", "--stage", "sft", "--init-from", gpu_trained / "fishai-best.pt", "--data", chat,
+                   "--output-dir", out, "--seq-len", 64, "--batch-size", 8, "--grad-accum", 1, "--max-steps", 40,
+                   "--eval-interval", 20, "--eval-iters", 2, "--lr", 3e-3, "--device", gpu, "--no-progress",
+                   "--log-interval", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = train_losses(out)
+    assert losses[40] < 0.6 * losses[1]
+    assert load_checkpoint(out / "fishai-best.pt")["extra"]["stage"] == "sft"
