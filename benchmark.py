@@ -1269,6 +1269,22 @@ def time_train(t: SelfTest):
               peer="HF LlamaForCausalLM in the same train_step")
     t.row("train_peak_mem_mb", f"training peak memory MB ({'CUDA allocated' if t.cuda else 'process peak RSS'})",
           mem_o, mem_h, "MB")
+    _time_train_parts(t, step_ours.run, xb, yb)
+
+
+def _time_train_parts(t: SelfTest, run, xb, yb) -> None:
+    """Where our training step's time goes: forward + backward (through the compiled model with
+    --compile) and the optimizer step (Muon + AdamW), timed apart."""
+    def fwd_bwd():
+        with fishai.autocast(t.device, t.dtype):
+            _, loss = run.model(xb, yb)
+        loss.backward()
+
+    t_fb, t_opt = t.time_runs([fwd_bwd, run.optimizer.step])
+    run.optimizer.zero_grad(set_to_none=True)
+    for key, label, secs in (("train_fwd_bwd_ms", "training step part: forward + backward, ms", t_fb),
+                             ("train_optimizer_ms", "training step part: optimizer step (Muon + AdamW), ms", t_opt)):
+        t.row(key, label, secs * 1e3, None, "ms", peer="-")
 
 
 def decode_tolerance(dtype) -> float:

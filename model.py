@@ -485,14 +485,16 @@ class GPT(nn.Module):
         dtype = dtype or self.norm.weight.dtype
         device = device or self.norm.weight.device
         c = self.config
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch_size, c.n_kv_heads, length, c.head_dim, dtype, device)
+        with torch.inference_mode(False):  # plain tensors even when called inside generate(): the same
+            for layer in self.layers:      # kind of buffer every time, so a compiled step is not re-traced
+                layer.attn.kv_cache = KVCache(batch_size, c.n_kv_heads, length, c.head_dim, dtype, device)
         self._cache_static = static
         self._cache_len = length
         self._cache_batch = batch_size
         self._decode_fn = None  # a compiled step belongs to the buffers it was made for
         if static:
-            mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            with torch.inference_mode(False):
+                mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
             self.register_buffer("causal_mask", mask, persistent=False)
 
     def clear_cache(self):
@@ -514,9 +516,16 @@ class GPT(nn.Module):
         launches. Where a stage fails (no compiler, an op that cannot be captured) the next one
         runs: compiled + graph, eager + graph, compiled, eager; self.decode_path names what runs
         and why. dtype: the KV cache's (default: the model's; generate passes its autocast dtype)."""
+        device = self.norm.weight.device
+        if dtype is None and torch.is_autocast_enabled(device.type):  # the cache holds what autocast computes
+            dtype = torch.get_autocast_dtype(device.type)
+        if use_compile:
+            # dynamo keeps one cache of traces for _last_logits' code, shared by every model and batch
+            # size: past its recompile limit it would silently run eagerly, and a trace made for another
+            # model's buffers was seen to be reused for this one's (index_copy_ of bf16 into fp32)
+            torch._dynamo.reset()
         self.setup_cache(batch_size, max_seq_len, dtype=dtype, static=True)
         self._decode_settings = (use_compile, cuda_graph)
-        device = self.norm.weight.device
         graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         plans = [(c, g) for c in ((True, False) if use_compile else (False,)) for g in ((True, False) if graph else (False,))]
         plans.sort(key=lambda cg: (not cg[1], not cg[0]))  # a graph first (it removes the launches), then compiled
