@@ -50,6 +50,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import common
 import data_utils as du
 
 
@@ -60,8 +61,8 @@ def add_output_args(p, json_help: str = "write the results as JSON"):
     """--json/--report/--overwrite/--quiet: the output flags of every benchmark command."""
     p.add_argument("--json", metavar="PATH", help=json_help)
     p.add_argument("--report", metavar="PATH", help="write a markdown report")
-    du.add_overwrite_flag(p, "existing --json/--report files")
-    du.add_quiet_flag(p)
+    common.add_overwrite_flag(p, "existing --json/--report files")
+    common.add_quiet_flag(p)
 
 
 _AUTO_DTYPE = "auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU"
@@ -75,19 +76,19 @@ def _add_self_test_parser(sub):
                         description="Build a preset with random weights, check that it computes what it should "
                         "(KV cache, HF parity, training) and time it against transformers.LlamaForCausalLM.")
     st.add_argument("--config", default="tiny", help="model preset: tiny, small, medium or large")
-    du.add_device_flag(st)
-    du.add_dtype_flag(st, f"autocast dtype of the training checks and the timings; {_AUTO_DTYPE}")
+    common.add_device_flag(st)
+    common.add_dtype_flag(st, f"autocast dtype of the training checks and the timings; {_AUTO_DTYPE}")
     st.add_argument("--compile", action="store_true", help="also check and time torch.compile: the training "
                     "step and a static-cache decode step (CUDA graphs on GPU)")
-    st.add_argument("--batch-size", type=du.int_flag(1), default=None, help="training batch (default 4 CPU / 16 CUDA)")
-    st.add_argument("--seq-len", type=du.int_flag(2), default=None,
+    st.add_argument("--batch-size", type=common.int_flag(1), default=None, help="training batch (default 4 CPU / 16 CUDA)")
+    st.add_argument("--seq-len", type=common.int_flag(2), default=None,
                     help="training/prefill length (default 256 CPU / 1024 CUDA)")
-    st.add_argument("--prompt-len", type=du.int_flag(1), default=32, help="decode prompt length")
-    st.add_argument("--max-new-tokens", dest="decode_tokens", type=du.int_flag(1), default=None,
+    st.add_argument("--prompt-len", type=common.int_flag(1), default=32, help="decode prompt length")
+    st.add_argument("--max-new-tokens", dest="decode_tokens", type=common.int_flag(1), default=None,
                     help="tokens decoded per timed run (default 32 CPU / 128 CUDA)")
-    st.add_argument("--decode-tokens", dest="decode_tokens", type=du.int_flag(1), default=argparse.SUPPRESS,
+    st.add_argument("--decode-tokens", dest="decode_tokens", type=common.int_flag(1), default=argparse.SUPPRESS,
                     help=argparse.SUPPRESS)
-    st.add_argument("--repeat", type=du.int_flag(1), default=3, help="timed runs per measurement; the median is kept")
+    st.add_argument("--repeat", type=common.int_flag(1), default=3, help="timed runs per measurement; the median is kept")
     st.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="time with the wall clock or with process CPU time (CPU only: steadier on a busy "
                          "machine; speeds are then tokens per CPU-second)")
@@ -95,9 +96,9 @@ def _add_self_test_parser(sub):
     st.add_argument("--no-quantized", dest="quantized", action="store_false",
                     help="skip the quantized rows (the same weights as fp32/int8/int4/mixed .bin files, "
                          "against HF and, when llama-cpp-python is installed, llama.cpp on the GGUF export)")
-    st.add_argument("--threads", type=du.int_flag(1), default=None, help="CPU threads for torch (default: torch's "
+    st.add_argument("--threads", type=common.int_flag(1), default=None, help="CPU threads for torch (default: torch's "
                     "choice); 1 gives steadier numbers on a busy machine")
-    st.add_argument("--seed", type=du.int_flag(0), default=0, help="seed of the random weights and inputs")
+    st.add_argument("--seed", type=common.int_flag(0), default=0, help="seed of the random weights and inputs")
     st.add_argument("--only", default=None, metavar="GROUP,...",
                     help="time only these row groups: " + ", ".join(SPEED_GROUPS) + " (the checks always run)")
     add_output_args(st)
@@ -110,18 +111,18 @@ def _add_full_parser(sub):
     fu.add_argument("--model", default="checkpoints/fishai-best.pt",
                     help="checkpoint .pt, quantized .bin, HF dir (or hub name with --hf)")
     fu.add_argument("--hf", action="store_true", help="load --model through transformers AutoModelForCausalLM")
-    du.add_dequantize_flag(fu)
-    du.add_device_flag(fu)
-    du.add_dtype_flag(fu, f"dtype the model runs in; {_AUTO_DTYPE}")
-    du.add_eval_text_flags(fu)  # shared with reference_benchmark.py, whose --help needs no torch
+    common.add_dequantize_flag(fu)
+    common.add_device_flag(fu)
+    common.add_dtype_flag(fu, f"dtype the model runs in; {_AUTO_DTYPE}")
+    common.add_eval_text_flags(fu)  # shared with reference_benchmark.py, whose --help needs no torch
     fu.add_argument("--no-generation", action="store_true", help="skip the generation-quality samples")
-    fu.add_argument("--samples", type=du.int_flag(1), default=2, help="samples per prompt")
-    fu.add_argument("--max-new-tokens", type=du.int_flag(1), default=64, help="new tokens per sample")
-    fu.add_argument("--gen-tokens", dest="max_new_tokens", type=du.int_flag(1), default=argparse.SUPPRESS,
+    fu.add_argument("--samples", type=common.int_flag(1), default=2, help="samples per prompt")
+    fu.add_argument("--max-new-tokens", type=common.int_flag(1), default=64, help="new tokens per sample")
+    fu.add_argument("--gen-tokens", dest="max_new_tokens", type=common.int_flag(1), default=argparse.SUPPRESS,
                     help=argparse.SUPPRESS)
-    fu.add_argument("--temperature", type=du.float_flag(0), default=0.8, help="sampling temperature; 0 = greedy")
-    fu.add_argument("--top-k", type=du.int_flag(0), default=50, help="top-k sampling, 0 = off")
-    fu.add_argument("--seed", type=du.int_flag(0), default=1234, help="sampling seed")
+    fu.add_argument("--temperature", type=common.float_flag(0), default=0.8, help="sampling temperature; 0 = greedy")
+    fu.add_argument("--top-k", type=common.int_flag(0), default=50, help="top-k sampling, 0 = off")
+    fu.add_argument("--seed", type=common.int_flag(0), default=1234, help="sampling seed")
     add_output_args(fu, "write the results as JSON (per dataset: bits_per_byte, word_ppl, char_ppl, "
                         "token_ppl and the counts they come from)")
 
@@ -133,9 +134,9 @@ def _add_data_parser(sub):
     da.add_argument("--input", required=True, help="corpus (any data_utils.iter_documents source)")
     da.add_argument("--tokenizer", required=True, help="tokenizer dir")
     da.add_argument("--filter", default="default", help="filter spec used by prepare")
-    da.add_argument("--scale", type=du.int_flag(1), default=10,
+    da.add_argument("--scale", type=common.int_flag(1), default=10,
                     help="the large corpus is this many copies (memory check; 1 = no large corpus)")
-    da.add_argument("--repeat", type=du.int_flag(1), default=3,
+    da.add_argument("--repeat", type=common.int_flag(1), default=3,
                     help="alternate bare / end-to-end runs this often, keep the best")
     da.add_argument("--workdir", default=None, help="keep temp corpora here (default: a temp dir, removed)")
     add_output_args(da)
@@ -150,28 +151,28 @@ def _add_recipe_parser(sub):
     re_.add_argument("--config", default="tiny", help="model preset")
     re_.add_argument("--data", default="../shared/data/books",
                      help="a directory of text files, one document (book) each; every 10th is held out as test")
-    re_.add_argument("--tokens", type=du.size_flag, default=300_000, help="training tokens per run (e.g. 300K, 2M)")
+    re_.add_argument("--tokens", type=common.size_flag, default=300_000, help="training tokens per run (e.g. 300K, 2M)")
     re_.add_argument("--baseline-lrs", default="0.5,1,2", metavar="X,Y,...",
                      help="baseline LRs as multiples of the AdamW recipe LR (train.RECIPE_RULE)")
     re_.add_argument("--baseline-warmups", default="0.02,0.1", metavar="X,Y,...",
                      help="baseline warmups as shares of the steps (each LR runs with each); nanoGPT's runs warm "
                           "up over a few percent to ~10%% of their steps")
-    re_.add_argument("--max-extend", type=du.int_flag(0), default=2,
+    re_.add_argument("--max-extend", type=common.int_flag(0), default=2,
                      help="baseline runs added (half the lowest or twice the highest LR) while the best baseline "
                           "LR is at an edge of the sweep")
     re_.add_argument("--default-lrs", default="1", metavar="X,Y,...",
                      help="LRs of the default recipe, as multiples of its own LR (1 = the default; a sweep "
                           "shows how the preset's LR was chosen)")
-    re_.add_argument("--vocab-size", type=du.int_flag(300), default=4096, help="BPE vocabulary trained on the "
+    re_.add_argument("--vocab-size", type=common.int_flag(300), default=4096, help="BPE vocabulary trained on the "
                      "training documents")
-    re_.add_argument("--test-chars", type=du.size_flag, default=200_000,
+    re_.add_argument("--test-chars", type=common.size_flag, default=200_000,
                      help="characters scored from each held-out document")
-    re_.add_argument("--evals", type=du.int_flag(2), default=12, help="val-loss evaluations per run (the curve)")
-    re_.add_argument("--eval-iters", type=du.int_flag(1), default=8, help="val batches per evaluation")
-    re_.add_argument("--seed", type=du.int_flag(0), default=1337, help="seed of every run (data order, weights)")
+    re_.add_argument("--evals", type=common.int_flag(2), default=12, help="val-loss evaluations per run (the curve)")
+    re_.add_argument("--eval-iters", type=common.int_flag(1), default=8, help="val batches per evaluation")
+    re_.add_argument("--seed", type=common.int_flag(0), default=1337, help="seed of every run (data order, weights)")
     re_.add_argument("--workdir", default=None, help="keep the tokenizer, data and runs here (default: temp dir)")
-    du.add_device_flag(re_)
-    du.add_dtype_flag(re_, f"training dtype; {_AUTO_DTYPE}")
+    common.add_device_flag(re_)
+    common.add_dtype_flag(re_, f"training dtype; {_AUTO_DTYPE}")
     re_.add_argument("--compile", action="store_true", help="torch.compile every run")
     re_.add_argument("--png", metavar="PATH", help="write the val-loss curves as PNG (default: beside --report)")
     add_output_args(re_)
@@ -193,12 +194,12 @@ def _add_gpu_parser(sub):
     gp.add_argument("--data", default="../shared/data/books", help="a directory of text files (books): tokenizer, "
                     "training data and the recipe comparison")
     gp.add_argument("--config", default="small", help="model preset of the train run and the self-test")
-    gp.add_argument("--vocab-size", type=du.int_flag(300), default=32000, help="tokenizer vocabulary (32000: the "
+    gp.add_argument("--vocab-size", type=common.int_flag(300), default=32000, help="tokenizer vocabulary (32000: the "
                     "preset's, so the train run and the self-test time the same shapes)")
-    gp.add_argument("--seconds", type=du.float_flag(1), default=75, help="length of the timed train.py run "
+    gp.add_argument("--seconds", type=common.float_flag(1), default=75, help="length of the timed train.py run "
                     "(--max-time: start-up and compilation included)")
-    gp.add_argument("--recipe-tokens", type=du.size_flag, default=2_000_000, help="training tokens per recipe run")
-    gp.add_argument("--budget", type=du.float_flag(10), default=540, help="seconds for the whole check: each step "
+    gp.add_argument("--recipe-tokens", type=common.size_flag, default=2_000_000, help="training tokens per recipe run")
+    gp.add_argument("--budget", type=common.float_flag(10), default=540, help="seconds for the whole check: each step "
                     "gets its own limit, capped by what is left")
     gp.add_argument("--skip", default="", metavar="STEP,...", help="steps to leave out: " + ", ".join(GPU_STEPS))
     gp.add_argument("--workdir", default=None, help="keep the tokenizer, data, runs and logs here (default: a "
@@ -207,12 +208,12 @@ def _add_gpu_parser(sub):
     add_output_args(gp, "write every step's figures as JSON (rewritten after each step)")
 
 
-def build_parser() -> du.ArgumentParser:
-    p = du.ArgumentParser(description="FishAI benchmarks: self-test (correctness + speed vs transformers), "
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(description="FishAI benchmarks: self-test (correctness + speed vs transformers), "
                           "full (bits/byte, perplexity, generation quality), data (prepare throughput) and "
                           "recipe (AdamW + cosine vs the default training recipe).",
                           epilog="usage examples:" + __doc__.split("Usage:")[1].split("Scoring conventions")[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=du.ArgumentParser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=common.ArgumentParser)
     _add_self_test_parser(sub)
     _add_full_parser(sub)
     _add_data_parser(sub)
@@ -229,6 +230,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as fishai  # noqa: E402
+import scoring  # noqa: E402
 import tokenizer_train  # noqa: E402
 import train  # noqa: E402
 
@@ -238,458 +240,12 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 
-class BenchmarkError(du.FishAIError):
-    """Bad input for a benchmark (model spec, flag, dataset); the message says what to do."""
-
-
-# ----------------------------------------------------------------------------------------------
-# one interface over a FishAI GPT and any transformers causal LM
-
-def _hits_stop(text: str, stops) -> bool:
-    """True when model.cut_at_stop would cut `text` (it holds one of the stop strings)."""
-    return fishai.cut_at_stop(text, stops) != text
-
-
-class LM:
-    """A causal LM to score: FishAI GPT (model.load_model) or a transformers AutoModelForCausalLM.
-
-    encode() never adds special tokens; the scoring functions add the begin token (`begin_id`: BOS
-    when the tokenizer has one, else EOS) themselves, identically for every model.
-    """
-
-    def __init__(self, model, tokenizer, *, kind: str, name: str, device: str, max_seq_len: int,
-                 eos_id: int | None, vocab_size: int, begin_id: int | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.kind = kind                  # "fishai" or "hf"
-        self.name = name
-        self.device = device
-        self.max_seq_len = int(max_seq_len)
-        self.eos_id = eos_id
-        self.vocab_size = int(vocab_size)
-        self.begin_id = begin_id if begin_id is not None else (eos_id if eos_id is not None else 0)
-
-    def __repr__(self):
-        return (f"LM(name={self.name!r}, kind={self.kind}, device={self.device}, "
-                f"max_seq_len={self.max_seq_len}, vocab_size={self.vocab_size})")
-
-    # -- tokenizer
-    def encode(self, text: str) -> list[int]:
-        if self.kind == "fishai":
-            return list(self.tokenizer.encode(text))
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self.kind == "fishai":
-            return self.tokenizer.decode(ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    # -- scoring
-    @torch.inference_mode()
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, V) float32 next-token logits (no grad)."""
-        idx = idx.to(self.device)
-        if self.kind == "fishai":
-            out, _ = self.model(idx)
-        else:
-            out = self.model(input_ids=idx).logits
-        return out.float()
-
-    # -- generation
-    @torch.inference_mode()
-    def generate_ids(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None,
-                     top_p=None, stop=None, seed=None) -> tuple[list[int], bool]:
-        """Continue one prompt. Returns (new token ids without EOS, ended_with_eos).
-
-        Stops at EOS, after max_new_tokens, or as soon as the decoded text contains one of `stop`
-        (the text is cut there by generate()). A prompt too long for the context keeps its newest
-        tokens (model.fit_prompt)."""
-        prompt, max_new = fishai.fit_prompt([int(t) for t in prompt_ids] or [self.begin_id], max_new_tokens,
-                                            self.max_seq_len)
-        if max_new == 0:
-            return [], False
-        idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        stop = [s for s in (stop or []) if s]
-        sample = self._sample_fishai if self.kind == "fishai" else self._sample_hf
-        return sample(idx, max_new, temperature, top_k, top_p, stop, seed)
-
-    def _take_until_eos(self, tokens, stop=()) -> tuple[list[int], bool]:
-        """The new ids before EOS and whether EOS came; ends early once the text holds a stop string."""
-        new: list[int] = []
-        for t in tokens:
-            t = int(t)
-            if self.eos_id is not None and t == self.eos_id:
-                return new, True
-            new.append(t)
-            if stop and _hits_stop(self.decode(new), stop):
-                break
-        return new, False
-
-    def _sample_fishai(self, idx, max_new, temperature, top_k, top_p, stop, seed):
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(int(seed))
-        stream = self.model.generate_stream(idx, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                                            eos_id=self.eos_id, generator=gen)
-        try:
-            return self._take_until_eos((tok.view(-1)[0] for tok in stream), stop)
-        finally:
-            stream.close()
-
-    def _sample_hf(self, idx, max_new, temperature, top_k, top_p, stop, seed):
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        kwargs = dict(max_new_tokens=max_new, attention_mask=torch.ones_like(idx),
-                      pad_token_id=self.eos_id if self.eos_id is not None else 0)
-        if self.eos_id is not None:
-            kwargs["eos_token_id"] = self.eos_id
-        if temperature and temperature > 0:
-            kwargs.update(do_sample=True, temperature=float(temperature),
-                          top_k=top_k if top_k else 0, top_p=top_p if top_p else 1.0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        if stop:
-            kwargs["stopping_criteria"] = self._hf_stopping(idx.shape[1], stop)
-        out = self.model.generate(idx, **kwargs)[0, idx.shape[1]:].tolist()
-        return self._take_until_eos(out)
-
-    def _hf_stopping(self, prompt_len: int, stop):
-        """transformers stopping criteria: stop once the new text holds a stop string."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        lm = self
-
-        class _StopOnStrings(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                hit = _hits_stop(lm.decode(input_ids[0, prompt_len:].tolist()), stop)
-                return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
-
-        return StoppingCriteriaList([_StopOnStrings()])
-
-    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None,
-                 top_p=None, stop=None, seed=None) -> str:
-        """Continue one prompt and return the new text (cut before the first stop string, no EOS)."""
-        new, _ = self.generate_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, stop, seed)
-        return fishai.cut_at_stop(self.decode(new), stop)
-
-
-def _hf_dir_model_type(path: Path) -> str | None:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return json.loads(cfg.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
-def _looks_like_path(spec: str) -> bool:
-    """Hub names are 'name' or 'org/name'; anything else that does not exist is a mistyped path."""
-    return (Path(spec).suffix in (".pt", ".bin", ".safetensors", ".json") or spec.startswith((".", "/", "~"))
-            or spec.count("/") > 1 or "\\" in spec)
-
-
-def _from_pretrained(spec: str, local: bool, kwargs: dict):
-    """(tokenizer, model) through transformers; a hub name is tried in the local cache first, so a
-    cached model works offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not local:
-        try:
-            return (AutoTokenizer.from_pretrained(spec, local_files_only=True),
-                    AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **kwargs))
-        except OSError:
-            if not du.hub_reachable():
-                raise BenchmarkError(
-                    f"cannot load {spec!r}: it is not in the local Hugging Face cache and the hub "
-                    "is unreachable (offline); download it on a connected machine or pass a local "
-                    "model directory") from None
-    return AutoTokenizer.from_pretrained(spec), AutoModelForCausalLM.from_pretrained(spec, **kwargs)
-
-
-def _hf_context(model, tok) -> int:
-    """lm-evaluation-harness' rule: the model's own context length attribute, else the tokenizer's."""
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if getattr(model.config, attr, None):
-            return int(getattr(model.config, attr))
-    tml = getattr(tok, "model_max_length", None)
-    return int(tml) if tml and tml < 1_000_000 else 2048
-
-
-def _load_transformers(spec: str, device: str, dtype, max_seq_len: int | None) -> LM:
-    local = Path(spec).exists()
-    if not local and _looks_like_path(spec):
-        raise BenchmarkError(f"{spec}: no such file or directory; pass a model directory saved with "
-                             "save_pretrained, or a hub name (org/name)")
-    if local and not Path(spec).is_dir():
-        raise BenchmarkError(f"{spec}: a transformers model must be a directory (config.json + weights) "
-                             "or a hub name")
-    try:
-        tok, model = _from_pretrained(spec, local, {} if dtype is None else {"dtype": dtype})
-    except BenchmarkError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise BenchmarkError(f"cannot load transformers model {spec!r}: {du.one_line(e)}") from None
-    model.to(device).eval()
-    eos = tok.eos_token_id
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-    begin = tok.bos_token_id if tok.bos_token_id is not None else eos
-    vocab = getattr(model.config, "vocab_size", None) or len(tok)
-    return LM(model, tok, kind="hf", name=spec, device=device, eos_id=eos, vocab_size=vocab, begin_id=begin,
-              max_seq_len=_hf_context(model, tok) if max_seq_len is None else max_seq_len)
-
-
-def _load_fishai(spec: str, device: str, dtype, max_seq_len: int | None, dequantize: bool = False) -> LM:
-    try:
-        model = fishai.load_model(spec, device=device, dtype=dtype, dequantize=dequantize)
-    except (fishai.CheckpointError, FileNotFoundError) as e:
-        raise BenchmarkError(du.one_line(e)) from None
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise BenchmarkError(f"{spec}: the model has no tokenizer attached; save the checkpoint with its "
-                             "tokenizer (train.py does) or use an HF directory with tokenizer files")
-    model.eval()
-    # generation tasks decode through the compiled CUDA-graph step on a GPU (model.fast_decode_default)
-    model.fast_decode = fishai.fast_decode_default(device)
-    ctx = model.config.max_seq_len if max_seq_len is None else min(max_seq_len, model.config.max_seq_len)
-    eos = getattr(tok, "eos_id", None)
-    return LM(model, tok, kind="fishai", name=str(spec), device=device, max_seq_len=ctx, eos_id=eos,
-              vocab_size=model.config.vocab_size, begin_id=eos)
-
-
-def load_lm(spec, device: str = "cpu", dtype=None, hf: bool = False, max_seq_len: int | None = None,
-            dequantize: bool = False) -> LM:
-    """Load something to score.
-
-    spec: a FishAI checkpoint (.pt), a quantized export (.bin), a FishAI/Llama HF directory (loaded by
-    model.load_model as a FishAI GPT), or with hf=True any transformers causal-LM directory or hub
-    name. A directory whose config.json is not a Llama model is loaded through transformers even
-    without hf=True. Never uses trust_remote_code. device: as model.resolve_device ("auto", "cpu",
-    "cuda", ...); dtype: as model.resolve_dtype (None keeps the stored dtype; "auto", "fp32", "bf16",
-    "float16", ...). max_seq_len caps the context window (default: the model's own). A quantized .bin
-    runs on its int8/int4 kernels unless dequantize=True (model.load_model). Raises
-    BenchmarkError with a one-line message when it cannot load.
-    """
-    try:
-        device = fishai.resolve_device(device)
-        dtype = fishai.resolve_dtype(dtype, device)
-    except du.FishAIError as e:
-        raise BenchmarkError(du.one_line(e)) from None
-    device, spec = str(device), str(spec)
-    path = Path(spec)
-    if hf:
-        return _load_transformers(spec, device, dtype, max_seq_len)
-    if path.is_dir():
-        mtype = _hf_dir_model_type(path)
-        if mtype is None:
-            raise BenchmarkError(f"{spec}: directory has no config.json; pass a checkpoint (.pt), a "
-                                 "quantized .bin, or a model directory saved with save_pretrained")
-        if mtype != "llama":
-            return _load_transformers(spec, device, dtype, max_seq_len)
-        try:
-            return _load_fishai(spec, device, dtype, max_seq_len)
-        except BenchmarkError as e:
-            # a Llama the FishAI GPT cannot represent (untied head, biases, RoPE scaling): transformers
-            try:
-                return _load_transformers(spec, device, dtype, max_seq_len)
-            except BenchmarkError:
-                raise e from None
-    if path.is_file():
-        return _load_fishai(spec, device, dtype, max_seq_len, dequantize)
-    if _looks_like_path(spec):
-        raise BenchmarkError(f"{spec}: no such file or directory; pass a checkpoint (.pt), a quantized "
-                             ".bin, a model directory or a hub name (org/name)")
-    # not a local path: a hub name ("gpt2", "EleutherAI/pythia-70m")
-    return _load_transformers(spec, device, dtype, max_seq_len)
-
-
-# ----------------------------------------------------------------------------------------------
-# scoring
-
-def _prepare_requests(lm: LM, requests) -> list[tuple[int, list[int], list[int]]]:
-    """[(index, input ids, continuation ids)], longest input first: each context is cut from the left
-    so that context + continuation fits lm.max_seq_len (+1 for the shift); an empty context becomes
-    the begin token."""
-    L = lm.max_seq_len
-    prepared = []
-    for i, (ctx, cont) in enumerate(requests):
-        ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
-        if not cont:
-            raise BenchmarkError(f"loglikelihood request {i} has an empty continuation")
-        if len(cont) > L:
-            raise BenchmarkError(f"loglikelihood request {i}: continuation of {len(cont)} tokens is longer "
-                                 f"than the model's context ({L})")
-        full = ((ctx or [lm.begin_id]) + cont)[-(L + 1):]
-        prepared.append((i, full[:-1], cont))
-    prepared.sort(key=lambda r: (-len(r[1]), r[0]))
-    return prepared
-
-
-def _score_chunk(lm: LM, chunk) -> list[tuple[int, float, bool]]:
-    """One right-padded forward pass (causal attention makes the padding invisible) ->
-    [(index, sum log p(continuation), is_greedy)]."""
-    T = len(chunk[0][1])  # longest first: the first row of a chunk is its longest
-    idx = torch.zeros(len(chunk), T, dtype=torch.long)
-    for b, (_, inp, _) in enumerate(chunk):
-        idx[b, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-    logits = lm.logits(idx)
-    out = []
-    for b, (i, inp, cont) in enumerate(chunk):
-        # the logits at input positions [len - n, len) predict the n continuation tokens
-        row = logits[b, len(inp) - len(cont):len(inp)]
-        tgt = torch.tensor(cont, dtype=torch.long, device=row.device)
-        lp = F.log_softmax(row, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)
-        out.append((i, float(lp.double().sum()), bool((row.argmax(-1) == tgt).all())))
-    return out
-
-
-def loglikelihood(lm: LM, requests, batch_size: int = 8, progress: bool = True) -> list[tuple[float, bool]]:
-    """Score continuations: for each (context_ids, continuation_ids) -> (sum log p(cont | ctx), is_greedy).
-
-    Requests are batched longest first (right-padded; causal attention makes the padding invisible),
-    the context is truncated from the left so context + continuation fits lm.max_seq_len (+1 for the
-    shift), an empty context becomes the begin token, and results come back in the original order.
-    is_greedy: every continuation token is the argmax of its predicted distribution.
-    """
-    prepared = _prepare_requests(lm, requests)
-    results: list = [None] * len(prepared)
-    bar = None
-    if progress and tqdm is not None and prepared:
-        bar = tqdm(total=sum(len(r[2]) for r in prepared), unit="tok", desc=f"scoring {lm.name}"[:60],
-                   leave=False, dynamic_ncols=True)
-    # cap the (B, T, V) float32 logits of one forward (e.g. SmolLM2: 8192 x 49152 = 1.6 GB per row)
-    budget = 2 * 2**30
-    start = 0
-    while start < len(prepared):
-        T = len(prepared[start][1])
-        bs = max(1, min(int(batch_size), budget // max(1, T * lm.vocab_size * 4)))
-        chunk = prepared[start:start + bs]
-        start += len(chunk)
-        for i, score, greedy in _score_chunk(lm, chunk):
-            results[i] = (score, greedy)
-        if bar is not None:
-            bar.update(sum(len(r[2]) for r in chunk))
-    if bar is not None:
-        bar.close()
-    return results
-
-
-def rolling_windows(tokens: list[int], begin_id: int, max_seq_len: int, stride: int | None = None):
-    """Yield (context, continuation) requests that score every token of `tokens` exactly once.
-
-    The first window predicts the first min(max_seq_len, n) tokens from [begin_id]; each later window
-    predicts the next `stride` tokens conditioned on the max_seq_len tokens before its last target
-    (so stride = max_seq_len means disjoint windows, as lm-evaluation-harness' rolling windows).
-    """
-    L = int(max_seq_len)
-    stride = L if stride is None else int(stride)
-    _check_stride(stride, L)
-    n = len(tokens)
-    if n == 0:
-        return
-    first = min(L, n)
-    yield [begin_id], tokens[:first]
-    predicted = first
-    while predicted < n:
-        k = min(n - predicted, stride)
-        end = predicted + k
-        yield tokens[end - L - 1:end - k], tokens[end - k:end]
-        predicted = end
-
-
-def _check_stride(stride: int, max_seq_len: int) -> None:
-    if not 1 <= stride <= max_seq_len:
-        raise BenchmarkError(f"--stride {stride}: must be between 1 and the context length {max_seq_len}")
-
-
-def count_words(text: str) -> int:
-    """Word count as lm-evaluation-harness (`len(re.split(r"\\s+", doc))`)."""
-    return len(re.split(r"\s+", text))
-
-
-def _safe_exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return float("inf")
-
-
-def perplexity(lm: LM, texts, stride: int | None = None, batch_size: int = 8, progress: bool = True) -> dict:
-    """Rolling log-likelihood of the documents -> bits_per_byte, word_ppl, char_ppl, token_ppl, and the
-    counts (tokens, words, chars, bytes) they come from.
-
-    stride: new tokens predicted per window (default: lm.max_seq_len, disjoint windows); smaller
-    strides give each token up to max_seq_len - stride tokens of extra context. Documents that
-    tokenize to nothing (empty strings) are skipped entirely. Word, character and byte counts come
-    from the original text, so results of models with different tokenizers are comparable.
-    spaced: False for text without spaces between words (data_utils.is_spaced), where tables show char_ppl
-    instead of word_ppl; chars_per_token is the tokenizer's compression on this text.
-    """
-    texts = [texts] if isinstance(texts, str) else texts
-    stride = lm.max_seq_len if stride is None else int(stride)
-    _check_stride(stride, lm.max_seq_len)
-    requests = []
-    n = {"tokens": 0, "words": 0, "chars": 0, "bytes": 0, "documents": 0}
-    for text in texts:
-        ids = lm.encode(text)
-        if not ids:
-            continue
-        n["documents"] += 1
-        n["tokens"] += len(ids)
-        n["words"] += count_words(text)
-        n["chars"] += len(text)
-        n["bytes"] += len(text.encode("utf-8"))
-        requests.extend(rolling_windows(ids, lm.begin_id, lm.max_seq_len, stride))
-    if n["tokens"] == 0:
-        raise BenchmarkError("perplexity: no tokens to score (all documents are empty)")
-    t0 = time.perf_counter()
-    nll = -sum(s for s, _ in loglikelihood(lm, requests, batch_size=batch_size, progress=progress))
-    return {
-        "bits_per_byte": nll / n["bytes"] / math.log(2),
-        "word_ppl": _safe_exp(nll / n["words"]),
-        "char_ppl": _safe_exp(nll / n["chars"]),
-        "token_ppl": _safe_exp(nll / n["tokens"]),
-        "spaced": du.is_spaced(n["chars"], n["words"]),
-        "chars_per_token": n["chars"] / n["tokens"],
-        **n,
-        "nll": nll,
-        "windows": len(requests),
-        "stride": stride,
-        "max_seq_len": lm.max_seq_len,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-
-
-def headline_ppl(r: dict) -> tuple[float, str]:
-    """The perplexity a table shows next to bits/byte: (word_ppl, "word") for spaced text,
-    (char_ppl, "char") for text without spaces between words."""
-    return (r["word_ppl"], "word") if r["spaced"] else (r["char_ppl"], "char")
-
-
-def fmt_ppl(v) -> str:
-    """Perplexity for tables: 2 decimals, scientific notation for untrained-model sizes."""
-    if v is None:
-        return "n/a"
-    return f"{v:.2f}" if v < 1e5 else f"{v:.3g}"
-
-
-def describe_ppl(label: str, r: dict) -> str:
-    """One console line for a perplexity() result, bits/byte first."""
-    value, per = headline_ppl(r)
-    return (f"{label}: bits/byte {r['bits_per_byte']:.4f}, {per} ppl {fmt_ppl(value)}, token ppl "
-            f"{fmt_ppl(r['token_ppl'])} ({r['tokens']:,} tokens, {r['seconds']:.1f}s)")
+class BenchmarkError(scoring.ScoringError):
+    """Bad input for a benchmark command (model spec, flag, dataset); the message says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------
 # `full`: perplexity on the standard datasets + generation quality
-
-DEFAULT_DATASETS = ("wikitext103", "wikitext2", "ptb")
-DATASET_LABELS = {"wikitext103": "WikiText-103", "wikitext2": "WikiText-2", "ptb": "PTB"}
 
 # fixed prompts: the same for every model and run, so generation numbers compare across checkpoints
 GEN_PROMPTS = [
@@ -704,61 +260,6 @@ GEN_PROMPTS = [
 ]
 
 
-def truncate_docs(docs: list[str], max_chars: int) -> list[str]:
-    """Keep documents until max_chars characters; the last one is cut at a line boundary."""
-    out, total = [], 0
-    for d in docs:
-        if total + len(d) <= max_chars:
-            out.append(d)
-            total += len(d)
-            continue
-        room = max_chars - total
-        cut = d[:room]
-        if "\n" in cut:
-            cut = cut[: cut.rindex("\n") + 1]
-        if cut.strip():
-            out.append(cut)
-        break
-    return out
-
-
-def load_datasets(specs, split: str = "test", limit: int | None = None, errors=None,
-                  max_chars: int | None = None, detokenize: bool = False) -> dict:
-    """[(name, path_or_None), ...] -> {name: [documents]} through data_utils.load_eval_texts.
-
-    Known names (wikitext103, wikitext2, ptb) get their dataset-specific reader; other names read
-    the file as plain text. A dataset that cannot be loaded is reported in `errors` (name -> message)
-    and skipped, so one offline dataset does not stop the others. limit: first N documents only;
-    max_chars: at most that many characters per dataset (for quick runs; PTB is one document).
-    detokenize: undo WikiText's tokenization (" @-@ ", " , ") as the GPT-2 paper did.
-    """
-    out = {}
-    for name, path in specs:
-        kind = name if name in DEFAULT_DATASETS else "text"
-        if kind == "text" and path is None:
-            msg = f"{name}: unknown dataset name without a path; use --data {name}=PATH"
-        else:
-            try:
-                docs = du.load_eval_texts(kind, path, split=split, detokenize=detokenize)
-                docs = [d for d in docs if d and d.strip()]
-                if limit:
-                    docs = docs[:limit]
-                if max_chars:
-                    docs = truncate_docs(docs, max_chars)
-                if not docs:
-                    raise ValueError(f"{path or name}: no text found")
-                out[name] = docs
-                continue
-            except (ValueError, OSError) as e:  # DataError is a ValueError
-                msg = du.one_line(e)
-                if not msg.startswith(name):
-                    msg = f"{name}: {msg}"
-        if errors is None:
-            raise BenchmarkError(msg)
-        errors[name] = msg
-    return out
-
-
 def distinct_n(samples: list[list[int]], n: int) -> float:
     """Unique n-grams / all n-grams, pooled over the samples (Li et al., 2016)."""
     grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
@@ -771,7 +272,7 @@ def repetition_rate(sample: list[int], n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def generation_quality(lm: LM, prompts=None, samples_per_prompt: int = 2, max_new_tokens: int = 64,
+def generation_quality(lm: scoring.LM, prompts=None, samples_per_prompt: int = 2, max_new_tokens: int = 64,
                        temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
                        seed: int = 1234, progress: bool = True) -> dict:
     """Sample each fixed prompt at a fixed seed and measure diversity / degeneration.
@@ -807,33 +308,15 @@ def generation_quality(lm: LM, prompts=None, samples_per_prompt: int = 2, max_ne
     }
 
 
-def format_ppl_table(results: dict, title: str | None = None) -> str:
-    """{dataset: perplexity() dict} -> a fixed-width terminal table, bits/byte first; `ppl` is per
-    word for spaced text and per character for text without spaces (the `per` column says which)."""
-    lines = [title] if title else []
-    lines.append(f"{'dataset':<14}{'bits/byte':>10}{'ppl':>11} {'per':<5}{'token ppl':>11}{'tokens':>10}"
-                 f"{'chars/tok':>10}{'bytes':>11}{'sec':>8}")
-    for name, r in results.items():
-        value, per = headline_ppl(r)
-        lines.append(f"{DATASET_LABELS.get(name, name):<14}{r['bits_per_byte']:>10.4f}{fmt_ppl(value):>11} "
-                     f"{per:<5}{fmt_ppl(r['token_ppl']):>11}{r['tokens']:>10,}{r['chars_per_token']:>10.2f}"
-                     f"{r['bytes']:>11,}{r.get('seconds', 0):>8.1f}")
-    return "\n".join(lines)
-
-
-def write_json(path, obj):
-    du.atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
 def _ppl_markdown(results: dict) -> list[str]:
     out = ["## Bits per byte and perplexity", "",
            "PPL is per word for spaced text and per character (char) for text without spaces between words.", "",
            "| dataset | bits/byte | PPL | per | token PPL | tokens | chars/token | words | chars | bytes |",
            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        value, per = headline_ppl(r)
-        out.append(f"| {DATASET_LABELS.get(name, name)} | {r['bits_per_byte']:.4f} | {fmt_ppl(value)} | {per} | "
-                   f"{fmt_ppl(r['token_ppl'])} | {r['tokens']:,} | {r['chars_per_token']:.2f} | {r['words']:,} | "
+        value, per = scoring.headline_ppl(r)
+        out.append(f"| {scoring.DATASET_LABELS.get(name, name)} | {r['bits_per_byte']:.4f} | {scoring.fmt_ppl(value)} | {per} | "
+                   f"{scoring.fmt_ppl(r['token_ppl'])} | {r['tokens']:,} | {r['chars_per_token']:.2f} | {r['words']:,} | "
                    f"{r['chars']:,} | {r['bytes']:,} |")
     return out + [""]
 
@@ -870,45 +353,12 @@ def full_report_markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def parse_data_flags(args) -> list[tuple[str, str | None]]:
-    """--wikitext103/--wikitext2/--ptb/--data name=path -> [(name, path)]; none -> the HF defaults."""
-    specs = [(name, getattr(args, name)) for name in DEFAULT_DATASETS if getattr(args, name, None)]
-    for item in args.data or []:
-        name, _, path = item.partition("=")
-        if not name or not path:
-            raise BenchmarkError(f"--data {item!r}: expected NAME=PATH (e.g. --data mytext=notes.txt)")
-        specs.append((name, path))
-    if not specs:  # nothing local given: the standard test sets from the HF hub
-        specs = [(name, None) for name in DEFAULT_DATASETS]
-    for name, path in specs:
-        if path is not None and not Path(path).exists():
-            raise BenchmarkError(f"{path}: no such file (given for dataset {name})")
-    return specs
-
-
-def check_outputs(args):
-    """Refuse, before any work, to replace an existing --json/--report file without --overwrite."""
-    du.check_new_file(args.json, "--json", args.overwrite)
-    du.check_new_file(args.report, "--report", args.overwrite)
-
-
-def write_outputs(args, res, to_markdown):
-    """Write --json (the results) and --report (to_markdown(results)) after a run; the paths were
-    checked by check_outputs before the run started."""
-    if args.json:
-        write_json(args.json, res)
-        print(f"wrote {args.json}")
-    if args.report:
-        du.atomic_write_text(args.report, to_markdown(res))
-        print(f"wrote {args.report}")
-
-
-def score_datasets(lm: LM, datasets: dict, stride: int, batch_size: int, progress: bool) -> dict:
+def score_datasets(lm: scoring.LM, datasets: dict, stride: int, batch_size: int, progress: bool) -> dict:
     """{name: documents} -> {name: perplexity() dict}, one console line per dataset."""
     results = {}
     for name, docs in datasets.items():
-        results[name] = perplexity(lm, docs, stride=stride, batch_size=batch_size, progress=progress)
-        print(describe_ppl(DATASET_LABELS.get(name, name), results[name]), flush=True)
+        results[name] = scoring.perplexity(lm, docs, stride=stride, batch_size=batch_size, progress=progress)
+        print(scoring.describe_ppl(scoring.DATASET_LABELS.get(name, name), results[name]), flush=True)
     return results
 
 
@@ -916,7 +366,7 @@ def _print_full_summary(res: dict, samples_per_prompt: int, show_samples: bool =
     s = res["settings"]
     print()
     if res["perplexity"]:
-        print(format_ppl_table(res["perplexity"], title=f"bits/byte and perplexity (stride {s['stride']}, "
+        print(scoring.format_ppl_table(res["perplexity"], title=f"bits/byte and perplexity (stride {s['stride']}, "
                                                         f"context {s['max_seq_len']})"))
     gen = res["generation"]
     if gen:
@@ -928,15 +378,15 @@ def _print_full_summary(res: dict, samples_per_prompt: int, show_samples: bool =
 
 
 def run_full(args) -> int:
-    specs = parse_data_flags(args)
-    check_outputs(args)
-    lm = load_lm(args.model, device=args.device, dtype=args.dtype, hf=args.hf, max_seq_len=args.max_seq_len,
+    specs = scoring.parse_data_flags(args)
+    common.check_outputs(args)
+    lm = scoring.load_lm(args.model, device=args.device, dtype=args.dtype, hf=args.hf, max_seq_len=args.max_seq_len,
                  dequantize=args.dequantize)
     stride = args.stride or lm.max_seq_len
-    _check_stride(stride, lm.max_seq_len)
+    scoring._check_stride(stride, lm.max_seq_len)
     print(f"model: {lm.name} ({lm.kind}, context {lm.max_seq_len}, vocab {lm.vocab_size}) on {lm.device}")
     errors: dict = {}
-    datasets = load_datasets(specs, split=args.split, limit=args.limit, errors=errors,
+    datasets = scoring.load_datasets(specs, split=args.split, limit=args.limit, errors=errors,
                              max_chars=args.max_chars, detokenize=args.detokenize)
     for msg in errors.values():
         print(f"error: {msg}", file=sys.stderr)
@@ -959,8 +409,8 @@ def run_full(args) -> int:
         "generation": gen,
     }
     _print_full_summary(res, args.samples, show_samples=not args.quiet)
-    write_outputs(args, res, full_report_markdown)
-    return du.EXIT_FAILED if errors else du.EXIT_OK
+    common.write_outputs(args, res, full_report_markdown)
+    return common.EXIT_FAILED if errors else common.EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1131,7 +581,7 @@ def check_forward_backward(t: SelfTest):
     t.model.train()
     with torch.no_grad():
         _, ref_loss = t.model(t.x, t.y)
-    with fishai.autocast(t.device, t.dtype):
+    with common.autocast(t.device, t.dtype):
         _, loss = t.model(t.x, t.y)
     loss.backward()
     grads_ok = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in t.model.parameters())
@@ -1149,7 +599,7 @@ def check_training_lowers_loss(t: SelfTest):
     opt = fishai.configure_optimizers(probe, lr=3e-3, device_type=t.device.type)
     losses = []
     for _ in range(5):
-        with fishai.autocast(t.device, t.dtype):
+        with common.autocast(t.device, t.dtype):
             _, loss = probe(t.x, t.y)
         loss.backward()
         opt.step()
@@ -1165,7 +615,7 @@ def check_compile(t: SelfTest):
     t0 = time.perf_counter()
     try:
         compiled = torch.compile(t.model)
-        with torch.no_grad(), fishai.autocast(t.device, t.dtype):
+        with torch.no_grad(), common.autocast(t.device, t.dtype):
             _, lc = compiled(t.x, t.y)
             _, le = t.model(t.x, t.y)
         err = abs(float(lc) - float(le))
@@ -1276,7 +726,7 @@ def _time_train_parts(t: SelfTest, run, xb, yb) -> None:
     """Where our training step's time goes: forward + backward (through the compiled model with
     --compile) and the optimizer step (Muon + AdamW), timed apart."""
     def fwd_bwd():
-        with fishai.autocast(t.device, t.dtype):
+        with common.autocast(t.device, t.dtype):
             _, loss = run.model(xb, yb)
         loss.backward()
 
@@ -1285,33 +735,6 @@ def _time_train_parts(t: SelfTest, run, xb, yb) -> None:
     for key, label, secs in (("train_fwd_bwd_ms", "training step part: forward + backward, ms", t_fb),
                              ("train_optimizer_ms", "training step part: optimizer step (Muon + AdamW), ms", t_opt)):
         t.row(key, label, secs * 1e3, None, "ms", peer="-")
-
-
-def decode_tolerance(dtype) -> float:
-    """Largest |logit difference| between two decode paths, relative to the largest |logit|, that
-    still counts as the same numbers: fp32 rounding, or a half-precision dtype's (bf16 has 8
-    significant bits; two kernels that sum in another order differ by a few of its ulps)."""
-    return 1e-4 if dtype in (None, torch.float32) else 3e-2
-
-
-def check_decode_paths_agree(model, seq, prompt_len: int, dtype) -> tuple[bool, str]:
-    """The decode step model.generate uses now (compiled, CUDA graph) against the eager one,
-    teacher-forced on seq: per-step logits within decode_tolerance. Greedy text is no check on
-    random weights: near-tied logits flip an argmax, and one flip changes every later input."""
-    got = model.teacher_forced_logits(seq, prompt_len)
-    path, fast = model.decode_path, model.fast_decode
-    model.clear_cache()
-    model.fast_decode = False
-    try:
-        ref = model.teacher_forced_logits(seq, prompt_len)
-    finally:
-        model.clear_cache()
-        model.fast_decode = fast
-    err = float((got - ref).abs().max())
-    scale = float(ref.abs().max())
-    ok = err <= decode_tolerance(dtype) * scale
-    return ok, (f"{path}: max |logit diff| {err:.2e} over {got.shape[1]} teacher-forced steps (largest |logit| "
-                f"{scale:.2f}, tolerance {decode_tolerance(dtype):g} of it)")
 
 
 def time_compiled_decode(t: SelfTest):
@@ -1327,7 +750,7 @@ def time_compiled_decode(t: SelfTest):
     try:
         t.model.compile_decode(1, P + N)
         seq = t.randint(1, P + N)
-        ok, detail = check_decode_paths_agree(t.model, seq, P, t.dtype)
+        ok, detail = scoring.check_decode_paths_agree(t.model, seq, P, t.dtype)
         t.model.compile_decode(1, P + N)
         t.check(name, ok, f"{detail} (build {time.perf_counter() - t0:.1f}s)")
         idx = seq[:, :P]
@@ -1525,13 +948,13 @@ def _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt
     """The model (random weights from `seed`), its HF twin, the fixed inputs and the settings."""
     if clock not in ("wall", "cpu"):
         raise BenchmarkError(f"clock must be 'wall' or 'cpu', got {clock!r}")
-    device = fishai.resolve_device(device)
+    device = common.resolve_device(device)
     cuda = device.type == "cuda"
     cfg = fishai.get_config(config) if isinstance(config, str) else config
     decode_tokens = decode_tokens or (128 if cuda else 32)
     torch.manual_seed(seed)
     t = SelfTest(cfg=cfg, model=fishai.GPT(cfg).to(device), device=device,
-                 dtype=fishai.resolve_dtype(dtype or "auto", device), gen=torch.Generator().manual_seed(seed),
+                 dtype=common.resolve_dtype(dtype or "auto", device), gen=torch.Generator().manual_seed(seed),
                  seq_len=min(seq_len or (1024 if cuda else 256), cfg.max_seq_len),
                  batch_size=batch_size or (16 if cuda else 4), decode_tokens=decode_tokens,
                  prompt_len=max(1, min(prompt_len, cfg.max_seq_len - decode_tokens)), repeat=repeat,
@@ -1569,7 +992,7 @@ def self_test(config="tiny", device="cpu", dtype=None, compile=False, batch_size
     t.model.eval()
     timings = [fn for group in (only or SPEED_GROUPS) for fn in SPEED_BY_GROUP[group]]
     steps = tqdm(timings, desc="speed", unit="test", leave=False, dynamic_ncols=True) if (progress and tqdm) else timings
-    with fishai.autocast(t.device, t.dtype):
+    with common.autocast(t.device, t.dtype):
         for timing in steps:
             timing(t)
     return {
@@ -1626,7 +1049,7 @@ def self_test_markdown(res: dict) -> str:
 
 
 def run_self_test(args) -> int:
-    check_outputs(args)
+    common.check_outputs(args)
     if args.config not in fishai.CONFIGS:
         raise BenchmarkError(f"--config {args.config!r}: choose one of {', '.join(fishai.CONFIGS)}")
     if args.threads:
@@ -1643,8 +1066,8 @@ def run_self_test(args) -> int:
     print(format_speed_table(res["speed"]))
     failed = [c["name"] for c in res["checks"] if c["required"] and not c["passed"]]
     print(f"\n{'all checks passed' if not failed else 'FAILED: ' + ', '.join(failed)}")
-    write_outputs(args, res, self_test_markdown)
-    return du.EXIT_FAILED if failed else du.EXIT_OK
+    common.write_outputs(args, res, self_test_markdown)
+    return common.EXIT_FAILED if failed else common.EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1787,12 +1210,12 @@ def bench_prepare(input_source, tokenizer, workdir=None, filter_spec: str = "def
 
 
 def run_data(args) -> int:
-    check_outputs(args)
+    common.check_outputs(args)
     res = bench_prepare(args.input, args.tokenizer, workdir=args.workdir, filter_spec=args.filter, scale=args.scale,
                         repeat=args.repeat, log=None)
     print(json.dumps(res, indent=2))
-    write_outputs(args, res, lambda r: "```json\n" + json.dumps(r, indent=2) + "\n```\n")
-    return du.EXIT_OK
+    common.write_outputs(args, res, lambda r: "```json\n" + json.dumps(r, indent=2) + "\n```\n")
+    return common.EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1898,13 +1321,13 @@ def recipe_benchmark(args) -> dict:
                       eval_interval=max(1, steps // args.evals), eval_iters=args.eval_iters, save_interval=steps,
                       log_interval=max(1, steps // 50), sample_interval=0, device=args.device, dtype=args.dtype,
                       compile=args.compile, quiet=True, overwrite=True)
-        test_texts = truncate_docs([f.read_text(encoding="utf-8", errors="replace") for f in test_books],
+        test_texts = scoring.truncate_docs([f.read_text(encoding="utf-8", errors="replace") for f in test_books],
                                    args.test_chars)
         def run_one(i: int, run: RecipeRun) -> None:
             say(f"[{i + 1}/{len(runs)}] {run.name}: {steps} steps x {tokens_per_step:,} tokens")
             _train_recipe(run, common, work / f"run{i}", not args.quiet)
-            lm = load_lm(str(work / f"run{i}" / train.LATEST_NAME), device=args.device)
-            run.result["test"] = {k: v for k, v in perplexity(lm, test_texts, progress=False).items()
+            lm = scoring.load_lm(str(work / f"run{i}" / train.LATEST_NAME), device=args.device)
+            run.result["test"] = {k: v for k, v in scoring.perplexity(lm, test_texts, progress=False).items()
                                   if isinstance(v, (int, float))}
 
         for i, run in enumerate(runs):
@@ -1985,10 +1408,10 @@ def recipe_markdown(res: dict) -> str:
 
 
 def run_recipe(args) -> int:
-    check_outputs(args)
+    common.check_outputs(args)
     png = args.png or (str(Path(args.report).with_suffix(".png")) if args.report else None)
     if png:
-        du.check_new_file(png, "--png", args.overwrite)
+        common.check_new_file(png, "--png", args.overwrite)
     res = recipe_benchmark(args)
     print("\n" + recipe_markdown(res))
     if png:
@@ -1996,8 +1419,8 @@ def run_recipe(args) -> int:
         res["png"] = None if note else png
     for r in res["runs"]:
         r.pop("metrics", None)
-    write_outputs(args, res, recipe_markdown)
-    return du.EXIT_OK
+    common.write_outputs(args, res, recipe_markdown)
+    return common.EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2034,7 +1457,7 @@ class GpuCheck:
 
     def save(self) -> None:
         if self.args.json:
-            du.atomic_write_text(self.args.json, json.dumps(self.res, indent=2))
+            common.atomic_write_text(self.args.json, json.dumps(self.res, indent=2))
 
 
 def _gpu_data(c: GpuCheck) -> dict:
@@ -2116,7 +1539,7 @@ def gpu_summary(res: dict) -> dict:
 
 
 def run_gpu(args) -> int:
-    check_outputs(args)
+    common.check_outputs(args)
     if not torch.cuda.is_available() and not args.allow_cpu:
         raise BenchmarkError("benchmark.py gpu needs a CUDA GPU: torch.cuda.is_available() is False here (on a CPU "
                              "the same figures come from self-test, full and recipe)")
@@ -2145,7 +1568,7 @@ def run_gpu(args) -> int:
     failed = [n for n in GPU_STEPS if c.res[n]["status"] not in ("ok", "skipped")]
     failed += ["self-test checks"] if (c.res.get("self-test") or {}).get("passed") is False else []
     print("gpu check: " + ("all steps ok" if not failed else "FAILED: " + ", ".join(failed)))
-    return du.EXIT_FAILED if failed else du.EXIT_OK
+    return common.EXIT_FAILED if failed else common.EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2156,7 +1579,7 @@ COMMANDS = {"self-test": run_self_test, "full": run_full, "data": run_data, "rec
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return du.run_cli(COMMANDS[args.command], args)
+    return common.run_cli(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

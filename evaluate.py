@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import common
 import data_utils as du
 
 BENCHMARKS = ("mmlu", "ceval", "hellaswag", "gsm8k", "humaneval")
@@ -84,25 +85,25 @@ DIR/humaneval/HumanEval.jsonl[.gz]                                 (task_id, pro
 SEE_LAYOUT = "see the --data-dir layout in `python evaluate.py --help`"
 
 
-class EvalError(du.FishAIError):
+class EvalError(common.FishAIError):
     """A bad input (file, column, flag): the message names it and says what to do."""
 
 
-def _add_prompt_flags(p: du.ArgumentParser) -> None:
-    p.add_argument("--limit", type=du.int_flag(1), help="score only the first N documents (per subject for mmlu/ceval)")
+def _add_prompt_flags(p: common.ArgumentParser) -> None:
+    p.add_argument("--limit", type=common.int_flag(1), help="score only the first N documents (per subject for mmlu/ceval)")
     p.add_argument("--subjects", metavar="LIST",
                    help="mmlu/ceval: only these subjects (comma-separated, e.g. anatomy,computer_network)")
-    p.add_argument("--num-fewshot", type=du.int_flag(0),
+    p.add_argument("--num-fewshot", type=common.int_flag(0),
                    help="shots (default: " + ", ".join(f"{b} {k}" for b, k in DEFAULT_FEWSHOT.items()) + ")")
-    p.add_argument("--fewshot-seed", type=du.int_flag(0), default=FEWSHOT_SEED,
+    p.add_argument("--fewshot-seed", type=common.int_flag(0), default=FEWSHOT_SEED,
                    help="seed of the harness's few-shot sampler (gsm8k, hellaswag); mmlu/ceval take the first k")
     p.add_argument("--drop-shots", action="store_true",
                    help="drop whole few-shot examples (the last first) until a prompt fits the context, instead "
                         "of cutting its oldest tokens as lm-evaluation-harness does (--json reports the shots used)")
 
 
-def build_parser() -> du.ArgumentParser:
-    p = du.ArgumentParser(
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(
         description="Evaluate a model on MMLU, C-Eval, HellaSwag, GSM8K and HumanEval\n"
                     "(scored exactly as lm-evaluation-harness 0.4.13 scores them).",
         epilog="--data-dir layout (the datasets' original formats):\n" + DATA_DIR_LAYOUT)
@@ -116,30 +117,30 @@ def build_parser() -> du.ArgumentParser:
                    help="mmlu | ceval | hellaswag | gsm8k | humaneval | all (or a comma-separated list)")
     p.add_argument("--data-dir", help="local dataset copies (layout below); default: the HF hub by name")
     _add_prompt_flags(p)
-    p.add_argument("--batch-size", type=du.int_flag(1), default=8, help="log-likelihood batch size")
-    du.add_device_flag(p)
-    du.add_dtype_flag(p, "model dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 elsewhere)")
-    du.add_dequantize_flag(p)
-    p.add_argument("--seed", type=du.int_flag(0), default=1234, help="seed for sampling")
-    p.add_argument("--max-new-tokens", type=du.int_flag(1),
+    p.add_argument("--batch-size", type=common.int_flag(1), default=8, help="log-likelihood batch size")
+    common.add_device_flag(p)
+    common.add_dtype_flag(p, "model dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 elsewhere)")
+    common.add_dequantize_flag(p)
+    p.add_argument("--seed", type=common.int_flag(0), default=1234, help="seed for sampling")
+    p.add_argument("--max-new-tokens", type=common.int_flag(1),
                    help="tokens to generate per answer (default: " +
                         ", ".join(f"{b} {n}" for b, n in DEFAULT_MAX_NEW_TOKENS.items()) + ")")
-    p.add_argument("--max-gen-toks", dest="max_new_tokens", type=du.int_flag(1), help=argparse.SUPPRESS)
+    p.add_argument("--max-gen-toks", dest="max_new_tokens", type=common.int_flag(1), help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="PATH", help="write per-task metrics (harness metric names, n) here")
     p.add_argument("--log-samples", metavar="PATH",
                    help="write every prompt, target and model answer as JSON lines here")
-    du.add_overwrite_flag(p, "existing --json / --log-samples files")
+    common.add_overwrite_flag(p, "existing --json / --log-samples files")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="HumanEval: allow executing model-written code (sandboxed subprocess, timeout, rlimits)")
-    p.add_argument("--num-samples", type=du.int_flag(1), default=1,
+    p.add_argument("--num-samples", type=common.int_flag(1), default=1,
                    help="HumanEval samples per problem; 1 decodes greedily")
-    p.add_argument("--temperature", type=du.float_flag(0), default=0.0,
+    p.add_argument("--temperature", type=common.float_flag(0), default=0.0,
                    help="HumanEval sampling temperature (default 0: greedy)")
-    p.add_argument("--exec-timeout", type=du.float_flag(0, lo_open=True), default=3.0,
+    p.add_argument("--exec-timeout", type=common.float_flag(0, lo_open=True), default=3.0,
                    help="seconds per HumanEval program (3: the harness's code_eval and openai/human-eval)")
-    p.add_argument("--exec-memory-mb", type=du.int_flag(64), default=1024, help="address-space limit per program in MB")
-    p.add_argument("--exec-workers", type=du.int_flag(1), help="programs run in parallel (default: CPU count, max 8)")
-    du.add_quiet_flag(p)
+    p.add_argument("--exec-memory-mb", type=common.int_flag(64), default=1024, help="address-space limit per program in MB")
+    p.add_argument("--exec-workers", type=common.int_flag(1), help="programs run in parallel (default: CPU count, max 8)")
+    common.add_quiet_flag(p)
     return p
 
 
@@ -151,7 +152,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import benchmark  # noqa: E402
+import scoring  # noqa: E402
 import model as fishai  # noqa: E402
 
 HF_DATASETS = {
@@ -806,7 +807,7 @@ def read_samples(path: Path, problems: list[dict]) -> list[dict]:
 # Scoring with a model (through benchmark.py's LM and loglikelihood)
 # --------------------------------------------------------------------------------------------
 
-# the most (B, T, V) float32 logits one forward may hold, as in benchmark.loglikelihood
+# the most (B, T, V) float32 logits one forward may hold, as in scoring.loglikelihood
 LOGITS_BUDGET = 2 * 2**30
 
 
@@ -890,7 +891,7 @@ class Scorer:
         return out
 
     def _per_choice_loglikelihoods(self, pairs: list[list[tuple]], task: str) -> list[list[float]]:
-        """One request per (question, choice): benchmark.loglikelihood, long continuations in windows."""
+        """One request per (question, choice): scoring.loglikelihood, long continuations in windows."""
         reqs, owner, split = [], [], 0
         for i, ps in enumerate(pairs):
             for j, (ctx, cont) in enumerate(ps):
@@ -902,7 +903,7 @@ class Scorer:
             warn(f"{task}: {split} answer continuations were longer than the model's {self.ctx_len}-token "
                  f"context and were scored in windows of {max(1, self.ctx_len // 2)} tokens")
         lls = [[0.0] * len(ps) for ps in pairs]
-        for (i, j), (ll, _greedy) in zip(owner, benchmark.loglikelihood(self.lm, reqs, batch_size=self.batch_size,
+        for (i, j), (ll, _greedy) in zip(owner, scoring.loglikelihood(self.lm, reqs, batch_size=self.batch_size,
                                                                         progress=self.progress)):
             lls[i][j] += float(ll)
         return lls
@@ -1183,7 +1184,7 @@ def check_args(args) -> list[str]:
     if args.json and args.log_samples and Path(args.json).resolve() == Path(args.log_samples).resolve():
         raise EvalError(f"--json and --log-samples both name {args.json}; give them different files")
     for flag, path in (("--json", args.json), ("--log-samples", args.log_samples)):
-        du.check_new_file(path, flag, args.overwrite)  # refused now, not after an hour of scoring
+        common.check_new_file(path, flag, args.overwrite)  # refused now, not after an hour of scoring
     return benches
 
 
@@ -1237,13 +1238,13 @@ def load_benchmark_data(b: str, args) -> dict:
 def load_scorer(args) -> Scorer:
     """The model to score (--model or --hf) behind benchmark.py's LM, on the resolved device/dtype."""
     torch.manual_seed(args.seed)
-    device = fishai.resolve_device(args.device)
-    dtype = fishai.resolve_dtype(args.dtype, device)
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
     try:
-        lm = benchmark.load_lm(args.hf or args.model, device=str(device), dtype=dtype, hf=bool(args.hf),
+        lm = scoring.load_lm(args.hf or args.model, device=str(device), dtype=dtype, hf=bool(args.hf),
                                dequantize=args.dequantize)
-    except benchmark.BenchmarkError as e:  # a model that cannot be loaded is bad input
-        raise EvalError(du.one_line(e)) from None
+    except scoring.ScoringError as e:  # a model that cannot be loaded is bad input
+        raise EvalError(common.one_line(e)) from None
     return Scorer(lm, batch_size=args.batch_size, progress=not args.quiet)
 
 
@@ -1322,9 +1323,9 @@ def write_outputs(args, benches: list[str], results: dict, log: list[dict]) -> N
                           "seed": args.seed, "num_samples": args.num_samples, "temperature": args.temperature,
                           "exec_timeout": args.exec_timeout},
                "results": results}
-        du.atomic_write_text(args.json, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        common.atomic_write_text(args.json, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     if args.log_samples:
-        du.atomic_write_text(args.log_samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
+        common.atomic_write_text(args.log_samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
 
 
 def run(args) -> int:
@@ -1332,12 +1333,12 @@ def run(args) -> int:
     results, log = evaluate(args, benches)
     print(format_table(results))
     write_outputs(args, benches, results, log)
-    return du.EXIT_OK
+    return common.EXIT_OK
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return du.run_cli(run, args)
+    return common.run_cli(run, args)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
+import common
 import data_utils as du
 
 DEFAULT_MODEL = "checkpoints/fishai-best.pt"
@@ -64,8 +65,8 @@ ASSISTANT_HEADER = du.render_chatml([], add_generation_prompt=True)
 TURN_END = "<|im_end|>\n"
 
 
-def build_parser() -> du.ArgumentParser:
-    p = du.ArgumentParser(
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(
         description="Sample text from, or chat with, a FishAI model (.pt checkpoint, quantized .bin\n"
                     "or HF directory). Tokens are streamed to stdout as they are produced.")
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -77,26 +78,26 @@ def build_parser() -> du.ArgumentParser:
                    help="multi-turn chat with the tokenizer's chat template: interactive in a terminal; "
                         "with piped stdin one message per line, the conversation written out in ChatML")
     p.add_argument("--system", default=None, help="system prompt for --chat")
-    p.add_argument("--max-new-tokens", type=du.int_flag(1), default=200,
+    p.add_argument("--max-new-tokens", type=common.int_flag(1), default=200,
                    help="maximum number of tokens to generate (per chat reply with --chat)")
-    p.add_argument("--temperature", type=du.float_flag(0), default=0.8,
+    p.add_argument("--temperature", type=common.float_flag(0), default=0.8,
                    help="sampling temperature; 0 = greedy decoding")
-    p.add_argument("--top-k", type=du.int_flag(0), default=200,
+    p.add_argument("--top-k", type=common.int_flag(0), default=200,
                    help="sample only from the k most likely tokens; 0 disables")
-    p.add_argument("--top-p", type=du.float_flag(0, 1, lo_open=True), default=None,
+    p.add_argument("--top-p", type=common.float_flag(0, 1, lo_open=True), default=None,
                    help="nucleus sampling: smallest token set with cumulative probability >= p (0 < p <= 1)")
-    p.add_argument("--num-samples", type=du.int_flag(1), default=1,
+    p.add_argument("--num-samples", type=common.int_flag(1), default=1,
                    help="number of samples, generated as one batch")
-    p.add_argument("--seed", type=du.int_flag(0), default=None, help="random seed for reproducible samples")
-    du.add_device_flag(p)
-    du.add_dtype_flag(p, "compute dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, "
+    p.add_argument("--seed", type=common.int_flag(0), default=None, help="random seed for reproducible samples")
+    common.add_device_flag(p)
+    common.add_dtype_flag(p, "compute dtype (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, "
                          "fp32 elsewhere)")
-    du.add_dequantize_flag(p)
+    common.add_dequantize_flag(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="static KV cache + torch.compile'd decode step replayed as a CUDA graph (the first "
                         "call compiles). Default: on for CUDA, off elsewhere (on a CPU it warns and runs "
                         "eagerly: compiling costs more than it saves there)")
-    du.add_quiet_flag(p)
+    common.add_quiet_flag(p)
     return p
 
 
@@ -497,13 +498,13 @@ def chat_loop(model, input_stream: TextIO, output_stream: TextIO, *, system: str
 def check_args(args: argparse.Namespace) -> None:
     """The checks across flags (each flag's own range is checked by the parser) and of --model."""
     if args.chat and args.num_samples != 1:
-        raise du.FishAIError("--num-samples cannot be combined with --chat")
+        raise common.FishAIError("--num-samples cannot be combined with --chat")
     if args.chat and args.prompt:
-        raise du.FishAIError("--prompt cannot be combined with --chat; type (or pipe) the messages instead")
+        raise common.FishAIError("--prompt cannot be combined with --chat; type (or pipe) the messages instead")
     if args.system is not None and not args.chat:
-        raise du.FishAIError("--system only applies to --chat")
+        raise common.FishAIError("--system only applies to --chat")
     if not os.path.exists(args.model):
-        raise du.FishAIError(f"--model {args.model}: no such file or directory (pass a .pt "
+        raise common.FishAIError(f"--model {args.model}: no such file or directory (pass a .pt "
                              f"checkpoint, a quantized .bin or an HF model directory)")
 
 
@@ -511,15 +512,15 @@ def load(path: str, device, dtype: torch.dtype | None, dequantize: bool = False)
     """model.load_model, plus a check that a tokenizer came with the model."""
     try:
         model = fishai.load_model(path, device=device, dtype=dtype, dequantize=dequantize)
-    except du.FishAIError:
+    except common.FishAIError:
         raise  # CheckpointError & co. already name the file and the fix
     except Exception as e:  # e.g. the unpickler or transformers choking on a file that is not a model
-        detail = du.one_line(e) if str(e).strip() else ""
-        raise du.FishAIError(f"--model {path}: cannot load it as a FishAI model ({type(e).__name__}"
+        detail = common.one_line(e) if str(e).strip() else ""
+        raise common.FishAIError(f"--model {path}: cannot load it as a FishAI model ({type(e).__name__}"
                              f"{': ' + detail if detail else ''}); pass a .pt checkpoint, a quantized "
                              f".bin or an HF model directory") from None
     if getattr(model, "tokenizer", None) is None:
-        raise du.FishAIError(f"--model {path}: the model has no tokenizer; re-save it with "
+        raise common.FishAIError(f"--model {path}: the model has no tokenizer; re-save it with "
                              f"train.py/quantize.py, which embed the tokenizer")
     return model
 
@@ -603,8 +604,8 @@ def run_chat(model, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    device = fishai.resolve_device(args.device)
-    dtype = fishai.resolve_dtype(args.dtype, device)
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
     if args.compile is None:
         args.compile = fishai.fast_decode_default(device)
     elif args.compile and device.type != "cuda":
@@ -617,12 +618,12 @@ def run(args: argparse.Namespace) -> int:
         run_chat(model, args)
     else:
         run_generate(model, args, sys.stdout, sys.stderr)
-    return du.EXIT_OK
+    return common.EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return du.run_cli(run, args)
+    return common.run_cli(run, args)
 
 
 if __name__ == "__main__":

@@ -30,17 +30,18 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
-import data_utils as du
-from data_utils import FishAIError, TextTokenizer, atomic_dir, atomic_write, atomic_write_text, dtype_name
+import common
+from common import CheckpointError, atomic_dir, atomic_write, atomic_write_text, resolve_dtype
+from data_utils import TextTokenizer
 
 PRESET_NAMES = ("tiny", "small", "medium", "large")  # CONFIGS below; named here for the torch-free parser
 
 
-def build_parser() -> du.ArgumentParser:
-    p = du.ArgumentParser(description="FishAI GPT presets: true parameter counts and sizes.")
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(description="FishAI GPT presets: true parameter counts and sizes.")
     p.add_argument("--config", choices=PRESET_NAMES, help="show one preset with its tensors (default: all)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
-    du.add_overwrite_flag(p, "an existing --json file")
+    common.add_overwrite_flag(p, "an existing --json file")
     return p
 
 
@@ -52,73 +53,12 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
+import quantized  # noqa: E402  (the .bin format and its int8/int4 layers; imports torch)
+from quantized import QUANT_MAGIC  # noqa: E402
+
 IGNORE_INDEX = -1  # target id ignored by the loss (padding)
 CHECKPOINT_FORMAT = "fishai-checkpoint"
 CHECKPOINT_VERSION = 1
-QUANT_MAGIC = b"FISHAIQ\x00"  # first 8 bytes of a quantize.py export (docs/FORMAT.md)
-
-
-# -----------------------------------------------------------------------------
-# Device and dtype: the one resolver of each, used by every script
-
-
-def resolve_device(name="auto", local_rank: int | None = None) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N', 'mps'. A device this
-    machine does not have is refused with a one-line FishAIError. local_rank picks the GPU of a
-    torchrun worker."""
-    name = str(name or "auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise FishAIError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FishAIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        count = torch.cuda.device_count()
-        if local_rank is not None:  # a torchrun worker uses the GPU of its local rank
-            if local_rank >= count:
-                raise FishAIError(f"LOCAL_RANK {local_rank}: this machine has {count} GPU(s); start at most "
-                                  f"{count} processes per node (torchrun --nproc_per_node {count})")
-            dev = torch.device("cuda", local_rank)
-        elif dev.index is None:
-            # always an indexed device: torch.cuda.set_device, DDP device_ids and the memory
-            # counters need the index ("cuda" alone crashed train.py on its first CUDA run)
-            dev = torch.device("cuda", torch.cuda.current_device())
-        elif dev.index >= count:
-            raise FishAIError(f"--device {name}: this machine has {count} GPU(s) (cuda:0"
-                              f"{f' .. cuda:{count - 1}' if count > 1 else ''}); pick one of them")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise FishAIError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    elif dev.type != "cpu":
-        raise FishAIError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(name, device="cpu") -> torch.dtype | None:
-    """None -> None (keep the stored dtype); a torch.dtype as it is; 'auto' -> bf16 on a CUDA GPU
-    that supports it (else fp16), fp32 elsewhere (CPU autocast is slower than fp32 for these
-    sizes); 'fp32'/'fp16'/'bf16' and the long spellings (float32, bfloat16, ...)."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    key = dtype_name(name)
-    if key == "auto":
-        if torch.device(device).type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return _TORCH_DTYPES[key]
-
-
-def autocast(device, dtype):
-    """Mixed precision for a forward pass: torch.autocast in dtype, or nothing for fp32."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -430,7 +370,7 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        # built under `with torch.device("meta")` (quantize.build_runtime_model) there is nothing to
+        # built under `with torch.device("meta")` (quantized.install_runtime_layers) there is nothing to
         # initialize, and nn.Embedding's own init of a meta tensor would import torch._dynamo (seconds)
         meta = torch.empty(0).is_meta
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model,
@@ -438,7 +378,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         # the output layer is tied to tok_emb (F.linear on its weight); a quantized model loaded
-        # from a .bin sets its own module here (quantize.build_runtime_model)
+        # from a .bin sets its own module here (quantized.install_runtime_layers)
         self.lm_head = None
         with torch.device("cpu") if meta else contextlib.nullcontext():  # (arange on meta: the same import)
             cos, sin = rope_tables(config, config.max_seq_len)
@@ -463,7 +403,7 @@ class GPT(nn.Module):
         # with depth (GPT-2 / nanoGPT): std / sqrt(2 * n_layers)
         resid_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.is_meta:  # no values to fill (quantize.build_runtime_model builds on the meta device)
+            if p.is_meta:  # no values to fill (quantized.install_runtime_layers builds on the meta device)
                 continue
             if p.dim() == 1:
                 nn.init.ones_(p)
@@ -654,7 +594,7 @@ class GPT(nn.Module):
 
         def group(parent, names):
             # the outputs of parent's linears `names` for one input: one matmul split in parts when
-            # quantize.build_runtime_model fused them (parent.fused_<names>), else one call each
+            # quantized.install_runtime_layers fused them (parent.fused_<names>), else one call each
             fused = getattr(parent, "fused_" + "_".join(names), None)
             if fused is not None:
                 f, sizes = fused.forward, [getattr(parent, n).out_features for n in names]
@@ -835,10 +775,6 @@ def device_peak_flops(device, dtype=torch.bfloat16):
 # Checkpoints
 
 
-class CheckpointError(FishAIError):
-    """A model file that cannot be used; the message names the file and what to do."""
-
-
 def _unwrap(model):
     model = getattr(model, "module", model)  # DDP
     return getattr(model, "_orig_mod", model)  # torch.compile
@@ -931,11 +867,45 @@ def _tokenizer_from(data):
     return TextTokenizer.from_dict(data) if data else None
 
 
+def load_quantized(path, device="cpu", dtype=None, dequantize: bool = False) -> GPT:
+    """A quantize.py .bin (quantized.read_quantized) as a GPT in eval mode with .tokenizer and
+    .stage from its header: on its int8/int4 layers (quantized.install_runtime_layers, built on the
+    meta device: about the memory of the file) or, with dequantize=True, with plain float weights
+    (for training, export and as the reference of the quantized layers). dtype: the activation
+    dtype and that of float weights (None: float32)."""
+    header, tensors = quantized.read_quantized(path)
+    try:
+        config = ModelConfig.from_dict(header["model_config"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: bad model config in header ({err})") from None
+    shapes = param_shapes(config)
+    missing = [n for n in shapes if n not in tensors]
+    unexpected = [n for n in tensors if n not in shapes]
+    wrong = [n for n, qt in tensors.items() if n in shapes and tuple(qt.shape) != tuple(shapes[n])]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{path}: tensors do not match the model config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
+    device, dtype = torch.device(device), resolve_dtype(dtype, device) or torch.float32
+    if dequantize:
+        gpt = GPT(config)
+        gpt.load_state_dict({name: qt.dequantize() for name, qt in tensors.items()}, strict=False)
+        gpt = gpt.to(device=device, dtype=dtype)
+    else:
+        with torch.device("meta"):
+            gpt = GPT(config)
+        quantized.install_runtime_layers(gpt, tensors, device, dtype)
+    del tensors
+    quantized.release_freed_memory()
+    gpt.tokenizer = _tokenizer_from(header.get("tokenizer"))
+    gpt.stage = header.get("stage")  # the training stage of the source checkpoint (generate.py --chat)
+    return gpt.eval()
+
+
 def load_model(path, device="cpu", dtype=None, dequantize: bool = False) -> GPT:
     """One entry point for every model file: a training checkpoint (.pt), a quantize.py export
     (.bin) or an HF Llama directory. Returns a GPT in eval mode with .tokenizer attached.
-    A .bin runs quantized (int8/int4 kernels, about the memory of the file; quantize.py
-    build_runtime_model) unless dequantize=True, which gives plain float weights (for training,
+    A .bin runs quantized (int8/int4 kernels, about the memory of the file;
+    quantized.install_runtime_layers) unless dequantize=True, which gives plain float weights (for training,
     export or comparison). dtype is the activation dtype then (None: float32)."""
     path = Path(path)
     dtype = resolve_dtype(dtype, device)
@@ -949,8 +919,7 @@ def load_model(path, device="cpu", dtype=None, dequantize: bool = False) -> GPT:
         with open(path, "rb") as f:
             head = f.read(len(QUANT_MAGIC))
         if head == QUANT_MAGIC:
-            import quantize  # lazy: the export format lives with its writer
-            model = quantize.load_quantized(path, device=device, dtype=dtype, dequantize=dequantize)
+            model = load_quantized(path, device=device, dtype=dtype, dequantize=dequantize)
             model.source = str(path)
             return model.eval()
         ckpt = load_checkpoint(path)
@@ -1163,11 +1132,11 @@ def size_table(names=None) -> list[dict]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return du.run_cli(print_size_table, args)
+    return common.run_cli(print_size_table, args)
 
 
 def print_size_table(args) -> None:
-    du.check_new_file(args.json, "--json", args.overwrite)
+    common.check_new_file(args.json, "--json", args.overwrite)
     rows = size_table([args.config] if args.config else None)
     print(f"{'config':<8}{'d_model':>8}{'layers':>7}{'heads':>6}{'kv':>4}{'d_ff':>6}{'vocab':>7}"
           f"{'params':>14}{'FP32 MB':>10}{'FP16 MB':>10}{'INT4 MB':>10}")

@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import common
 import data_utils as du
 
 DEFAULT_DATA = "hf:wikitext:wikitext-103-raw-v1"  # train split; the test split is the benchmark
@@ -88,7 +89,7 @@ SAMPLE_PROMPTS = {
 }
 
 
-class QuickTrainError(du.FishAIError):
+class QuickTrainError(common.FishAIError):
     """Bad input; main() prints it as one line and exits with EXIT_USAGE (2)."""
 
 
@@ -96,8 +97,8 @@ class QuickTrainFailed(QuickTrainError):
     """The job ran but produced no usable model: exit EXIT_FAILED (1)."""
 
 
-def build_parser() -> du.ArgumentParser:
-    p = du.ArgumentParser(prog="quick_train.py", description=(
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(prog="quick_train.py", description=(
         "Tokenizer + data + training + perplexity benchmark in one command, with auto-adjust.\n"
         "Test documents of --data never reach the tokenizer or the training (data_utils.holdout_split)."))
     p.add_argument("--config", default="small", choices=list(PRESET_DEFAULTS), help="model preset")
@@ -110,44 +111,44 @@ def build_parser() -> du.ArgumentParser:
                         f"default: WikiText-103 test for the default --data, else {TEST_FRACTION * 100:g}%% of the "
                         "--data documents held out by the hold-out rule (never trained on)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir; trained on --data when omitted")
-    p.add_argument("--vocab-size", type=du.int_flag(MIN_VOCAB), default=None,
+    p.add_argument("--vocab-size", type=common.int_flag(MIN_VOCAB), default=None,
                    help="vocab of the trained tokenizer (default: the preset's)")
-    p.add_argument("--max-data-mb", type=du.float_flag(0, lo_open=True), default=None,
+    p.add_argument("--max-data-mb", type=common.float_flag(0, lo_open=True), default=None,
                    help="use at most this many MB of --data (all of it by default)")
-    p.add_argument("--val-fraction", type=du.float_flag(0, 0.5, lo_open=True), default=0.02,
+    p.add_argument("--val-fraction", type=common.float_flag(0, 0.5, lo_open=True), default=0.02,
                    help="share of documents held out for validation")
     p.add_argument("--output-dir", default="runs/quick", help="where the run's files go")
-    du.add_overwrite_flag(p, "the run in a non-empty --output-dir, and an existing --json file")
+    common.add_overwrite_flag(p, "the run in a non-empty --output-dir, and an existing --json file")
     _add_training_flags(p.add_argument_group("training (preset or train.py recipe defaults when omitted)"))
     g = p.add_argument_group("target and auto-adjust")
-    g.add_argument("--target-ppl", type=du.float_flag(0, lo_open=True), default=None,
+    g.add_argument("--target-ppl", type=common.float_flag(0, lo_open=True), default=None,
                    help=f"goal for --target-metric, lower is better (default {DEFAULT_TARGET_PPL:g} word ppl for "
                         "WikiText-103, none otherwise)")
     g.add_argument("--target-metric", choices=TARGET_METRICS, default="word_ppl",
                    help="which test figure the target applies to (char_ppl: perplexity per character)")
-    g.add_argument("--max-rounds", type=du.int_flag(1), default=3, help="training rounds at most (1 = no auto-adjust)")
-    g.add_argument("--test-max-kb", type=du.int_flag(1), default=300, help="size cap of the held-out test text, KB")
-    p.add_argument("--samples", type=du.int_flag(0), default=3, help="generated samples in the report")
-    p.add_argument("--max-new-tokens", type=du.int_flag(1), default=60, help="tokens per generated sample")
-    p.add_argument("--sample-tokens", dest="max_new_tokens", type=du.int_flag(1), help=argparse.SUPPRESS)
+    g.add_argument("--max-rounds", type=common.int_flag(1), default=3, help="training rounds at most (1 = no auto-adjust)")
+    g.add_argument("--test-max-kb", type=common.int_flag(1), default=300, help="size cap of the held-out test text, KB")
+    p.add_argument("--samples", type=common.int_flag(0), default=3, help="generated samples in the report")
+    p.add_argument("--max-new-tokens", type=common.int_flag(1), default=60, help="tokens per generated sample")
+    p.add_argument("--sample-tokens", dest="max_new_tokens", type=common.int_flag(1), help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, metavar="PATH", help="also write report.json's content here")
-    du.add_quiet_flag(p)
+    common.add_quiet_flag(p)
     return p
 
 
 def _add_training_flags(g) -> None:
     preset, recipe = "default: the preset's", "train.py's recipe for the model, see train.py --help"
-    for flag, typ, what in (("--max-steps", du.int_flag(1), f"optimizer steps of the first round ({preset})"),
-                            ("--batch-size", du.int_flag(1), f"sequences per micro-batch ({preset}, else {recipe})"),
-                            ("--grad-accum", du.int_flag(1), f"micro-batches per optimizer step ({preset}, else "
+    for flag, typ, what in (("--max-steps", common.int_flag(1), f"optimizer steps of the first round ({preset})"),
+                            ("--batch-size", common.int_flag(1), f"sequences per micro-batch ({preset}, else {recipe})"),
+                            ("--grad-accum", common.int_flag(1), f"micro-batches per optimizer step ({preset}, else "
                                                              f"{recipe})"),
-                            ("--seq-len", du.int_flag(2), f"tokens per sequence ({preset})"),
-                            ("--lr", du.float_flag(0, lo_open=True), f"peak learning rate of the first round "
+                            ("--seq-len", common.int_flag(2), f"tokens per sequence ({preset})"),
+                            ("--lr", common.float_flag(0, lo_open=True), f"peak learning rate of the first round "
                                                                      f"(default: {recipe}; a given --lr wins)"),
-                            ("--warmup", du.int_flag(0), f"warmup steps of the first round (default: "
+                            ("--warmup", common.int_flag(0), f"warmup steps of the first round (default: "
                                                          f"{recipe}: 2%% of the steps)"),
-                            ("--eval-interval", du.int_flag(1), f"evaluate (and save) every N steps ({preset})"),
-                            ("--eval-iters", du.int_flag(1), f"val batches per evaluation ({preset})")):
+                            ("--eval-interval", common.int_flag(1), f"evaluate (and save) every N steps ({preset})"),
+                            ("--eval-iters", common.int_flag(1), f"val batches per evaluation ({preset})")):
         g.add_argument(flag, type=typ, default=None, help=what)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help=f"muon (Muon + AdamW for the embedding and norms) or adamw, as train.py --optimizer "
@@ -156,12 +157,12 @@ def _add_training_flags(g) -> None:
                    help=f"wsd (warmup-stable-decay: a 'more steps' round continues the run from its "
                         f"fishai-stable.pt) or cosine (a 'more steps' round restarts from the best checkpoint "
                         f"with a rewarm), as train.py --schedule (default: {recipe})")
-    du.add_device_flag(g)
-    du.add_dtype_flag(g, "training precision, as train.py --dtype")
+    common.add_device_flag(g)
+    common.add_dtype_flag(g, "training precision, as train.py --dtype")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=du.int_flag(0), default=1337,
+    g.add_argument("--seed", type=common.int_flag(0), default=1337,
                    help="seed of round 1 (round r: seed + r - 1; a round that continues a WSD run keeps its seed)")
-    g.add_argument("--time-budget", type=du.float_flag(0), default=None, metavar="SECONDS",
+    g.add_argument("--time-budget", type=common.float_flag(0), default=None, metavar="SECONDS",
                    help="fit the whole job in about this time: the first round's --max-steps is cut to what "
                         "the measured speed allows (default 300 for tiny, off for the others; 0 = off; an "
                         "explicit --max-steps is never changed)")
@@ -174,7 +175,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-import benchmark  # noqa: E402
+import scoring  # noqa: E402
 import model as fishai  # noqa: E402
 import tokenizer_train  # noqa: E402
 import train as trainer  # noqa: E402
@@ -277,17 +278,17 @@ def load_test_texts(spec: str | None, corpus: Corpus, data: str, text_key: str,
     if spec is None:
         if _is_default_wikitext(data):
             try:
-                return du.load_eval_texts("wikitext103", split="test"), "WikiText-103 test"
-            except du.DataError:
+                return scoring.load_eval_texts("wikitext103"), "WikiText-103 test"
+            except scoring.ScoringError:
                 raise QuickTrainError(offline_message(data)) from None
         docs = corpus.test_documents(max_bytes)
         if not docs:
             raise QuickTrainError(f"--data {data}: too few documents to hold out a test set; pass --test-data")
         return docs, f"held-out documents of {data}"
-    name, _, path = spec.partition(":")
-    if name.lower() in ("wikitext103", "wikitext2", "ptb"):
-        label = {"wikitext103": "WikiText-103 test", "wikitext2": "WikiText-2 test", "ptb": "PTB test"}[name.lower()]
-        return du.load_eval_texts(name.lower(), path=path or None, split="test"), label
+    name, path = scoring.parse_eval_spec(spec)
+    if name in scoring.EVAL_SETS:
+        label = {"wikitext103": "WikiText-103 test", "wikitext2": "WikiText-2 test", "ptb": "PTB test"}[name]
+        return scoring.load_eval_texts(name, path), label
     docs = list(du.iter_documents(spec, text_key=text_key))
     if not docs:
         raise QuickTrainError(f"--test-data {spec}: no text found")
@@ -543,11 +544,11 @@ def checkpoint_position(path: Path) -> tuple[int, int]:
 
 
 def score_round(job: Job, r: int, ckpt: Path) -> dict:
-    lm = benchmark.load_lm(str(ckpt), device=str(job.device))
+    lm = scoring.load_lm(str(ckpt), device=str(job.device))
     job.log(f"round {r}: test perplexity on {job.test_label}")
     try:
         # bits/byte, token/word/char perplexity and `spaced` (whether word figures mean anything)
-        return benchmark.perplexity(lm, job.test_texts, batch_size=8, progress=not job.args.quiet)
+        return scoring.perplexity(lm, job.test_texts, batch_size=8, progress=not job.args.quiet)
     finally:
         del lm
 
@@ -717,7 +718,7 @@ def write_report(job: Job, rounds: list[dict], best_ckpt: Path, best_val: float,
     args, out = job.args, job.out
     final = out / trainer.BEST_NAME
     with open(best_ckpt, "rb") as src:
-        du.atomic_write(final, lambda f: shutil.copyfileobj(src, f))
+        common.atomic_write(final, lambda f: shutil.copyfileobj(src, f))
     best_round = next(r for r in rounds if r["checkpoint"] == str(best_ckpt))
     prompts = SAMPLE_PROMPTS.get(args.data, SAMPLE_PROMPTS[None])[:args.samples]
     samples = generate_samples(final, prompts, args.max_new_tokens, str(job.device), args.seed) if prompts else []
@@ -741,10 +742,10 @@ def write_report(job: Job, rounds: list[dict], best_ckpt: Path, best_val: float,
     rep["loss_curve_note"] = note
     if note:
         job.log(f"note: {note}")
-    du.atomic_write_text(out / "report.json", json.dumps(rep, indent=2))
-    du.atomic_write_text(out / "report.md", report_markdown(rep))
+    common.atomic_write_text(out / "report.json", json.dumps(rep, indent=2))
+    common.atomic_write_text(out / "report.md", report_markdown(rep))
     if args.json:
-        du.atomic_write_text(Path(args.json), json.dumps(rep, indent=2))
+        common.atomic_write_text(Path(args.json), json.dumps(rep, indent=2))
     return rep
 
 
@@ -777,10 +778,10 @@ def open_output_dir(out: Path, overwrite: bool, data: str | None = None) -> bool
     """Check --output-dir before any work; returns True when this run created it. A directory with
     anything quick_train did not write is refused even with --overwrite (its files are the user's)."""
     if data is not None:
-        du.check_output_apart(out, [data], "--output-dir", "--data")
+        common.check_output_apart(out, [data], "--output-dir", "--data")
     if out.is_dir() and any(out.iterdir()):
-        du.check_replaceable_dir(out, is_run_output, overwrite, "--output-dir", "a quick_train run")
-    created = du.check_writable_dir(out)
+        common.check_replaceable_dir(out, is_run_output, overwrite, "--output-dir", "a quick_train run")
+    created = common.check_writable_dir(out)
     if overwrite:
         for sub in ["data"] + [p.name for p in out.glob("round*")]:
             shutil.rmtree(out / sub, ignore_errors=True)
@@ -798,8 +799,8 @@ def remove_partial_run(job: Job, created: bool) -> None:
 
 
 def quick_train(args) -> dict:
-    device = fishai.resolve_device(args.device)  # e.g. --device cuda on a CPU machine: refused before any work
-    du.check_new_file(args.json, "--json", args.overwrite)
+    device = common.resolve_device(args.device)  # e.g. --device cuda on a CPU machine: refused before any work
+    common.check_new_file(args.json, "--json", args.overwrite)
     target = args.target_ppl if args.target_ppl is not None else (
         DEFAULT_TARGET_PPL if _is_default_wikitext(args.data) and args.target_metric == "word_ppl" else None)
     job = Job(args, Path(args.output_dir), device, time.time(), target)
@@ -844,16 +845,16 @@ def _cli(args) -> int:
     try:
         quick_train(args)
     except QuickTrainFailed as e:  # the job ran but produced no usable model: not a usage error
-        print(f"error: {du.one_line(e)}", file=sys.stderr, flush=True)
-        return du.EXIT_FAILED
-    except benchmark.BenchmarkError as e:
-        print(f"error: {du.one_line(e)}", file=sys.stderr, flush=True)
-        return du.EXIT_USAGE
-    return du.EXIT_OK
+        print(f"error: {common.one_line(e)}", file=sys.stderr, flush=True)
+        return common.EXIT_FAILED
+    except scoring.ScoringError as e:
+        print(f"error: {common.one_line(e)}", file=sys.stderr, flush=True)
+        return common.EXIT_USAGE
+    return common.EXIT_OK
 
 
 def main(argv=None) -> int:
-    return du.run_cli(_cli, build_parser().parse_args(argv))
+    return common.run_cli(_cli, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ import gc
 import sys
 import time
 
-import data_utils as du
+import common
 
 DEFAULT_MODELS = ["EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "gpt2", "HuggingFaceTB/SmolLM2-135M"]
 
 
-def build_parser() -> du.ArgumentParser:
-    p = du.ArgumentParser(description="Score reference LMs (Pythia, GPT-2, SmolLM2, ...) with benchmark.py's "
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(description="Score reference LMs (Pythia, GPT-2, SmolLM2, ...) with benchmark.py's "
                           "functions, side by side with FishAI models.",
                           epilog="usage examples:" + __doc__.split("Usage:")[1].split("Offline")[0])
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
@@ -41,14 +41,14 @@ def build_parser() -> du.ArgumentParser:
                         f"(default: {','.join(DEFAULT_MODELS)}); '' for none")
     p.add_argument("--fishai", action="append", default=[], metavar="PATH",
                    help="FishAI model to score alongside (.pt, .bin or FishAI HF dir); repeatable")
-    du.add_device_flag(p)
-    du.add_dtype_flag(p, "dtype the models run in; auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU")
-    du.add_eval_text_flags(p)
+    common.add_device_flag(p)
+    common.add_dtype_flag(p, "dtype the models run in; auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU")
+    common.add_eval_text_flags(p)
     p.add_argument("--no-published", action="store_true", help="do not show the published GPT-2 figures")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--report", metavar="PATH", help="write a markdown report")
-    du.add_overwrite_flag(p, "existing --json/--report files")
-    du.add_quiet_flag(p)
+    common.add_overwrite_flag(p, "existing --json/--report files")
+    common.add_quiet_flag(p)
     return p
 
 
@@ -57,8 +57,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-import benchmark as B  # noqa: E402
-import model as fishai  # noqa: E402
+import scoring  # noqa: E402
 
 # Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", Table 3, GPT-2 117M,
 # zero-shot perplexity with invertible detokenizers. Published figures, NOT measured by this script.
@@ -72,17 +71,17 @@ PUBLISHED = {
 
 def score_model(spec: str, datasets: dict, *, fishai: bool, device: str, dtype, stride, batch_size: int,
                 max_seq_len, progress: bool) -> dict:
-    """Load one model through benchmark.load_lm and run benchmark.perplexity on every dataset."""
-    lm = B.load_lm(spec, device=device, dtype=dtype, hf=not fishai, max_seq_len=max_seq_len)
+    """Load one model through scoring.load_lm and run scoring.perplexity on every dataset."""
+    lm = scoring.load_lm(spec, device=device, dtype=dtype, hf=not fishai, max_seq_len=max_seq_len)
     try:
         s = stride if stride is None else min(int(stride), lm.max_seq_len)
         params = sum(p.numel() for p in lm.model.parameters())
         out = {"kind": lm.kind, "params": params, "max_seq_len": lm.max_seq_len, "begin_id": lm.begin_id,
                "stride": s or lm.max_seq_len, "perplexity": {}}
         for name, docs in datasets.items():
-            r = B.perplexity(lm, docs, stride=s, batch_size=batch_size, progress=progress)
+            r = scoring.perplexity(lm, docs, stride=s, batch_size=batch_size, progress=progress)
             out["perplexity"][name] = r
-            print("  " + B.describe_ppl(B.DATASET_LABELS.get(name, name), r), flush=True)
+            print("  " + scoring.describe_ppl(scoring.DATASET_LABELS.get(name, name), r), flush=True)
         return out
     finally:
         del lm
@@ -95,15 +94,15 @@ def _ppl_cell(r: dict | None) -> str:
     """A dataset's headline perplexity with its unit ("35.21 word", "4.20 char"), or n/a."""
     if r is None:
         return "n/a"
-    value, per = B.headline_ppl(r)
-    return f"{B.fmt_ppl(value)} {per}"
+    value, per = scoring.headline_ppl(r)
+    return f"{scoring.fmt_ppl(value)} {per}"
 
 
 def format_table(models: dict, names: list[str], published: dict | None) -> str:
     """Side-by-side table: bits/byte and word (or char) PPL per dataset, one row per model."""
     head = f"{'model':<36}{'params':>9}{'ctx':>6}"
     for n in names:
-        head += f"{B.DATASET_LABELS.get(n, n)[:12] + ' bpb':>17}{'PPL':>16}"
+        head += f"{scoring.DATASET_LABELS.get(n, n)[:12] + ' bpb':>17}{'PPL':>16}"
     lines = [head]
     for spec, r in models.items():
         row = f"{spec[-36:]:<36}"
@@ -141,7 +140,7 @@ def _published_markdown(res: dict, names: list[str]) -> list[str]:
 
 def report_markdown(res: dict) -> str:
     names = res["datasets"]
-    labels = [B.DATASET_LABELS.get(n, n) for n in names]
+    labels = [scoring.DATASET_LABELS.get(n, n) for n in names]
     out = ["# Reference models scored like FishAI", "",
            f"{res['date']}; device {res['settings']['device']}; stride "
            f"{res['settings']['stride'] or 'context length (disjoint windows)'}; every model is scored by "
@@ -157,7 +156,7 @@ def report_markdown(res: dict) -> str:
         cells = []
         for n in names:
             p = r["perplexity"].get(n)
-            cells += ([f"{p['bits_per_byte']:.4f}", _ppl_cell(p), B.fmt_ppl(p["token_ppl"])] if p
+            cells += ([f"{p['bits_per_byte']:.4f}", _ppl_cell(p), scoring.fmt_ppl(p["token_ppl"])] if p
                       else ["n/a"] * 3)
         out.append(f"| {spec} ({r['kind']}) | {r['params'] / 1e6:.1f}M | {r['max_seq_len']} | "
                    + " | ".join(cells) + " |")
@@ -172,7 +171,7 @@ def _score_all(args, datasets: dict, device: str) -> dict:
     cannot be loaded (offline, not found, bad directory): the run goes on with the others."""
     jobs = [(m.strip(), False) for m in args.models.split(",") if m.strip()] + [(f, True) for f in args.fishai]
     if not jobs:
-        raise B.BenchmarkError("nothing to score: pass --models and/or --fishai")
+        raise scoring.ScoringError("nothing to score: pass --models and/or --fishai")
     models: dict = {}
     for spec, is_fishai in jobs:
         print(f"{spec}:", flush=True)
@@ -180,23 +179,23 @@ def _score_all(args, datasets: dict, device: str) -> dict:
             models[spec] = score_model(spec, datasets, fishai=is_fishai, device=device, dtype=args.dtype,
                                        stride=args.stride, batch_size=args.batch_size,
                                        max_seq_len=args.max_seq_len, progress=not args.quiet)
-        except B.BenchmarkError as e:
-            print(f"error: {du.one_line(e)}", file=sys.stderr)
-            models[spec] = {"error": du.one_line(e)}
+        except scoring.ScoringError as e:
+            print(f"error: {common.one_line(e)}", file=sys.stderr)
+            models[spec] = {"error": common.one_line(e)}
     return models
 
 
 def run(args) -> int:
-    B.check_outputs(args)
-    device = str(fishai.resolve_device(args.device))
-    specs = B.parse_data_flags(args)
+    common.check_outputs(args)
+    device = str(common.resolve_device(args.device))
+    specs = scoring.parse_data_flags(args)
     ds_errors: dict = {}
-    datasets = B.load_datasets(specs, split=args.split, limit=args.limit, errors=ds_errors,
+    datasets = scoring.load_datasets(specs, split=args.split, limit=args.limit, errors=ds_errors,
                                max_chars=args.max_chars, detokenize=args.detokenize)
     for msg in ds_errors.values():
         print(f"error: {msg}", file=sys.stderr)
     if not datasets:
-        raise B.BenchmarkError("no dataset could be loaded; pass local files (--wikitext103 PATH, --wikitext2 PATH, "
+        raise scoring.ScoringError("no dataset could be loaded; pass local files (--wikitext103 PATH, --wikitext2 PATH, "
                                "--ptb PATH or --data NAME=PATH)")
     models = _score_all(args, datasets, device)
     res = {
@@ -214,13 +213,13 @@ def run(args) -> int:
     print(format_table(models, res["datasets"], res["published"]))
     if res["published"]:
         print("(published rows: the paper's own zero-shot figures with detokenizers, not measured here)")
-    B.write_outputs(args, res, report_markdown)
-    return du.EXIT_OK if any("error" not in r for r in models.values()) else du.EXIT_FAILED
+    common.write_outputs(args, res, report_markdown)
+    return common.EXIT_OK if any("error" not in r for r in models.values()) else common.EXIT_FAILED
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return du.run_cli(run, args)
+    return common.run_cli(run, args)
 
 
 if __name__ == "__main__":

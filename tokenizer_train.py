@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import common
 import data_utils as du
 from data_utils import SPECIAL_TOKENS, DataError, TextTokenizer
 
@@ -42,15 +43,15 @@ PROGRESS_EVERY_S = 5.0       # seconds between progress lines when stderr is not
 SAMPLE_DOCS = 200            # first training documents kept for the report when nothing is held out
 
 
-def build_parser() -> du.ArgumentParser:
-    p = du.ArgumentParser(description="Train a byte-level BPE tokenizer (fixed special ids, ChatML template).")
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(description="Train a byte-level BPE tokenizer (fixed special ids, ChatML template).")
     p.add_argument("--data", nargs="+", required=True,
                    help="inputs: text files (.txt, .md: blank-line blocks = documents), .jsonl (text or chat `messages` "
                         "rows), .parquet, directories, globs, hf:NAME[:CONFIG][:SPLIT], or python-docs")
-    p.add_argument("--vocab-size", type=du.int_flag(MIN_VOCAB), default=32000,
+    p.add_argument("--vocab-size", type=common.int_flag(MIN_VOCAB), default=32000,
                    help="total vocabulary incl. 256 bytes and special tokens")
     p.add_argument("--output-dir", default="tokenizer", help="where tokenizer.json etc. are written")
-    p.add_argument("--min-frequency", type=du.int_flag(0), default=2, help="minimum pair count for a merge")
+    p.add_argument("--min-frequency", type=common.int_flag(0), default=2, help="minimum pair count for a merge")
     p.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
     p.add_argument("--txt-mode", choices=["block", "line", "file"], default="block",
                    help="how .txt files split into documents")
@@ -59,21 +60,21 @@ def build_parser() -> du.ArgumentParser:
     p.add_argument("--holdout-every", type=_holdout_every, default=50,
                    help="hold out 1 in N documents to measure compression (0 = none)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip jsonl lines that are not JSON or lack the text field")
-    du.add_overwrite_flag(p, "an existing tokenizer in --output-dir (and an existing --json file)")
+    common.add_overwrite_flag(p, "an existing tokenizer in --output-dir (and an existing --json file)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
-    du.add_quiet_flag(p)
+    common.add_quiet_flag(p)
     return p
 
 
 def _positive_size(text) -> int:
-    value = du.size_flag(text)
+    value = common.size_flag(text)
     if value == 0:
         raise argparse.ArgumentTypeError("must be > 0 (e.g. 500M)")
     return value
 
 
 def _holdout_every(text) -> int:
-    value = du.int_flag(0)(text)
+    value = common.int_flag(0)(text)
     if value == 1:
         raise argparse.ArgumentTypeError("1 would hold out every document; use 0 (none) or N >= 2")
     return value
@@ -200,12 +201,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir, *, min_fr
                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     out = Path(output_dir)
     # the directory is swapped as a whole: with --overwrite it may hold a tokenizer and nothing else
-    du.check_replaceable_dir(out, TOKENIZER_FILES, overwrite, "--output-dir", "a tokenizer")
+    common.check_replaceable_dir(out, TOKENIZER_FILES, overwrite, "--output-dir", "a tokenizer")
     on_terminal = sys.stderr.isatty()
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if show_progress and not on_terminal else None
     reader = _Reader(texts, max_bytes, holdout_every, holdout_max_bytes, log)
     # built in a temp dir beside `out` and swapped in at the end: a failure keeps the old tokenizer
-    with du.atomic_dir(out, overwrite, flag="--output-dir", owns=TOKENIZER_FILES, what="a tokenizer") as tmp:
+    with common.atomic_dir(out, overwrite, flag="--output-dir", owns=TOKENIZER_FILES, what="a tokenizer") as tmp:
         t0 = time.time()
         text_tok = _train_bpe(reader, vocab_size, min_frequency, show_progress and on_terminal)
         train_time = time.time() - t0
@@ -242,8 +243,8 @@ def format_report(r: dict) -> str:
 
 
 def _cli(args) -> None:
-    du.check_new_file(args.json, "--json", args.overwrite)
-    du.check_output_apart(args.output_dir, args.data, "--output-dir", "--data")
+    common.check_new_file(args.json, "--json", args.overwrite)
+    common.check_output_apart(args.output_dir, args.data, "--output-dir", "--data")
     stats: dict = {}
     docs = du.iter_documents(args.data, text_key=args.text_key, skip_bad_lines=args.skip_bad_lines,
                              stats=stats, txt_mode=args.txt_mode)
@@ -257,11 +258,11 @@ def _cli(args) -> None:
     if stats.get("bad_lines"):
         print(f"  note: {stats['bad_lines']} bad jsonl lines skipped")
     if args.json:
-        du.atomic_write_text(args.json, json.dumps(report, indent=2, ensure_ascii=False))
+        common.atomic_write_text(args.json, json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def main(argv=None) -> int:
-    return du.run_cli(_cli, build_parser().parse_args(argv))
+    return common.run_cli(_cli, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import common
 import data_utils as du
 
 LATEST_NAME = "fishai-latest.pt"
@@ -154,7 +155,7 @@ PER_COMMAND = ("output_dir", "resume", "overwrite", "quiet", "max_time", "stop_a
                "model_override")
 
 
-class TrainError(du.FishAIError):
+class TrainError(common.FishAIError):
     """A bad flag or input; main() prints it as one line and exits with EXIT_USAGE (2)."""
 
 
@@ -168,8 +169,8 @@ class DivergedError(TrainFailed):
 
 # ----------------------------------------------------------------------------- arguments
 
-def build_parser() -> du.ArgumentParser:
-    p = du.ArgumentParser(
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(
         prog="train.py", description="\n\n".join(textwrap.fill(t, 100, break_on_hyphens=False) for t in (
             "Pretrain or SFT a FishAI (LLaMA-style) model. Single process or torchrun (DDP).", RECIPE_RULE,
             HOLDOUT_RULE, RESUME_RULE)))
@@ -177,8 +178,8 @@ def build_parser() -> du.ArgumentParser:
     _add_optim_flags(p.add_argument_group("optimisation (with --resume: the checkpoint's, see above)"))
     _add_output_flags(p.add_argument_group("evaluation, samples, checkpoints and logging"))
     g = p.add_argument_group("hardware")
-    du.add_device_flag(g)
-    du.add_dtype_flag(g, "auto: bf16 on CUDA if supported else fp16 (+GradScaler); fp32 on CPU")
+    common.add_device_flag(g)
+    common.add_dtype_flag(g, "auto: bf16 on CUDA if supported else fp16 (+GradScaler); fp32 on CPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA, off elsewhere, where compiling costs more "
                         "than it saves for these sizes)")
@@ -206,7 +207,7 @@ def _add_model_flags(g) -> None:
                    help="tokenizer dir (tokenizer_train.py) for raw --data; a prepared dir's own tokenizer/ "
                         "is used when omitted; with --init-from/--resume the checkpoint's tokenizer is used")
     g.add_argument("--text-key", default="text", help="field holding the text in jsonl/parquet/HF data")
-    g.add_argument("--max-data-tokens", type=du.size_flag, default=None, metavar="N",
+    g.add_argument("--max-data-tokens", type=common.size_flag, default=None, metavar="N",
                    help="stop tokenizing raw --data after about this many tokens, e.g. 50M (bounds HF streams)")
     g.add_argument("--init-from", default=None,
                    help="start from this checkpoint's weights (fresh optimizer/schedule); required for sft")
@@ -220,63 +221,63 @@ def _add_optim_flags(g) -> None:
     g.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help=f"wsd: warmup, constant, linear decay over the last --decay-frac of the steps "
                         f"(extendable from fishai-stable.pt); cosine: warmup, cosine decay ({recipe})")
-    g.add_argument("--decay-frac", type=du.float_flag(0, 1, lo_open=True), default=RECIPE_DECAY_FRAC,
+    g.add_argument("--decay-frac", type=common.float_flag(0, 1, lo_open=True), default=RECIPE_DECAY_FRAC,
                    help="wsd: share of --max-steps spent decaying the LR")
-    g.add_argument("--batch-size", type=du.int_flag(1), default=None,
+    g.add_argument("--batch-size", type=common.int_flag(1), default=None,
                    help=f"sequences per micro-batch per process ({recipe})")
-    g.add_argument("--grad-accum", type=du.int_flag(1), default=None,
+    g.add_argument("--grad-accum", type=common.int_flag(1), default=None,
                    help=f"micro-batches accumulated per optimizer step ({recipe})")
-    g.add_argument("--seq-len", type=du.int_flag(2), default=None,
+    g.add_argument("--seq-len", type=common.int_flag(2), default=None,
                    help="tokens per sequence (default: min(512, the model's max_seq_len))")
-    g.add_argument("--lr", type=du.float_flag(0, lo_open=True), default=None,
+    g.add_argument("--lr", type=common.float_flag(0, lo_open=True), default=None,
                    help=f"peak learning rate of the matmul weights (Muon or AdamW; {recipe})")
-    g.add_argument("--embed-lr", type=du.float_flag(0, lo_open=True), default=None,
+    g.add_argument("--embed-lr", type=common.float_flag(0, lo_open=True), default=None,
                    help=f"muon: AdamW peak LR of the tied embedding/head ({recipe})")
-    g.add_argument("--norm-lr", type=du.float_flag(0, lo_open=True), default=None,
+    g.add_argument("--norm-lr", type=common.float_flag(0, lo_open=True), default=None,
                    help=f"muon: AdamW peak LR of the RMSNorm weights ({recipe})")
-    g.add_argument("--min-lr-ratio", type=du.float_flag(0, 1), default=0.1,
+    g.add_argument("--min-lr-ratio", type=common.float_flag(0, 1), default=0.1,
                    help="the decay ends at min_lr_ratio * lr")
-    g.add_argument("--warmup", type=du.int_flag(0), default=None,
+    g.add_argument("--warmup", type=common.int_flag(0), default=None,
                    help=f"linear warmup steps ({recipe})")
-    g.add_argument("--max-steps", type=du.int_flag(1), default=10000,
+    g.add_argument("--max-steps", type=common.int_flag(1), default=10000,
                    help="optimizer steps in total (incl. resumed ones)")
-    g.add_argument("--weight-decay", type=du.float_flag(0), default=0.1,
+    g.add_argument("--weight-decay", type=common.float_flag(0), default=0.1,
                    help="decoupled weight decay of the 2-D matmul weights (never the embedding or norms)")
-    g.add_argument("--beta1", type=du.float_flag(0, 1, hi_open=True), default=0.9, help="AdamW beta1")
-    g.add_argument("--beta2", type=du.float_flag(0, 1, hi_open=True), default=0.95, help="AdamW beta2")
-    g.add_argument("--muon-momentum", type=du.float_flag(0, 1, hi_open=True), default=0.95,
+    g.add_argument("--beta1", type=common.float_flag(0, 1, hi_open=True), default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=common.float_flag(0, 1, hi_open=True), default=0.95, help="AdamW beta2")
+    g.add_argument("--muon-momentum", type=common.float_flag(0, 1, hi_open=True), default=0.95,
                    help="muon: Nesterov momentum (warmed up from 0.85 over the first 300 steps)")
-    g.add_argument("--grad-clip", type=du.float_flag(0), default=None,
+    g.add_argument("--grad-clip", type=common.float_flag(0), default=None,
                    help=f"clip the global grad norm, 0 = off ({recipe})")
-    g.add_argument("--stop-at", type=du.int_flag(1), default=None, metavar="STEP",
+    g.add_argument("--stop-at", type=common.int_flag(1), default=None, metavar="STEP",
                    help="save fishai-latest.pt and exit once this step is reached, keeping the schedule of "
                         "--max-steps (time-sliced/preemptible jobs; continue later with --resume)")
-    g.add_argument("--max-time", type=du.float_flag(0), default=None, metavar="SECONDS",
+    g.add_argument("--max-time", type=common.float_flag(0), default=None, metavar="SECONDS",
                    help="evaluate, save fishai-latest.pt and stop after this much wall time (cluster time "
                         "limits, time-boxed runs); continue later with --resume")
-    g.add_argument("--max-nonfinite", type=du.int_flag(1), default=10,
+    g.add_argument("--max-nonfinite", type=common.int_flag(1), default=10,
                    help="stop after this many consecutive steps with a NaN/inf loss")
-    g.add_argument("--seed", type=du.int_flag(0), default=1337, help="seed of the data order and the weights")
+    g.add_argument("--seed", type=common.int_flag(0), default=1337, help="seed of the data order and the weights")
 
 
 def _add_output_flags(g) -> None:
     g.add_argument("--output-dir", default="checkpoints", help="where checkpoints and metrics.jsonl go")
-    g.add_argument("--eval-interval", type=du.int_flag(1), default=250, help="evaluate on the val split every N steps")
-    g.add_argument("--eval-iters", type=du.int_flag(1), default=50, help="val batches per evaluation")
-    g.add_argument("--save-interval", type=du.int_flag(1), default=250, help="write fishai-latest.pt every N steps")
-    g.add_argument("--log-interval", type=du.int_flag(1), default=10, help="write a metrics line every N steps")
-    g.add_argument("--sample-interval", type=du.int_flag(0), default=1000, metavar="N",
+    g.add_argument("--eval-interval", type=common.int_flag(1), default=250, help="evaluate on the val split every N steps")
+    g.add_argument("--eval-iters", type=common.int_flag(1), default=50, help="val batches per evaluation")
+    g.add_argument("--save-interval", type=common.int_flag(1), default=250, help="write fishai-latest.pt every N steps")
+    g.add_argument("--log-interval", type=common.int_flag(1), default=10, help="write a metrics line every N steps")
+    g.add_argument("--sample-interval", type=common.int_flag(0), default=1000, metavar="N",
                    help="print a text sample every N steps, 0 = off (default 1000: one sample costs about "
                         "one eval batch, so it adds <0.1%% to a run and a 10,000-step run shows ten)")
-    g.add_argument("--max-new-tokens", type=du.int_flag(1), default=64, help="tokens per text sample")
+    g.add_argument("--max-new-tokens", type=common.int_flag(1), default=64, help="tokens per text sample")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
                    help="resume from a checkpoint; 'auto' (or no value) = <output-dir>/fishai-latest.pt "
                         "if it exists, else start fresh")
-    du.add_overwrite_flag(g, "the checkpoints of an earlier run in --output-dir (start a fresh run there)")
+    common.add_overwrite_flag(g, "the checkpoints of an earlier run in --output-dir (start a fresh run there)")
     g.add_argument("--wandb", action="store_true", help="log config, metrics and the final checkpoint to wandb")
     g.add_argument("--wandb-project", default="fishai-train", help="wandb project")
     g.add_argument("--wandb-run-name", default=None, help="wandb run name (default: wandb picks one)")
-    du.add_quiet_flag(g)
+    common.add_quiet_flag(g)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -668,7 +669,7 @@ def setup_device(name: str, dist: Dist) -> torch.device:
     """The run's device (a torchrun worker: its local rank's GPU), made the current CUDA device so
     that kernels, NCCL and the memory counters all use it. resolve_device always returns an indexed
     CUDA device: torch.cuda.set_device refuses a bare "cuda"."""
-    device = fishai.resolve_device(name, dist.local_rank if dist.enabled else None)
+    device = common.resolve_device(name, dist.local_rank if dist.enabled else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # fp32 matmuls (outside bf16 autocast) on TF32 tensor cores, as nanoGPT does
@@ -813,7 +814,7 @@ def gpu_memory_bytes(device_name, local_rank: int | None = None) -> int | None:
     """Total memory of the GPU a --device names (None for a CPU or MPS)."""
     if not torch.cuda.is_available():
         return None
-    device = fishai.resolve_device(device_name, local_rank)
+    device = common.resolve_device(device_name, local_rank)
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
@@ -861,7 +862,7 @@ def load_resume_checkpoint(path: Path) -> dict:
         way_out = (f"{best} holds the best weights: start a new run from them with --init-from {best} "
                    "--output-dir NEW_DIR (a new directory keeps them safe)"
                    if best.exists() else f"no {BEST_NAME} was found beside it either: start a new run with --overwrite")
-        raise TrainError(f"{du.one_line(e)}; {way_out}") from None
+        raise TrainError(f"{common.one_line(e)}; {way_out}") from None
     if ckpt.get("optimizer") is None:
         raise TrainError(f"--resume {path}: it holds weights only ({BEST_NAME} files keep no optimizer, schedule "
                          f"or data position), so the run cannot continue exactly; start a new run from these "
@@ -1339,7 +1340,7 @@ class MetricsLog:
                     continue  # a line cut by a kill
                 if rec.get("step", 0) <= resume_step and rec.get("event") != "end":
                     kept.append(line)
-            du.atomic_write_text(path, "".join(k + "\n" for k in kept))
+            common.atomic_write_text(path, "".join(k + "\n" for k in kept))
             self.f = open(path, "a")
         else:
             self.f = open(path, "w")
@@ -1417,7 +1418,7 @@ def plot_losses(series: list[dict], path) -> str | None:
     ax.legend()
     fig.tight_layout()
     try:
-        du.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     finally:
         plt.close(fig)
     return None
@@ -1458,7 +1459,7 @@ def train_step(run: Run, step: int, hooks: FaultHooks) -> tuple[float, float, bo
         last = micro == args.grad_accum - 1
         batch = run.data.next_batch(run.device)
         with model.no_sync() if (run.dist.enabled and not last) else contextlib.nullcontext():
-            with fishai.autocast(run.device, run.dtype):
+            with common.autocast(run.device, run.dtype):
                 _, loss = model(**batch)
             loss = hooks.poison(loss, step) / args.grad_accum
             scaler.scale(loss).backward()
@@ -1530,7 +1531,7 @@ def evaluate(model, batches, device, dtype, dist: Dist) -> float:
         if batch.get("loss_mask") is not None:
             on &= batch["loss_mask"].bool()
         n = on.sum()
-        with fishai.autocast(device, dtype):
+        with common.autocast(device, dtype):
             _, loss = model(**batch)
         total[0] += loss.double() * n
         total[1] += n
@@ -1558,7 +1559,7 @@ def print_sample(run: Run, step: int) -> None:
     if not run.dist.master or run.tokenizer is None or not run.data.sample_prompt:
         return
     gen = torch.Generator(device=run.device).manual_seed(run.args.seed + step)
-    with fishai.autocast(run.device, run.dtype):
+    with common.autocast(run.device, run.dtype):
         new = sample_tokens(run.raw_model, run.data.sample_prompt, run.args.max_new_tokens, gen)
     text = run.tokenizer.decode(run.data.sample_prompt) + run.tokenizer.decode(new)
     run.metrics.write({"step": step, "sample": text})
@@ -1738,9 +1739,9 @@ def _train(args, dist: Dist) -> dict:
     start = resolve_start(args, dist, say)
     args = start.args
     device = setup_device(args.device, dist)
-    dtype = fishai.resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)
     out = Path(args.output_dir)
-    created = du.check_writable_dir(out) if dist.master else False
+    created = common.check_writable_dir(out) if dist.master else False
     try:
         run = build_run(start, dist, device, dtype, out, say)
         state = restore_state(run, start.ckpt)
@@ -1821,9 +1822,9 @@ def _cli(args) -> int:
     try:
         summary = train(args)
     except TrainFailed as e:  # the run started but could not go on: not a usage error
-        print(f"error: {du.one_line(e)}", file=sys.stderr, flush=True)
-        return du.EXIT_FAILED
-    return du.EXIT_INTERRUPTED if summary.get("interrupted") == "SIGINT" else du.EXIT_OK
+        print(f"error: {common.one_line(e)}", file=sys.stderr, flush=True)
+        return common.EXIT_FAILED
+    return common.EXIT_INTERRUPTED if summary.get("interrupted") == "SIGINT" else common.EXIT_OK
 
 
 def main(argv=None) -> int:
@@ -1832,7 +1833,7 @@ def main(argv=None) -> int:
         # a worker that dies on a signal under torchrun shows only "exitcode -11"; this prints
         # the Python stack of every thread to that worker's stderr first
         faulthandler.enable()
-    return du.run_cli(_cli, args)
+    return common.run_cli(_cli, args)
 
 
 if __name__ == "__main__":

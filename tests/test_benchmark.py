@@ -12,199 +12,28 @@ import torch
 import torch.nn.functional as F
 
 import benchmark as B
+import common
 import data_utils as du
+import scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tiny_ckpt):
-    return B.load_lm(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
 def trained_lm(trained_ckpt):
-    return B.load_lm(trained_ckpt)
-
-
-@pytest.fixture(scope="module")
-def wiki2_text(shared_data):
-    """The start of the real WikiText-2 test file (a few articles), via the data engineer's reader."""
-    docs = B.load_datasets([("wikitext2", str(shared_data / "wikitext2" / "test.txt"))], max_chars=12000)
-    return docs["wikitext2"]
-
-
-def _brute_force_nll(lm, ids, stride):
-    """Reference implementation: score every token separately with exactly the context the
-    windows give it (begin token + up to max_seq_len tokens), one forward per window."""
-    L, n = lm.max_seq_len, len(ids)
-    full = [lm.begin_id] + ids
-    nll = 0.0
-    first = min(L, n)
-    logp = F.log_softmax(lm.logits(torch.tensor([full[:first]]))[0], -1)
-    nll -= float(logp[torch.arange(first), torch.tensor(ids[:first])].sum())
-    p = first
-    while p < n:
-        k = min(stride, n - p)
-        end = p + k
-        inp = full[end - L:end]  # the L tokens before each of the k targets' last one
-        logp = F.log_softmax(lm.logits(torch.tensor([inp]))[0], -1)
-        nll -= float(logp[torch.arange(L - k, L), torch.tensor(ids[end - k:end])].sum())
-        p = end
-    return nll
+    return scoring.load_lm(trained_ckpt)
 
 
 # ---------------------------------------------------------------------------------------------
 # windows and counts
 
-@pytest.mark.parametrize("n,L,stride", [(1, 8, 8), (8, 8, 8), (9, 8, 8), (50, 8, 8), (50, 8, 3), (50, 8, 1),
-                                        (17, 16, 5)])
-def test_rolling_windows_score_every_token_once(n, L, stride):
-    tokens = list(range(100, 100 + n))
-    windows = list(B.rolling_windows(tokens, 7, L, stride))
-    predicted = [t for _, cont in windows for t in cont]
-    assert predicted == tokens                       # every token once, in order
-    assert windows[0][0] == [7]                      # the document starts after the begin token
-    for ctx, cont in windows[1:]:
-        assert len(cont) <= stride
-        assert len(ctx) + len(cont) == L + 1         # full context: L inputs predict the window
-        assert (ctx + cont) == tokens[tokens.index(ctx[0]):tokens.index(cont[-1]) + 1]
-    if stride < L and n > L:
-        # overlapping windows: each later window has L - stride + 1 tokens of context at least
-        assert all(len(ctx) >= L - stride + 1 for ctx, _ in windows[1:])
-
-
-def test_rolling_windows_rejects_bad_stride():
-    with pytest.raises(ValueError, match="stride"):
-        list(B.rolling_windows([1, 2, 3], 0, 8, 9))
-    with pytest.raises(ValueError, match="stride"):
-        list(B.rolling_windows([1, 2, 3], 0, 8, 0))
-
-
-def test_word_and_byte_counts_follow_lm_eval_harness(tiny_lm):
-    texts = ["Hello  world\nfoo", "  深度学习 很好 "]
-    r = B.perplexity(tiny_lm, texts, progress=False)
-    assert r["words"] == sum(len(re.split(r"\s+", t)) for t in texts) == 3 + 4
-    assert r["bytes"] == sum(len(t.encode("utf-8")) for t in texts) == 16 + 22
-    assert r["tokens"] == sum(len(tiny_lm.encode(t)) for t in texts)
-    assert r["word_ppl"] == pytest.approx(math.exp(r["nll"] / r["words"]))
-    assert r["token_ppl"] == pytest.approx(math.exp(r["nll"] / r["tokens"]))
-    assert r["bits_per_byte"] == pytest.approx(r["nll"] / r["bytes"] / math.log(2))
-
 
 # ---------------------------------------------------------------------------------------------
 # perplexity / loglikelihood against a brute-force reference
 
-@pytest.mark.parametrize("stride", [None, 48, 128])
-def test_perplexity_matches_brute_force(trained_lm, wiki2_text, stride):
-    text = wiki2_text[0][:3000]
-    ids = trained_lm.encode(text)
-    assert len(ids) > 2 * trained_lm.max_seq_len  # several windows
-    r = B.perplexity(trained_lm, [text], stride=stride, batch_size=3, progress=False)
-    ref = _brute_force_nll(trained_lm, ids, stride or trained_lm.max_seq_len)
-    assert r["tokens"] == len(ids)
-    assert r["nll"] == pytest.approx(ref, rel=1e-5)
-
-
-def test_smaller_stride_gives_more_context_and_lower_ppl(trained_ckpt, wiki2_text):
-    # the fixture model was trained on 64-token windows: score within that length
-    lm = B.load_lm(trained_ckpt, max_seq_len=64)
-    assert lm.max_seq_len == 64
-    disjoint = B.perplexity(lm, wiki2_text, progress=False)
-    overlap = B.perplexity(lm, wiki2_text, stride=16, progress=False)
-    assert overlap["tokens"] == disjoint["tokens"]
-    assert overlap["windows"] > disjoint["windows"]
-    assert overlap["token_ppl"] < disjoint["token_ppl"]
-
-
-def test_batch_size_and_padding_do_not_change_scores(trained_lm, wiki2_text):
-    a = B.perplexity(trained_lm, wiki2_text, stride=40, batch_size=1, progress=False)
-    b = B.perplexity(trained_lm, wiki2_text, stride=40, batch_size=7, progress=False)
-    assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
-
-
-def test_trained_model_beats_random_on_real_wikitext(trained_lm, tiny_lm, wiki2_text):
-    trained = B.perplexity(trained_lm, wiki2_text, progress=False)
-    rand = B.perplexity(tiny_lm, wiki2_text, progress=False)
-    # a random model is near-uniform (ppl ~ vocab); 300 steps on WikiText must be far better
-    assert rand["token_ppl"] > 0.7 * tiny_lm.vocab_size
-    assert trained["token_ppl"] < 0.5 * rand["token_ppl"]
-    assert trained["bits_per_byte"] < rand["bits_per_byte"]
-
-
-def test_loglikelihood_order_truncation_and_greedy(trained_lm):
-    lm = trained_lm
-    ctx = lm.encode("The game was played in the city of")
-    greedy = lm.generate_ids(ctx, 5, temperature=0)[0]
-    other = [(greedy[0] + 1) % lm.vocab_size] + greedy[1:]
-    long_ctx = list(range(4, 4 + 3 * lm.max_seq_len))  # longer than the context: cut from the left
-    reqs = [(ctx, greedy), (ctx, other), ([], greedy[:2]), (long_ctx, greedy[:3])]
-    out = B.loglikelihood(lm, reqs, batch_size=2, progress=False)
-    assert out[0][1] is True and out[1][1] is False
-    assert out[0][0] > out[1][0]
-    # manual computation for request 0 and for the truncated request 3
-    for (c, k), (score, _) in [(reqs[0], out[0]), (reqs[3], out[3])]:
-        full = (c + k)[-(lm.max_seq_len + 1):]
-        logp = F.log_softmax(lm.logits(torch.tensor([full[:-1]]))[0], -1)
-        n = len(k)
-        ref = logp[torch.arange(len(full) - 1 - n, len(full) - 1), torch.tensor(k)].sum()
-        assert score == pytest.approx(float(ref), rel=1e-5)
-    # empty context = the begin token
-    logp = F.log_softmax(lm.logits(torch.tensor([[lm.begin_id, greedy[0]]]))[0], -1)
-    assert out[2][0] == pytest.approx(float(logp[0, greedy[0]] + logp[1, greedy[1]]), rel=1e-5)
-    # results come back in request order regardless of the length sorting
-    rev = B.loglikelihood(lm, reqs[::-1], batch_size=3, progress=False)[::-1]
-    assert [g for _, g in rev] == [g for _, g in out]
-    assert [s for s, _ in rev] == pytest.approx([s for s, _ in out], rel=1e-5)
-    with pytest.raises(ValueError, match="empty continuation"):
-        B.loglikelihood(lm, [(ctx, [])], progress=False)
-
-
-def test_fishai_checkpoint_and_hf_export_score_identically(tmp_path, tiny_model, trained_ckpt, wiki2_text):
-    from model import load_model, save_hf
-    model = load_model(trained_ckpt)
-    save_hf(model, tmp_path / "hf")
-    a = B.perplexity(B.load_lm(trained_ckpt), wiki2_text, progress=False)
-    b = B.perplexity(B.load_lm(tmp_path / "hf", hf=True), wiki2_text, progress=False)  # transformers path
-    c = B.perplexity(B.load_lm(tmp_path / "hf"), wiki2_text, progress=False)           # FishAI from_hf path
-    assert B.load_lm(tmp_path / "hf", hf=True).kind == "hf"
-    for r in (b, c):
-        assert r["tokens"] == a["tokens"]
-        assert r["token_ppl"] == pytest.approx(a["token_ppl"], rel=1e-3)
-
 
 # ---------------------------------------------------------------------------------------------
 # LM interface
-
-def test_lm_generate_greedy_matches_model_and_stops(trained_lm):
-    lm = trained_lm
-    prompt = lm.encode("The history of")
-    ids, _ = lm.generate_ids(prompt, 12, temperature=0)
-    ref = lm.model.generate(torch.tensor([prompt]), 12, temperature=0, eos_id=lm.eos_id)[0, len(prompt):].tolist()
-    assert ids == [t for t in ref if t != lm.eos_id][:len(ids)]
-    text = lm.generate(prompt, 12, temperature=0)
-    assert text == lm.decode(ids)
-    stop = text[2:5]
-    if stop.strip():
-        cut = lm.generate(prompt, 12, temperature=0, stop=[stop])
-        assert stop not in cut and text.startswith(cut)
-    # fixed seed -> identical samples; different seed -> (almost surely) different
-    s1 = lm.generate_ids(prompt, 16, temperature=1.0, seed=5)
-    assert s1 == lm.generate_ids(prompt, 16, temperature=1.0, seed=5)
-    assert s1 != lm.generate_ids(prompt, 16, temperature=1.0, seed=6)
-
-
-def test_load_lm_errors_are_one_line(tmp_path):
-    for spec in [tmp_path / "missing.pt", "./nope/model", tmp_path]:
-        with pytest.raises(B.BenchmarkError) as e:
-            B.load_lm(spec)
-        assert "\n" not in str(e.value) and str(spec) in str(e.value)
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(B.BenchmarkError, match="bad.pt"):
-        B.load_lm(bad)
-    with pytest.raises(B.BenchmarkError, match="dtype"):
-        B.load_lm(bad, dtype="int3")
 
 
 def test_generation_quality_metrics():
@@ -347,45 +176,6 @@ EN_TEXT = ("The history of the city began in the Roman period, when a small fort
            "In the twelfth century the town received a charter, and its market grew quickly.\n")
 
 
-def _check_char_figures(r, text):
-    assert r["chars"] == len(text) and r["bytes"] == len(text.encode("utf-8"))
-    assert r["char_ppl"] == pytest.approx(math.exp(r["nll"] / r["chars"]))
-    assert r["chars_per_token"] == pytest.approx(r["chars"] / r["tokens"])
-    assert r["bits_per_byte"] == pytest.approx(r["nll"] / r["bytes"] / math.log(2))
-
-
-def test_unspaced_text_gets_character_level_figures(trained_lm):
-    zh = B.perplexity(trained_lm, ZH_TEXT, progress=False)
-    en = B.perplexity(trained_lm, EN_TEXT, progress=False)
-    _check_char_figures(zh, ZH_TEXT)
-    _check_char_figures(en, EN_TEXT)
-    assert zh["spaced"] is False and en["spaced"] is True
-    assert zh["words"] * du.SPACED_CHARS_PER_WORD < zh["chars"] and en["words"] * 7 > en["chars"]
-    # per word, a whole line is one "word": its perplexity is astronomically large; per character it is not
-    assert zh["word_ppl"] > 1e20 and math.isfinite(zh["char_ppl"]) and zh["char_ppl"] < zh["word_ppl"]
-    # tables and console lines: bits/byte first, then char PPL for Chinese and word PPL for English
-    table = B.format_ppl_table({"analects": zh, "english": en})
-    head, zh_row, en_row = table.splitlines()
-    assert head.split()[1] == "bits/byte" and zh_row.split()[1] == f"{zh['bits_per_byte']:.4f}"
-    assert zh_row.split()[2:4] == [B.fmt_ppl(zh["char_ppl"]), "char"] and B.fmt_ppl(zh["word_ppl"]) not in zh_row
-    assert en_row.split()[2:4] == [B.fmt_ppl(en["word_ppl"]), "word"]
-    line = B.describe_ppl("analects", zh)
-    assert line.startswith("analects: bits/byte ") and "char ppl" in line and "word ppl" not in line
-    assert B.describe_ppl("english", en).split(", ")[1] == f"word ppl {B.fmt_ppl(en['word_ppl'])}"
-
-
-def test_real_chinese_book_is_scored_per_character(trained_lm, shared_data):
-    """The first 20 KB of a real Chinese book (the old output printed word ppl 2.02e+117 here)."""
-    book = sorted((shared_data / "books_zh").glob("*.txt"))[0]
-    text = book.read_bytes()[:20_000].decode("utf-8", "ignore")
-    r = B.perplexity(trained_lm, text, progress=False)
-    _check_char_figures(r, text)
-    assert r["spaced"] is False and r["words"] * du.SPACED_CHARS_PER_WORD < r["chars"]
-    assert math.isfinite(r["char_ppl"]) and r["char_ppl"] < r["word_ppl"]
-    value, per = B.headline_ppl(r)
-    assert (value, per) == (r["char_ppl"], "char")
-
-
 def test_full_cli_reports_char_ppl_for_chinese(tmp_path, trained_ckpt, capsys):
     zh, en = tmp_path / "zh.txt", tmp_path / "en.txt"
     zh.write_text(ZH_TEXT * 3, encoding="utf-8")
@@ -399,13 +189,13 @@ def test_full_cli_reports_char_ppl_for_chinese(tmp_path, trained_ckpt, capsys):
     for r in res.values():  # word PPL stays in the JSON for both
         assert {"bits_per_byte", "word_ppl", "char_ppl", "chars", "chars_per_token", "spaced"} <= set(r)
     stdout = capsys.readouterr().out
-    assert f"char ppl {B.fmt_ppl(res['analects']['char_ppl'])}" in stdout
-    assert B.fmt_ppl(res["analects"]["word_ppl"]) not in stdout
+    assert f"char ppl {scoring.fmt_ppl(res['analects']['char_ppl'])}" in stdout
+    assert scoring.fmt_ppl(res["analects"]["word_ppl"]) not in stdout
     report = md.read_text()
     assert "| dataset | bits/byte | PPL | per |" in report
     for name, per in (("analects", "char"), ("english", "word")):
         r = res[name]
-        assert f"| {name} | {r['bits_per_byte']:.4f} | {B.fmt_ppl(r[per + '_ppl'])} | {per} |" in report
+        assert f"| {name} | {r['bits_per_byte']:.4f} | {scoring.fmt_ppl(r[per + '_ppl'])} | {per} |" in report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,16 +234,6 @@ def test_full_exits_1_when_a_dataset_is_not_scored(tmp_path, trained_ckpt, capsy
     res = json.loads(out.read_text())
     assert set(res["perplexity"]) == {"english"} and "blank" in res["errors"]
     assert "error: blank:" in capsys.readouterr().err
-
-
-def test_generate_ids_fits_a_long_prompt_to_the_context(trained_lm):
-    """model.fit_prompt: a prompt longer than the context keeps its newest tokens beside the new ones."""
-    lm = trained_lm
-    prompt = (lm.encode(EN_TEXT) * 4)[: lm.max_seq_len + 20]
-    ids, _ = lm.generate_ids(prompt, 6, temperature=0)
-    ref, _ = lm.generate_ids(prompt[-(lm.max_seq_len - 6):], 6, temperature=0)
-    assert ids == ref and 0 < len(ids) <= 6
-    assert lm.generate_ids(prompt, 0) == ([], False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,9 +333,9 @@ def test_dequantize_flag_reaches_load_model(tmp_path, tiny_ckpt):
     assert B.build_parser().parse_args(["full", "--dequantize"]).dequantize is True
     out = tmp_path / "m.bin"
     quantize.main(["--model", str(tiny_ckpt), "--output", str(out), "--strategy", "int4", "--quiet"])
-    kinds = {type(x).__name__ for x in B.load_lm(out).model.modules()}
+    kinds = {type(x).__name__ for x in scoring.load_lm(out).model.modules()}
     assert "Int4Linear" in kinds and "Linear" not in kinds
-    assert "Linear" in {type(x).__name__ for x in B.load_lm(out, dequantize=True).model.modules()}
+    assert "Linear" in {type(x).__name__ for x in scoring.load_lm(out, dequantize=True).model.modules()}
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -585,9 +365,9 @@ def test_recipe_helpers_split_runs_and_crossing(tmp_path):
     curve = [(100, 5.0), (200, 4.0), (300, 3.0)]
     assert B.crossing_tokens(curve, 3.5) == 250 and B.crossing_tokens(curve, 5.5) == 100
     assert B.crossing_tokens(curve, 2.0) is None
-    with pytest.raises(B.BenchmarkError, match="--baseline-lrs"):
+    with pytest.raises(scoring.ScoringError, match="--baseline-lrs"):
         B._multiples("0,x", "--baseline-lrs")
-    with pytest.raises(B.BenchmarkError, match="--data"):
+    with pytest.raises(scoring.ScoringError, match="--data"):
         B.split_books(str(tmp_path / "missing"))
 
 
@@ -618,7 +398,7 @@ def test_recipe_command_trains_both_recipes_and_reports(tmp_path, training_texts
     assert "tokens to target" in md and "default (muon+wsd)" in md and "Baseline sweep: 3 AdamW + cosine runs" in md
     assert (tmp_path / "r.png").stat().st_size > 1000
     # outputs are refused before any work without --overwrite
-    assert B.main(cmd + ["--json", str(out), "--quiet"]) == du.EXIT_USAGE
+    assert B.main(cmd + ["--json", str(out), "--quiet"]) == common.EXIT_USAGE
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common
 import data_utils as du  # noqa: E402
 from data_utils import DataError  # noqa: E402
+import scoring  # noqa: E402
 
 
 def run_cli(*args):
@@ -113,11 +115,11 @@ def test_non_utf8_empty_and_missing(tmp_path):
 
 
 def test_hf_source_offline_error_is_clear(tmp_path):
-    code = ("import sys; sys.path.insert(0, %r); import data_utils as du\n"
+    code = ("import sys; sys.path.insert(0, %r); import data_utils as du, scoring\n"
             "try:\n list(du.iter_documents('hf:someone/some_dataset'))\n"
             "except du.DataError as e: print('DataError:', e)\n"
-            "try:\n du.load_eval_texts('wikitext2')\n"
-            "except du.DataError as e: print('DataError:', e)\n") % str(ROOT)
+            "try:\n scoring.load_eval_texts('wikitext2')\n"
+            "except scoring.ScoringError as e: print('DataError:', e)\n") % str(ROOT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     lines = [l for l in r.stdout.splitlines() if l.startswith("DataError:")]
@@ -266,34 +268,6 @@ def test_iter_eval_batches_contiguous():
 
 
 # ----------------------------------------------------------------------------------- eval texts
-
-def test_load_eval_texts_wikitext_real(shared_data):
-    f = shared_data / "wikitext103" / "wiki.test.tokens"
-    arts = du.load_eval_texts("wikitext103", shared_data / "wikitext103", split="test")
-    assert len(arts) == 62
-    assert "".join(arts) == f.read_text(encoding="utf-8")          # nothing lost, nothing added
-    assert arts[0].lstrip().startswith("= Robert Boulter =") and arts[1].startswith(" = Du Fu = ")
-    w2 = du.load_eval_texts("wikitext2", shared_data / "wikitext2", split="valid")
-    assert "".join(w2) == (shared_data / "wikitext2" / "valid.txt").read_text(encoding="utf-8")
-    assert len(w2) == 60 and "<unk>" in w2[0]
-    det = du.load_eval_texts("wikitext103", f, detokenize=True)
-    assert len(det) == 62 and " @-@ " not in det[0] and "guest-starring" in det[0]
-    assert du.wikitext_detokenizer("a @-@ b , c @.@ d ( e ) = = F = =") == "a-b, c.d (e) == F =="
-
-
-def test_load_eval_texts_ptb_and_text(shared_data, tmp_path):
-    ptb = du.load_eval_texts("ptb", shared_data / "ptb", split="valid")
-    assert len(ptb) == 1 and ptb[0].count("\n") == 3370
-    t = tmp_path / "x.txt"
-    t.write_text("hello\nworld\n", encoding="utf-8")
-    assert du.load_eval_texts("text", t) == ["hello\nworld\n"]
-    with pytest.raises(DataError, match="no test file for 'ptb'"):
-        du.load_eval_texts("ptb", tmp_path)
-    with pytest.raises(DataError, match="unknown eval set"):
-        du.load_eval_texts("lambada", t)
-    (tmp_path / "e.txt").write_text("")
-    with pytest.raises(DataError, match="empty"):
-        du.load_eval_texts("text", tmp_path / "e.txt")
 
 
 # ------------------------------------------------------------------------------------------ SFT
@@ -482,7 +456,7 @@ def test_prepare_end_to_end(tiny_tokenizer_dir, tiny_tokenizer, corpus_dir, tmp_
     with pytest.raises(DataError, match="different tokenizer"):
         du.check_meta(out, other_tokenizer)
     # existing output is refused without overwrite, replaced with it
-    with pytest.raises(DataError, match="--overwrite"):
+    with pytest.raises(common.FishAIError, match="--overwrite"):
         du.prepare([corpus_dir], tiny_tokenizer_dir, out, show_progress=False, log=None)
     meta2 = du.prepare([corpus_dir], tiny_tokenizer_dir, out, val_fraction=0.0, overwrite=True,
                        show_progress=False, log=None)
@@ -618,8 +592,8 @@ def test_help_comes_before_torch_and_explains_every_flag(script, sub):
     import importlib
     parser = importlib.import_module(script[:-3]).build_parser()
     for p in _parsers(parser):
-        assert isinstance(p, du.ArgumentParser), f"{p.prog}: build it with data_utils.ArgumentParser"
-        assert p.formatter_class is du.HelpFormatter, f"{p.prog}: defaults are shown once by data_utils.HelpFormatter"
+        assert isinstance(p, common.ArgumentParser), f"{p.prog}: build it with data_utils.ArgumentParser"
+        assert p.formatter_class is common.HelpFormatter, f"{p.prog}: defaults are shown once by data_utils.HelpFormatter"
         for a in p._actions:
             if a.help == "==SUPPRESS==" or a.dest == "help" or not a.option_strings and a.nargs == "A...":
                 continue
@@ -632,54 +606,7 @@ def test_help_comes_before_torch_and_explains_every_flag(script, sub):
 def test_bad_numeric_flag_is_one_line_usage_error(script, args):
     r = _run_without_torch(script, args)
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == du.EXIT_USAGE and len(lines) == 1 and lines[0].startswith("error: argument "), r.stderr
-
-
-def test_cli_convention_helpers(tmp_path):
-    assert du.parse_size("500M") == 500_000_000 and du.parse_size("2B") == 2 * 10**9
-    assert du.parse_size("1.5k") == 1500 and du.parse_size("5_000") == 5000 and du.parse_size(None) is None
-    with pytest.raises(DataError, match="--target-tokens"):
-        du.parse_size("lots", "--target-tokens")
-    assert [du.dtype_name(x) for x in ("bfloat16", "fp16", "torch.float32", "AUTO")] == ["bf16", "fp16", "fp32", "auto"]
-    with pytest.raises(DataError, match="--dtype"):
-        du.dtype_name("int3")
-    p = du.ArgumentParser(prog="x")
-    p.add_argument("--n", type=du.int_flag(1), default=4, help="count")
-    p.add_argument("--f", type=du.float_flag(0, 1, hi_open=True), default=0.5, help="fraction (default 0.5)")
-    assert p.parse_args(["--n", "3"]).n == 3 and "(default: 4)" in p.format_help()
-    assert p.format_help().count("default") == 2  # once per flag
-    for bad in (["--n", "0"], ["--n", "x"], ["--f", "1"], ["--f", "nan"]):
-        with pytest.raises(SystemExit) as e:
-            p.parse_args(bad)
-        assert e.value.code == du.EXIT_USAGE
-    assert du.run_cli(lambda: None) == 0
-    assert du.run_cli(lambda: (_ for _ in ()).throw(DataError("bad\nsecond line"))) == du.EXIT_USAGE
-    # the hold-out rule: exact counts, disjoint splits, the first document held out
-    splits = [du.holdout_split(i, 0.1, 0.05) for i in range(200)]
-    assert splits.count("val") + splits.count("test") == 30 and splits.count("test") == 10
-    assert splits[0] == "test" and [du.holdout_split(i, 0.1) for i in range(3)] == ["val", "train", "train"]
-    # atomic files follow the umask; a failed write keeps the old file
-    old = os.umask(0o022)
-    try:
-        f = du.atomic_write_text(tmp_path / "a.txt", "one")
-        assert (f.stat().st_mode & 0o777) == 0o644
-        with pytest.raises(RuntimeError):
-            du.atomic_write(f, lambda fh: (fh.write(b"half"), (_ for _ in ()).throw(RuntimeError("boom"))))
-        assert f.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
-        with du.atomic_dir(tmp_path / "d") as d:
-            (d / "x").write_text("1")
-        assert (tmp_path / "d" / "x").read_text() == "1" and ((tmp_path / "d").stat().st_mode & 0o777) == 0o755
-        with pytest.raises(DataError, match="--overwrite"):
-            with du.atomic_dir(tmp_path / "d", owns=("x",)):
-                pass
-        with pytest.raises(RuntimeError):
-            with du.atomic_dir(tmp_path / "d", overwrite=True, owns=("x", "y")) as d:
-                (d / "y").write_text("2")
-                raise RuntimeError("boom")
-        assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["x"]   # the old dir stays whole
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]  # no temp dirs left
-    finally:
-        os.umask(old)
+    assert r.returncode == common.EXIT_USAGE and len(lines) == 1 and lines[0].startswith("error: argument "), r.stderr
 
 
 def test_chat_jsonl_is_rendered_with_the_template_and_encoded_safely(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
@@ -772,14 +699,10 @@ def test_overwrite_never_deletes_what_the_user_had(tiny_tokenizer_dir, corpus_di
     assert sorted(p.name for p in data.iterdir()) == sorted(du.PREPARED_NAMES)
 
 
-def test_atomic_dir_rechecks_before_the_swap(tmp_path):
-    # a foreign file that appears while the new directory is being built is not deleted either
-    out = tmp_path / "d"
-    out.mkdir()
-    (out / "x").write_text("1")
-    with pytest.raises(DataError, match=r"holds files that are not this command's output \(late.txt\)"):
-        with du.atomic_dir(out, overwrite=True, owns=("x",)) as d:
-            (d / "x").write_text("2")
-            (out / "late.txt").write_text("mine")
-    assert (out / "late.txt").read_text() == "mine" and (out / "x").read_text() == "1"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_holdout_rule_counts_and_order():
+    # the hold-out rule: exact counts, disjoint splits, the first document held out
+    splits = [du.holdout_split(i, 0.1, 0.05) for i in range(200)]
+    assert splits.count("val") + splits.count("test") == 30 and splits.count("test") == 10
+    assert splits[0] == "test" and [du.holdout_split(i, 0.1) for i in range(3)] == ["val", "train", "train"]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate as ev
+import scoring  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------
@@ -55,13 +56,12 @@ def mmlu_dir(tmp_path, test_rows, dev_rows=None, subject="anatomy"):
 
 def test_loglikelihood_matches_hand_computed(tiny_ckpt):
     """The core's log-likelihood of a continuation equals a manual log_softmax over the model's logits."""
-    import benchmark
     from model import load_model
-    lm = benchmark.load_lm(tiny_ckpt, device="cpu")
+    lm = scoring.load_lm(tiny_ckpt, device="cpu")
     scorer = ev.Scorer(lm, progress=False)
     context, conts = "The capital of France is", [" Paris", " a city in Europe"]
     reqs = [scorer.encode_pair(context, c) for c in conts]
-    got = benchmark.loglikelihood(lm, reqs, batch_size=2, progress=False)
+    got = scoring.loglikelihood(lm, reqs, batch_size=2, progress=False)
     model = load_model(tiny_ckpt)
     for (ctx, cont), (ll, greedy) in zip(reqs, got):
         ids = torch.tensor([ctx + cont])
@@ -83,8 +83,7 @@ def test_loglikelihood_matches_hand_computed(tiny_ckpt):
 
 def test_long_continuation_is_scored_in_windows(tiny_ckpt):
     """A continuation longer than the window: the pieces add up to a manual sliding-window score."""
-    import benchmark
-    lm = benchmark.load_lm(tiny_ckpt, device="cpu")
+    lm = scoring.load_lm(tiny_ckpt, device="cpu")
     s = ev.Scorer(lm, progress=False)
     ctx, cont = s.encode_pair("Once upon a time", " there was a story" * 40)
     assert len(cont) > lm.max_seq_len
@@ -93,7 +92,7 @@ def test_long_continuation_is_scored_in_windows(tiny_ckpt):
     assert all(a + c == (ctx + cont)[:len(a) + len(c)] for a, c in parts)
     item = s.multiple_choice([{"context": "Once upon a time", "continuations": [" there was a story" * 40, " x"],
                                "gold": 1}], "t")[0]
-    got = benchmark.loglikelihood(lm, parts, progress=False)
+    got = scoring.loglikelihood(lm, parts, progress=False)
     assert item["loglikelihoods"][0] == pytest.approx(sum(g[0] for g in got), abs=1e-6)
 
 
@@ -268,7 +267,7 @@ def test_bad_files_name_the_file_and_expected_columns(tmp_path):
     with pytest.raises(ev.EvalError, match=r"hellaswag_val\.jsonl:1: missing field\(s\) endings"):
         ev.load_hellaswag(tmp_path / "e")
     (h / "hellaswag_val.jsonl").write_text("{not json\n")
-    with pytest.raises(ev.du.FishAIError, match=r"hellaswag_val\.jsonl:1: not valid JSON.*one JSON object per line"):
+    with pytest.raises(ev.common.FishAIError, match=r"hellaswag_val\.jsonl:1: not valid JSON.*one JSON object per line"):
         ev.load_hellaswag(tmp_path / "e")
     with pytest.raises(ev.EvalError, match=r"missing split.*hellaswag_train"):
         ev.load_hellaswag(tmp_path / "e", split="train")
@@ -573,8 +572,7 @@ def test_one_forward_pass_per_question_equals_the_per_choice_scores(tiny_ckpt, s
     """MMLU's " A".." D" are one token each: one forward pass per question gives the log-likelihoods of
     one request per choice (5-shot: every prompt cut to the 128-token window; 0-shot: some cut, others
     shorter, in padded batches)."""
-    import benchmark
-    s = ev.Scorer(benchmark.load_lm(tiny_ckpt, device="cpu"), batch_size=3, progress=False)
+    s = ev.Scorer(scoring.load_lm(tiny_ckpt, device="cpu"), batch_size=3, progress=False)
     forward_inputs = []
     one_pass = s.next_token_logprobs
     s.next_token_logprobs = lambda contexts: forward_inputs.extend(contexts) or one_pass(contexts)
@@ -625,13 +623,12 @@ def test_drop_shots_is_opt_in_and_reported(tiny_ckpt, shared_data, tmp_path, cap
 
 
 def test_device_and_dtype_go_through_model_resolvers(monkeypatch):
-    import benchmark
     seen = {}
 
     def fake_load_lm(spec, device, dtype, hf, dequantize):
         seen.update(spec=spec, device=device, dtype=dtype, hf=hf, dequantize=dequantize)
         return FakeLM(256)
-    monkeypatch.setattr(benchmark, "load_lm", fake_load_lm)
+    monkeypatch.setattr(scoring, "load_lm", fake_load_lm)
     for name, want in (("auto", torch.float32), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
         args = ev.build_parser().parse_args(["--benchmark", "mmlu", "--hf", "org/name", "--dtype", name,
                                           "--device", "cpu"])
@@ -642,8 +639,8 @@ def test_device_and_dtype_go_through_model_resolvers(monkeypatch):
     assert seen["dequantize"] is True and seen["spec"] == "m.bin"  # a quantized .bin on plain float weights
 
     def failing_load_lm(*a, **kw):
-        raise benchmark.BenchmarkError("cannot load 'org/name': offline\nsecond line")
-    monkeypatch.setattr(benchmark, "load_lm", failing_load_lm)
+        raise scoring.ScoringError("cannot load 'org/name': offline\nsecond line")
+    monkeypatch.setattr(scoring, "load_lm", failing_load_lm)
     with pytest.raises(ev.EvalError, match=r"^cannot load 'org/name': offline$"):
         ev.load_scorer(args)
 

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
+import scoring  # noqa: E402
 from generate import (IncrementalDecoder, chat_loop, fit_prompt, generate_samples,  # noqa: E402
                       make_generator, stream_generate, stream_text, trim_history)
 
@@ -544,14 +545,13 @@ def test_cuda_compiled_graph_decode_gives_the_eager_text_on_a_trained_model(gpu_
     fast, eager = run_script("generate.py", *common), run_script("generate.py", *common, "--no-compile")
     assert fast.returncode == 0 and eager.returncode == 0, fast.stderr[-2000:] + eager.stderr[-2000:]
     assert fast.stdout == eager.stdout and len(fast.stdout) > 20
-    # teacher-forced, the two steps give the same logits in bf16 too (benchmark.decode_tolerance)
-    import benchmark
+    # teacher-forced, the two steps give the same logits in bf16 too (scoring.decode_tolerance)
     from model import load_model
     m = load_model(ckpt, device=gpu)
     seq = torch.tensor([m.tokenizer.encode(fast.stdout)[:48]], device=gpu)
     with torch.autocast(torch.device(gpu).type, dtype=torch.bfloat16):
         m.compile_decode(1)
-        ok, detail = benchmark.check_decode_paths_agree(m, seq, 8, torch.bfloat16)
+        ok, detail = scoring.check_decode_paths_agree(m, seq, 8, torch.bfloat16)
     assert ok, detail
     assert ("CUDA graph" in detail) == (gpu == "cuda") and "failed" not in detail
 

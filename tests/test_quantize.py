@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import quantize as Q
+import quantized
 from model import CheckpointError, load_model, model_bytes
+import scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,25 +42,25 @@ def exports(tmp_path_factory, tiny_ckpt):
 # packing
 
 def test_pack_int4_layout_is_low_nibble_first():
-    assert Q.pack_int4(np.array([1, 2, 3])).tolist() == [0x21, 0x03]
-    assert Q.pack_int4(np.array([15, 0, 0, 15])).tolist() == [0x0F, 0xF0]
-    assert Q.unpack_int4(np.array([0x21, 0x03], np.uint8), 3).tolist() == [1, 2, 3]
+    assert quantized.pack_int4(np.array([1, 2, 3])).tolist() == [0x21, 0x03]
+    assert quantized.pack_int4(np.array([15, 0, 0, 15])).tolist() == [0x0F, 0xF0]
+    assert quantized.unpack_int4(np.array([0x21, 0x03], np.uint8), 3).tolist() == [1, 2, 3]
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 64, 12289])
 def test_pack_unpack_int4_bit_exact(n):
     rng = np.random.default_rng(n)
     codes = rng.integers(0, 16, size=n, dtype=np.uint8)
-    packed = Q.pack_int4(codes)
+    packed = quantized.pack_int4(codes)
     assert packed.dtype == np.uint8 and packed.size == (n + 1) // 2
-    assert np.array_equal(Q.unpack_int4(packed, n), codes)
+    assert np.array_equal(quantized.unpack_int4(packed, n), codes)
 
 
 def test_pack_int4_rejects_out_of_range():
     with pytest.raises(ValueError):
-        Q.pack_int4(np.array([16]))
+        quantized.pack_int4(np.array([16]))
     with pytest.raises(ValueError):
-        Q.unpack_int4(np.zeros(3, np.uint8), 9)
+        quantized.unpack_int4(np.zeros(3, np.uint8), 9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,11 +72,11 @@ def test_pack_int4_rejects_out_of_range():
 def test_quant_type_file_round_trip_is_exact(tmp_path, qtype, shape, group):
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.05
-    qt = Q.quantize_rtn(w, qtype, group or 128, "w")
+    qt = quantized.quantize_rtn(w, qtype, group or 128, "w")
     path = tmp_path / "one.bin"
-    size = Q.write_quantized(path, {"w": qt}, {"d_model": 1})
+    size = quantized.write_quantized(path, {"w": qt}, {"d_model": 1})
     assert path.stat().st_size == size
-    header, tensors = Q.read_quantized(path)
+    header, tensors = quantized.read_quantized(path)
     back = tensors["w"]
     assert back.qtype == qtype and back.shape == tuple(shape)
     assert torch.equal(back.codes, qt.codes)
@@ -103,7 +105,7 @@ def test_int4_partial_last_group_uses_only_its_own_values():
     w = torch.zeros(1, 130)
     w[0, :128] = torch.linspace(-1, 1, 128)
     w[0, 128:] = torch.tensor([0.001, -0.002])
-    qt = Q.quantize_rtn(w, "q4", 128)
+    qt = quantized.quantize_rtn(w, "q4", 128)
     assert qt.scales.shape == (1, 2)
     assert (qt.dequantize()[0, 128:] - w[0, 128:]).abs().max() < 1e-4
     assert float(qt.scales[0, 1]) < 0.001
@@ -113,7 +115,7 @@ def test_bin_file_layout(exports):
     path, _ = exports["int4"]
     raw = path.read_bytes()
     magic, version, flags, hlen, plen = struct.unpack_from("<8sIIQQ", raw, 0)
-    assert magic == b"FISHAIQ\x00" and version == Q.FORMAT_VERSION and flags == 0
+    assert magic == b"FISHAIQ\x00" and version == quantized.FORMAT_VERSION and flags == 0
     header = json.loads(raw[32:32 + hlen])
     start = -(-(32 + hlen) // 64) * 64
     assert len(raw) == start + plen + 32
@@ -147,7 +149,7 @@ def test_load_model_reads_every_strategy(exports, tiny_ckpt, strategy, tol):
     m = load_model(path, dequantize=True)  # issue 12: the default runs quantized (tests at the end)
     assert not m.training and m.tokenizer is not None and m.tokenizer.hash == ref.tokenizer.hash
     # the loaded weights are exactly the stored dequantized values
-    _, tensors = Q.read_quantized(path)
+    _, tensors = quantized.read_quantized(path)
     for name, w in m.state_dict().items():
         assert torch.equal(w, tensors[name].dequantize()), name
     idx = torch.randint(0, ref.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -205,7 +207,7 @@ def test_truncated_corrupted_magic_version_errors(exports, tmp_path):
         assert str(p) in str(e.value)
     # newer version (with a valid checksum, so the version check is what fires)
     newer = bytearray(raw)
-    struct.pack_into("<I", newer, 8, Q.FORMAT_VERSION + 1)
+    struct.pack_into("<I", newer, 8, quantized.FORMAT_VERSION + 1)
     import hashlib
     newer[-32:] = hashlib.sha256(bytes(newer[:-32])).digest()
     p = _rewrite(tmp_path / "newer.bin", newer)
@@ -214,7 +216,7 @@ def test_truncated_corrupted_magic_version_errors(exports, tmp_path):
     # wrong magic: load_model no longer dispatches here, read_quantized refuses it
     bad = _rewrite(tmp_path / "magic.bin", b"NOTFISH\x00" + raw[8:])
     with pytest.raises(CheckpointError, match="magic"):
-        Q.read_quantized(bad)
+        quantized.read_quantized(bad)
     with pytest.raises(CheckpointError):
         load_model(bad)
 
@@ -236,8 +238,8 @@ def test_cli_errors_and_no_partial_output(tiny_ckpt, tmp_path):
 
 
 def test_cli_json_report_with_perplexity(trained_ckpt, tmp_path, training_texts):
-    text = tmp_path / "eval.txt"
-    text.write_text("\n\n".join(training_texts[-6:]), encoding="utf-8")
+    text = tmp_path / "eval.jsonl"  # 6 documents (a plain .txt file is scored as one text, as benchmark.py full does)
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in training_texts[-6:]), encoding="utf-8")
     out, js = tmp_path / "m.bin", tmp_path / "m.json"
     r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--model", str(trained_ckpt), "--output",
                         str(out), "--strategy", "mixed", "--eval-data", str(text), "--eval-limit", "4",
@@ -265,14 +267,14 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     W = torch.randn(rows, cols) * 0.05
     H = 2 * X.T.double() @ X.double() / n
     for qtype in ("q4", "q8"):
-        rtn = Q.quantize_rtn(W, qtype, 32)
+        rtn = quantized.quantize_rtn(W, qtype, 32)
         gptq = Q.gptq_quantize(W, H, qtype, 32)
         assert gptq.method == "gptq" and gptq.scales.shape == rtn.scales.shape
         e_rtn = (X @ (rtn.dequantize() - W).T).pow(2).mean()
         e_gptq = (X @ (gptq.dequantize() - W).T).pow(2).mean()
         assert e_gptq < 0.8 * e_rtn, (qtype, e_gptq, e_rtn)
         # codes stay in range and the stored form round-trips
-        back = Q.decode_parts(qtype, list(W.shape), gptq.group_size, Q.encode_parts(gptq))
+        back = quantized.decode_parts(qtype, list(W.shape), gptq.group_size, quantized.encode_parts(gptq))
         assert torch.equal(back.dequantize(), gptq.dequantize())
 
 
@@ -298,7 +300,7 @@ def test_gptq_export_loads_and_helps(trained_ckpt, tmp_path, training_texts):
     # GPTQ covers the block linears; the tied embedding keeps round-to-nearest (see gptq_quantize_model)
     assert {r["method"] for r in gptq["tensors"] if r["qtype"] == "q4" and r["name"] != "tok_emb.weight"} == {"gptq"}
     assert next(r["method"] for r in gptq["tensors"] if r["name"] == "tok_emb.weight") == "rtn"
-    _, tensors = Q.read_quantized(tmp_path / "gptq.bin")
+    _, tensors = quantized.read_quantized(tmp_path / "gptq.bin")
     assert tensors["layers.0.attn.wq.weight"].method == "gptq"
     loss_rtn = rtn["perplexity"]["relative_change"]["token_ppl"]
     loss_gptq = gptq["perplexity"]["relative_change"]["token_ppl"]
@@ -664,7 +666,11 @@ def test_eval_data_specs(shared_data, tmp_path):
     assert by_name[0].lstrip().startswith("= ")          # one text per article
     txt = tmp_path / "t.txt"
     txt.write_text("first doc\n\nsecond doc\n", encoding="utf-8")
-    assert Q.load_eval_texts(str(txt)) == ["first doc", "second doc"]
+    # a plain file is one text, as benchmark.py full scores it (the same spec, the same numbers);
+    # a jsonl (or directory) gives its documents
+    assert Q.load_eval_texts(str(txt)) == ["first doc\n\nsecond doc\n"]
+    (tmp_path / "t.jsonl").write_text('{"text": "first doc"}\n{"text": "second doc"}\n', encoding="utf-8")
+    assert Q.load_eval_texts(str(tmp_path / "t.jsonl")) == ["first doc", "second doc"]
     with pytest.raises(ValueError, match="eval-data"):
         Q.load_eval_texts(str(tmp_path / "missing.txt"))
 
@@ -749,8 +755,8 @@ def test_perplexity_line_leads_with_bits_per_byte():
 
 
 def test_cli_perplexity_headline_matches_the_json(tiny_ckpt, tmp_path, training_texts, capsys):
-    text = tmp_path / "eval.txt"
-    text.write_text("\n\n".join(training_texts[:3]), encoding="utf-8")
+    text = tmp_path / "eval.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in training_texts[:3]), encoding="utf-8")
     out, js = tmp_path / "m.bin", tmp_path / "m.json"
     assert Q.main(["--model", str(tiny_ckpt), "--output", str(out), "--strategy", "int8", "--eval-data", str(text),
                    "--eval-limit", "2", "--json", str(js), "--quiet"]) == 0
@@ -790,7 +796,7 @@ def test_cli_flag_vocabulary_and_exit_codes(tiny_ckpt, tmp_path, capsys):
     err = error_of("--model", tiny_ckpt, "--output", tmp_path / "z.bin", "--json", js, "--quiet")
     assert "--json" in err and "--overwrite" in err
     assert js.read_text() == "{}" and not (tmp_path / "z.bin").exists()
-    with pytest.raises(Q.QuantizeError, match="--calibration-seq-len 999 is longer"):
+    with pytest.raises(quantized.QuantizeError, match="--calibration-seq-len 999 is longer"):
         Q.run(_args(model=str(tiny_ckpt), output=str(tmp_path / "c.bin"), calibration_data=str(js),
                     calibration_seq_len=999))
     # --overwrite (and the old --force) replace an existing export
@@ -871,28 +877,28 @@ def test_quantized_linears_match_their_dequantized_weights(shape, group):
     w = torch.randn(*shape, generator=g) * 0.05
     x = torch.randn(2, 3, shape[1], generator=g)
     for qtype in ("q8", "q4"):
-        qt = Q.quantize_rtn(w, qtype, group)
+        qt = quantized.quantize_rtn(w, qtype, group)
         ref = x @ qt.dequantize().T
-        layer = Q.int8_linear(qt.codes, qt.scales, "cpu") if qtype == "q8" else Q.int4_linear(qt, "cpu")
+        layer = quantized.int8_linear(qt.codes, qt.scales, "cpu") if qtype == "q8" else quantized.int4_linear(qt, "cpu")
         y = layer(x)
         assert y.shape == (2, 3, shape[0]) and y.dtype == torch.float32
         assert ((y - ref).abs() <= _bound(x, qt.dequantize())).all(), (qtype, getattr(layer, "mode", "kernel"))
         if qtype == "q4":
-            expect = "dequant" if shape[0] % 16 or group not in Q.INT4_KERNEL_GROUPS else "cpu"
+            expect = "dequant" if shape[0] % 16 or group not in quantized.INT4_KERNEL_GROUPS else "cpu"
             assert layer.mode == expect
     # without a kernel the layer is dequantized for each call: fp32 arithmetic, no bf16
     for qtype in ("q8", "q4"):
-        qt = Q.quantize_rtn(w, qtype, group)
-        layer = (Q.int8_linear(qt.codes, qt.scales, "cpu", kernel=False) if qtype == "q8"
-                 else Q.int4_linear(qt, "cpu", mode="dequant"))
+        qt = quantized.quantize_rtn(w, qtype, group)
+        layer = (quantized.int8_linear(qt.codes, qt.scales, "cpu", kernel=False) if qtype == "q8"
+                 else quantized.int4_linear(qt, "cpu", mode="dequant"))
         assert torch.allclose(layer(x), x @ qt.dequantize().T, rtol=1e-5, atol=1e-6)
 
 
 def test_int4_kernel_group_and_padding():
-    assert Q._kernel_group(704, 128) == 64 and Q._kernel_group(512, 128) == 128
-    assert Q._kernel_group(200, 128) == 128 and Q._kernel_group(64, 128) == 64
-    qt = Q.quantize_rtn(torch.randn(32, 200), "q4", 128)
-    layer = Q.int4_linear(qt, "cpu")
+    assert quantized._kernel_group(704, 128) == 64 and quantized._kernel_group(512, 128) == 128
+    assert quantized._kernel_group(200, 128) == 128 and quantized._kernel_group(64, 128) == 64
+    qt = quantized.quantize_rtn(torch.randn(32, 200), "q4", 128)
+    layer = quantized.int4_linear(qt, "cpu")
     assert (layer.kernel_group, layer.pad, layer.scales_and_zeros.shape) == (128, 56, (2, 32, 2))
 
 
@@ -900,9 +906,9 @@ def test_int4_kernel_group_and_padding():
 def test_int4_embedding_reads_rows_from_the_kernel_layout(rows):
     """The tied int4 table is stored once, in the CPU kernel's layout; lookups read it back exactly
     (full 64-row blocks, a shorter last block: 208 = 3 x 64 + 16, 96, 32)."""
-    qt = Q.quantize_rtn(torch.randn(rows, 192, generator=torch.Generator().manual_seed(3)), "q4", 128)
-    head = Q.int4_linear(qt, "cpu")
-    emb = Q.Int4Embedding(qt, head, torch.float32)
+    qt = quantized.quantize_rtn(torch.randn(rows, 192, generator=torch.Generator().manual_seed(3)), "q4", 128)
+    head = quantized.int4_linear(qt, "cpu")
+    emb = quantized.Int4Embedding(qt, head, torch.float32)
     assert not emb.row_packed and emb.weight.data_ptr() == head.weight.data_ptr()
     idx = torch.tensor([[0, rows - 1, rows // 2], [1, 17, rows - 16]])
     assert torch.equal(emb(idx), qt.dequantize()[idx])
@@ -911,17 +917,17 @@ def test_int4_embedding_reads_rows_from_the_kernel_layout(rows):
 def test_int8_and_fp16_embeddings_are_exact():
     w = torch.randn(80, 48, generator=torch.Generator().manual_seed(4))
     idx = torch.tensor([3, 79, 0])
-    q8 = Q.quantize_rtn(w, "q8")
-    emb8 = Q.Int8Embedding(Q.int8_linear(q8.codes, q8.scales, "cpu"), q8.scales, torch.float32)
+    q8 = quantized.quantize_rtn(w, "q8")
+    emb8 = quantized.Int8Embedding(quantized.int8_linear(q8.codes, q8.scales, "cpu"), q8.scales, torch.float32)
     assert torch.equal(emb8(idx), q8.dequantize()[idx])
-    half = Q.HalfEmbedding(w.half(), torch.float32)
+    half = quantized.HalfEmbedding(w.half(), torch.float32)
     assert torch.equal(half(idx), w.half().float()[idx])
 
 
 def test_fused_qkv_and_gate_up_share_the_parts_storage(tmp_path, tiny_model):
     tensors, _ = Q.quantize_model(tiny_model, "int8", progress=False)
     path = tmp_path / "int8.bin"
-    Q.write_quantized(path, tensors, tiny_model.config.to_dict())
+    quantized.write_quantized(path, tensors, tiny_model.config.to_dict())
     m = load_model(path)
     attn, mlp = m.layers[0].attn, m.layers[0].mlp
     assert hasattr(attn, "fused_wq_wk_wv") and hasattr(mlp, "fused_w_gate_w_up")
@@ -933,13 +939,13 @@ def test_fused_qkv_and_gate_up_share_the_parts_storage(tmp_path, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def quantized(exports):
+def loaded_pairs(exports):
     return {s: (load_model(exports[s][0]), load_model(exports[s][0], dequantize=True)) for s in Q.STRATEGIES}
 
 
 @pytest.mark.parametrize("strategy", Q.STRATEGIES)
-def test_load_model_runs_quantized_by_default(quantized, strategy):
-    qm, dm = quantized[strategy]
+def test_load_model_runs_quantized_by_default(loaded_pairs, strategy):
+    qm, dm = loaded_pairs[strategy]
     kinds = {type(mod).__name__ for mod in qm.modules()}
     want = {"fp32": {"Linear", "Embedding"}, "fp16": {"HalfLinear", "HalfEmbedding", "Int8Linear"},
             "int8": {"Int8Linear", "Int8Embedding"}, "int4": {"Int4Linear", "Int4Embedding"},
@@ -958,9 +964,9 @@ def test_load_model_runs_quantized_by_default(quantized, strategy):
     assert torch.equal(logits[:, 7:-1].argmax(-1), out[:, 8:])
 
 
-def test_quantized_decode_paths_agree(quantized):
+def test_quantized_decode_paths_agree(loaded_pairs):
     """generate(): lean step, module path (a hook on a layer) and compile_decode's static loop."""
-    qm, _ = quantized["mixed"]
+    qm, _ = loaded_pairs["mixed"]
     x = torch.randint(0, qm.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(6))
     lean = qm.generate(x, 10, temperature=0)
     h = qm.layers[0].mlp.w_down.register_forward_hook(lambda *a: None)
@@ -982,7 +988,7 @@ def test_quantized_memory_is_within_1_5x_the_file(tmp_path):
     sizes = {}
     for strategy in Q.STRATEGIES:
         tensors, _ = Q.quantize_model(gpt, strategy, progress=False)
-        sizes[strategy] = Q.write_quantized(tmp_path / f"{strategy}.bin", tensors, cfg.to_dict())
+        sizes[strategy] = quantized.write_quantized(tmp_path / f"{strategy}.bin", tensors, cfg.to_dict())
         ratio = model_bytes(load_model(tmp_path / f"{strategy}.bin")) / sizes[strategy]
         assert ratio <= 1.5, (strategy, ratio)
         if strategy in ("int8", "int4"):
@@ -994,14 +1000,13 @@ def test_quantized_memory_is_within_1_5x_the_file(tmp_path):
 def test_quantized_perplexity_matches_dequantized_on_wikitext(trained_ckpt, tmp_path, shared_data):
     """Perplexity through the kernels is within 0.1% of the dequantized model (a WikiText-103 test
     slice; the full figure is in docs/RESULTS.md)."""
-    import benchmark
     texts = Q.load_eval_texts(f"wikitext103:{shared_data / 'wikitext103'}", limit=3)
     texts = [t[:4000] for t in texts]
     for strategy in ("int8", "int4", "mixed"):
         out = tmp_path / f"{strategy}.bin"
         Q.run(_args(model=str(trained_ckpt), output=str(out), strategy=strategy, group_size=64))
-        q = benchmark.perplexity(benchmark.load_lm(out), texts, progress=False)
-        d = benchmark.perplexity(benchmark.load_lm(out, dequantize=True), texts, progress=False)
+        q = scoring.perplexity(scoring.load_lm(out), texts, progress=False)
+        d = scoring.perplexity(scoring.load_lm(out, dequantize=True), texts, progress=False)
         assert q["tokens"] == d["tokens"] > 1000
         assert abs(q["token_ppl"] / d["token_ppl"] - 1) < 1e-3, strategy
         assert abs(q["bits_per_byte"] / d["bits_per_byte"] - 1) < 1e-3, strategy
@@ -1026,8 +1031,8 @@ def test_cuda_quantized_linears_and_decode(exports, tiny_ckpt):
     w = torch.randn(64, 256, generator=g) * 0.05
     x = torch.randn(4, 256, generator=g)
     for qtype in ("q8", "q4"):
-        qt = Q.quantize_rtn(w, qtype, 128)
-        layer = Q.int8_linear(qt.codes, qt.scales, "cuda") if qtype == "q8" else Q.int4_linear(qt, "cuda")
+        qt = quantized.quantize_rtn(w, qtype, 128)
+        layer = quantized.int8_linear(qt.codes, qt.scales, "cuda") if qtype == "q8" else quantized.int4_linear(qt, "cuda")
         assert getattr(layer, "mode", "cuda") == "cuda" and getattr(layer, "kernel", True)
         y = layer(x.cuda()).float().cpu()
         assert ((y - x @ qt.dequantize().T).abs() <= _bound(x, qt.dequantize())).all(), qtype

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import quick_train  # noqa: E402
+import scoring  # noqa: E402
 
 SHRINK = ["--model-override", "d_model=64", "--model-override", "n_layers=2", "--model-override", "n_heads=4",
           "--model-override", "n_kv_heads=2", "--model-override", "d_ff=192", "--model-override", "max_seq_len=128"]
@@ -269,7 +270,7 @@ def test_device_cuda_without_cuda_is_refused_before_any_work(tmp_path, capsys, t
 
 
 def test_character_figures_for_text_without_spaces():
-    # a benchmark.perplexity result for 280 characters of Chinese (tests/test_benchmark.py checks
+    # a scoring.perplexity result for 280 characters of Chinese (tests/test_benchmark.py checks
     # that perplexity() computes these keys): the report shows characters, not words
     t = {"nll": 500.0, "tokens": 200, "words": 1, "chars": 280, "bytes": 840, "bits_per_byte": 0.86,
          "token_ppl": 12.2, "word_ppl": float("inf"), "char_ppl": math.exp(500 / 280), "chars_per_token": 1.4,

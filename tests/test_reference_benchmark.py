@@ -7,6 +7,7 @@ import torch
 
 import benchmark as B
 import reference_benchmark as R
+import scoring  # noqa: E402
 
 
 def _save_hf(model, tok_dir, out):
@@ -97,28 +98,28 @@ def test_reference_models_scored_like_benchmark(tmp_path, hf_models, trained_ckp
 def test_llama_dir_same_through_fishai_and_transformers(hf_models, shared_data):
     """A plain tied Llama directory loads either as a FishAI GPT (from_hf) or through transformers;
     both must score it identically."""
-    docs = B.load_datasets([("ptb", str(shared_data / "ptb" / "ptb.valid.txt"))], max_chars=5000)["ptb"]
-    a = B.perplexity(B.load_lm(hf_models["llama"]), docs, stride=64, progress=False)
-    b = B.perplexity(B.load_lm(hf_models["llama"], hf=True), docs, stride=64, progress=False)
-    assert B.load_lm(hf_models["llama"]).kind == "fishai"
+    docs = scoring.load_datasets([("ptb", str(shared_data / "ptb" / "ptb.valid.txt"))], max_chars=5000)["ptb"]
+    a = scoring.perplexity(scoring.load_lm(hf_models["llama"]), docs, stride=64, progress=False)
+    b = scoring.perplexity(scoring.load_lm(hf_models["llama"], hf=True), docs, stride=64, progress=False)
+    assert scoring.load_lm(hf_models["llama"]).kind == "fishai"
     assert a["token_ppl"] == pytest.approx(b["token_ppl"], rel=1e-4)
 
 
 def test_begin_token_is_bos_else_eos(hf_models, tmp_path):
     """Documents start after the tokenizer's BOS when it has one, else after EOS (FishAI: no BOS)."""
-    plain = B.load_lm(hf_models["gpt2"], hf=True)
+    plain = scoring.load_lm(hf_models["gpt2"], hf=True)
     assert plain.tokenizer.bos_token_id is None and plain.begin_id == plain.eos_id == 0
     with_bos = shutil.copytree(hf_models["gpt2"], tmp_path / "gpt2-bos")
     cfg_path = with_bos / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["bos_token"] = "<|im_start|>"
     cfg_path.write_text(json.dumps(cfg))
-    lm = B.load_lm(with_bos, hf=True)
+    lm = scoring.load_lm(with_bos, hf=True)
     assert lm.begin_id == lm.tokenizer.bos_token_id == 1
     # encode never adds special tokens; the begin token is added by the scoring functions only
     assert lm.encode("hello world") == plain.encode("hello world")
     assert lm.encode("hello world")[0] != 1
-    r = B.loglikelihood(lm, [([], lm.encode("hello"))], progress=False)
+    r = scoring.loglikelihood(lm, [([], lm.encode("hello"))], progress=False)
     ids = lm.encode("hello")
     logp = torch.log_softmax(lm.logits(torch.tensor([[1] + ids[:-1]]))[0], -1)
     assert r[0][0] == pytest.approx(float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum()), rel=1e-5)
@@ -149,9 +150,9 @@ def test_llama_the_fishai_gpt_cannot_represent_falls_back_to_transformers(tmp_pa
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                           max_position_embeddings=64, tie_word_embeddings=False))
     path = _save_hf(untied.eval(), tiny_tokenizer_dir, tmp_path / "untied")
-    lm = B.load_lm(path)
+    lm = scoring.load_lm(path)
     assert lm.kind == "hf" and lm.max_seq_len == 64
-    r = B.perplexity(lm, ["The city of Paris is the capital of France. " * 10], progress=False)
+    r = scoring.perplexity(lm, ["The city of Paris is the capital of France. " * 10], progress=False)
     assert r["tokens"] > 64 and 100 < r["token_ppl"] < 3000  # random weights: about uniform
 
 
@@ -173,8 +174,8 @@ def test_table_puts_bits_per_byte_first_and_char_ppl_for_chinese(tmp_path, train
     head, row = table.splitlines()[:2]
     assert head.split()[3:7] == ["daodejing", "bpb", "PPL", "river"]
     cells = row.split()[3:]
-    assert cells[:3] == [f"{r['daodejing']['bits_per_byte']:.4f}", B.fmt_ppl(r["daodejing"]["char_ppl"]), "char"]
-    assert cells[3:6] == [f"{r['river']['bits_per_byte']:.4f}", B.fmt_ppl(r["river"]["word_ppl"]), "word"]
+    assert cells[:3] == [f"{r['daodejing']['bits_per_byte']:.4f}", scoring.fmt_ppl(r["daodejing"]["char_ppl"]), "char"]
+    assert cells[3:6] == [f"{r['river']['bits_per_byte']:.4f}", scoring.fmt_ppl(r["river"]["word_ppl"]), "word"]
     report = md.read_text()
     assert "| daodejing bits/byte | daodejing PPL | daodejing token PPL |" in report
-    assert f"| {r['daodejing']['bits_per_byte']:.4f} | {B.fmt_ppl(r['daodejing']['char_ppl'])} char |" in report
+    assert f"| {r['daodejing']['bits_per_byte']:.4f} | {scoring.fmt_ppl(r['daodejing']['char_ppl'])} char |" in report

@@ -14,7 +14,9 @@ sys.path.insert(0, str(ROOT))
 
 import data_utils  # noqa: E402
 import tokenizer_train  # noqa: E402
-from data_utils import SPECIAL_TOKENS, DataError, load_tokenizer, parse_size  # noqa: E402
+import common  # noqa: E402
+from common import parse_size  # noqa: E402
+from data_utils import SPECIAL_TOKENS, DataError, load_tokenizer  # noqa: E402
 from tokenizer_train import train_tokenizer  # noqa: E402
 
 CHAT = [{"role": "system", "content": "You are FishAI."},
@@ -135,7 +137,7 @@ def test_train_tokenizer_bad_input(tmp_path):
         train_tokenizer([], 300, tmp_path / "t2", show_progress=False)
     assert not (tmp_path / "t2").exists()
     assert parse_size("2M") == 2_000_000 and parse_size("1500") == 1500
-    with pytest.raises(DataError, match="--max-bytes"):
+    with pytest.raises(common.FishAIError, match="--max-bytes"):
         parse_size("lots", "--max-bytes")
 
 
