@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import common
-import data_utils as du
+import data_utils
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +229,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import model as fishai  # noqa: E402
+from model import (CONFIGS, GPT, IGNORE_INDEX, configure_optimizers, count_params, device_peak_flops,  # noqa: E402
+                   estimate_mfu, get_config, load_model, model_bytes, save_checkpoint, to_hf)
 import scoring  # noqa: E402
 import tokenizer_train  # noqa: E402
 import train  # noqa: E402
@@ -524,7 +525,7 @@ class SelfTest:
 # -- checks
 
 def check_param_count(t: SelfTest):
-    n, formula = t.model.num_params(), fishai.count_params(t.cfg)
+    n, formula = t.model.num_params(), count_params(t.cfg)
     t.check("parameter count", n == formula,
             f"{n:,} parameters ({n / 1e6:.2f}M, tied embedding counted once; formula {formula:,})")
 
@@ -594,9 +595,9 @@ def check_forward_backward(t: SelfTest):
 
 def check_training_lowers_loss(t: SelfTest):
     """A few optimizer steps on one batch must lower its loss (on a copy: the timed model stays as built)."""
-    probe = fishai.GPT(t.cfg).to(t.device)
+    probe = GPT(t.cfg).to(t.device)
     probe.load_state_dict(t.model.state_dict())
-    opt = fishai.configure_optimizers(probe, lr=3e-3, device_type=t.device.type)
+    opt = configure_optimizers(probe, lr=3e-3, device_type=t.device.type)
     losses = []
     for _ in range(5):
         with common.autocast(t.device, t.dtype):
@@ -674,7 +675,7 @@ class HFTrainAdapter(torch.nn.Module):
 
     def forward(self, idx, targets=None, loss_mask=None, doc_ids=None):
         logits = self.hf(input_ids=idx).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=fishai.IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return None, loss
 
 
@@ -686,12 +687,12 @@ def _train_steps(t: SelfTest, xb, yb):
                            compile=t.compile, dtype=_dtype_str(t.dtype).replace("float32", "fp32")
                            .replace("bfloat16", "bf16").replace("float16", "fp16"))
     train.apply_recipe(args, t.cfg)
-    ours = fishai.GPT(t.cfg).to(t.device)
+    ours = GPT(t.cfg).to(t.device)
     ours.load_state_dict(t.model.state_dict())
     step_ours = train.step_runner(ours, args, t.device, t.dtype, [(xb, yb)])
     if t.hf is None:
         return step_ours, None
-    hf = fishai.to_hf(ours).to(t.device)
+    hf = to_hf(ours).to(t.device)
     return step_ours, train.step_runner(HFTrainAdapter(hf), args, t.device, t.dtype, [(xb, yb)])
 
 
@@ -712,10 +713,10 @@ def time_train(t: SelfTest):
     tok = t.batch_size * t.seq_len
     t.row("train_tok_s", f"training step tokens/s (batch {t.batch_size} x {t.seq_len}, train.train_step: Muon)",
           tok / t_o, tok / t_h if t_h else None, "tok/s", peer="HF LlamaForCausalLM in the same train_step")
-    peak = fishai.device_peak_flops(t.device, t.dtype)
+    peak = device_peak_flops(t.device, t.dtype)
     if peak:
-        t.row("train_mfu", "training MFU", fishai.estimate_mfu(tok / t_o, t.cfg, t.seq_len, peak),
-              fishai.estimate_mfu(tok / t_h, t.cfg, t.seq_len, peak) if t_h else None, "fraction",
+        t.row("train_mfu", "training MFU", estimate_mfu(tok / t_o, t.cfg, t.seq_len, peak),
+              estimate_mfu(tok / t_h, t.cfg, t.seq_len, peak) if t_h else None, "fraction",
               peer="HF LlamaForCausalLM in the same train_step")
     t.row("train_peak_mem_mb", f"training peak memory MB ({'CUDA allocated' if t.cuda else 'process peak RSS'})",
           mem_o, mem_h, "MB")
@@ -878,9 +879,9 @@ def _quantized_model(t: SelfTest, ckpt: Path, strategy: str):
     """t.model's weights as a .bin of `strategy`, loaded quantized; rows for its memory."""
     path = ckpt.with_name(f"{strategy}.bin")
     size = _quantize_cli(ckpt, path, strategy)
-    qm = fishai.load_model(path, device=t.device, dtype=t.dtype)  # bf16 activations on CUDA, fp32 on CPU
+    qm = load_model(path, device=t.device, dtype=t.dtype)  # bf16 activations on CUDA, fp32 on CPU
     t.row(f"quant_{strategy}_model_mb", f"{strategy} .bin: parameters + buffers MB vs the file",
-          fishai.model_bytes(qm) / 2**20, size / 2**20, "MB", peer=".bin file")
+          model_bytes(qm) / 2**20, size / 2**20, "MB", peer=".bin file")
     grown = None if t.cuda else _rss_growth_at_load(path, t.device)
     t.row(f"quant_{strategy}_rss_mb", f"{strategy} .bin: RSS a fresh process gains at load, MB",
           grown / 2**20 if grown is not None else None, size / 2**20, "MB", peer=".bin file")
@@ -920,7 +921,7 @@ def time_quantized(t: SelfTest, strategy: str):
         return
     with tempfile.TemporaryDirectory() as d:
         ckpt = Path(d) / "model.pt"
-        fishai.save_checkpoint(ckpt, t.model, tokenizer=t.model.tokenizer)
+        save_checkpoint(ckpt, t.model, tokenizer=t.model.tokenizer)
         qm = _quantized_model(t, ckpt, strategy)
         llama = _llama_cpp_decoders(t, ckpt, strategy)
         try:
@@ -950,10 +951,10 @@ def _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt
         raise BenchmarkError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     device = common.resolve_device(device)
     cuda = device.type == "cuda"
-    cfg = fishai.get_config(config) if isinstance(config, str) else config
+    cfg = get_config(config) if isinstance(config, str) else config
     decode_tokens = decode_tokens or (128 if cuda else 32)
     torch.manual_seed(seed)
-    t = SelfTest(cfg=cfg, model=fishai.GPT(cfg).to(device), device=device,
+    t = SelfTest(cfg=cfg, model=GPT(cfg).to(device), device=device,
                  dtype=common.resolve_dtype(dtype or "auto", device), gen=torch.Generator().manual_seed(seed),
                  seq_len=min(seq_len or (1024 if cuda else 256), cfg.max_seq_len),
                  batch_size=batch_size or (16 if cuda else 4), decode_tokens=decode_tokens,
@@ -970,7 +971,7 @@ def _build_self_test(config, device, dtype, compile, batch_size, seq_len, prompt
     with torch.inference_mode():
         t.full_logits = t.model(t.seq)[0]
     if hf:
-        t.hf = fishai.to_hf(t.model).to(device).eval()
+        t.hf = to_hf(t.model).to(device).eval()
         t.hf.generation_config.eos_token_id = None  # decode exactly N tokens, like ours
         t.hf.generation_config.pad_token_id = 0
     return t
@@ -1050,8 +1051,8 @@ def self_test_markdown(res: dict) -> str:
 
 def run_self_test(args) -> int:
     common.check_outputs(args)
-    if args.config not in fishai.CONFIGS:
-        raise BenchmarkError(f"--config {args.config!r}: choose one of {', '.join(fishai.CONFIGS)}")
+    if args.config not in CONFIGS:
+        raise BenchmarkError(f"--config {args.config!r}: choose one of {', '.join(CONFIGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     only = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else None
@@ -1122,7 +1123,7 @@ def make_scaled_corpus(source, out_dir, copies: int, text_key: str = "text") -> 
     path = out_dir / f"corpus_x{copies}.txt"
     with open(path, "w", encoding="utf-8") as f:
         for k in range(copies):
-            for d in du.iter_documents(source, text_key):
+            for d in data_utils.iter_documents(source, text_key):
                 d = re.sub(r"\n\s*\n", "\n", d.replace("\n\n", "\n"))  # keep each document one block when re-read
                 f.write((f"[{k}] " if k else "") + d.strip("\n") + "\n\n")
     return path, path.stat().st_size
@@ -1158,12 +1159,12 @@ def _best(runs: list[dict], key: str, nbytes: int) -> dict:
 def _compare_at_1x(tok, corpus: Path, prepare_cmd, outd: Path, repeat: int, batch_docs: int) -> dict:
     """Alternate bare encode_batch, the faster encode prepare uses, and prepare end to end `repeat`
     times on the same corpus (so the machine's load hits all alike); keep the best of each."""
-    docs = list(du.iter_documents(corpus))
+    docs = list(data_utils.iter_documents(corpus))
     nbytes = corpus.stat().st_size
     bare, fast, e2e = [], [], []
     for _ in range(max(1, repeat)):
         bare.append(_time_encode(partial(tok.backend.encode_batch, add_special_tokens=False), docs, batch_docs))
-        fast.append(_time_encode(partial(du.fast_encode_batch, tok.backend), docs, batch_docs))
+        fast.append(_time_encode(partial(data_utils.fast_encode_batch, tok.backend), docs, batch_docs))
         e2e.append(_measure_prepare(prepare_cmd(corpus, outd), outd))
     res = {"corpus_bytes": nbytes, "docs": len(docs), "bare_encode_batch": _best(bare, "seconds", nbytes),
            "bare_encode_batch_fast": _best(fast, "seconds", nbytes),
@@ -1180,7 +1181,7 @@ def bench_prepare(input_source, tokenizer, workdir=None, filter_spec: str = "def
     encode_batch on the same documents held in memory, and peak RSS of prepare at 1x and
     `scale`x the corpus. end_to_end_vs_bare is prepare's MB/s over bare encode_batch's (1.0 = the
     pipeline costs nothing beyond tokenizing); CPU seconds are reported too."""
-    tok = du.load_tokenizer(tokenizer)
+    tok = data_utils.load_tokenizer(tokenizer)
     work = Path(workdir or tempfile.mkdtemp(prefix="fishai_bench_"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -1263,7 +1264,7 @@ def split_books(data: str) -> tuple[list[Path], list[Path]]:
     if len(files) < 2:
         raise BenchmarkError(f"--data {data}: need a directory with at least 2 .txt/.md documents (books); "
                              "pass --data DIR")
-    split = [du.holdout_split(i, test_fraction=0.1) for i in range(len(files))]
+    split = [data_utils.holdout_split(i, test_fraction=0.1) for i in range(len(files))]
     return ([f for f, s in zip(files, split) if s == "train"], [f for f, s in zip(files, split) if s == "test"])
 
 
@@ -1306,11 +1307,11 @@ def recipe_benchmark(args) -> dict:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     try:
         say(f"recipe: {len(train_books)} training and {len(test_books)} held-out documents in {args.data}")
-        tokenizer_train.train_tokenizer((d for f in train_books for d in du.iter_documents(str(f))),
+        tokenizer_train.train_tokenizer((d for f in train_books for d in data_utils.iter_documents(str(f))),
                                         args.vocab_size, work / "tokenizer", show_progress=not args.quiet)
-        du.prepare([str(f) for f in train_books], str(work / "tokenizer"), str(work / "data"), val_fraction=0.05,
+        data_utils.prepare([str(f) for f in train_books], str(work / "tokenizer"), str(work / "data"), val_fraction=0.05,
                    overwrite=True, show_progress=not args.quiet, log=say)
-        vocab = du.load_tokenizer(str(work / "tokenizer")).vocab_size
+        vocab = data_utils.load_tokenizer(str(work / "tokenizer")).vocab_size
         cfg = train.build_config(args.config, train.round_up(vocab), {})  # the model train.py builds
         rec = train.recipe_for(cfg)
         tokens_per_step = rec["batch_size"] * rec["grad_accum"] * train.default_seq_len(cfg)
@@ -1375,7 +1376,7 @@ def recipe_summary(args, cfg, runs: list[RecipeRun], steps: int, tokens_per_step
         r.result["tokens_ratio"] = None if reach is None else reach / best.result["tokens"]
         r.result["bpb_vs_baseline"] = r.result["test"]["bits_per_byte"] / best.result["test"]["bits_per_byte"] - 1
     default = min((r for r in runs if r not in baselines), key=lambda r: r.result["final_val_loss"])
-    return {"config": args.config, "params": fishai.count_params(cfg), "data": args.data, "train_docs": n_train,
+    return {"config": args.config, "params": count_params(cfg), "data": args.data, "train_docs": n_train,
             "test_docs": n_test, "steps": steps, "tokens_per_step": tokens_per_step, "tokens": steps * tokens_per_step,
             "device": args.device, "baseline_best": best.name, "target_val_loss": target,
             "baseline_lr_at_edge": at_edge, "baseline_runs": len(baselines),
@@ -1457,7 +1458,7 @@ class GpuCheck:
 
     def save(self) -> None:
         if self.args.json:
-            common.atomic_write_text(self.args.json, json.dumps(self.res, indent=2))
+            common.write_json(self.args.json, self.res)
 
 
 def _gpu_data(c: GpuCheck) -> dict:

@@ -46,7 +46,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from common import (FishAIError, atomic_dir, atomic_output, atomic_write_text, check_new_file,
+from common import (FishAIError, atomic_dir, atomic_output, atomic_write_text, write_json, check_new_file,
                     check_output_apart, check_replaceable_dir, run_cli, ArgumentParser, add_overwrite_flag,
                     add_quiet_flag, float_flag, int_flag, size_flag, EXIT_OK)
 
@@ -87,6 +87,13 @@ def is_spaced(n_chars: int, n_words: int) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # the hold-out rule: which documents the tokenizer, validation and test sets may share
+
+
+HOLDOUT_RULE = (
+    "The hold-out rule (data_utils.holdout_split, docs/DATA_FORMAT.md): with a held-out share f, document i "
+    "(0-based, in reading order) is held out when ceil((i+1)*f) > ceil(i*f): exactly ceil(N*f) of N documents, "
+    "evenly spread, the first one always among them (f = 0.05: the 1st, 21st, 41st, ...). A test share is "
+    "taken the same way beside the validation share.")
 
 
 def holdout_split(i: int, val_fraction: float = 0.0, test_fraction: float = 0.0) -> str:
@@ -1868,7 +1875,7 @@ def token_file_stats(path, top: int = 10) -> dict:
 # CLI
 
 
-def _cli_prepare(args) -> int:
+def prepare_command(args) -> int:
     prepare(args.input, args.tokenizer, args.output, mix=args.mix, filter=args.filter,
             val_fraction=args.val_fraction, overwrite=args.overwrite, workers=args.workers, text_key=args.text_key,
             skip_bad_lines=args.skip_bad_lines, target_tokens=args.target_tokens, target_docs=args.target_docs,
@@ -1877,7 +1884,7 @@ def _cli_prepare(args) -> int:
     return EXIT_OK
 
 
-def _cli_stats(args) -> int:
+def stats_command(args) -> int:
     check_new_file(args.json, "--json", args.overwrite)
     for p in args.files:
         st = token_file_stats(p)
@@ -1895,7 +1902,7 @@ def _cli_stats(args) -> int:
                 print("  meta.json matches data tokenizer/ (hash ok)")
         print("  top ids: " + ", ".join(f"{t[0]}{' ' + repr(t[2]) if len(t) > 2 else ''}:{t[1]:,}" for t in top))
         if args.json:
-            atomic_write_text(Path(args.json), json.dumps(st, indent=2))
+            write_json(args.json, st)
     return EXIT_OK
 
 
@@ -1924,12 +1931,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--workers", type=int_flag(1), default=None, help="encode threads (unset: all cores)")
     pp.add_argument("--batch-docs", type=int_flag(1), default=1024, help="documents per encode_batch call")
     add_quiet_flag(pp)
-    pp.set_defaults(func=_cli_prepare)
+    pp.set_defaults(func=prepare_command)
     ps = sub.add_parser("stats", help="print header and statistics of .bin token files")
     ps.add_argument("files", nargs="+", help=".bin files")
     ps.add_argument("--json", default=None, metavar="PATH", help="write the (last file's) stats as JSON")
     add_overwrite_flag(ps, "an existing --json file")
-    ps.set_defaults(func=_cli_stats)
+    ps.set_defaults(func=stats_command)
     return p
 
 

@@ -64,7 +64,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import common
-import data_utils as du
+import data_utils
 
 BENCHMARKS = ("mmlu", "ceval", "hellaswag", "gsm8k", "humaneval")
 # lm-eval 0.4.13's defaults: num_fewshot of gsm8k.yaml (5) and humaneval.yaml (0); the mmlu, ceval and
@@ -153,7 +153,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import scoring  # noqa: E402
-import model as fishai  # noqa: E402
+from model import cut_at_stop, fit_prompt  # noqa: E402
 
 HF_DATASETS = {
     "mmlu": ("cais/mmlu", "all"),
@@ -290,8 +290,8 @@ def warn(msg: str) -> None:
 def _hf_load(name: str, config: str | None, split: str):
     """data_utils.load_hf_dataset (offline-aware), with the --data-dir hint."""
     try:
-        return du.load_hf_dataset(name, config, split=split)
-    except du.DataError as e:
+        return data_utils.load_hf_dataset(name, config, split=split)
+    except data_utils.DataError as e:
         raise EvalError(f"{e} (or pass --data-dir DIR with local copies in the datasets' original formats)") from None
 
 
@@ -308,7 +308,7 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
 def _read_jsonl(path: Path) -> list[dict]:
     """The rows of a benchmark .jsonl(.gz) file, read by data_utils.iter_jsonl; each must be an object."""
     rows = []
-    for i, row in du.iter_jsonl(path, fix="expected one JSON object per line"):  # read whole: nothing skipped
+    for i, row in data_utils.iter_jsonl(path, fix="expected one JSON object per line"):  # read whole: nothing skipped
         if not isinstance(row, dict):
             raise EvalError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
         rows.append(row)
@@ -948,10 +948,10 @@ class Scorer:
         tokens (model.fit_prompt); the continuation ends at EOS, at a stop string or the EOS text, or after
         max_new_tokens, and is cut before the first stop string. Returns (text, prompt was truncated)."""
         full = self.encode(prompt)
-        ids, max_new = fishai.fit_prompt(full, max_new_tokens, self.ctx_len)
+        ids, max_new = fit_prompt(full, max_new_tokens, self.ctx_len)
         stops = list(stop) + ([self.eos_text] if self.eos_text and self.eos_text not in stop else [])
         new, _ = self.lm.generate_ids(ids, max_new, temperature=temperature, stop=stops, seed=seed)
-        return fishai.cut_at_stop(self._decode_generated(new), stops), len(ids) < len(full)
+        return cut_at_stop(self._decode_generated(new), stops), len(ids) < len(full)
 
 
 def sample_shots(rnd: random.Random, pool: list, n: int, eval_doc=None) -> list:
@@ -1323,12 +1323,12 @@ def write_outputs(args, benches: list[str], results: dict, log: list[dict]) -> N
                           "seed": args.seed, "num_samples": args.num_samples, "temperature": args.temperature,
                           "exec_timeout": args.exec_timeout},
                "results": results}
-        common.atomic_write_text(args.json, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        common.write_json(args.json, out)
     if args.log_samples:
         common.atomic_write_text(args.log_samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
 
 
-def run(args) -> int:
+def evaluate_command(args) -> int:
     benches = check_args(args)
     results, log = evaluate(args, benches)
     print(format_table(results))
@@ -1338,7 +1338,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return common.run_cli(run, args)
+    return common.run_cli(evaluate_command, args)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
 import common
-import data_utils as du
+import data_utils
 
 DEFAULT_MODEL = "checkpoints/fishai-best.pt"
 CHAT_HELP = (
@@ -61,7 +61,7 @@ CHAT_HELP = (
     "/history (show the conversation), /help, /quit (or /exit, Ctrl-D)"
 )
 # Role markers of piped chat: a turn's header and end, exactly as data_utils.render_chatml writes them.
-ASSISTANT_HEADER = du.render_chatml([], add_generation_prompt=True)
+ASSISTANT_HEADER = data_utils.render_chatml([], add_generation_prompt=True)
 TURN_END = "<|im_end|>\n"
 
 
@@ -107,12 +107,8 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import model as fishai  # noqa: E402
-
-# A token stream maps a (B, T) prompt to an iterator of (B,) new-token tensors, one per step.
-# model.generate_stream is the default; tests inject fake streams to check the stop logic.
-TokenStream = Callable[[torch.Tensor], Iterator[torch.Tensor]]
-
+from model import (TokenStream, fast_decode_default, fit_prompt, generate_samples, load_model,  # noqa: E402
+                   stream_generate)
 
 # ----------------------------------------------------------------------------------------------
 # incremental detokenization
@@ -172,99 +168,6 @@ def make_generator(seed: int | None, device: str | torch.device) -> torch.Genera
     return gen
 
 
-def model_token_stream(model, *, max_new_tokens: int, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None,
-                       generator: torch.Generator | None = None, compile: bool = False,
-                       use_compile: bool = True) -> TokenStream:
-    """The default token stream: model.generate_stream. With compile=True the decode steps run on
-    a static KV cache through a torch.compile'd step (model.compile_decode): made once per batch
-    size and kept across calls (chat turns), so a CUDA graph's buffers stay put.
-    use_compile=False runs the same static-cache loop eagerly."""
-    def stream(idx):
-        if compile and model._decode_fn is None:  # (a new batch size: generate_stream builds it again)
-            model.compile_decode(idx.shape[0], use_compile=use_compile)
-        # eos_id=None: stopping is decided in stream_generate, which knows every stop id
-        # (<|endoftext|> and <|im_end|> in chat), not just one.
-        return model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     eos_id=None, generator=generator)
-    return stream
-
-
-def stream_generate(model, prompt_ids: list[int], max_new_tokens: int = 200, *,
-                    temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
-                    stop_ids: Iterable[int] | None = None, num_samples: int = 1,
-                    generator: torch.Generator | None = None, compile: bool = False,
-                    token_stream: TokenStream | None = None) -> Iterator[list[int | None]]:
-    """Generate `num_samples` continuations of `prompt_ids` as one batch.
-
-    Yields, per decoding step, a list with one entry per sample: the new token id, or None once
-    that sample has produced a stop token (the stop token itself is yielded, then None). Stops
-    as soon as every sample is done or after max_new_tokens steps. stop_ids defaults to the
-    tokenizer's EOS id. Pass `token_stream` to replace the model's decode loop (tests).
-    """
-    if not prompt_ids:
-        raise ValueError("prompt_ids is empty: pass at least one token (e.g. the EOS id)")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if max_new_tokens <= 0:
-        return
-    if stop_ids is None:
-        tok = getattr(model, "tokenizer", None)
-        eos = getattr(tok, "eos_id", None)
-        stop_ids = [] if eos is None else [eos]
-    stops = {int(s) for s in stop_ids}
-    device = next(model.parameters()).device
-    idx = torch.tensor([list(prompt_ids)] * num_samples, dtype=torch.long, device=device)
-    if token_stream is None:
-        token_stream = model_token_stream(model, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_k=top_k, top_p=top_p,
-                                          generator=generator, compile=compile)
-    done = [False] * num_samples
-    steps = 0
-    stream = token_stream(idx)
-    try:
-        for new in stream:
-            new = new.view(-1).tolist()
-            out: list[int | None] = []
-            for i, t in enumerate(new[:num_samples]):
-                if done[i]:
-                    out.append(None)
-                    continue
-                out.append(int(t))
-                if int(t) in stops:
-                    done[i] = True
-            yield out
-            steps += 1
-            if all(done) or steps >= max_new_tokens:
-                break
-    finally:
-        # Closing the model's generator lets it release its KV cache promptly.
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-
-
-def generate_samples(model, prompt_ids: list[int], max_new_tokens: int = 200, *,
-                     stop_ids: Iterable[int] | None = None, keep_stop: bool = False,
-                     on_step: Callable[[], None] | None = None, **kwargs) -> list[list[int]]:
-    """Non-streaming helper: the new token ids of every sample (stop tokens dropped unless
-    keep_stop). on_step() is called after each decoding step (a progress bar). Takes the same
-    keyword arguments as stream_generate."""
-    if stop_ids is None:
-        eos = getattr(getattr(model, "tokenizer", None), "eos_id", None)
-        stop_ids = [] if eos is None else [eos]
-    stops = {int(s) for s in stop_ids}
-    num_samples = kwargs.get("num_samples", 1)
-    rows: list[list[int]] = [[] for _ in range(num_samples)]
-    for step in stream_generate(model, prompt_ids, max_new_tokens, stop_ids=stops, **kwargs):
-        for i, t in enumerate(step):
-            if t is not None and (keep_stop or t not in stops):
-                rows[i].append(t)
-        if on_step is not None:
-            on_step()
-    return rows
-
-
 def stream_text(tokenizer, steps: Iterable[list[int | None]], stop_ids: Iterable[int] = (),
                 sample: int = 0, ids_out: list[int] | None = None) -> Iterator[str]:
     """Printable text pieces of one sample of a stream_generate() stream; stop tokens are not
@@ -285,11 +188,11 @@ def stream_text(tokenizer, steps: Iterable[list[int | None]], stop_ids: Iterable
         yield tail
 
 
-def fit_prompt(prompt_ids: list[int], max_new_tokens: int, max_seq_len: int,
+def fit_generation_prompt(prompt_ids: list[int], max_new_tokens: int, max_seq_len: int,
                warn: Callable[[str], None] | None = None) -> tuple[list[int], int]:
     """model.fit_prompt, keeping at least half the window for the prompt so that a long reply
     never pushes the whole prompt out; `warn` is told what was cut."""
-    ids, max_new = fishai.fit_prompt(prompt_ids, max_new_tokens, max_seq_len, min_prompt=max_seq_len // 2)
+    ids, max_new = fit_prompt(prompt_ids, max_new_tokens, max_seq_len, min_prompt=max_seq_len // 2)
     if warn and len(ids) < len(prompt_ids):
         warn(f"prompt has {len(prompt_ids)} tokens; keeping the last {len(ids)} to fit the "
              f"{max_seq_len}-token context")
@@ -423,7 +326,7 @@ class ChatSession:
         """Send one user message (dropping the oldest turns when the context is full), stream the
         reply and add both to the history."""
         if self.role_markers:
-            self.write(du.render_chatml([{"role": "user", "content": text}]))
+            self.write(data_utils.render_chatml([{"role": "user", "content": text}]))
         self.messages.append({"role": "user", "content": text})
         ids, dropped = trim_history(self.tok, self.messages, self.reserve, self.max_seq_len)
         if dropped:
@@ -511,7 +414,7 @@ def check_args(args: argparse.Namespace) -> None:
 def load(path: str, device, dtype: torch.dtype | None, dequantize: bool = False):
     """model.load_model, plus a check that a tokenizer came with the model."""
     try:
-        model = fishai.load_model(path, device=device, dtype=dtype, dequantize=dequantize)
+        model = load_model(path, device=device, dtype=dtype, dequantize=dequantize)
     except common.FishAIError:
         raise  # CheckpointError & co. already name the file and the fix
     except Exception as e:  # e.g. the unpickler or transformers choking on a file that is not a model
@@ -570,7 +473,7 @@ def run_generate(model, args: argparse.Namespace, out: TextIO, err: TextIO) -> N
     prompt = read_prompt(args.prompt)
     # An empty prompt starts a fresh document: the document separator is the natural start token.
     ids = (tok.encode(prompt) if prompt else []) or [tok.eos_id]
-    ids, max_new = fit_prompt(ids, args.max_new_tokens, model.config.max_seq_len,
+    ids, max_new = fit_generation_prompt(ids, args.max_new_tokens, model.config.max_seq_len,
                               warn=lambda m: print(f"warning: {m}", file=err))
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -602,12 +505,12 @@ def run_chat(model, args: argparse.Namespace) -> None:
               interactive=interactive, role_markers=not interactive)
 
 
-def run(args: argparse.Namespace) -> int:
+def generate_command(args: argparse.Namespace) -> int:
     check_args(args)
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     if args.compile is None:
-        args.compile = fishai.fast_decode_default(device)
+        args.compile = fast_decode_default(device)
     elif args.compile and device.type != "cuda":
         # The static cache attends over the whole context every step; on CPU that (and the
         # minute-long compile) costs more than the Python overhead CUDA graphs remove.
@@ -623,7 +526,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return common.run_cli(run, args)
+    return common.run_cli(generate_command, args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import zipfile
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import common
 from common import CheckpointError, atomic_dir, atomic_write, atomic_write_text, resolve_dtype
@@ -718,6 +719,107 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Text generation: the one prompt -> tokens path of generate.py, scoring.LM and train.py's samples
+
+# A token stream maps a (B, T) prompt to an iterator of (B,) new-token tensors, one per step.
+# model.generate_stream is the default; tests inject fake streams to check the stop logic.
+TokenStream = Callable[[torch.Tensor], Iterator[torch.Tensor]]
+
+
+def model_token_stream(model: GPT, *, max_new_tokens: int, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None,
+                       generator: torch.Generator | None = None, compile: bool = False,
+                       use_compile: bool = True) -> TokenStream:
+    """The default token stream: model.generate_stream. With compile=True the decode steps run on
+    a static KV cache through a torch.compile'd step (model.compile_decode): made once per batch
+    size and kept across calls (chat turns), so a CUDA graph's buffers stay put.
+    use_compile=False runs the same static-cache loop eagerly."""
+    def stream(idx):
+        if compile and model._decode_fn is None:  # (a new batch size: generate_stream builds it again)
+            model.compile_decode(idx.shape[0], use_compile=use_compile)
+        # eos_id=None: stopping is decided in stream_generate, which knows every stop id
+        # (<|endoftext|> and <|im_end|> in chat), not just one.
+        return model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     eos_id=None, generator=generator)
+    return stream
+
+
+def stream_generate(model: GPT, prompt_ids: list[int], max_new_tokens: int = 200, *,
+                    temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
+                    stop_ids: Iterable[int] | None = None, num_samples: int = 1,
+                    generator: torch.Generator | None = None, compile: bool = False,
+                    token_stream: TokenStream | None = None) -> Iterator[list[int | None]]:
+    """Generate `num_samples` continuations of `prompt_ids` as one batch.
+
+    Yields, per decoding step, a list with one entry per sample: the new token id, or None once
+    that sample has produced a stop token (the stop token itself is yielded, then None). Stops
+    as soon as every sample is done or after max_new_tokens steps. stop_ids defaults to the
+    tokenizer's EOS id. Pass `token_stream` to replace the model's decode loop (tests).
+    """
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: pass at least one token (e.g. the EOS id)")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if max_new_tokens <= 0:
+        return
+    if stop_ids is None:
+        tok = getattr(model, "tokenizer", None)
+        eos = getattr(tok, "eos_id", None)
+        stop_ids = [] if eos is None else [eos]
+    stops = {int(s) for s in stop_ids}
+    device = next(model.parameters()).device
+    idx = torch.tensor([list(prompt_ids)] * num_samples, dtype=torch.long, device=device)
+    if token_stream is None:
+        token_stream = model_token_stream(model, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_k=top_k, top_p=top_p,
+                                          generator=generator, compile=compile)
+    done = [False] * num_samples
+    steps = 0
+    stream = token_stream(idx)
+    try:
+        for new in stream:
+            new = new.view(-1).tolist()
+            out: list[int | None] = []
+            for i, t in enumerate(new[:num_samples]):
+                if done[i]:
+                    out.append(None)
+                    continue
+                out.append(int(t))
+                if int(t) in stops:
+                    done[i] = True
+            yield out
+            steps += 1
+            if all(done) or steps >= max_new_tokens:
+                break
+    finally:
+        # Closing the model's generator lets it release its KV cache promptly.
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def generate_samples(model: GPT, prompt_ids: list[int], max_new_tokens: int = 200, *,
+                     stop_ids: Iterable[int] | None = None, keep_stop: bool = False,
+                     on_step: Callable[[], None] | None = None, **kwargs) -> list[list[int]]:
+    """Non-streaming helper: the new token ids of every sample (stop tokens dropped unless
+    keep_stop). on_step() is called after each decoding step (a progress bar). Takes the same
+    keyword arguments as stream_generate."""
+    if stop_ids is None:
+        eos = getattr(getattr(model, "tokenizer", None), "eos_id", None)
+        stop_ids = [] if eos is None else [eos]
+    stops = {int(s) for s in stop_ids}
+    num_samples = kwargs.get("num_samples", 1)
+    rows: list[list[int]] = [[] for _ in range(num_samples)]
+    for step in stream_generate(model, prompt_ids, max_new_tokens, stop_ids=stops, **kwargs):
+        for i, t in enumerate(step):
+            if t is not None and (keep_stop or t not in stops):
+                rows[i].append(t)
+        if on_step is not None:
+            on_step()
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Optimizer and FLOPs
 
 
@@ -725,7 +827,7 @@ def weight_decay_split(model):
     """(decay, no_decay) parameter names: decay only 2-D matmul weights, never the embedding,
     norms or any 1-D parameter."""
     decay, no_decay = [], []
-    for name, p in _unwrap(model).named_parameters():
+    for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and not name.endswith("tok_emb.weight") else no_decay).append(name)
@@ -733,7 +835,7 @@ def weight_decay_split(model):
 
 
 def param_groups(model, weight_decay):
-    params = dict(_unwrap(model).named_parameters())
+    params = dict(unwrap(model).named_parameters())
     decay, no_decay = weight_decay_split(model)
     return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
             {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
@@ -775,7 +877,7 @@ def device_peak_flops(device, dtype=torch.bfloat16):
 # Checkpoints
 
 
-def _unwrap(model):
+def unwrap(model):
     model = getattr(model, "module", model)  # DDP
     return getattr(model, "_orig_mod", model)  # torch.compile
 
@@ -786,7 +888,7 @@ def _atomic_torch_save(obj, path: Path):
 
 def save_checkpoint(path, model, *, tokenizer=None, optimizer=None, scheduler=None, scaler=None, step=0,
                     best_val_loss=None, rng_state=None, data_state=None, train_args=None, extra=None):
-    m = _unwrap(model)
+    m = unwrap(model)
     if tokenizer is None:
         tokenizer = m.tokenizer
     if tokenizer is not None and hasattr(tokenizer, "to_dict"):
@@ -982,7 +1084,7 @@ def hf_config(config: ModelConfig, tokenizer=None):
 def to_hf(model):
     """A transformers.LlamaForCausalLM with the same weights (and so the same logits)."""
     from transformers import LlamaForCausalLM
-    m = _unwrap(model)
+    m = unwrap(model)
     weight = m.tok_emb.weight
     cfg = hf_config(m.config, m.tokenizer)
     if getattr(m, "stage", None):
@@ -1064,7 +1166,7 @@ def save_hf(model, out_dir, tokenizer=None, overwrite=False, model_card: str | N
     given, the model card as README.md), built in a temp dir beside out_dir and swapped into place
     (data_utils.atomic_dir: an existing directory is only replaced with overwrite=True, when it
     holds nothing but what save_hf writes, and only once the new one is complete)."""
-    m = _unwrap(model)
+    m = unwrap(model)
     tokenizer = tokenizer or m.tokenizer
     with atomic_dir(out_dir, overwrite, flag="--output", owns=is_hf_output, what="an HF model directory") as tmp:
         to_hf(m).save_pretrained(tmp, safe_serialization=True)
@@ -1151,7 +1253,7 @@ def print_size_table(args) -> None:
             print(f"  {name:<32} {str(shape):>14} {math.prod(shape):>12,}")
         print(f"  (layers.1 .. layers.{CONFIGS[args.config].n_layers - 1} repeat layers.0)")
     if args.json:
-        atomic_write_text(args.json, json.dumps(rows, indent=2))
+        common.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import common
-import data_utils as du
+import data_utils
 
 STRATEGIES = ("fp32", "fp16", "int8", "int4", "mixed")
 FORMATS = ("bin", "hf", "gguf")
@@ -100,7 +100,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import model as fishai  # noqa: E402
+from model import QUANT_MAGIC, external_name, is_hf_output, load_checkpoint, load_model, param_shapes, save_hf  # noqa: E402
 import quantized  # noqa: E402
 import scoring  # noqa: E402
 
@@ -316,7 +316,7 @@ def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, ba
     if tokenizer is None:
         raise quantized.QuantizeError("--calibration-data needs a tokenizer, and the checkpoint has none embedded")
     need = max(n_samples * seq_len * 2, seq_len + 1)     # enough text for non-overlapping windows
-    ids = du.tokenize_documents(source, tokenizer, max_tokens=need, show_progress=show_progress)["train"]
+    ids = data_utils.tokenize_documents(source, tokenizer, max_tokens=need, show_progress=show_progress)["train"]
     if len(ids) < seq_len + 1:
         raise quantized.QuantizeError(f"--calibration-data {source}: only {len(ids)} tokens, need at least {seq_len + 1}")
     data = torch.from_numpy(ids.astype(np.int64))
@@ -427,9 +427,9 @@ def training_record(src: Path) -> dict | None:
     if not src.is_file():
         return None
     with open(src, "rb") as f:
-        if f.read(len(fishai.QUANT_MAGIC)) == fishai.QUANT_MAGIC:
+        if f.read(len(QUANT_MAGIC)) == QUANT_MAGIC:
             return None
-    ckpt = fishai.load_checkpoint(src)
+    ckpt = load_checkpoint(src)
     return {k: ckpt.get(k) for k in ("step", "best_val_loss", "train_args", "extra")}
 
 
@@ -632,7 +632,7 @@ def _gguf_tensor(name: str, w: torch.Tensor, config, strategy: str):
     qtype = getattr(gguf.GGMLQuantizationType, tname)
     data = gguf.quants.quantize(np.ascontiguousarray(w.numpy()), qtype)
     deq = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float32))
-    row = {"name": name, "gguf_name": fishai.external_name(name, "gguf"), "qtype": tname, "fallback": note,
+    row = {"name": name, "gguf_name": external_name(name, "gguf"), "qtype": tname, "fallback": note,
            "shape": list(w.shape), "params": w.numel(), "bytes": int(data.nbytes),
            "bits_per_weight": 8.0 * data.nbytes / w.numel(), **quant_error(w, deq)}
     return data, (None if tname in ("F32", "F16") else qtype), row
@@ -666,8 +666,8 @@ def read_gguf_state(path, config) -> dict:
     import gguf
     by_name = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     out = {}
-    for name, shape in fishai.param_shapes(config).items():
-        t = by_name[fishai.external_name(name, "gguf")]
+    for name, shape in param_shapes(config).items():
+        t = by_name[external_name(name, "gguf")]
         arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
         heads = _rope_heads(name, config)
@@ -720,7 +720,7 @@ def _plan_output(args) -> tuple[str, str, Path]:
         raise quantized.QuantizeError(f"--output {out} is a file; --format hf writes a directory")
     else:  # the directory is replaced as a whole: refuse one holding anything else, before any work
         common.check_output_apart(out, [args.model], "--output", "--model")
-        common.check_replaceable_dir(out, fishai.is_hf_output, args.overwrite, "--output", "an HF model directory")
+        common.check_replaceable_dir(out, is_hf_output, args.overwrite, "--output", "an HF model directory")
     common.check_new_file(args.json, "--json", args.overwrite)
     return fmt, strategy, out
 
@@ -761,7 +761,7 @@ def _export_hf(gpt, args, strategy: str, out: Path, report: dict) -> tuple[list[
             for n, w in gpt.state_dict().items()]
     src = Path(args.model)
     card = model_card(gpt, src, out, "FP16" if bits == 16 else "FP32", training_record(src))
-    fishai.save_hf(gpt.to(dtype), out, tokenizer=gpt.tokenizer, overwrite=args.overwrite, model_card=card)
+    save_hf(gpt.to(dtype), out, tokenizer=gpt.tokenizer, overwrite=args.overwrite, model_card=card)
     return rows, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
@@ -777,11 +777,11 @@ def _perplexity_report(src: Path, out: Path, fmt: str, texts: list[str], args) -
             "relative_change": ppl_delta(before, after)}
 
 
-def run(args) -> dict:
+def export(args) -> dict:
     """The CLI as a function: export and return the report dict (raises a FishAIError on bad input)."""
     fmt, strategy, out = _plan_output(args)
     src = Path(args.model)
-    gpt = fishai.load_model(src, device="cpu", dtype=torch.float32, dequantize=True)  # a .bin source too
+    gpt = load_model(src, device="cpu", dtype=torch.float32, dequantize=True)  # a .bin source too
     eval_texts = load_eval_texts(args.eval_data, args.limit) if args.eval_data else None
     report = {"source": str(src), "output": str(out), "format": fmt, "strategy": strategy,
               "group_size": args.group_size, "model_config": gpt.config.to_dict(),
@@ -796,8 +796,8 @@ def run(args) -> dict:
     return report
 
 
-def _cli(args) -> None:
-    report = run(args)
+def export_command(args) -> None:
+    report = export(args)
     s = report["summary"]
     if args.quiet:
         print(f"wrote {report['output']}: {_fmt_bytes(s['file_bytes'])}, {s['compression_vs_fp32']:.2f}x smaller "
@@ -807,11 +807,11 @@ def _cli(args) -> None:
     if "before" in report.get("perplexity", {}):
         print(format_perplexity(report["perplexity"]))
     if args.json:
-        common.atomic_write_text(args.json, json.dumps(report, indent=2))
+        common.write_json(args.json, report)
 
 
 def main(argv=None) -> int:
-    return common.run_cli(_cli, build_parser().parse_args(argv))
+    return common.run_cli(export_command, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

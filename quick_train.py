@@ -56,14 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
-import data_utils as du
+import data_utils
 
 DEFAULT_DATA = "hf:wikitext:wikitext-103-raw-v1"  # train split; the test split is the benchmark
 DEFAULT_TARGET_PPL = 56.0  # the seed's WikiText-103 goal (word-level perplexity)
 TEST_FRACTION = 0.05  # share of --data documents held out as test documents (holdout_split)
 UNDERTRAINED_SHARE = 0.4  # fewer trained steps than this share of the planned ones: say it is undertrained
 TARGET_METRICS = ("word_ppl", "token_ppl", "bits_per_byte", "char_ppl")
-MIN_VOCAB = 256 + len(du.SPECIAL_TOKENS)  # every byte + the special tokens (tokenizer_train.MIN_VOCAB)
+MIN_VOCAB = 256 + len(data_utils.SPECIAL_TOKENS)  # every byte + the special tokens (tokenizer_train.MIN_VOCAB)
 
 # Per-preset defaults. The optimisation recipe (optimizer, schedule, peak LR, warmup = 2% of the
 # steps) is train.py's for every preset (train.apply_recipe, RECIPE_RULE): quick_train passes None
@@ -176,9 +176,9 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import scoring  # noqa: E402
-import model as fishai  # noqa: E402
+from model import GPT, ModelConfig, configure_optimizers, count_params, load_checkpoint, load_model  # noqa: E402
 import tokenizer_train  # noqa: E402
-import train as trainer  # noqa: E402
+import train  # noqa: E402
 
 
 @dataclass
@@ -233,7 +233,7 @@ class Corpus:
     def documents(self, epoch: int = 0):
         """The stream (the epoch argument makes it a DataMixer source)."""
         budget = self.max_bytes
-        for doc in du.iter_documents(self.source, text_key=self.text_key):
+        for doc in data_utils.iter_documents(self.source, text_key=self.text_key):
             yield doc
             if budget is not None:
                 budget -= len(doc.encode("utf-8"))
@@ -241,7 +241,7 @@ class Corpus:
                     return
 
     def split(self, i: int) -> str:
-        return du.holdout_split(i, self.val_fraction, self.test_fraction)
+        return data_utils.holdout_split(i, self.val_fraction, self.test_fraction)
 
     def tokenizer_documents(self):
         return (doc for i, doc in enumerate(self.documents()) if self.split(i) != "test")
@@ -260,8 +260,8 @@ class Corpus:
 def open_corpus(args) -> Corpus:
     """The --data stream; the default HF dataset fails fast and clearly when it cannot be reached."""
     try:
-        first = next(iter(du.iter_documents(args.data, text_key=args.text_key)), None)
-    except du.DataError:
+        first = next(iter(data_utils.iter_documents(args.data, text_key=args.text_key)), None)
+    except data_utils.DataError:
         if _is_default_wikitext(args.data):
             raise QuickTrainError(offline_message(args.data)) from None
         raise
@@ -289,31 +289,31 @@ def load_test_texts(spec: str | None, corpus: Corpus, data: str, text_key: str,
     if name in scoring.EVAL_SETS:
         label = {"wikitext103": "WikiText-103 test", "wikitext2": "WikiText-2 test", "ptb": "PTB test"}[name]
         return scoring.load_eval_texts(name, path), label
-    docs = list(du.iter_documents(spec, text_key=text_key))
+    docs = list(data_utils.iter_documents(spec, text_key=text_key))
     if not docs:
         raise QuickTrainError(f"--test-data {spec}: no text found")
     return docs, spec
 
 
-def get_tokenizer(job: Job, corpus: Corpus, preset: dict) -> tuple[du.TextTokenizer, str]:
+def get_tokenizer(job: Job, corpus: Corpus, preset: dict) -> tuple[data_utils.TextTokenizer, str]:
     """--tokenizer, or a byte-level BPE trained here on the train and val documents."""
     args = job.args
     if args.tokenizer:
-        return du.load_tokenizer(args.tokenizer), str(args.tokenizer)
+        return data_utils.load_tokenizer(args.tokenizer), str(args.tokenizer)
     vocab = args.vocab_size or preset["vocab_size"]
     tok_dir = job.out / "tokenizer"
     job.log(f"training a {vocab}-token byte-level BPE tokenizer on {args.data} (test documents left out)")
     t = time.time()
     tokenizer_train.train_tokenizer(corpus.tokenizer_documents(), vocab, tok_dir, show_progress=not args.quiet)
-    tok = du.load_tokenizer(tok_dir)
+    tok = data_utils.load_tokenizer(tok_dir)
     return tok, f"trained here (vocab {tok.vocab_size}, {time.time() - t:.1f} s)"
 
 
-def prepare_data(job: Job, corpus: Corpus, tok: du.TextTokenizer, seq_len: int) -> dict:
+def prepare_data(job: Job, corpus: Corpus, tok: data_utils.TextTokenizer, seq_len: int) -> dict:
     """train.bin/val.bin in <out>/data from the same stream; prepare leaves the test documents out."""
     args = job.args
     job.log(f"tokenizing {args.data} into {job.out / 'data'}")
-    meta = du.prepare(mix={"data": (1.0, corpus.documents)}, tokenizer=tok, output=str(job.out / "data"),
+    meta = data_utils.prepare(mix={"data": (1.0, corpus.documents)}, tokenizer=tok, output=str(job.out / "data"),
                       val_fraction=corpus.val_fraction, test_fraction=corpus.test_fraction, overwrite=True,
                       show_progress=not args.quiet, seed=args.seed, log=job.log)
     if meta["val"]["tokens"] < seq_len + 1:
@@ -330,10 +330,10 @@ def measure_train_speed(config_name: str, overrides: list[str], vocab: int, batc
     median of `steps` real steps on random tokens after one warm-up step (the median resists a busy
     machine). The optimizer is the round's (train.build_optimizer of train_args: Muon or AdamW),
     AdamW when train_args is None."""
-    cfg = trainer.build_config(config_name, trainer.round_up(vocab), trainer.parse_overrides(overrides))
-    m = fishai.GPT(cfg).to(device)
-    opt = (trainer.build_optimizer(m, train_args, device) if train_args is not None
-           else fishai.configure_optimizers(m, device_type=device.type))
+    cfg = train.build_config(config_name, train.round_up(vocab), train.parse_overrides(overrides))
+    m = GPT(cfg).to(device)
+    opt = (train.build_optimizer(m, train_args, device) if train_args is not None
+           else configure_optimizers(m, device_type=device.type))
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
     times = []
     for _ in range(steps + 1):
@@ -519,11 +519,11 @@ def train_round(job: Job, r: int, settings: dict, init_from: Path | None) -> tup
     resume = settings.get("resume")
     if resume:
         ran = dict(settings)  # the checkpoint's settings (the previous round's) with the new max_steps
-        train_args = trainer.make_args(**common, resume=str(resume), max_steps=settings["max_steps"])
+        train_args = train.make_args(**common, resume=str(resume), max_steps=settings["max_steps"])
         origin, lr_from = f", continuing {resume} (no rewarm)", " (the checkpoint's)"
     else:
         ran, _ = recipe_settings(args, settings, job.vocab)
-        train_args = trainer.make_args(
+        train_args = train.make_args(
             **common, **{k: settings[k] for k in SETTINGS if k not in common}, data=str(job.out / "data"),
             seed=args.seed + r - 1, init_from=str(init_from) if init_from else None)
         origin = f", from {init_from}" if init_from else ", from scratch"
@@ -531,15 +531,15 @@ def train_round(job: Job, r: int, settings: dict, init_from: Path | None) -> tup
     job.log(f"round {r}: {ran['max_steps']} steps, {ran['optimizer']} + {ran['schedule']}, peak LR "
             f"{ran['lr']:.2e}{lr_from}, warmup {ran['warmup']}{origin}")
     try:
-        return trainer.train(train_args), False, ran
-    except trainer.DivergedError as e:
+        return train.train(train_args), False, ran
+    except train.DivergedError as e:
         job.log(f"round {r}: {e}")
         return {"tokens": 0, "steps": 0, "best_val_loss": None, "interrupted": None}, True, ran
 
 
 def checkpoint_position(path: Path) -> tuple[int, int]:
     """(step, tokens seen) of a train.py checkpoint."""
-    ckpt = fishai.load_checkpoint(str(path))
+    ckpt = load_checkpoint(str(path))
     return int(ckpt.get("step") or 0), int((ckpt.get("extra") or {}).get("tokens_seen") or 0)
 
 
@@ -575,17 +575,17 @@ def run_round(job: Job, r: int, settings: dict, init_from: Path | None, step_off
     start_step, start_tokens = checkpoint_position(Path(resume)) if resume else (0, 0)
     end_step = max(start_step, int(summary.get("steps") or 0))
     rdir = job.out / f"round{r}"
-    metrics = trainer.read_metrics(rdir / trainer.METRICS_NAME) if (rdir / trainer.METRICS_NAME).exists() else []
+    metrics = train.read_metrics(rdir / train.METRICS_NAME) if (rdir / train.METRICS_NAME).exists() else []
     val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
-    best = rdir / trainer.BEST_NAME
+    best = rdir / train.BEST_NAME
     test = score_round(job, r, best) if best.exists() else None
     # a continued round's best val loss starts at the checkpoint's; without its own fishai-best.pt
     # it never beat that, so report what it reached itself
     rv = summary.get("best_val_loss") if best.exists() else min((v for v in val_losses if math.isfinite(v)),
                                                                  default=None)
-    stable = rdir / trainer.STABLE_NAME
-    decay_start = (trainer.WSDSchedule(ran["lr"], ran["warmup"], ran["max_steps"],
-                                       decay_frac=trainer.RECIPE_DECAY_FRAC).decay_start
+    stable = rdir / train.STABLE_NAME
+    decay_start = (train.WSDSchedule(ran["lr"], ran["warmup"], ran["max_steps"],
+                                       decay_frac=train.RECIPE_DECAY_FRAC).decay_start
                    if ran["schedule"] == "wsd" else None)
     return {"round": r, "settings": {k: v for k, v in ran.items() if k != "resume"},
             "init_from": str(init_from) if init_from else None, "resumed_from": str(resume) if resume else None,
@@ -645,7 +645,7 @@ def run_rounds(job: Job, settings: dict) -> tuple[list[dict], Path | None, float
         rounds.append(info)
         rv = info["best_val_loss"]
         if rv is not None and info["checkpoint"] and (best_val is None or rv < best_val):
-            best_val, best_ckpt = rv, job.out / f"round{r}" / trainer.BEST_NAME
+            best_val, best_ckpt = rv, job.out / f"round{r}" / train.BEST_NAME
         settings, met = judge_round(job, info, rounds, best_ckpt is not None)
         if settings is None:
             return rounds, best_ckpt, best_val, met
@@ -706,9 +706,9 @@ def _f(v, nd):
 
 
 def generate_samples(ckpt: Path, prompts: list[str], n_tokens: int, device: str, seed: int) -> list[dict]:
-    m = fishai.load_model(str(ckpt), device=device)
+    m = load_model(str(ckpt), device=device)
     g = torch.Generator(device=m.tok_emb.weight.device).manual_seed(seed)
-    return [{"prompt": p, "completion": m.tokenizer.decode(trainer.sample_tokens(m, m.tokenizer.encode(p), n_tokens, g))}
+    return [{"prompt": p, "completion": m.tokenizer.decode(train.sample_tokens(m, m.tokenizer.encode(p), n_tokens, g))}
             for p in prompts]
 
 
@@ -716,16 +716,16 @@ def write_report(job: Job, rounds: list[dict], best_ckpt: Path, best_val: float,
                  meta: dict, tok_label: str) -> dict:
     """fishai-best.pt, samples, loss curve, report.json/.md (and --json) in <out>."""
     args, out = job.args, job.out
-    final = out / trainer.BEST_NAME
+    final = out / train.BEST_NAME
     with open(best_ckpt, "rb") as src:
         common.atomic_write(final, lambda f: shutil.copyfileobj(src, f))
     best_round = next(r for r in rounds if r["checkpoint"] == str(best_ckpt))
     prompts = SAMPLE_PROMPTS.get(args.data, SAMPLE_PROMPTS[None])[:args.samples]
     samples = generate_samples(final, prompts, args.max_new_tokens, str(job.device), args.seed) if prompts else []
-    cfg = fishai.ModelConfig.from_dict(fishai.load_checkpoint(str(final))["config"])
+    cfg = ModelConfig.from_dict(load_checkpoint(str(final))["config"])
     rep = {
         "date": time.strftime("%Y-%m-%d"), "config": args.config, "data": args.data, "device": str(job.device),
-        "tokenizer": tok_label, "vocab_size": cfg.vocab_size, "params": fishai.count_params(cfg),
+        "tokenizer": tok_label, "vocab_size": cfg.vocab_size, "params": count_params(cfg),
         "test_set": job.test_label, "test_tokens": (best_round["test"] or {}).get("tokens", 0),
         "headline_metric": "bits_per_byte", "target_ppl": job.target, "target_metric": args.target_metric,
         "target_met": target_met, "undertrained": undertrained(job, rounds),
@@ -736,16 +736,16 @@ def write_report(job: Job, rounds: list[dict], best_ckpt: Path, best_val: float,
         "data_meta": {"train_tokens": meta["train"]["tokens"], "val_tokens": meta["val"]["tokens"],
                       "test_docs_left_out": meta.get("test_docs_left_out", 0)},
     }
-    note = trainer.plot_losses([{"metrics": r["metrics"], "step_offset": r["step_offset"], "label": f"round {r['round']}"}
-                                for r in rounds], out / trainer.LOSS_CURVE_NAME)
-    rep["loss_curve"] = None if note else str(out / trainer.LOSS_CURVE_NAME)
+    note = train.plot_losses([{"metrics": r["metrics"], "step_offset": r["step_offset"], "label": f"round {r['round']}"}
+                                for r in rounds], out / train.LOSS_CURVE_NAME)
+    rep["loss_curve"] = None if note else str(out / train.LOSS_CURVE_NAME)
     rep["loss_curve_note"] = note
     if note:
         job.log(f"note: {note}")
-    common.atomic_write_text(out / "report.json", json.dumps(rep, indent=2))
+    common.write_json(out / "report.json", rep)
     common.atomic_write_text(out / "report.md", report_markdown(rep))
     if args.json:
-        common.atomic_write_text(Path(args.json), json.dumps(rep, indent=2))
+        common.write_json(args.json, rep)
     return rep
 
 
@@ -761,16 +761,16 @@ def recipe_settings(args, settings: dict, vocab: int) -> tuple[dict, argparse.Na
     """(settings with every None filled as train.py fills it, the train args that gives): train's
     own rule (train.apply_recipe, RECIPE_RULE) for this model, so quick_train can show and plan
     with the numbers a round will run with while still passing None to train."""
-    targs = trainer.make_args(config=args.config, model_override=args.model_override,
+    targs = train.make_args(config=args.config, model_override=args.model_override,
                               **{k: settings.get(k) for k in SETTINGS})
-    cfg = trainer.build_config(args.config, trainer.round_up(vocab), trainer.parse_overrides(args.model_override))
-    trainer.apply_recipe(targs, cfg)
+    cfg = train.build_config(args.config, train.round_up(vocab), train.parse_overrides(args.model_override))
+    train.apply_recipe(targs, cfg)
     return {**settings, **{k: getattr(targs, k) for k in SETTINGS}}, targs
 
 
 def is_run_output(name: str) -> bool:
     """Whether a name in --output-dir is one quick_train writes (what --overwrite may replace)."""
-    return (name in ("data", "tokenizer", trainer.BEST_NAME, trainer.LOSS_CURVE_NAME, "report.json", "report.md")
+    return (name in ("data", "tokenizer", train.BEST_NAME, train.LOSS_CURVE_NAME, "report.json", "report.md")
             or (name.startswith("round") and name[5:].isdigit()))
 
 
@@ -841,7 +841,7 @@ def _pipeline(job: Job) -> dict:
     return rep
 
 
-def _cli(args) -> int:
+def quick_train_command(args) -> int:
     try:
         quick_train(args)
     except QuickTrainFailed as e:  # the job ran but produced no usable model: not a usage error
@@ -854,7 +854,7 @@ def _cli(args) -> int:
 
 
 def main(argv=None) -> int:
-    return common.run_cli(_cli, build_parser().parse_args(argv))
+    return common.run_cli(quick_train_command, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

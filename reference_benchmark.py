@@ -185,7 +185,7 @@ def _score_all(args, datasets: dict, device: str) -> dict:
     return models
 
 
-def run(args) -> int:
+def compare_command(args) -> int:
     common.check_outputs(args)
     device = str(common.resolve_device(args.device))
     specs = scoring.parse_data_flags(args)
@@ -219,7 +219,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return common.run_cli(run, args)
+    return common.run_cli(compare_command, args)
 
 
 if __name__ == "__main__":

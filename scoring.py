@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-import data_utils as du
-import model as fishai
+import data_utils
+from model import CheckpointError, cut_at_stop, fast_decode_default, fit_prompt, load_model, stream_generate
 
 try:  # tqdm is a hard dependency of the project, but keep the scoring core importable without it
     from tqdm.auto import tqdm
@@ -41,7 +41,7 @@ class ScoringError(common.FishAIError):
 
 def _hits_stop(text: str, stops) -> bool:
     """True when model.cut_at_stop would cut `text` (it holds one of the stop strings)."""
-    return fishai.cut_at_stop(text, stops) != text
+    return cut_at_stop(text, stops) != text
 
 
 class LM:
@@ -99,7 +99,7 @@ class LM:
         Stops at EOS, after max_new_tokens, or as soon as the decoded text contains one of `stop`
         (the text is cut there by generate()). A prompt too long for the context keeps its newest
         tokens (model.fit_prompt)."""
-        prompt, max_new = fishai.fit_prompt([int(t) for t in prompt_ids] or [self.begin_id], max_new_tokens,
+        prompt, max_new = fit_prompt([int(t) for t in prompt_ids] or [self.begin_id], max_new_tokens,
                                             self.max_seq_len)
         if max_new == 0:
             return [], False
@@ -125,12 +125,12 @@ class LM:
         if seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(seed))
-        stream = self.model.generate_stream(idx, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                                            eos_id=self.eos_id, generator=gen)
+        steps = stream_generate(self.model, idx[0].tolist(), max_new, temperature=temperature, top_k=top_k,
+                                top_p=top_p, stop_ids=[] if self.eos_id is None else [self.eos_id], generator=gen)
         try:
-            return self._take_until_eos((tok.view(-1)[0] for tok in stream), stop)
+            return self._take_until_eos((row[0] for row in steps if row[0] is not None), stop)
         finally:
-            stream.close()
+            steps.close()
 
     def _sample_hf(self, idx, max_new, temperature, top_k, top_p, stop, seed):
         if seed is not None:
@@ -166,7 +166,7 @@ class LM:
                  top_p=None, stop=None, seed=None) -> str:
         """Continue one prompt and return the new text (cut before the first stop string, no EOS)."""
         new, _ = self.generate_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, stop, seed)
-        return fishai.cut_at_stop(self.decode(new), stop)
+        return cut_at_stop(self.decode(new), stop)
 
 
 def _hf_dir_model_type(path: Path) -> str | None:
@@ -195,7 +195,7 @@ def _from_pretrained(spec: str, local: bool, kwargs: dict):
             return (AutoTokenizer.from_pretrained(spec, local_files_only=True),
                     AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **kwargs))
         except OSError:
-            if not du.hub_reachable():
+            if not data_utils.hub_reachable():
                 raise ScoringError(
                     f"cannot load {spec!r}: it is not in the local Hugging Face cache and the hub "
                     "is unreachable (offline); download it on a connected machine or pass a local "
@@ -240,8 +240,8 @@ def _load_transformers(spec: str, device: str, dtype, max_seq_len: int | None) -
 
 def _load_fishai(spec: str, device: str, dtype, max_seq_len: int | None, dequantize: bool = False) -> LM:
     try:
-        model = fishai.load_model(spec, device=device, dtype=dtype, dequantize=dequantize)
-    except (fishai.CheckpointError, FileNotFoundError) as e:
+        model = load_model(spec, device=device, dtype=dtype, dequantize=dequantize)
+    except (CheckpointError, FileNotFoundError) as e:
         raise ScoringError(common.one_line(e)) from None
     tok = getattr(model, "tokenizer", None)
     if tok is None:
@@ -249,7 +249,7 @@ def _load_fishai(spec: str, device: str, dtype, max_seq_len: int | None, dequant
                              "tokenizer (train.py does) or use an HF directory with tokenizer files")
     model.eval()
     # generation tasks decode through the compiled CUDA-graph step on a GPU (model.fast_decode_default)
-    model.fast_decode = fishai.fast_decode_default(device)
+    model.fast_decode = fast_decode_default(device)
     ctx = model.config.max_seq_len if max_seq_len is None else min(max_seq_len, model.config.max_seq_len)
     eos = getattr(tok, "eos_id", None)
     return LM(model, tok, kind="fishai", name=str(spec), device=device, max_seq_len=ctx, eos_id=eos,
@@ -448,7 +448,7 @@ def perplexity(lm: LM, texts, stride: int | None = None, batch_size: int = 8, pr
         "word_ppl": _safe_exp(nll / n["words"]),
         "char_ppl": _safe_exp(nll / n["chars"]),
         "token_ppl": _safe_exp(nll / n["tokens"]),
-        "spaced": du.is_spaced(n["chars"], n["words"]),
+        "spaced": data_utils.is_spaced(n["chars"], n["words"]),
         "chars_per_token": n["chars"] / n["tokens"],
         **n,
         "nll": nll,
@@ -523,7 +523,7 @@ def load_eval_texts(name: str, path=None, *, split: str = "test", limit: int | N
         elif Path(path).is_file() and Path(path).suffix not in (".jsonl", ".parquet", ".gz"):
             docs = read_eval_set("text", path)
         else:
-            docs = list(du.iter_documents(str(path)))
+            docs = list(data_utils.iter_documents(str(path)))
     except (ValueError, OSError) as e:  # DataError is a ValueError
         msg = common.one_line(e)
         raise ScoringError(msg if msg.startswith(name) else f"{name}: {msg}") from None
@@ -686,7 +686,7 @@ def _find_split_file(path: Path, name: str, split: str) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise du.DataError(f"{path}: no such file or directory for eval set '{name}'")
+        raise data_utils.DataError(f"{path}: no such file or directory for eval set '{name}'")
     short = _SPLIT_ALIASES[split]
     cands = {
         "wikitext103": [f"wiki.{short}.tokens", f"wiki.{short}.raw", f"{short}.txt"],
@@ -696,17 +696,17 @@ def _find_split_file(path: Path, name: str, split: str) -> Path:
     for c in cands:
         if (path / c).is_file():
             return path / c
-    raise du.DataError(f"{path}: no {split} file for '{name}' (looked for {', '.join(cands)})")
+    raise data_utils.DataError(f"{path}: no {split} file for '{name}' (looked for {', '.join(cands)})")
 
 
 def _read_eval_file(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise du.DataError(f"{path}: cannot read ({e.strerror})") from None
+        raise data_utils.DataError(f"{path}: cannot read ({e.strerror})") from None
     text = data.decode("utf-8", errors="replace")
     if not text.strip():
-        raise du.DataError(f"{path}: file is empty")
+        raise data_utils.DataError(f"{path}: file is empty")
     return text
 
 
@@ -725,12 +725,12 @@ def read_eval_set(name: str, path=None, split: str = "test", detokenize: bool = 
     """
     name = name.lower().replace("-", "").replace("_", "")
     if name not in ("wikitext103", "wikitext2", "ptb", "text"):
-        raise du.DataError(f"unknown eval set '{name}'; choose wikitext103, wikitext2, ptb or text")
+        raise data_utils.DataError(f"unknown eval set '{name}'; choose wikitext103, wikitext2, ptb or text")
     if split not in _SPLIT_ALIASES:
-        raise du.DataError(f"unknown split '{split}'; choose test, valid or train")
+        raise data_utils.DataError(f"unknown split '{split}'; choose test, valid or train")
     if name == "text":
         if path is None:
-            raise du.DataError("eval set 'text' needs a file path")
+            raise data_utils.DataError("eval set 'text' needs a file path")
         return [_read_eval_file(Path(path))]
     if path is not None:
         f = _find_split_file(Path(path), name, split)
@@ -741,10 +741,10 @@ def read_eval_set(name: str, path=None, split: str = "test", detokenize: bool = 
     else:
         hf_split = {"test": "test", "valid": "validation", "train": "train"}[_SPLIT_ALIASES[split]]
         if name == "ptb":
-            rows = du.load_hf_dataset("ptb_text_only", None, split=hf_split)
+            rows = data_utils.load_hf_dataset("ptb_text_only", None, split=hf_split)
             return ["\n".join(r["sentence"] for r in rows) + "\n"]
         cfg = "wikitext-103-raw-v1" if name == "wikitext103" else "wikitext-2-raw-v1"
-        rows = du.load_hf_dataset("wikitext", cfg, split=hf_split)
+        rows = data_utils.load_hf_dataset("wikitext", cfg, split=hf_split)
         # HF rows are the file's lines (with their "\n"); rejoin and split into articles
         pages = split_wikitext_articles("".join(r["text"] for r in rows))
     return [wikitext_detokenizer(p) for p in pages] if detokenize else pages

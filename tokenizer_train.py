@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import common
-import data_utils as du
+import data_utils
 from data_utils import SPECIAL_TOKENS, DataError, TextTokenizer
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -116,7 +116,7 @@ class _Reader:
             if self.log is not None and time.monotonic() - last >= PROGRESS_EVERY_S:
                 last = time.monotonic()
                 self.log(self._progress(t0, "reading"))
-            if du.holdout_split(i, 0.0, self.test_fraction) == "test":
+            if data_utils.holdout_split(i, 0.0, self.test_fraction) == "test":
                 self.held_docs += 1
                 if self.held_bytes < self.held_max_bytes:
                     self.held.append(text)
@@ -156,7 +156,7 @@ def compression_stats(tokenizer: TextTokenizer, texts: list[str]) -> dict:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_chars = sum(len(t) for t in texts)
     n_words = sum(len(t.split()) for t in texts)
-    spaced = du.is_spaced(n_chars, n_words)
+    spaced = data_utils.is_spaced(n_chars, n_words)
     return {
         "docs": len(texts), "bytes": n_bytes, "chars": n_chars, "tokens": n_tok, "words": n_words, "spaced": spaced,
         "bytes_per_token": round(n_bytes / max(n_tok, 1), 4),
@@ -242,11 +242,11 @@ def format_report(r: dict) -> str:
     ])
 
 
-def _cli(args) -> None:
+def tokenizer_command(args) -> None:
     common.check_new_file(args.json, "--json", args.overwrite)
     common.check_output_apart(args.output_dir, args.data, "--output-dir", "--data")
     stats: dict = {}
-    docs = du.iter_documents(args.data, text_key=args.text_key, skip_bad_lines=args.skip_bad_lines,
+    docs = data_utils.iter_documents(args.data, text_key=args.text_key, skip_bad_lines=args.skip_bad_lines,
                              stats=stats, txt_mode=args.txt_mode)
     report = train_tokenizer(docs, args.vocab_size, args.output_dir, min_frequency=args.min_frequency,
                              show_progress=not args.quiet, overwrite=args.overwrite,
@@ -258,11 +258,11 @@ def _cli(args) -> None:
     if stats.get("bad_lines"):
         print(f"  note: {stats['bad_lines']} bad jsonl lines skipped")
     if args.json:
-        common.atomic_write_text(args.json, json.dumps(report, indent=2, ensure_ascii=False))
+        common.write_json(args.json, report)
 
 
 def main(argv=None) -> int:
-    return common.run_cli(_cli, build_parser().parse_args(argv))
+    return common.run_cli(tokenizer_command, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -41,10 +41,9 @@ Outputs in --output-dir:
 Checkpoints are written atomically, so a killed run always leaves a loadable fishai-latest.pt.
 A run that fails before its first checkpoint removes the --output-dir it created.
 
-Validation data (the hold-out rule, data_utils.holdout_split): a prepared dir brings its val.bin;
-raw --data and SFT conversations without --val-data hold out 5% of their documents, document i
-(0-based, reading order) when ceil((i+1)/20) > ceil(i/20): the 1st, 21st, 41st, ... The same rule
-makes prepare's val.bin and quick_train's test documents (which no tokenizer ever sees).
+Validation data: a prepared dir brings its val.bin; raw --data and SFT conversations without
+--val-data hold out 5% of their documents by the project's one hold-out rule (data_utils.HOLDOUT_RULE,
+also in --help), the rule that makes prepare's val.bin and quick_train's test documents too.
 
 Resume: see RESUME_RULE below (also in --help): everything but the paths comes from the checkpoint.
 
@@ -72,7 +71,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import common
-import data_utils as du
+import data_utils
 
 LATEST_NAME = "fishai-latest.pt"
 BEST_NAME = "fishai-best.pt"
@@ -86,11 +85,9 @@ OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("wsd", "cosine")
 
 HOLDOUT_RULE = (
-    "Validation data: a prepared dir brings its own val.bin; for raw --data (and SFT conversations) "
-    "without --val-data, 5% of the documents are held out by the project's one hold-out rule "
-    "(data_utils.holdout_split, val_fraction 0.05): document i (0-based, in reading order) is a "
-    "validation document when ceil((i+1)/20) > ceil(i/20), i.e. the 1st, 21st, 41st, ... The tokenizer "
-    "may have seen validation documents, never quick_train's test documents.")
+    "Validation data: a prepared dir brings its own val.bin; for raw --data (and SFT conversations) without "
+    "--val-data, 5% of the documents are held out (val_fraction 0.05). The tokenizer may have seen validation "
+    "documents, never quick_train's test documents. " + data_utils.HOLDOUT_RULE)
 
 RESUME_RULE = (
     "Resume (--resume): the run continues exactly. Optimizer, batch, accumulation, sequence length, LRs, "
@@ -159,7 +156,7 @@ class TrainError(common.FishAIError):
     """A bad flag or input; main() prints it as one line and exits with EXIT_USAGE (2)."""
 
 
-class TrainFailed(TrainError):
+class TrainFailed(TrainError, common.RunFailed):
     """The run started but could not go on (CUDA out of memory, divergence): exit EXIT_FAILED (1)."""
 
 
@@ -202,7 +199,7 @@ def _add_model_flags(g) -> None:
                         "glob, hf:NAME[:CONFIG[:SPLIT]] or python-docs. For --stage sft: a chat .jsonl")
     g.add_argument("--val-data", default=None,
                    help="raw validation text/chat file; without it 5%% of the --data documents are held out "
-                        "(data_utils.holdout_split: the 1st, 21st, 41st, ... document)")
+                        "(the hold-out rule, above)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer dir (tokenizer_train.py) for raw --data; a prepared dir's own tokenizer/ "
                         "is used when omitted; with --init-from/--resume the checkpoint's tokenizer is used")
@@ -343,7 +340,9 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import model as fishai  # noqa: E402
+from model import (GPT, IGNORE_INDEX, CheckpointError, ModelConfig, configure_optimizers, device_peak_flops,  # noqa: E402
+                   estimate_mfu, fit_prompt, generate_samples, get_config, load_checkpoint, load_state_checked, save_checkpoint, unwrap,
+                   weight_decay_split)
 
 
 # ----------------------------------------------------------------------------- schedule / rng
@@ -434,7 +433,7 @@ def muon_split(model) -> tuple[list[str], list[str], list[str]]:
     """(muon, embed, norm) parameter names: Muon takes the matrices that get weight decay
     (model.weight_decay_split: the q/k/v/o and gate/up/down weights of every block); AdamW the
     tied embedding/head and every 1-D weight (RMSNorm)."""
-    decay, no_decay = fishai.weight_decay_split(model)
+    decay, no_decay = weight_decay_split(model)
     embed = [n for n in no_decay if n.endswith("tok_emb.weight")]
     return decay, embed, [n for n in no_decay if n not in embed]
 
@@ -600,19 +599,19 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def default_seq_len(cfg: fishai.ModelConfig) -> int:
+def default_seq_len(cfg: ModelConfig) -> int:
     """--seq-len when not given: the model's context, capped at 512 (longer windows cost more per
     token than they teach a small model early on)."""
     return min(512, cfg.max_seq_len)
 
 
-def build_config(name: str, vocab_size: int | None, overrides: dict) -> fishai.ModelConfig:
+def build_config(name: str, vocab_size: int | None, overrides: dict) -> ModelConfig:
     """Preset + overrides; the vocab comes from the tokenizer (rounded up) unless overridden."""
     kw = dict(overrides)
     if vocab_size is not None and "vocab_size" not in kw:
         kw["vocab_size"] = vocab_size
     try:
-        return fishai.get_config(name, **kw)
+        return get_config(name, **kw)
     except (TypeError, ValueError) as e:
         raise TrainError(f"--config {name}: {e}") from None
 
@@ -624,7 +623,7 @@ def round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
 # ----------------------------------------------------------------------------- distributed
 
 @dataclass
-class Dist:
+class Distributed:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -638,11 +637,11 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(backend: str | None = None) -> Dist:
+def setup_distributed(backend: str | None = None) -> Distributed:
     """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Distributed()
     import torch.distributed as tdist
     if not tdist.is_initialized():
         if backend is None:
@@ -661,11 +660,11 @@ def setup_distributed(backend: str | None = None) -> Dist:
             tdist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         else:
             tdist.init_process_group(backend=backend)
-    return Dist(rank=tdist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    return Distributed(rank=tdist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                 world_size=tdist.get_world_size())
 
 
-def setup_device(name: str, dist: Dist) -> torch.device:
+def setup_device(name: str, dist: Distributed) -> torch.device:
     """The run's device (a torchrun worker: its local rank's GPU), made the current CUDA device so
     that kernels, NCCL and the memory counters all use it. resolve_device always returns an indexed
     CUDA device: torch.cuda.set_device refuses a bare "cuda"."""
@@ -677,7 +676,7 @@ def setup_device(name: str, dist: Dist) -> torch.device:
     return device
 
 
-def _all_reduce_mean(value: float, dist: Dist, device: torch.device) -> float:
+def _all_reduce_mean(value: float, dist: Distributed, device: torch.device) -> float:
     if not dist.enabled:
         return value
     import torch.distributed as tdist
@@ -686,14 +685,14 @@ def _all_reduce_mean(value: float, dist: Dist, device: torch.device) -> float:
     return t.item() / dist.world_size
 
 
-def _all_reduce_sum_tensor(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+def _all_reduce_sum_tensor(t: torch.Tensor, dist: Distributed) -> torch.Tensor:
     if dist.enabled:
         import torch.distributed as tdist
         tdist.all_reduce(t)
     return t
 
 
-def _all_gather(obj, dist: Dist) -> list:
+def _all_gather(obj, dist: Distributed) -> list:
     if not dist.enabled:
         return [obj]
     import torch.distributed as tdist
@@ -747,7 +746,7 @@ class FaultHooks:
 # ----------------------------------------------------------------------------- where a run starts
 
 @dataclass
-class Start:
+class RunStart:
     """Where a run starts: its effective args (on resume: the checkpoint's, see RESUME_RULE), the
     checkpoint it resumes (everything) or is initialised from (weights), each read once, the
     tokenizer and the model config."""
@@ -755,12 +754,12 @@ class Start:
     resume_path: Path | None
     ckpt: dict | None
     init: dict | None
-    tokenizer: du.TextTokenizer | None
-    cfg: fishai.ModelConfig
+    tokenizer: data_utils.TextTokenizer | None
+    cfg: ModelConfig
     config_name: str
 
 
-def resolve_start(args: argparse.Namespace, dist: Dist, log) -> Start:
+def resolve_start(args: argparse.Namespace, dist: Distributed, log) -> RunStart:
     out = Path(args.output_dir)
     resume_path = find_resume_checkpoint(args, out, dist, log)
     ckpt = load_resume_checkpoint(resume_path) if resume_path else None
@@ -772,7 +771,7 @@ def resolve_start(args: argparse.Namespace, dist: Dist, log) -> Start:
     if ckpt is None and args.init_from:
         if not os.path.exists(args.init_from):
             raise TrainError(f"--init-from {args.init_from}: no such checkpoint")
-        init = fishai.load_checkpoint(args.init_from)
+        init = load_checkpoint(args.init_from)
     source = ckpt or init
     tokenizer = resolve_tokenizer(args, source, resume_path or args.init_from)
     cfg, config_name = resolve_config(args, ckpt, init, tokenizer, resume_path)
@@ -783,10 +782,11 @@ def resolve_start(args: argparse.Namespace, dist: Dist, log) -> Start:
                          f"{cfg.max_seq_len} (config {config_name})")
     apply_recipe(args, cfg, legacy=ckpt is not None and "optimizer" not in (ckpt.get("train_args") or {}),
                  gpu_bytes=gpu_memory_bytes(args.device, dist.local_rank if dist.enabled else None))
-    return Start(args, resume_path, ckpt, init, tokenizer, cfg, config_name)
+    return RunStart(args=args, resume_path=resume_path, ckpt=ckpt, init=init, tokenizer=tokenizer, cfg=cfg,
+                    config_name=config_name)
 
 
-def activation_bytes_per_token(cfg: fishai.ModelConfig) -> int:
+def activation_bytes_per_token(cfg: ModelConfig) -> int:
     """What one token of a bf16 training micro-batch keeps for the backward pass, roughly: per layer
     the fp32 residual inputs, the normed inputs, q/k/v and the attention output (flash attention
     keeps no T x T matrix), the four d_ff-wide MLP tensors; then ~12 bytes per logit (bf16 logits,
@@ -794,7 +794,7 @@ def activation_bytes_per_token(cfg: fishai.ModelConfig) -> int:
     return cfg.n_layers * 2 * (12 * cfg.d_model + 4 * cfg.d_ff) + 12 * cfg.vocab_size
 
 
-def recipe_for(cfg: fishai.ModelConfig, optimizer: str = "muon", stage: str = "pretrain",
+def recipe_for(cfg: ModelConfig, optimizer: str = "muon", stage: str = "pretrain",
                gpu_bytes: int | None = None, seq_len: int | None = None) -> dict:
     """The optimisation settings of RECIPE_RULE for a model of this width. gpu_bytes (the GPU's
     memory; None on a CPU) sets the micro-batch: the whole step when its activations fit."""
@@ -818,7 +818,7 @@ def gpu_memory_bytes(device_name, local_rank: int | None = None) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-def apply_recipe(args, cfg: fishai.ModelConfig, legacy: bool = False, gpu_bytes: int | None = None) -> None:
+def apply_recipe(args, cfg: ModelConfig, legacy: bool = False, gpu_bytes: int | None = None) -> None:
     """Fill every optimisation flag left at None from the model's recipe. A checkpoint from before
     the recipe existed (no 'optimizer' in its train args) ran AdamW + cosine, and resumes so."""
     if legacy:
@@ -837,7 +837,7 @@ def apply_recipe(args, cfg: fishai.ModelConfig, legacy: bool = False, gpu_bytes:
         args.warmup = math.ceil(RECIPE_WARMUP_FRAC * args.max_steps)
 
 
-def find_resume_checkpoint(args, out: Path, dist: Dist, log) -> Path | None:
+def find_resume_checkpoint(args, out: Path, dist: Distributed, log) -> Path | None:
     if args.resume is None:
         if dist.master and (out / LATEST_NAME).exists() and not args.overwrite:
             raise TrainError(f"--output-dir {out} already holds {LATEST_NAME}; pass --resume auto to continue it "
@@ -856,8 +856,8 @@ def load_resume_checkpoint(path: Path) -> dict:
     """Read the checkpoint to resume; when it is unreadable, the error names fishai-best.pt (beside
     it) as the way out: a new run from the best weights."""
     try:
-        ckpt = fishai.load_checkpoint(str(path))
-    except fishai.CheckpointError as e:
+        ckpt = load_checkpoint(str(path))
+    except CheckpointError as e:
         best = path.parent / BEST_NAME
         way_out = (f"{best} holds the best weights: start a new run from them with --init-from {best} "
                    "--output-dir NEW_DIR (a new directory keeps them safe)"
@@ -870,7 +870,7 @@ def load_resume_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def _same(key: str, old, new) -> bool:
+def same_setting(key: str, old, new) -> bool:
     if old == new:
         return True
     if key in ("data", "val_data", "init_from") and old and new:
@@ -878,14 +878,14 @@ def _same(key: str, old, new) -> bool:
     return False
 
 
-def _moved(key: str, old) -> bool:
+def data_moved(key: str, old) -> bool:
     """A saved data path that does not exist from here (moved, or another working directory): the
     path given now is the only way to name the data, so it is taken (and printed)."""
     return (key in ("data", "val_data") and bool(old) and not str(old).startswith("hf:")
             and str(old) != "python-docs" and not os.path.exists(str(old)))
 
 
-def _show(v) -> str:
+def format_value(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
@@ -903,15 +903,15 @@ def resumed_args(args: argparse.Namespace, ckpt: dict, path: Path, log) -> argpa
         if key not in vars(args) or key in PER_COMMAND or key.startswith("_"):
             continue
         new = getattr(args, key)
-        if key not in given or _same(key, old, new):
+        if key not in given or same_setting(key, old, new):
             setattr(merged, key, old)
-        elif key in RESUME_LOCKED and not _moved(key, old):
+        elif key in RESUME_LOCKED and not data_moved(key, old):
             flag = "--" + key.replace("_", "-")
-            raise TrainError(f"--resume {path}: {flag} {_show(new)} differs from the checkpoint's {_show(old)} and "
+            raise TrainError(f"--resume {path}: {flag} {format_value(new)} differs from the checkpoint's {format_value(old)} and "
                              f"would break the exact continuation ({RESUME_LOCKED[key]}); drop {flag}, or start a "
                              f"new run from these weights with --init-from {path} --output-dir NEW_DIR")
         else:
-            log(f"changed on resume: {key.replace('_', '-')} {_show(old)} -> {_show(new)}")
+            log(f"changed on resume: {key.replace('_', '-')} {format_value(old)} -> {format_value(new)}")
     step = int(ckpt.get("step", 0))
     if merged.max_steps < step:
         raise TrainError(f"--resume {path}: the checkpoint is at step {step} already; give --max-steps >= {step}")
@@ -935,21 +935,21 @@ def is_prepared_dir(path: str | None) -> bool:
     return bool(path) and os.path.isdir(path) and os.path.exists(os.path.join(path, "train.bin"))
 
 
-def resolve_tokenizer(args, source: dict | None, source_name) -> du.TextTokenizer | None:
+def resolve_tokenizer(args, source: dict | None, source_name) -> data_utils.TextTokenizer | None:
     """The checkpoint's embedded tokenizer > --tokenizer > a prepared dir's own tokenizer/."""
     if source is not None and source.get("tokenizer"):
         try:
-            tok = du.TextTokenizer.from_dict(source["tokenizer"])
+            tok = data_utils.TextTokenizer.from_dict(source["tokenizer"])
         except Exception as e:  # noqa: BLE001 - reported as one line
             raise TrainError(f"{source_name}: embedded tokenizer cannot be loaded ({e})") from None
-        if args.tokenizer and du.load_tokenizer(args.tokenizer).hash != tok.hash:
+        if args.tokenizer and data_utils.load_tokenizer(args.tokenizer).hash != tok.hash:
             raise TrainError(f"--tokenizer {args.tokenizer} differs from the one in checkpoint {source_name}; "
                              "drop --tokenizer (the checkpoint's is used)")
         return tok
     if args.tokenizer:
-        return du.load_tokenizer(args.tokenizer)
+        return data_utils.load_tokenizer(args.tokenizer)
     if is_prepared_dir(args.data) and (Path(args.data) / "tokenizer" / "tokenizer.json").exists():
-        return du.load_tokenizer(Path(args.data) / "tokenizer")
+        return data_utils.load_tokenizer(Path(args.data) / "tokenizer")
     if not is_prepared_dir(args.data):
         raise TrainError(f"--data {args.data}: raw text needs a tokenizer; pass --tokenizer DIR (train one with "
                          "tokenizer_train.py) or prepare the data with data_utils.py")
@@ -961,7 +961,7 @@ def _config_diff(a: dict, b: dict) -> list[str]:
     return [f"{k}={a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def resolve_config(args, ckpt, init, tokenizer, resume_path) -> tuple[fishai.ModelConfig, str]:
+def resolve_config(args, ckpt, init, tokenizer, resume_path) -> tuple[ModelConfig, str]:
     """The model config: the checkpoint's (a resumed one is checked against --config and
     --model-override when given), else the preset + overrides with the tokenizer's vocab rounded up."""
     overrides = parse_overrides(args.model_override)
@@ -973,7 +973,7 @@ def resolve_config(args, ckpt, init, tokenizer, resume_path) -> tuple[fishai.Mod
         cfg = wanted
     else:
         try:
-            cfg = fishai.ModelConfig.from_dict(dict(source["config"]))
+            cfg = ModelConfig.from_dict(dict(source["config"]))
         except (TypeError, ValueError) as e:
             raise TrainError(f"{resume_path or args.init_from}: bad model config in checkpoint ({e})") from None
         diff = _config_diff(cfg.to_dict(), wanted.to_dict())
@@ -1000,7 +1000,7 @@ def as_batch(tensors) -> dict:
 
 
 @dataclass
-class Data:
+class TrainData:
     sampler: object  # TokenWindowSampler | SFTDataset: .next_batch(device), .state_dict(), .load_state_dict()
     val_batches: Callable[[], Iterator[dict]]  # a fresh, deterministic pass over this rank's val batches
     n_train_tokens: int | None
@@ -1026,27 +1026,27 @@ def load_pretrain_tokens(args, tokenizer, show_progress: bool, model_vocab: int)
 
 
 def _tokenize(source, args, tokenizer, val_fraction, show_progress) -> dict:
-    return du.tokenize_documents(source, tokenizer, val_fraction=val_fraction, max_tokens=args.max_data_tokens,
+    return data_utils.tokenize_documents(source, tokenizer, val_fraction=val_fraction, max_tokens=args.max_data_tokens,
                                  text_key=args.text_key, show_progress=show_progress)
 
 
 def _prepared_tokens(args, tokenizer, show_progress, model_vocab):
     d = Path(args.data)
     if tokenizer is not None:
-        du.check_meta(d, tokenizer)  # refuses a .bin made with another tokenizer
+        data_utils.check_meta(d, tokenizer)  # refuses a .bin made with another tokenizer
     else:
         meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
         if int(meta.get("vocab_size", 0)) > model_vocab:
             raise TrainError(f"--data {d}: token vocab {meta.get('vocab_size')} > model vocab {model_vocab}; "
                              "pass the data's --tokenizer")
-    train = du.read_token_file(d / "train.bin")
+    train = data_utils.read_token_file(d / "train.bin")
     val_path = d / "val.bin"
     if args.val_data:
         if tokenizer is None:
             raise TrainError("--val-data is raw text and needs a tokenizer; pass --tokenizer")
         val = _tokenize(args.val_data, args, tokenizer, 0.0, show_progress)["train"]
-    elif val_path.exists() and du.read_token_header(val_path)["n_tokens"] > 0:
-        val = du.read_token_file(val_path)
+    elif val_path.exists() and data_utils.read_token_header(val_path)["n_tokens"] > 0:
+        val = data_utils.read_token_file(val_path)
     else:
         raise TrainError(f"--data {d}: val.bin is missing or empty; prepare with --val-fraction > 0 "
                          "or pass --val-data FILE")
@@ -1067,10 +1067,10 @@ def load_sft_conversations(args, world_size: int = 1):
     conversations (HOLDOUT_RULE); with too few for a split the training set doubles as val."""
     if is_prepared_dir(args.data):
         raise TrainError(f"--stage sft --data {args.data}: expected a chat .jsonl file, got a prepared dir")
-    convs = du.read_sft_jsonl(args.data)
+    convs = data_utils.read_sft_jsonl(args.data)
     if args.val_data:
-        return convs, du.read_sft_jsonl(args.val_data)
-    splits = [du.holdout_split(i, VAL_FRACTION) for i in range(len(convs))]
+        return convs, data_utils.read_sft_jsonl(args.val_data)
+    splits = [data_utils.holdout_split(i, VAL_FRACTION) for i in range(len(convs))]
     train = [c for c, s in zip(convs, splits) if s == "train"]
     val = [c for c, s in zip(convs, splits) if s == "val"]
     if len(val) < world_size or not train:
@@ -1078,7 +1078,7 @@ def load_sft_conversations(args, world_size: int = 1):
     return train, val
 
 
-def build_data(start: Start, dist: Dist, device, show_progress: bool) -> Data:
+def build_data(start: RunStart, dist: Distributed, device, show_progress: bool) -> TrainData:
     args, tok = start.args, start.tokenizer
     if args.stage == "pretrain":
         return _pretrain_data(args, tok, start.cfg, dist, device, show_progress)
@@ -1086,9 +1086,9 @@ def build_data(start: Start, dist: Dist, device, show_progress: bool) -> Data:
         raise TrainError(f"--stage sft: checkpoint {args.init_from} has no embedded tokenizer; the chat "
                          "template needs one (pass --tokenizer DIR)")
     train_convs, val_convs = load_sft_conversations(args, dist.world_size)
-    sampler = du.SFTDataset(train_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed,
+    sampler = data_utils.SFTDataset(train_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed,
                             rank=dist.rank, world_size=dist.world_size)
-    val_ds = du.SFTDataset(val_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed + 1,
+    val_ds = data_utils.SFTDataset(val_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed + 1,
                            rank=dist.rank, world_size=dist.world_size)
     start_state = val_ds.state_dict()
 
@@ -1102,22 +1102,22 @@ def build_data(start: Start, dist: Dist, device, show_progress: bool) -> Data:
     if first is not None:
         turns = first[:next(i for i, m in enumerate(first) if m["role"] == "assistant")]
         prompt = tok.encode_chat(turns, add_generation_prompt=True)[0]
-    return Data(sampler, val_batches, None, prompt)
+    return TrainData(sampler, val_batches, None, prompt)
 
 
-def _pretrain_data(args, tok, cfg, dist: Dist, device, show_progress) -> Data:
+def _pretrain_data(args, tok, cfg, dist: Distributed, device, show_progress) -> TrainData:
     train_tokens, val_tokens = load_pretrain_tokens(args, tok, show_progress, cfg.vocab_size)
     for name, tokens, fix in (("training", train_tokens, "give more data"),
                               ("validation", val_tokens, "give --val-data")):
         if len(tokens) < args.seq_len + 1:
             raise TrainError(f"--data {args.data}: only {len(tokens)} {name} tokens, fewer than --seq-len + 1 = "
                              f"{args.seq_len + 1}; {fix} or lower --seq-len")
-    sampler = du.TokenWindowSampler(train_tokens, args.seq_len, args.batch_size, seed=args.seed,
+    sampler = data_utils.TokenWindowSampler(train_tokens, args.seq_len, args.batch_size, seed=args.seed,
                                     rank=dist.rank, world_size=dist.world_size)
 
     def val_batches():
         # the first --eval-iters contiguous windows, shared out over the ranks
-        batches = du.iter_eval_batches(val_tokens, args.seq_len, args.batch_size, max_batches=args.eval_iters,
+        batches = data_utils.iter_eval_batches(val_tokens, args.seq_len, args.batch_size, max_batches=args.eval_iters,
                                        device=device)
         for i, (x, y) in enumerate(batches):
             if i % dist.world_size == dist.rank:
@@ -1128,17 +1128,17 @@ def _pretrain_data(args, tok, cfg, dist: Dist, device, show_progress) -> Data:
         prompt = [int(t) for t in val_tokens[:16]]
         if tok.eos_id in prompt[1:]:
             prompt = prompt[:prompt.index(tok.eos_id, 1)]
-    return Data(sampler, val_batches, int(len(train_tokens)), prompt)
+    return TrainData(sampler, val_batches, int(len(train_tokens)), prompt)
 
 
 # ----------------------------------------------------------------------------- model / optimizer
 
-def build_model(start: Start, dist: Dist, device) -> fishai.GPT:
+def build_model(start: RunStart, dist: Distributed, device) -> GPT:
     seed_everything(start.args.seed + dist.rank)
-    model = fishai.GPT(start.cfg)
+    model = GPT(start.cfg)
     weights = start.ckpt or start.init
     if weights is not None:
-        fishai.load_state_checked(model, weights["model"], source=str(start.resume_path or start.args.init_from))
+        load_state_checked(model, weights["model"], source=str(start.resume_path or start.args.init_from))
     model.tokenizer = start.tokenizer
     if device.type == "cuda":
         model.loss_chunk_elems = loss_chunk_budget(device)
@@ -1150,16 +1150,16 @@ def loss_chunk_budget(device) -> int:
     bytes per logit (bf16 logits, their fp32 copy and both gradients). Below that the loss is one
     fused matmul + cross-entropy; above it, chunks recomputed in backward (GPT.loss_chunk_elems,
     2^27 on a CPU, where memory is shared with everything else)."""
-    return max(fishai.GPT.loss_chunk_elems, torch.cuda.get_device_properties(device).total_memory // 10 // 12)
+    return max(GPT.loss_chunk_elems, torch.cuda.get_device_properties(device).total_memory // 10 // 12)
 
 
-def build_optimizer(model, args, device, dist: Dist | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model, args, device, dist: Distributed | None = None) -> torch.optim.Optimizer:
     """AdamW (torch's, fused on CUDA) for --optimizer adamw; else Muon for the hidden matrices and
     AdamW for the embedding and norms (muon_split), each group tagged with its role for group_lrs."""
     if args.optimizer == "adamw":
-        return fishai.configure_optimizers(model, weight_decay=args.weight_decay, lr=args.lr,
+        return configure_optimizers(model, weight_decay=args.weight_decay, lr=args.lr,
                                            betas=(args.beta1, args.beta2), device_type=device.type)
-    params = dict(fishai._unwrap(model).named_parameters())
+    params = dict(unwrap(model).named_parameters())
     muon, embed, norm = muon_split(model)
     groups = [{"params": [params[n] for n in muon], "use_muon": True, "role": "matrix",
                "weight_decay": args.weight_decay},
@@ -1186,7 +1186,7 @@ def use_compile(args, device) -> bool:
     return args.compile if args.compile is not None else device.type == "cuda"
 
 
-def wrap_model(model, args, dist: Dist, device):
+def wrap_model(model, args, dist: Distributed, device):
     """torch.compile and DDP around the bare GPT; returns what the forward passes run through."""
     if use_compile(args, device):
         model = torch.compile(model)
@@ -1216,22 +1216,23 @@ class TrainState:
 
 
 @dataclass
-class Run:
+class TrainRun:
     """Everything one training run works with, built once by train()."""
     args: argparse.Namespace
-    dist: Dist
+    dist: Distributed
     device: torch.device
     dtype: torch.dtype
     out: Path
-    raw_model: fishai.GPT  # the bare GPT: saved and sampled from
+    raw_model: GPT  # the bare GPT: saved and sampled from
     model: torch.nn.Module  # what the forward passes run through (compiled / DDP)
     optimizer: torch.optim.Optimizer
     schedule: CosineSchedule
     scaler: torch.amp.GradScaler
-    data: Data
-    tokenizer: du.TextTokenizer | None
+    data: TrainData
+    tokenizer: data_utils.TextTokenizer | None
     train_args: dict
     say: "Printer"
+    t_start: float = 0.0  # time.time() when the command started (--max-time counts from it)
     metrics: "MetricsLog | None" = None
     wandb: "WandbLogger | None" = None
 
@@ -1244,7 +1245,7 @@ class Run:
         self.wandb.log(rec, rec["step"])
 
 
-def restore_state(run: Run, ckpt: dict | None) -> TrainState:
+def restore_state(run: TrainRun, ckpt: dict | None) -> TrainState:
     """Optimizer, schedule position, scaler, data position and RNG from a resumed checkpoint."""
     if ckpt is None:
         return TrainState()
@@ -1272,7 +1273,7 @@ def restore_state(run: Run, ckpt: dict | None) -> TrainState:
                       best_val_loss=ckpt.get("best_val_loss"))
 
 
-def save_latest(run: Run, state: TrainState, name: str = LATEST_NAME) -> None:
+def save_latest(run: TrainRun, state: TrainState, name: str = LATEST_NAME) -> None:
     """fishai-latest.pt: everything the exact resume needs. Every rank takes part (the data
     positions and RNG states are gathered); rank 0 writes. name=STABLE_NAME writes the same
     content as fishai-stable.pt, the point a WSD run is extended from."""
@@ -1283,26 +1284,26 @@ def save_latest(run: Run, state: TrainState, name: str = LATEST_NAME) -> None:
     path = run.out / name
     run.schedule.step = state.step
     ws = run.dist.world_size
-    fishai.save_checkpoint(str(path), run.raw_model, tokenizer=run.tokenizer, optimizer=run.optimizer,
+    save_checkpoint(str(path), run.raw_model, tokenizer=run.tokenizer, optimizer=run.optimizer,
                            scheduler=run.schedule, scaler=run.scaler if run.scaler.is_enabled() else None,
                            step=state.step, best_val_loss=state.best_val_loss,
                            rng_state={"world_size": ws, "ranks": rng_states},
                            data_state={"world_size": ws, "ranks": data_states},
-                           train_args=run.train_args, extra=_extra(run, state))
+                           train_args=run.train_args, extra=checkpoint_extra(run, state))
     if name == LATEST_NAME:
         state.last_good = path
 
 
-def save_best(run: Run, state: TrainState) -> None:
+def save_best(run: TrainRun, state: TrainState) -> None:
     """fishai-best.pt: weights, config and tokenizer (+ step and train args for the model card);
     no optimizer state, so it is a fraction of fishai-latest.pt. Rank 0 only."""
     if run.dist.master:
-        fishai.save_checkpoint(str(run.out / BEST_NAME), run.raw_model, tokenizer=run.tokenizer, step=state.step,
+        save_checkpoint(str(run.out / BEST_NAME), run.raw_model, tokenizer=run.tokenizer, step=state.step,
                                best_val_loss=state.best_val_loss, train_args=run.train_args,
-                               extra=_extra(run, state))
+                               extra=checkpoint_extra(run, state))
 
 
-def _extra(run: Run, state: TrainState) -> dict:
+def checkpoint_extra(run: TrainRun, state: TrainState) -> dict:
     return {"stage": run.args.stage, "tokens_seen": state.tokens_seen}
 
 
@@ -1424,28 +1425,27 @@ def plot_losses(series: list[dict], path) -> str | None:
     return None
 
 
-def sample_tokens(model: fishai.GPT, ids: list[int], max_new_tokens: int, generator: torch.Generator,
+def sample_tokens(model: GPT, ids: list[int], max_new_tokens: int, generator: torch.Generator,
                   temperature: float = 0.8, top_k: int = 40) -> list[int]:
     """Continue `ids` with up to max_new_tokens sampled tokens; returns the new ids before the
     first EOS. The draws come from `generator` alone, so training's RNG streams are untouched and
     an exact resume stays exact."""
     eos = model.tokenizer.eos_id if model.tokenizer is not None else None
-    ids, n = fishai.fit_prompt(ids, max_new_tokens, model.config.max_seq_len)
-    x = torch.tensor([ids], dtype=torch.long, device=model.tok_emb.weight.device)
+    ids, n = fit_prompt(ids, max_new_tokens, model.config.max_seq_len)
     was_training = model.training
     model.eval()
     try:
-        y = model.generate(x, n, temperature=temperature, top_k=top_k, eos_id=eos, generator=generator)
+        rows = generate_samples(model, ids, n, temperature=temperature, top_k=top_k, generator=generator,
+                                stop_ids=[] if eos is None else [eos])
     finally:
         model.clear_cache()  # the KV cache is only for this sample
         model.train(was_training)
-    new = y[0, len(ids):].tolist()
-    return new[:new.index(eos)] if eos in new else new
+    return rows[0]
 
 
 # ----------------------------------------------------------------------------- one step, evaluation
 
-def train_step(run: Run, step: int, hooks: FaultHooks) -> tuple[float, float, bool, int]:
+def train_step(run: TrainRun, step: int, hooks: FaultHooks) -> tuple[float, float, bool, int]:
     """One optimizer step of --grad-accum micro-batches (gradients synced across ranks on the last
     only). Returns (loss averaged over micro-batches and ranks, grad norm, finite, tokens on this
     rank). A NaN/inf loss is not applied (with fp16 the GradScaler skips it itself)."""
@@ -1500,13 +1500,14 @@ def step_runner(model, args: argparse.Namespace, device, dtype, batches: list[tu
     benchmark.py times as the training step. `model` is a GPT or anything with its forward and
     parameter names (benchmark.py's LlamaForCausalLM adapter)."""
     device = torch.device(device)
-    if device.type == "cuda" and isinstance(model, fishai.GPT):
+    if device.type == "cuda" and isinstance(model, GPT):
         model.loss_chunk_elems = loss_chunk_budget(device)
-    dist = Dist()
-    run = Run(args, dist, device, dtype, Path("."), model, wrap_model(model, args, dist, device),
-              build_optimizer(model, args, device, dist), build_schedule(args),
-              torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-              Data(FixedBatches(batches), lambda: iter(()), None, None), None, {}, Printer(False))
+    dist = Distributed()
+    run = TrainRun(args=args, dist=dist, device=device, dtype=dtype, out=Path("."), raw_model=model,
+                   model=wrap_model(model, args, dist, device), optimizer=build_optimizer(model, args, device, dist),
+                   schedule=build_schedule(args), scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                   data=TrainData(FixedBatches(batches), lambda: iter(()), None, None), tokenizer=None, train_args={},
+                   say=Printer(False), t_start=time.time())
     model.train()
     hooks, step = FaultHooks(), [0]
 
@@ -1520,14 +1521,14 @@ def step_runner(model, args: argparse.Namespace, device, dtype, batches: list[tu
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, dtype, dist: Dist) -> float:
+def evaluate(model, batches, device, dtype, dist: Distributed) -> float:
     """Mean loss per target token over `batches` (this rank's share; targets not IGNORE_INDEX and,
     for SFT, under loss_mask), averaged over all ranks; NaN when there is no target token."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
-        on = batch["targets"] != fishai.IGNORE_INDEX
+        on = batch["targets"] != IGNORE_INDEX
         if batch.get("loss_mask") is not None:
             on &= batch["loss_mask"].bool()
         n = on.sum()
@@ -1540,7 +1541,7 @@ def evaluate(model, batches, device, dtype, dist: Dist) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def evaluate_and_keep_best(run: Run, state: TrainState, train_loss: float) -> None:
+def evaluate_and_keep_best(run: TrainRun, state: TrainState, train_loss: float) -> None:
     val = evaluate(run.model, run.data.val_batches(), run.device, run.dtype, run.dist)
     improved = math.isfinite(val) and (state.best_val_loss is None or val < state.best_val_loss)
     if improved:
@@ -1554,7 +1555,7 @@ def evaluate_and_keep_best(run: Run, state: TrainState, train_loss: float) -> No
         save_best(run, state)
 
 
-def print_sample(run: Run, step: int) -> None:
+def print_sample(run: TrainRun, step: int) -> None:
     """A text sample from the current weights (rank 0), continuing the first val document."""
     if not run.dist.master or run.tokenizer is None or not run.data.sample_prompt:
         return
@@ -1581,19 +1582,19 @@ class SpeedMeter:
         return self.tokens / max(time.time() - self.t, 1e-9)
 
 
-def log_step(run: Run, state: TrainState, loss: float, gn: float, speed: SpeedMeter, t_start: float, bar) -> None:
+def log_step(run: TrainRun, state: TrainState, loss: float, gn: float, speed: SpeedMeter, bar) -> None:
     lr, tps = run.schedule.lr_at(state.step - 1), speed.rate()
     rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_sec": tps,
-           "tokens": state.tokens_seen, "time": time.time() - t_start}
-    peak = fishai.device_peak_flops(run.device, run.dtype)
+           "tokens": state.tokens_seen, "time": time.time() - run.t_start}
+    peak = device_peak_flops(run.device, run.dtype)
     if peak:
-        rec["mfu"] = fishai.estimate_mfu(tps, run.raw_model.config, run.args.seq_len, peak * run.dist.world_size)
+        rec["mfu"] = estimate_mfu(tps, run.raw_model.config, run.args.seq_len, peak * run.dist.world_size)
     run.record(rec)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
     speed.reset()
 
 
-def check_finite(run: Run, state: TrainState, finite: bool, loss: float, gn: float) -> None:
+def check_finite(run: TrainRun, state: TrainState, finite: bool, loss: float, gn: float) -> None:
     if finite:
         state.nonfinite = 0
         return
@@ -1606,10 +1607,10 @@ def check_finite(run: Run, state: TrainState, finite: bool, loss: float, gn: flo
                             f"stopping, {kept}. Lower --lr, raise --warmup or use --dtype bf16/fp32")
 
 
-def agree_on_stop(run: Run, stop: "_StopFlag", t_start: float) -> tuple[bool, bool]:
+def agree_on_stop(run: TrainRun, stop: "StopFlag") -> tuple[bool, bool]:
     """(signal received, --max-time reached), agreed by all ranks: a rank that stopped alone would
     leave the others hanging in the next all-reduce."""
-    timed_out = run.args.max_time is not None and time.time() - t_start >= run.args.max_time
+    timed_out = run.args.max_time is not None and time.time() - run.t_start >= run.args.max_time
     flags = [1.0 if stop.signum is not None else 0.0, 1.0 if timed_out else 0.0]
     if run.dist.enabled:
         ft = torch.tensor(flags, device=run.device)
@@ -1618,45 +1619,35 @@ def agree_on_stop(run: Run, stop: "_StopFlag", t_start: float) -> tuple[bool, bo
     return flags[0] > 0, flags[1] > 0
 
 
-def after_step(run: Run, state: TrainState, stop: "_StopFlag", loss: float, t_start: float,
-               speed: SpeedMeter) -> str | None:
-    """Evaluate, sample and save as due after a step; returns why the run stops here, or None."""
-    args, step, latest = run.args, state.step, run.out / LATEST_NAME
-    stop_now, timed_out = agree_on_stop(run, stop, t_start)
-    pause = args.stop_at is not None and step >= args.stop_at
-    last = step == args.max_steps
-    if step % args.eval_interval == 0 or last or timed_out:
-        evaluate_and_keep_best(run, state, loss)
-        speed.t = time.time()  # evaluation time is not training speed
-    if args.sample_interval and step % args.sample_interval == 0:
-        print_sample(run, step)
-    if isinstance(run.schedule, WSDSchedule) and step == run.schedule.decay_start < args.max_steps:
-        save_latest(run, state, STABLE_NAME)  # the end of the stable phase: extend the run from here
-    # during a NaN/inf streak keep the last good fishai-latest.pt (the streak may end the run)
-    if ((step % args.save_interval == 0 or last) and state.nonfinite == 0) or stop_now or pause or timed_out:
-        save_latest(run, state)
-    if stop_now:
+def stop_reason(run: TrainRun, state: TrainState, stop: "StopFlag", signalled: bool, paused: bool,
+                timed_out: bool) -> str | None:
+    """Why the run stops after this step (a line saying so and how to continue), or None."""
+    args, latest = run.args, run.out / LATEST_NAME
+    if signalled:
         name = signal.Signals(stop.signum).name if stop.signum else "signal on another rank"
-        run.say(f"{name}: saved {latest} at step {step}; resume with --resume auto")
+        run.say(f"{name}: saved {latest} at step {state.step}; resume with --resume auto")
         return name
-    if pause:
-        run.say(f"--stop-at {args.stop_at}: saved {latest} at step {step}; continue with --resume auto")
+    if paused:
+        run.say(f"--stop-at {args.stop_at}: saved {latest} at step {state.step}; continue with --resume auto")
         return "stop_at"
-    if timed_out and not last:
-        run.say(f"--max-time {args.max_time:g} s reached at step {step}/{args.max_steps}: saved {latest}; "
+    if timed_out and state.step < args.max_steps:
+        run.say(f"--max-time {args.max_time:g} s reached at step {state.step}/{args.max_steps}: saved {latest}; "
                 "continue with --resume auto")
         return "max_time"
     return None
 
 
-def train_loop(run: Run, state: TrainState, t_start: float) -> str | None:
-    """Train until --max-steps or a stop (signal, --stop-at, --max-time); returns the stop reason."""
+def progress_bar(run: TrainRun, state: TrainState):
     from tqdm import tqdm
-    hooks, stop, speed = FaultHooks(), _StopFlag(), SpeedMeter()
-    args = run.args
-    bar = tqdm(total=args.max_steps, initial=state.step, desc=args.stage, unit="step", dynamic_ncols=True,
-               disable=not (run.dist.master and not args.quiet), leave=True)
-    run.say.bar = bar
+    return tqdm(total=run.args.max_steps, initial=state.step, desc=run.args.stage, unit="step", dynamic_ncols=True,
+                disable=not (run.dist.master and not run.args.quiet), leave=True)
+
+
+def train_loop(run: TrainRun, state: TrainState) -> str | None:
+    """Train until --max-steps or a stop (signal, --stop-at, --max-time), evaluating, sampling and
+    saving as due; returns why it stopped (None: --max-steps reached)."""
+    args, hooks, stop, speed = run.args, FaultHooks(), StopFlag(), SpeedMeter()
+    bar = run.say.bar = progress_bar(run, state)
     stop.install()
     run.model.train()
     try:
@@ -1668,9 +1659,22 @@ def train_loop(run: Run, state: TrainState, t_start: float) -> str | None:
             speed.tokens += tokens * run.dist.world_size
             bar.update(1)
             check_finite(run, state, finite, loss, gn)
-            if state.step % args.log_interval == 0 or state.step == args.max_steps:
-                log_step(run, state, loss, gn, speed, t_start, bar)
-            reason = after_step(run, state, stop, loss, t_start, speed)
+            step, last = state.step, state.step == args.max_steps
+            if step % args.log_interval == 0 or last:
+                log_step(run, state, loss, gn, speed, bar)
+            signalled, timed_out = agree_on_stop(run, stop)
+            if step % args.eval_interval == 0 or last or timed_out:
+                evaluate_and_keep_best(run, state, loss)
+                speed.t = time.time()  # evaluation time is not training speed
+            if args.sample_interval and step % args.sample_interval == 0:
+                print_sample(run, step)
+            if isinstance(run.schedule, WSDSchedule) and step == run.schedule.decay_start < args.max_steps:
+                save_latest(run, state, STABLE_NAME)  # the end of the stable phase: extend the run from here
+            paused = args.stop_at is not None and step >= args.stop_at
+            # during a NaN/inf streak keep the last good fishai-latest.pt (the streak may end the run)
+            if ((step % args.save_interval == 0 or last) and state.nonfinite == 0) or signalled or paused or timed_out:
+                save_latest(run, state)
+            reason = stop_reason(run, state, stop, signalled, paused, timed_out)
             if reason:
                 return reason
         return None
@@ -1684,7 +1688,7 @@ def train_loop(run: Run, state: TrainState, t_start: float) -> str | None:
         stop.restore()
 
 
-class _StopFlag:
+class StopFlag:
     """SIGINT/SIGTERM set a flag; the loop finishes the current step, saves and exits.
     A second Ctrl-C interrupts immediately."""
 
@@ -1713,94 +1717,90 @@ class _StopFlag:
 # ----------------------------------------------------------------------------- train()
 
 def train(args: argparse.Namespace) -> dict:
-    """Run training as configured by `args` (parse_args / make_args). Returns a summary dict:
+    """Run training as configured by `args` (parse_args / make_args): set up (start point, device,
+    data, model, optimizer), train_loop, then the end-of-run records. Returns a summary dict:
     steps, tokens, best_val_loss, last_val_loss, elapsed_s, latest/best checkpoint paths,
     interrupted (signal name or None), stopped_by ("signal", "stop_at", "max_time" or None)."""
-    dist = setup_distributed()
-    ok = False
+    t_start, dist = time.time(), setup_distributed()
+    say = Printer(dist.master)
+    ok, created, out = False, False, Path(args.output_dir)
     try:
-        summary = _train(args, dist)
+        start = resolve_start(args, dist, say)
+        device = setup_device(start.args.device, dist)
+        created = common.check_writable_dir(out) if dist.master else False
+        run = build_run(start, dist, device, out, say, t_start)
+        state = restore_state(run, start.ckpt)
+        describe_run(run, start, state)
+        run.metrics = MetricsLog(out / METRICS_NAME, dist.master, state.step if start.ckpt is not None else None)
+        run.wandb = WandbLogger(run.args, run.args.wandb and dist.master, {**run.train_args,
+                                "model_config": start.cfg.to_dict()}, out)
+        try:
+            summary = finish_run(run, state, train_loop(run, state))
+        finally:
+            run.metrics.close()
         ok = True
         return summary
-    finally:
-        if dist.enabled:
-            import torch.distributed as tdist
-            if tdist.is_initialized():
-                if ok:
-                    # every rank reaches the end before any tears the group down: a rank that
-                    # destroys its gloo context while a peer still talks to it can crash the peer
-                    tdist.barrier()
-                tdist.destroy_process_group()
-
-
-def _train(args, dist: Dist) -> dict:
-    t_start = time.time()
-    say = Printer(dist.master)
-    start = resolve_start(args, dist, say)
-    args = start.args
-    device = setup_device(args.device, dist)
-    dtype = common.resolve_dtype(args.dtype, device)
-    out = Path(args.output_dir)
-    created = common.check_writable_dir(out) if dist.master else False
-    try:
-        run = build_run(start, dist, device, dtype, out, say)
-        state = restore_state(run, start.ckpt)
-        if start.ckpt is not None:
-            best = state.best_val_loss
-            say(f"resumed from {start.resume_path} at step {state.step}"
-                + (f" (best val loss {best:.4f})" if best else ""))
-        elif start.init is not None:
-            say(f"initialised weights from {args.init_from} (step {start.init.get('step', '?')}); fresh optimizer")
-        describe_run(run, start)
-        return run_and_finish(run, state, start, t_start)
     except BaseException:
         if created and not any((out / n).exists() for n in (LATEST_NAME, BEST_NAME)):
             shutil.rmtree(out, ignore_errors=True)  # a failed run leaves nothing behind
         raise
+    finally:
+        teardown_distributed(dist, ok)
 
 
-def build_run(start: Start, dist: Dist, device, dtype, out: Path, say: Printer) -> Run:
+def teardown_distributed(dist: Distributed, ok: bool) -> None:
+    if not dist.enabled:
+        return
+    import torch.distributed as tdist
+    if tdist.is_initialized():
+        if ok:
+            # every rank reaches the end before any tears the group down: a rank that destroys
+            # its gloo context while a peer still talks to it can crash the peer
+            tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def build_run(start: RunStart, dist: Distributed, device, out: Path, say: Printer, t_start: float) -> TrainRun:
     args = start.args
+    dtype = common.resolve_dtype(args.dtype, device)
     data = build_data(start, dist, device, dist.master and not args.quiet)
     raw_model = build_model(start, dist, device)
-    optimizer = build_optimizer(raw_model, args, device, dist)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     train_args = {k: v for k, v in vars(args).items() if not k.startswith("_") and
                   (isinstance(v, (str, int, float, bool, type(None))) or k == "model_override")}
     train_args["world_size"] = dist.world_size
-    run = Run(args, dist, device, dtype, out, raw_model, wrap_model(raw_model, args, dist, device), optimizer,
-              build_schedule(args), scaler, data, start.tokenizer, train_args, say)
+    run = TrainRun(args=args, dist=dist, device=device, dtype=dtype, out=out, raw_model=raw_model,
+                   model=wrap_model(raw_model, args, dist, device),
+                   optimizer=build_optimizer(raw_model, args, device, dist), schedule=build_schedule(args),
+                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), data=data,
+                   tokenizer=start.tokenizer, train_args=train_args, say=say, t_start=t_start)
     run.train_args["tokens_per_step"] = run.tokens_per_step
     return run
 
 
-def describe_run(run: Run, start: Start) -> None:
-    args, cfg, tok = run.args, start.cfg, start.tokenizer
-    ws = run.dist.world_size
-    run.say(f"model: config {start.config_name}, {run.raw_model.num_params() / 1e6:.2f}M params, vocab "
-            f"{cfg.vocab_size} (tokenizer {tok.vocab_size if tok is not None else 'none: preset vocab'}), seq_len "
-            f"{args.seq_len}; device {run.device}, dtype {str(run.dtype).replace('torch.', '')}"
-            f"{' + GradScaler' if run.scaler.is_enabled() else ''}{', compiled' if use_compile(args, run.device) else ''}")
-    n_train = run.data.n_train_tokens
-    run.say(f"batch: {args.batch_size} seq x {args.grad_accum} accum x {ws} procs = "
-            f"{args.batch_size * args.grad_accum * ws} sequences, {run.tokens_per_step:,} tokens/step; "
-            f"{args.stage} on {args.data}" + (f" ({n_train:,} train tokens)" if n_train else ""))
+def describe_run(run: TrainRun, start: RunStart, state: TrainState) -> None:
+    args, cfg, tok, say = run.args, start.cfg, start.tokenizer, run.say
+    if start.ckpt is not None:
+        best = state.best_val_loss
+        say(f"resumed from {start.resume_path} at step {state.step}" + (f" (best val loss {best:.4f})" if best else ""))
+    elif start.init is not None:
+        say(f"initialised weights from {args.init_from} (step {start.init.get('step', '?')}); fresh optimizer")
+    say(f"model: config {start.config_name}, {run.raw_model.num_params() / 1e6:.2f}M params, vocab "
+        f"{cfg.vocab_size} (tokenizer {tok.vocab_size if tok is not None else 'none: preset vocab'}), seq_len "
+        f"{args.seq_len}; device {run.device}, dtype {str(run.dtype).replace('torch.', '')}"
+        f"{' + GradScaler' if run.scaler.is_enabled() else ''}{', compiled' if use_compile(args, run.device) else ''}")
+    n_train, ws = run.data.n_train_tokens, run.dist.world_size
+    say(f"batch: {args.batch_size} seq x {args.grad_accum} accum x {ws} procs = "
+        f"{args.batch_size * args.grad_accum * ws} sequences, {run.tokens_per_step:,} tokens/step; "
+        f"{args.stage} on {args.data}" + (f" ({n_train:,} train tokens)" if n_train else ""))
 
 
-def run_and_finish(run: Run, state: TrainState, start: Start, t_start: float) -> dict:
-    """The loop, then the end-of-run records: metrics 'end' line, wandb summary, loss curve."""
+def finish_run(run: TrainRun, state: TrainState, reason: str | None) -> dict:
+    """The end-of-run records (metrics 'end' line, wandb summary, loss curve) and the summary."""
     args, out = run.args, run.out
-    run.metrics = MetricsLog(out / METRICS_NAME, run.dist.master, state.step if start.ckpt is not None else None)
-    run_config = {**run.train_args, "model_config": start.cfg.to_dict()}
-    run.wandb = WandbLogger(args, args.wandb and run.dist.master, run_config, out)
-    try:
-        reason = train_loop(run, state, t_start)
-        elapsed = time.time() - t_start
-        interrupted = None if reason in (None, "stop_at", "max_time") else reason
-        run.metrics.write({"step": state.step, "event": "end", "elapsed_s": elapsed,
-                           "best_val_loss": state.best_val_loss, "interrupted": interrupted})
-    finally:
-        run.metrics.close()
+    elapsed = time.time() - run.t_start
+    interrupted = None if reason in (None, "stop_at", "max_time") else reason
+    run.metrics.write({"step": state.step, "event": "end", "elapsed_s": elapsed,
+                       "best_val_loss": state.best_val_loss, "interrupted": interrupted})
     best = out / BEST_NAME
     summary = {"steps": state.step, "tokens": state.tokens_seen, "best_val_loss": state.best_val_loss,
                "last_val_loss": state.last_val_loss, "elapsed_s": elapsed, "seq_len": args.seq_len, "lr": args.lr,
@@ -1818,22 +1818,14 @@ def run_and_finish(run: Run, state: TrainState, start: Start, t_start: float) ->
     return summary
 
 
-def _cli(args) -> int:
-    try:
-        summary = train(args)
-    except TrainFailed as e:  # the run started but could not go on: not a usage error
-        print(f"error: {common.one_line(e)}", file=sys.stderr, flush=True)
-        return common.EXIT_FAILED
-    return common.EXIT_INTERRUPTED if summary.get("interrupted") == "SIGINT" else common.EXIT_OK
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not faulthandler.is_enabled():
         # a worker that dies on a signal under torchrun shows only "exitcode -11"; this prints
         # the Python stack of every thread to that worker's stderr first
         faulthandler.enable()
-    return common.run_cli(_cli, args)
+    # TrainFailed (out of memory, divergence): exit 1; a SIGINT-stopped run: exit 130
+    return common.run_cli(train, args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
 import scoring  # noqa: E402
-from generate import (IncrementalDecoder, chat_loop, fit_prompt, generate_samples,  # noqa: E402
+from generate import (IncrementalDecoder, chat_loop, fit_generation_prompt, generate_samples,  # noqa: E402
                       make_generator, stream_generate, stream_text, trim_history)
 
 UTF8_TEXT = "Fish 🐟 swim in 水里, naïve café — 中文测试 😀🎉 done. Ελληνικά, עברית, 日本語です。"
@@ -160,7 +160,7 @@ def test_stops_at_eos_with_real_model(tiny_model):
 def test_static_cache_loop_matches_generate(tiny_model):
     """The --compile decode loop (static KV cache), run eagerly: same greedy tokens, twice
     (the second call reuses the cache and step function), and for a batch."""
-    from generate import model_token_stream
+    from model import model_token_stream
 
     m = copy.deepcopy(tiny_model)
     prompt = torch.tensor([m.tokenizer.encode("A static cache")])
@@ -200,11 +200,11 @@ def test_stop_logic_per_row():
 
 def test_fit_prompt():
     warnings = []
-    ids, n = fit_prompt(list(range(100)), 50, 128, warn=warnings.append)
+    ids, n = fit_generation_prompt(list(range(100)), 50, 128, warn=warnings.append)
     assert ids == list(range(100))[-78:] and n == 50 and len(warnings) == 1
-    ids, n = fit_prompt(list(range(10)), 500, 128, warn=warnings.append)
+    ids, n = fit_generation_prompt(list(range(10)), 500, 128, warn=warnings.append)
     assert ids == list(range(10)) and n == 118
-    ids, n = fit_prompt(list(range(10)), 20, 128)
+    ids, n = fit_generation_prompt(list(range(10)), 20, 128)
     assert (len(ids), n) == (10, 20)
 
 
@@ -408,13 +408,13 @@ def test_fit_prompt_is_model_fit_prompt_with_half_the_window():
     for n_prompt in (1, 10, 63, 64, 65, 100, 200):
         for max_new in (1, 20, 64, 65, 118, 500):
             warnings: list[str] = []
-            got = fit_prompt(list(range(n_prompt)), max_new, 128, warn=warnings.append)
+            got = fit_generation_prompt(list(range(n_prompt)), max_new, 128, warn=warnings.append)
             assert got == shared_fit_prompt(list(range(n_prompt)), max_new, 128, min_prompt=64)
             ids, n = got
             assert len(ids) + n <= 128 and len(ids) >= min(n_prompt, 64)  # the reply never pushes it all out
             assert len(warnings) == (len(ids) < n_prompt) + (n < max_new)
     warnings = []
-    assert fit_prompt(list(range(200)), 500, 128, warn=warnings.append) == (list(range(136, 200)), 64)
+    assert fit_generation_prompt(list(range(200)), 500, 128, warn=warnings.append) == (list(range(136, 200)), 64)
     assert warnings == ["prompt has 200 tokens; keeping the last 64 to fit the 128-token context",
                         "--max-new-tokens 500 does not fit the 128-token context after a 64-token prompt; "
                         "generating at most 64"]

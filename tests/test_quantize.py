@@ -34,7 +34,7 @@ def exports(tmp_path_factory, tiny_ckpt):
     out = {}
     for s in Q.STRATEGIES:
         path = d / f"tiny-{s}.bin"
-        out[s] = (path, Q.run(_args(model=str(tiny_ckpt), output=str(path), strategy=s)))
+        out[s] = (path, Q.export(_args(model=str(tiny_ckpt), output=str(path), strategy=s)))
     return out
 
 
@@ -229,11 +229,11 @@ def test_cli_errors_and_no_partial_output(tiny_ckpt, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "--overwrite" in r.stderr
     assert "Traceback" not in r.stderr and out.read_bytes() == b"user data"
     with pytest.raises(ValueError, match="format hf"):
-        Q.run(_args(model=str(tiny_ckpt), output=str(tmp_path / "hf"), format="hf", strategy="int4"))
+        Q.export(_args(model=str(tiny_ckpt), output=str(tmp_path / "hf"), format="hf", strategy="int4"))
     with pytest.raises(CheckpointError):
-        Q.run(_args(model=str(tmp_path / "missing.pt"), output=str(tmp_path / "y.bin")))
+        Q.export(_args(model=str(tmp_path / "missing.pt"), output=str(tmp_path / "y.bin")))
     with pytest.raises(ValueError, match="group-size"):
-        Q.run(_args(model=str(tiny_ckpt), output=str(tmp_path / "y.bin"), group_size=0))
+        Q.export(_args(model=str(tiny_ckpt), output=str(tmp_path / "y.bin"), group_size=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]      # no temp or partial files
 
 
@@ -291,9 +291,9 @@ def test_gptq_export_loads_and_helps(trained_ckpt, tmp_path, training_texts):
     calib.write_text(first_kb(training_texts[0::2], 40), encoding="utf-8")  # same kind of text,
     held = tmp_path / "held.txt"
     held.write_text(first_kb(training_texts[1::2], 30), encoding="utf-8")   # other documents
-    rtn = Q.run(_args(model=str(trained_ckpt), output=str(tmp_path / "rtn.bin"), strategy="int4",
+    rtn = Q.export(_args(model=str(trained_ckpt), output=str(tmp_path / "rtn.bin"), strategy="int4",
                       group_size=32, eval_data=str(held)))
-    gptq = Q.run(_args(model=str(trained_ckpt), output=str(tmp_path / "gptq.bin"), strategy="int4",
+    gptq = Q.export(_args(model=str(trained_ckpt), output=str(tmp_path / "gptq.bin"), strategy="int4",
                        group_size=32, calibration_data=str(calib), calibration_samples=128,
                        calibration_seq_len=64, eval_data=str(held)))
     assert gptq["calibration"]["samples"] == 128
@@ -318,7 +318,7 @@ def test_hf_export_logits_parity(tiny_ckpt, tmp_path):
         ours, _ = ref(idx)
     for strategy, tol in (("fp32", 1e-4), ("fp16", 2e-2)):
         out = tmp_path / f"hf-{strategy}"
-        rep = Q.run(_args(model=str(tiny_ckpt), output=str(out), format="hf", strategy=strategy))
+        rep = Q.export(_args(model=str(tiny_ckpt), output=str(out), format="hf", strategy=strategy))
         assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
         assert (out / "tokenizer.json").is_file() and "chat_template" in (out / "tokenizer_config.json").read_text()
         hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
@@ -339,7 +339,7 @@ def test_gguf_export_read_back(tiny_ckpt, tmp_path):
     ours = {k: v.float() for k, v in ref.state_dict().items()}
     for strategy in ("fp16", "int8", "int4", "mixed"):
         out = tmp_path / f"m-{strategy}.gguf"
-        rep = Q.run(_args(model=str(tiny_ckpt), output=str(out), format="gguf", strategy=strategy))
+        rep = Q.export(_args(model=str(tiny_ckpt), output=str(out), format="gguf", strategy=strategy))
         reader = gguf.GGUFReader(str(out))
         f = reader.fields
         assert bytes(f["general.architecture"].parts[-1]).decode() == "llama"
@@ -466,7 +466,7 @@ def llama_ggufs(trained_ckpt, tmp_path_factory):
     models = {}
     for strategy in GGUF_LOGIT_TOL:
         path = d / f"tiny-{strategy}.gguf"
-        Q.run(_args(model=str(trained_ckpt), output=str(path), format="gguf", strategy=strategy))
+        Q.export(_args(model=str(trained_ckpt), output=str(path), format="gguf", strategy=strategy))
         models[strategy] = llama_cpp.Llama(str(path), n_ctx=128, n_batch=128, n_threads=1, logits_all=True,
                                            verbose=False)
     yield models
@@ -704,7 +704,7 @@ def test_hf_export_writes_a_model_card(tiny_model, tmp_path):
     save_checkpoint(src, tiny_model, step=8, best_val_loss=5.4321, train_args=train_args,
                     extra={"stage": "pretrain", "tokens_seen": 2048})
     out = tmp_path / "hf-card"
-    rep = Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp16"))
+    rep = Q.export(_args(model=str(src), output=str(out), format="hf", strategy="fp16"))
     card = (out / "README.md").read_text(encoding="utf-8")
     c = tiny_model.config
     assert card.startswith("---\nlibrary_name: transformers\n") and "LLaMA-style decoder" in card
@@ -722,8 +722,8 @@ def test_hf_export_writes_a_model_card(tiny_model, tmp_path):
     assert all(0 < e < 1e-3 for e in errs)
     # an existing directory is swapped only with --overwrite (model.save_hf's atomic_dir)
     with pytest.raises(ValueError, match="--overwrite"):
-        Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp32"))
-    Q.run(_args(model=str(src), output=str(out), format="hf", strategy="fp32", overwrite=True))
+        Q.export(_args(model=str(src), output=str(out), format="hf", strategy="fp32"))
+    Q.export(_args(model=str(src), output=str(out), format="hf", strategy="fp32", overwrite=True))
     assert "| weights | FP32 |" in (out / "README.md").read_text(encoding="utf-8")
     # a file quantize.py did not write is never deleted, not even with --overwrite; the check runs first
     (out / "notes.txt").write_text("mine")
@@ -797,7 +797,7 @@ def test_cli_flag_vocabulary_and_exit_codes(tiny_ckpt, tmp_path, capsys):
     assert "--json" in err and "--overwrite" in err
     assert js.read_text() == "{}" and not (tmp_path / "z.bin").exists()
     with pytest.raises(quantized.QuantizeError, match="--calibration-seq-len 999 is longer"):
-        Q.run(_args(model=str(tiny_ckpt), output=str(tmp_path / "c.bin"), calibration_data=str(js),
+        Q.export(_args(model=str(tiny_ckpt), output=str(tmp_path / "c.bin"), calibration_data=str(js),
                     calibration_seq_len=999))
     # --overwrite (and the old --force) replace an existing export
     out = tmp_path / "x.bin"
@@ -1004,7 +1004,7 @@ def test_quantized_perplexity_matches_dequantized_on_wikitext(trained_ckpt, tmp_
     texts = [t[:4000] for t in texts]
     for strategy in ("int8", "int4", "mixed"):
         out = tmp_path / f"{strategy}.bin"
-        Q.run(_args(model=str(trained_ckpt), output=str(out), strategy=strategy, group_size=64))
+        Q.export(_args(model=str(trained_ckpt), output=str(out), strategy=strategy, group_size=64))
         q = scoring.perplexity(scoring.load_lm(out), texts, progress=False)
         d = scoring.perplexity(scoring.load_lm(out, dequantize=True), texts, progress=False)
         assert q["tokens"] == d["tokens"] > 1000
@@ -1014,7 +1014,7 @@ def test_quantized_perplexity_matches_dequantized_on_wikitext(trained_ckpt, tmp_
 
 def test_a_bin_source_is_requantized_from_its_float_weights(exports, tmp_path):
     src, _ = exports["int8"]
-    rep = Q.run(_args(model=str(src), output=str(tmp_path / "again.bin"), strategy="int4"))
+    rep = Q.export(_args(model=str(src), output=str(tmp_path / "again.bin"), strategy="int4"))
     assert rep["summary"]["file_bytes"] < src.stat().st_size
 
 

@@ -137,8 +137,8 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, text_file):
 def test_end_to_end_two_rounds_with_auto_adjust(tmp_path, text_file, capsys, monkeypatch):
     out = tmp_path / "q"
     plotted = []
-    plot = quick_train.trainer.plot_losses
-    monkeypatch.setattr(quick_train.trainer, "plot_losses",
+    plot = quick_train.train.plot_losses
+    monkeypatch.setattr(quick_train.train, "plot_losses",
                         lambda series, path: plotted.append(series) or plot(series, path))
     # an unreachable target forces the auto-adjust path; round 1's val loss is still falling, so
     # round 2 continues the WSD run from round 1's fishai-stable.pt with twice the steps
@@ -318,8 +318,8 @@ def test_test_documents_follow_the_holdout_rule_and_never_reach_the_tokenizer(te
 
 def test_failed_rounds_remove_the_run_and_exit_1(tmp_path, capsys, text_file, monkeypatch):
     def diverge(args):
-        raise quick_train.trainer.DivergedError("loss was NaN/inf for 10 consecutive steps")
-    monkeypatch.setattr(quick_train.trainer, "train", diverge)
+        raise quick_train.train.DivergedError("loss was NaN/inf for 10 consecutive steps")
+    monkeypatch.setattr(quick_train.train, "train", diverge)
     out = tmp_path / "q"
     rc = quick_train.main(small_args(text_file, out, "--max-rounds", 1))
     err = capsys.readouterr().err.strip().splitlines()
@@ -331,7 +331,7 @@ def test_bits_per_byte_target_and_new_flag_spellings(tmp_path, text_file):
     p = quick_train.build_parser()
     assert p.parse_args(["--sample-tokens", "5"]).max_new_tokens == 5 and p.parse_args(["--no-progress"]).quiet
     assert p.parse_args(["--force"]).overwrite and p.parse_args(["--target-metric", "char_ppl"]).target_metric
-    trainer = quick_train.trainer
+    trainer = quick_train.train
     assert quick_train.OPTIMIZERS == trainer.OPTIMIZERS and quick_train.SCHEDULES == trainer.SCHEDULES
     a = p.parse_args(["--optimizer", "adamw", "--schedule", "cosine", "--lr", "1e-3"])
     first = quick_train.first_settings(a)

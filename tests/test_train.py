@@ -228,17 +228,17 @@ def one_fake_gpu(monkeypatch):
 
 def test_cuda_device_handed_to_set_device_has_an_index(one_fake_gpu):
     from data_utils import FishAIError
-    assert train.setup_device("cuda", train.Dist()) == torch.device("cuda", 0)
-    assert train.setup_device("auto", train.Dist()) == torch.device("cuda", 0)
-    assert train.setup_device("cuda:0", train.Dist()) == torch.device("cuda", 0)
+    assert train.setup_device("cuda", train.Distributed()) == torch.device("cuda", 0)
+    assert train.setup_device("auto", train.Distributed()) == torch.device("cuda", 0)
+    assert train.setup_device("cuda:0", train.Distributed()) == torch.device("cuda", 0)
     assert one_fake_gpu == [torch.device("cuda", 0)] * 3
     # a torchrun worker takes its local rank's GPU
-    assert train.setup_device("cuda", train.Dist(rank=0, local_rank=0, world_size=2)) == torch.device("cuda", 0)
+    assert train.setup_device("cuda", train.Distributed(rank=0, local_rank=0, world_size=2)) == torch.device("cuda", 0)
     with pytest.raises(FishAIError, match=r"^--device cuda:1: this machine has 1 GPU\(s\) \(cuda:0\); pick one"):
-        train.setup_device("cuda:1", train.Dist())
+        train.setup_device("cuda:1", train.Distributed())
     with pytest.raises(FishAIError, match=r"^LOCAL_RANK 1: this machine has 1 GPU\(s\); start at most 1 process"):
-        train.setup_device("cuda", train.Dist(rank=1, local_rank=1, world_size=2))
-    assert train.setup_device("cpu", train.Dist()) == torch.device("cpu") and len(one_fake_gpu) == 4
+        train.setup_device("cuda", train.Distributed(rank=1, local_rank=1, world_size=2))
+    assert train.setup_device("cpu", train.Distributed()) == torch.device("cpu") and len(one_fake_gpu) == 4
 
 
 def test_device_cuda_1_on_a_one_gpu_machine_is_refused_by_the_command(one_fake_gpu, tmp_path, tiny_tokenizer_dir,
