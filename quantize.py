@@ -806,8 +806,7 @@ def export_command(args) -> None:
         print_report(report["tensors"], s)
     if "before" in report.get("perplexity", {}):
         print(format_perplexity(report["perplexity"]))
-    if args.json:
-        common.write_json(args.json, report)
+    common.write_outputs(args, report, say=False)
 
 
 def main(argv=None) -> int:

@@ -257,8 +257,7 @@ def tokenizer_command(args) -> None:
         print(f"  note: {stats['bad_utf8_bytes']} undecodable bytes were replaced by U+FFFD")
     if stats.get("bad_lines"):
         print(f"  note: {stats['bad_lines']} bad jsonl lines skipped")
-    if args.json:
-        common.write_json(args.json, report)
+    common.write_outputs(args, report, say=False)
 
 
 def main(argv=None) -> int:

@@ -81,6 +81,15 @@ def gpu_trained(tmp_path_factory, tiny_tokenizer_dir, text_file, gpu):
     return out
 
 
+# The opening of the Analects (public domain): no spaces between words, one "word" per line; and
+# an English paragraph (test_scoring.py, test_benchmark.py: character- vs word-level figures).
+ZH_TEXT = ("子曰：學而時習之，不亦說乎？有朋自遠方來，不亦樂乎？人不知而不慍，不亦君子乎？\n"
+           "有子曰：其為人也孝弟，而好犯上者，鮮矣；不好犯上，而好作亂者，未之有也。君子務本，本立而道生。\n"
+           "子曰：巧言令色，鮮矣仁！\n"
+           "曾子曰：吾日三省吾身：為人謀而不忠乎？與朋友交而不信乎？傳不習乎？\n")
+EN_TEXT = ("The history of the city began in the Roman period, when a small fort was built on the river. "
+           "In the twelfth century the town received a charter, and its market grew quickly.\n")
+
 TINY = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=128)
 
 

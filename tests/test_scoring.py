@@ -200,14 +200,9 @@ def test_load_lm_errors_are_one_line(tmp_path):
         scoring.load_lm(bad, dtype="int3")
 
 
-ZH_TEXT = ("子曰：學而時習之，不亦說乎？有朋自遠方來，不亦樂乎？人不知而不慍，不亦君子乎？\n"
-           "有子曰：其為人也孝弟，而好犯上者，鮮矣；不好犯上，而好作亂者，未之有也。君子務本，本立而道生。\n"
-           "子曰：巧言令色，鮮矣仁！\n"
-           "曾子曰：吾日三省吾身：為人謀而不忠乎？與朋友交而不信乎？傳不習乎？\n")
+from conftest import EN_TEXT, ZH_TEXT  # noqa: E402
 
 
-EN_TEXT = ("The history of the city began in the Roman period, when a small fort was built on the river. "
-           "In the twelfth century the town received a charter, and its market grew quickly.\n")
 
 
 def _check_char_figures(r, text):
