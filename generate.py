@@ -107,52 +107,9 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from data_utils import IncrementalDecoder  # noqa: E402
 from model import (TokenStream, fast_decode_default, fit_prompt, generate_samples, load_model,  # noqa: E402
                    stream_generate)
-
-# ----------------------------------------------------------------------------------------------
-# incremental detokenization
-
-
-class IncrementalDecoder:
-    """Turns a stream of token ids into text pieces that are safe to print.
-
-    Byte-level BPE tokens can end in the middle of a multi-byte UTF-8 character (Chinese,
-    emoji...), and decoding such a prefix yields U+FFFD. We therefore only emit text once the
-    pending tokens decode without a trailing U+FFFD. To stay O(n) we decode a small window
-    (the approach of vLLM/TGI): `prefix` marks the start of the window, which always lies on a
-    character boundary, and `read` the end of the text that was already emitted.
-    """
-
-    def __init__(self, tokenizer, skip_special: bool = False):
-        self.tokenizer = tokenizer
-        self.skip_special = skip_special
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special=self.skip_special)
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the newly printable text ('' while a character is incomplete)."""
-        self.ids.append(int(token_id))
-        prefix_text = self._decode(self.ids[self.prefix:self.read])
-        new_text = self._decode(self.ids[self.prefix:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            piece = new_text[len(prefix_text):]
-            self.prefix, self.read = self.read, len(self.ids)
-            return piece
-        return ""
-
-    def flush(self) -> str:
-        """Return whatever is still pending (possibly ending in U+FFFD if the model produced
-        invalid UTF-8), so that all pieces together equal decode(all ids)."""
-        prefix_text = self._decode(self.ids[self.prefix:self.read])
-        new_text = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return new_text[len(prefix_text):]
-
 
 # ----------------------------------------------------------------------------------------------
 # token generation

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import pickle
 import sys
@@ -174,12 +173,19 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v, start=None):
+    def update(self, input_pos, k, v, start=None, rows=None):
         """Write k/v at input_pos. `start` (a Python int, eager decoding) means the positions are
-        start..start+T-1, and a slice assignment is cheaper than index_put."""
+        start..start+T-1, and a slice assignment is cheaper than index_put. `rows` (a slice of the
+        batch dim, continuous batching): input_pos is (B, T), each row at its own positions."""
         b = k.shape[0]
         if k.dtype != self.k.dtype:
             k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if rows is not None:
+            kc, vc = self.k[rows], self.v[rows]  # views: the writes below land in the cache
+            r = torch.arange(b, device=k.device)[:, None]
+            kc[r, :, input_pos] = k.transpose(1, 2)
+            vc[r, :, input_pos] = v.transpose(1, 2)
+            return kc, vc
         if start is not None:
             self.k[:b, :, start:start + k.shape[2]] = k
             self.v[:b, :, start:start + k.shape[2]] = v
@@ -200,7 +206,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, is_causal, input_pos, kv_end):
+    def forward(self, x, cos, sin, mask, is_causal, input_pos, kv_end, rows=None):
         B, T, _ = x.shape
         # module calls (not F.linear on the weights) so that hooks and swapped-in layers (GPTQ
         # calibration, LoRA) see every matmul
@@ -209,7 +215,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
-            if kv_end is not None:  # eager decoding: attend only to the filled part of the cache
+            if rows is not None:  # continuous batching: each row at its own positions (mask per row)
+                k, v = self.kv_cache.update(input_pos, k, v, rows=rows)
+                k, v = k[:, :, :kv_end], v[:, :, :kv_end]
+            elif kv_end is not None:  # eager decoding: attend only to the filled part of the cache
                 k, v = self.kv_cache.update(input_pos, k, v, start=kv_end - T)
                 k, v = k[:, :, :kv_end], v[:, :, :kv_end]
             else:
@@ -246,8 +255,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, is_causal, input_pos, kv_end):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, input_pos, kv_end)
+    def forward(self, x, cos, sin, mask, is_causal, input_pos, kv_end, rows=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, input_pos, kv_end, rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -497,14 +506,19 @@ class GPT(nn.Module):
 
     # --- forward ------------------------------------------------------------------
 
-    def _hidden(self, idx, input_pos=None, doc_ids=None):
+    def _hidden(self, idx, input_pos=None, doc_ids=None, rows=None):
         B, T = idx.shape
         x = self.tok_emb(idx)
         mask, is_causal, kv_end = None, False, None
         if input_pos is not None:
             if self._cache_len == 0:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_cache() first")
-            if self._cache_static:
+            if rows is not None:  # continuous batching: input_pos (B, T), every row at its own positions
+                kv_end = int(input_pos.max()) + 1
+                cos, sin = self.rope_cos[input_pos].unsqueeze(1), self.rope_sin[input_pos].unsqueeze(1)
+                keys = torch.arange(kv_end, device=idx.device)
+                mask = (keys <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, kv_end): its own past only
+            elif self._cache_static:
                 cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
                 mask = self.causal_mask[input_pos].view(1, 1, T, -1)
             else:
@@ -529,7 +543,7 @@ class GPT(nn.Module):
                 cos, sin = self.rope_cos[:T], self.rope_sin[:T]
                 is_causal = True
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, is_causal, input_pos, kv_end)
+            x = layer(x, cos, sin, mask, is_causal, input_pos, kv_end, rows)
         return self.norm(x)
 
     def forward(self, idx, targets=None, loss_mask=None, input_pos=None, doc_ids=None, return_logits=None):
@@ -569,6 +583,23 @@ class GPT(nn.Module):
         return total / count
 
     # --- decoding -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward_rows(self, idx, positions, rows: slice, last_only: bool = True):
+        """Continuous batching (serve.py): idx (B, T) tokens for the KV-cache rows `rows` (a slice of
+        the cache setup_cache made), each row at its own positions (B, T) and attending to its own
+        earlier positions only, so requests can join and leave a running batch at token boundaries.
+        Returns float logits (B, V) of each row's last position, or (B, T, V) with last_only=False."""
+        h = self._hidden(idx, input_pos=positions, rows=rows)
+        return self._head(h[:, -1] if last_only else h).float()
+
+    def move_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of KV-cache row src into row dst (a finished request's
+        row is refilled by the last active one, so the active rows stay 0..n-1)."""
+        for layer in self.layers:
+            c = layer.attn.kv_cache
+            c.k[dst, :, :length] = c.k[src, :, :length]
+            c.v[dst, :, :length] = c.v[src, :, :length]
 
     def _last_logits(self, idx, input_pos):
         h = self._hidden(idx, input_pos=input_pos)

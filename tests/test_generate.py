@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
 import scoring  # noqa: E402
-from generate import (IncrementalDecoder, chat_loop, fit_generation_prompt, generate_samples,  # noqa: E402
+from data_utils import IncrementalDecoder  # noqa: E402
+from generate import (chat_loop, fit_generation_prompt, generate_samples,  # noqa: E402
                       make_generator, stream_generate, stream_text, trim_history)
 
 UTF8_TEXT = "Fish 🐟 swim in 水里, naïve café — 中文测试 😀🎉 done. Ελληνικά, עברית, 日本語です。"

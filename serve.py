@@ -1,0 +1,989 @@
+"""
+Serve FishAI models over HTTP: an OpenAI-compatible API (chat and completions, streaming, logprobs),
+Prometheus metrics and a web chat, decoding with continuous batching.
+
+Usage (copy-paste):
+
+    python serve.py --model checkpoints/fishai-best.pt            # http://127.0.0.1:8000, web chat at /
+    python serve.py --model fishai-int4.bin --port 8080 --api-key $KEY --max-batch 8
+    python serve.py --model base=checkpoints/fishai-best.pt --model chat=checkpoints-sft/fishai-best.pt
+    python serve.py --model checkpoints/fishai-best.pt --watch     # reload when train.py writes a new best
+
+    curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
+        -d '{"model": "fishai-best", "messages": [{"role": "user", "content": "Hello!"}]}'
+
+    # the official client
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    print(client.chat.completions.create(model="fishai-best", messages=[{"role": "user", "content": "Hi"}]))
+
+    # lm-evaluation-harness against the server (log-likelihoods through /v1/completions echo + logprobs)
+    lm_eval --model local-completions --tasks hellaswag --model_args \\
+        model=fishai-best,base_url=http://127.0.0.1:8000/v1/completions,tokenizer=tokenizer/,tokenizer_backend=huggingface
+
+Endpoints: GET /health (200 when ready, 503 while loading), GET /v1/models, POST /v1/chat/completions,
+POST /v1/completions, GET /metrics (Prometheus), GET / (the web chat). Any load_model input works:
+a .pt checkpoint, a quantized .bin (on its int8/int4 kernels) or an HF directory.
+
+Requests join and leave a running decode batch at token boundaries (KV-cache rows, --max-batch;
+a bounded queue answers 429 when full); a client that disconnects frees its row at the next token.
+Decoding runs in a thread per model, off the event loop. At temperature 0 a request gives the
+same text streamed or not, alone or among others. Binds 127.0.0.1 unless --host says otherwise;
+--api-key is checked as `Authorization: Bearer KEY` (/health, /metrics and the page stay public).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import common
+
+DEFAULT_PORT = 8000
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+
+
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(description="Serve FishAI models: an OpenAI-compatible API with continuous "
+                              "batching, Prometheus metrics and a web chat.")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
+                   help="a .pt checkpoint, quantized .bin or HF directory (repeatable: several models, listed in "
+                        "/v1/models); NAME= sets its id (default: the file name without extension)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=common.int_flag(1, 65535), default=DEFAULT_PORT, help="port to listen on")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: open)")
+    p.add_argument("--max-batch", type=common.int_flag(1, 256), default=8,
+                   help="requests decoded together per model (KV-cache rows)")
+    p.add_argument("--max-queue", type=common.int_flag(1), default=64,
+                   help="requests waiting for a row per model; one more is answered 429")
+    p.add_argument("--max-n", type=common.int_flag(1), default=8, help="largest `n` (choices per request)")
+    p.add_argument("--max-request-kb", type=common.int_flag(1), default=1024, help="largest request body, KB")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from this origin (repeatable; default: no CORS)")
+    p.add_argument("--watch", action="store_true",
+                   help="reload a .pt model when its file is replaced (train.py writing a new fishai-best.pt), "
+                        "between requests, never mid-stream")
+    common.add_device_flag(p)
+    common.add_dtype_flag(p, "model dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    common.add_dequantize_flag(p)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="server log level")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer before torch is imported
+
+import asyncio  # noqa: E402
+import collections  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import secrets  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the handlers' annotations here)
+
+import data_utils  # noqa: E402
+from generate import chat_stop_ids, chat_training_warning  # noqa: E402
+from model import CheckpointError, count_params, load_model, sample_next  # noqa: E402
+
+log = logging.getLogger("fishai.serve")
+
+
+class ServeError(common.FishAIError):
+    """A request the server refuses: an HTTP status and the OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------------------------
+# the models
+
+@dataclass
+class ServedModel:
+    """One model the server answers for: the GPT, its tokenizer and what /v1/models says of it."""
+    name: str
+    path: Path
+    gpt: object = None
+    info: dict = field(default_factory=dict)
+    fingerprint: str = ""
+    mtime: float = 0.0
+
+    def load(self, device, dtype, dequantize: bool) -> "ServedModel":
+        gpt = load_model(self.path, device=device, dtype=dtype, dequantize=dequantize)
+        if gpt.tokenizer is None:
+            raise CheckpointError(f"{self.path}: the model has no tokenizer; save it with its tokenizer "
+                                  "(train.py does) or serve an HF directory with tokenizer files")
+        self.gpt, self.mtime = gpt, _mtime(self.path)
+        quant = _quantization(gpt, self.path, dequantize)
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.is_dir() \
+            else self.path.stat().st_size
+        self.fingerprint = f"fishai-{_file_hash(self.path)[:12]}-{quant}"
+        self.info = {"parameters": count_params(gpt.config), "context_length": gpt.config.max_seq_len,
+                     "quantization": quant,
+                     "file_bytes": size, "chat_trained": getattr(gpt, "stage", None) == "sft"}
+        warning = chat_training_warning(gpt)
+        if warning:
+            log.warning("%s: %s; chat requests use the ChatML template", self.name, warning)
+        return self
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.is_file() else max((f.stat().st_mtime for f in path.rglob("*")), default=0)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _quantization(gpt, path: Path, dequantize: bool) -> str:
+    if path.is_file() and path.read_bytes()[:8] == b"FISHAIQ\x00":
+        kinds = {type(m).__name__ for m in gpt.modules()}
+        found = [k for k, n in (("int4", "Int4Linear"), ("int8", "Int8Linear"), ("fp16", "HalfLinear")) if n in kinds]
+        return "dequantized" if dequantize else ("+".join(found) or "fp32")
+    return "none"
+
+
+def model_specs(values: list[str]) -> list[ServedModel]:
+    """--model [NAME=]PATH values -> ServedModel (not loaded); one-line errors for a missing path."""
+    out, seen = [], set()
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or os.path.exists(value):
+            name, path = "", value
+        p = Path(path)
+        if not p.exists():
+            raise common.FishAIError(f"--model {value}: no such file or directory")
+        name = name or (p.name if p.is_dir() else p.stem)
+        base, k = name, 2
+        while name in seen:
+            name, k = f"{base}-{k}", k + 1
+        seen.add(name)
+        out.append(ServedModel(name, p))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# one request's decoding: sampling settings, stop handling, the text it streams
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_ids: set[int] = field(default_factory=set)
+    logprobs: int | None = None         # top alternatives per token (0: the chosen token's only); None: off
+    prompt_logprobs: bool = False       # completions echo + logprobs: the prompt tokens' log-probabilities
+
+
+@dataclass
+class Job:
+    """One choice of one request, from the queue through its KV-cache row to its last token. The
+    engine thread calls emit(event) with ("token", text, token_info) / ("done", finish_reason)."""
+    prompt: list[int]
+    sampling: Sampling
+    emit: object
+    decoder: object
+    generator: torch.Generator
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    pos: int = 0
+    next_token: int = 0
+    generated: int = 0
+    text: str = ""
+    sent: int = 0
+    stop_hit: bool = False              # a stop string ended it: nothing after it is ever sent
+    first_token_at: float | None = None
+
+    def held_back(self) -> int:
+        """How many trailing characters could still turn into a stop string (never sent early)."""
+        return max((k for s in self.sampling.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+
+    def accept_text(self, piece: str) -> tuple[str, bool]:
+        """Add decoded text; returns (text now safe to send, whether a stop string ended it)."""
+        self.text += piece
+        if self.stop_hit:
+            return "", True
+        hits = [i for i in (self.text.find(s) for s in self.sampling.stop) if i >= 0]
+        end = min(hits) if hits else len(self.text) - self.held_back()
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        self.stop_hit = bool(hits)
+        return out, self.stop_hit
+
+
+class QueueFull(ServeError):
+    def __init__(self, name: str, limit: int):
+        super().__init__(429, f"model {name}: {limit} requests are already waiting; retry later (--max-queue)",
+                         code="queue_full", kind="rate_limit_error")
+
+
+class Engine:
+    """Continuous batching for one model, in its own thread: waiting jobs are prefilled into free
+    KV-cache rows, every step decodes one token for each active row (model.forward_rows, rows
+    0..n-1 at their own positions), and a finished or cancelled job's row is refilled by the last
+    active one (model.move_cache_row), so the batch is always the first n rows."""
+
+    def __init__(self, served: ServedModel, max_batch: int, max_queue: int, metrics: "Metrics"):
+        self.served, self.max_batch, self.max_queue, self.metrics = served, max_batch, max_queue, metrics
+        self.waiting: collections.deque = collections.deque()
+        self.active: list[Job] = []
+        self.cond = threading.Condition()
+        self.pending_model: ServedModel | None = None  # --watch: swapped in when no row is active
+        self.stopped = False
+        self._cache_for: object = None
+        threading.Thread(target=self._run, name=f"engine-{served.name}", daemon=True).start()
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(self.served.name, self.max_queue)
+            self.waiting.append(job)
+            self.metrics.queue.labels(self.served.name).set(len(self.waiting))
+            self.cond.notify()
+
+    def swap(self, model: ServedModel) -> None:
+        with self.cond:
+            self.pending_model = model
+            self.cond.notify()
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self.stopped:
+            with self.cond:
+                while not self.stopped and not self.waiting and not self.active and self.pending_model is None:
+                    self.cond.wait()
+            try:
+                self._turn()
+            except Exception as e:  # noqa: BLE001 - a failed step ends its requests, not the server
+                log.exception("model %s: decoding failed", self.served.name)
+                for job in self.active + list(self.waiting):
+                    job.emit(("error", f"decoding failed: {type(e).__name__}: {e}"))
+                self.active.clear()
+                self.waiting.clear()
+
+    def _turn(self) -> None:
+        if self.pending_model is not None and not self.active:  # between requests, never mid-stream
+            self.served.gpt, self.served.info = self.pending_model.gpt, self.pending_model.info
+            self.served.fingerprint, self.served.mtime = self.pending_model.fingerprint, self.pending_model.mtime
+            self.pending_model = None
+            log.info("model %s: reloaded %s", self.served.name, self.served.path)
+        gpt = self.served.gpt
+        if self._cache_for is not gpt:
+            gpt.setup_cache(self.max_batch, gpt.config.max_seq_len)
+            self._cache_for = gpt
+        self._drop_cancelled()
+        while self.waiting and len(self.active) < self.max_batch and self.pending_model is None:
+            with self.cond:
+                job = self.waiting.popleft()
+                self.metrics.queue.labels(self.served.name).set(len(self.waiting))
+            if not job.cancelled.is_set():
+                self._prefill(job)
+        if self.active:
+            self._step()
+        self.metrics.active.labels(self.served.name).set(len(self.active))
+
+    def _prefill(self, job: Job) -> None:
+        gpt, row = self.served.gpt, len(self.active)
+        ids = torch.tensor([job.prompt], device=gpt.norm.weight.device)
+        positions = torch.arange(len(job.prompt), device=ids.device)[None]
+        logits = gpt.forward_rows(ids, positions, slice(row, row + 1), last_only=not job.sampling.prompt_logprobs)
+        if job.sampling.prompt_logprobs:
+            job.emit(("prompt_logprobs", _prompt_logprobs(logits[0], job.prompt, job.sampling.logprobs,
+                                                         gpt.tokenizer)))
+            logits = logits[:, -1]
+        job.pos = len(job.prompt)
+        self.active.append(job)
+        if job.sampling.max_tokens == 0:
+            self._finish(len(self.active) - 1, "length")
+            return
+        self._accept(len(self.active) - 1, logits[0])
+
+    def _step(self) -> None:
+        gpt = self.served.gpt
+        device = gpt.norm.weight.device
+        tokens = torch.tensor([[j.next_token] for j in self.active], device=device)
+        positions = torch.tensor([[j.pos] for j in self.active], device=device)
+        t0 = time.perf_counter()
+        logits = gpt.forward_rows(tokens, positions, slice(0, len(self.active)))
+        self.metrics.tokens_per_s.labels(self.served.name).set(len(self.active) / max(time.perf_counter() - t0, 1e-9))
+        for job in self.active:
+            job.pos += 1
+        for row in reversed(range(len(self.active))):  # reversed: _finish moves the last row into this one
+            self._accept(row, logits[row])
+
+    def _accept(self, row: int, logits: torch.Tensor) -> None:
+        """Sample the next token of the job in `row` from its logits, emit its text, finish it when due."""
+        job, tok_info = self.active[row], None
+        s = job.sampling
+        logits = logits.float().cpu()
+        tok = int(sample_next(logits[None], s.temperature, s.top_k, s.top_p, job.generator)[0])
+        if s.logprobs is not None:
+            tok_info = _token_logprobs(logits, tok, s.logprobs, self.served.gpt.tokenizer)
+        if job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+            self.metrics.ttft.labels(self.served.name).observe(job.first_token_at - job.submitted)
+        job.generated += 1
+        self.metrics.completion_tokens.labels(self.served.name).inc()
+        if tok in s.stop_ids:
+            self._finish(row, "stop", tok_info)
+            return
+        text, stopped = job.accept_text(job.decoder.push(tok))
+        if text or tok_info:
+            job.emit(("token", text, tok_info))
+        if stopped:
+            self._finish(row, "stop")
+        elif job.generated >= s.max_tokens or job.pos + 1 >= self.served.gpt.config.max_seq_len:
+            self._finish(row, "length")
+        else:
+            job.next_token = tok
+
+    def _finish(self, row: int, reason: str, tok_info: dict | None = None) -> None:
+        job = self.active[row]
+        tail, hit = job.accept_text(job.decoder.flush())
+        if not hit:  # no token follows: text held back for a stop string that can no longer come goes out
+            tail, job.sent = tail + job.text[job.sent:], len(job.text)
+        if tail or tok_info:
+            job.emit(("token", tail, tok_info))
+        job.emit(("done", "stop" if hit else reason))
+        self._release(row)
+
+    def _release(self, row: int) -> None:
+        last = len(self.active) - 1
+        if row != last:
+            self.served.gpt.move_cache_row(last, row, self.active[last].pos)
+            self.active[row] = self.active[last]
+        self.active.pop()
+
+    def _drop_cancelled(self) -> None:
+        for row in reversed(range(len(self.active))):
+            if self.active[row].cancelled.is_set():
+                self._release(row)
+
+
+def _token_str(tokenizer, tok: int) -> str:
+    return tokenizer.decode([tok])
+
+
+def _token_logprobs(logits: torch.Tensor, tok: int, top: int, tokenizer) -> dict:
+    lp = F.log_softmax(logits.float(), dim=-1)
+    alts = []
+    if top:
+        vals, ids = lp.topk(min(top, lp.numel()))
+        alts = [(int(i), float(v)) for v, i in zip(vals, ids)]
+    return {"id": tok, "token": _token_str(tokenizer, tok), "logprob": float(lp[tok]),
+            "top": [(_token_str(tokenizer, i), v) for i, v in alts]}
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int | None, tokenizer) -> list[dict | None]:
+    """Per prompt token: log p(token | the tokens before it) and the top alternatives; None for the first."""
+    lp = F.log_softmax(logits.float(), dim=-1)  # (T, V): position i predicts token i + 1
+    out: list[dict | None] = [None]
+    for i in range(1, len(prompt)):
+        row = lp[i - 1]
+        tok = prompt[i]
+        alts = []
+        if top:
+            vals, ids = row.topk(min(top, row.numel()))
+            alts = [(_token_str(tokenizer, int(j)), float(v)) for v, j in zip(vals, ids)]
+        out.append({"id": tok, "token": _token_str(tokenizer, tok), "logprob": float(row[tok]), "top": alts})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics (Prometheus)
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("fishai_requests_total", "HTTP API requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("fishai_prompt_tokens_total", "prompt tokens", ["model"], registry=r)
+        self.completion_tokens = Counter("fishai_completion_tokens_total", "generated tokens", ["model"], registry=r)
+        self.queue = Gauge("fishai_queue_depth", "requests waiting for a KV-cache row", ["model"], registry=r)
+        self.active = Gauge("fishai_active_requests", "requests being decoded", ["model"], registry=r)
+        self.ttft = Histogram("fishai_time_to_first_token_seconds", "submit to first token", ["model"], registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.tokens_per_s = Gauge("fishai_decode_tokens_per_second", "tokens/s of the last decode step (all rows)",
+                                  ["model"], registry=r)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
+
+
+# ----------------------------------------------------------------------------------------------
+# request checking: every user mistake is a 400 with the OpenAI error body, never a 500
+
+def _field(body: dict, name: str, kinds, default=None, lo=None, hi=None):
+    """body[name] checked against kinds (and a range); `default` when absent or null. Careful with
+    falsy values: temperature 0 is greedy, not "unset"."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join("boolean" if k is bool else "integer" if k is int else "number" if k is float
+                            else "string" if k is str else k.__name__ for k in kinds)
+        raise ServeError(400, f"'{name}' must be a {names} (got {json.dumps(value)[:40]})", param=name)
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ServeError(400, f"'{name}' must be between {lo} and {hi} (got {value})", param=name)
+    return value
+
+
+def _stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise ServeError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings", param="stop")
+    return [s for s in stop if s]
+
+
+def sampling_from(body: dict, max_tokens_default: int, chat: bool) -> tuple[Sampling, int]:
+    """(the request's sampling settings, n)."""
+    max_tokens = _field(body, "max_completion_tokens", (int,), None, 0)
+    max_tokens = _field(body, "max_tokens", (int,), max_tokens, 0)
+    if chat:
+        logprobs = _field(body, "logprobs", (bool,), False)
+        top = _field(body, "top_logprobs", (int,), 0, 0, MAX_LOGPROBS)
+        logprobs = top if logprobs else None
+    else:
+        logprobs = _field(body, "logprobs", (int,), None, 0, MAX_LOGPROBS)
+    s = Sampling(max_tokens=max_tokens_default if max_tokens is None else max_tokens,
+                 temperature=float(_field(body, "temperature", (int, float), 1.0, 0, 2)),
+                 top_p=_field(body, "top_p", (int, float), None, 0, 1), top_k=_field(body, "top_k", (int,), None, 0),
+                 seed=_field(body, "seed", (int,), None), stop=_stop_strings(body), logprobs=logprobs)
+    if s.top_p is not None and s.top_p <= 0:
+        raise ServeError(400, "'top_p' must be above 0", param="top_p")
+    return s, _field(body, "n", (int,), 1, 1)
+
+
+def _message_text(m: dict, i: int) -> str:
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: only text
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+            raise ServeError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+        return "".join(parts)
+    if not isinstance(content, str):
+        raise ServeError(400, f"messages[{i}].content must be a string", param="messages")
+    return content
+
+
+def chat_prompt(body: dict, tokenizer) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ServeError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise ServeError(400, f"messages[{i}]: role must be system, user or assistant", param="messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        turns.append({"role": role, "content": _message_text(m, i)})
+    ids, _ = tokenizer.encode_chat(turns, add_generation_prompt=True)
+    return list(ids)
+
+
+def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+    """prompt: a string, a list of strings, a list of token ids or a list of such lists."""
+    p = body.get("prompt")
+    vocab = tokenizer.vocab_size
+    if isinstance(p, str):
+        return [tokenizer.encode(p)]
+    if isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+        p = [p]
+    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        return [tokenizer.encode(x) for x in p]
+    if isinstance(p, list) and p and all(isinstance(x, list) and x and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in x) for x in p):
+        return [list(x) for x in p]
+    raise ServeError(400, "'prompt' must be a string, a list of strings, or (lists of) token ids below the "
+                          f"vocabulary size {vocab}", param="prompt")
+
+
+def check_context(prompt: list[int], max_tokens: int, context: int) -> None:
+    need = len(prompt) + max_tokens
+    if not prompt:
+        raise ServeError(400, "the prompt is empty", param="prompt")
+    if need > context:
+        raise ServeError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is {need} tokens, "
+                              f"{need - context} over the model's context of {context}; shorten the prompt or "
+                              "lower max_tokens", param="max_tokens", code="context_length_exceeded")
+
+
+# ----------------------------------------------------------------------------------------------
+# the server: models, jobs, responses
+
+class Server:
+    def __init__(self, args, models: list[ServedModel], device, dtype):
+        self.args, self.device, self.dtype = args, device, dtype
+        self.models = {m.name: m for m in models}
+        self.engines: dict[str, Engine] = {}
+        self.metrics = Metrics()
+        self.ready = threading.Event()
+        self.failed: str | None = None
+        self.on_fatal = lambda: None
+
+    def load_all(self) -> None:
+        """Load every model (the server answers /health with 503 meanwhile), then start its engine."""
+        try:
+            for m in self.models.values():
+                t0 = time.time()
+                m.load(self.device, self.dtype, self.args.dequantize)
+                self.engines[m.name] = Engine(m, self.args.max_batch, self.args.max_queue, self.metrics)
+                log.info("model %s: %s loaded in %.1f s (%s, %s parameters, context %d)", m.name, m.path,
+                         time.time() - t0, m.info["quantization"], f"{m.info['parameters']:,}",
+                         m.info["context_length"])
+                if self.args.watch and m.path.is_file():
+                    threading.Thread(target=self._watch, args=(m,), daemon=True).start()
+            self.ready.set()
+        except Exception as e:  # noqa: BLE001 - a model that cannot load stops the server with one line
+            self.failed = common.one_line(e)
+            self.on_fatal()
+
+    def _watch(self, m: ServedModel, every: float = 1.0) -> None:
+        """--watch: when the file is replaced (train.py renames a new fishai-best.pt into place),
+        load it here and let the engine swap it in between requests."""
+        seen = m.mtime
+        while True:
+            time.sleep(every)
+            try:
+                now = _mtime(m.path)
+                if now == seen:
+                    continue
+                seen = now
+                fresh = ServedModel(m.name, m.path).load(self.device, self.dtype, self.args.dequantize)
+                self.engines[m.name].swap(fresh)
+            except Exception as e:  # noqa: BLE001 - keep serving the old weights
+                log.warning("model %s: reload of %s failed (%s); still serving the previous weights", m.name,
+                            m.path, common.one_line(e))
+
+    def served(self, body: dict) -> ServedModel:
+        if not self.ready.is_set():
+            raise ServeError(503, "the models are still loading; retry shortly (GET /health says when ready)",
+                             code="loading", kind="server_error")
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise ServeError(400, "'model' is required: one of " + ", ".join(self.models), param="model")
+        if name not in self.models:
+            raise ServeError(404, f"the model '{name}' does not exist; available: {', '.join(self.models)}",
+                             param="model", code="model_not_found")
+        return self.models[name]
+
+    def submit(self, served: ServedModel, prompts: list[list[int]], sampling: Sampling, n: int):
+        """One Job per (prompt, choice), all emitting (index, event) into one asyncio queue."""
+        if n > self.args.max_n:
+            raise ServeError(400, f"'n' is at most {self.args.max_n} here (--max-n)", param="n")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = []
+        for i, (prompt, k) in enumerate((p, k) for p in prompts for k in range(n)):
+            seed = sampling.seed + k if sampling.seed is not None else secrets.randbits(62)
+            emit = (lambda idx: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (idx, ev)))(i)
+            jobs.append(Job(prompt, sampling, emit, data_utils.IncrementalDecoder(served.gpt.tokenizer),
+                            torch.Generator().manual_seed(seed)))
+        engine = self.engines[served.name]
+        try:
+            for job in jobs:
+                engine.submit(job)
+        except QueueFull:
+            for job in jobs:
+                job.cancelled.set()
+            raise
+        for prompt in prompts:
+            self.metrics.prompt_tokens.labels(served.name).inc(len(prompt))
+        return jobs, queue
+
+
+async def read_body(request, limit: int) -> dict:
+    raw = await request.body()
+    if len(raw) > limit:
+        raise ServeError(413, f"the request body is {len(raw):,} bytes, over the limit of {limit:,} (--max-request-kb)")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ServeError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise ServeError(400, "the body must be a JSON object")
+    return body
+
+
+async def events(request, jobs: list[Job], queue: asyncio.Queue):
+    """(index, event) from the jobs until every one is done; a disconnected client cancels them."""
+    remaining = len(jobs)
+    try:
+        while remaining:
+            try:
+                idx, ev = await asyncio.wait_for(queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if ev[0] == "error":
+                raise ServeError(500, ev[1], kind="server_error")
+            remaining -= ev[0] == "done"
+            yield idx, ev
+    finally:
+        for job in jobs:
+            job.cancelled.set()  # no-op for finished jobs; frees the row of an abandoned one
+
+
+def _usage(prompts, jobs) -> dict:
+    p, c = sum(len(x) for x in prompts), sum(j.generated for j in jobs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _chat_logprob(info: dict) -> dict:
+    def entry(tok, lp):
+        return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+    return {**entry(info["token"], info["logprob"]), "top_logprobs": [entry(t, v) for t, v in info["top"]]}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def chat_completions(server: Server, request):
+    body = await read_body(request, server.args.max_request_kb * 1024)
+    m = server.served(body)
+    tok, ctx = m.gpt.tokenizer, m.info["context_length"]
+    prompt = chat_prompt(body, tok)
+    sampling, n = sampling_from(body, max(1, ctx - len(prompt)), chat=True)
+    sampling.stop_ids = set(chat_stop_ids(tok))
+    check_context(prompt, sampling.max_tokens, ctx)
+    stream = _field(body, "stream", (bool,), False)
+    usage_chunk = stream and bool((_field(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
+    jobs, queue = server.submit(m, [prompt], sampling, n)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": m.name,
+            "system_fingerprint": m.fingerprint}
+    if stream:
+        return _streaming(_chat_chunks(request, head, jobs, queue, [prompt], usage_chunk))
+    texts, infos, reasons = [""] * len(jobs), [[] for _ in jobs], [None] * len(jobs)
+    async for idx, ev in events(request, jobs, queue):
+        if ev[0] == "token":
+            texts[idx] += ev[1]
+            infos[idx] += [_chat_logprob(ev[2])] if ev[2] else []
+        elif ev[0] == "done":
+            reasons[idx] = ev[1]
+    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": {"content": infos[i]} if sampling.logprobs is not None else None,
+                "finish_reason": reasons[i]} for i in range(len(jobs))]
+    return {**head, "object": "chat.completion", "choices": choices, "usage": _usage([prompt], jobs)}
+
+
+async def _chat_chunks(request, head, jobs, queue, prompts, usage_chunk):
+    base = {**head, "object": "chat.completion.chunk"}
+    for i in range(len(jobs)):  # the role comes first, once per choice
+        yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})
+    async for idx, ev in events(request, jobs, queue):
+        if ev[0] == "token":
+            lp = {"content": [_chat_logprob(ev[2])]} if ev[2] else None
+            yield _sse({**base, "choices": [{"index": idx, "delta": {"content": ev[1]}, "logprobs": lp,
+                                             "finish_reason": None}]})
+        elif ev[0] == "done":
+            yield _sse({**base, "choices": [{"index": idx, "delta": {}, "logprobs": None, "finish_reason": ev[1]}]})
+    if usage_chunk:
+        yield _sse({**base, "choices": [], "usage": _usage(prompts, jobs)})
+    yield "data: [DONE]\n\n"
+
+
+def _completion_logprobs(entries: list) -> dict:
+    """The legacy completions logprobs object over prompt (echo) and generated tokens."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for e in entries:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append(dict(e["top"]) if e.get("top") is not None and e["logprob"] is not None else None)
+        out["text_offset"].append(offset)
+        offset += len(e["token"])
+    return out
+
+
+async def completions(server: Server, request):
+    body = await read_body(request, server.args.max_request_kb * 1024)
+    m = server.served(body)
+    tok, ctx = m.gpt.tokenizer, m.info["context_length"]
+    prompts = completion_prompts(body, tok)
+    sampling, n = sampling_from(body, 16, chat=False)  # OpenAI's completions default: 16 tokens
+    sampling.stop_ids = {tok.eos_id} if tok.eos_id is not None else set()
+    echo = _field(body, "echo", (bool,), False)
+    sampling.prompt_logprobs = echo and sampling.logprobs is not None
+    for p in prompts:
+        check_context(p, sampling.max_tokens, ctx)
+    if _field(body, "stream", (bool,), False):
+        raise ServeError(400, "streaming /v1/completions is not supported here; use /v1/chat/completions to "
+                              "stream, or set stream false", param="stream")
+    jobs, queue = server.submit(m, prompts, sampling, n)
+    texts = [tok.decode(jobs[i].prompt) if echo else "" for i in range(len(jobs))]
+    entries, reasons = [[] for _ in jobs], [None] * len(jobs)
+    async for idx, ev in events(request, jobs, queue):
+        if ev[0] == "prompt_logprobs":
+            entries[idx] = [{"token": tok.decode([t]), "logprob": None, "top": None} if e is None else e
+                            for t, e in zip(jobs[idx].prompt, ev[1])]
+        elif ev[0] == "token":
+            texts[idx] += ev[1]
+            entries[idx] += [ev[2]] if ev[2] else []
+        elif ev[0] == "done":
+            reasons[idx] = ev[1]
+    choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
+                "logprobs": _completion_logprobs(entries[i]) if sampling.logprobs is not None else None}
+               for i in range(len(jobs))]
+    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": m.name, "system_fingerprint": m.fingerprint, "choices": choices,
+            "usage": _usage(prompts, jobs)}
+
+
+def _streaming(gen):
+    from starlette.responses import StreamingResponse
+    return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ----------------------------------------------------------------------------------------------
+# the app
+
+def build_app(server: Server):
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="FishAI Train server", docs_url=None, redoc_url=None, openapi_url=None)
+    if server.args.cors_origin:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=server.args.cors_origin, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    def error(e: ServeError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request, e: ServeError):
+        return error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e):  # FastAPI's own 422 body, as an OpenAI 400
+        return error(ServeError(400, f"invalid request: {str(e)[:200]}"))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error(ServeError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind=kind))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e):
+        log.exception("internal error")
+        return error(ServeError(500, f"internal error: {type(e).__name__}", kind="server_error"))
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if path.startswith("/v1/") and server.args.api_key:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {server.args.api_key}".encode()):
+                server.metrics.requests.labels(path, "401").inc()
+                return error(ServeError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
+                                        code="invalid_api_key", kind="authentication_error"))
+        response = await call_next(request)
+        if path.startswith("/v1/"):
+            server.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health():
+        if server.ready.is_set():
+            return {"status": "ok", "models": list(server.models)}
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(server.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        if not server.ready.is_set():
+            raise ServeError(503, "the models are still loading", code="loading", kind="server_error")
+        return {"object": "list", "data": [{"id": m.name, "object": "model", "created": int(m.mtime),
+                                            "owned_by": "fishai", **m.info} for m in server.models.values()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await chat_completions(server, request)
+
+    @app.post("/v1/completions")
+    async def complete(request: Request):
+        return await completions(server, request)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return CHAT_PAGE
+
+    return app
+
+
+# the web chat: one static page, no build step; it streams from /v1/chat/completions
+CHAT_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>FishAI chat</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 1rem auto; padding: 0 1rem; color: #222; }
+header { display: flex; flex-wrap: wrap; gap: .6rem; align-items: center; }
+#messages { border: 1px solid #ccc; border-radius: 6px; padding: .6rem; min-height: 16rem; margin: .8rem 0;
+            overflow-y: auto; max-height: 60vh; }
+.msg { white-space: pre-wrap; margin: .4rem 0; padding: .4rem .6rem; border-radius: 6px; }
+.user { background: #e8f0fe; } .assistant { background: #f4f4f4; }
+#notice { color: #8a5300; } #speed { color: #555; font-size: .9rem; } #error { color: #b00020; }
+textarea { width: 100%; box-sizing: border-box; }
+</style></head><body>
+<header>
+  <strong>FishAI chat</strong>
+  <label>model <select id="model"></select></label>
+  <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7" size="4"></label>
+  <label>max tokens <input id="max-tokens" type="number" min="1" value="256" size="5"></label>
+  <label>API key <input id="api-key" type="password" size="10" placeholder="if required"></label>
+</header>
+<div id="notice"></div>
+<div id="messages"></div>
+<textarea id="input" rows="3" placeholder="Write a message (Enter sends, Shift+Enter: new line)"></textarea>
+<p><button id="send">Send</button> <button id="stop" disabled>Stop</button> <button id="clear">Clear</button>
+<span id="speed"></span> <span id="error"></span></p>
+<script>
+const $ = (id) => document.getElementById(id);
+let models = [], history = [], controller = null;
+function headers() {
+  const h = {"Content-Type": "application/json"};
+  if ($("api-key").value) h["Authorization"] = "Bearer " + $("api-key").value;
+  return h;
+}
+function notice() {
+  const m = models.find((x) => x.id === $("model").value);
+  $("notice").textContent = m && !m.chat_trained ?
+    "This model was never chat-trained (train.py --stage sft): replies follow the ChatML template only loosely." : "";
+}
+async function loadModels() {
+  const r = await fetch("/v1/models", {headers: headers()});
+  if (!r.ok) { $("error").textContent = "cannot list models: HTTP " + r.status; return; }
+  $("error").textContent = "";
+  models = (await r.json()).data;
+  $("model").innerHTML = models.map((m) => `<option value="${m.id}">${m.id} (${m.quantization})</option>`).join("");
+  notice();
+}
+function bubble(role, text) {
+  const d = document.createElement("div");
+  d.className = "msg " + role; d.textContent = text; $("messages").appendChild(d); return d;
+}
+async function send() {
+  const text = $("input").value.trim();
+  if (!text || controller) return;
+  $("input").value = ""; $("error").textContent = ""; $("speed").textContent = "";
+  history.push({role: "user", content: text}); bubble("user", text);
+  const out = bubble("assistant", "");
+  controller = new AbortController(); $("stop").disabled = false; $("send").disabled = true;
+  const t0 = performance.now(); let tokens = 0, reply = "";
+  try {
+    const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), signal: controller.signal,
+      body: JSON.stringify({model: $("model").value, messages: history, stream: true,
+        stream_options: {include_usage: true}, temperature: parseFloat($("temperature").value),
+        max_tokens: parseInt($("max-tokens").value)})});
+    if (!r.ok) { $("error").textContent = (await r.json()).error.message; history.pop(); return; }
+    const reader = r.body.getReader(), dec = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, {stream: true});
+      let i;
+      while ((i = buf.indexOf("\\n\\n")) >= 0) {
+        const line = buf.slice(0, i).trim(); buf = buf.slice(i + 2);
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const chunk = JSON.parse(line.slice(6));
+        if (chunk.usage) tokens = chunk.usage.completion_tokens;
+        for (const c of chunk.choices) {
+          if (c.delta && c.delta.content) { reply += c.delta.content; out.textContent = reply; if (!chunk.usage) tokens++; }
+        }
+        $("messages").scrollTop = $("messages").scrollHeight;
+        const s = (performance.now() - t0) / 1000;
+        $("speed").textContent = `${tokens} tokens, ${(tokens / Math.max(s, 1e-3)).toFixed(1)} tokens/s`;
+      }
+    }
+    history.push({role: "assistant", content: reply});
+    out.dataset.done = "1";
+  } catch (e) {
+    if (e.name === "AbortError") { history.push({role: "assistant", content: reply}); out.dataset.done = "1"; }
+    else $("error").textContent = String(e);
+  } finally {
+    controller = null; $("stop").disabled = true; $("send").disabled = false;
+  }
+}
+$("send").onclick = send;
+$("stop").onclick = () => controller && controller.abort();
+$("clear").onclick = () => { history = []; $("messages").innerHTML = ""; };
+$("model").onchange = notice;
+$("api-key").onchange = loadModels;
+$("input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });
+loadModels();
+</script></body></html>
+"""
+
+
+def check_port(host: str, port: int) -> None:
+    """One clear line (not a uvicorn traceback) when the address is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise common.FishAIError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another "
+                                     "--port or stop the process using it") from None
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    models = model_specs(args.model)
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
+    check_port(args.host, args.port)
+    server = Server(args, models, device, dtype)
+    import uvicorn
+    uv = uvicorn.Server(uvicorn.Config(build_app(server), host=args.host, port=args.port, log_level="warning",
+                                       access_log=False, lifespan="off"))
+    server.on_fatal = lambda: setattr(uv, "should_exit", True)
+    threading.Thread(target=server.load_all, name="load", daemon=True).start()
+    log.info("serving %s on http://%s:%d (web chat at /, API at /v1)", ", ".join(server.models), args.host, args.port)
+    uv.run()
+    if server.failed:
+        raise common.FishAIError(server.failed)
+    return common.EXIT_OK
+
+
+def main(argv=None) -> int:
+    return common.run_cli(serve_command, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
