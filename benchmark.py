@@ -208,6 +208,23 @@ def _add_gpu_parser(sub):
     add_output_args(gp, "write every step's figures as JSON (rewritten after each step)")
 
 
+def _add_serve_parser(sub):
+    sv = sub.add_parser("serve", help="serve.py under load: one stream vs 8 concurrent, time to first token, and "
+                        "the server's decode against generate.py's for one stream",
+                        description="Starts serve.py on int4 .bin exports of the given presets (random weights: "
+                        "speed does not depend on them) and measures, through its HTTP API: decode tokens/s of one "
+                        "stream and the aggregate of --streams concurrent ones, the time to first token of a "
+                        "32-token prompt, and one stream's decode time against generate.py's decode loop "
+                        "(model.generate_stream) on the same file, interleaved.")
+    sv.add_argument("--configs", default="tiny,small", help="presets to export and serve (comma-separated)")
+    sv.add_argument("--strategy", default="int4", help="quantize.py --strategy of the served files")
+    sv.add_argument("--streams", type=common.int_flag(2), default=8, help="concurrent streams")
+    sv.add_argument("--tokens", type=common.int_flag(1), default=64, help="tokens decoded per stream")
+    sv.add_argument("--repeat", type=common.int_flag(1), default=3, help="timed runs per figure (median)")
+    common.add_device_flag(sv)
+    add_output_args(sv)
+
+
 def build_parser() -> common.ArgumentParser:
     p = common.ArgumentParser(description="FishAI benchmarks: self-test (correctness + speed vs transformers), "
                           "full (bits/byte, perplexity, generation quality), data (prepare throughput) and "
@@ -219,6 +236,7 @@ def build_parser() -> common.ArgumentParser:
     _add_data_parser(sub)
     _add_recipe_parser(sub)
     _add_gpu_parser(sub)
+    _add_serve_parser(sub)
     return p
 
 
@@ -848,8 +866,8 @@ QUANT_PEERS = {"fp32": ("fp16", "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4
 
 
 def _quantize_cli(ckpt: Path, out: Path, strategy: str, fmt: str = "bin") -> int:
-    """Export `ckpt` with the quantize.py command a user runs (a child process: quantize.py scores
-    with this file's functions, so this file does not import it); returns the file's size."""
+    """Export `ckpt` with the quantize.py command a user runs (a child process, as the user would);
+    returns the file's size."""
     cmd = [sys.executable, str(Path(__file__).with_name("quantize.py")), "--model", str(ckpt), "--output", str(out),
            "--strategy", strategy, "--format", fmt, "--quiet", "--overwrite"]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -1575,7 +1593,158 @@ def run_gpu(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # CLI
 
-COMMANDS = {"self-test": run_self_test, "full": run_full, "data": run_data, "recipe": run_recipe, "gpu": run_gpu}
+# ----------------------------------------------------------------------------------------------
+# `serve`: serve.py under load (through its HTTP API, as a client sees it)
+
+def _http_json(url: str, body: dict, timeout: float = 300) -> dict:
+    import urllib.request
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _first_chunk_seconds(url: str, body: dict) -> float:
+    """Seconds from sending a streaming request to its first chunk carrying text."""
+    import urllib.request
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                choices = json.loads(line[6:])["choices"]
+                if any(c.get("text") or (c.get("delta") or {}).get("content") for c in choices):
+                    return time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+class _ServerUnderTest:
+    def __init__(self, files: dict, device: str):
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        args = [sys.executable, str(Path(__file__).with_name("serve.py")), "--port", str(self.port), "--device", device,
+                "--max-batch", "16", "--log-level", "warning"]
+        for name, path in files.items():
+            args += ["--model", f"{name}={path}"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        import urllib.request
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.proc.kill()
+        raise BenchmarkError("serve.py did not start within 2 minutes")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _serve_rows(srv: _ServerUnderTest, name: str, path: Path, args) -> dict:
+    """One model's figures: one stream, N concurrent, TTFT, and the server vs generate.py."""
+    from concurrent.futures import ThreadPoolExecutor
+    url, n = srv.url + "/v1/completions", args.tokens
+    gpt = load_model(path, device=args.device)
+    prompt = [int(t) for t in torch.randint(4, gpt.tokenizer.vocab_size, (32,), generator=torch.Generator().manual_seed(0))]
+    body = {"model": name, "prompt": prompt, "max_tokens": n, "temperature": 0}
+
+    def one() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        r = _http_json(url, body)
+        return time.perf_counter() - t0, r["usage"]["completion_tokens"]
+
+    def local() -> float:  # generate.py's decode loop on the same file, same prompt
+        idx = torch.tensor([prompt], device=gpt.norm.weight.device)
+        t0 = time.perf_counter()
+        for _ in gpt.generate_stream(idx, n, temperature=0):
+            pass
+        return time.perf_counter() - t0
+
+    one(), local()  # warm-up
+    single, here = [], []
+    for _ in range(args.repeat):  # interleaved: both see the same machine
+        single.append(one())
+        here.append(local())
+    with ThreadPoolExecutor(args.streams) as pool:
+        many = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            done = list(pool.map(lambda _: _http_json(url, body)["usage"]["completion_tokens"], range(args.streams)))
+            many.append((time.perf_counter() - t0, sum(done)))
+    ttft = sorted(_first_chunk_seconds(srv.url + "/v1/completions", {**body, "max_tokens": 1}) for _ in range(5))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    one_tps = med([t / s for s, t in single])
+    many_tps = med([t / s for s, t in many])
+    server_s, local_s = med([s for s, _ in single]), med(here)
+    return {"model": name, "file": str(path), "params": count_params(gpt.config), "tokens": n,
+            "one_stream_tok_s": one_tps, f"{args.streams}_streams_tok_s": many_tps, "concurrency_gain": many_tps / one_tps,
+            "ttft_32_token_prompt_ms": ttft[len(ttft) // 2] * 1e3, "server_request_s": server_s,
+            "generate_py_s": local_s, "server_overhead": server_s / local_s - 1}
+
+
+def serve_markdown(res: dict) -> str:
+    k = res["streams"]
+    lines = [f"# serve.py under load ({res['date']}, {res['device']})", "", f"`{res['command']}`", "",
+             f"| model | one stream tok/s | {k} streams tok/s | gain | TTFT (32-token prompt) | server vs generate.py, "
+             "one stream |", "|---|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['one_stream_tok_s']:,.0f} | "
+                     f"{r[f'{k}_streams_tok_s']:,.0f} | {r['concurrency_gain']:.2f}x | {r['ttft_32_token_prompt_ms']:.0f} ms | "
+                     f"{r['server_overhead']:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def _random_model_with_tokenizer(config: str, work: Path) -> GPT:
+    """The preset with random weights and a BPE tokenizer of its vocabulary, trained on the Python
+    documentation (the server needs a tokenizer to decode what it streams)."""
+    cfg = get_config(config)
+    tok_dir = work / f"tok{cfg.vocab_size}"
+    if not tok_dir.exists():
+        docs = data_utils.iter_documents("python-docs")
+        tokenizer_train.train_tokenizer(docs, cfg.vocab_size, tok_dir, show_progress=False, max_bytes=8_000_000)
+    tok = data_utils.load_tokenizer(tok_dir)
+    gpt = GPT(get_config(config, vocab_size=train.round_up(tok.vocab_size)))
+    gpt.tokenizer = tok
+    return gpt
+
+
+def run_serve_bench(args) -> int:
+    common.check_outputs(args)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad or not configs:
+        raise BenchmarkError(f"--configs {args.configs}: choose from {', '.join(CONFIGS)}")
+    work = Path(tempfile.mkdtemp(prefix="fishai-serve-bench-"))
+    try:
+        files = {}
+        for c in configs:
+            torch.manual_seed(0)
+            ckpt = work / f"{c}.pt"
+            save_checkpoint(ckpt, _random_model_with_tokenizer(c, work))
+            files[f"{c}-{args.strategy}"] = work / f"{c}-{args.strategy}.bin"
+            _quantize_cli(ckpt, files[f"{c}-{args.strategy}"], args.strategy)
+        srv = _ServerUnderTest(files, args.device)
+        try:
+            rows = [_serve_rows(srv, name, path, args) for name, path in files.items()]
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "streams": args.streams, "rows": rows,
+           "command": "python benchmark.py serve " + " ".join(sys.argv[2:])}
+    print(serve_markdown(res))
+    common.write_outputs(args, res, serve_markdown)
+    return common.EXIT_OK
+
+
+COMMANDS = {"self-test": run_self_test, "full": run_full, "data": run_data, "recipe": run_recipe, "gpu": run_gpu,
+            "serve": run_serve_bench}
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import common
-from common import CheckpointError, atomic_dir, atomic_write, atomic_write_text, resolve_dtype
+from common import CheckpointError, atomic_dir, atomic_write, atomic_write_text, resolve_device, resolve_dtype
 from data_utils import TextTokenizer
 
 PRESET_NAMES = ("tiny", "small", "medium", "large")  # CONFIGS below; named here for the torch-free parser
@@ -642,19 +642,28 @@ class GPT(nn.Module):
                   for b in self.layers]
         return embed, head, layers
 
-    def _lean_decode_step(self, plan, tok, pos: int):
-        """One token per row at position `pos` (a Python int) through the eager KV cache: the
-        module path's math with the matmuls called directly, slices instead of gathers and no
-        no-op casts. At batch 1 on a CPU, module-call and indexing overhead is a third of the step
-        for the small presets; this is what makes decode ~1.6x faster than HF's generate there.
-        `plan` is _lean_plan()'s (embed, head, per-layer tuples of norms, matmuls, cache buffers)."""
+    def _lean_decode_step(self, plan, tok, pos):
+        """One token per row through the eager KV cache: the module path's math with the matmuls
+        called directly, slices instead of gathers and no no-op casts. At batch 1 on a CPU,
+        module-call and indexing overhead is a third of the step for the small presets; this is what
+        makes decode ~1.6x faster than HF's generate there. `pos`: a Python int (every row at that
+        position: generate's batch) or a (B,) LongTensor (each cache row at its own position, masked
+        to its own past: serve.py's continuous batching). `plan` is _lean_plan()'s (embed, head,
+        per-layer tuples of norms, matmuls, cache buffers)."""
         embed, head, layers = plan
         B = tok.shape[0]
         c = self.config
         H, KV, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
         # one position per row, so x stays (B, d) and (B, H*hd) -> (B, H, 1, hd) is a free view
         x = embed(tok.view(B))
-        cos, sin = self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1]
+        per_row = torch.is_tensor(pos)
+        if per_row:
+            end, rows = int(pos.max()) + 1, torch.arange(B, device=pos.device)
+            cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
+            # a KV head's query heads as its query rows (B, KV, H/KV, hd): GQA with a per-row mask, no K/V copy
+            mask = (torch.arange(end, device=pos.device) <= pos[:, None])[:, None, None]
+        else:
+            end, cos, sin = pos + 1, self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1]
         gqa = KV != H
         for an, qkv, wo, mn, gate_up, wd, kc, vc in layers:
             h = F.rms_norm(x, an.shape, an, eps)
@@ -664,9 +673,15 @@ class GPT(nn.Module):
             v = v.view(B, KV, 1, hd)
             if k.dtype != kc.dtype:
                 k, v, q = k.to(kc.dtype), v.to(kc.dtype), q.to(kc.dtype)
-            kc[:B, :, pos:pos + 1] = k
-            vc[:B, :, pos:pos + 1] = v
-            y = F.scaled_dot_product_attention(q, kc[:B, :, :pos + 1], vc[:B, :, :pos + 1], enable_gqa=gqa)
+            if per_row:
+                kc[rows, :, pos] = k.view(B, KV, hd)
+                vc[rows, :, pos] = v.view(B, KV, hd)
+                y = F.scaled_dot_product_attention(q.view(B, KV, H // KV, hd), kc[:B, :, :end], vc[:B, :, :end],
+                                                   attn_mask=mask)
+            else:
+                kc[:B, :, pos:pos + 1] = k
+                vc[:B, :, pos:pos + 1] = v
+                y = F.scaled_dot_product_attention(q, kc[:B, :, :end], vc[:B, :, :end], enable_gqa=gqa)
             y = y.reshape(B, H * hd)
             x = x + wo(y if y.dtype == x.dtype else y.to(x.dtype))
             h = F.rms_norm(x, mn.shape, mn, eps)
@@ -1041,6 +1056,7 @@ def load_model(path, device="cpu", dtype=None, dequantize: bool = False) -> GPT:
     quantized.install_runtime_layers) unless dequantize=True, which gives plain float weights (for training,
     export or comparison). dtype is the activation dtype then (None: float32)."""
     path = Path(path)
+    device = resolve_device(device)  # "auto", "cuda" (indexed), a torch.device
     dtype = resolve_dtype(dtype, device)
     if path.is_dir():
         if not (path / "config.json").is_file():

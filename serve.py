@@ -202,7 +202,8 @@ class Sampling:
 @dataclass
 class Job:
     """One choice of one request, from the queue through its KV-cache row to its last token. The
-    engine thread calls emit(event) with ("token", text, token_info) / ("done", finish_reason)."""
+    engine thread calls send(event) with ("token", text, token_info) / ("done", finish_reason); emit
+    delivers a list of events to the request's handler."""
     prompt: list[int]
     sampling: Sampling
     emit: object
@@ -217,6 +218,17 @@ class Job:
     sent: int = 0
     stop_hit: bool = False              # a stop string ended it: nothing after it is ever sent
     first_token_at: float | None = None
+    coalesce: bool = False              # not streamed: its tokens go to the event loop in one batch at the end
+    _buffer: list = field(default_factory=list)
+
+    def send(self, event: tuple) -> None:
+        """Hand an event to the request's handler (thread-safe). A request that is not streamed gets
+        its tokens in one batch with its "done": one wake-up of the event loop instead of one a token."""
+        if self.coalesce and event[0] == "token":
+            self._buffer.append(event)
+            return
+        events, self._buffer = self._buffer + [event], []
+        self.emit(events)
 
     def held_back(self) -> int:
         """How many trailing characters could still turn into a stop string (never sent early)."""
@@ -254,6 +266,10 @@ class Engine:
         self.pending_model: ServedModel | None = None  # --watch: swapped in when no row is active
         self.stopped = False
         self._cache_for: object = None
+        name = served.name  # the metric series of this model (labels() takes a lock: look them up once)
+        self.m_queue, self.m_active = metrics.queue.labels(name), metrics.active.labels(name)
+        self.m_ttft, self.m_tokens = metrics.ttft.labels(name), metrics.completion_tokens.labels(name)
+        self.m_rate = metrics.tokens_per_s.labels(name)
         threading.Thread(target=self._run, name=f"engine-{served.name}", daemon=True).start()
 
     def submit(self, job: Job) -> None:
@@ -261,7 +277,7 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(self.served.name, self.max_queue)
             self.waiting.append(job)
-            self.metrics.queue.labels(self.served.name).set(len(self.waiting))
+            self.m_queue.set(len(self.waiting))
             self.cond.notify()
 
     def swap(self, model: ServedModel) -> None:
@@ -280,7 +296,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - a failed step ends its requests, not the server
                 log.exception("model %s: decoding failed", self.served.name)
                 for job in self.active + list(self.waiting):
-                    job.emit(("error", f"decoding failed: {type(e).__name__}: {e}"))
+                    job.send(("error", f"decoding failed: {type(e).__name__}: {e}"))
                 self.active.clear()
                 self.waiting.clear()
 
@@ -294,16 +310,19 @@ class Engine:
         if self._cache_for is not gpt:
             gpt.setup_cache(self.max_batch, gpt.config.max_seq_len)
             self._cache_for = gpt
+            # decode steps: generate.py's lean step with one position per row (the fastest path,
+            # the same numbers whether a request is alone or among others); prefill: forward_rows
+            self._lean = gpt._lean_plan() if gpt._lean_decode_ok() else None
         self._drop_cancelled()
         while self.waiting and len(self.active) < self.max_batch and self.pending_model is None:
             with self.cond:
                 job = self.waiting.popleft()
-                self.metrics.queue.labels(self.served.name).set(len(self.waiting))
+                self.m_queue.set(len(self.waiting))
             if not job.cancelled.is_set():
                 self._prefill(job)
         if self.active:
             self._step()
-        self.metrics.active.labels(self.served.name).set(len(self.active))
+        self.m_active.set(len(self.active))
 
     def _prefill(self, job: Job) -> None:
         gpt, row = self.served.gpt, len(self.active)
@@ -311,7 +330,7 @@ class Engine:
         positions = torch.arange(len(job.prompt), device=ids.device)[None]
         logits = gpt.forward_rows(ids, positions, slice(row, row + 1), last_only=not job.sampling.prompt_logprobs)
         if job.sampling.prompt_logprobs:
-            job.emit(("prompt_logprobs", _prompt_logprobs(logits[0], job.prompt, job.sampling.logprobs,
+            job.send(("prompt_logprobs", _prompt_logprobs(logits[0], job.prompt, job.sampling.logprobs,
                                                          gpt.tokenizer)))
             logits = logits[:, -1]
         job.pos = len(job.prompt)
@@ -327,8 +346,12 @@ class Engine:
         tokens = torch.tensor([[j.next_token] for j in self.active], device=device)
         positions = torch.tensor([[j.pos] for j in self.active], device=device)
         t0 = time.perf_counter()
-        logits = gpt.forward_rows(tokens, positions, slice(0, len(self.active)))
-        self.metrics.tokens_per_s.labels(self.served.name).set(len(self.active) / max(time.perf_counter() - t0, 1e-9))
+        if self._lean is not None:
+            with torch.inference_mode():
+                logits = gpt._lean_decode_step(self._lean, tokens, positions.view(-1))
+        else:  # a model with hooks or swapped-in layers: the module path
+            logits = gpt.forward_rows(tokens, positions, slice(0, len(self.active)))
+        self.m_rate.set(len(self.active) / max(time.perf_counter() - t0, 1e-9))
         for job in self.active:
             job.pos += 1
         for row in reversed(range(len(self.active))):  # reversed: _finish moves the last row into this one
@@ -344,15 +367,15 @@ class Engine:
             tok_info = _token_logprobs(logits, tok, s.logprobs, self.served.gpt.tokenizer)
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
-            self.metrics.ttft.labels(self.served.name).observe(job.first_token_at - job.submitted)
+            self.m_ttft.observe(job.first_token_at - job.submitted)
         job.generated += 1
-        self.metrics.completion_tokens.labels(self.served.name).inc()
+        self.m_tokens.inc()
         if tok in s.stop_ids:
             self._finish(row, "stop", tok_info)
             return
         text, stopped = job.accept_text(job.decoder.push(tok))
         if text or tok_info:
-            job.emit(("token", text, tok_info))
+            job.send(("token", text, tok_info))
         if stopped:
             self._finish(row, "stop")
         elif job.generated >= s.max_tokens or job.pos + 1 >= self.served.gpt.config.max_seq_len:
@@ -366,8 +389,8 @@ class Engine:
         if not hit:  # no token follows: text held back for a stop string that can no longer come goes out
             tail, job.sent = tail + job.text[job.sent:], len(job.text)
         if tail or tok_info:
-            job.emit(("token", tail, tok_info))
-        job.emit(("done", "stop" if hit else reason))
+            job.send(("token", tail, tok_info))
+        job.send(("done", "stop" if hit else reason))
         self._release(row)
 
     def _release(self, row: int) -> None:
@@ -593,8 +616,9 @@ class Server:
                              param="model", code="model_not_found")
         return self.models[name]
 
-    def submit(self, served: ServedModel, prompts: list[list[int]], sampling: Sampling, n: int):
-        """One Job per (prompt, choice), all emitting (index, event) into one asyncio queue."""
+    def submit(self, served: ServedModel, prompts: list[list[int]], sampling: Sampling, n: int,
+               stream: bool = False):
+        """One Job per (prompt, choice), all emitting (index, [events]) into one asyncio queue."""
         if n > self.args.max_n:
             raise ServeError(400, f"'n' is at most {self.args.max_n} here (--max-n)", param="n")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -603,7 +627,7 @@ class Server:
             seed = sampling.seed + k if sampling.seed is not None else secrets.randbits(62)
             emit = (lambda idx: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (idx, ev)))(i)
             jobs.append(Job(prompt, sampling, emit, data_utils.IncrementalDecoder(served.gpt.tokenizer),
-                            torch.Generator().manual_seed(seed)))
+                            torch.Generator().manual_seed(seed), coalesce=not stream))
         engine = self.engines[served.name]
         try:
             for job in jobs:
@@ -635,16 +659,20 @@ async def events(request, jobs: list[Job], queue: asyncio.Queue):
     remaining = len(jobs)
     try:
         while remaining:
-            try:
-                idx, ev = await asyncio.wait_for(queue.get(), 0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
-            if ev[0] == "error":
-                raise ServeError(500, ev[1], kind="server_error")
-            remaining -= ev[0] == "done"
-            yield idx, ev
+            try:  # what has arrived is taken at once; a wait (with a disconnect check) only when nothing has
+                idx, evs = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    idx, evs = await asyncio.wait_for(queue.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+            for ev in evs:
+                if ev[0] == "error":
+                    raise ServeError(500, ev[1], kind="server_error")
+                remaining -= ev[0] == "done"
+                yield idx, ev
     finally:
         for job in jobs:
             job.cancelled.set()  # no-op for finished jobs; frees the row of an abandoned one
@@ -675,7 +703,7 @@ async def chat_completions(server: Server, request):
     check_context(prompt, sampling.max_tokens, ctx)
     stream = _field(body, "stream", (bool,), False)
     usage_chunk = stream and bool((_field(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
-    jobs, queue = server.submit(m, [prompt], sampling, n)
+    jobs, queue = server.submit(m, [prompt], sampling, n, stream)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": m.name,
             "system_fingerprint": m.fingerprint}
     if stream:
@@ -734,10 +762,13 @@ async def completions(server: Server, request):
     sampling.prompt_logprobs = echo and sampling.logprobs is not None
     for p in prompts:
         check_context(p, sampling.max_tokens, ctx)
-    if _field(body, "stream", (bool,), False):
-        raise ServeError(400, "streaming /v1/completions is not supported here; use /v1/chat/completions to "
-                              "stream, or set stream false", param="stream")
-    jobs, queue = server.submit(m, prompts, sampling, n)
+    stream = _field(body, "stream", (bool,), False)
+    usage_chunk = stream and bool((_field(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
+    jobs, queue = server.submit(m, prompts, sampling, n, stream)
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": m.name, "system_fingerprint": m.fingerprint}
+    if stream:
+        return _streaming(_completion_chunks(request, head, jobs, queue, prompts, usage_chunk, echo, tok))
     texts = [tok.decode(jobs[i].prompt) if echo else "" for i in range(len(jobs))]
     entries, reasons = [[] for _ in jobs], [None] * len(jobs)
     async for idx, ev in events(request, jobs, queue):
@@ -752,9 +783,24 @@ async def completions(server: Server, request):
     choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
                 "logprobs": _completion_logprobs(entries[i]) if sampling.logprobs is not None else None}
                for i in range(len(jobs))]
-    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": m.name, "system_fingerprint": m.fingerprint, "choices": choices,
-            "usage": _usage(prompts, jobs)}
+    return {**head, "choices": choices, "usage": _usage(prompts, jobs)}
+
+
+async def _completion_chunks(request, head, jobs, queue, prompts, usage_chunk, echo, tok):
+    def chunk(idx, text, info, reason=None):
+        lp = _completion_logprobs([info]) if info else None
+        return _sse({**head, "choices": [{"index": idx, "text": text, "logprobs": lp, "finish_reason": reason}]})
+    if echo:
+        for i, job in enumerate(jobs):
+            yield chunk(i, tok.decode(job.prompt), None)
+    async for idx, ev in events(request, jobs, queue):
+        if ev[0] == "token":
+            yield chunk(idx, ev[1], ev[2])
+        elif ev[0] == "done":
+            yield chunk(idx, "", None, ev[1])
+    if usage_chunk:
+        yield _sse({**head, "choices": [], "usage": _usage(prompts, jobs)})
+    yield "data: [DONE]\n\n"
 
 
 def _streaming(gen):

@@ -172,8 +172,9 @@ def test_completions_text_logprobs_and_echo(client, tiny):
     prompt = "The module provides"
     ids = tiny.tokenizer.encode(prompt)
     expected = offline_reply(tiny, ids, 12, [tiny.tokenizer.eos_id])
-    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
-    assert r.choices[0].text == expected and r.object == "text_completion" and r.usage.prompt_tokens == len(ids)
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert plain.choices[0].text == expected and plain.object == "text_completion"
+    assert plain.usage.prompt_tokens == len(ids)
     # echo + logprobs (what lm-eval's local-completions sends): the prompt's log-probabilities
     r = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
     lp = r.choices[0].logprobs
@@ -184,6 +185,13 @@ def test_completions_text_logprobs_and_echo(client, tiny):
         (ll, greedy), = scoring.loglikelihood(lm, [(ids[:i], [ids[i]])], progress=False)
         assert abs(lp.token_logprobs[i] - ll) < 1e-4
         assert greedy == (lp.token_logprobs[i] >= max(lp.top_logprobs[i].values()) - 1e-6)
+    # streamed: the same text in pieces, then one finish_reason and the usage
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
     # a batch of token-id prompts: one choice each, in order
     r = client.completions.create(model="tiny", prompt=[ids, ids[:2]], max_tokens=3, temperature=0)
     assert [c.index for c in r.choices] == [0, 1] and r.usage.prompt_tokens == len(ids) + 2
