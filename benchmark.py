@@ -1,8 +1,9 @@
-"""Benchmark a FishAI model: self-test (correctness + speed vs transformers), perplexity, generation quality.
+"""Benchmark a FishAI model: self-test (correctness + speed vs transformers), perplexity, generation quality,
+the data pipeline, the training recipe, serve.py under load, and the one GPU check.
 
-The scoring functions here (`load_lm`, `LM`, `loglikelihood`, `perplexity`) are the ONE code path used
-by benchmark.py, reference_benchmark.py, evaluate.py, quantize.py and quick_train.py, so every model
-(FishAI or any transformers causal LM) is scored the same way.
+Scoring goes through scoring.py (`load_lm`, `LM`, `loglikelihood`, `perplexity`), the ONE code path of
+benchmark.py, reference_benchmark.py, evaluate.py, quantize.py, quick_train.py and serve.py, so every
+model (FishAI or any transformers causal LM) is scored the same way. Nothing imports this file.
 
 Usage:
     # does the model build, train and decode correctly on this machine, and how fast vs transformers?
@@ -21,9 +22,15 @@ Usage:
     # data_utils.py prepare end to end vs bare encode_batch, and its peak memory at 1x and 10x the corpus
     python benchmark.py data --input books/ --tokenizer tokenizer/ --json prepare-bench.json
 
-    # the training recipe: AdamW + cosine (3 LRs) vs the default (Muon + WSD), same tiny model, data and
-    # tokens; val curves, held-out bits/byte and the tokens each needs to reach the baseline's loss (~10 min CPU)
+    # the training recipe: AdamW + cosine (LR x warmup swept, widened at an edge) vs the default (Muon +
+    # WSD), same model, data and tokens; val curves, held-out bits/byte, tokens to the baseline's loss
     python benchmark.py recipe --data ../shared/data/books --json recipe.json --report recipe.md
+
+    # serve.py under load: one stream vs 8 concurrent, time to first token, server vs generate.py
+    OMP_NUM_THREADS=1 python benchmark.py serve --configs tiny,small --json serve.json
+
+    # on a GPU: verify and measure (CUDA tests, self-test, a timed train.py run, decode, recipe)
+    python benchmark.py gpu --data ../shared/data/books --json gpu-check.json
 
 Scoring conventions (lm-evaluation-harness "loglikelihood_rolling"; README "benchmark.py" has the
 long form): every document is scored from its FIRST token after one "begin" token (BOS, else EOS:
