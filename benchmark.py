@@ -43,11 +43,13 @@ text without spaces between words (Chinese), both counted on the original text.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -249,6 +251,7 @@ def build_parser() -> common.ArgumentParser:
 
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer before torch is imported
+    common.quiet_interrupts()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -867,6 +870,61 @@ class LlamaCppDecoder:
         self.llm.close()
 
 
+class PeerCrashed(RuntimeError):
+    """A peer's native code killed its process (llama.cpp's AMX kernel: SIGSEGV on some CPUs)."""
+
+
+# the child that runs llama.cpp: one LlamaCppDecoder per batch size, a JSON request a line
+LLAMA_WORKER = r"""
+import json, sys
+cfg = json.loads(sys.argv[1])
+sys.path.insert(0, cfg["root"])
+from benchmark import LlamaCppDecoder
+decoders = {b: LlamaCppDecoder(cfg["gguf"], b, cfg["length"], cfg["threads"], cfg["has_vocab"]) for b in cfg["batches"]}
+print("ready", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    print(json.dumps(decoders[len(req["prompts"])].generate(req["prompts"], req["n"])), flush=True)
+"""
+
+
+class LlamaCppPeer:
+    """llama.cpp in a child process, so that a native crash (llama.cpp's AMX kernel dies with
+    SIGSEGV on some CPUs, ggml-org/llama.cpp issue 20824) fails the llama.cpp rows with its reason
+    instead of taking the whole self-test (and its JSON) down."""
+
+    def __init__(self, gguf, batches, length: int, threads: int, has_vocab: bool, worker: str = LLAMA_WORKER):
+        cfg = {"root": str(Path(__file__).resolve().parent), "gguf": str(gguf), "batches": list(batches),
+               "length": length, "threads": threads, "has_vocab": has_vocab}
+        self.proc = subprocess.Popen([sys.executable, "-c", worker, json.dumps(cfg)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._expect("ready")
+
+    def _expect(self, what: str) -> str:
+        line = self.proc.stdout.readline()
+        if line:
+            return line
+        rc = self.proc.wait(timeout=60)
+        name = signal.Signals(-rc).name if rc < 0 else f"exit {rc}"
+        tail = (self.proc.stderr.read() or "").strip().splitlines()[-1:] or [""]
+        raise PeerCrashed(f"llama.cpp crashed ({name}) before {what}" + (f": {tail[0][:160]}" if tail[0] else "") +
+                          ("; on CPUs with AMX its quantized kernel does: build llama-cpp-python without AMX "
+                           "(README, 'llama.cpp')" if rc == -signal.SIGSEGV else ""))
+
+    def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        try:
+            self.proc.stdin.write(json.dumps({"prompts": prompts, "n": n}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the child is gone: _expect says how
+        return json.loads(self._expect(f"decoding {len(prompts)} x {n} tokens"))
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=60)
+
+
 # our .bin strategy -> (the GGUF strategy of the same bit width, llama.cpp's name for it)
 QUANT_PEERS = {"fp32": ("fp16", "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0"),
                "mixed": ("mixed", "Q4_0+Q8_0+F16")}
@@ -884,20 +942,15 @@ def _quantize_cli(ckpt: Path, out: Path, strategy: str, fmt: str = "bin") -> int
     return out.stat().st_size
 
 
-def _llama_cpp_decoders(t: SelfTest, ckpt: Path, strategy: str) -> dict:
-    """{batch: LlamaCppDecoder} on the GGUF export of t.model at the bit width of `strategy`;
-    empty without llama-cpp-python or on a GPU run (the comparison is a CPU one)."""
-    try:
-        import llama_cpp  # noqa: F401  (optional: the rows are skipped without it)
-    except ImportError:
-        return {}
-    if t.cuda:
-        return {}
+def _llama_cpp_peer(t: SelfTest, ckpt: Path, strategy: str) -> LlamaCppPeer | None:
+    """llama.cpp (in its own process) on the GGUF export of t.model at the bit width of `strategy`;
+    None without llama-cpp-python or on a GPU run (the comparison is a CPU one)."""
+    if t.cuda or importlib.util.find_spec("llama_cpp") is None:
+        return None
     path = ckpt.with_name(f"{strategy}.gguf")
     _quantize_cli(ckpt, path, QUANT_PEERS[strategy][0], fmt="gguf")
-    length = t.prompt_len + t.decode_tokens
-    return {b: LlamaCppDecoder(path, b, length, torch.get_num_threads(), t.model.tokenizer is not None)
-            for b in (1, 8)}
+    return LlamaCppPeer(path, (1, 8), t.prompt_len + t.decode_tokens, torch.get_num_threads(),
+                        t.model.tokenizer is not None)
 
 
 def _quantized_model(t: SelfTest, ckpt: Path, strategy: str):
@@ -948,13 +1001,23 @@ def time_quantized(t: SelfTest, strategy: str):
         ckpt = Path(d) / "model.pt"
         save_checkpoint(ckpt, t.model, tokenizer=t.model.tokenizer)
         qm = _quantized_model(t, ckpt, strategy)
-        llama = _llama_cpp_decoders(t, ckpt, strategy)
+        llama = None
+        try:
+            llama = _llama_cpp_peer(t, ckpt, strategy)
+        except PeerCrashed as e:
+            t.check(f"llama.cpp runs the {strategy} GGUF", False, str(e), required=False)
         try:
             for batch in (1, 8):
-                _time_quantized_batch(t, qm, strategy, batch, llama.get(batch))
+                try:
+                    _time_quantized_batch(t, qm, strategy, batch, llama)
+                except PeerCrashed as e:  # our rows were timed with it: again without the peer
+                    t.check(f"llama.cpp runs the {strategy} GGUF", False, str(e), required=False)
+                    llama.close()
+                    llama = None
+                    _time_quantized_batch(t, qm, strategy, batch, None)
         finally:
-            for dec in llama.values():
-                dec.close()
+            if llama is not None:
+                llama.close()
 
 
 SPEED_BY_GROUP = {

@@ -82,6 +82,17 @@ def run_cli(fn, *args) -> int:
         return EXIT_OK
 
 
+def quiet_interrupts() -> None:
+    """A script's first call (after its flags parse, before torch loads): Ctrl-C while the heavy
+    imports run ends with the same one line and exit status as anywhere else, not a traceback."""
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print("error: interrupted; no partial output was left", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        sys.__excepthook__(kind, value, tb)
+    sys.excepthook = hook
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and appends '(default: X)' once, only where the help
     text does not already say its default and the default is a real value."""

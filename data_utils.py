@@ -372,8 +372,94 @@ def _check_messages(messages) -> None:
 
 
 def load_tokenizer(path) -> TextTokenizer:
-    """Load a tokenizer directory (tokenizer.json + tokenizer_config.json) or a tokenizer.json file."""
+    """Load a tokenizer directory (tokenizer.json + tokenizer_config.json), a tokenizer.json file, or
+    the tokenizer a FishAI checkpoint (.pt) embeds. Any other model file is refused with what it is."""
+    p = Path(path)
+    if p.is_file() and p.name != "tokenizer.json":
+        kind = binary_kind(p)
+        if kind == "zip":
+            return _checkpoint_tokenizer(p)
+        if kind:
+            raise DataError(f"{p} is {BINARY_KINDS[kind][0]}, not a tokenizer: pass the tokenizer directory "
+                            "(tokenizer_train.py's --output-dir, or a prepared dataset's tokenizer/)")
     return TextTokenizer.from_dir(path)
+
+
+def _checkpoint_tokenizer(path: Path) -> TextTokenizer:
+    """The tokenizer embedded in a FishAI .pt checkpoint (train.py saves it there)."""
+    import torch  # lazy: only a checkpoint needs it
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable or unsafe: one line
+        raise DataError(f"{path}: a zip file that is not a readable FishAI checkpoint ({str(e).splitlines()[0]}); "
+                        "pass the tokenizer directory") from None
+    data = ckpt.get("tokenizer") if isinstance(ckpt, dict) else None
+    if not data:
+        raise DataError(f"{path}: the checkpoint embeds no tokenizer; pass the tokenizer directory it was "
+                        "trained with (tokenizer_train.py's --output-dir)")
+    return TextTokenizer.from_dict(data)
+
+
+# The project's own binary formats, by their first bytes: what each is, and what to pass instead
+BINARY_KINDS = {
+    "tokens": ("a prepared token file (data_utils.py prepare)",
+               "pass its folder, {parent}, where a prepared dataset is expected (e.g. train.py --data {parent})"),
+    "quantized": ("a quantized model (quantize.py)", "pass it as --model to generate.py, evaluate.py or serve.py"),
+    "zip": ("a zip archive (a PyTorch checkpoint?)", "pass it as --model / --init-from, not as text"),
+    "safetensors": ("a safetensors weights file", "pass its HF model directory as --model"),
+    "gguf": ("a GGUF model (llama.cpp)", "load it with llama.cpp; it is not training text"),
+    "parquet": ("a parquet file", "give it a .parquet extension so that it is read as parquet"),
+}
+MAX_UNDECODABLE = 0.01  # a "text" file with more undecodable bytes than this share is refused
+
+
+def binary_kind(path: Path) -> str | None:
+    """Which of BINARY_KINDS a file is, from its first bytes (None: none of them)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head.startswith(b"FISHTOK\x00"):
+        return "tokens"
+    if head.startswith(b"FISHAIQ\x00"):
+        return "quantized"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    return None
+
+
+def check_not_binary(path: Path) -> None:
+    """Refuse one of the project's own binary formats passed as text, saying what to pass instead."""
+    kind = binary_kind(path)
+    if kind:
+        what, fix = BINARY_KINDS[kind]
+        raise DataError(f"{path} is {what}, not text: {fix.format(parent=str(path.parent) + os.sep)}")
+
+
+def check_text_file(path: Path, probe: int = 1 << 20) -> None:
+    """Refuse a file that is not text before a single document of it is read: one of the project's
+    own formats (with what to pass instead) or anything mostly undecodable as UTF-8."""
+    check_not_binary(path)
+    with open(path, "rb") as f:
+        raw = f.read(probe)
+    if not raw:
+        return
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if len(raw) == probe:  # a character cut at the end of the probe is not an error
+        bad = max(0, bad - 1)
+    share = bad / max(1, len(text))
+    if share > MAX_UNDECODABLE:
+        raise DataError(f"{path}: {share:.1%} of its first {len(raw):,} bytes are not UTF-8 text (more than "
+                        f"{MAX_UNDECODABLE:.0%}): pass UTF-8 text (.txt/.md/.jsonl/.parquet); text in another "
+                        f"encoding converts with: iconv -f LATIN1 -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,11 +494,25 @@ def _open_text(path: Path):
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
 
 
+ONE_BLOCK_LINES = 100  # a .txt of this many lines and no blank one is likely one sentence per line
+
+
+def one_block_note(stats: dict) -> str | None:
+    """The note for text files read as one document (no blank line in many lines), or None."""
+    files = stats.get("one_block_files") or []
+    if not files:
+        return None
+    return (f"{files[0]}{f' and {len(files) - 1} more' if len(files) > 1 else ''}: no blank line in "
+            f"{ONE_BLOCK_LINES}+ lines, so read as ONE document; if it holds one sentence or document per line, "
+            "pass --txt-mode line")
+
+
 def _iter_txt(path: Path, mode: str, stats: dict | None) -> Iterator[str]:
     """txt: one document per blank-line-separated block ("block", default), per line ("line")
     or the whole file ("file")."""
+    check_text_file(path)
     before = _BAD_UTF8[0]
-    n = 0
+    n = lines = 0
     with _open_text(path) as f:
         if mode == "file":
             text = f.read()
@@ -428,6 +528,7 @@ def _iter_txt(path: Path, mode: str, stats: dict | None) -> Iterator[str]:
         else:
             block: list[str] = []
             for line in f:
+                lines += 1
                 if line.strip():
                     block.append(line)
                 elif block:
@@ -440,6 +541,8 @@ def _iter_txt(path: Path, mode: str, stats: dict | None) -> Iterator[str]:
     _bump(stats, "bad_utf8_bytes", _BAD_UTF8[0] - before)
     if n == 0:
         _bump(stats, "empty_files")
+    elif n == 1 and mode == "block" and stats is not None and lines >= ONE_BLOCK_LINES:
+        stats.setdefault("one_block_files", []).append(str(path))
 
 
 def iter_jsonl(path, skip_bad_lines: bool = False, stats: dict | None = None,
@@ -603,6 +706,17 @@ def _expand_files(source: str) -> list[Path]:
                     f"hf:NAME[:CONFIG][:SPLIT] or python-docs)")
 
 
+TXT_MODES = ("block", "line", "file")
+
+
+def add_text_format_flags(p, data_flag: str = "--data") -> None:
+    """--text-key and --txt-mode, the same two flags wherever raw text is read."""
+    p.add_argument("--text-key", default="text", help="jsonl field / parquet column / HF field with the text")
+    p.add_argument("--txt-mode", choices=TXT_MODES, default="block",
+                   help=f"how .txt {data_flag} splits into documents: blank-line blocks, one per line (a "
+                        "one-sentence-per-line corpus), or one per file")
+
+
 def iter_documents(source, text_key: str = "text", skip_bad_lines: bool = False, stats: dict | None = None,
                    txt_mode: str = "block") -> Iterator[str]:
     """Yield documents (str) from a source, streaming.
@@ -624,7 +738,7 @@ def iter_documents(source, text_key: str = "text", skip_bad_lines: bool = False,
     if source.startswith("hf:"):
         yield from _iter_hf(source, text_key, stats)
         return
-    if txt_mode not in ("block", "line", "file"):
+    if txt_mode not in TXT_MODES:
         raise DataError(f"txt_mode must be block, line or file (got {txt_mode!r})")
     for path in _expand_files(source):
         _bump(stats, "files")
@@ -1666,6 +1780,18 @@ def tokenize_stream(mixer, tok: TextTokenizer, sinks: dict, *, val_fraction: flo
     return counts
 
 
+def check_sources(sources) -> None:
+    """Before a progress bar starts: every local text file behind `sources` exists and is not one of
+    the project's binary formats (16 bytes read per file; the UTF-8 share is checked as each is read)."""
+    for s in sources:
+        if isinstance(s, (list, tuple)):
+            check_sources(s)
+        elif isinstance(s, (str, os.PathLike)) and str(s) != "python-docs" and not str(s).startswith("hf:"):
+            for f in _expand_files(str(s)):
+                if f.suffix.lower() not in JSONL_EXTS + PARQUET_EXTS:
+                    check_not_binary(f)
+
+
 def _input_bytes(sources) -> int | None:
     """Size of the local files behind `sources` (for the progress bar's percent and time left);
     None when a source is a stream (hf:, python-docs, an iterable) whose size is unknown."""
@@ -1725,7 +1851,7 @@ def make_mixer(inputs, mix, *, filter=None, text_key="text", skip_bad_lines=Fals
 
 
 def tokenize_documents(source, tokenizer: TextTokenizer, *, val_fraction: float = 0.0, max_tokens: int | None = None,
-                       text_key: str = "text", show_progress: bool = True) -> dict:
+                       text_key: str = "text", show_progress: bool = True, txt_mode: str = "block") -> dict:
     """Raw text (anything iter_documents reads, or a list of strings) -> {"train": ids, "val":
     ids} in memory, through the same loop as prepare (tokenize_stream): EOS after every document,
     val by the hold-out rule, at most about max_tokens tokens read (bounds HF streams)."""
@@ -1733,10 +1859,11 @@ def tokenize_documents(source, tokenizer: TextTokenizer, *, val_fraction: float 
         raise DataError("tokenizer has no <|endoftext|> token; re-train it with tokenizer_train.py")
     if isinstance(source, (str, os.PathLike)):
         inputs, mix = [source], None
+        check_sources(inputs)
     else:  # documents in memory: a callable source is read as it is (no iter_documents)
         docs = list(source)
         inputs, mix = None, {"input": (1.0, lambda epoch: iter(docs))}
-    mixer, *_ = make_mixer(inputs, mix, text_key=text_key, target_tokens=max_tokens,
+    mixer, *_ = make_mixer(inputs, mix, text_key=text_key, target_tokens=max_tokens, txt_mode=txt_mode,
                            count_tokens=lambda t: len(tokenizer.encode(t)))
     sinks = {"train": TokenBuffer(tokenizer.vocab_size), "val": TokenBuffer(tokenizer.vocab_size)}
     bar = _progress_bar(show_progress, None)
@@ -1787,6 +1914,7 @@ def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | Non
              if isinstance(x, (str, os.PathLike))]
     check_output_apart(out, named, "--output", "--mix" if mix else "--input")
     check_replaceable_dir(out, PREPARED_NAMES, overwrite, "--output", "a prepared dataset")  # before any work
+    check_sources(named)
     t0 = time.time()
     with atomic_dir(out, overwrite, "--output", owns=PREPARED_NAMES, what="a prepared dataset") as tmp:
         writers = {s: TokenFileWriter(tmp / f"{s}.bin", tok.vocab_size, eos_id=tok.eos_id) for s in ("train", "val")}
@@ -1856,6 +1984,8 @@ def format_prepare_summary(meta: dict, mixer: DataMixer | None = None, flt: Data
         lines.append(f"  note: {rs['bad_lines']} bad jsonl lines skipped")
     if rs.get("empty_files"):
         lines.append(f"  note: {rs['empty_files']} empty file(s)")
+    if one_block_note(rs):
+        lines.append(f"  note: {one_block_note(rs)}")
     if flt is not None:
         lines.append("  " + flt.format_report())
     if mixer is not None and (len(mixer.names) > 1 or mixer.exhausted or mixer.upsample):
@@ -1964,8 +2094,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--target-docs", type=size_flag, default=None, help="stop after this many documents (e.g. 100K)")
     pp.add_argument("--upsample", action="store_true", help="re-read sources that run out before the target (epochs reported)")
     pp.add_argument("--seed", type=int, default=0, help="mixing seed")
-    pp.add_argument("--text-key", default="text", help="jsonl field / parquet column with the text")
-    pp.add_argument("--txt-mode", choices=["block", "line", "file"], default="block", help="how .txt files split into documents")
+    add_text_format_flags(pp, "--input")
     pp.add_argument("--skip-bad-lines", action="store_true", help="skip jsonl lines that are not JSON or lack the text field")
     add_overwrite_flag(pp, "a non-empty --output directory")
     pp.add_argument("--workers", type=int_flag(1), default=None, help="encode threads (unset: all cores)")

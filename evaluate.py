@@ -146,6 +146,7 @@ def build_parser() -> common.ArgumentParser:
 
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer before torch is imported
+    common.quiet_interrupts()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

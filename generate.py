@@ -49,7 +49,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
 import common
@@ -103,6 +102,7 @@ def build_parser() -> common.ArgumentParser:
 
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer before torch is imported
+    common.quiet_interrupts()
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402

@@ -47,6 +47,7 @@ def build_parser() -> common.ArgumentParser:
 
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer before torch is imported (3 s here)
+    common.quiet_interrupts()
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -1216,7 +1217,14 @@ def save_hf(model, out_dir, tokenizer=None, overwrite=False, model_card: str | N
     m = unwrap(model)
     tokenizer = tokenizer or m.tokenizer
     with atomic_dir(out_dir, overwrite, flag="--output", owns=is_hf_output, what="an HF model directory") as tmp:
-        to_hf(m).save_pretrained(tmp, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar for one small file
+        try:
+            to_hf(m).save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         if tokenizer is not None:
             tokenizer.save(tmp)
         if model_card:

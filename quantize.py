@@ -95,6 +95,7 @@ def build_parser() -> common.ArgumentParser:
 
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer before torch is imported
+    common.quiet_interrupts()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -785,7 +786,13 @@ def export(args) -> dict:
     eval_texts = load_eval_texts(args.eval_data, args.limit) if args.eval_data else None
     report = {"source": str(src), "output": str(out), "format": fmt, "strategy": strategy,
               "group_size": args.group_size, "model_config": gpt.config.to_dict(),
-              "date": time.strftime("%Y-%m-%d"), "calibration": None}
+              "date": time.strftime("%Y-%m-%d"), "calibration": None, "source_quantized": None}
+    if src.is_file() and data_utils.binary_kind(src) == "quantized":
+        header, _ = quantized.read_quantized(src, verify=False)
+        report["source_quantized"] = header.get("strategy") or "quantized"
+        print(f"warning: {src} is already quantized ({report['source_quantized']}): the export starts from its "
+              f"dequantized weights, and every error below is measured against those, not against the original "
+              f"float weights (quantize the .pt checkpoint for that)", file=sys.stderr)
     t0 = time.time()
     rows, size = _EXPORTS[fmt](gpt, args, strategy, out, report)
     report["seconds"] = time.time() - t0

@@ -45,7 +45,6 @@ run that fails or is interrupted removes what it wrote.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -93,6 +92,15 @@ class QuickTrainError(common.FishAIError):
     """Bad input; main() prints it as one line and exits with EXIT_USAGE (2)."""
 
 
+class RoundInterrupted(Exception):
+    """Ctrl-C (or SIGTERM) stopped a training round after it saved its state: the run directory is
+    kept, and quick_train_command says how to continue the round."""
+
+    def __init__(self, round_no: int, round_dir: Path, step: int, signal_name: str):
+        super().__init__(f"{signal_name} during round {round_no}")
+        self.round_no, self.round_dir, self.step = round_no, round_dir, step
+
+
 class QuickTrainFailed(QuickTrainError):
     """The job ran but produced no usable model: exit EXIT_FAILED (1)."""
 
@@ -105,7 +113,7 @@ def build_parser() -> common.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="training text: file/dir/glob (txt, jsonl, parquet), hf:NAME[:CONFIG[:SPLIT]] or "
                         "python-docs (Python's bundled documentation: no download)")
-    p.add_argument("--text-key", default="text", help="field with the text in jsonl/parquet/HF data")
+    data_utils.add_text_format_flags(p)
     p.add_argument("--test-data", default=None,
                    help="benchmark texts: wikitext103[:PATH], wikitext2[:PATH], ptb[:PATH] or a text source; "
                         f"default: WikiText-103 test for the default --data, else {TEST_FRACTION * 100:g}%% of the "
@@ -172,6 +180,7 @@ def _add_training_flags(g) -> None:
 
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer before torch is imported
+    common.quiet_interrupts()
 
 import torch  # noqa: E402
 
@@ -226,14 +235,14 @@ class Corpus:
     rule, and the test set is the first test documents."""
 
     def __init__(self, source: str, text_key: str, val_fraction: float, test_fraction: float,
-                 max_bytes: int | None):
-        self.source, self.text_key, self.max_bytes = source, text_key, max_bytes
+                 max_bytes: int | None, txt_mode: str = "block"):
+        self.source, self.text_key, self.max_bytes, self.txt_mode = source, text_key, max_bytes, txt_mode
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
     def documents(self, epoch: int = 0):
         """The stream (the epoch argument makes it a DataMixer source)."""
         budget = self.max_bytes
-        for doc in data_utils.iter_documents(self.source, text_key=self.text_key):
+        for doc in data_utils.iter_documents(self.source, text_key=self.text_key, txt_mode=self.txt_mode):
             yield doc
             if budget is not None:
                 budget -= len(doc.encode("utf-8"))
@@ -260,7 +269,7 @@ class Corpus:
 def open_corpus(args) -> Corpus:
     """The --data stream; the default HF dataset fails fast and clearly when it cannot be reached."""
     try:
-        first = next(iter(data_utils.iter_documents(args.data, text_key=args.text_key)), None)
+        first = next(iter(data_utils.iter_documents(args.data, text_key=args.text_key, txt_mode=args.txt_mode)), None)
     except data_utils.DataError:
         if _is_default_wikitext(args.data):
             raise QuickTrainError(offline_message(args.data)) from None
@@ -269,7 +278,8 @@ def open_corpus(args) -> Corpus:
         raise QuickTrainError(f"--data {args.data}: no documents found")
     held_out = args.test_data is None and not _is_default_wikitext(args.data)
     max_bytes = None if args.max_data_mb is None else int(args.max_data_mb * 1e6)
-    return Corpus(args.data, args.text_key, args.val_fraction, TEST_FRACTION if held_out else 0.0, max_bytes)
+    return Corpus(args.data, args.text_key, args.val_fraction, TEST_FRACTION if held_out else 0.0, max_bytes,
+                  args.txt_mode)
 
 
 def load_test_texts(spec: str | None, corpus: Corpus, data: str, text_key: str,
@@ -411,8 +421,9 @@ def undertrained_message(job: Job, steps: int, verb: str = "left time for") -> s
     return (f"the model is undertrained: the --time-budget of {job.budget:g} s {verb} {steps} of the "
             f"{job.planned_steps} planned steps ({steps / max(job.planned_steps, 1):.0%}, under "
             f"{UNDERTRAINED_SHARE:.0%}) on this machine, so expect a weak model and poor samples. To train all "
-            f"{job.planned_steps} steps pass --time-budget 0 (or a larger budget); on a busy machine "
-            "OMP_NUM_THREADS=1 (fewer threads) often trains faster")
+            f"{job.planned_steps} steps pass --time-budget 0 (or a larger budget)"
+            + ("" if os.environ.get("OMP_NUM_THREADS") else "; on a busy machine OMP_NUM_THREADS=1 (fewer threads) "
+               "often trains faster"))
 
 
 def undertrained(job: Job, rounds: list[dict]) -> str | None:
@@ -566,8 +577,7 @@ def run_round(job: Job, r: int, settings: dict, init_from: Path | None, step_off
     if summary.get("lr") is not None:
         ran["lr"] = summary["lr"]  # train.py's own account of the peak LR it ran with
     if summary.get("interrupted"):
-        job.log(f"interrupted ({summary['interrupted']}) during round {r}")
-        raise KeyboardInterrupt  # run_cli: exit 130; quick_train removes the partial run
+        raise RoundInterrupted(r, job.out / f"round{r}", summary["steps"], summary["interrupted"])
     if summary.get("stopped_by") == "max_time":
         job.decide(f"round {r}: stopped at step {summary['steps']} of {settings['max_steps']} to stay within "
                    f"--time-budget {job.budget:g} s (this machine was slower than measured)")
@@ -807,6 +817,8 @@ def quick_train(args) -> dict:
     created = open_output_dir(job.out, args.overwrite, args.data)
     try:
         return _pipeline(job)
+    except RoundInterrupted:
+        raise  # the round saved its state: the run is kept and can be continued
     except BaseException:
         remove_partial_run(job, created)
         raise
@@ -837,13 +849,19 @@ def _pipeline(job: Job) -> dict:
     if rep["undertrained"]:
         job.log(f"warning: {rep['undertrained']}")
     for s in rep["samples"]:
-        print(f"[sample] {s['prompt']}{s['completion']!r}")
+        print(f"[sample] {s['prompt']!r} -> {s['completion']!r}")
     return rep
 
 
 def quick_train_command(args) -> int:
     try:
         quick_train(args)
+    except RoundInterrupted as e:
+        latest = e.round_dir / train.LATEST_NAME
+        print(f"interrupted in round {e.round_no}: kept {args.output_dir} with the round's state at step {e.step} "
+              f"({latest}); continue that round with `python train.py --resume {latest} --output-dir "
+              f"{e.round_dir}`, or start over with quick_train.py --overwrite", file=sys.stderr, flush=True)
+        return common.EXIT_INTERRUPTED
     except QuickTrainFailed as e:  # the job ran but produced no usable model: not a usage error
         print(f"error: {common.one_line(e)}", file=sys.stderr, flush=True)
         return common.EXIT_FAILED

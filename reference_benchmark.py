@@ -54,6 +54,7 @@ def build_parser() -> common.ArgumentParser:
 
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer before torch is imported
+    common.quiet_interrupts()
 
 import torch  # noqa: E402
 

@@ -27,7 +27,6 @@ tokens/word for text with spaces between words or characters/token for text with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -52,9 +51,7 @@ def build_parser() -> common.ArgumentParser:
                    help="total vocabulary incl. 256 bytes and special tokens")
     p.add_argument("--output-dir", default="tokenizer", help="where tokenizer.json etc. are written")
     p.add_argument("--min-frequency", type=common.int_flag(0), default=2, help="minimum pair count for a merge")
-    p.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
-    p.add_argument("--txt-mode", choices=["block", "line", "file"], default="block",
-                   help="how .txt files split into documents")
+    data_utils.add_text_format_flags(p)
     p.add_argument("--max-bytes", type=_positive_size, default=None,
                    help="stop reading after this many bytes (e.g. 500M, 2G); default: read everything")
     p.add_argument("--holdout-every", type=_holdout_every, default=50,
@@ -107,6 +104,7 @@ class _Reader:
         self.held_docs = self.held_bytes = 0
         self.held: list[str] = []
         self.sample: list[str] = []
+        self.single_document = False
 
     def __iter__(self) -> Iterator[str]:
         t0 = last = time.monotonic()
@@ -127,6 +125,16 @@ class _Reader:
             if len(self.sample) < SAMPLE_DOCS:
                 self.sample.append(text)
             yield text
+        if self.train_docs == 0 and self.held_docs == 1 and self.held:
+            # one document (a file with no blank lines, a single text): train on it after all, and
+            # measure the compression on its last 5% (cut at a line), which the trainer never sees
+            text = self.held[0]
+            cut = text.rfind("\n", 0, int(len(text) * 0.95)) + 1 or int(len(text) * 0.95)
+            head, tail = text[:cut], text[cut:]
+            self.held, self.single_document = ([tail] if tail.strip() else []), True
+            self.held_docs, self.train_docs, self.train_bytes = len(self.held), 1, len(head.encode("utf-8"))
+            self.sample = [head[:100_000]]
+            yield head
         if self.log is not None:
             self.log(self._progress(t0, "read") + "; computing the merges")
 
@@ -220,7 +228,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir, *, min_fr
         "train_bytes": reader.train_bytes,
         "held_out_docs": reader.held_docs,
         "train_time_s": round(train_time, 3),
-        "compression_on": "held-out slice" if reader.held else "training sample (no held-out docs)",
+        "compression_on": ("the last 5% of the one document (never trained on)" if reader.single_document and reader.held
+                           else "held-out slice" if reader.held else "training sample (no held-out docs)"),
         "compression": compression_stats(text_tok, reader.held or reader.sample),
         "hash": text_tok.hash,
     }
@@ -257,6 +266,8 @@ def tokenizer_command(args) -> None:
         print(f"  note: {stats['bad_utf8_bytes']} undecodable bytes were replaced by U+FFFD")
     if stats.get("bad_lines"):
         print(f"  note: {stats['bad_lines']} bad jsonl lines skipped")
+    if data_utils.one_block_note(stats):
+        print(f"  note: {data_utils.one_block_note(stats)}")
     common.write_outputs(args, report, say=False)
 
 

@@ -139,6 +139,7 @@ RESUME_LOCKED = {
     "data": "the saved data position is a position in that data",
     "val_data": "the best val loss so far was measured on it",
     "text_key": "the saved data position is a position in that data",
+    "txt_mode": "the saved data position is a position in that data",
     "max_data_tokens": "the saved data position is a position in that data",
     "stage": "the loss and the data format follow it",
     "init_from": "the run's weights started from that checkpoint",
@@ -203,7 +204,7 @@ def _add_model_flags(g) -> None:
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer dir (tokenizer_train.py) for raw --data; a prepared dir's own tokenizer/ "
                         "is used when omitted; with --init-from/--resume the checkpoint's tokenizer is used")
-    g.add_argument("--text-key", default="text", help="field holding the text in jsonl/parquet/HF data")
+    data_utils.add_text_format_flags(g)
     g.add_argument("--max-data-tokens", type=common.size_flag, default=None, metavar="N",
                    help="stop tokenizing raw --data after about this many tokens, e.g. 50M (bounds HF streams)")
     g.add_argument("--init-from", default=None,
@@ -336,13 +337,14 @@ def given_flags(args: argparse.Namespace) -> frozenset:
 
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and bad flags answer before torch is imported
+    common.quiet_interrupts()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model import (GPT, IGNORE_INDEX, CheckpointError, ModelConfig, configure_optimizers, device_peak_flops,  # noqa: E402
-                   estimate_mfu, fit_prompt, generate_samples, get_config, load_checkpoint, load_state_checked, save_checkpoint, unwrap,
-                   weight_decay_split)
+from model import (GPT, IGNORE_INDEX, CheckpointError, ModelConfig, configure_optimizers,  # noqa: E402
+                   device_peak_flops, estimate_mfu, fit_prompt, generate_samples, get_config, load_checkpoint,
+                   load_model, load_state_checked, save_checkpoint, unwrap, weight_decay_split)
 
 
 # ----------------------------------------------------------------------------- schedule / rng
@@ -769,9 +771,7 @@ def resolve_start(args: argparse.Namespace, dist: Distributed, log) -> RunStart:
         raise TrainError("--stage sft needs --init-from CHECKPOINT (a pretrained model and its tokenizer)")
     init = None
     if ckpt is None and args.init_from:
-        if not os.path.exists(args.init_from):
-            raise TrainError(f"--init-from {args.init_from}: no such checkpoint")
-        init = load_checkpoint(args.init_from)
+        init = load_init_weights(args.init_from, log)
     source = ckpt or init
     tokenizer = resolve_tokenizer(args, source, resume_path or args.init_from)
     cfg, config_name = resolve_config(args, ckpt, init, tokenizer, resume_path)
@@ -852,9 +852,32 @@ def find_resume_checkpoint(args, out: Path, dist: Distributed, log) -> Path | No
     return path
 
 
+def load_init_weights(path: str, log) -> dict:
+    """--init-from: the weights (config, state, tokenizer, stage) of any model file load_model reads:
+    a .pt checkpoint as it is; a quantized .bin dequantized to float weights, and an HF Llama
+    directory converted (each with a note: training continues from those weights)."""
+    p = Path(path)
+    if not p.exists():
+        raise TrainError(f"--init-from {path}: no such checkpoint, .bin or HF directory")
+    if p.is_file() and data_utils.binary_kind(p) != "quantized":
+        return load_checkpoint(path)
+    gpt = load_model(p, dequantize=True)
+    log(f"note: --init-from {path}: " + ("a quantized export, dequantized to float weights (its rounding stays in "
+                                         "them)" if p.is_file() else "an HF Llama directory, converted") +
+        "; training starts from there with a fresh optimizer")
+    return {"config": gpt.config.to_dict(), "model": {k: v.detach().float() for k, v in gpt.state_dict().items()},
+            "tokenizer": gpt.tokenizer.to_dict() if gpt.tokenizer is not None else None,
+            "extra": {"stage": gpt.stage}, "step": "?"}
+
+
 def load_resume_checkpoint(path: Path) -> dict:
     """Read the checkpoint to resume; when it is unreadable, the error names fishai-best.pt (beside
     it) as the way out: a new run from the best weights."""
+    if path.is_dir() or data_utils.binary_kind(path) == "quantized":
+        kind = "an HF model directory" if path.is_dir() else "a quantized export (quantize.py)"
+        raise TrainError(f"--resume {path}: {kind} holds weights only (no optimizer, schedule or data position), "
+                         f"so no run can continue from it; start a new run from its weights with --init-from "
+                         f"{path} --output-dir NEW_DIR")
     try:
         ckpt = load_checkpoint(str(path))
     except CheckpointError as e:
@@ -915,7 +938,33 @@ def resumed_args(args: argparse.Namespace, ckpt: dict, path: Path, log) -> argpa
     step = int(ckpt.get("step", 0))
     if merged.max_steps < step:
         raise TrainError(f"--resume {path}: the checkpoint is at step {step} already; give --max-steps >= {step}")
+    note = lr_jump_note(saved, merged, step, path)
+    if note:
+        log(note)
     return merged
+
+
+SCHEDULE_KEYS = ("lr", "warmup", "max_steps", "schedule", "decay_frac", "min_lr_ratio")
+
+
+def lr_jump_note(saved: dict, merged: argparse.Namespace, step: int, path: Path) -> str | None:
+    """A line when the resumed schedule moves the LR at the step the run continues from: the last
+    step's LR under the saved settings against the next step's under the new ones (a finished WSD
+    run resumed with a larger --max-steps jumps back up: its decay restarts later)."""
+    if step == 0 or any(saved.get(k) is None for k in SCHEDULE_KEYS) or \
+            all(saved[k] == getattr(merged, k) for k in SCHEDULE_KEYS):
+        return None
+    before = build_schedule(argparse.Namespace(**{k: saved[k] for k in SCHEDULE_KEYS})).lr_at(step - 1)
+    after = build_schedule(merged).lr_at(step)
+    if abs(after - before) <= 0.05 * max(before, 1e-12):
+        return None
+    note = f"changed on resume: the LR at step {step} goes from {before:.3g} (the last step's) to {after:.3g}"
+    stable = path.parent / STABLE_NAME
+    if saved.get("schedule") == "wsd" and after > before and path.name != STABLE_NAME:
+        note += (f"; a WSD run is extended without a jump from {stable} (--resume {stable} --max-steps "
+                 f"{merged.max_steps}): its decay then starts over from the stable LR" if stable.exists() else
+                 "; a WSD run is extended without a jump from its fishai-stable.pt")
+    return note
 
 
 def _default_data(args, log) -> None:
@@ -1027,7 +1076,8 @@ def load_pretrain_tokens(args, tokenizer, show_progress: bool, model_vocab: int)
 
 def _tokenize(source, args, tokenizer, val_fraction, show_progress) -> dict:
     return data_utils.tokenize_documents(source, tokenizer, val_fraction=val_fraction, max_tokens=args.max_data_tokens,
-                                 text_key=args.text_key, show_progress=show_progress)
+                                         text_key=args.text_key, show_progress=show_progress,
+                                         txt_mode=getattr(args, "txt_mode", "block"))
 
 
 def _prepared_tokens(args, tokenizer, show_progress, model_vocab):
@@ -1066,7 +1116,8 @@ def load_sft_conversations(args, world_size: int = 1):
     """Chat conversations -> (train, val): --val-data when given, else the hold-out rule over the
     conversations (HOLDOUT_RULE); with too few for a split the training set doubles as val."""
     if is_prepared_dir(args.data):
-        raise TrainError(f"--stage sft --data {args.data}: expected a chat .jsonl file, got a prepared dir")
+        raise TrainError(f"--stage sft --data {args.data}: a prepared dir keeps no assistant mask, so SFT reads the "
+                         "chat .jsonl itself: pass --data chats.jsonl (the file you prepared from)")
     convs = data_utils.read_sft_jsonl(args.data)
     if args.val_data:
         return convs, data_utils.read_sft_jsonl(args.val_data)
@@ -1416,7 +1467,8 @@ def plot_losses(series: list[dict], path) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # (a run stopped before its first log line has no curve yet)
+        ax.legend()
     fig.tight_layout()
     try:
         common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
@@ -1631,7 +1683,7 @@ def stop_reason(run: TrainRun, state: TrainState, stop: "StopFlag", signalled: b
         run.say(f"--stop-at {args.stop_at}: saved {latest} at step {state.step}; continue with --resume auto")
         return "stop_at"
     if timed_out and state.step < args.max_steps:
-        run.say(f"--max-time {args.max_time:g} s reached at step {state.step}/{args.max_steps}: saved {latest}; "
+        run.say(f"--max-time {args.max_time:.0f} s reached at step {state.step}/{args.max_steps}: saved {latest}; "
                 "continue with --resume auto")
         return "max_time"
     return None
@@ -1731,6 +1783,8 @@ def train(args: argparse.Namespace) -> dict:
         run = build_run(start, dist, device, out, say, t_start)
         state = restore_state(run, start.ckpt)
         describe_run(run, start, state)
+        if start.ckpt is not None and state.step >= run.args.max_steps:
+            say(already_finished(run, start, state))
         run.metrics = MetricsLog(out / METRICS_NAME, dist.master, state.step if start.ckpt is not None else None)
         run.wandb = WandbLogger(run.args, run.args.wandb and dist.master, {**run.train_args,
                                 "model_config": start.cfg.to_dict()}, out)
@@ -1777,6 +1831,14 @@ def build_run(start: RunStart, dist: Distributed, device, out: Path, say: Printe
     return run
 
 
+def already_finished(run: TrainRun, start: RunStart, state: TrainState) -> str:
+    stable = run.out / STABLE_NAME
+    how = (f"--resume {stable} --max-steps MORE (the WSD decay moves to the new end: no LR jump)" if stable.exists()
+           else "--resume auto --max-steps MORE")
+    return (f"the run in {run.out} had already finished at step {state.step} (--max-steps {run.args.max_steps}): "
+            f"nothing to train; to train longer: {how}")
+
+
 def describe_run(run: TrainRun, start: RunStart, state: TrainState) -> None:
     args, cfg, tok, say = run.args, start.cfg, start.tokenizer, run.say
     if start.ckpt is not None:
@@ -1812,7 +1874,7 @@ def finish_run(run: TrainRun, state: TrainState, reason: str | None) -> dict:
     if run.dist.master:
         note = plot_losses([{"metrics": read_metrics(out / METRICS_NAME)}], out / LOSS_CURVE_NAME)
         run.say(f"note: {note}" if note else f"loss curve: {out / LOSS_CURVE_NAME}")
-    best_txt = None if state.best_val_loss is None else round(state.best_val_loss, 4)
+    best_txt = "none yet" if state.best_val_loss is None else f"{state.best_val_loss:.4f}"
     run.say(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {elapsed:.1f}s; best val loss "
             f"{best_txt}; checkpoints in {out}")
     return summary

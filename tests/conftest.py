@@ -63,6 +63,52 @@ def run_script(script: str, *args, stdin: str | None = None, timeout: int = 300,
                           input=stdin, timeout=timeout, env=e, cwd=ROOT)
 
 
+def assert_parser_refuses(main, argv, flag, capsys):
+    """main(argv) with one bad flag value: argparse's exit 2 and one line naming the flag."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: argument {flag}"), lines
+
+
+def in_child_process(fn):
+    """Run a test that calls into a native peer (llama.cpp) in a forked child: a native crash (its
+    AMX kernel's SIGSEGV on some CPUs) fails that one test with the reason instead of killing pytest."""
+    import functools
+    import multiprocessing
+    import signal
+    import traceback
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = multiprocessing.get_context("fork")
+        result = ctx.SimpleQueue()
+
+        def child():
+            try:
+                fn(*args, **kwargs)
+                result.put(None)
+            except pytest.skip.Exception as e:  # a skip (peer not installed) stays a skip
+                result.put(("skip", str(e)))
+            except BaseException:  # noqa: BLE001 - the failure travels back to the parent
+                result.put(("fail", traceback.format_exc()))
+        p = ctx.Process(target=child)
+        p.start()
+        p.join(600)
+        if p.exitcode is None:
+            p.kill()
+            pytest.fail("the test's child process did not finish in 600 s")
+        if p.exitcode < 0:
+            pytest.fail(f"the native peer crashed ({signal.Signals(-p.exitcode).name}); llama.cpp's AMX kernel "
+                        "does on some CPUs: build llama-cpp-python without AMX (README, 'llama.cpp')")
+        outcome = None if result.empty() else result.get()
+        if outcome and outcome[0] == "skip":
+            pytest.skip(outcome[1])
+        if outcome:
+            pytest.fail(outcome[1], pytrace=False)
+    return wrapper
+
+
 @pytest.fixture(scope="session")
 def gpu():
     """The device of the CUDA tests: "cuda", or "cpu" for their dry run."""

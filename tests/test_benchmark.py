@@ -2,21 +2,19 @@
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import benchmark as B
 import common
-import data_utils as du
 import scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+from conftest import in_child_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +122,31 @@ def test_self_test_checks_pass_and_speed_is_measured(tiny_config):
     # every table row keeps its 3 cells: the "|" in "max |logit diff|" is escaped
     rows = [line for line in md.splitlines() if line.startswith("| KV cache")]
     assert len(rows) == 2 and all(line.replace("\\|", "").count("|") == 4 for line in rows)
+
+
+def ticking_clock(step: float = 1.0):
+    """A clock that advances `step` seconds a reading: every timed run then takes exactly `step`, so
+    a speed row must be exactly its token count (the arithmetic, not this machine, is checked)."""
+    now = [0.0]
+
+    def clock():
+        now[0] += step
+        return now[0]
+    return clock
+
+
+def test_speed_rows_count_the_tokens_they_time(tiny_config):
+    t = B._build_self_test(tiny_config, "cpu", None, False, 2, 32, 4, 4, 1, True, 0, "cpu")
+    t.clock = ticking_clock(0.5)
+    for fn in B.SPEED_BY_GROUP["prefill"] + B.SPEED_BY_GROUP["decode"]:
+        fn(t)
+    sp = t.speed
+    assert sp["prefill_tok_s"]["ours"] == sp["prefill_tok_s"]["hf"] == 32 / 0.5  # seq_len 32 in 0.5 s
+    for batch in (1, 8):
+        for cache in ("", "nocache_"):
+            row = sp[f"decode_b{batch}_{cache}tok_s"]
+            assert row["ours"] == row["hf"] == batch * 4 / 0.5 and row["ratio"] == 1.0  # 4 new tokens a row
+    assert "(batch 8, KV cache, 4+4 tokens)" in sp["decode_b8_tok_s"]["label"]
 
 
 def test_self_test_cli_rejects_bad_flags(tmp_path, capsys):
@@ -271,14 +294,15 @@ def _has_llama_cpp():
 
 def test_self_test_quantized_rows(tiny_config):
     t = B._build_self_test(tiny_config, "cpu", None, False, 2, 32, 4, 4, 1, True, 0, "cpu")
+    t.clock = ticking_clock()  # each timed run: 1 s, so a row is its token count
     for strategy in B.QUANT_PEERS:
         B.time_quantized(t, strategy)
     sp = t.speed
     for strategy, (_, gguf_name) in B.QUANT_PEERS.items():
         for batch in (1, 8):
             r = sp[f"quant_{strategy}_b{batch}_tok_s"]
-            assert r["ours"] > 0 and r["hf"] > 0 and r["peer"] == "HF LlamaForCausalLM fp32"
-            assert r["ratio"] == pytest.approx(r["ours"] / r["hf"]) and f"batch {batch}" in r["label"]
+            assert r["ours"] == r["hf"] == batch * 4 and r["peer"] == "HF LlamaForCausalLM fp32"
+            assert r["ratio"] == 1.0 and f"batch {batch}" in r["label"]
             if _has_llama_cpp():
                 lc = sp[f"quant_{strategy}_b{batch}_llama_cpp_tok_s"]
                 assert lc["peer"] == f"llama.cpp {gguf_name}" and lc["hf"] > 0 and lc["ours"] == r["ours"]
@@ -301,6 +325,7 @@ def test_self_test_quantized_rows(tiny_config):
 
 
 @pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed")
+@in_child_process
 def test_llama_cpp_decoder_batches_like_single_rows(trained_ckpt, tmp_path):
     """The llama.cpp peer decodes a batch of rows at once exactly as it decodes each alone, and on
     the F16 export of a trained model it picks the tokens our model picks."""
@@ -423,3 +448,54 @@ def test_cuda_full_and_self_test(gpu_trained, gpu, shared_data, tmp_path):
         c["name"] for c in rep["checks"] if c["passed"]}
     assert set(rep["speed"]) == {"decode_b1_tok_s", "decode_b8_tok_s", "decode_b1_nocache_tok_s",
                                  "decode_b8_nocache_tok_s", "decode_b1_compiled_tok_s"}
+
+
+def test_a_crashing_llama_cpp_fails_its_rows_not_the_self_test(tiny_config, monkeypatch, tmp_path):
+    """llama.cpp runs in a child process: one that dies of SIGSEGV (as its AMX kernel does on some
+    CPUs) fails a non-required check with the reason, and every other row is still measured."""
+    crash = "import os, signal, sys\nprint('ready', flush=True)\nsys.stdin.readline()\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+    peer = B.LlamaCppPeer(tmp_path / "x.gguf", (1,), 8, 1, True, worker=crash)
+    with pytest.raises(B.PeerCrashed, match=r"^llama.cpp crashed \(SIGSEGV\) before decoding 1 x 4 tokens.*without AMX"):
+        peer.generate([[1, 2]], 4)
+    peer.close()
+    at_start = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+    with pytest.raises(B.PeerCrashed, match=r"crashed \(SIGSEGV\) before ready"):
+        B.LlamaCppPeer(tmp_path / "x.gguf", (1,), 8, 1, True, worker=at_start)
+    peers = iter([crash, at_start, crash, crash])
+    monkeypatch.setattr(B, "_llama_cpp_peer", lambda t, ckpt, strategy: B.LlamaCppPeer(
+        ckpt, (1, 8), 8, 1, True, worker=next(peers)))
+    res = B.self_test(tiny_config, device="cpu", batch_size=2, seq_len=32, prompt_len=4, decode_tokens=4, repeat=1,
+                      progress=False, clock="cpu", only=["quantized"])
+    failed = [c for c in res["checks"] if not c["passed"]]
+    assert [c["name"] for c in failed] == [f"llama.cpp runs the {s} GGUF" for s in B.QUANT_PEERS]
+    assert all("SIGSEGV" in c["detail"] and not c["required"] for c in failed) and res["passed"]
+    assert {f"quant_{s}_b{b}_tok_s" for s in B.QUANT_PEERS for b in (1, 8)} <= set(res["speed"])
+    assert not any("llama_cpp" in k for k in res["speed"])
+
+
+def test_a_test_run_in_a_child_reports_a_native_crash():
+    """conftest.in_child_process (the llama.cpp tests' wrapper): a SIGSEGV fails that test, with the
+    reason; a failed assertion comes back as the failure; a passing body passes."""
+    import signal
+
+    @in_child_process
+    def crashes():
+        import faulthandler
+        faulthandler.disable()  # pytest's stack dump of this intended crash would only be noise
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    @in_child_process
+    def skips():
+        pytest.skip("peer missing: install it")
+
+    @in_child_process
+    def fails():
+        assert 1 == 2, "wrong"
+
+    with pytest.raises(pytest.fail.Exception, match=r"the native peer crashed \(SIGSEGV\).*without AMX"):
+        crashes()
+    with pytest.raises(pytest.fail.Exception, match="AssertionError: wrong"):
+        fails()
+    with pytest.raises(pytest.skip.Exception, match="peer missing: install it"):
+        skips()
+    in_child_process(lambda: None)()

@@ -1,7 +1,6 @@
 """common.py: the CLI conventions (flags, exit codes, one-line errors), atomic files and directories,
 the rules that keep a user's files safe, device/dtype resolution, the results writer."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +114,124 @@ def test_results_writer(tmp_path):
     assert (tmp_path / "r.md").read_text() == "# 1\n"
     with pytest.raises(common.FishAIError, match="--json .*file exists; pass --overwrite"):
         common.check_outputs(args)
+
+
+def test_ctrl_c_before_a_script_starts_its_work_is_one_line_and_exit_130():
+    """quiet_interrupts (each script's first call): a KeyboardInterrupt that escapes everything, as
+    Ctrl-C during `import torch` does, prints one line, not a traceback, and exits 130; any other
+    exception keeps its traceback."""
+    import subprocess
+    import sys
+    code = "import sys; sys.path.insert(0, %r); import common; common.quiet_interrupts(); raise %s"
+    r = subprocess.run([sys.executable, "-c", code % (str(ROOT), "KeyboardInterrupt")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 130 and r.stderr == "error: interrupted; no partial output was left\n"
+    r = subprocess.run([sys.executable, "-c", code % (str(ROOT), "ValueError('boom')")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: boom" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# a newcomer's mistakes across the scripts (issue 23's "users-bad-inputs" check): each is refused
+# with one line that starts "error:" and a non-zero exit, before any file of the user's changes
+
+def _snapshot(root: Path) -> dict:
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def user_home(tmp_path_factory, tiny_ckpt, tiny_tokenizer_dir, training_texts):
+    """What a user has after a first day: books (and notes), a tokenizer, prepared data, a checkpoint,
+    an int4 .bin, an HF export, a finished run, a results file and a folder of their own files."""
+    import shutil
+    import quantize
+    home = tmp_path_factory.mktemp("home")
+    books = home / "mybooks"
+    books.mkdir()
+    for i in range(3):
+        (books / f"book{i}.txt").write_text("\n\n".join(training_texts[i::3]), encoding="utf-8")
+    (books / "notes.txt").write_text("my reading notes\n", encoding="utf-8")
+    shutil.copytree(tiny_tokenizer_dir, home / "tokenizer")
+    shutil.copy(tiny_ckpt, home / "fishai-best.pt")
+    assert du.main(["prepare", "--input", str(books), "--tokenizer", str(home / "tokenizer"), "--output",
+                    str(home / "data"), "--quiet"]) == 0
+    assert quantize.main(["--model", str(home / "fishai-best.pt"), "--output", str(home / "fishai-int4.bin"),
+                          "--strategy", "int4", "--quiet"]) == 0
+    assert quantize.main(["--model", str(home / "fishai-best.pt"), "--output", str(home / "hf"), "--format", "hf",
+                          "--quiet"]) == 0
+    (home / "results.json").write_text('{"mine": 1}\n')
+    (home / "mine").mkdir()
+    (home / "mine" / "thesis.tex").write_text("\\section{Mine}\n")
+    return home
+
+
+# (script, argv with {home} for the user's folder, what the one error line says)
+MISTAKES = [
+    ("data_utils", "prepare --input {home}/mybooks --tokenizer {home}/tokenizer --output {home}/mybooks --overwrite",
+     "--output"),
+    ("data_utils", "prepare --input {home}/mybooks --tokenizer {home}/tokenizer --output {home}/mine --overwrite",
+     "thesis.tex"),
+    ("data_utils", "prepare --input {home}/mybooks --tokenizer {home}/tokenizer --output {home}/mybooks/out",
+     "--output"),
+    ("data_utils", "prepare --input {home}/fishai-best.pt --tokenizer {home}/tokenizer --output {home}/out",
+     "fishai-best.pt is"),
+    ("data_utils", "prepare --input {home}/data/train.bin --tokenizer {home}/tokenizer --output {home}/out",
+     "prepared token file"),
+    ("data_utils", "prepare --input {home}/mybooks --tokenizer {home}/nope --output {home}/out", "nope"),
+    ("data_utils", "prepare --input {home}/mybooks --tokenizer {home}/tokenizer --output {home}/data", "--overwrite"),
+    ("tokenizer_train", "--data {home}/fishai-int4.bin --output-dir {home}/tok2 --vocab-size 300", "fishai-int4.bin"),
+    ("tokenizer_train", "--data {home}/mybooks --output-dir {home}/mine --vocab-size 300 --overwrite", "thesis.tex"),
+    ("tokenizer_train", "--data {home}/mybooks --output-dir {home}/mybooks/tok --vocab-size 300", "--output-dir"),
+    ("tokenizer_train", "--data {home}/mybooks --output-dir {home}/tok2 --vocab-size 10", "--vocab-size"),
+    ("train", "--config tiny --data {home}/data/train.bin --tokenizer {home}/tokenizer --output-dir {home}/run",
+     "--data {home}/data/"),
+    ("train", "--config tiny --data {home}/data --output-dir {home}/run --seq-len 512", "--seq-len"),
+    ("train", "--config tiny --data {home}/data --output-dir {home}/run --device cuda", "cuda"),
+    ("train", "--config tiny --data {home}/missing.txt --output-dir {home}/run", "missing.txt"),
+    ("train", "--resume {home}/fishai-int4.bin --output-dir {home}/run", "--init-from"),
+    ("train", "--config huge --data {home}/data", "--config"),
+    ("quantize", "--model {home}/fishai-best.pt --output {home}/mine --format hf --overwrite", "thesis.tex"),
+    ("quantize", "--model {home}/fishai-best.pt --output {home}/fishai-int4.bin --strategy int8", "--overwrite"),
+    ("quantize", "--model {home}/missing.pt --output {home}/q.bin", "missing.pt"),
+    ("quantize", "--model {home}/fishai-best.pt --output {home}/q.bin --strategy int3", "--strategy"),
+    ("generate", "--model {home}/tokenizer --prompt hi", "tokenizer"),
+    ("generate", "--model {home}/fishai-best.pt --prompt hi --top-p 1.5", "--top-p"),
+    ("evaluate", "--benchmark gsm8k --model {home}/fishai-best.pt --json {home}/results.json --limit 1",
+     "results.json"),
+    ("evaluate", "--benchmark trivia --model {home}/fishai-best.pt", "unknown benchmark 'trivia'"),
+    ("quick_train", "--config tiny --data {home}/mybooks --output-dir {home}/mine --overwrite", "thesis.tex"),
+    ("quick_train", "--config tiny --data {home}/data/train.bin --output-dir {home}/q --vocab-size 300",
+     "prepared token file"),
+    ("quick_train", "--config tiny --data {home}/mybooks --output-dir {home}/q --device cuda", "cuda"),
+    ("reference_benchmark", "--models gpt2 --wikitext2 {home}/mybooks/book0.txt --json {home}/results.json",
+     "results.json"),
+    ("serve", "--model {home}/missing.pt", "missing.pt"),
+    ("serve", "--model {home}/fishai-best.pt --port 70000", "--port"),
+    ("benchmark", "full --model {home}/missing.pt", "missing.pt"),
+]
+
+
+@pytest.mark.parametrize("script,argv,says", MISTAKES, ids=[f"{m[0]}-{i}" for i, m in enumerate(MISTAKES)])
+def test_a_newcomers_mistakes_get_one_line_and_lose_nothing(script, argv, says, user_home, capsys, monkeypatch):
+    import importlib
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    module = importlib.import_module(script)
+    before = _snapshot(user_home)
+    try:
+        rc = module.main(argv.format(home=user_home).split())
+    except SystemExit as e:  # argparse's own refusal
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc not in (0, None) and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert says.format(home=user_home) in lines[0], lines[0]
+    assert _snapshot(user_home) == before  # nothing removed, changed or left behind
+
+
+def test_the_mistakes_cover_every_script_and_at_least_25_cases():
+    scripts = {m[0] for m in MISTAKES}
+    assert len(MISTAKES) >= 25 and scripts >= {"data_utils", "tokenizer_train", "train", "quantize", "generate",
+                                               "evaluate", "quick_train", "reference_benchmark", "serve", "benchmark"}

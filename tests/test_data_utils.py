@@ -16,7 +16,6 @@ sys.path.insert(0, str(ROOT))
 import common
 import data_utils as du  # noqa: E402
 from data_utils import DataError  # noqa: E402
-import scoring  # noqa: E402
 
 
 def run_cli(*args):
@@ -99,10 +98,13 @@ def test_bad_jsonl_lines(tmp_path):
 
 def test_non_utf8_empty_and_missing(tmp_path):
     f = tmp_path / "mixed.txt"
-    f.write_bytes(b"caf\xe9 ok\n\n\xff\xfe broken \xc3\n")
+    # a few stray bytes in a text file are replaced and counted (a mostly-binary file is refused:
+    # test_binary_files_are_refused_as_text_with_what_to_pass)
+    body = ("plain English text. " * 30).strip()
+    f.write_bytes(b"caf\xe9 ok\n\n\xff\xfe broken \xc3\n\n" + body.encode())
     stats = {}
     docs = list(du.iter_documents(f, stats=stats))
-    assert docs == ["caf\ufffd ok", "\ufffd\ufffd broken \ufffd"]
+    assert docs == ["caf\ufffd ok", "\ufffd\ufffd broken \ufffd", body]
     assert stats["bad_utf8_bytes"] == 4
     e = tmp_path / "empty.txt"
     e.write_text("")
@@ -706,3 +708,49 @@ def test_holdout_rule_counts_and_order():
     splits = [du.holdout_split(i, 0.1, 0.05) for i in range(200)]
     assert splits.count("val") + splits.count("test") == 30 and splits.count("test") == 10
     assert splits[0] == "test" and [du.holdout_split(i, 0.1) for i in range(3)] == ["val", "train", "train"]
+
+
+# ----------------------------------------------------------------------------------------------
+# files are what they claim (issue 23)
+
+def test_binary_files_are_refused_as_text_with_what_to_pass(tiny_tokenizer_dir, tmp_path, tiny_ckpt):
+    data = tmp_path / "data"
+    du.prepare([str(ROOT / "README.md")], str(tiny_tokenizer_dir), str(data), val_fraction=0.1, show_progress=False,
+               log=None)
+    with pytest.raises(DataError, match=rf"^{data / 'train.bin'} is a prepared token file .*pass its folder, {data}/"):
+        list(du.iter_documents(str(data / "train.bin")))
+    with pytest.raises(DataError, match=r"is a zip archive \(a PyTorch checkpoint\?\), not text"):
+        list(du.iter_documents(str(tiny_ckpt)))
+    for head, kind in ((b"FISHAIQ\x00", r"a quantized model \(quantize.py\)"),
+                       (b"GGUF\x03\x00\x00\x00", r"a GGUF model \(llama.cpp\)"),
+                       (len(b'{"a": 1}').to_bytes(8, "little") + b'{"a": 1}', "a safetensors weights file")):
+        f = tmp_path / f"x{len(head)}.txt"
+        f.write_bytes(head + b"\0" * 64)
+        with pytest.raises(DataError, match=f"is {kind}, not text"):
+            list(du.iter_documents(str(f)))
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(range(128, 256)) * 40 + b"some text")
+    with pytest.raises(DataError, match=r"noise.txt: \d+\.\d% of its first 5,129 bytes are not UTF-8 text"):
+        list(du.iter_documents(str(noise)))
+    mostly = tmp_path / "mostly.txt"  # a stray undecodable byte in real text is not refused (under 1%)
+    mostly.write_bytes(b"plain text " * 200 + b"\xff" + b" more text\n")
+    assert len(list(du.iter_documents(str(mostly)))) == 1
+
+
+def test_a_checkpoint_can_stand_for_its_tokenizer(tiny_ckpt, tiny_tokenizer, tmp_path):
+    assert du.load_tokenizer(tiny_ckpt).hash == tiny_tokenizer.hash  # the tokenizer train.py embeds
+    q = tmp_path / "m.bin"
+    q.write_bytes(b"FISHAIQ\x00" + b"\0" * 32)
+    with pytest.raises(DataError, match=r"m.bin is a quantized model \(quantize.py\), not a tokenizer: pass the "
+                                        "tokenizer directory"):
+        du.load_tokenizer(q)
+
+
+def test_a_file_without_blank_lines_gets_a_note_and_txt_mode_line(tmp_path):
+    f = tmp_path / "lines.txt"
+    f.write_text("".join(f"sentence number {i} of the corpus.\n" for i in range(150)))
+    stats = {}
+    assert len(list(du.iter_documents(str(f), stats=stats))) == 1
+    assert "lines.txt: no blank line in 100+ lines, so read as ONE document" in du.one_block_note(stats)
+    assert "--txt-mode line" in du.one_block_note(stats)
+    assert len(list(du.iter_documents(str(f), txt_mode="line"))) == 150

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
 import scoring  # noqa: E402
+from conftest import assert_parser_refuses  # noqa: E402
 from data_utils import IncrementalDecoder  # noqa: E402
 from generate import (chat_loop, fit_generation_prompt, generate_samples,  # noqa: E402
                       make_generator, stream_generate, stream_text, trim_history)
@@ -511,10 +512,7 @@ def test_main_chat_warns_only_for_models_that_were_not_chat_trained(tiny_model, 
     ("--max-new-tokens", "0"), ("--temperature", "-1"), ("--temperature", "nan"), ("--top-k", "-1"),
     ("--top-p", "0"), ("--top-p", "1.5"), ("--num-samples", "0"), ("--seed", "-3"), ("--dtype", "int3")])
 def test_bad_flag_values_are_refused_by_the_parser(flag, value, capsys):
-    with pytest.raises(SystemExit) as e:
-        generate.main(["--prompt", "x", flag, value])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: argument {flag}"), lines
+    assert_parser_refuses(generate.main, ["--prompt", "x", flag, value], flag, capsys)
 
 
 def test_flag_vocabulary_quiet_and_dtype_spellings(tiny_ckpt, capsys):

@@ -17,6 +17,7 @@ from model import CheckpointError, load_model, model_bytes
 import scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+from conftest import in_child_process  # noqa: E402
 
 
 def _args(**kw):
@@ -556,6 +557,7 @@ def test_llama_cpp_reads_our_special_tokens_context_and_chat_template(llama_gguf
     assert buf.raw[:n].decode("utf-8") == render_chatml(msgs, add_generation_prompt=True)
 
 
+@in_child_process
 def test_llama_cpp_logits_match_ours(llama_ggufs, trained_ckpt, tiny_tokenizer):
     ref = load_model(trained_ckpt)
     ids = tiny_tokenizer.encode(" ".join(GGUF_SAMPLES))[:120]
@@ -587,6 +589,7 @@ def _llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
     return out
 
 
+@in_child_process
 def test_llama_cpp_greedy_text_is_ours(llama_ggufs, trained_ckpt, tiny_tokenizer):
     """F16 greedy decoding in llama.cpp picks our model's greedy tokens. A weak tiny model has
     near-ties: where our own top two logits are closer than twice the proven logit error, either pick is
@@ -615,6 +618,7 @@ def test_llama_cpp_greedy_text_is_ours(llama_ggufs, trained_ckpt, tiny_tokenizer
     assert identical >= 2, "too few tie-free prompts to compare whole continuations"
 
 
+@in_child_process
 def test_llama_cpp_chat_completion_uses_our_chatml(llama_ggufs, tiny_tokenizer):
     """create_chat_completion renders our template from the file and feeds our ChatML ids."""
     from data_utils import render_chatml
@@ -634,6 +638,7 @@ def test_llama_cpp_chat_completion_uses_our_chatml(llama_ggufs, tiny_tokenizer):
     assert r["usage"]["prompt_tokens"] == len(rendered) < len(tok.encode_chat(msgs, add_generation_prompt=True)[0])
 
 
+@in_child_process
 def test_gguf_without_a_tokenizer_still_loads_in_llama_cpp(tiny_model, tmp_path):
     """A model with no tokenizer embedded gets tokenizer.ggml.model "none": llama.cpp refuses a file
     without one, and loads this one for token-id input."""
@@ -1012,10 +1017,21 @@ def test_quantized_perplexity_matches_dequantized_on_wikitext(trained_ckpt, tmp_
         assert abs(q["bits_per_byte"] / d["bits_per_byte"] - 1) < 1e-3, strategy
 
 
-def test_a_bin_source_is_requantized_from_its_float_weights(exports, tmp_path):
+def test_a_bin_source_is_requantized_from_its_float_weights(exports, tmp_path, capsys):
+    """A .bin source is exported from its dequantized weights, with a warning that the errors are
+    measured against those (not the original floats); a .pt source gets no warning."""
     src, _ = exports["int8"]
     rep = Q.export(_args(model=str(src), output=str(tmp_path / "again.bin"), strategy="int4"))
-    assert rep["summary"]["file_bytes"] < src.stat().st_size
+    assert rep["summary"]["file_bytes"] < src.stat().st_size and rep["source_quantized"] == "int8"
+    err = capsys.readouterr().err
+    assert f"warning: {src} is already quantized (int8): the export starts from its dequantized weights" in err
+    again = load_model(tmp_path / "again.bin", device="cpu", dtype=torch.float32, dequantize=True)
+    base = load_model(src, device="cpu", dtype=torch.float32, dequantize=True)
+    name = "layers.0.mlp.w_down.weight"
+    w, w0 = again.state_dict()[name], base.state_dict()[name]
+    # the reported error is the int4 step's alone, against the int8 file's weights
+    row = next(r for r in rep["tensors"] if r["name"] == name)
+    assert row["max_abs_err"] == pytest.approx((w - w0).abs().max().item(), rel=1e-4)
 
 
 def cuda(fn):
@@ -1051,18 +1067,31 @@ def test_cuda_quantized_linears_and_decode(exports, tiny_ckpt):
         m.clear_cache()
 
 
-def test_generate_cli_runs_a_bin_quantized_or_dequantized(exports):
+def test_generate_cli_runs_a_bin_quantized_or_dequantized(trained_ckpt, tmp_path):
+    """generate.py on an int4 .bin: by default the text its int4 kernels give, with --dequantize the
+    text its float weights give (each equal to the same model loaded here), and the two runs'
+    logits agree within int4's rounding."""
     import generate
+    from model import generate_samples
     assert generate.build_parser().parse_args(["--dequantize"]).dequantize is True
-    path, _ = exports["int4"]
-    outs = []
-    for extra in ([], ["--dequantize"]):
+    path = tmp_path / "int4.bin"
+    Q.export(_args(model=str(trained_ckpt), output=str(path), strategy="int4", group_size=32))
+    outs = {}
+    for mode, extra in (("kernels", []), ("float", ["--dequantize"])):
         r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(path), "--prompt", "The",
-                            "--temperature", "0", "--max-new-tokens", "6", "--quiet", *extra],
+                            "--temperature", "0", "--max-new-tokens", "12", "--quiet", "--device", "cpu", *extra],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        outs.append(r.stdout)
-    assert all(o.startswith("The") and len(o) > 3 for o in outs)
+        m = load_model(path, dequantize=bool(extra))
+        ids = m.tokenizer.encode("The")
+        expected = "The" + m.tokenizer.decode(generate_samples(m, ids, 12, temperature=0.0)[0]) + "\n"
+        assert r.stdout == expected, mode
+        outs[mode] = (m, r.stdout)
+    q, d = outs["kernels"][0], outs["float"][0]
+    seq = torch.tensor([q.tokenizer.encode(outs["kernels"][1])[:24]])
+    with torch.inference_mode():
+        lq, ld = q(seq)[0], d(seq)[0]
+    assert (lq - ld).abs().max() <= 0.05 * ld.abs().max()
 
 
 @pytest.mark.cuda

@@ -1,6 +1,7 @@
 """quick_train.py: the auto-adjust rules, the offline message, and small end-to-end runs
 (tokenizer -> prepare -> train -> test perplexity -> adjust -> report) on real text."""
 import json
+import os
 import math
 import sys
 from pathlib import Path
@@ -12,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import quick_train  # noqa: E402
-import scoring  # noqa: E402
 
 SHRINK = ["--model-override", "d_model=64", "--model-override", "n_layers=2", "--model-override", "n_heads=4",
           "--model-override", "n_kv_heads=2", "--model-override", "d_ff=192", "--model-override", "max_seq_len=128"]
@@ -230,7 +230,11 @@ def test_target_met_stops_after_one_round(tmp_path, text_file, capsys):
     assert not (out / "round2").exists()
 
 
-def test_time_budget_cuts_steps_and_caps_the_round(tmp_path, text_file):
+def test_time_budget_cuts_steps_and_caps_the_round(tmp_path, text_file, monkeypatch, capsys):
+    """A budget that cannot hold the preset's 500 steps at the measured speed cuts the first round
+    to what fits (the speed is pinned here so that the cut is certain: 1,000 tokens/s)."""
+    import re
+    monkeypatch.setattr(quick_train, "measure_train_speed", lambda *a, **kw: 1000.0)
     out = tmp_path / "q"
     args = small_args(text_file, out, "--time-budget", 8, "--samples", 1)
     i = args.index("--max-steps")
@@ -238,10 +242,13 @@ def test_time_budget_cuts_steps_and_caps_the_round(tmp_path, text_file):
     assert quick_train.main(args) == 0
     rep = json.loads((out / "report.json").read_text())
     budget = [d for d in rep["decisions"] if d.startswith("time budget:")]
-    assert len(budget) == 1 and "tokens/s measured here" in budget[0]
-    r1 = rep["rounds"][0]
-    assert 1 <= r1["steps"] <= quick_train.PRESET_DEFAULTS["tiny"]["max_steps"] and r1["time_s"] < 30
-    assert rep["total_time_s"] < 60
+    assert len(budget) == 1 and "at 1,000 tokens/s measured here fit ~" in budget[0]
+    left, fit, new = map(float, re.search(r"(\d+) s left .* fit ~(\d+) steps, so --max-steps 500 -> (\d+)",
+                                           budget[0]).groups())
+    # 85% of the seconds left (printed rounded) at 1,000 tokens/s over 4 x 32 tokens a step
+    assert abs(fit - 0.85 * left * 1000 / (4 * 32)) <= 0.85 * 0.5 * 1000 / 128 + 1
+    assert new == max(20, fit) < 500 and 1 <= rep["rounds"][0]["steps"] <= new
+    assert "the model is undertrained" in capsys.readouterr().out
 
 
 def test_pick_cpu_threads_keeps_the_faster_setting():
@@ -286,12 +293,15 @@ def test_character_figures_for_text_without_spaces():
     assert f"| {t['char_ppl']:.2f} |" in md and "1.40 characters per token" in md
 
 
-def test_undertrained_rule_warns_on_the_console_and_at_the_top_of_the_report(capsys):
+def test_undertrained_rule_warns_on_the_console_and_at_the_top_of_the_report(capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     job = quick_train.Job(quick_train.build_parser().parse_args([]), None, torch.device("cpu"), 0.0, None)
     job.budget, job.planned_steps = 300, 500
     assert quick_train.undertrained(job, [{"steps": 200}]) is None  # 40% of the planned steps is enough
     msg = quick_train.undertrained(job, [{"steps": 58}, {"steps": 100}])
     assert "158 of the 500 planned steps (32%" in msg and "--time-budget 0" in msg and "OMP_NUM_THREADS=1" in msg
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user already chose the threads: no hint about them
+    assert "OMP_NUM_THREADS" not in quick_train.undertrained(job, [{"steps": 58}, {"steps": 100}])
     job.budget = None
     assert quick_train.undertrained(job, [{"steps": 5}]) is None  # without a budget the user chose the steps
     t = {"bits_per_byte": 2.5, "token_ppl": 400.0, "word_ppl": 481.0, "spaced": True}
@@ -325,6 +335,33 @@ def test_failed_rounds_remove_the_run_and_exit_1(tmp_path, capsys, text_file, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err == ["error: no round produced a checkpoint; lower --lr or raise --warmup"]
     assert not out.exists()
+
+
+def test_ctrl_c_in_a_round_keeps_the_run_and_says_how_to_continue(tmp_path, capsys, text_file, monkeypatch):
+    """A real SIGINT at round 1's 5th step: train.py saves the round's state, quick_train keeps the
+    run (not removed as a failure), prints the train.py --resume line and exits 130; that line works."""
+    import signal
+    real_step = quick_train.train.train_step
+
+    def step_then_ctrl_c(run, step, hooks):
+        out = real_step(run, step, hooks)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(quick_train.train, "train_step", step_then_ctrl_c)
+    out = tmp_path / "q"
+    rc = quick_train.main(small_args(text_file, out, "--max-rounds", 2))
+    err = capsys.readouterr().err
+    latest = out / "round1" / quick_train.train.LATEST_NAME
+    assert rc == 130 and latest.exists(), err
+    assert torch.load(latest, map_location="cpu", weights_only=False)["step"] == 5
+    assert (f"interrupted in round 1: kept {out} with the round's state at step 5 ({latest}); continue that round "
+            f"with `python train.py --resume {latest} --output-dir {out / 'round1'}`") in err
+    assert not (out / "round2").exists() and "Traceback" not in err
+    monkeypatch.setattr(quick_train.train, "train_step", real_step)
+    summary = quick_train.train.train(quick_train.train.parse_args(
+        ["--resume", str(latest), "--output-dir", str(out / "round1"), "--quiet"]))
+    assert summary["steps"] == 12 and summary["interrupted"] is None
 
 
 def test_bits_per_byte_target_and_new_flag_spellings(tmp_path, text_file):

@@ -1,5 +1,6 @@
 """reference_benchmark.py: transformers models scored with benchmark.py's functions, offline handling."""
 import json
+import math
 import shutil
 
 import pytest
@@ -63,12 +64,20 @@ def test_reference_models_scored_like_benchmark(tmp_path, hf_models, trained_ckp
     # offline / missing hub model: one clear error line, the run went on
     assert "error" in m["fishai-test-org/no-such-model"]
     assert "fishai-test-org/no-such-model" in cap.err and "Traceback" not in cap.err
+    from test_scoring import _brute_force_nll
+    docs = scoring.load_datasets([("wikitext2", data_flags[1]), ("ptb", data_flags[3])], max_chars=8000)
     for name in ("neox", "gpt2", "llama"):
         r = m[str(hf_models[name])]
         assert r["kind"] == "hf" and set(r["perplexity"]) == {"wikitext2", "ptb"}
-        for p in r["perplexity"].values():
-            # random weights: close to uniform over the vocabulary
-            assert 0.5 * r["max_seq_len"] < p["tokens"] and 200 < p["token_ppl"] < 2000
+        lm = scoring.load_lm(hf_models[name], hf=True)
+        for ds, p in r["perplexity"].items():
+            # the reference scorer: every token with exactly the context its window gives it, one
+            # transformers forward a window; random weights keep it near uniform over the vocabulary
+            ids = [lm.encode(d) for d in docs[ds]]
+            nll = sum(_brute_force_nll(lm, x, lm.max_seq_len) for x in ids)
+            assert p["tokens"] == sum(map(len, ids)) > 0.5 * r["max_seq_len"]
+            assert p["token_ppl"] == pytest.approx(math.exp(nll / p["tokens"]), rel=1e-4)
+            assert 200 < p["token_ppl"] < 2000
     assert m[str(hf_models["gpt2"])]["max_seq_len"] == 80    # n_positions
     assert m[str(hf_models["neox"])]["max_seq_len"] == 96    # max_position_embeddings
     # FishAI checkpoint (benchmark.py's FishAI path) == its HF export scored by transformers
@@ -152,8 +161,12 @@ def test_llama_the_fishai_gpt_cannot_represent_falls_back_to_transformers(tmp_pa
     path = _save_hf(untied.eval(), tiny_tokenizer_dir, tmp_path / "untied")
     lm = scoring.load_lm(path)
     assert lm.kind == "hf" and lm.max_seq_len == 64
-    r = scoring.perplexity(lm, ["The city of Paris is the capital of France. " * 10], progress=False)
-    assert r["tokens"] > 64 and 100 < r["token_ppl"] < 3000  # random weights: about uniform
+    text = "The city of Paris is the capital of France. " * 10
+    r = scoring.perplexity(lm, [text], progress=False)
+    from test_scoring import _brute_force_nll
+    ids = lm.encode(text)
+    assert r["tokens"] == len(ids) > 64 and 100 < r["token_ppl"] < 3000  # random weights: about uniform
+    assert r["token_ppl"] == pytest.approx(math.exp(_brute_force_nll(lm, ids, 64) / len(ids)), rel=1e-4)
 
 
 def test_table_puts_bits_per_byte_first_and_char_ppl_for_chinese(tmp_path, trained_ckpt, capsys):

@@ -1,18 +1,13 @@
 """scoring.py: log-likelihoods and perplexity (against a brute-force scorer and lm-evaluation-harness's
 counting rules), the LM interface over FishAI and transformers models, the evaluation texts."""
-import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import data_utils as du
 import scoring
 

@@ -177,14 +177,20 @@ def test_cli_bad_inputs(tmp_path):
     r = run_cli("--data", tmp_path / "missing.txt", "--output-dir", tmp_path / "t3", "--no-progress")
     assert r.returncode != 0 and "missing.txt" in r.stderr and "Traceback" not in r.stderr
 
-    # non-UTF-8 bytes are replaced and counted, not fatal
+    # a few non-UTF-8 bytes in text are replaced and counted, not fatal
     latin = tmp_path / "latin1.txt"
-    latin.write_bytes(("caf\xe9 na\xefve " * 200).encode("latin-1") + b"\n\nplain ascii text here\n")
+    latin.write_bytes(("caf\xe9 " + "plain ascii text here. " * 20).encode("latin-1") * 20 + b"\n")
     r = run_cli("--data", latin, "--vocab-size", 300, "--output-dir", tmp_path / "t4", "--no-progress",
                 "--json", tmp_path / "r4.json")
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "r4.json").read_text())["input_stats"]["bad_utf8_bytes"] == 400
+    assert json.loads((tmp_path / "r4.json").read_text())["input_stats"]["bad_utf8_bytes"] == 20
     assert "undecodable" in r.stdout
+    # a file that is mostly not UTF-8 (18% here: dense Latin-1 French) is refused with the conversion to run
+    dense = tmp_path / "dense.txt"
+    dense.write_bytes(("caf\xe9 na\xefve " * 200).encode("latin-1"))
+    r = run_cli("--data", dense, "--vocab-size", 300, "--output-dir", tmp_path / "t5", "--no-progress")
+    assert r.returncode == 2 and "dense.txt: 18.2% of its first 2,200 bytes are not UTF-8" in r.stderr
+    assert "iconv -f LATIN1 -t UTF-8 dense.txt > dense.utf8.txt" in r.stderr and not (tmp_path / "t5").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,10 +218,13 @@ def test_holdout_uses_the_shared_rule_and_is_never_trained_on(tmp_path):
     assert r["train_bytes"] == sum(len(d.encode("utf-8")) for i, d in enumerate(docs) if i not in held)
     assert r["compression"]["docs"] == 5
     assert r["compression"]["bytes"] == sum(len(docs[i].encode("utf-8")) for i in held)
-    # a corpus whose only document is held out has nothing to train on: a clear error
-    with pytest.raises(DataError, match="--holdout-every 0"):
-        train_tokenizer(docs[:1], 300, tmp_path / "t1", show_progress=False, holdout_every=50)
-    assert not (tmp_path / "t1").exists()
+    # a corpus of one document (a file without blank lines) trains on its first 95%, cut at a line,
+    # and measures the compression on the rest, which the trainer never saw
+    one = "\n".join(f"Sentence number {i} of the one document, with some words." for i in range(400))
+    r = train_tokenizer([one], 300, tmp_path / "t1", show_progress=False, holdout_every=50)
+    cut = one.rfind("\n", 0, int(len(one) * 0.95)) + 1
+    assert r["train_docs"] == 1 and r["train_bytes"] == cut and r["held_out_docs"] == 1
+    assert r["compression"]["bytes"] == len(one) - cut and r["compression_on"].startswith("the last 5%")
 
 
 def test_text_without_spaces_reports_chars_per_token(tmp_path):

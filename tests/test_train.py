@@ -855,3 +855,74 @@ def test_cuda_sft_from_the_gpu_checkpoint(tmp_path, gpu_trained, gpu):
     losses = train_losses(out)
     assert losses[40] < 0.6 * losses[1]
     assert load_checkpoint(out / "fishai-best.pt")["extra"]["stage"] == "sft"
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 23: every model format, runs that say what they do
+
+def test_init_from_a_quantized_bin_or_an_hf_dir(tmp_path, trained_ckpt, text_file, capsys):
+    import quantize
+    from argparse import Namespace
+    from model import load_model, save_hf
+    binf = tmp_path / "m.bin"
+    quantize.export(Namespace(model=str(trained_ckpt), output=str(binf), format="bin", strategy="int4",
+                              group_size=32, calibration_data=None, calibration_samples=16, calibration_seq_len=None,
+                              damp=0.01, eval_data=None, limit=None, eval_batch_size=8, seed=0, overwrite=False,
+                              json=None, quiet=True))
+    hf = save_hf(load_model(trained_ckpt), tmp_path / "hf")
+    for src, note in ((binf, "a quantized export, dequantized to float weights"), (hf, "an HF Llama directory")):
+        out = tmp_path / f"run-{src.name}"
+        args = ["--init-from", str(src), "--data", str(text_file), "--output-dir", str(out), "--seq-len", "32",
+                "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3", "--eval-iters", "1", "--device", "cpu",
+                "--no-progress"]
+        assert train.main(args) == 0
+        printed = capsys.readouterr().out
+        assert f"note: --init-from {src}: {note}" in printed
+        start = load_model(src, dequantize=True).state_dict()
+        first = load_checkpoint(out / "fishai-latest.pt")
+        assert first["config"] == load_model(src, dequantize=True).config.to_dict() and set(first["model"]) == set(start)
+    rc = train.main(["--resume", str(binf), "--data", str(text_file), "--output-dir", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "quantized export (quantize.py) holds weights only" in err and f"--init-from {binf}" in err
+    assert "--overwrite" not in err
+
+
+def test_resume_of_a_finished_run_says_so_and_an_lr_jump_is_named(tmp_path, tiny_tokenizer_dir, text_file, capsys):
+    out = tmp_path / "run"
+    common = base_args(tiny_tokenizer_dir, text_file, out, "--schedule", "wsd", "--eval-interval", 10)
+    assert train.main([*common, "--max-steps", "10"]) == 0
+    capsys.readouterr()
+    assert train.main([*common, "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"the run in {out} had already finished at step 10 (--max-steps 10): nothing to train; to train longer: "
+            f"--resume {out / 'fishai-stable.pt'} --max-steps MORE") in printed
+    assert train.main([*common, "--resume", "auto", "--max-steps", "20"]) == 0
+    printed = capsys.readouterr().out
+    import re
+    jump = re.search(r"changed on resume: the LR at step 10 goes from ([\d.e-]+) \(the last step's\) to ([\d.e-]+); "
+                     r"a WSD run is extended without a jump from (\S+) ", printed)
+    assert jump and float(jump.group(2)) > 1.5 * float(jump.group(1)) and jump.group(3) == str(out / "fishai-stable.pt")
+    # from the stable checkpoint the LR goes on where the stable phase was: no jump, no note
+    out2 = tmp_path / "run2"
+    assert train.main([*base_args(tiny_tokenizer_dir, text_file, out2, "--schedule", "wsd"), "--max-steps", "10"]) == 0
+    capsys.readouterr()
+    assert train.main([*base_args(tiny_tokenizer_dir, text_file, out2), "--resume", str(out2 / "fishai-stable.pt"),
+                       "--max-steps", "20"]) == 0
+    assert "the LR at step" not in capsys.readouterr().out
+
+
+def test_sft_on_a_prepared_dir_says_to_pass_the_jsonl(tmp_path, trained_ckpt, prepared_dir, capsys):
+    rc = train.main(["--stage", "sft", "--init-from", str(trained_ckpt), "--data", str(prepared_dir),
+                     "--output-dir", str(tmp_path / "s"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "a prepared dir keeps no assistant mask" in err and "--data chats.jsonl" in err
+
+
+def test_txt_mode_line_reads_one_document_per_line(tmp_path, tiny_tokenizer_dir):
+    f = tmp_path / "lines.txt"
+    f.write_text("".join(f"The sentence number {i} says something about the city.\n" for i in range(400)))
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny_tokenizer_dir, f, out, "--max-steps", 2, "--txt-mode", "line")) == 0
+    # 5% of 400 one-line documents are validation documents: 20 of them
+    ck = load_checkpoint(out / "fishai-latest.pt")
+    assert ck["train_args"]["txt_mode"] == "line"
