@@ -46,7 +46,7 @@ class RunFailed(FishAIError):
 
 class CheckpointError(FishAIError):
     """A model file that cannot be used (.pt, .bin or HF directory); the message names the file
-    and what to do. model.py and quantized.py raise it."""
+    and what to do. model.py raises it."""
 
 
 def one_line(e: BaseException) -> str:

@@ -51,7 +51,7 @@ import data_utils
 
 STRATEGIES = ("fp32", "fp16", "int8", "int4", "mixed")
 FORMATS = ("bin", "hf", "gguf")
-DEFAULT_GROUP_SIZE = 128  # = quantized.DEFAULT_GROUP_SIZE, named here so that --help answers before torch loads
+DEFAULT_GROUP_SIZE = 128  # = DEFAULT_GROUP_SIZE, named here so that --help answers before torch loads
 
 
 def build_parser() -> common.ArgumentParser:
@@ -101,8 +101,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model import QUANT_MAGIC, external_name, is_hf_output, load_checkpoint, load_model, param_shapes, save_hf  # noqa: E402
-import quantized  # noqa: E402
+from model import (DEFAULT_GROUP_SIZE, QUANT_MAGIC, QTensor, QuantizeError, _check_group_size, _n_groups,  # noqa: E402
+                   external_name, int4_codes, int4_params, int8_codes, int8_row_scales, is_hf_output,
+                   load_checkpoint, load_model, param_shapes, quantize_rtn, read_quantized, save_hf,
+                   write_quantized)
 import scoring  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -146,17 +148,17 @@ class _Q8Grid:
     """GPTQ's INT8 grid: one scale per row, from the original weights."""
 
     def __init__(self, w: torch.Tensor, name: str):
-        self.scales = quantized.int8_row_scales(w, name)
+        self.scales = int8_row_scales(w, name)
 
     def start_block(self, i1: int, block: torch.Tensor) -> None:
         pass  # the row scales cover every column
 
     def round(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = quantized.int8_codes(col, self.scales)
+        c = int8_codes(col, self.scales)
         return c, c * self.scales.float()
 
-    def qtensor(self, codes: torch.Tensor, shape: tuple) -> quantized.QTensor:
-        return quantized.QTensor("q8", shape, codes.to(torch.int8), scales=self.scales, method="gptq")
+    def qtensor(self, codes: torch.Tensor, shape: tuple) -> QTensor:
+        return QTensor("q8", shape, codes.to(torch.int8), scales=self.scales, method="gptq")
 
 
 class _Q4Grid:
@@ -164,22 +166,22 @@ class _Q4Grid:
     reached, from the weights as the earlier columns' error updates left them."""
 
     def __init__(self, rows: int, cols: int, group_size: int, name: str):
-        ng = quantized._n_groups(cols, group_size)
+        ng = _n_groups(cols, group_size)
         self.scales = torch.zeros(rows, ng, dtype=torch.float16)
         self.zeros = torch.zeros(rows, ng, dtype=torch.float16)
         self.group_size, self.name, self.g = group_size, name, 0
 
     def start_block(self, i1: int, block: torch.Tensor) -> None:
         self.g = i1 // self.group_size
-        self.scales[:, self.g], self.zeros[:, self.g] = quantized.int4_params(block, self.name)
+        self.scales[:, self.g], self.zeros[:, self.g] = int4_params(block, self.name)
 
     def round(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = self.scales[:, self.g], self.zeros[:, self.g]
-        c = quantized.int4_codes(col, s, z)
+        c = int4_codes(col, s, z)
         return c, (c - z.float()) * s.float()
 
-    def qtensor(self, codes: torch.Tensor, shape: tuple) -> quantized.QTensor:
-        return quantized.QTensor("q4", shape, codes.to(torch.uint8), scales=self.scales, zeros=self.zeros,
+    def qtensor(self, codes: torch.Tensor, shape: tuple) -> QTensor:
+        return QTensor("q4", shape, codes.to(torch.uint8), scales=self.scales, zeros=self.zeros,
                        group_size=self.group_size, method="gptq")
 
 
@@ -194,7 +196,7 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float, name: str) -> torch.Te
             return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
         except RuntimeError:
             continue
-    raise quantized.QuantizeError(f"{name}: calibration Hessian is not positive definite even with dampening; "
+    raise QuantizeError(f"{name}: calibration Hessian is not positive definite even with dampening; "
                         "give more or other --calibration-data, or a larger --damp")
 
 
@@ -220,15 +222,15 @@ def _gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, grid, block_size: int) -> t
     return codes
 
 
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, qtype: str, group_size: int = quantized.DEFAULT_GROUP_SIZE,
-                  damp: float = 0.01, block_size: int = 128, name: str = "tensor") -> quantized.QTensor:
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, qtype: str, group_size: int = DEFAULT_GROUP_SIZE,
+                  damp: float = 0.01, block_size: int = 128, name: str = "tensor") -> QTensor:
     """Quantize W (out, in) column by column, spreading each column's rounding error over the not yet
     quantized columns through the inverse Hessian H = 2 X^T X / n of the layer inputs (GPTQ,
     Frantar et al. 2022, without act-order). q4 params are chosen per group when the group's first
     column is reached (from the already error-updated weights); q8 keeps one scale per row from the
-    original weights. Returns the same quantized.QTensor layout as quantized.quantize_rtn."""
+    original weights. Returns the same QTensor layout as quantize_rtn."""
     if qtype not in ("q4", "q8"):
-        return quantized.quantize_rtn(w, qtype, group_size, name)
+        return quantize_rtn(w, qtype, group_size, name)
     W = w.detach().float().cpu().clone()
     rows, cols = W.shape
     if H.shape != (cols, cols):
@@ -241,7 +243,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, qtype: str, group_size: int 
     if qtype == "q8":
         grid = _Q8Grid(w.detach().float().cpu(), name)
     else:
-        quantized._check_group_size(group_size)
+        _check_group_size(group_size)
         grid = _Q4Grid(rows, cols, group_size, name)
         block_size = group_size                # blocks == groups: a group's params see all updates
     return grid.qtensor(_gptq_sweep(W, Hinv, grid, block_size), (rows, cols))
@@ -293,7 +295,7 @@ def gptq_quantize_model(gpt, plan: dict, batches: list, group_size: int, damp: f
     The tied embedding keeps round-to-nearest: GPTQ would tune it as the output head only, and the
     error it moves between columns then lands on every input embedding (measured on the test
     model: int4 perplexity +0.83% with a GPTQ'd embedding vs +0.53% RTN, on python-docs).
-    Modifies a copy of the weights in place; returns {param name: quantized.QTensor} for the q4/q8 params."""
+    Modifies a copy of the weights in place; returns {param name: QTensor} for the q4/q8 params."""
     out = {}
     module_names = {m: n for n, m in gpt.named_modules()}
     for blk in tqdm(list(gpt.layers), desc="gptq", unit="layer", disable=not progress):
@@ -315,11 +317,11 @@ def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, ba
     source: txt, jsonl, parquet, dir, glob, hf:NAME), tokenized by data_utils.tokenize_documents
     (documents joined with EOS, as prepare writes them)."""
     if tokenizer is None:
-        raise quantized.QuantizeError("--calibration-data needs a tokenizer, and the checkpoint has none embedded")
+        raise QuantizeError("--calibration-data needs a tokenizer, and the checkpoint has none embedded")
     need = max(n_samples * seq_len * 2, seq_len + 1)     # enough text for non-overlapping windows
     ids = data_utils.tokenize_documents(source, tokenizer, max_tokens=need, show_progress=show_progress)["train"]
     if len(ids) < seq_len + 1:
-        raise quantized.QuantizeError(f"--calibration-data {source}: only {len(ids)} tokens, need at least {seq_len + 1}")
+        raise QuantizeError(f"--calibration-data {source}: only {len(ids)} tokens, need at least {seq_len + 1}")
     data = torch.from_numpy(ids.astype(np.int64))
     n_windows = len(ids) // seq_len
     g = torch.Generator().manual_seed(seed)
@@ -331,21 +333,21 @@ def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, ba
 # ----------------------------------------------------------------------------------------------
 # Export drivers
 
-def quantize_model(gpt, strategy: str, group_size: int = quantized.DEFAULT_GROUP_SIZE, calibration: list | None = None,
+def quantize_model(gpt, strategy: str, group_size: int = DEFAULT_GROUP_SIZE, calibration: list | None = None,
                    damp: float = 0.01, progress: bool = True) -> tuple[dict, list[dict]]:
     """Quantize every parameter of a GPT. calibration: list of LongTensor (B, T) batches for GPTQ
-    (None = round-to-nearest). Returns ({name: quantized.QTensor}, per-tensor report rows)."""
+    (None = round-to-nearest). Returns ({name: QTensor}, per-tensor report rows)."""
     state = {k: v.detach().float().cpu() for k, v in gpt.state_dict().items()}
     plan = {k: plan_qtype(k, v.shape, strategy) for k, v in state.items()}
     if "q4" in plan.values():
-        quantized._check_group_size(group_size)         # before the calibration passes, not after them
+        _check_group_size(group_size)         # before the calibration passes, not after them
     calibrated = {}
     if calibration and any(q in ("q4", "q8") for q in plan.values()):
         work = copy.deepcopy(gpt).float().cpu().eval()
         calibrated = gptq_quantize_model(work, plan, calibration, group_size, damp, progress)
     tensors, rows = {}, []
     for name, w in tqdm(state.items(), desc="quantize", unit="tensor", disable=not progress):
-        qt = calibrated.get(name) or quantized.quantize_rtn(w, plan[name], group_size, name)
+        qt = calibrated.get(name) or quantize_rtn(w, plan[name], group_size, name)
         tensors[name] = qt
         nbytes = qt.nbytes
         rows.append({"name": name, "qtype": qt.qtype, "method": qt.method if qt.qtype in ("q4", "q8") else "-",
@@ -383,7 +385,7 @@ def load_eval_texts(spec: str, limit: int | None = None) -> list[str]:
     try:
         return scoring.load_eval_texts(name, path, limit=limit)
     except scoring.ScoringError as e:
-        raise quantized.QuantizeError(f"--eval-data {spec}: {e}") from None
+        raise QuantizeError(f"--eval-data {spec}: {e}") from None
 
 
 def eval_perplexity(spec, texts: list[str], batch_size: int = 8, progress: bool = True) -> dict:
@@ -711,14 +713,14 @@ def _plan_output(args) -> tuple[str, str, Path]:
     strategy = args.strategy or ("fp16" if fmt == "hf" else "mixed")
     out = Path(args.output or {"bin": f"fishai-{strategy}.bin", "gguf": f"fishai-{strategy}.gguf"}.get(fmt, "fishai-hf"))
     if fmt == "hf" and strategy not in ("fp16", "fp32"):
-        raise quantized.QuantizeError(f"--format hf stores plain fp16/fp32 weights (got --strategy {strategy}); "
+        raise QuantizeError(f"--format hf stores plain fp16/fp32 weights (got --strategy {strategy}); "
                             "use --format bin or gguf for int8/int4/mixed")
     if args.calibration_data and fmt != "bin":
-        raise quantized.QuantizeError("--calibration-data applies to --format bin (GGUF uses llama.cpp's own Q8_0/Q4_0 rounding)")
+        raise QuantizeError("--calibration-data applies to --format bin (GGUF uses llama.cpp's own Q8_0/Q4_0 rounding)")
     if fmt != "hf":
         common.check_new_file(out, "--output", args.overwrite)
     elif out.exists() and not out.is_dir():
-        raise quantized.QuantizeError(f"--output {out} is a file; --format hf writes a directory")
+        raise QuantizeError(f"--output {out} is a file; --format hf writes a directory")
     else:  # the directory is replaced as a whole: refuse one holding anything else, before any work
         common.check_output_apart(out, [args.model], "--output", "--model")
         common.check_replaceable_dir(out, is_hf_output, args.overwrite, "--output", "an HF model directory")
@@ -733,7 +735,7 @@ def _calibration(gpt, args) -> tuple[list | None, dict | None]:
     max_len = gpt.config.max_seq_len
     seq_len = args.calibration_seq_len or min(512, max_len)
     if seq_len > max_len:
-        raise quantized.QuantizeError(f"--calibration-seq-len {seq_len} is longer than the model's context ({max_len})")
+        raise QuantizeError(f"--calibration-seq-len {seq_len} is longer than the model's context ({max_len})")
     batches = calibration_batches(gpt.tokenizer, args.calibration_data, args.calibration_samples, seq_len,
                                   seed=args.seed, show_progress=not args.quiet)
     return batches, {"data": args.calibration_data, "samples": sum(len(b) for b in batches),
@@ -746,7 +748,7 @@ def _export_bin(gpt, args, strategy: str, out: Path, report: dict) -> tuple[list
     tok = gpt.tokenizer.to_dict() if gpt.tokenizer is not None else None
     meta = {"strategy": strategy, "group_size": args.group_size, "calibration": report["calibration"],
             "source": Path(args.model).name, "stage": gpt.stage, "created_by": "quantize.py"}
-    return rows, quantized.write_quantized(out, tensors, gpt.config.to_dict(), tok, meta=meta)
+    return rows, write_quantized(out, tensors, gpt.config.to_dict(), tok, meta=meta)
 
 
 def _export_gguf(gpt, args, strategy: str, out: Path, report: dict) -> tuple[list[dict], int]:
@@ -788,7 +790,7 @@ def export(args) -> dict:
               "group_size": args.group_size, "model_config": gpt.config.to_dict(),
               "date": time.strftime("%Y-%m-%d"), "calibration": None, "source_quantized": None}
     if src.is_file() and data_utils.binary_kind(src) == "quantized":
-        header, _ = quantized.read_quantized(src, verify=False)
+        header, _ = read_quantized(src, verify=False)
         report["source_quantized"] = header.get("strategy") or "quantized"
         print(f"warning: {src} is already quantized ({report['source_quantized']}): the export starts from its "
               f"dequantized weights, and every error below is measured against those, not against the original "

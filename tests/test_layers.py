@@ -12,8 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["common"],                                           # conventions, torch-free
     ["data_utils"],                                       # the data contract
-    ["quantized"],                                        # the .bin format and its int8/int4 layers
-    ["model"],                                            # the GPT, checkpoints, load_model, generation
+    ["model"],                                            # the GPT, checkpoints, load_model, generation, .bin runtime
     ["scoring"],                                          # LM, log-likelihoods, perplexity, eval texts
     ["tokenizer_train", "train", "generate", "quantize"],  # commands
     ["evaluate", "reference_benchmark", "quick_train", "serve"],

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import quantize as Q
-import quantized
-from model import CheckpointError, load_model, model_bytes
+from model import (FORMAT_VERSION, INT4_KERNEL_GROUPS, CheckpointError, HalfEmbedding, Int4Embedding, Int8Embedding,
+                   QuantizeError, _kernel_group, decode_parts, encode_parts, int4_linear, int8_linear, load_model,
+                   model_bytes, pack_int4, quantize_rtn, read_quantized, unpack_int4, write_quantized)
 import scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,25 +44,25 @@ def exports(tmp_path_factory, tiny_ckpt):
 # packing
 
 def test_pack_int4_layout_is_low_nibble_first():
-    assert quantized.pack_int4(np.array([1, 2, 3])).tolist() == [0x21, 0x03]
-    assert quantized.pack_int4(np.array([15, 0, 0, 15])).tolist() == [0x0F, 0xF0]
-    assert quantized.unpack_int4(np.array([0x21, 0x03], np.uint8), 3).tolist() == [1, 2, 3]
+    assert pack_int4(np.array([1, 2, 3])).tolist() == [0x21, 0x03]
+    assert pack_int4(np.array([15, 0, 0, 15])).tolist() == [0x0F, 0xF0]
+    assert unpack_int4(np.array([0x21, 0x03], np.uint8), 3).tolist() == [1, 2, 3]
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 64, 12289])
 def test_pack_unpack_int4_bit_exact(n):
     rng = np.random.default_rng(n)
     codes = rng.integers(0, 16, size=n, dtype=np.uint8)
-    packed = quantized.pack_int4(codes)
+    packed = pack_int4(codes)
     assert packed.dtype == np.uint8 and packed.size == (n + 1) // 2
-    assert np.array_equal(quantized.unpack_int4(packed, n), codes)
+    assert np.array_equal(unpack_int4(packed, n), codes)
 
 
 def test_pack_int4_rejects_out_of_range():
     with pytest.raises(ValueError):
-        quantized.pack_int4(np.array([16]))
+        pack_int4(np.array([16]))
     with pytest.raises(ValueError):
-        quantized.unpack_int4(np.zeros(3, np.uint8), 9)
+        unpack_int4(np.zeros(3, np.uint8), 9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,11 +74,11 @@ def test_pack_int4_rejects_out_of_range():
 def test_quant_type_file_round_trip_is_exact(tmp_path, qtype, shape, group):
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.05
-    qt = quantized.quantize_rtn(w, qtype, group or 128, "w")
+    qt = quantize_rtn(w, qtype, group or 128, "w")
     path = tmp_path / "one.bin"
-    size = quantized.write_quantized(path, {"w": qt}, {"d_model": 1})
+    size = write_quantized(path, {"w": qt}, {"d_model": 1})
     assert path.stat().st_size == size
-    header, tensors = quantized.read_quantized(path)
+    header, tensors = read_quantized(path)
     back = tensors["w"]
     assert back.qtype == qtype and back.shape == tuple(shape)
     assert torch.equal(back.codes, qt.codes)
@@ -106,7 +107,7 @@ def test_int4_partial_last_group_uses_only_its_own_values():
     w = torch.zeros(1, 130)
     w[0, :128] = torch.linspace(-1, 1, 128)
     w[0, 128:] = torch.tensor([0.001, -0.002])
-    qt = quantized.quantize_rtn(w, "q4", 128)
+    qt = quantize_rtn(w, "q4", 128)
     assert qt.scales.shape == (1, 2)
     assert (qt.dequantize()[0, 128:] - w[0, 128:]).abs().max() < 1e-4
     assert float(qt.scales[0, 1]) < 0.001
@@ -116,7 +117,7 @@ def test_bin_file_layout(exports):
     path, _ = exports["int4"]
     raw = path.read_bytes()
     magic, version, flags, hlen, plen = struct.unpack_from("<8sIIQQ", raw, 0)
-    assert magic == b"FISHAIQ\x00" and version == quantized.FORMAT_VERSION and flags == 0
+    assert magic == b"FISHAIQ\x00" and version == FORMAT_VERSION and flags == 0
     header = json.loads(raw[32:32 + hlen])
     start = -(-(32 + hlen) // 64) * 64
     assert len(raw) == start + plen + 32
@@ -150,7 +151,7 @@ def test_load_model_reads_every_strategy(exports, tiny_ckpt, strategy, tol):
     m = load_model(path, dequantize=True)  # issue 12: the default runs quantized (tests at the end)
     assert not m.training and m.tokenizer is not None and m.tokenizer.hash == ref.tokenizer.hash
     # the loaded weights are exactly the stored dequantized values
-    _, tensors = quantized.read_quantized(path)
+    _, tensors = read_quantized(path)
     for name, w in m.state_dict().items():
         assert torch.equal(w, tensors[name].dequantize()), name
     idx = torch.randint(0, ref.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -208,7 +209,7 @@ def test_truncated_corrupted_magic_version_errors(exports, tmp_path):
         assert str(p) in str(e.value)
     # newer version (with a valid checksum, so the version check is what fires)
     newer = bytearray(raw)
-    struct.pack_into("<I", newer, 8, quantized.FORMAT_VERSION + 1)
+    struct.pack_into("<I", newer, 8, FORMAT_VERSION + 1)
     import hashlib
     newer[-32:] = hashlib.sha256(bytes(newer[:-32])).digest()
     p = _rewrite(tmp_path / "newer.bin", newer)
@@ -217,7 +218,7 @@ def test_truncated_corrupted_magic_version_errors(exports, tmp_path):
     # wrong magic: load_model no longer dispatches here, read_quantized refuses it
     bad = _rewrite(tmp_path / "magic.bin", b"NOTFISH\x00" + raw[8:])
     with pytest.raises(CheckpointError, match="magic"):
-        quantized.read_quantized(bad)
+        read_quantized(bad)
     with pytest.raises(CheckpointError):
         load_model(bad)
 
@@ -268,14 +269,14 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     W = torch.randn(rows, cols) * 0.05
     H = 2 * X.T.double() @ X.double() / n
     for qtype in ("q4", "q8"):
-        rtn = quantized.quantize_rtn(W, qtype, 32)
+        rtn = quantize_rtn(W, qtype, 32)
         gptq = Q.gptq_quantize(W, H, qtype, 32)
         assert gptq.method == "gptq" and gptq.scales.shape == rtn.scales.shape
         e_rtn = (X @ (rtn.dequantize() - W).T).pow(2).mean()
         e_gptq = (X @ (gptq.dequantize() - W).T).pow(2).mean()
         assert e_gptq < 0.8 * e_rtn, (qtype, e_gptq, e_rtn)
         # codes stay in range and the stored form round-trips
-        back = quantized.decode_parts(qtype, list(W.shape), gptq.group_size, quantized.encode_parts(gptq))
+        back = decode_parts(qtype, list(W.shape), gptq.group_size, encode_parts(gptq))
         assert torch.equal(back.dequantize(), gptq.dequantize())
 
 
@@ -301,7 +302,7 @@ def test_gptq_export_loads_and_helps(trained_ckpt, tmp_path, training_texts):
     # GPTQ covers the block linears; the tied embedding keeps round-to-nearest (see gptq_quantize_model)
     assert {r["method"] for r in gptq["tensors"] if r["qtype"] == "q4" and r["name"] != "tok_emb.weight"} == {"gptq"}
     assert next(r["method"] for r in gptq["tensors"] if r["name"] == "tok_emb.weight") == "rtn"
-    _, tensors = quantized.read_quantized(tmp_path / "gptq.bin")
+    _, tensors = read_quantized(tmp_path / "gptq.bin")
     assert tensors["layers.0.attn.wq.weight"].method == "gptq"
     loss_rtn = rtn["perplexity"]["relative_change"]["token_ppl"]
     loss_gptq = gptq["perplexity"]["relative_change"]["token_ppl"]
@@ -801,7 +802,7 @@ def test_cli_flag_vocabulary_and_exit_codes(tiny_ckpt, tmp_path, capsys):
     err = error_of("--model", tiny_ckpt, "--output", tmp_path / "z.bin", "--json", js, "--quiet")
     assert "--json" in err and "--overwrite" in err
     assert js.read_text() == "{}" and not (tmp_path / "z.bin").exists()
-    with pytest.raises(quantized.QuantizeError, match="--calibration-seq-len 999 is longer"):
+    with pytest.raises(QuantizeError, match="--calibration-seq-len 999 is longer"):
         Q.export(_args(model=str(tiny_ckpt), output=str(tmp_path / "c.bin"), calibration_data=str(js),
                     calibration_seq_len=999))
     # --overwrite (and the old --force) replace an existing export
@@ -882,28 +883,28 @@ def test_quantized_linears_match_their_dequantized_weights(shape, group):
     w = torch.randn(*shape, generator=g) * 0.05
     x = torch.randn(2, 3, shape[1], generator=g)
     for qtype in ("q8", "q4"):
-        qt = quantized.quantize_rtn(w, qtype, group)
+        qt = quantize_rtn(w, qtype, group)
         ref = x @ qt.dequantize().T
-        layer = quantized.int8_linear(qt.codes, qt.scales, "cpu") if qtype == "q8" else quantized.int4_linear(qt, "cpu")
+        layer = int8_linear(qt.codes, qt.scales, "cpu") if qtype == "q8" else int4_linear(qt, "cpu")
         y = layer(x)
         assert y.shape == (2, 3, shape[0]) and y.dtype == torch.float32
         assert ((y - ref).abs() <= _bound(x, qt.dequantize())).all(), (qtype, getattr(layer, "mode", "kernel"))
         if qtype == "q4":
-            expect = "dequant" if shape[0] % 16 or group not in quantized.INT4_KERNEL_GROUPS else "cpu"
+            expect = "dequant" if shape[0] % 16 or group not in INT4_KERNEL_GROUPS else "cpu"
             assert layer.mode == expect
     # without a kernel the layer is dequantized for each call: fp32 arithmetic, no bf16
     for qtype in ("q8", "q4"):
-        qt = quantized.quantize_rtn(w, qtype, group)
-        layer = (quantized.int8_linear(qt.codes, qt.scales, "cpu", kernel=False) if qtype == "q8"
-                 else quantized.int4_linear(qt, "cpu", mode="dequant"))
+        qt = quantize_rtn(w, qtype, group)
+        layer = (int8_linear(qt.codes, qt.scales, "cpu", kernel=False) if qtype == "q8"
+                 else int4_linear(qt, "cpu", mode="dequant"))
         assert torch.allclose(layer(x), x @ qt.dequantize().T, rtol=1e-5, atol=1e-6)
 
 
 def test_int4_kernel_group_and_padding():
-    assert quantized._kernel_group(704, 128) == 64 and quantized._kernel_group(512, 128) == 128
-    assert quantized._kernel_group(200, 128) == 128 and quantized._kernel_group(64, 128) == 64
-    qt = quantized.quantize_rtn(torch.randn(32, 200), "q4", 128)
-    layer = quantized.int4_linear(qt, "cpu")
+    assert _kernel_group(704, 128) == 64 and _kernel_group(512, 128) == 128
+    assert _kernel_group(200, 128) == 128 and _kernel_group(64, 128) == 64
+    qt = quantize_rtn(torch.randn(32, 200), "q4", 128)
+    layer = int4_linear(qt, "cpu")
     assert (layer.kernel_group, layer.pad, layer.scales_and_zeros.shape) == (128, 56, (2, 32, 2))
 
 
@@ -911,9 +912,9 @@ def test_int4_kernel_group_and_padding():
 def test_int4_embedding_reads_rows_from_the_kernel_layout(rows):
     """The tied int4 table is stored once, in the CPU kernel's layout; lookups read it back exactly
     (full 64-row blocks, a shorter last block: 208 = 3 x 64 + 16, 96, 32)."""
-    qt = quantized.quantize_rtn(torch.randn(rows, 192, generator=torch.Generator().manual_seed(3)), "q4", 128)
-    head = quantized.int4_linear(qt, "cpu")
-    emb = quantized.Int4Embedding(qt, head, torch.float32)
+    qt = quantize_rtn(torch.randn(rows, 192, generator=torch.Generator().manual_seed(3)), "q4", 128)
+    head = int4_linear(qt, "cpu")
+    emb = Int4Embedding(qt, head, torch.float32)
     assert not emb.row_packed and emb.weight.data_ptr() == head.weight.data_ptr()
     idx = torch.tensor([[0, rows - 1, rows // 2], [1, 17, rows - 16]])
     assert torch.equal(emb(idx), qt.dequantize()[idx])
@@ -922,17 +923,17 @@ def test_int4_embedding_reads_rows_from_the_kernel_layout(rows):
 def test_int8_and_fp16_embeddings_are_exact():
     w = torch.randn(80, 48, generator=torch.Generator().manual_seed(4))
     idx = torch.tensor([3, 79, 0])
-    q8 = quantized.quantize_rtn(w, "q8")
-    emb8 = quantized.Int8Embedding(quantized.int8_linear(q8.codes, q8.scales, "cpu"), q8.scales, torch.float32)
+    q8 = quantize_rtn(w, "q8")
+    emb8 = Int8Embedding(int8_linear(q8.codes, q8.scales, "cpu"), q8.scales, torch.float32)
     assert torch.equal(emb8(idx), q8.dequantize()[idx])
-    half = quantized.HalfEmbedding(w.half(), torch.float32)
+    half = HalfEmbedding(w.half(), torch.float32)
     assert torch.equal(half(idx), w.half().float()[idx])
 
 
 def test_fused_qkv_and_gate_up_share_the_parts_storage(tmp_path, tiny_model):
     tensors, _ = Q.quantize_model(tiny_model, "int8", progress=False)
     path = tmp_path / "int8.bin"
-    quantized.write_quantized(path, tensors, tiny_model.config.to_dict())
+    write_quantized(path, tensors, tiny_model.config.to_dict())
     m = load_model(path)
     attn, mlp = m.layers[0].attn, m.layers[0].mlp
     assert hasattr(attn, "fused_wq_wk_wv") and hasattr(mlp, "fused_w_gate_w_up")
@@ -993,7 +994,7 @@ def test_quantized_memory_is_within_1_5x_the_file(tmp_path):
     sizes = {}
     for strategy in Q.STRATEGIES:
         tensors, _ = Q.quantize_model(gpt, strategy, progress=False)
-        sizes[strategy] = quantized.write_quantized(tmp_path / f"{strategy}.bin", tensors, cfg.to_dict())
+        sizes[strategy] = write_quantized(tmp_path / f"{strategy}.bin", tensors, cfg.to_dict())
         ratio = model_bytes(load_model(tmp_path / f"{strategy}.bin")) / sizes[strategy]
         assert ratio <= 1.5, (strategy, ratio)
         if strategy in ("int8", "int4"):
@@ -1047,8 +1048,8 @@ def test_cuda_quantized_linears_and_decode(exports, tiny_ckpt):
     w = torch.randn(64, 256, generator=g) * 0.05
     x = torch.randn(4, 256, generator=g)
     for qtype in ("q8", "q4"):
-        qt = quantized.quantize_rtn(w, qtype, 128)
-        layer = quantized.int8_linear(qt.codes, qt.scales, "cuda") if qtype == "q8" else quantized.int4_linear(qt, "cuda")
+        qt = quantize_rtn(w, qtype, 128)
+        layer = int8_linear(qt.codes, qt.scales, "cuda") if qtype == "q8" else int4_linear(qt, "cuda")
         assert getattr(layer, "mode", "cuda") == "cuda" and getattr(layer, "kernel", True)
         y = layer(x.cuda()).float().cpu()
         assert ((y - x @ qt.dequantize().T).abs() <= _bound(x, qt.dequantize())).all(), qtype
