@@ -66,14 +66,6 @@ import data_utils
 # ----------------------------------------------------------------------------------------------
 # command line (built before torch is imported, so --help and a bad flag answer at once)
 
-def add_output_args(p, json_help: str = "write the results as JSON"):
-    """--json/--report/--overwrite/--quiet: the output flags of every benchmark command."""
-    p.add_argument("--json", metavar="PATH", help=json_help)
-    p.add_argument("--report", metavar="PATH", help="write a markdown report")
-    common.add_overwrite_flag(p, "existing --json/--report files")
-    common.add_quiet_flag(p)
-
-
 _AUTO_DTYPE = "auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU"
 
 
@@ -110,7 +102,7 @@ def _add_self_test_parser(sub):
     st.add_argument("--seed", type=common.int_flag(0), default=0, help="seed of the random weights and inputs")
     st.add_argument("--only", default=None, metavar="GROUP,...",
                     help="time only these row groups: " + ", ".join(SPEED_GROUPS) + " (the checks always run)")
-    add_output_args(st)
+    common.add_output_flags(st)
 
 
 def _add_full_parser(sub):
@@ -132,7 +124,7 @@ def _add_full_parser(sub):
     fu.add_argument("--temperature", type=common.float_flag(0), default=0.8, help="sampling temperature; 0 = greedy")
     fu.add_argument("--top-k", type=common.int_flag(0), default=50, help="top-k sampling, 0 = off")
     fu.add_argument("--seed", type=common.int_flag(0), default=1234, help="sampling seed")
-    add_output_args(fu, "write the results as JSON (per dataset: bits_per_byte, word_ppl, char_ppl, "
+    common.add_output_flags(fu, "write the results as JSON (per dataset: bits_per_byte, word_ppl, char_ppl, "
                         "token_ppl and the counts they come from)")
 
 
@@ -148,7 +140,7 @@ def _add_data_parser(sub):
     da.add_argument("--repeat", type=common.int_flag(1), default=3,
                     help="alternate bare / end-to-end runs this often, keep the best")
     da.add_argument("--workdir", default=None, help="keep temp corpora here (default: a temp dir, removed)")
-    add_output_args(da)
+    common.add_output_flags(da)
 
 
 def _add_recipe_parser(sub):
@@ -184,7 +176,7 @@ def _add_recipe_parser(sub):
     common.add_dtype_flag(re_, f"training dtype; {_AUTO_DTYPE}")
     re_.add_argument("--compile", action="store_true", help="torch.compile every run")
     re_.add_argument("--png", metavar="PATH", help="write the val-loss curves as PNG (default: beside --report)")
-    add_output_args(re_)
+    common.add_output_flags(re_)
 
 
 GPU_STEPS = ("data", "train", "self-test", "pytest", "recipe")
@@ -214,7 +206,7 @@ def _add_gpu_parser(sub):
     gp.add_argument("--workdir", default=None, help="keep the tokenizer, data, runs and logs here (default: a "
                     "temp dir)")
     gp.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # the suite's dry run
-    add_output_args(gp, "write every step's figures as JSON (rewritten after each step)")
+    common.add_output_flags(gp, "write every step's figures as JSON (rewritten after each step)")
 
 
 def _add_serve_parser(sub):
@@ -231,7 +223,7 @@ def _add_serve_parser(sub):
     sv.add_argument("--tokens", type=common.int_flag(1), default=64, help="tokens decoded per stream")
     sv.add_argument("--repeat", type=common.int_flag(1), default=3, help="timed runs per figure (median)")
     common.add_device_flag(sv)
-    add_output_args(sv)
+    common.add_output_flags(sv)
 
 
 def build_parser() -> common.ArgumentParser:
@@ -445,8 +437,8 @@ def run_full(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # `self-test`: correctness checks + speed side by side with transformers.LlamaForCausalLM.
 # A check is a function of the SelfTest that records pass/fail rows (SelfTest.check); a timing is a
-# function that records speed rows (SelfTest.row). self_test() runs CHECKS, then SPEED: to add a
-# row, write one small function and append it to its list.
+# function that records speed rows (SelfTest.row). self_test() runs CHECKS, then the SPEED_BY_GROUP
+# timings (--only): to add a row, write one small function and append it to its list.
 
 def _sync(device):
     if str(device).startswith("cuda"):
@@ -455,6 +447,11 @@ def _sync(device):
 
 def _exc_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _median(xs) -> float:
+    """The middle value (the upper one of an even count): every repeated timing reports it."""
+    return sorted(xs)[len(xs) // 2]
 
 
 def _dtype_str(dtype) -> str:
@@ -546,7 +543,7 @@ class SelfTest:
                 fn()
                 _sync(self.device)
                 times[k].append(self.clock() - t0)
-        med = iter(sorted(t)[len(t) // 2] for t in times)
+        med = iter(_median(t) for t in times)
         return [None if fn is None else next(med) for fn in fns]
 
 
@@ -712,8 +709,7 @@ def _train_steps(t: SelfTest, xb, yb):
     clipping, autocast in the run dtype, torch.compile with --compile) for a copy of ours and for HF
     (None without) through the same train_step."""
     args = train.make_args(batch_size=t.batch_size, grad_accum=1, seq_len=t.seq_len, max_steps=10_000,
-                           compile=t.compile, dtype=_dtype_str(t.dtype).replace("float32", "fp32")
-                           .replace("bfloat16", "bf16").replace("float16", "fp16"))
+                           compile=t.compile, dtype=common.dtype_name(str(t.dtype)))
     train.apply_recipe(args, t.cfg)
     ours = GPT(t.cfg).to(t.device)
     ours.load_state_dict(t.model.state_dict())
@@ -981,8 +977,7 @@ def _time_quantized_batch(t: SelfTest, qm, strategy: str, batch: int, llama) -> 
         t.row(f"quant_{strategy}_b{batch}_llama_cpp_tok_s", label, batch * N / t_q, batch * N / t_l, "tok/s",
               peer=f"llama.cpp {QUANT_PEERS[strategy][1]}")
     if t.compile and t.cuda and batch == 1:  # (batch 8 too would double the compile time of the self-test)
-        torch._dynamo.reset()  # a fresh trace per model and batch, never dynamo's recompile limit
-        qm.compile_decode(batch, t.prompt_len + N)
+        qm.compile_decode(batch, t.prompt_len + N)  # starts from a fresh dynamo cache
         path = qm.decode_path
         try:
             t_c, t_h = t.time_pair(lambda: qm.generate(idx, N, temperature=0), lambda: t.hf_generate(idx, N))
@@ -1027,7 +1022,6 @@ SPEED_BY_GROUP = {
     "compiled-decode": [time_compiled_decode],
     "quantized": [partial(time_quantized, strategy=s) for s in QUANT_PEERS],
 }
-SPEED = [fn for fns in SPEED_BY_GROUP.values() for fn in fns]
 
 
 # -- driver
@@ -1347,7 +1341,7 @@ def recipe_runs(cfg, baseline_lrs: list[float], default_lrs: list[float], warmup
 
 
 def split_books(data: str) -> tuple[list[Path], list[Path]]:
-    """(train, test) documents of a directory: whole files, every 10th held out (du.holdout_split)."""
+    """(train, test) documents of a directory: whole files, every 10th held out (data_utils.holdout_split)."""
     files = sorted(p for p in Path(data).rglob("*") if p.is_file() and p.suffix in (".txt", ".md"))
     if len(files) < 2:
         raise BenchmarkError(f"--data {data}: need a directory with at least 2 .txt/.md documents (books); "
@@ -1369,9 +1363,9 @@ def crossing_tokens(curve: list[tuple[int, float]], target: float) -> int | None
     return None
 
 
-def _train_recipe(run: RecipeRun, common: dict, out: Path, progress: bool) -> None:
+def _train_recipe(run: RecipeRun, shared: dict, out: Path, progress: bool) -> None:
     t0 = time.time()
-    summary = train.train(train.make_args(**common, **run.overrides, output_dir=str(out)))
+    summary = train.train(train.make_args(**shared, **run.overrides, output_dir=str(out)))
     per_step = summary["tokens_per_step"]
     metrics = train.read_metrics(out / train.METRICS_NAME)
     run.curve = [(m["step"] * per_step, m["val_loss"]) for m in metrics if "val_loss" in m]
@@ -1405,7 +1399,7 @@ def recipe_benchmark(args) -> dict:
         tokens_per_step = rec["batch_size"] * rec["grad_accum"] * train.default_seq_len(cfg)
         steps = max(2, args.tokens // tokens_per_step)
         runs = recipe_runs(cfg, lr_multiples, default_multiples, warmups, steps)
-        common = dict(config=args.config, data=str(work / "data"), max_steps=steps, seed=args.seed,
+        shared = dict(config=args.config, data=str(work / "data"), max_steps=steps, seed=args.seed,
                       batch_size=rec["batch_size"], grad_accum=rec["grad_accum"],
                       eval_interval=max(1, steps // args.evals), eval_iters=args.eval_iters, save_interval=steps,
                       log_interval=max(1, steps // 50), sample_interval=0, device=args.device, dtype=args.dtype,
@@ -1414,7 +1408,7 @@ def recipe_benchmark(args) -> dict:
                                    args.test_chars)
         def run_one(i: int, run: RecipeRun) -> None:
             say(f"[{i + 1}/{len(runs)}] {run.name}: {steps} steps x {tokens_per_step:,} tokens")
-            _train_recipe(run, common, work / f"run{i}", not args.quiet)
+            _train_recipe(run, shared, work / f"run{i}", not args.quiet)
             lm = scoring.load_lm(str(work / f"run{i}" / train.LATEST_NAME), device=args.device)
             run.result["test"] = {k: v for k, v in scoring.perplexity(lm, test_texts, progress=False).items()
                                   if isinstance(v, (int, float))}
@@ -1571,9 +1565,8 @@ def _gpu_train(c: GpuCheck) -> dict:
         if (out / train.METRICS_NAME).exists() else []
     steady = metrics[2:] or metrics
     if steady:
-        rates = sorted(m["tokens_per_sec"] for m in steady)
-        r.update(steps=metrics[-1]["step"], tokens_per_sec=rates[len(rates) // 2],
-                 mfu=sorted(m.get("mfu") or 0 for m in steady)[len(steady) // 2],
+        r.update(steps=metrics[-1]["step"], tokens_per_sec=_median([m["tokens_per_sec"] for m in steady]),
+                 mfu=_median([m.get("mfu") or 0 for m in steady]),
                  loss_first=metrics[0]["loss"], loss_last=metrics[-1]["loss"])
     return r
 
@@ -1661,9 +1654,6 @@ def run_gpu(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
-
-# ----------------------------------------------------------------------------------------------
 # `serve`: serve.py under load (through its HTTP API, as a client sees it)
 
 def _http_json(url: str, body: dict, timeout: float = 300) -> dict:
@@ -1747,14 +1737,13 @@ def _serve_rows(srv: _ServerUnderTest, name: str, path: Path, args) -> dict:
             t0 = time.perf_counter()
             done = list(pool.map(lambda _: _http_json(url, body)["usage"]["completion_tokens"], range(args.streams)))
             many.append((time.perf_counter() - t0, sum(done)))
-    ttft = sorted(_first_chunk_seconds(srv.url + "/v1/completions", {**body, "max_tokens": 1}) for _ in range(5))
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    one_tps = med([t / s for s, t in single])
-    many_tps = med([t / s for s, t in many])
-    server_s, local_s = med([s for s, _ in single]), med(here)
+    ttft = _median([_first_chunk_seconds(srv.url + "/v1/completions", {**body, "max_tokens": 1}) for _ in range(5)])
+    one_tps = _median([t / s for s, t in single])
+    many_tps = _median([t / s for s, t in many])
+    server_s, local_s = _median([s for s, _ in single]), _median(here)
     return {"model": name, "file": str(path), "params": count_params(gpt.config), "tokens": n,
             "one_stream_tok_s": one_tps, f"{args.streams}_streams_tok_s": many_tps, "concurrency_gain": many_tps / one_tps,
-            "ttft_32_token_prompt_ms": ttft[len(ttft) // 2] * 1e3, "server_request_s": server_s,
+            "ttft_32_token_prompt_ms": ttft * 1e3, "server_request_s": server_s,
             "generate_py_s": local_s, "server_overhead": server_s / local_s - 1}
 
 

@@ -235,7 +235,7 @@ def check_new_file(path, flag: str, overwrite: bool) -> None:
 def check_writable_dir(path, flag: str = "--output-dir") -> bool:
     """Create `path` if needed and check that a file can be written there; FishAIError naming the
     flag otherwise. Returns True when this call created it, so that a run that fails before it has
-    written anything can remove it again (remove_if_empty)."""
+    written anything can remove it again."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FishAIError(f"{flag} {path}: exists and is not a directory; choose another directory")
@@ -248,15 +248,6 @@ def check_writable_dir(path, flag: str = "--output-dir") -> bool:
     except OSError as e:
         raise FishAIError(f"{flag} {path} is not writable ({e.strerror or e}); choose another directory") from None
     return created
-
-
-def remove_if_empty(path) -> None:
-    """Remove a directory this run created when nothing was written into it (a failed run leaves
-    nothing behind)."""
-    try:
-        Path(path).rmdir()
-    except OSError:
-        pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import numpy as np
 
 from common import (FishAIError, atomic_dir, atomic_output, atomic_write_text, write_json, check_new_file,
                     check_output_apart, check_replaceable_dir, run_cli, ArgumentParser, add_overwrite_flag,
-                    add_quiet_flag, float_flag, int_flag, size_flag, EXIT_OK)
+                    add_quiet_flag, float_flag, int_flag, one_line, size_flag, EXIT_OK)
 
 
 class DataError(FishAIError):
@@ -301,6 +301,12 @@ class TextTokenizer:
         return ids, mask
 
 
+def chat_stop_ids(tokenizer) -> list[int]:
+    """<|im_end|> ends an assistant turn; <|endoftext|> also stops a model that never learned it."""
+    ids = [getattr(tokenizer, "im_end_id", None), getattr(tokenizer, "eos_id", None)]
+    return [i for i in ids if i is not None]
+
+
 class IncrementalDecoder:
     """Turns a stream of token ids into text pieces that are safe to print.
 
@@ -391,7 +397,7 @@ def _checkpoint_tokenizer(path: Path) -> TextTokenizer:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unreadable or unsafe: one line
-        raise DataError(f"{path}: a zip file that is not a readable FishAI checkpoint ({str(e).splitlines()[0]}); "
+        raise DataError(f"{path}: a zip file that is not a readable FishAI checkpoint ({one_line(e)}); "
                         "pass the tokenizer directory") from None
     data = ckpt.get("tokenizer") if isinstance(ckpt, dict) else None
     if not data:
@@ -417,10 +423,13 @@ def binary_kind(path: Path) -> str | None:
     """Which of BINARY_KINDS a file is, from its first bytes (None: none of them)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            return _kind_of(f.read(16))
     except OSError:
         return None
-    if head.startswith(b"FISHTOK\x00"):
+
+
+def _kind_of(head: bytes) -> str | None:
+    if head.startswith(BIN_MAGIC):
         return "tokens"
     if head.startswith(b"FISHAIQ\x00"):
         return "quantized"
@@ -435,9 +444,10 @@ def binary_kind(path: Path) -> str | None:
     return None
 
 
-def check_not_binary(path: Path) -> None:
-    """Refuse one of the project's own binary formats passed as text, saying what to pass instead."""
-    kind = binary_kind(path)
+def check_not_binary(path: Path, kind: str | None = None) -> None:
+    """Refuse one of the project's own binary formats passed as text, saying what to pass instead
+    (kind: what _kind_of found in the file's first bytes; read here when not given)."""
+    kind = kind or binary_kind(path)
     if kind:
         what, fix = BINARY_KINDS[kind]
         raise DataError(f"{path} is {what}, not text: {fix.format(parent=str(path.parent) + os.sep)}")
@@ -446,9 +456,9 @@ def check_not_binary(path: Path) -> None:
 def check_text_file(path: Path, probe: int = 1 << 20) -> None:
     """Refuse a file that is not text before a single document of it is read: one of the project's
     own formats (with what to pass instead) or anything mostly undecodable as UTF-8."""
-    check_not_binary(path)
     with open(path, "rb") as f:
         raw = f.read(probe)
+    check_not_binary(path, _kind_of(raw[:16]))
     if not raw:
         return
     text = raw.decode("utf-8", errors="replace")
@@ -1780,36 +1790,34 @@ def tokenize_stream(mixer, tok: TextTokenizer, sinks: dict, *, val_fraction: flo
     return counts
 
 
+def _local_files(sources) -> Iterator[Path | None]:
+    """The files behind `sources` (nested lists flattened); None for a source that is a stream (hf:,
+    python-docs, an iterable). A missing path raises DataError."""
+    for s in sources:
+        if isinstance(s, (list, tuple)):
+            yield from _local_files(s)
+        elif not isinstance(s, (str, os.PathLike)) or str(s) == "python-docs" or str(s).startswith("hf:"):
+            yield None
+        else:
+            yield from _expand_files(str(s))
+
+
 def check_sources(sources) -> None:
     """Before a progress bar starts: every local text file behind `sources` exists and is not one of
     the project's binary formats (16 bytes read per file; the UTF-8 share is checked as each is read)."""
-    for s in sources:
-        if isinstance(s, (list, tuple)):
-            check_sources(s)
-        elif isinstance(s, (str, os.PathLike)) and str(s) != "python-docs" and not str(s).startswith("hf:"):
-            for f in _expand_files(str(s)):
-                if f.suffix.lower() not in JSONL_EXTS + PARQUET_EXTS:
-                    check_not_binary(f)
+    for f in _local_files(sources):
+        if f is not None and f.suffix.lower() not in JSONL_EXTS + PARQUET_EXTS:
+            check_not_binary(f)
 
 
 def _input_bytes(sources) -> int | None:
     """Size of the local files behind `sources` (for the progress bar's percent and time left);
     None when a source is a stream (hf:, python-docs, an iterable) whose size is unknown."""
-    total = 0
-    for s in sources:
-        if isinstance(s, (list, tuple)):
-            sub = _input_bytes(s)
-            if sub is None:
-                return None
-            total += sub
-            continue
-        if not isinstance(s, (str, os.PathLike)) or str(s) == "python-docs" or str(s).startswith("hf:"):
-            return None
-        try:
-            total += sum(f.stat().st_size for f in _expand_files(str(s)))
-        except (DataError, OSError):
-            return None
-    return total
+    try:
+        files = list(_local_files(sources))
+        return None if None in files else sum(f.stat().st_size for f in files)
+    except (DataError, OSError):
+        return None
 
 
 def _progress_bar(show: bool, total: int | None, desc: str = "tokenizing"):
@@ -1941,7 +1949,7 @@ def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | Non
         tok.save(tmp / "tokenizer")
         meta = _prepare_meta(tok, writers, counts, time.time() - t0, sources, mixer, flt, fresh_filters,
                              read_stats, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
+        write_json(tmp / "meta.json", meta)
     if log:
         log(format_prepare_summary(meta, mixer, flt, out))
     return meta
@@ -1984,8 +1992,8 @@ def format_prepare_summary(meta: dict, mixer: DataMixer | None = None, flt: Data
         lines.append(f"  note: {rs['bad_lines']} bad jsonl lines skipped")
     if rs.get("empty_files"):
         lines.append(f"  note: {rs['empty_files']} empty file(s)")
-    if one_block_note(rs):
-        lines.append(f"  note: {one_block_note(rs)}")
+    if note := one_block_note(rs):
+        lines.append(f"  note: {note}")
     if flt is not None:
         lines.append("  " + flt.format_report())
     if mixer is not None and (len(mixer.names) > 1 or mixer.exhausted or mixer.upsample):

@@ -40,7 +40,7 @@ Scoring (lm-evaluation-harness 0.4.13's task files mmlu/default, ceval, hellaswa
   A prompt longer than the model's context keeps its newest tokens (the harness's rule); with
   --drop-shots whole few-shot examples are dropped instead. --json counts both.
 
-Log-likelihood scoring and generation go through benchmark.py (load_lm, LM, loglikelihood), the
+Log-likelihood scoring and generation go through scoring.py (load_lm, LM, loglikelihood), the
 same code reference_benchmark.py uses, so FishAI checkpoints and HF baselines are scored alike.
 """
 
@@ -805,7 +805,7 @@ def read_samples(path: Path, problems: list[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Scoring with a model (through benchmark.py's LM and loglikelihood)
+# Scoring with a model (through scoring.py's LM and loglikelihood)
 # --------------------------------------------------------------------------------------------
 
 # the most (B, T, V) float32 logits one forward may hold, as in scoring.loglikelihood
@@ -1237,13 +1237,13 @@ def load_benchmark_data(b: str, args) -> dict:
 
 
 def load_scorer(args) -> Scorer:
-    """The model to score (--model or --hf) behind benchmark.py's LM, on the resolved device/dtype."""
+    """The model to score (--model or --hf) behind scoring's LM, on the resolved device/dtype."""
     torch.manual_seed(args.seed)
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     try:
         lm = scoring.load_lm(args.hf or args.model, device=str(device), dtype=dtype, hf=bool(args.hf),
-                               dequantize=args.dequantize)
+                             dequantize=args.dequantize)
     except scoring.ScoringError as e:  # a model that cannot be loaded is bad input
         raise EvalError(common.one_line(e)) from None
     return Scorer(lm, batch_size=args.batch_size, progress=not args.quiet)

@@ -107,9 +107,9 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data_utils import IncrementalDecoder  # noqa: E402
-from model import (TokenStream, fast_decode_default, fit_prompt, generate_samples, load_model,  # noqa: E402
-                   stream_generate)
+from data_utils import IncrementalDecoder, chat_stop_ids  # noqa: E402
+from model import (TokenStream, chat_training_warning, fast_decode_default, fit_prompt,  # noqa: E402
+                   generate_samples, load_model, stream_generate)
 
 # ----------------------------------------------------------------------------------------------
 # token generation
@@ -163,12 +163,6 @@ def fit_generation_prompt(prompt_ids: list[int], max_new_tokens: int, max_seq_le
 # chat
 
 
-def chat_stop_ids(tokenizer) -> list[int]:
-    """<|im_end|> ends an assistant turn; <|endoftext|> also stops a model that never learned it."""
-    ids = [getattr(tokenizer, "im_end_id", None), getattr(tokenizer, "eos_id", None)]
-    return [i for i in ids if i is not None]
-
-
 def trim_history(tokenizer, messages: list[dict], reserve: int, max_seq_len: int) -> tuple[list[int], int]:
     """Encode `messages` with the chat template (generation prompt added), dropping the oldest
     user/assistant turns (never the system prompt or the newest message) until the prompt plus
@@ -196,20 +190,6 @@ def enable_line_editing() -> bool:
     except ImportError:
         return False
     return True
-
-
-def chat_training_warning(model) -> str | None:
-    """The warning --chat prints for a model that was never chat-trained (None after SFT). The
-    stage comes from the file: train.py records it in checkpoints, and quantize.py's exports (.bin,
-    HF directory) carry it over (model.load_model sets model.stage)."""
-    stage = getattr(model, "stage", None)
-    if stage == "sft":
-        return None
-    name = getattr(model, "source", None) or "the model"
-    why = (f"its checkpoint records training stage '{stage}'" if stage else
-           "it records no training stage (an older checkpoint, or a file made elsewhere)")
-    return (f"{name} may not be chat-trained: {why}; a model follows the chat template only after "
-            f"fine-tuning (python train.py --stage sft --init-from CHECKPOINT --data chat.jsonl)")
 
 
 class ChatSession:

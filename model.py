@@ -224,12 +224,12 @@ class Attention(nn.Module):
         if input_pos is not None:
             if rows is not None:  # continuous batching: each row at its own positions (mask per row)
                 k, v = self.kv_cache.update(input_pos, k, v, rows=rows)
-                k, v = k[:, :, :kv_end], v[:, :, :kv_end]
-            elif kv_end is not None:  # eager decoding: attend only to the filled part of the cache
+            elif kv_end is not None:  # eager decoding
                 k, v = self.kv_cache.update(input_pos, k, v, start=kv_end - T)
-                k, v = k[:, :, :kv_end], v[:, :, :kv_end]
             else:
                 k, v = self.kv_cache.update(input_pos, k, v)
+            if kv_end is not None:  # attend only to the filled part of the cache (set with rows too)
+                k, v = k[:, :, :kv_end], v[:, :, :kv_end]
             if q.dtype != k.dtype:
                 q = q.to(k.dtype)
         gqa = self.n_kv_heads != self.n_heads
@@ -404,6 +404,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.tokenizer = None
         self.stage = None  # the training stage train.py recorded ("pretrain" / "sft"); exports carry it
+        self.quantized_from = None  # loaded from a quantized .bin: its strategy (quantize.py warns on re-export)
         # generate() builds (once per batch size) and uses compile_decode's compiled CUDA-graph step:
         # generate.py, evaluate.py and benchmark.py turn this on for CUDA (fast_decode_default)
         self.fast_decode = False
@@ -599,6 +600,21 @@ class GPT(nn.Module):
         Returns float logits (B, V) of each row's last position, or (B, T, V) with last_only=False."""
         h = self._hidden(idx, input_pos=positions, rows=rows)
         return self._head(h[:, -1] if last_only else h).float()
+
+    def setup_rows(self, batch: int):
+        """Continuous batching's set-up (serve.py): a KV cache of `batch` rows over the whole context.
+        Returns step(tokens (n, 1), positions (n, 1)) -> (n, V) float logits for rows 0..n-1, each at
+        its own position: the lean step where it applies (generate's fastest path, the same numbers
+        alone or among others), else the module path (forward_rows)."""
+        self.setup_cache(batch, self.config.max_seq_len)
+        if not self._lean_decode_ok():  # a model with hooks or swapped-in layers
+            return lambda tokens, positions: self.forward_rows(tokens, positions, slice(0, tokens.shape[0]))
+        plan = self._lean_plan()
+
+        @torch.inference_mode()
+        def step(tokens, positions):
+            return self._lean_decode_step(plan, tokens, positions.view(-1))
+        return step
 
     def move_cache_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of KV-cache row src into row dst (a finished request's
@@ -1775,6 +1791,20 @@ def load_state_checked(model: GPT, state: dict, source="checkpoint"):
     model.load_state_dict(state)
 
 
+def chat_training_warning(model) -> str | None:
+    """The warning --chat prints for a model that was never chat-trained (None after SFT). The
+    stage comes from the file: train.py records it in checkpoints, and quantize.py's exports (.bin,
+    HF directory) carry it over (model.load_model sets model.stage)."""
+    stage = getattr(model, "stage", None)
+    if stage == "sft":
+        return None
+    name = getattr(model, "source", None) or "the model"
+    why = (f"its checkpoint records training stage '{stage}'" if stage else
+           "it records no training stage (an older checkpoint, or a file made elsewhere)")
+    return (f"{name} may not be chat-trained: {why}; a model follows the chat template only after "
+            f"fine-tuning (python train.py --stage sft --init-from CHECKPOINT --data chat.jsonl)")
+
+
 def checkpoint_stage(ckpt: dict) -> str | None:
     """The training stage a checkpoint records (train.py's --stage), or None."""
     for key in ("extra", "train_args"):
@@ -1819,6 +1849,7 @@ def load_quantized(path, device="cpu", dtype=None, dequantize: bool = False) -> 
     release_freed_memory()
     gpt.tokenizer = _tokenizer_from(header.get("tokenizer"))
     gpt.stage = header.get("stage")  # the training stage of the source checkpoint (generate.py --chat)
+    gpt.quantized_from = header.get("strategy") or "quantized"
     return gpt.eval()
 
 

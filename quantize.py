@@ -101,9 +101,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model import (DEFAULT_GROUP_SIZE, QUANT_MAGIC, QTensor, QuantizeError, _check_group_size, _n_groups,  # noqa: E402
+from model import (DEFAULT_GROUP_SIZE, QTensor, QuantizeError, _check_group_size, _n_groups,  # noqa: E402
                    external_name, int4_codes, int4_params, int8_codes, int8_row_scales, is_hf_output,
-                   load_checkpoint, load_model, param_shapes, quantize_rtn, read_quantized, save_hf,
+                   load_checkpoint, load_model, param_shapes, quantize_rtn, save_hf,
                    write_quantized)
 import scoring  # noqa: E402
 
@@ -427,11 +427,8 @@ def format_perplexity(p: dict) -> str:
 def training_record(src: Path) -> dict | None:
     """step / best_val_loss / train_args / extra of a training checkpoint (.pt); None for a
     quantized .bin or an HF directory, which keep no training record."""
-    if not src.is_file():
+    if not src.is_file() or data_utils.binary_kind(src) == "quantized":
         return None
-    with open(src, "rb") as f:
-        if f.read(len(QUANT_MAGIC)) == QUANT_MAGIC:
-            return None
     ckpt = load_checkpoint(src)
     return {k: ckpt.get(k) for k in ("step", "best_val_loss", "train_args", "extra")}
 
@@ -789,9 +786,8 @@ def export(args) -> dict:
     report = {"source": str(src), "output": str(out), "format": fmt, "strategy": strategy,
               "group_size": args.group_size, "model_config": gpt.config.to_dict(),
               "date": time.strftime("%Y-%m-%d"), "calibration": None, "source_quantized": None}
-    if src.is_file() and data_utils.binary_kind(src) == "quantized":
-        header, _ = read_quantized(src, verify=False)
-        report["source_quantized"] = header.get("strategy") or "quantized"
+    if gpt.quantized_from:
+        report["source_quantized"] = gpt.quantized_from
         print(f"warning: {src} is already quantized ({report['source_quantized']}): the export starts from its "
               f"dequantized weights, and every error below is measured against those, not against the original "
               f"float weights (quantize the .pt checkpoint for that)", file=sys.stderr)

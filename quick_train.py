@@ -101,7 +101,7 @@ class RoundInterrupted(Exception):
         self.round_no, self.round_dir, self.step = round_no, round_dir, step
 
 
-class QuickTrainFailed(QuickTrainError):
+class QuickTrainFailed(QuickTrainError, common.RunFailed):
     """The job ran but produced no usable model: exit EXIT_FAILED (1)."""
 
 
@@ -297,8 +297,7 @@ def load_test_texts(spec: str | None, corpus: Corpus, data: str, text_key: str,
         return docs, f"held-out documents of {data}"
     name, path = scoring.parse_eval_spec(spec)
     if name in scoring.EVAL_SETS:
-        label = {"wikitext103": "WikiText-103 test", "wikitext2": "WikiText-2 test", "ptb": "PTB test"}[name]
-        return scoring.load_eval_texts(name, path), label
+        return scoring.load_eval_texts(name, path), f"{scoring.DATASET_LABELS[name]} test"
     docs = list(data_utils.iter_documents(spec, text_key=text_key))
     if not docs:
         raise QuickTrainError(f"--test-data {spec}: no text found")
@@ -523,19 +522,19 @@ def train_round(job: Job, r: int, settings: dict, init_from: Path | None) -> tup
         # the speed estimate can be off on a busy machine: a hard cap keeps the job in its budget
         # (~10% of the time stays for the test perplexity and the samples)
         max_time = max(10.0, 0.9 * remaining - 5)
-    common = dict(config=args.config, model_override=args.model_override, output_dir=str(rdir),
+    shared = dict(config=args.config, model_override=args.model_override, output_dir=str(rdir),
                   eval_interval=settings["eval_interval"], eval_iters=settings["eval_iters"],
                   save_interval=settings["eval_interval"], log_interval=5, device=args.device, dtype=args.dtype,
                   compile=args.compile, overwrite=True, quiet=args.quiet, max_time=max_time)
     resume = settings.get("resume")
     if resume:
         ran = dict(settings)  # the checkpoint's settings (the previous round's) with the new max_steps
-        train_args = train.make_args(**common, resume=str(resume), max_steps=settings["max_steps"])
+        train_args = train.make_args(**shared, resume=str(resume), max_steps=settings["max_steps"])
         origin, lr_from = f", continuing {resume} (no rewarm)", " (the checkpoint's)"
     else:
         ran, _ = recipe_settings(args, settings, job.vocab)
         train_args = train.make_args(
-            **common, **{k: settings[k] for k in SETTINGS if k not in common}, data=str(job.out / "data"),
+            **shared, **{k: settings[k] for k in SETTINGS if k not in shared}, data=str(job.out / "data"),
             seed=args.seed + r - 1, init_from=str(init_from) if init_from else None)
         origin = f", from {init_from}" if init_from else ", from scratch"
         lr_from = " (train.py's recipe)" if settings.get("lr") is None else ""
@@ -862,12 +861,6 @@ def quick_train_command(args) -> int:
               f"({latest}); continue that round with `python train.py --resume {latest} --output-dir "
               f"{e.round_dir}`, or start over with quick_train.py --overwrite", file=sys.stderr, flush=True)
         return common.EXIT_INTERRUPTED
-    except QuickTrainFailed as e:  # the job ran but produced no usable model: not a usage error
-        print(f"error: {common.one_line(e)}", file=sys.stderr, flush=True)
-        return common.EXIT_FAILED
-    except scoring.ScoringError as e:
-        print(f"error: {common.one_line(e)}", file=sys.stderr, flush=True)
-        return common.EXIT_USAGE
     return common.EXIT_OK
 
 

@@ -1,6 +1,6 @@
 """Score reference models (Pythia, GPT-2, SmolLM2, any transformers causal LM) exactly like FishAI.
 
-Every model goes through benchmark.py's own `load_lm` and `perplexity` (imported, not copied), on
+Every model goes through scoring.py's own `load_lm` and `perplexity` (imported, not copied), on
 the same texts with the same windows, so the numbers sit side by side fairly: compare bits per byte
 (the headline) and word-level perplexity (character-level for text without spaces, such as Chinese)
 across models; token perplexity depends on the tokenizer.
@@ -33,7 +33,7 @@ DEFAULT_MODELS = ["EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "gpt2", "Hu
 
 
 def build_parser() -> common.ArgumentParser:
-    p = common.ArgumentParser(description="Score reference LMs (Pythia, GPT-2, SmolLM2, ...) with benchmark.py's "
+    p = common.ArgumentParser(description="Score reference LMs (Pythia, GPT-2, SmolLM2, ...) with scoring.py's "
                           "functions, side by side with FishAI models.",
                           epilog="usage examples:" + __doc__.split("Usage:")[1].split("Offline")[0])
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
@@ -45,10 +45,7 @@ def build_parser() -> common.ArgumentParser:
     common.add_dtype_flag(p, "dtype the models run in; auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU")
     common.add_eval_text_flags(p)
     p.add_argument("--no-published", action="store_true", help="do not show the published GPT-2 figures")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--report", metavar="PATH", help="write a markdown report")
-    common.add_overwrite_flag(p, "existing --json/--report files")
-    common.add_quiet_flag(p)
+    common.add_output_flags(p)
     return p
 
 
@@ -145,7 +142,7 @@ def report_markdown(res: dict) -> str:
     out = ["# Reference models scored like FishAI", "",
            f"{res['date']}; device {res['settings']['device']}; stride "
            f"{res['settings']['stride'] or 'context length (disjoint windows)'}; every model is scored by "
-           "benchmark.py's perplexity() on the same texts (word, character and byte counts from the original "
+           "scoring.py's perplexity() on the same texts (word, character and byte counts from the original "
            "text). PPL is per word for spaced text, per character (char) for text without spaces.", "",
            "| model | params | context | " + " | ".join(
                f"{lab} bits/byte | {lab} PPL | {lab} token PPL" for lab in labels) + " |",

@@ -94,8 +94,8 @@ import torch.nn.functional as F  # noqa: E402
 from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the handlers' annotations here)
 
 import data_utils  # noqa: E402
-from generate import chat_stop_ids, chat_training_warning  # noqa: E402
-from model import CheckpointError, count_params, load_model, sample_next  # noqa: E402
+from data_utils import chat_stop_ids  # noqa: E402
+from model import CheckpointError, chat_training_warning, count_params, cut_at_stop, load_model, sample_next  # noqa: E402
 
 log = logging.getLogger("fishai.serve")
 
@@ -158,7 +158,7 @@ def _file_hash(path: Path) -> str:
 
 
 def _quantization(gpt, path: Path, dequantize: bool) -> str:
-    if path.is_file() and path.read_bytes()[:8] == b"FISHAIQ\x00":
+    if data_utils.binary_kind(path) == "quantized":
         kinds = {type(m).__name__ for m in gpt.modules()}
         found = [k for k, n in (("int4", "Int4Linear"), ("int8", "Int8Linear"), ("fp16", "HalfLinear")) if n in kinds]
         return "dequantized" if dequantize else ("+".join(found) or "fp32")
@@ -240,10 +240,10 @@ class Job:
         self.text += piece
         if self.stop_hit:
             return "", True
-        hits = [i for i in (self.text.find(s) for s in self.sampling.stop) if i >= 0]
-        end = min(hits) if hits else len(self.text) - self.held_back()
+        cut = len(cut_at_stop(self.text, self.sampling.stop))
+        self.stop_hit = cut < len(self.text)
+        end = cut if self.stop_hit else len(self.text) - self.held_back()
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
-        self.stop_hit = bool(hits)
         return out, self.stop_hit
 
 
@@ -265,7 +265,6 @@ class Engine:
         self.active: list[Job] = []
         self.cond = threading.Condition()
         self.pending_model: ServedModel | None = None  # --watch: swapped in when no row is active
-        self.stopped = False
         self._cache_for: object = None
         name = served.name  # the metric series of this model (labels() takes a lock: look them up once)
         self.m_queue, self.m_active = metrics.queue.labels(name), metrics.active.labels(name)
@@ -288,9 +287,9 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while not self.stopped:
+        while True:
             with self.cond:
-                while not self.stopped and not self.waiting and not self.active and self.pending_model is None:
+                while not self.waiting and not self.active and self.pending_model is None:
                     self.cond.wait()
             try:
                 self._turn()
@@ -308,12 +307,8 @@ class Engine:
             self.pending_model = None
             log.info("model %s: reloaded %s", self.served.name, self.served.path)
         gpt = self.served.gpt
-        if self._cache_for is not gpt:
-            gpt.setup_cache(self.max_batch, gpt.config.max_seq_len)
-            self._cache_for = gpt
-            # decode steps: generate.py's lean step with one position per row (the fastest path,
-            # the same numbers whether a request is alone or among others); prefill: forward_rows
-            self._lean = gpt._lean_plan() if gpt._lean_decode_ok() else None
+        if self._cache_for is not gpt:  # decode steps: model.setup_rows's step; prefill: forward_rows
+            self._decode, self._cache_for = gpt.setup_rows(self.max_batch), gpt
         self._drop_cancelled()
         while self.waiting and len(self.active) < self.max_batch and self.pending_model is None:
             with self.cond:
@@ -347,11 +342,7 @@ class Engine:
         tokens = torch.tensor([[j.next_token] for j in self.active], device=device)
         positions = torch.tensor([[j.pos] for j in self.active], device=device)
         t0 = time.perf_counter()
-        if self._lean is not None:
-            with torch.inference_mode():
-                logits = gpt._lean_decode_step(self._lean, tokens, positions.view(-1))
-        else:  # a model with hooks or swapped-in layers: the module path
-            logits = gpt.forward_rows(tokens, positions, slice(0, len(self.active)))
+        logits = self._decode(tokens, positions).cpu()  # one copy for the batch (sampling runs on the CPU)
         self.m_rate.set(len(self.active) / max(time.perf_counter() - t0, 1e-9))
         for job in self.active:
             job.pos += 1
@@ -362,7 +353,7 @@ class Engine:
         """Sample the next token of the job in `row` from its logits, emit its text, finish it when due."""
         job, tok_info = self.active[row], None
         s = job.sampling
-        logits = logits.float().cpu()
+        logits = logits.cpu()
         tok = int(sample_next(logits[None], s.temperature, s.top_k, s.top_p, job.generator)[0])
         if s.logprobs is not None:
             tok_info = _token_logprobs(logits, tok, s.logprobs, self.served.gpt.tokenizer)
@@ -407,33 +398,23 @@ class Engine:
                 self._release(row)
 
 
-def _token_str(tokenizer, tok: int) -> str:
-    return tokenizer.decode([tok])
-
-
-def _token_logprobs(logits: torch.Tensor, tok: int, top: int, tokenizer) -> dict:
-    lp = F.log_softmax(logits.float(), dim=-1)
+def _logprob_entry(lp: torch.Tensor, tok: int, top: int | None, tokenizer) -> dict:
+    """One token's log-probability and the `top` most likely alternatives, from a row of log-probs."""
     alts = []
     if top:
         vals, ids = lp.topk(min(top, lp.numel()))
-        alts = [(int(i), float(v)) for v, i in zip(vals, ids)]
-    return {"id": tok, "token": _token_str(tokenizer, tok), "logprob": float(lp[tok]),
-            "top": [(_token_str(tokenizer, i), v) for i, v in alts]}
+        alts = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals, ids)]
+    return {"id": tok, "token": tokenizer.decode([tok]), "logprob": float(lp[tok]), "top": alts}
+
+
+def _token_logprobs(logits: torch.Tensor, tok: int, top: int, tokenizer) -> dict:
+    return _logprob_entry(F.log_softmax(logits, dim=-1), tok, top, tokenizer)
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int | None, tokenizer) -> list[dict | None]:
     """Per prompt token: log p(token | the tokens before it) and the top alternatives; None for the first."""
-    lp = F.log_softmax(logits.float(), dim=-1)  # (T, V): position i predicts token i + 1
-    out: list[dict | None] = [None]
-    for i in range(1, len(prompt)):
-        row = lp[i - 1]
-        tok = prompt[i]
-        alts = []
-        if top:
-            vals, ids = row.topk(min(top, row.numel()))
-            alts = [(_token_str(tokenizer, int(j)), float(v)) for v, j in zip(vals, ids)]
-        out.append({"id": tok, "token": _token_str(tokenizer, tok), "logprob": float(row[tok]), "top": alts})
-    return out
+    lp = F.log_softmax(logits, dim=-1)  # (T, V): position i predicts token i + 1
+    return [None] + [_logprob_entry(lp[i - 1], prompt[i], top, tokenizer) for i in range(1, len(prompt))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,16 +675,26 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def chat_completions(server: Server, request):
+async def _open_request(server: Server, request):
+    """A request's JSON body, the model it names, that model's tokenizer and context length."""
     body = await read_body(request, server.args.max_request_kb * 1024)
     m = server.served(body)
-    tok, ctx = m.gpt.tokenizer, m.info["context_length"]
+    return body, m, m.gpt.tokenizer, m.info["context_length"]
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    """(stream, a final usage chunk: stream_options.include_usage)."""
+    stream = _field(body, "stream", (bool,), False)
+    return stream, stream and bool((_field(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
+
+
+async def chat_completions(server: Server, request):
+    body, m, tok, ctx = await _open_request(server, request)
     prompt = chat_prompt(body, tok)
     sampling, n = sampling_from(body, max(1, ctx - len(prompt)), chat=True)
     sampling.stop_ids = set(chat_stop_ids(tok))
     check_context(prompt, sampling.max_tokens, ctx)
-    stream = _field(body, "stream", (bool,), False)
-    usage_chunk = stream and bool((_field(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
+    stream, usage_chunk = _stream_flags(body)
     jobs, queue = server.submit(m, [prompt], sampling, n, stream)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": m.name,
             "system_fingerprint": m.fingerprint}
@@ -753,9 +744,7 @@ def _completion_logprobs(entries: list) -> dict:
 
 
 async def completions(server: Server, request):
-    body = await read_body(request, server.args.max_request_kb * 1024)
-    m = server.served(body)
-    tok, ctx = m.gpt.tokenizer, m.info["context_length"]
+    body, m, tok, ctx = await _open_request(server, request)
     prompts = completion_prompts(body, tok)
     sampling, n = sampling_from(body, 16, chat=False)  # OpenAI's completions default: 16 tokens
     sampling.stop_ids = {tok.eos_id} if tok.eos_id is not None else set()
@@ -763,8 +752,7 @@ async def completions(server: Server, request):
     sampling.prompt_logprobs = echo and sampling.logprobs is not None
     for p in prompts:
         check_context(p, sampling.max_tokens, ctx)
-    stream = _field(body, "stream", (bool,), False)
-    usage_chunk = stream and bool((_field(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
+    stream, usage_chunk = _stream_flags(body)
     jobs, queue = server.submit(m, prompts, sampling, n, stream)
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": m.name, "system_fingerprint": m.fingerprint}

@@ -208,12 +208,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir, *, min_fr
         raise DataError(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB} "
                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     out = Path(output_dir)
-    # the directory is swapped as a whole: with --overwrite it may hold a tokenizer and nothing else
-    common.check_replaceable_dir(out, TOKENIZER_FILES, overwrite, "--output-dir", "a tokenizer")
     on_terminal = sys.stderr.isatty()
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if show_progress and not on_terminal else None
     reader = _Reader(texts, max_bytes, holdout_every, holdout_max_bytes, log)
-    # built in a temp dir beside `out` and swapped in at the end: a failure keeps the old tokenizer
+    # built in a temp dir beside `out` and swapped in at the end: a failure keeps the old tokenizer;
+    # with --overwrite the directory may hold a tokenizer and nothing else (refused before any reading)
     with common.atomic_dir(out, overwrite, flag="--output-dir", owns=TOKENIZER_FILES, what="a tokenizer") as tmp:
         t0 = time.time()
         text_tok = _train_bpe(reader, vocab_size, min_frequency, show_progress and on_terminal)
@@ -266,8 +265,8 @@ def tokenizer_command(args) -> None:
         print(f"  note: {stats['bad_utf8_bytes']} undecodable bytes were replaced by U+FFFD")
     if stats.get("bad_lines"):
         print(f"  note: {stats['bad_lines']} bad jsonl lines skipped")
-    if data_utils.one_block_note(stats):
-        print(f"  note: {data_utils.one_block_note(stats)}")
+    if note := data_utils.one_block_note(stats):
+        print(f"  note: {note}")
     common.write_outputs(args, report, say=False)
 
 

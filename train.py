@@ -866,8 +866,7 @@ def load_init_weights(path: str, log) -> dict:
                                          "them)" if p.is_file() else "an HF Llama directory, converted") +
         "; training starts from there with a fresh optimizer")
     return {"config": gpt.config.to_dict(), "model": {k: v.detach().float() for k, v in gpt.state_dict().items()},
-            "tokenizer": gpt.tokenizer.to_dict() if gpt.tokenizer is not None else None,
-            "extra": {"stage": gpt.stage}, "step": "?"}
+            "tokenizer": gpt.tokenizer.to_dict() if gpt.tokenizer is not None else None}
 
 
 def load_resume_checkpoint(path: Path) -> dict:
@@ -1191,8 +1190,6 @@ def build_model(start: RunStart, dist: Distributed, device) -> GPT:
     if weights is not None:
         load_state_checked(model, weights["model"], source=str(start.resume_path or start.args.init_from))
     model.tokenizer = start.tokenizer
-    if device.type == "cuda":
-        model.loss_chunk_elems = loss_chunk_budget(device)
     return model.to(device)
 
 
@@ -1551,13 +1548,9 @@ def step_runner(model, args: argparse.Namespace, device, dtype, batches: list[tu
     --compile, as train.py runs them) on `model` over fixed `batches`; returns the step's loss. What
     benchmark.py times as the training step. `model` is a GPT or anything with its forward and
     parameter names (benchmark.py's LlamaForCausalLM adapter)."""
-    device = torch.device(device)
-    if device.type == "cuda" and isinstance(model, GPT):
-        model.loss_chunk_elems = loss_chunk_budget(device)
-    dist = Distributed()
+    device, dist = torch.device(device), Distributed()
     run = TrainRun(args=args, dist=dist, device=device, dtype=dtype, out=Path("."), raw_model=model,
-                   model=wrap_model(model, args, dist, device), optimizer=build_optimizer(model, args, device, dist),
-                   schedule=build_schedule(args), scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                   **training_parts(model, args, dist, device, dtype),
                    data=TrainData(FixedBatches(batches), lambda: iter(()), None, None), tokenizer=None, train_args={},
                    say=Printer(False), t_start=time.time())
     model.train()
@@ -1784,7 +1777,7 @@ def train(args: argparse.Namespace) -> dict:
         state = restore_state(run, start.ckpt)
         describe_run(run, start, state)
         if start.ckpt is not None and state.step >= run.args.max_steps:
-            say(already_finished(run, start, state))
+            say(already_finished(run, state))
         run.metrics = MetricsLog(out / METRICS_NAME, dist.master, state.step if start.ckpt is not None else None)
         run.wandb = WandbLogger(run.args, run.args.wandb and dist.master, {**run.train_args,
                                 "model_config": start.cfg.to_dict()}, out)
@@ -1823,15 +1816,23 @@ def build_run(start: RunStart, dist: Distributed, device, out: Path, say: Printe
                   (isinstance(v, (str, int, float, bool, type(None))) or k == "model_override")}
     train_args["world_size"] = dist.world_size
     run = TrainRun(args=args, dist=dist, device=device, dtype=dtype, out=out, raw_model=raw_model,
-                   model=wrap_model(raw_model, args, dist, device),
-                   optimizer=build_optimizer(raw_model, args, device, dist), schedule=build_schedule(args),
-                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), data=data,
+                   **training_parts(raw_model, args, dist, device, dtype), data=data,
                    tokenizer=start.tokenizer, train_args=train_args, say=say, t_start=t_start)
     run.train_args["tokens_per_step"] = run.tokens_per_step
     return run
 
 
-def already_finished(run: TrainRun, start: RunStart, state: TrainState) -> str:
+def training_parts(raw_model, args: argparse.Namespace, dist: Distributed, device, dtype) -> dict:
+    """What trains `raw_model` (train.py's run and benchmark.py's step_runner alike): the wrapped
+    (compiled / DDP) model, the optimizer, the schedule and the fp16 GradScaler; on a GPU the loss
+    is chunked only above a memory budget (loss_chunk_budget)."""
+    if device.type == "cuda" and isinstance(raw_model, GPT):
+        raw_model.loss_chunk_elems = loss_chunk_budget(device)
+    return dict(model=wrap_model(raw_model, args, dist, device), optimizer=build_optimizer(raw_model, args, device, dist),
+                schedule=build_schedule(args), scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+
+def already_finished(run: TrainRun, state: TrainState) -> str:
     stable = run.out / STABLE_NAME
     how = (f"--resume {stable} --max-steps MORE (the WSD decay moves to the new end: no LR jump)" if stable.exists()
            else "--resume auto --max-steps MORE")

@@ -134,7 +134,7 @@ def test_models_list_describes_each_model(client, trained_ckpt, int4_bin, tiny):
 
 
 def test_chat_is_the_models_own_greedy_reply(client, tiny):
-    from generate import chat_stop_ids
+    from data_utils import chat_stop_ids
     text = "The function returns"
     expected = offline_reply(tiny, chat_ids(tiny, text), 24, chat_stop_ids(tiny.tokenizer))
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=24,
