@@ -400,7 +400,7 @@ def _print_full_summary(res: dict, samples_per_prompt: int, show_samples: bool =
 
 def run_full(args) -> int:
     specs = scoring.parse_data_flags(args)
-    common.check_outputs(args)
+    common.check_plan(*output_plan(args), args.overwrite)
     lm = scoring.load_lm(args.model, device=args.device, dtype=args.dtype, hf=args.hf, max_seq_len=args.max_seq_len,
                  dequantize=args.dequantize)
     stride = args.stride or lm.max_seq_len
@@ -1132,7 +1132,7 @@ def self_test_markdown(res: dict) -> str:
 
 
 def run_self_test(args) -> int:
-    common.check_outputs(args)
+    common.check_plan(*output_plan(args), args.overwrite)
     if args.config not in CONFIGS:
         raise BenchmarkError(f"--config {args.config!r}: choose one of {', '.join(CONFIGS)}")
     if args.threads:
@@ -1293,7 +1293,7 @@ def bench_prepare(input_source, tokenizer, workdir=None, filter_spec: str = "def
 
 
 def run_data(args) -> int:
-    common.check_outputs(args)
+    common.check_plan(*output_plan(args), args.overwrite)
     res = bench_prepare(args.input, args.tokenizer, workdir=args.workdir, filter_spec=args.filter, scale=args.scale,
                         repeat=args.repeat, log=None)
     print(json.dumps(res, indent=2))
@@ -1491,10 +1491,8 @@ def recipe_markdown(res: dict) -> str:
 
 
 def run_recipe(args) -> int:
-    common.check_outputs(args)
-    png = args.png or (str(Path(args.report).with_suffix(".png")) if args.report else None)
-    if png:
-        common.check_new_file(png, "--png", args.overwrite)
+    common.check_plan(*output_plan(args), args.overwrite)
+    png = recipe_png(args)
     res = recipe_benchmark(args)
     print("\n" + recipe_markdown(res))
     if png:
@@ -1621,7 +1619,7 @@ def gpu_summary(res: dict) -> dict:
 
 
 def run_gpu(args) -> int:
-    common.check_outputs(args)
+    common.check_plan(*output_plan(args), args.overwrite)
     if not torch.cuda.is_available() and not args.allow_cpu:
         raise BenchmarkError("benchmark.py gpu needs a CUDA GPU: torch.cuda.is_available() is False here (on a CPU "
                              "the same figures come from self-test, full and recipe)")
@@ -1774,7 +1772,7 @@ def _random_model_with_tokenizer(config: str, work: Path) -> GPT:
 
 
 def run_serve_bench(args) -> int:
-    common.check_outputs(args)
+    common.check_plan(*output_plan(args), args.overwrite)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
@@ -1800,6 +1798,29 @@ def run_serve_bench(args) -> int:
     print(serve_markdown(res))
     common.write_outputs(args, res, serve_markdown)
     return common.EXIT_OK
+
+
+WORKDIR_NAMES = re.compile(r"^(c\d+|out\d+|run\d+|tok\d+|tokenizer|data|train|logs|[\w-]+\.(pt|bin|json|md|png))$")
+
+
+def recipe_png(args) -> str | None:
+    """recipe's plot: --png, or beside --report."""
+    return args.png or (str(Path(args.report).with_suffix(".png")) if args.report else None)
+
+
+def output_plan(args) -> tuple[list, list]:
+    """What each command writes (--json, --report; recipe's --png; --workdir, where data, recipe and
+    gpu keep their corpora, tokenizers and runs) and reads."""
+    outs = common.result_outputs(args)
+    if getattr(args, "workdir", None):
+        outs.append(common.Output(args.workdir, "--workdir", "folder", owns=lambda n: bool(WORKDIR_NAMES.match(n))))
+    if args.command == "recipe":
+        outs.append(common.Output(recipe_png(args), "--png", "png"))
+    inputs = {"full": [("--model", args.model if args.command == "full" and not args.hf else None),
+                       *common.eval_text_inputs(args)],
+              "data": [("--input", getattr(args, "input", None)), ("--tokenizer", getattr(args, "tokenizer", None))],
+              "recipe": [("--data", getattr(args, "data", None))], "gpu": [("--data", getattr(args, "data", None))]}
+    return outs, inputs.get(args.command, [])
 
 
 COMMANDS = {"self-test": run_self_test, "full": run_full, "data": run_data, "recipe": run_recipe, "gpu": run_gpu,

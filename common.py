@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -217,21 +218,6 @@ def add_overwrite_flag(p, what: str = "existing output files"):
     p.add_argument("--force", dest="overwrite", action="store_true", help=argparse.SUPPRESS)
 
 
-def check_new_file(path, flag: str, overwrite: bool) -> None:
-    """Refuse, before any work, to replace an existing output file without --overwrite. (A missing
-    parent directory is fine: atomic_output creates it when the file is written, at the end.)"""
-    if not path:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise FishAIError(f"{flag} {p}: is a directory; give a file name")
-    if p.exists() and not overwrite:
-        raise FishAIError(f"{flag} {p}: file exists; pass --overwrite to replace it")
-    parent = next((q for q in p.resolve().parents if q.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise FishAIError(f"{flag} {p}: {parent} is a file, not a directory")
-
-
 def check_writable_dir(path, flag: str = "--output-dir") -> bool:
     """Create `path` if needed and check that a file can be written there; FishAIError naming the
     flag otherwise. Returns True when this call created it, so that a run that fails before it has
@@ -323,29 +309,18 @@ def _follow_umask(root: Path) -> None:
 
 
 def _input_path(source) -> Path | None:
-    """The local path a data source names (a glob: the folder its pattern starts in); None for
-    sources that are no local path (hf:NAME, python-docs)."""
+    """The local path a data source names (a glob: the folder its pattern starts in; NAME=PATH and
+    NAME:PATH: the PATH); None for sources that are no local path (hf:NAME, python-docs)."""
     s = str(source)
     if s.startswith("hf:") or s == "python-docs":
         return None
+    named = re.match(r"^[A-Za-z][\w.-]*[=:](.+)$", s)
+    if named and not Path(s).exists():
+        s = named.group(1)
     cut = min((s.index(c) for c in "*?[" if c in s), default=None)
     if cut is not None:
         s = os.path.dirname(s[:cut]) or "."
     return Path(s).expanduser().resolve()
-
-
-def check_output_apart(out, inputs, flag: str = "--output", input_flag: str = "--input") -> None:
-    """Refuse an output directory that is, contains or lies inside one of the inputs: replacing it
-    would delete or mix with the user's own data (prepare --input books/ --output books/)."""
-    o = Path(out).expanduser().resolve()
-    for src in inputs or ():
-        p = _input_path(src)
-        if p is None or not p.exists():  # a dataset name (wikitext, hf:...), not a local path
-            continue
-        how = ("is" if o == p else "lies inside" if p in o.parents else "contains" if o in p.parents else None)
-        if how:
-            raise FishAIError(f"{flag} {out}: {how} the input {input_flag} {src}; write the output to a directory "
-                            "apart from the inputs")
 
 
 def check_replaceable_dir(out, owns, overwrite: bool, flag: str = "--output", what: str = "this command's output") -> None:
@@ -400,6 +375,260 @@ def atomic_dir(out, overwrite: bool = False, flag: str = "--output", owns=(), wh
     _fsync_dir(out.parent)
 
 
+# ----------------------------------------------------------------------------------------------
+# file kinds: what a file or folder is, from its bytes (a file) or its files (a folder). One table
+# for the loaders' answers ("x.bin is a GGUF model: run it with llama.cpp ...") and the output rule.
+
+QUANT_MAGIC = b"FISHAIQ\x00"   # first 8 bytes of a quantize.py .bin export
+TOKENS_MAGIC = b"FISHTOK\x00"  # first 8 bytes of a prepared token file (train.bin / val.bin)
+
+# kind -> (what it is, what takes it); {path} and {parent} are filled in. The first group is what
+# the project writes (an output folder holding one holds another run's files).
+FILE_KINDS = {
+    "checkpoint": ("a PyTorch checkpoint (.pt, as train.py writes)",
+                   "pass it as --model to generate.py, evaluate.py, benchmark.py, quantize.py or serve.py"),
+    "quantized": ("a quantized model (quantize.py --format bin)",
+                  "pass it as --model to generate.py, evaluate.py, benchmark.py or serve.py"),
+    "gguf": ("a GGUF model (quantize.py --format gguf)", "run it with llama.cpp, or pass the .pt it came from"),
+    "tokens": ("a prepared token file (data_utils.py prepare)",
+               "pass its folder, {parent}, where a prepared dataset is expected (train.py --data {parent})"),
+    "run": ("a training run folder (train.py / quick_train.py)",
+            "pass its checkpoint as --model ({path}/fishai-best.pt), or continue it with train.py --resume auto"),
+    "prepared": ("a prepared dataset folder (data_utils.py prepare)", "pass it as train.py --data"),
+    "tokenizer": ("a tokenizer folder (tokenizer_train.py)", "pass it as --tokenizer"),
+    "hf_model": ("an HF model folder", "pass it as --model"),
+    "json": ("a JSON file", "a results file; not a model"),
+    "png": ("a PNG image", "a plot; not a model"),
+    # not the project's own
+    "safetensors": ("a safetensors weights file", "pass its HF model folder as --model"),
+    "zip": ("a zip archive that is not a PyTorch checkpoint", "unpack it first"),
+    "parquet": ("a parquet file", "give it a .parquet extension so that it is read as parquet data"),
+    "text": ("a text file", "pass it as --data / --input"),
+    "folder": ("a folder without config.json (not an HF model folder)", "pass the file or folder the flag asks for"),
+}
+PROJECT_KINDS = ("checkpoint", "quantized", "gguf", "tokens", "run", "prepared", "tokenizer", "hf_model")
+MODEL_KINDS = ("checkpoint", "quantized", "hf_model")  # what model.load_model reads
+RUN_FILES = ("fishai-best.pt", "fishai-latest.pt", "fishai-stable.pt", "metrics.jsonl", "report.md",
+             "report.json", "loss_curve.png")
+
+
+def _head_kind(head: bytes) -> str | None:
+    if head.startswith(QUANT_MAGIC):
+        return "quantized"
+    if head.startswith(TOKENS_MAGIC):
+        return "tokens"
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.startswith(b"\x89PNG"):
+        return "png"
+    if len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    return None
+
+
+def _zip_kind(path: Path) -> str:
+    import zipfile
+    try:  # torch.save writes a zip whose archive folder holds data.pkl
+        with zipfile.ZipFile(path) as z:
+            return "checkpoint" if any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist()) else "zip"
+    except (zipfile.BadZipFile, OSError):
+        return "checkpoint"  # a zip cut short is most likely a checkpoint cut short: load_checkpoint says so
+
+
+def _folder_kind(path: Path) -> str:
+    names = {p.name for p in path.iterdir()}
+    if "config.json" in names:
+        return "hf_model"
+    if "train.bin" in names or "val.bin" in names:
+        return "prepared"
+    if "tokenizer.json" in names:
+        return "tokenizer"
+    if names & set(RUN_FILES) or any(n.startswith("round") and n[5:].isdigit() for n in names):
+        return "run"
+    return "folder"
+
+
+def file_kind(path) -> str | None:
+    """Which FILE_KINDS entry `path` is, from its first bytes or (a folder) the files in it; None for
+    a missing path or a file of no known kind (binary, or undecodable as text)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _folder_kind(path)
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    kind = _head_kind(head[:16])
+    if kind:
+        return kind
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_kind(path)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not a character cut at the end of the probe
+            return None
+        text = head[:e.start].decode("utf-8")
+    return "json" if text.lstrip()[:1] in ("{", "[") else "text"
+
+
+def describe(path, kind: str) -> str:
+    """'<path> is <what>: <what takes it>' for a FILE_KINDS kind."""
+    path = Path(path)
+    what, takes = FILE_KINDS[kind]
+    return f"{path} is {what}: " + takes.format(path=str(path).rstrip(os.sep), parent=str(path.parent) + os.sep)
+
+
+def check_model_path(path, flag: str | None = None) -> str:
+    """The kind of a model input (one of MODEL_KINDS), or CheckpointError saying what the path is
+    instead and what takes it: the one answer of every model loader."""
+    p, named = Path(path), f"{flag} {path}" if flag else str(path)
+    if not p.exists():
+        raise CheckpointError(f"{named}: no such file or folder (train.py writes checkpoints/fishai-best.pt, "
+                              "quick_train.py runs/quick/fishai-best.pt)")
+    kind = file_kind(p)
+    if kind in MODEL_KINDS:
+        return kind
+    if kind is None:
+        raise CheckpointError(f"{named}: not a model (a binary file of no kind FishAI knows); pass a .pt "
+                              "checkpoint, a quantize.py .bin or an HF model folder")
+    raise CheckpointError(f"{(flag + ' ') if flag else ''}{describe(p, kind)}; a model is a .pt checkpoint, a "
+                          "quantize.py .bin or an HF model folder")
+
+
+# ----------------------------------------------------------------------------------------------
+# the output rule: nothing a user made is ever replaced. Every command lists what it writes
+# (Output) and what it reads, and check_plan refuses, before any work:
+#   - an output that is, contains or lies inside an input (with or without --overwrite);
+#   - an output folder holding another run's files (anything the project writes), without
+#     --overwrite, naming what is there and the ways forward;
+#   - an existing output file, without --overwrite;
+#   - with --overwrite, anything that is not this command's own kind of file (a foreign file is never
+#     replaced; a folder replaced as a whole may hold nothing else).
+
+
+class Output:
+    """One output of a command. kind: the FILE_KINDS kind it writes (a file) or "folder"; owns (a
+    folder): {name: kind that name must be, or None} of what the command writes in it, or a test
+    of a name (_own_kind); whole: the folder is replaced as a whole (atomic_dir); resume: how to continue the
+    run found there, named in the refusal (train.py's "--resume auto"); continues: this command
+    continues that run (train.py --resume with the run's fishai-latest.pt there), so its files are
+    expected."""
+
+    def __init__(self, path, flag: str, kind: str, owns=None, whole: bool = False, resume: str | None = None,
+                 continues: bool = False):
+        self.path, self.flag, self.kind, self.owns = path, flag, kind, owns
+        self.whole, self.resume, self.continues = whole, resume, continues
+
+    @property
+    def folder(self) -> bool:
+        return self.owns is not None
+
+
+def _apart(out: Output, inputs) -> None:
+    o = Path(out.path).expanduser().resolve()
+    for flag, values in inputs:
+        for src in values if isinstance(values, (list, tuple)) else [values]:
+            p = _input_path(src) if src else None
+            if p is None or not p.exists():  # a dataset name (wikitext, hf:...), not a local path
+                continue
+            how = "is" if o == p else "lies inside" if p in o.parents else "contains" if o in p.parents else None
+            if how:
+                raise FishAIError(f"{out.flag} {out.path}: {how} the input {flag} {src}; an output never replaces "
+                                  f"an input, even with --overwrite: write it apart from the inputs")
+
+
+def _own_kind(owns, name: str):
+    """(is the name one this command writes, the kind it must be or None). owns: a dict, or a test
+    of a name that answers False, True or the kind the name must be."""
+    if callable(owns):
+        mine = owns(name)
+        return bool(mine), mine if isinstance(mine, str) else None
+    return name in owns, owns.get(name)
+
+
+def _listing(entries) -> str:
+    shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
+    return shown
+
+
+def _check_folder(out: Output, overwrite: bool) -> None:
+    path = Path(out.path)
+    if path.exists() and not path.is_dir():
+        raise FishAIError(f"{out.flag} {path}: is a file ({FILE_KINDS.get(file_kind(path) or '', ('unknown',))[0]}); "
+                          "give a folder")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    mine, theirs, foreign, clash = [], [], [], []
+    for p in sorted(path.iterdir()):
+        own, want = _own_kind(out.owns, p.name)
+        kind = file_kind(p)
+        if own and (want is None or kind == want or out.continues):  # a run it continues is its own, even cut short
+            mine.append(p.name)
+        elif own:  # our name, but not our kind of file: the user's, never replaced
+            what = FILE_KINDS[kind][0] if kind not in (None, "folder") else f"a {'folder' if p.is_dir() else 'file'} " \
+                "it did not write"
+            clash.append((p.name, f"{p.name} ({what})"))
+        elif kind in PROJECT_KINDS or p.name in RUN_FILES:
+            theirs.append(f"{p.name} ({FILE_KINDS[kind][0] if kind in PROJECT_KINDS else 'another run'})")
+        else:
+            foreign.append(p.name)
+    if out.whole and (foreign or theirs or clash):
+        names = sorted(foreign + [t.split(" (")[0] for t in theirs] + [n for n, _ in clash])
+        raise FishAIError(f"{out.flag} {path}: holds files that this command did not write ({_listing(names)}); "
+                          "it replaces the folder as a whole, which would delete them: choose a new or empty folder")
+    if clash:
+        raise FishAIError(f"{out.flag} {path}: holds {_listing([c for _, c in clash])} where this command writes its "
+                          "own; a file it did not write is never replaced: choose another folder")
+    present = mine + theirs
+    if present and not overwrite and not out.continues:
+        ways = ([f"pass {out.resume}"] if out.resume else []) + ["pass --overwrite to replace them",
+                                                                  f"choose another {out.flag}"]
+        raise FishAIError(f"{out.flag} {path}: already holds another run's files ({_listing(present)}); "
+                          + ", or ".join(ways))
+
+
+def _check_file(out: Output, overwrite: bool) -> None:
+    path = Path(out.path)
+    if path.is_dir():
+        raise FishAIError(f"{out.flag} {path}: is a folder ({FILE_KINDS[file_kind(path)][0]}); give a file name")
+    parent = next((q for q in path.resolve().parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise FishAIError(f"{out.flag} {path}: {parent} is a file, not a folder")
+    if not path.exists():
+        return
+    if not overwrite:
+        raise FishAIError(f"{out.flag} {path}: file exists; pass --overwrite to replace it, or another {out.flag}")
+    kind = file_kind(path)
+    if kind != out.kind and not (out.kind == "text" and kind == "json"):
+        what = FILE_KINDS[kind][0] if kind else "a file of unknown kind"
+        raise FishAIError(f"{out.flag} {path}: is {what}, not {FILE_KINDS[out.kind][0]}; --overwrite replaces only "
+                          f"this command's own kind of file: choose another {out.flag}")
+
+
+def check_plan(outputs, inputs=(), overwrite: bool = False) -> None:
+    """The output rule (above), before any work: every command's first call is
+    check_plan(*output_plan(args), args.overwrite). outputs: Output entries (a None path is skipped);
+    inputs: (flag, path or list of paths) pairs (dataset names that are no local path are skipped)."""
+    outputs = [o for o in outputs if o.path]
+    seen: dict[Path, str] = {}
+    for o in outputs:
+        key = Path(o.path).expanduser().resolve()
+        if key in seen:
+            raise FishAIError(f"{o.flag} {o.path}: is also {seen[key]}; give each output its own path")
+        seen[key] = o.flag
+        _apart(o, inputs)
+        _check_folder(o, overwrite) if o.folder else _check_file(o, overwrite)
+
+
+def result_outputs(args) -> list:
+    """The --json / --report outputs of a command (add_output_flags), for its output_plan."""
+    return [Output(getattr(args, "json", None), "--json", "json"), Output(getattr(args, "report", None), "--report", "text")]
+
+
 def add_eval_text_flags(p):
     """The dataset and scoring flags of benchmark.py full and reference_benchmark.py (which texts
     scoring.load_eval_texts reads, and how perplexity windows them)."""
@@ -420,6 +649,11 @@ def add_eval_text_flags(p):
                    help="cap the context window (default: the model's)")
     p.add_argument("--batch-size", type=int_flag(1), default=8, help="windows per forward pass")
     return p
+
+
+def eval_text_inputs(args) -> list:
+    """The inputs add_eval_text_flags names, for an output_plan."""
+    return [(f"--{k}", getattr(args, k, None)) for k in ("wikitext103", "wikitext2", "ptb", "data")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,12 +737,6 @@ def add_output_flags(p, json_help: str = "write the results as JSON", report: bo
     add_quiet_flag(p)
 
 
-def check_outputs(args) -> None:
-    """Refuse, before any work, to replace an existing --json/--report file without --overwrite."""
-    check_new_file(getattr(args, "json", None), "--json", args.overwrite)
-    check_new_file(getattr(args, "report", None), "--report", args.overwrite)
-
-
 def write_json(path, obj) -> None:
     """Results as JSON (indented, UTF-8, written atomically)."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
@@ -516,7 +744,7 @@ def write_json(path, obj) -> None:
 
 def write_outputs(args, res, to_markdown=None, say: bool = True) -> None:
     """Write --json (the results) and --report (to_markdown(results)) after a run; the paths were
-    checked by check_outputs before the run started."""
+    checked by check_plan before the run started."""
     if getattr(args, "json", None):
         write_json(args.json, res)
         if say:

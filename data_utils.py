@@ -46,8 +46,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from common import (FishAIError, atomic_dir, atomic_output, atomic_write_text, write_json, check_new_file,
-                    check_output_apart, check_replaceable_dir, run_cli, ArgumentParser, add_overwrite_flag,
+import common
+from common import (FishAIError, atomic_dir, atomic_output, atomic_write_text, write_json, run_cli, ArgumentParser,
+                    add_overwrite_flag,
                     add_quiet_flag, float_flag, int_flag, one_line, size_flag, EXIT_OK)
 
 
@@ -382,11 +383,11 @@ def load_tokenizer(path) -> TextTokenizer:
     the tokenizer a FishAI checkpoint (.pt) embeds. Any other model file is refused with what it is."""
     p = Path(path)
     if p.is_file() and p.name != "tokenizer.json":
-        kind = binary_kind(p)
-        if kind == "zip":
+        kind = common.file_kind(p)
+        if kind in ("zip", "checkpoint"):
             return _checkpoint_tokenizer(p)
-        if kind:
-            raise DataError(f"{p} is {BINARY_KINDS[kind][0]}, not a tokenizer: pass the tokenizer directory "
+        if kind not in TEXT_KINDS:
+            raise DataError(f"{p} is {common.FILE_KINDS[kind][0]}, not a tokenizer: pass the tokenizer directory "
                             "(tokenizer_train.py's --output-dir, or a prepared dataset's tokenizer/)")
     return TextTokenizer.from_dir(path)
 
@@ -406,51 +407,17 @@ def _checkpoint_tokenizer(path: Path) -> TextTokenizer:
     return TextTokenizer.from_dict(data)
 
 
-# The project's own binary formats, by their first bytes: what each is, and what to pass instead
-BINARY_KINDS = {
-    "tokens": ("a prepared token file (data_utils.py prepare)",
-               "pass its folder, {parent}, where a prepared dataset is expected (e.g. train.py --data {parent})"),
-    "quantized": ("a quantized model (quantize.py)", "pass it as --model to generate.py, evaluate.py or serve.py"),
-    "zip": ("a zip archive (a PyTorch checkpoint?)", "pass it as --model / --init-from, not as text"),
-    "safetensors": ("a safetensors weights file", "pass its HF model directory as --model"),
-    "gguf": ("a GGUF model (llama.cpp)", "load it with llama.cpp; it is not training text"),
-    "parquet": ("a parquet file", "give it a .parquet extension so that it is read as parquet"),
-}
 MAX_UNDECODABLE = 0.01  # a "text" file with more undecodable bytes than this share is refused
+TEXT_KINDS = (None, "text", "json")  # common.file_kind's answers for what may be read as text
 
 
-def binary_kind(path: Path) -> str | None:
-    """Which of BINARY_KINDS a file is, from its first bytes (None: none of them)."""
-    try:
-        with open(path, "rb") as f:
-            return _kind_of(f.read(16))
-    except OSError:
-        return None
-
-
-def _kind_of(head: bytes) -> str | None:
-    if head.startswith(BIN_MAGIC):
-        return "tokens"
-    if head.startswith(b"FISHAIQ\x00"):
-        return "quantized"
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if head.startswith(b"GGUF"):
-        return "gguf"
-    if head.startswith(b"PAR1"):
-        return "parquet"
-    if len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:
-        return "safetensors"
-    return None
-
-
-def check_not_binary(path: Path, kind: str | None = None) -> None:
-    """Refuse one of the project's own binary formats passed as text, saying what to pass instead
-    (kind: what _kind_of found in the file's first bytes; read here when not given)."""
-    kind = kind or binary_kind(path)
-    if kind:
-        what, fix = BINARY_KINDS[kind]
-        raise DataError(f"{path} is {what}, not text: {fix.format(parent=str(path.parent) + os.sep)}")
+def check_not_binary(path: Path, kind: str | None = "?") -> None:
+    """Refuse one of the project's own files (or another known binary) passed as text, saying what
+    it is and what takes it (kind: common.file_kind's answer; read here when not given)."""
+    kind = common.file_kind(path) if kind == "?" else kind
+    if kind not in TEXT_KINDS:
+        what, takes = common.FILE_KINDS[kind]
+        raise DataError(f"{path} is {what}, not text: " + takes.format(path=str(path), parent=str(path.parent) + os.sep))
 
 
 def check_text_file(path: Path, probe: int = 1 << 20) -> None:
@@ -458,7 +425,7 @@ def check_text_file(path: Path, probe: int = 1 << 20) -> None:
     own formats (with what to pass instead) or anything mostly undecodable as UTF-8."""
     with open(path, "rb") as f:
         raw = f.read(probe)
-    check_not_binary(path, _kind_of(raw[:16]))
+    check_not_binary(path)
     if not raw:
         return
     text = raw.decode("utf-8", errors="replace")
@@ -858,7 +825,7 @@ def _signature(obj) -> str:
 # ----------------------------------------------------------------------------------------------
 # .bin token files (spec: docs/DATA_FORMAT.md)
 
-BIN_MAGIC = b"FISHTOK\x00"
+BIN_MAGIC = common.TOKENS_MAGIC  # the first bytes of a token file
 BIN_VERSION = 1
 BIN_HEADER_SIZE = 64
 _HEADER_STRUCT = struct.Struct("<8sIIQQQ")  # magic, version, dtype code, n_tokens, vocab_size, n_docs
@@ -1886,6 +1853,21 @@ def tokenize_documents(source, tokenizer: TextTokenizer, *, val_fraction: float 
 PREPARED_NAMES = ("train.bin", "val.bin", "meta.json", "tokenizer")  # what prepare writes into --output
 
 
+def prepared_output(out) -> common.Output:
+    """prepare's --output: a folder of PREPARED_NAMES, replaced as a whole (atomic_dir)."""
+    return common.Output(out, "--output", "prepared", owns={"train.bin": "tokens", "val.bin": "tokens",
+                                                            "meta.json": "json", "tokenizer": "tokenizer"}, whole=True)
+
+
+def output_plan(args) -> tuple[list, list]:
+    """What each command writes and reads: prepare (its --output folder; checked again by prepare()
+    itself, which other scripts call) and stats (--json)."""
+    if args.cmd == "prepare":
+        mixed = [p for _, p in parse_mix(args.mix).values()] if args.mix else None
+        return [prepared_output(args.output)], [("--mix", mixed), ("--input", args.input), ("--tokenizer", args.tokenizer)]
+    return [common.Output(args.json, "--json", "json")], [("files", args.files)]
+
+
 def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | None = None,
             filter: str | DataFilter | None = None, val_fraction: float = 0.005, test_fraction: float = 0.0,
             overwrite: bool = False, workers: int | None = None, text_key: str = "text",
@@ -1920,8 +1902,8 @@ def prepare(inputs=None, tokenizer=None, output="data", *, mix: str | dict | Non
     out = Path(output)
     named = [x for _, src in sources.values() for x in (src if isinstance(src, (list, tuple)) else [src])
              if isinstance(x, (str, os.PathLike))]
-    check_output_apart(out, named, "--output", "--mix" if mix else "--input")
-    check_replaceable_dir(out, PREPARED_NAMES, overwrite, "--output", "a prepared dataset")  # before any work
+    common.check_plan([prepared_output(out)], [("--mix" if mix else "--input", named),  # before any work
+                      ("--tokenizer", None if isinstance(tokenizer, TextTokenizer) else tokenizer)], overwrite)
     check_sources(named)
     t0 = time.time()
     with atomic_dir(out, overwrite, "--output", owns=PREPARED_NAMES, what="a prepared dataset") as tmp:
@@ -2054,6 +2036,7 @@ def token_file_stats(path, top: int = 10) -> dict:
 
 
 def prepare_command(args) -> int:
+    common.check_plan(*output_plan(args), args.overwrite)
     prepare(args.input, args.tokenizer, args.output, mix=args.mix, filter=args.filter,
             val_fraction=args.val_fraction, overwrite=args.overwrite, workers=args.workers, text_key=args.text_key,
             skip_bad_lines=args.skip_bad_lines, target_tokens=args.target_tokens, target_docs=args.target_docs,
@@ -2063,7 +2046,7 @@ def prepare_command(args) -> int:
 
 
 def stats_command(args) -> int:
-    check_new_file(args.json, "--json", args.overwrite)
+    common.check_plan(*output_plan(args), args.overwrite)
     for p in args.files:
         st = token_file_stats(p)
         print(f"{p}: {st['n_tokens']:,} tokens, {st['docs_by_eos']:,} docs (EOS), "

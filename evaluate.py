@@ -1182,11 +1182,14 @@ def check_args(args) -> list[str]:
         raise EvalError(f"--model {args.model}: no such file or directory")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise EvalError(f"--data-dir {args.data_dir}: no such directory")
-    if args.json and args.log_samples and Path(args.json).resolve() == Path(args.log_samples).resolve():
-        raise EvalError(f"--json and --log-samples both name {args.json}; give them different files")
-    for flag, path in (("--json", args.json), ("--log-samples", args.log_samples)):
-        common.check_new_file(path, flag, args.overwrite)  # refused now, not after an hour of scoring
+    common.check_plan(*output_plan(args), args.overwrite)  # refused now, not after an hour of scoring
     return benches
+
+
+def output_plan(args) -> tuple[list, list]:
+    """What evaluate writes (--json, --log-samples: JSON lines) and reads (--model, --hf, --data-dir)."""
+    return ([common.Output(args.json, "--json", "json"), common.Output(args.log_samples, "--log-samples", "json")],
+            [("--model", args.model), ("--hf", args.hf), ("--data-dir", args.data_dir)])
 
 
 def load_gsm8k_data(data_dir, k: int) -> dict:

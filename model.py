@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import common
-from common import CheckpointError, atomic_dir, atomic_write, atomic_write_text, resolve_device, resolve_dtype
+from common import (QUANT_MAGIC, CheckpointError, atomic_dir, atomic_write, atomic_write_text, check_model_path,
+                    describe, file_kind, resolve_device, resolve_dtype)
 from data_utils import TextTokenizer
 
 PRESET_NAMES = ("tiny", "small", "medium", "large")  # CONFIGS below; named here for the torch-free parser
@@ -949,7 +950,6 @@ def device_peak_flops(device, dtype=torch.bfloat16):
 # quantized embeddings), installed into a GPT by `install_runtime_layers`. load_model reads a .bin
 # through them; quantize.py (the command) chooses what to quantize and how, and writes the files.
 
-QUANT_MAGIC = b"FISHAIQ\x00"  # first 8 bytes of a .bin export (model.load_model tells the formats apart by it)
 DEFAULT_GROUP_SIZE = 128
 FORMAT_NAME = "fishai-quantized"
 FORMAT_VERSION = 1
@@ -1753,6 +1753,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (train.py writes checkpoints/fishai-best.pt; check the path)")
+    kind = file_kind(path)
+    if kind not in (None, "zip", "checkpoint"):  # one of the project's other files: say which, and what takes it
+        raise CheckpointError(f"{describe(path, kind)}; a checkpoint is the .pt file train.py writes")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is foreign or cut short
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not a file written by torch.save)")
     try:
@@ -1860,18 +1863,13 @@ def load_model(path, device="cpu", dtype=None, dequantize: bool = False) -> GPT:
     install_runtime_layers) unless dequantize=True, which gives plain float weights (for training,
     export or comparison). dtype is the activation dtype then (None: float32)."""
     path = Path(path)
+    kind = check_model_path(path)  # a GGUF, a token file, a run folder...: what it is and what takes it
     device = resolve_device(device)  # "auto", "cuda" (indexed), a torch.device
     dtype = resolve_dtype(dtype, device)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: a directory without config.json is not an HF model directory")
+    if kind == "hf_model":
         model = from_hf(path, device=device)
     else:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such file (check the path)")
-        with open(path, "rb") as f:
-            head = f.read(len(QUANT_MAGIC))
-        if head == QUANT_MAGIC:
+        if kind == "quantized":
             model = load_quantized(path, device=device, dtype=dtype, dequantize=dequantize)
             model.source = str(path)
             return model.eval()
@@ -2095,8 +2093,13 @@ def main(argv=None) -> int:
     return common.run_cli(print_size_table, args)
 
 
+def output_plan(args) -> tuple[list, list]:
+    """What print_size_table writes (--json) and reads (nothing)."""
+    return [common.Output(args.json, "--json", "json")], []
+
+
 def print_size_table(args) -> None:
-    common.check_new_file(args.json, "--json", args.overwrite)
+    common.check_plan(*output_plan(args), args.overwrite)
     rows = size_table([args.config] if args.config else None)
     print(f"{'config':<8}{'d_model':>8}{'layers':>7}{'heads':>6}{'kv':>4}{'d_ff':>6}{'vocab':>7}"
           f"{'params':>14}{'FP32 MB':>10}{'FP16 MB':>10}{'INT4 MB':>10}")

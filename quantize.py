@@ -427,7 +427,7 @@ def format_perplexity(p: dict) -> str:
 def training_record(src: Path) -> dict | None:
     """step / best_val_loss / train_args / extra of a training checkpoint (.pt); None for a
     quantized .bin or an HF directory, which keep no training record."""
-    if not src.is_file() or data_utils.binary_kind(src) == "quantized":
+    if not src.is_file() or common.file_kind(src) == "quantized":
         return None
     ckpt = load_checkpoint(src)
     return {k: ckpt.get(k) for k in ("step", "best_val_loss", "train_args", "extra")}
@@ -704,6 +704,9 @@ def print_report(rows: list[dict], summary: dict, out=sys.stdout) -> None:
               f"({s['compression_vs_source_file']:.2f}x the export)", file=out)
 
 
+SUFFIX = {"bin": ".bin", "gguf": ".gguf"}  # a file is named for what it is: model loaders sniff bytes, people read names
+
+
 def _plan_output(args) -> tuple[str, str, Path]:
     """(format, strategy, output path) of a run, with every flag combination checked before any work."""
     fmt = args.format
@@ -714,15 +717,19 @@ def _plan_output(args) -> tuple[str, str, Path]:
                             "use --format bin or gguf for int8/int4/mixed")
     if args.calibration_data and fmt != "bin":
         raise QuantizeError("--calibration-data applies to --format bin (GGUF uses llama.cpp's own Q8_0/Q4_0 rounding)")
-    if fmt != "hf":
-        common.check_new_file(out, "--output", args.overwrite)
-    elif out.exists() and not out.is_dir():
-        raise QuantizeError(f"--output {out} is a file; --format hf writes a directory")
-    else:  # the directory is replaced as a whole: refuse one holding anything else, before any work
-        common.check_output_apart(out, [args.model], "--output", "--model")
-        common.check_replaceable_dir(out, is_hf_output, args.overwrite, "--output", "an HF model directory")
-    common.check_new_file(args.json, "--json", args.overwrite)
+    if fmt in SUFFIX and out.suffix != SUFFIX[fmt] and not out.is_dir():
+        raise QuantizeError(f"--output {out}: a --format {fmt} file is named *{SUFFIX[fmt]} (e.g. "
+                            f"{out.with_suffix(SUFFIX[fmt])}), so that it is not taken for another kind of file")
     return fmt, strategy, out
+
+
+def output_plan(args) -> tuple[list, list]:
+    """What export writes (--output, --json) and reads (--model, --calibration-data, --eval-data)."""
+    fmt, _, out = _plan_output(args)
+    target = (common.Output(out, "--output", "hf_model", owns=is_hf_output, whole=True) if fmt == "hf"
+              else common.Output(out, "--output", {"bin": "quantized", "gguf": "gguf"}[fmt]))
+    return ([target, common.Output(args.json, "--json", "json")],
+            [("--model", args.model), ("--calibration-data", args.calibration_data), ("--eval-data", args.eval_data)])
 
 
 def _calibration(gpt, args) -> tuple[list | None, dict | None]:
@@ -779,6 +786,7 @@ def _perplexity_report(src: Path, out: Path, fmt: str, texts: list[str], args) -
 
 def export(args) -> dict:
     """The CLI as a function: export and return the report dict (raises a FishAIError on bad input)."""
+    common.check_plan(*output_plan(args), args.overwrite)
     fmt, strategy, out = _plan_output(args)
     src = Path(args.model)
     gpt = load_model(src, device="cpu", dtype=torch.float32, dequantize=True)  # a .bin source too

@@ -777,19 +777,26 @@ def recipe_settings(args, settings: dict, vocab: int) -> tuple[dict, argparse.Na
     return {**settings, **{k: getattr(targs, k) for k in SETTINGS}}, targs
 
 
-def is_run_output(name: str) -> bool:
-    """Whether a name in --output-dir is one quick_train writes (what --overwrite may replace)."""
-    return (name in ("data", "tokenizer", train.BEST_NAME, train.LOSS_CURVE_NAME, "report.json", "report.md")
-            or (name.startswith("round") and name[5:].isdigit()))
+RUN_OUTPUTS = {"data": "prepared", "tokenizer": "tokenizer", train.BEST_NAME: "checkpoint",
+               train.LOSS_CURVE_NAME: "png", "report.json": "json", "report.md": "text"}
 
 
-def open_output_dir(out: Path, overwrite: bool, data: str | None = None) -> bool:
-    """Check --output-dir before any work; returns True when this run created it. A directory with
-    anything quick_train did not write is refused even with --overwrite (its files are the user's)."""
-    if data is not None:
-        common.check_output_apart(out, [data], "--output-dir", "--data")
-    if out.is_dir() and any(out.iterdir()):
-        common.check_replaceable_dir(out, is_run_output, overwrite, "--output-dir", "a quick_train run")
+def is_run_output(name: str) -> str | None:
+    """The kind of file quick_train writes under this name in --output-dir (None: not one of its
+    names). --overwrite replaces a name only when it holds that kind: a user's own data/ is kept."""
+    return RUN_OUTPUTS.get(name) or ("run" if name.startswith("round") and name[5:].isdigit() else None)
+
+
+def output_plan(args) -> tuple[list, list]:
+    """What a run writes (--output-dir, a folder of its own: anything there that quick_train did not
+    write is refused even with --overwrite; --json) and reads (--data, --test-data, --tokenizer)."""
+    return ([common.Output(args.output_dir, "--output-dir", "run", owns=is_run_output, whole=True),
+             common.Output(args.json, "--json", "json")],
+            [("--data", args.data), ("--test-data", args.test_data), ("--tokenizer", args.tokenizer)])
+
+
+def open_output_dir(out: Path, overwrite: bool) -> bool:
+    """Make --output-dir (checked by output_plan) ready; returns True when this run created it."""
     created = common.check_writable_dir(out)
     if overwrite:
         for sub in ["data"] + [p.name for p in out.glob("round*")]:
@@ -808,12 +815,12 @@ def remove_partial_run(job: Job, created: bool) -> None:
 
 
 def quick_train(args) -> dict:
+    common.check_plan(*output_plan(args), args.overwrite)
     device = common.resolve_device(args.device)  # e.g. --device cuda on a CPU machine: refused before any work
-    common.check_new_file(args.json, "--json", args.overwrite)
     target = args.target_ppl if args.target_ppl is not None else (
         DEFAULT_TARGET_PPL if _is_default_wikitext(args.data) and args.target_metric == "word_ppl" else None)
     job = Job(args, Path(args.output_dir), device, time.time(), target)
-    created = open_output_dir(job.out, args.overwrite, args.data)
+    created = open_output_dir(job.out, args.overwrite)
     try:
         return _pipeline(job)
     except RoundInterrupted:

@@ -183,8 +183,13 @@ def _score_all(args, datasets: dict, device: str) -> dict:
     return models
 
 
+def output_plan(args) -> tuple[list, list]:
+    """What compare_command writes (--json, --report) and reads (the local datasets and model dirs)."""
+    return common.result_outputs(args), [*common.eval_text_inputs(args), ("--models", args.models.split(","))]
+
+
 def compare_command(args) -> int:
-    common.check_outputs(args)
+    common.check_plan(*output_plan(args), args.overwrite)
     device = str(common.resolve_device(args.device))
     specs = scoring.parse_data_flags(args)
     ds_errors: dict = {}

@@ -281,8 +281,11 @@ def load_lm(spec, device: str = "cpu", dtype=None, hf: bool = False, max_seq_len
     if path.is_dir():
         mtype = _hf_dir_model_type(path)
         if mtype is None:
-            raise ScoringError(f"{spec}: directory has no config.json; pass a checkpoint (.pt), a "
-                                 "quantized .bin, or a model directory saved with save_pretrained")
+            kind = common.file_kind(path)  # a run, tokenizer or prepared folder: say which, and what takes it
+            what = (f"{common.describe(path, kind)}; a model is" if kind in common.PROJECT_KINDS else
+                    f"{spec}: directory has no config.json; pass")
+            raise ScoringError(f"{what} a checkpoint (.pt), a quantized .bin, or a model directory saved with "
+                               "save_pretrained")
         if mtype != "llama":
             return _load_transformers(spec, device, dtype, max_seq_len)
         try:

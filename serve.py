@@ -158,7 +158,7 @@ def _file_hash(path: Path) -> str:
 
 
 def _quantization(gpt, path: Path, dequantize: bool) -> str:
-    if data_utils.binary_kind(path) == "quantized":
+    if common.file_kind(path) == "quantized":
         kinds = {type(m).__name__ for m in gpt.modules()}
         found = [k for k, n in (("int4", "Int4Linear"), ("int8", "Int8Linear"), ("fp16", "HalfLinear")) if n in kinds]
         return "dequantized" if dequantize else ("+".join(found) or "fp32")

@@ -250,9 +250,14 @@ def format_report(r: dict) -> str:
     ])
 
 
+def output_plan(args) -> tuple[list, list]:
+    """What tokenizer_command writes (a tokenizer folder, replaced as a whole; --json) and reads."""
+    return ([common.Output(args.output_dir, "--output-dir", "tokenizer", owns=dict.fromkeys(TOKENIZER_FILES),
+                           whole=True), common.Output(args.json, "--json", "json")], [("--data", args.data)])
+
+
 def tokenizer_command(args) -> None:
-    common.check_new_file(args.json, "--json", args.overwrite)
-    common.check_output_apart(args.output_dir, args.data, "--output-dir", "--data")
+    common.check_plan(*output_plan(args), args.overwrite)
     stats: dict = {}
     docs = data_utils.iter_documents(args.data, text_key=args.text_key, skip_bad_lines=args.skip_bad_lines,
                              stats=stats, txt_mode=args.txt_mode)

@@ -77,9 +77,13 @@ LATEST_NAME = "fishai-latest.pt"
 BEST_NAME = "fishai-best.pt"
 METRICS_NAME = "metrics.jsonl"
 LOSS_CURVE_NAME = "loss_curve.png"
+WANDB_NAME = "wandb"  # wandb's own run folder, when --wandb logs
 VOCAB_MULTIPLE = 64  # pad the embedding to a multiple of 64 so the vocab matmul uses fast kernels
 VAL_FRACTION = 0.05  # raw --data without --val-data: share of documents held out (du.holdout_split)
 STABLE_NAME = "fishai-stable.pt"
+# what a run writes into --output-dir, and the kind each must be (--overwrite replaces these, nothing else)
+RUN_FILES = {LATEST_NAME: "checkpoint", BEST_NAME: "checkpoint", STABLE_NAME: "checkpoint", METRICS_NAME: None,
+             LOSS_CURVE_NAME: "png", WANDB_NAME: None}
 STAGES = ("pretrain", "sft")
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("wsd", "cosine")
@@ -837,11 +841,24 @@ def apply_recipe(args, cfg: ModelConfig, legacy: bool = False, gpu_bytes: int | 
         args.warmup = math.ceil(RECIPE_WARMUP_FRAC * args.max_steps)
 
 
+def output_plan(args) -> tuple[list, list]:
+    """What a run writes (--output-dir: RUN_FILES, never anything else there) and reads. A folder
+    holding another run is refused unless this run continues it (--resume) or --overwrite says to
+    start over there; the checkpoint a run resumes from may lie in it, any other input may not."""
+    out = Path(args.output_dir)
+    latest, resume = out / LATEST_NAME, args.resume
+    own_resume = resume not in (None, "auto") and Path(resume).resolve().parent == out.resolve()
+    continues = (resume == "auto" and latest.exists()) or own_resume
+    inputs = [("--data", args.data or ("data" if args.stage == "pretrain" else None)), ("--val-data", args.val_data),
+              ("--tokenizer", args.tokenizer), ("--init-from", args.init_from)]
+    if resume not in (None, "auto") and not own_resume:
+        inputs.append(("--resume", resume))
+    return ([common.Output(out, "--output-dir", "run", owns=RUN_FILES, continues=continues,
+                           resume="--resume auto to continue it" if latest.exists() else None)], inputs)
+
+
 def find_resume_checkpoint(args, out: Path, dist: Distributed, log) -> Path | None:
-    if args.resume is None:
-        if dist.master and (out / LATEST_NAME).exists() and not args.overwrite:
-            raise TrainError(f"--output-dir {out} already holds {LATEST_NAME}; pass --resume auto to continue it "
-                             "or --overwrite to start over (its checkpoints will be replaced)")
+    if args.resume is None:  # a run already in --output-dir was refused by output_plan
         return None
     path = out / LATEST_NAME if args.resume == "auto" else Path(args.resume)
     if args.resume == "auto" and not path.exists():
@@ -857,9 +874,7 @@ def load_init_weights(path: str, log) -> dict:
     a .pt checkpoint as it is; a quantized .bin dequantized to float weights, and an HF Llama
     directory converted (each with a note: training continues from those weights)."""
     p = Path(path)
-    if not p.exists():
-        raise TrainError(f"--init-from {path}: no such checkpoint, .bin or HF directory")
-    if p.is_file() and data_utils.binary_kind(p) != "quantized":
+    if common.check_model_path(p, "--init-from") == "checkpoint":  # a GGUF, a token file...: what it is instead
         return load_checkpoint(path)
     gpt = load_model(p, dequantize=True)
     log(f"note: --init-from {path}: " + ("a quantized export, dequantized to float weights (its rounding stays in "
@@ -872,7 +887,7 @@ def load_init_weights(path: str, log) -> dict:
 def load_resume_checkpoint(path: Path) -> dict:
     """Read the checkpoint to resume; when it is unreadable, the error names fishai-best.pt (beside
     it) as the way out: a new run from the best weights."""
-    if path.is_dir() or data_utils.binary_kind(path) == "quantized":
+    if path.is_dir() or common.file_kind(path) == "quantized":
         kind = "an HF model directory" if path.is_dir() else "a quantized export (quantize.py)"
         raise TrainError(f"--resume {path}: {kind} holds weights only (no optimizer, schedule or data position), "
                          f"so no run can continue from it; start a new run from its weights with --init-from "
@@ -1770,6 +1785,7 @@ def train(args: argparse.Namespace) -> dict:
     say = Printer(dist.master)
     ok, created, out = False, False, Path(args.output_dir)
     try:
+        common.check_plan(*output_plan(args), args.overwrite)
         start = resolve_start(args, dist, say)
         device = setup_device(start.args.device, dist)
         created = common.check_writable_dir(out) if dist.master else False

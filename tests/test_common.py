@@ -71,12 +71,17 @@ def test_output_apart_from_inputs_and_replaceable_dir(tmp_path):
     books = tmp_path / "books"
     books.mkdir()
     (books / "a.txt").write_text("x")
+    folder = lambda out: common.Output(out, "--output", "prepared", owns={"a": None}, whole=True)  # noqa: E731
     for out, how in ((books, "is"), (books / "sub", "lies inside"), (tmp_path, "contains")):
-        with pytest.raises(common.FishAIError, match=f"^--output {out}: {how} the input --input {books}"):
-            common.check_output_apart(out, [str(books)])
-    common.check_output_apart(tmp_path / "elsewhere", [str(books), "hf:wikitext", "python-docs", "wikitext103"])
+        for overwrite in (False, True):  # --overwrite never lets an output replace an input
+            with pytest.raises(common.FishAIError, match=f"^--output {out}: {how} the input --input {books}"):
+                common.check_plan([folder(out)], [("--input", [str(books)])], overwrite)
+    common.check_plan([folder(tmp_path / "elsewhere")], [("--input", [str(books), "hf:wikitext", "python-docs",
+                                                                       "wikitext103", f"books={books}/a.txt"])])
     with pytest.raises(common.FishAIError, match="contains the input --input"):
-        common.check_output_apart(tmp_path, [str(books / "*.txt")])  # a glob: the folder it starts in
+        common.check_plan([folder(tmp_path)], [("--input", str(books / "*.txt"))])  # a glob: the folder it starts in
+    with pytest.raises(common.FishAIError, match="lies inside the input --data"):  # NAME=PATH names a path
+        common.check_plan([folder(books / "o")], [("--data", f"mine={books}")])
     common.check_replaceable_dir(tmp_path / "new", ("a",), overwrite=False)          # new: fine
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "a").write_text("1")
@@ -108,12 +113,13 @@ def test_resolve_device_and_dtype_without_a_gpu(monkeypatch):
 def test_results_writer(tmp_path):
     from argparse import Namespace
     args = Namespace(json=str(tmp_path / "r.json"), report=str(tmp_path / "r.md"), overwrite=False)
-    common.check_outputs(args)
+    common.check_plan(common.result_outputs(args))
     common.write_outputs(args, {"a": 1, "名": "鱼"}, lambda r: f"# {r['a']}\n", say=False)
     assert (tmp_path / "r.json").read_text(encoding="utf-8") == '{\n  "a": 1,\n  "名": "鱼"\n}\n'
     assert (tmp_path / "r.md").read_text() == "# 1\n"
     with pytest.raises(common.FishAIError, match="--json .*file exists; pass --overwrite"):
-        common.check_outputs(args)
+        common.check_plan(common.result_outputs(args))
+    common.check_plan(common.result_outputs(args), overwrite=True)  # its own kind of file: replaced
 
 
 def test_ctrl_c_before_a_script_starts_its_work_is_one_line_and_exit_130():

@@ -679,8 +679,8 @@ def test_overwrite_never_deletes_what_the_user_had(tiny_tokenizer_dir, corpus_di
                     "--overwrite", "--quiet")
         how = "is" if out == books else "lies inside" if out == books / "sub" else "contains"
         assert r.returncode == 2 and r.stderr.strip() == (
-            f"error: --output {out}: {how} the input --input {books}/; write the output to a directory apart "
-            "from the inputs"), r.stderr
+            f"error: --output {out}: {how} the input --input {books}/; an output never replaces an input, even "
+            "with --overwrite: write it apart from the inputs"), r.stderr
     assert {p.name: p.read_bytes() for p in books.iterdir()} == before
     other = tmp_path / "other"
     other.mkdir()
@@ -688,14 +688,19 @@ def test_overwrite_never_deletes_what_the_user_had(tiny_tokenizer_dir, corpus_di
     (other / "train.bin").write_bytes(b"old")
     r = run_cli("prepare", "--input", books, "--tokenizer", tiny_tokenizer_dir, "--output", other, "--overwrite",
                 "--quiet")
-    assert r.returncode == 2 and "holds files that are not a prepared dataset (keep.txt)" in r.stderr
-    assert (other / "keep.txt").read_text() == "mine" and (other / "train.bin").read_bytes() == b"old"
+    assert r.returncode == 2 and "holds files that this command did not write (keep.txt, train.bin)" in r.stderr
+    (other / "train.bin").unlink()
+    r = run_cli("prepare", "--input", books, "--tokenizer", tiny_tokenizer_dir, "--output", other, "--overwrite",
+                "--quiet")
+    assert r.returncode == 2 and "holds files that this command did not write (keep.txt)" in r.stderr
+    assert (other / "keep.txt").read_text() == "mine" and sorted(p.name for p in other.iterdir()) == ["keep.txt"]
     # its own output is replaced with --overwrite (and only with it)
     data = tmp_path / "data"
     assert run_cli("prepare", "--input", books, "--tokenizer", tiny_tokenizer_dir, "--output", data,
                    "--quiet").returncode == 0
     r = run_cli("prepare", "--input", books, "--tokenizer", tiny_tokenizer_dir, "--output", data, "--quiet")
-    assert r.returncode == 2 and "already holds a prepared dataset; pass --overwrite" in r.stderr
+    assert r.returncode == 2 and ("already holds another run's files (meta.json, tokenizer, train.bin, val.bin); "
+                                  "pass --overwrite to replace them") in r.stderr
     assert run_cli("prepare", "--input", books, "--tokenizer", tiny_tokenizer_dir, "--output", data, "--overwrite",
                    "--quiet").returncode == 0
     assert sorted(p.name for p in data.iterdir()) == sorted(du.PREPARED_NAMES)
@@ -719,10 +724,11 @@ def test_binary_files_are_refused_as_text_with_what_to_pass(tiny_tokenizer_dir, 
                log=None)
     with pytest.raises(DataError, match=rf"^{data / 'train.bin'} is a prepared token file .*pass its folder, {data}/"):
         list(du.iter_documents(str(data / "train.bin")))
-    with pytest.raises(DataError, match=r"is a zip archive \(a PyTorch checkpoint\?\), not text"):
+    with pytest.raises(DataError, match=r"is a PyTorch checkpoint \(.pt, as train.py writes\), not text: pass it as "
+                                        "--model"):
         list(du.iter_documents(str(tiny_ckpt)))
-    for head, kind in ((b"FISHAIQ\x00", r"a quantized model \(quantize.py\)"),
-                       (b"GGUF\x03\x00\x00\x00", r"a GGUF model \(llama.cpp\)"),
+    for head, kind in ((b"FISHAIQ\x00", r"a quantized model \(quantize.py --format bin\)"),
+                       (b"GGUF\x03\x00\x00\x00", r"a GGUF model \(quantize.py --format gguf\)"),
                        (len(b'{"a": 1}').to_bytes(8, "little") + b'{"a": 1}', "a safetensors weights file")):
         f = tmp_path / f"x{len(head)}.txt"
         f.write_bytes(head + b"\0" * 64)
@@ -741,7 +747,7 @@ def test_a_checkpoint_can_stand_for_its_tokenizer(tiny_ckpt, tiny_tokenizer, tmp
     assert du.load_tokenizer(tiny_ckpt).hash == tiny_tokenizer.hash  # the tokenizer train.py embeds
     q = tmp_path / "m.bin"
     q.write_bytes(b"FISHAIQ\x00" + b"\0" * 32)
-    with pytest.raises(DataError, match=r"m.bin is a quantized model \(quantize.py\), not a tokenizer: pass the "
+    with pytest.raises(DataError, match=r"m.bin is a quantized model \(quantize.py --format bin\), not a tokenizer: pass the "
                                         "tokenizer directory"):
         du.load_tokenizer(q)
 

@@ -481,17 +481,21 @@ def test_json_and_log_samples_are_not_overwritten_without_overwrite(capsys, tmp_
     out, log = tmp_path / "r.json", tmp_path / "log.jsonl"
     common = ["--samples", samples, "--benchmark", "humaneval", "--data-dir", data, "--allow-code-execution"]
     for target, flag in ((out, "--json"), (log, "--log-samples")):
-        target.write_text("keep me")
+        target.write_text('{"keep": "me"}\n')
         rc, stdout, err = run_cli(capsys, *common, flag, target)
         # refused before any work: nothing scored (no table), the old file untouched
-        assert rc == 2 and stdout == "" and target.read_text() == "keep me"
-        assert err.strip() == f"error: {flag} {target}: file exists; pass --overwrite to replace it"
+        assert rc == 2 and stdout == "" and target.read_text() == '{"keep": "me"}\n'
+        assert err.strip() == f"error: {flag} {target}: file exists; pass --overwrite to replace it, or another {flag}"
+    notes = tmp_path / "notes.txt"  # not a results file: never replaced, not even with --overwrite
+    notes.write_text("my notes")
+    rc, stdout, err = run_cli(capsys, *common, "--json", notes, "--overwrite")
+    assert rc == 2 and "is a text file, not a JSON file" in err and notes.read_text() == "my notes"
     rc, stdout, err = run_cli(capsys, *common, "--json", out, "--log-samples", log, "--overwrite")
     assert rc == 0, err
     assert json.loads(out.read_text())["results"]["humaneval"]["pass@1"] == 1.0
     assert json.loads(log.read_text())["passed"] is True and "| humaneval | pass@1 | 1.0000 |" in stdout
     rc, _, err = run_cli(capsys, *common, "--json", out, "--log-samples", out, "--overwrite")
-    assert rc == 2 and "give them different files" in err and json.loads(out.read_text())["results"]
+    assert rc == 2 and "give each output its own path" in err and json.loads(out.read_text())["results"]
 
 
 def test_missing_input_files_exit_2(capsys, tmp_path):

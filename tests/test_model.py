@@ -323,7 +323,7 @@ def test_bad_checkpoint_errors(tmp_path, net):
         M.load_model(truncated)
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="notes.pt is a text file: pass it as --data"):
         M.load_model(text)
     with pytest.raises(CheckpointError, match="without config.json"):
         M.load_model(tmp_path)

@@ -735,8 +735,8 @@ def test_hf_export_writes_a_model_card(tiny_model, tmp_path):
     (out / "notes.txt").write_text("mine")
     r = _quantize_cli("--model", src, "--output", out, "--format", "hf", "--overwrite")
     assert r.returncode == 2 and r.stderr.strip() == (
-        f"error: --output {out}: holds files that are not an HF model directory (notes.txt); they would be "
-        "deleted, so choose a new or empty directory")
+        f"error: --output {out}: holds files that this command did not write (notes.txt); it replaces the folder "
+        "as a whole, which would delete them: choose a new or empty folder")
     assert (out / "notes.txt").read_text() == "mine" and "| weights | FP32 |" in (out / "README.md").read_text()
     r = _quantize_cli("--model", src, "--output", tmp_path, "--format", "hf", "--overwrite")
     assert r.returncode == 2 and "contains the input --model" in r.stderr and src.is_file()
@@ -807,8 +807,11 @@ def test_cli_flag_vocabulary_and_exit_codes(tiny_ckpt, tmp_path, capsys):
                     calibration_seq_len=999))
     # --overwrite (and the old --force) replace an existing export
     out = tmp_path / "x.bin"
+    out.write_bytes(b"my notes, not an export")  # --overwrite replaces only this command's kind of file
+    err = error_of("--model", tiny_ckpt, "--output", out, "--overwrite", "--quiet")
+    assert "is a text file, not a quantized model" in err and out.read_bytes() == b"my notes, not an export"
     for flag in ("--overwrite", "--force"):
-        out.write_bytes(b"old")
+        out.write_bytes(QUANT_MAGIC + b"old")
         assert Q.main(["--model", str(tiny_ckpt), "--output", str(out), flag, "--quiet"]) == 0
         assert out.read_bytes()[:8] == b"FISHAIQ\x00"
     assert sorted(f.name for f in tmp_path.iterdir()) == ["old.json", "x.bin"]

@@ -120,14 +120,19 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, text_file):
     rc = quick_train.main(small_args(text_file, out))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--overwrite" not in err and (out / "mine.txt").read_text() == "keep me"
-    assert err == (f"error: --output-dir {out}: holds files that are not a quick_train run (mine.txt); they would "
-                   "be deleted, so choose a new or empty directory")
+    assert err == (f"error: --output-dir {out}: holds files that this command did not write (mine.txt); it replaces "
+                   "the folder as a whole, which would delete them: choose a new or empty folder")
     # not even with --overwrite, which replaces only quick_train's own outputs
     (out / "data").mkdir()
     (out / "data" / "raw.txt").write_text("my data")
     rc = quick_train.main(small_args(text_file, out, "--overwrite"))
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "(mine.txt)" in err and (out / "data" / "raw.txt").read_text() == "my data"
+    assert rc == 2 and "did not write (data, mine.txt)" in err and (out / "data" / "raw.txt").read_text() == "my data"
+    (out / "mine.txt").unlink()  # a data/ of the user's own, where quick_train writes its prepared data: kept
+    rc = quick_train.main(small_args(text_file, out, "--overwrite"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "holds files that this command did not write (data)" in err
+    assert (out / "data" / "raw.txt").read_text() == "my data"
     # an output directory that holds the input is refused too
     rc = quick_train.main(small_args(text_file, text_file.parent, "--overwrite"))
     err = capsys.readouterr().err.strip()

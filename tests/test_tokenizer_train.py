@@ -302,7 +302,7 @@ def test_cli_overwrite_swaps_the_whole_dir_atomically(small_corpus, tmp_path):
     (books / "a.txt").write_text((small_corpus / "a.txt").read_text(encoding="utf-8"), encoding="utf-8")
     for target in (books, tmp_path):
         r = run_cli("--data", books, "--vocab-size", 300, "--output-dir", target, "--overwrite", "--quiet")
-        assert r.returncode == 2 and f"the input --data {books}; write the output to a directory apart" in r.stderr
+        assert r.returncode == 2 and f"the input --data {books}; an output never replaces an input" in r.stderr
     assert sorted(p.name for p in books.iterdir()) == ["a.txt"]
     # an existing --json file is refused before any work
     js = tmp_path / "r.json"
