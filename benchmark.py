@@ -216,7 +216,7 @@ def _add_serve_parser(sub):
                         "speed does not depend on them) and measures, through its HTTP API: decode tokens/s of one "
                         "stream and the aggregate of --streams concurrent ones, the time to first token of a "
                         "32-token prompt, and one stream's decode time against generate.py's decode loop "
-                        "(model.generate_stream) on the same file, interleaved.")
+                        "(engine.generate_stream) on the same file, interleaved.")
     sv.add_argument("--configs", default="tiny,small", help="presets to export and serve (comma-separated)")
     sv.add_argument("--strategy", default="int4", help="quantize.py --strategy of the served files")
     sv.add_argument("--streams", type=common.int_flag(2), default=8, help="concurrent streams")
@@ -251,6 +251,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from model import (CONFIGS, GPT, IGNORE_INDEX, configure_optimizers, count_params, device_peak_flops,  # noqa: E402
                    estimate_mfu, get_config, load_model, model_bytes, save_checkpoint, to_hf)
+import engine  # noqa: E402
 import scoring  # noqa: E402
 import tokenizer_train  # noqa: E402
 import train  # noqa: E402
@@ -530,7 +531,8 @@ class SelfTest:
         return t_o, t_h
 
     def time_runs(self, fns: list, warmup: int = 1) -> list[float | None]:
-        """Median seconds of each function (None for a None entry), run interleaved."""
+        """Median seconds of each function (None for a None entry), run interleaved; a function that
+        returns a PeerRun is timed by the seconds it reports."""
         live = [fn for fn in fns if fn is not None]
         for fn in live:
             for _ in range(warmup):
@@ -540,9 +542,10 @@ class SelfTest:
             for k, fn in enumerate(live):
                 _sync(self.device)
                 t0 = self.clock()
-                fn()
+                out = fn()
                 _sync(self.device)
-                times[k].append(self.clock() - t0)
+                # a peer in a child process timed itself: this process's CPU clock never saw its work
+                times[k].append(out.seconds if isinstance(out, PeerRun) else self.clock() - t0)
         med = iter(_median(t) for t in times)
         return [None if fn is None else next(med) for fn in fns]
 
@@ -566,16 +569,15 @@ def check_init_loss(t: SelfTest):
 
 
 def check_kv_cache(t: SelfTest):
-    """Prefill + one-token decode steps give the same logits as one full forward."""
+    """The engine's prefill + one-token decode steps, and its static step (the compiled path's math,
+    run eagerly), give the same logits as one full forward."""
     P, S = t.prefill_len, t.seq.shape[1] - t.prefill_len
-    pos = torch.arange(P + S, device=t.device)
     with torch.inference_mode():
         for static in (False, True):
-            t.model.setup_cache(2, P + S, static=static)
-            outs = [t.model(t.seq[:, :P], input_pos=pos[:P])[0]]
-            for i in range(P, P + S):
-                outs.append(t.model(t.seq[:, i:i + 1], input_pos=pos[i:i + 1])[0])
-            t.model.clear_cache()
+            eng = engine.Engine(t.model, 2, P + S)
+            outs = [eng.step(t.seq[:, :P], 0, last_only=False)]
+            step = (lambda tok, i: eng._static(tok, torch.full((2,), i, device=t.device))) if static else eng.step
+            outs += [step(t.seq[:, i:i + 1], i)[:, None] for i in range(P, P + S)]
             err = float((torch.cat(outs, dim=1) - t.full_logits).abs().max())
             t.check(f"KV cache ({'static' if static else 'dynamic'}) = full forward", err < 1e-3,
                     f"max |logit diff| {err:.2e} over {P}-token prefill + {S} decode steps")
@@ -595,7 +597,7 @@ def check_hf_greedy(t: SelfTest):
         return
     prompt = t.seq[:1, :t.prefill_len]
     with torch.inference_mode():
-        ours, theirs = t.model.generate(prompt, 16, temperature=0), t.hf_generate(prompt, 16)
+        ours, theirs = engine.generate(t.model, prompt, 16, temperature=0), t.hf_generate(prompt, 16)
     same = torch.equal(ours.cpu(), theirs.cpu())
     P = t.prefill_len
     t.check("greedy decode = LlamaForCausalLM.generate", same,
@@ -660,10 +662,9 @@ CHECKS = [check_param_count, check_init_loss, check_kv_cache, check_hf_logits, c
 def _greedy_full_recompute(model, idx, n):
     """Decode without a KV cache: the whole sequence is re-run through the model for every token
     (only the last position goes through the output layer, as HF generate(use_cache=False) does)."""
-    last = getattr(model, "_last_logits", None)
     with torch.inference_mode():
         for _ in range(n):
-            logits = last(idx, None) if last is not None else model(idx)[0][:, -1]
+            logits = model._head(model._hidden(idx)[:, -1]) if hasattr(model, "_hidden") else model(idx)[0][:, -1]
             idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
     return idx
 
@@ -671,14 +672,14 @@ def _greedy_full_recompute(model, idx, n):
 def time_prefill(t: SelfTest):
     n = max(1, min(t.seq_len, t.cfg.max_seq_len - 1))
     idx = t.randint(1, n)
-    t_o, t_h = t.time_pair(lambda: t.model.generate(idx, 1, temperature=0), lambda: t.hf_generate(idx, 1))
+    t_o, t_h = t.time_pair(lambda: engine.generate(t.model, idx, 1, temperature=0), lambda: t.hf_generate(idx, 1))
     t.row("prefill_tok_s", f"prefill tokens/s (batch 1, {n} tokens)", n / t_o, n / t_h if t_h else None, "tok/s")
 
 
 def time_decode(t: SelfTest, batch: int, cache: bool):
     idx, N = t.randint(batch, t.prompt_len), t.decode_tokens
     if cache:
-        t_o, t_h = t.time_pair(lambda: t.model.generate(idx, N, temperature=0), lambda: t.hf_generate(idx, N))
+        t_o, t_h = t.time_pair(lambda: engine.generate(t.model, idx, N, temperature=0), lambda: t.hf_generate(idx, N))
     else:
         t_o, t_h = t.time_pair(lambda: _greedy_full_recompute(t.model, idx, N),
                                lambda: t.hf_generate(idx, N, use_cache=False))
@@ -763,8 +764,8 @@ def _time_train_parts(t: SelfTest, run, xb, yb) -> None:
 
 
 def time_compiled_decode(t: SelfTest):
-    """model.compile_decode: a static-shape decode step (static KV cache, attention over the whole
-    buffer with a mask), compiled and on CUDA replayed as a CUDA graph - what generate.py, evaluate.py
+    """The engine's compiled step (compile=True): a static-shape decode step (attention over the whole
+    cache with a mask), compiled and on CUDA replayed as a CUDA graph - what generate.py, evaluate.py
     and benchmark.py decode with on CUDA. Checked against the eager step, teacher-forced; timed
     against HF's fastest generate (static cache, which transformers compiles on CUDA)."""
     if not t.compile:
@@ -773,20 +774,19 @@ def time_compiled_decode(t: SelfTest):
     name = "compiled decode step = eager step (teacher-forced logits)"
     t0 = time.perf_counter()
     try:
-        t.model.compile_decode(1, P + N)
         seq = t.randint(1, P + N)
         ok, detail = scoring.check_decode_paths_agree(t.model, seq, P, t.dtype)
-        t.model.compile_decode(1, P + N)
         t.check(name, ok, f"{detail} (build {time.perf_counter() - t0:.1f}s)")
         idx = seq[:, :P]
+        path = engine.engine_for(t.model, 1, compile=True).path
         hf = (lambda: t.hf_generate(idx, N, cache_implementation="static")) if t.hf is not None else None
-        t_o, t_h = t.time_pair(lambda: t.model.generate(idx, N, temperature=0), hf, warmup=2)
-        t.row("decode_b1_compiled_tok_s", f"decode tokens/s (batch 1, {t.model.decode_path}, {P}+{N} tokens)",
+        t_o, t_h = t.time_pair(lambda: engine.generate(t.model, idx, N, temperature=0, compile=True), hf, warmup=2)
+        t.row("decode_b1_compiled_tok_s", f"decode tokens/s (batch 1, {path}, {P}+{N} tokens)",
               N / t_o, N / t_h if t_h else None, "tok/s", peer="HF generate, static cache (+ its torch.compile on CUDA)")
     except Exception as e:  # no compiler toolchain: report, do not crash the run
         t.check(name, False, _exc_line(e))
     finally:
-        t.model.clear_cache()
+        engine.release(t.model)
 
 
 # -- quantized: the same weights exported as .bin strategies and loaded as load_model loads them
@@ -866,21 +866,62 @@ class LlamaCppDecoder:
         self.llm.close()
 
 
-class PeerCrashed(RuntimeError):
+class PeerFailed(RuntimeError):
+    """A peer could not give a figure: its llama.cpp rows fail (a non-required check), ours go on."""
+
+
+class PeerCrashed(PeerFailed):
     """A peer's native code killed its process (llama.cpp's AMX kernel: SIGSEGV on some CPUs)."""
 
 
-# the child that runs llama.cpp: one LlamaCppDecoder per batch size, a JSON request a line
+class PeerMeasuredNothing(PeerFailed):
+    """A peer's run did not do the work asked (fewer tokens) or took no measurable time: a rate
+    from it would be absurd (a parent's CPU clock once gave llama.cpp 113,978 tok/s)."""
+
+
+@dataclass
+class PeerRun:
+    """One peer run as the peer's own process measured it: the tokens it generated and the seconds
+    it took by the self-test's clock. Its work happens in a child process, which the parent's CPU
+    clock (--clock cpu: time.process_time) does not see, so the child times itself."""
+    tokens: list
+    seconds: float
+
+
+# below this a "decode" of a token measured nothing (a llama.cpp step is tens of microseconds at least)
+MIN_PEER_SECONDS_PER_TOKEN = 1e-6
+
+
+def peer_run(reply: dict, batch: int, n: int, clock: str) -> PeerRun:
+    """A peer child's reply to "decode batch x n tokens", checked before it may become a rate."""
+    tokens, seconds = reply.get("tokens"), reply.get("seconds")
+    if not isinstance(tokens, list) or len(tokens) != batch or any(not isinstance(r, list) or len(r) != n
+                                                                   for r in tokens):
+        got = sum(len(r) for r in tokens if isinstance(r, list)) if isinstance(tokens, list) else 0
+        raise PeerMeasuredNothing(f"llama.cpp returned {got} tokens for {batch} x {n}: no rate from a run that "
+                                  "did not do the work")
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or \
+            seconds < batch * n * MIN_PEER_SECONDS_PER_TOKEN:
+        raise PeerMeasuredNothing(f"llama.cpp measured {seconds} s ({clock} clock, in its own process) for "
+                                  f"{batch} x {n} tokens: no time measured, so no rate")
+    return PeerRun(tokens, float(seconds))
+
+
+# the child that runs llama.cpp: one LlamaCppDecoder per batch size, a JSON request a line; it times
+# each run itself with the self-test's clock (its own process CPU time for --clock cpu)
 LLAMA_WORKER = r"""
-import json, sys
+import json, sys, time
 cfg = json.loads(sys.argv[1])
 sys.path.insert(0, cfg["root"])
 from benchmark import LlamaCppDecoder
 decoders = {b: LlamaCppDecoder(cfg["gguf"], b, cfg["length"], cfg["threads"], cfg["has_vocab"]) for b in cfg["batches"]}
+clock = time.process_time if cfg["clock"] == "cpu" else time.perf_counter
 print("ready", flush=True)
 for line in sys.stdin:
     req = json.loads(line)
-    print(json.dumps(decoders[len(req["prompts"])].generate(req["prompts"], req["n"])), flush=True)
+    t0 = clock()
+    tokens = decoders[len(req["prompts"])].generate(req["prompts"], req["n"])
+    print(json.dumps({"tokens": tokens, "seconds": clock() - t0}), flush=True)
 """
 
 
@@ -889,9 +930,11 @@ class LlamaCppPeer:
     SIGSEGV on some CPUs, ggml-org/llama.cpp issue 20824) fails the llama.cpp rows with its reason
     instead of taking the whole self-test (and its JSON) down."""
 
-    def __init__(self, gguf, batches, length: int, threads: int, has_vocab: bool, worker: str = LLAMA_WORKER):
+    def __init__(self, gguf, batches, length: int, threads: int, has_vocab: bool, worker: str = LLAMA_WORKER,
+                 clock: str = "wall"):
+        self.clock = clock  # "wall" or "cpu": the child times its own runs with it
         cfg = {"root": str(Path(__file__).resolve().parent), "gguf": str(gguf), "batches": list(batches),
-               "length": length, "threads": threads, "has_vocab": has_vocab}
+               "length": length, "threads": threads, "has_vocab": has_vocab, "clock": clock}
         self.proc = subprocess.Popen([sys.executable, "-c", worker, json.dumps(cfg)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._expect("ready")
@@ -907,13 +950,18 @@ class LlamaCppPeer:
                           ("; on CPUs with AMX its quantized kernel does: build llama-cpp-python without AMX "
                            "(README, 'llama.cpp')" if rc == -signal.SIGSEGV else ""))
 
-    def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], n: int) -> PeerRun:
         try:
             self.proc.stdin.write(json.dumps({"prompts": prompts, "n": n}) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass  # the child is gone: _expect says how
-        return json.loads(self._expect(f"decoding {len(prompts)} x {n} tokens"))
+        reply = self._expect(f"decoding {len(prompts)} x {n} tokens")
+        try:
+            reply = json.loads(reply)
+        except ValueError:
+            raise PeerMeasuredNothing(f"llama.cpp answered {reply.strip()[:80]!r}, not a timed run") from None
+        return peer_run(reply if isinstance(reply, dict) else {}, len(prompts), n, self.clock)
 
     def close(self):
         if self.proc.poll() is None:
@@ -946,7 +994,7 @@ def _llama_cpp_peer(t: SelfTest, ckpt: Path, strategy: str) -> LlamaCppPeer | No
     path = ckpt.with_name(f"{strategy}.gguf")
     _quantize_cli(ckpt, path, QUANT_PEERS[strategy][0], fmt="gguf")
     return LlamaCppPeer(path, (1, 8), t.prompt_len + t.decode_tokens, torch.get_num_threads(),
-                        t.model.tokenizer is not None)
+                        t.model.tokenizer is not None, clock="cpu" if t.clock is time.process_time else "wall")
 
 
 def _quantized_model(t: SelfTest, ckpt: Path, strategy: str):
@@ -963,11 +1011,11 @@ def _quantized_model(t: SelfTest, ckpt: Path, strategy: str):
 
 
 def _time_quantized_batch(t: SelfTest, qm, strategy: str, batch: int, llama) -> None:
-    """The rows of one batch size: eager (the lean decode step) vs HF and llama.cpp, interleaved on
-    the same prompt; with --compile on CUDA also compile_decode's CUDA-graph step vs HF."""
+    """The rows of one batch size: the engine's eager step vs HF and llama.cpp, interleaved on the
+    same prompt; with --compile on CUDA also its compiled CUDA-graph step vs HF."""
     idx, N = t.randint(batch, t.prompt_len), t.decode_tokens
     hf_name = "HF LlamaForCausalLM " + ("fp32" if t.dtype == torch.float32 else f"{_dtype_str(t.dtype)} autocast")
-    t_q, t_h, t_l = t.time_runs([lambda: qm.generate(idx, N, temperature=0),
+    t_q, t_h, t_l = t.time_runs([lambda: engine.generate(qm, idx, N, temperature=0),
                                  (lambda: t.hf_generate(idx, N)) if t.hf is not None else None,
                                  (lambda: llama.generate(idx.tolist(), N)) if llama else None])
     label = f"{strategy} .bin: decode tokens/s (batch {batch}, {t.prompt_len}+{N} tokens)"
@@ -977,12 +1025,12 @@ def _time_quantized_batch(t: SelfTest, qm, strategy: str, batch: int, llama) -> 
         t.row(f"quant_{strategy}_b{batch}_llama_cpp_tok_s", label, batch * N / t_q, batch * N / t_l, "tok/s",
               peer=f"llama.cpp {QUANT_PEERS[strategy][1]}")
     if t.compile and t.cuda and batch == 1:  # (batch 8 too would double the compile time of the self-test)
-        qm.compile_decode(batch, t.prompt_len + N)  # starts from a fresh dynamo cache
-        path = qm.decode_path
+        path = engine.engine_for(qm, batch, compile=True).path  # starts from a fresh dynamo cache
         try:
-            t_c, t_h = t.time_pair(lambda: qm.generate(idx, N, temperature=0), lambda: t.hf_generate(idx, N))
+            t_c, t_h = t.time_pair(lambda: engine.generate(qm, idx, N, temperature=0, compile=True),
+                                   lambda: t.hf_generate(idx, N))
         finally:
-            qm.clear_cache()
+            engine.release(qm)
         t.row(f"quant_{strategy}_b{batch}_compiled_tok_s", f"{label}, {path}", batch * N / t_c,
               batch * N / t_h if t_h else None, "tok/s", peer=hf_name)
 
@@ -999,13 +1047,13 @@ def time_quantized(t: SelfTest, strategy: str):
         llama = None
         try:
             llama = _llama_cpp_peer(t, ckpt, strategy)
-        except PeerCrashed as e:
+        except PeerFailed as e:
             t.check(f"llama.cpp runs the {strategy} GGUF", False, str(e), required=False)
         try:
             for batch in (1, 8):
                 try:
                     _time_quantized_batch(t, qm, strategy, batch, llama)
-                except PeerCrashed as e:  # our rows were timed with it: again without the peer
+                except PeerFailed as e:  # our rows were timed with it: again without the peer
                     t.check(f"llama.cpp runs the {strategy} GGUF", False, str(e), required=False)
                     llama.close()
                     llama = None
@@ -1676,14 +1724,62 @@ def _first_chunk_seconds(url: str, body: dict) -> float:
     return time.perf_counter() - t0
 
 
+def _stream_token_times(url: str, body: dict, t_start: float) -> list[float]:
+    """Seconds after t_start at which each text chunk of a streamed request arrived."""
+    import urllib.request
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    times = []
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for line in r:
+            if line.startswith(b"data: {") and any(c.get("text") for c in json.loads(line[6:])["choices"]):
+                times.append(time.perf_counter() - t_start)
+    return times
+
+
+def _streams_with_a_long_prompt(url: str, body: dict, long_prompt: list | None, streams: int = 4) -> dict:
+    """`streams` streamed requests decoding; with long_prompt, a request with it arrives once they
+    run. Returns the streams' inter-token gaps (those after the long prompt arrived, when given)
+    and the long prompt's time to its first token."""
+    from concurrent.futures import ThreadPoolExecutor
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams + 1) as pool:
+        running = [pool.submit(_stream_token_times, url, body, t0) for _ in range(streams)]
+        arrived, ttft = None, None
+        if long_prompt is not None:
+            time.sleep(0.3)  # the streams are decoding by now
+            arrived = time.perf_counter() - t0
+            ttft = _first_chunk_seconds(url, {**body, "prompt": long_prompt, "max_tokens": 1})
+        times = [f.result() for f in running]
+    gaps = [b - a for ts in times for a, b in zip(ts, ts[1:]) if arrived is None or a >= arrived]
+    return {"gaps": gaps, "ttft": ttft}
+
+
+def _stall_rows(chunked: "_ServerUnderTest", whole: "_ServerUnderTest", name: str, context: int, args) -> dict:
+    """A long prompt arriving while 4 streams decode: their p99 inter-token gap against their median
+    alone, and its time to first token prefilled in chunks against in one piece (same scenario)."""
+    body = {"model": name, "prompt": list(range(5, 37)), "max_tokens": 2 * args.tokens, "temperature": 0}
+    long_prompt = [5 + (i * 7919) % 200 for i in range(min(2000, context - 8))]
+    url = "/v1/completions"
+    alone = _streams_with_a_long_prompt(chunked.url + url, body, None)
+    during = _streams_with_a_long_prompt(chunked.url + url, body, long_prompt)
+    unchunked = _streams_with_a_long_prompt(whole.url + url, body, long_prompt)
+    p99 = sorted(during["gaps"])[max(0, math.ceil(0.99 * len(during["gaps"])) - 1)] if during["gaps"] else float("nan")
+    median_alone = _median(alone["gaps"])
+    return {"long_prompt_tokens": len(long_prompt), "itl_median_alone_ms": median_alone * 1e3,
+            "itl_p99_during_long_prefill_ms": p99 * 1e3, "itl_p99_over_median": p99 / median_alone,
+            "long_prompt_ttft_chunked_s": during["ttft"], "long_prompt_ttft_unchunked_s": unchunked["ttft"],
+            "ttft_chunked_over_unchunked": during["ttft"] / unchunked["ttft"]}
+
+
 class _ServerUnderTest:
-    def __init__(self, files: dict, device: str):
+    def __init__(self, files: dict, device: str, extra: tuple = ()):
         import socket
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         args = [sys.executable, str(Path(__file__).with_name("serve.py")), "--port", str(self.port), "--device", device,
-                "--max-batch", "16", "--log-level", "warning"]
+                "--max-batch", "16", "--log-level", "warning", *extra]
         for name, path in files.items():
             args += ["--model", f"{name}={path}"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1704,9 +1800,20 @@ class _ServerUnderTest:
         self.proc.wait(timeout=30)
 
 
+def _many_streams_tok_s(url: str, body: dict, args) -> float:
+    """Aggregate tokens/s of args.streams concurrent requests (median of args.repeat runs)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(args.streams) as pool:
+        many = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            done = list(pool.map(lambda _: _http_json(url, body)["usage"]["completion_tokens"], range(args.streams)))
+            many.append(sum(done) / (time.perf_counter() - t0))
+    return _median(many)
+
+
 def _serve_rows(srv: _ServerUnderTest, name: str, path: Path, args) -> dict:
     """One model's figures: one stream, N concurrent, TTFT, and the server vs generate.py."""
-    from concurrent.futures import ThreadPoolExecutor
     url, n = srv.url + "/v1/completions", args.tokens
     gpt = load_model(path, device=args.device)
     prompt = [int(t) for t in torch.randint(4, gpt.tokenizer.vocab_size, (32,), generator=torch.Generator().manual_seed(0))]
@@ -1720,7 +1827,7 @@ def _serve_rows(srv: _ServerUnderTest, name: str, path: Path, args) -> dict:
     def local() -> float:  # generate.py's decode loop on the same file, same prompt
         idx = torch.tensor([prompt], device=gpt.norm.weight.device)
         t0 = time.perf_counter()
-        for _ in gpt.generate_stream(idx, n, temperature=0):
+        for _ in engine.generate_stream(gpt, idx, n, temperature=0):
             pass
         return time.perf_counter() - t0
 
@@ -1729,15 +1836,9 @@ def _serve_rows(srv: _ServerUnderTest, name: str, path: Path, args) -> dict:
     for _ in range(args.repeat):  # interleaved: both see the same machine
         single.append(one())
         here.append(local())
-    with ThreadPoolExecutor(args.streams) as pool:
-        many = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            done = list(pool.map(lambda _: _http_json(url, body)["usage"]["completion_tokens"], range(args.streams)))
-            many.append((time.perf_counter() - t0, sum(done)))
+    many_tps = _many_streams_tok_s(url, body, args)
     ttft = _median([_first_chunk_seconds(srv.url + "/v1/completions", {**body, "max_tokens": 1}) for _ in range(5)])
     one_tps = _median([t / s for s, t in single])
-    many_tps = _median([t / s for s, t in many])
     server_s, local_s = _median([s for s, _ in single]), _median(here)
     return {"model": name, "file": str(path), "params": count_params(gpt.config), "tokens": n,
             "one_stream_tok_s": one_tps, f"{args.streams}_streams_tok_s": many_tps, "concurrency_gain": many_tps / one_tps,
@@ -1748,12 +1849,23 @@ def _serve_rows(srv: _ServerUnderTest, name: str, path: Path, args) -> dict:
 def serve_markdown(res: dict) -> str:
     k = res["streams"]
     lines = [f"# serve.py under load ({res['date']}, {res['device']})", "", f"`{res['command']}`", "",
-             f"| model | one stream tok/s | {k} streams tok/s | gain | TTFT (32-token prompt) | server vs generate.py, "
-             "one stream |", "|---|---:|---:|---:|---:|---:|"]
+             f"| model | one stream tok/s | {k} streams tok/s | gain | {k} streams, --deterministic | TTFT (32-token "
+             "prompt) | server vs generate.py, one stream |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lines.append(f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['one_stream_tok_s']:,.0f} | "
-                     f"{r[f'{k}_streams_tok_s']:,.0f} | {r['concurrency_gain']:.2f}x | {r['ttft_32_token_prompt_ms']:.0f} ms | "
-                     f"{r['server_overhead']:+.1%} |")
+                     f"{r[f'{k}_streams_tok_s']:,.0f} | {r['concurrency_gain']:.2f}x | "
+                     f"{r['deterministic_streams_tok_s']:,.0f} ({r['deterministic_cost']:.0%} less) | "
+                     f"{r['ttft_32_token_prompt_ms']:.0f} ms | {r['server_overhead']:+.1%} |")
+    lines += ["", "A long prompt arriving while 4 streams decode (prefilled --prefill-chunk 256 tokens a turn, "
+              "against in one piece):", "",
+              "| model | long prompt | inter-token gap alone, median | during its prefill, p99 | p99 / median | its TTFT "
+              "chunked | in one piece | chunked / one piece |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        st = r["long_prompt"]
+        lines.append(f"| {r['model']} | {st['long_prompt_tokens']} tokens | {st['itl_median_alone_ms']:.1f} ms | "
+                     f"{st['itl_p99_during_long_prefill_ms']:.1f} ms | {st['itl_p99_over_median']:.1f}x | "
+                     f"{st['long_prompt_ttft_chunked_s']:.2f} s | {st['long_prompt_ttft_unchunked_s']:.2f} s | "
+                     f"{st['ttft_chunked_over_unchunked']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -1771,6 +1883,32 @@ def _random_model_with_tokenizer(config: str, work: Path) -> GPT:
     return gpt
 
 
+def _serve_all(files: dict, args) -> list[dict]:
+    """Every figure of every model: the default server, then one with --deterministic (its batch
+    throughput) and one that prefills in one piece (the long prompt's stall)."""
+    srv = _ServerUnderTest(files, args.device)
+    try:
+        rows = [_serve_rows(srv, name, path, args) for name, path in files.items()]
+        det = _ServerUnderTest(files, args.device, ("--deterministic",))
+        try:
+            for r in rows:
+                body = {"model": r["model"], "prompt": list(range(5, 37)), "max_tokens": args.tokens, "temperature": 0}
+                r["deterministic_streams_tok_s"] = _many_streams_tok_s(det.url + "/v1/completions", body, args)
+                r["deterministic_cost"] = 1 - r["deterministic_streams_tok_s"] / r[f"{args.streams}_streams_tok_s"]
+        finally:
+            det.stop()
+        whole = _ServerUnderTest(files, args.device, ("--prefill-chunk", "100000"))
+        try:
+            for r in rows:
+                context = load_model(files[r["model"]]).config.max_seq_len
+                r["long_prompt"] = _stall_rows(srv, whole, r["model"], context, args)
+        finally:
+            whole.stop()
+    finally:
+        srv.stop()
+    return rows
+
+
 def run_serve_bench(args) -> int:
     common.check_plan(*output_plan(args), args.overwrite)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -1786,11 +1924,7 @@ def run_serve_bench(args) -> int:
             save_checkpoint(ckpt, _random_model_with_tokenizer(c, work))
             files[f"{c}-{args.strategy}"] = work / f"{c}-{args.strategy}.bin"
             _quantize_cli(ckpt, files[f"{c}-{args.strategy}"], args.strategy)
-        srv = _ServerUnderTest(files, args.device)
-        try:
-            rows = [_serve_rows(srv, name, path, args) for name, path in files.items()]
-        finally:
-            srv.stop()
+        rows = _serve_all(files, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "streams": args.streams, "rows": rows,

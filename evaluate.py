@@ -154,7 +154,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import scoring  # noqa: E402
-from model import cut_at_stop, fit_prompt  # noqa: E402
+from engine import cut_at_stop, fit_prompt  # noqa: E402
 
 HF_DATASETS = {
     "mmlu": ("cais/mmlu", "all"),

@@ -108,8 +108,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_utils import IncrementalDecoder, chat_stop_ids  # noqa: E402
-from model import (TokenStream, chat_training_warning, fast_decode_default, fit_prompt,  # noqa: E402
-                   generate_samples, load_model, stream_generate)
+from engine import TokenStream, fast_decode_default, fit_prompt, generate_samples, stream_generate  # noqa: E402
+from model import chat_training_warning, load_model  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # token generation

@@ -101,10 +101,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model import (DEFAULT_GROUP_SIZE, QTensor, QuantizeError, _check_group_size, _n_groups,  # noqa: E402
-                   external_name, int4_codes, int4_params, int8_codes, int8_row_scales, is_hf_output,
-                   load_checkpoint, load_model, param_shapes, quantize_rtn, save_hf,
-                   write_quantized)
+from model import external_name, is_hf_output, load_checkpoint, load_model, param_shapes, save_hf  # noqa: E402
+from quantized import (DEFAULT_GROUP_SIZE, QTensor, QuantizeError, _check_group_size, _n_groups,  # noqa: E402
+                       int4_codes, int4_params, int8_codes, int8_row_scales, quantize_rtn, write_quantized)
 import scoring  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------

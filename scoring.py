@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 import common
 import data_utils
-from model import CheckpointError, cut_at_stop, fast_decode_default, fit_prompt, load_model, stream_generate
+import engine
+from engine import cut_at_stop, fast_decode_default, fit_prompt, stream_generate
+from model import CheckpointError, load_model
 
 try:  # tqdm is a hard dependency of the project, but keep the scoring core importable without it
     from tqdm.auto import tqdm
@@ -62,6 +64,8 @@ class LM:
         self.eos_id = eos_id
         self.vocab_size = int(vocab_size)
         self.begin_id = begin_id if begin_id is not None else (eos_id if eos_id is not None else 0)
+        # generation decodes through the compiled CUDA-graph step on a GPU (engine.fast_decode_default)
+        self.compile = kind == "fishai" and fast_decode_default(device)
 
     def __repr__(self):
         return (f"LM(name={self.name!r}, kind={self.kind}, device={self.device}, "
@@ -126,7 +130,8 @@ class LM:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(seed))
         steps = stream_generate(self.model, idx[0].tolist(), max_new, temperature=temperature, top_k=top_k,
-                                top_p=top_p, stop_ids=[] if self.eos_id is None else [self.eos_id], generator=gen)
+                                top_p=top_p, stop_ids=[] if self.eos_id is None else [self.eos_id], generator=gen,
+                                compile=self.compile)
         try:
             return self._take_until_eos((row[0] for row in steps if row[0] is not None), stop)
         finally:
@@ -248,8 +253,6 @@ def _load_fishai(spec: str, device: str, dtype, max_seq_len: int | None, dequant
         raise ScoringError(f"{spec}: the model has no tokenizer attached; save the checkpoint with its "
                              "tokenizer (train.py does) or use an HF directory with tokenizer files")
     model.eval()
-    # generation tasks decode through the compiled CUDA-graph step on a GPU (model.fast_decode_default)
-    model.fast_decode = fast_decode_default(device)
     ctx = model.config.max_seq_len if max_seq_len is None else min(max_seq_len, model.config.max_seq_len)
     eos = getattr(tok, "eos_id", None)
     return LM(model, tok, kind="fishai", name=str(spec), device=device, max_seq_len=ctx, eos_id=eos,
@@ -611,18 +614,13 @@ def decode_tolerance(dtype) -> float:
 
 
 def check_decode_paths_agree(model, seq, prompt_len: int, dtype) -> tuple[bool, str]:
-    """The decode step model.generate uses now (compiled, CUDA graph) against the eager one,
-    teacher-forced on seq: per-step logits within decode_tolerance. Greedy text is no check on
-    random weights: near-tied logits flip an argmax, and one flip changes every later input."""
-    got = model.teacher_forced_logits(seq, prompt_len)
-    path, fast = model.decode_path, model.fast_decode
-    model.clear_cache()
-    model.fast_decode = False
-    try:
-        ref = model.teacher_forced_logits(seq, prompt_len)
-    finally:
-        model.clear_cache()
-        model.fast_decode = fast
+    """The engine's compiled step (compiled, CUDA graph) against its eager step, teacher-forced on
+    seq: per-step logits within decode_tolerance. Greedy text is no check on random weights:
+    near-tied logits flip an argmax, and one flip changes every later input."""
+    fast = engine.Engine(model, seq.shape[0], compile=True)
+    got, path = fast.teacher_forced(seq, prompt_len), fast.path
+    del fast
+    ref = engine.Engine(model, seq.shape[0], seq.shape[1]).teacher_forced(seq, prompt_len)
     err = float((got - ref).abs().max())
     scale = float(ref.abs().max())
     ok = err <= decode_tolerance(dtype) * scale

@@ -27,9 +27,21 @@ a .pt checkpoint, a quantized .bin (on its int8/int4 kernels) or an HF directory
 
 Requests join and leave a running decode batch at token boundaries (KV-cache rows, --max-batch;
 a bounded queue answers 429 when full); a client that disconnects frees its row at the next token.
+A long prompt is prefilled --prefill-chunk tokens a turn, between decode steps of the running rows.
 Decoding runs in a thread per model, off the event loop. At temperature 0 a request gives the
-same text streamed or not, alone or among others. Binds 127.0.0.1 unless --host says otherwise;
+same text streamed or not; with --deterministic also bitwise the same alone or among others (by
+default a batch's matmuls may round a row differently from its lone run). Binds 127.0.0.1 unless --host says otherwise;
 --api-key is checked as `Authorization: Bearer KEY` (/health, /metrics and the page stay public).
+
+Isolation: every sampling field is checked before a request joins the batch (400 with the OpenAI
+error body): numbers must be finite (no NaN or Infinity), temperature 0..2, top_p in (0, 1],
+frequency_penalty and presence_penalty -2..2 (accepted, not applied), seed 0..2**64-1. A temperature
+below MIN_TEMPERATURE (1e-3, e.g. 1e-300) decodes greedily, as 0 does: dividing logits by it would
+overflow. Whatever still fails inside one request's row ends that request alone: streamed, an
+SSE `data: {"error": {...}}` event then `data: [DONE]`; not streamed, a 500 with the error body.
+A failed decode step ends the requests in it; queued requests go on. GET /health answers 503 when a
+model's engine thread has died. SIGTERM or Ctrl-C stops accepting, ends in-flight requests with an
+error event and exits within seconds.
 """
 from __future__ import annotations
 
@@ -41,6 +53,8 @@ import common
 DEFAULT_PORT = 8000
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-3  # below it sampling is greedy (see the module docstring)
+MAX_SEED = 2**64 - 1    # torch.Generator.manual_seed's range
 
 
 def build_parser() -> common.ArgumentParser:
@@ -57,6 +71,14 @@ def build_parser() -> common.ArgumentParser:
     p.add_argument("--max-queue", type=common.int_flag(1), default=64,
                    help="requests waiting for a row per model; one more is answered 429")
     p.add_argument("--max-n", type=common.int_flag(1), default=8, help="largest `n` (choices per request)")
+    p.add_argument("--prefill-chunk", type=common.int_flag(1), default=256,
+                   help="prompt tokens prefilled per engine turn: a long prompt is prefilled in pieces between "
+                        "decode steps, so running streams keep flowing")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant decoding: at temperature 0 a request gives bitwise the text it gives alone, "
+                        "among any others (every matmul one row at a time: about half the batch throughput of a CPU "
+                        "int4 model; without it, rows of a batch may differ from their lone runs in the last bits, "
+                        "docs/RESULTS.md)")
     p.add_argument("--max-request-kb", type=common.int_flag(1), default=1024, help="largest request body, KB")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from this origin (repeatable; default: no CORS)")
@@ -80,6 +102,7 @@ import collections  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
 import socket  # noqa: E402
@@ -95,7 +118,8 @@ from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the h
 
 import data_utils  # noqa: E402
 from data_utils import chat_stop_ids  # noqa: E402
-from model import CheckpointError, chat_training_warning, count_params, cut_at_stop, load_model, sample_next  # noqa: E402
+from engine import Engine as DecodeEngine, cut_at_stop, sample_next  # noqa: E402
+from model import CheckpointError, chat_training_warning, count_params, load_model  # noqa: E402
 
 log = logging.getLogger("fishai.serve")
 
@@ -104,9 +128,10 @@ class ServeError(common.FishAIError):
     """A request the server refuses: an HTTP status and the OpenAI error fields."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.headers = headers  # e.g. Retry-After on a 429 or 503: when a client may try again
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
@@ -220,6 +245,8 @@ class Job:
     stop_hit: bool = False              # a stop string ended it: nothing after it is ever sent
     first_token_at: float | None = None
     coalesce: bool = False              # not streamed: its tokens go to the event loop in one batch at the end
+    prefilled: int = 0                  # prompt tokens already in its KV-cache row (chunked prefill)
+    prompt_logits: list = field(default_factory=list)  # echo + logprobs: each prefill chunk's logits
     _buffer: list = field(default_factory=list)
 
     def send(self, event: tuple) -> None:
@@ -250,30 +277,49 @@ class Job:
 class QueueFull(ServeError):
     def __init__(self, name: str, limit: int):
         super().__init__(429, f"model {name}: {limit} requests are already waiting; retry later (--max-queue)",
-                         code="queue_full", kind="rate_limit_error")
+                         code="queue_full", kind="rate_limit_error", headers={"Retry-After": "1"})
 
 
 class Engine:
     """Continuous batching for one model, in its own thread: waiting jobs are prefilled into free
-    KV-cache rows, every step decodes one token for each active row (model.forward_rows, rows
+    KV-cache rows, every step decodes one token for each active row (engine.Engine.step, rows
     0..n-1 at their own positions), and a finished or cancelled job's row is refilled by the last
-    active one (model.move_cache_row), so the batch is always the first n rows."""
+    active one (engine.Engine.move_row), so the batch is always the first n rows; a prompt being
+    prefilled chunk by chunk sits in row n, moved down when a row below it frees. A failure stays
+    with its requests: a row whose prefill or sampling fails ends that request alone, a failed
+    decode step the requests in that step; the queue goes on. `waiting` and `pending_model` are
+    shared with the event loop and the --watch thread: they change only under `cond`."""
 
-    def __init__(self, served: ServedModel, max_batch: int, max_queue: int, metrics: "Metrics"):
+    def __init__(self, served: ServedModel, max_batch: int, max_queue: int, metrics: "Metrics",
+                 prefill_chunk: int = 256, deterministic: bool = False):
         self.served, self.max_batch, self.max_queue, self.metrics = served, max_batch, max_queue, metrics
+        self.prefill_chunk, self.deterministic = prefill_chunk, deterministic
+        self.filling: Job | None = None  # the job whose prompt is being prefilled, in row len(self.active)
+        self._filling_row = 0           # where its prefilled positions are (rows below it may free up)
         self.waiting: collections.deque = collections.deque()
-        self.active: list[Job] = []
+        self.active: list[Job] = []     # the engine thread's own: rows 0..n-1 of the KV cache
         self.cond = threading.Condition()
         self.pending_model: ServedModel | None = None  # --watch: swapped in when no row is active
-        self._cache_for: object = None
+        self.stopping = False           # stop(): no new job; the running and queued ones end with an error
+        self._kv: DecodeEngine | None = None  # the KV-cache rows and the step, for the served weights
         name = served.name  # the metric series of this model (labels() takes a lock: look them up once)
         self.m_queue, self.m_active = metrics.queue.labels(name), metrics.active.labels(name)
         self.m_ttft, self.m_tokens = metrics.ttft.labels(name), metrics.completion_tokens.labels(name)
         self.m_rate = metrics.tokens_per_s.labels(name)
-        threading.Thread(target=self._run, name=f"engine-{served.name}", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name=f"engine-{served.name}", daemon=True)
+        self.thread.start()
+
+    @property
+    def dead(self) -> bool:
+        """The thread ended without stop(): nothing decodes this model any more (/health says 503)."""
+        return not self.thread.is_alive() and not self.stopping
 
     def submit(self, job: Job) -> None:
         with self.cond:
+            if self.stopping or not self.thread.is_alive():
+                raise ServeError(503, f"model {self.served.name}: the server is shutting down" if self.stopping
+                                 else f"model {self.served.name}: its decoding thread died; restart the server",
+                                 code="unavailable", kind="server_error")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(self.served.name, self.max_queue)
             self.waiting.append(job)
@@ -285,69 +331,165 @@ class Engine:
             self.pending_model = model
             self.cond.notify()
 
+    def stop(self) -> None:
+        """End the thread after its current step; every job it holds gets an error event."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            with self.cond:
-                while not self.waiting and not self.active and self.pending_model is None:
-                    self.cond.wait()
-            try:
-                self._turn()
-            except Exception as e:  # noqa: BLE001 - a failed step ends its requests, not the server
-                log.exception("model %s: decoding failed", self.served.name)
-                for job in self.active + list(self.waiting):
-                    job.send(("error", f"decoding failed: {type(e).__name__}: {e}"))
-                self.active.clear()
+        reason = "the server is shutting down"
+        try:
+            while self._wait_for_work():
+                try:
+                    self._turn()
+                except Exception as e:  # noqa: BLE001 - outside any one row (a reload, the decode setup)
+                    log.exception("model %s: decoding failed", self.served.name)
+                    self._fail_jobs(f"decoding failed: {type(e).__name__}: {e}", queued=True)
+                self._update_gauges()
+        except BaseException as e:  # noqa: BLE001 - the thread ends: /health turns 503, its requests end
+            log.exception("model %s: the decoding thread died", self.served.name)
+            reason = f"the decoding thread died: {type(e).__name__}"
+        finally:
+            self._fail_jobs(reason, queued=True)
+            self._update_gauges()
+
+    def _wait_for_work(self) -> bool:
+        """Sleep until there is something to do; False once stop() was called."""
+        with self.cond:
+            while not (self.waiting or self.active or self.filling is not None or self.pending_model is not None
+                       or self.stopping):
+                self.cond.wait()
+            return not self.stopping
+
+    def _fail_jobs(self, message: str, queued: bool) -> None:
+        """End the active jobs (and the queued ones too when `queued`) with an error event."""
+        with self.cond:
+            jobs, self.active = self.active, []
+            if queued:
+                jobs += list(self.waiting) + ([self.filling] if self.filling is not None else [])
                 self.waiting.clear()
+                self.filling = None
+        self._kv = None  # a step that failed half-way may have left the cache inconsistent: a fresh one
+        for job in jobs:
+            job.send(("error", message))
+
+    def _fail_job(self, job: Job, e: Exception) -> None:
+        """End the one request whose own work (prefill, sampling, decoding its text) failed."""
+        log.exception("model %s: a request failed", self.served.name)
+        row = next((i for i, j in enumerate(self.active) if j is job), None)
+        if row is not None:
+            self._release(row)
+        job.send(("error", f"the request failed: {type(e).__name__}: {e}"))
+
+    def _update_gauges(self) -> None:
+        self.m_active.set(len(self.active) + (self.filling is not None))
+        with self.cond:
+            self.m_queue.set(len(self.waiting))
+
+    def _take(self) -> Job | None:
+        """The next queued job when a row is free (none while a reload waits for the batch to drain)."""
+        with self.cond:
+            if not self.waiting or len(self.active) >= self.max_batch or self.pending_model is not None:
+                return None
+            job = self.waiting.popleft()
+            self.m_queue.set(len(self.waiting))
+            return job
+
+    def _swap_if_due(self) -> None:
+        with self.cond:  # between requests, never mid-stream
+            fresh = self.pending_model if not self.active and self.filling is None else None
+            if fresh is not None:
+                self.pending_model = None
+        if fresh is not None:
+            self.served.gpt, self.served.info = fresh.gpt, fresh.info
+            self.served.fingerprint, self.served.mtime = fresh.fingerprint, fresh.mtime
+            log.info("model %s: reloaded %s", self.served.name, self.served.path)
 
     def _turn(self) -> None:
-        if self.pending_model is not None and not self.active:  # between requests, never mid-stream
-            self.served.gpt, self.served.info = self.pending_model.gpt, self.pending_model.info
-            self.served.fingerprint, self.served.mtime = self.pending_model.fingerprint, self.pending_model.mtime
-            self.pending_model = None
-            log.info("model %s: reloaded %s", self.served.name, self.served.path)
+        self._swap_if_due()
         gpt = self.served.gpt
-        if self._cache_for is not gpt:  # decode steps: model.setup_rows's step; prefill: forward_rows
-            self._decode, self._cache_for = gpt.setup_rows(self.max_batch), gpt
+        if self._kv is None or self._kv.model is not gpt:  # first use, a reload or after a failed step
+            self._kv = DecodeEngine(gpt, batch=self.max_batch, batch_invariant=self.deterministic)
+            if self.filling is not None:  # a fresh cache: its prompt starts over
+                self.filling.prefilled, self.filling.prompt_logits = 0, []
         self._drop_cancelled()
-        while self.waiting and len(self.active) < self.max_batch and self.pending_model is None:
-            with self.cond:
-                job = self.waiting.popleft()
-                self.m_queue.set(len(self.waiting))
-            if not job.cancelled.is_set():
-                self._prefill(job)
+        self._prefill_some()
         if self.active:
-            self._step()
-        self.m_active.set(len(self.active))
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - the requests of this step end; the queue goes on
+                log.exception("model %s: a decode step failed", self.served.name)
+                self._fail_jobs(f"decoding failed: {type(e).__name__}: {e}", queued=False)
 
-    def _prefill(self, job: Job) -> None:
-        gpt, row = self.served.gpt, len(self.active)
-        ids = torch.tensor([job.prompt], device=gpt.norm.weight.device)
-        positions = torch.arange(len(job.prompt), device=ids.device)[None]
-        logits = gpt.forward_rows(ids, positions, slice(row, row + 1), last_only=not job.sampling.prompt_logprobs)
+    def _prefill_some(self) -> None:
+        """Prefill up to --prefill-chunk prompt tokens this turn: short prompts join the batch at once
+        (several a turn), a long one a chunk a turn, so the running rows get a decode step between
+        its chunks instead of stalling for the whole prompt."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self.filling is None:
+                self.filling = self._take()
+                if self.filling is None:
+                    return
+                self._filling_row = len(self.active)
+            job = self.filling
+            if job.cancelled.is_set():
+                self.filling = None
+                continue
+            try:
+                budget -= self._prefill_chunk(job, budget)
+            except Exception as e:  # noqa: BLE001 - this request's prompt, not the batch
+                self.filling = None
+                self._fail_job(job, e)
+
+    def _prefill_chunk(self, job: Job, budget: int) -> int:
+        """The next `budget` tokens of the job's prompt into its row; returns how many."""
+        row = len(self.active)
+        if self._filling_row != row:  # rows below it were freed since its last chunk: the batch stays 0..n-1
+            self._kv.move_row(self._filling_row, row, job.prefilled)
+            self._filling_row = row
+        start, end = job.prefilled, min(len(job.prompt), job.prefilled + budget)
+        ids = torch.tensor([job.prompt[start:end]], device=self._kv.device)
+        logits = self._kv.step(ids, start, row=row, last_only=not job.sampling.prompt_logprobs)
+        job.prefilled = end
         if job.sampling.prompt_logprobs:
-            job.send(("prompt_logprobs", _prompt_logprobs(logits[0], job.prompt, job.sampling.logprobs,
-                                                         gpt.tokenizer)))
+            job.prompt_logits.append(logits[0])
             logits = logits[:, -1]
+        if end == len(job.prompt):
+            self.filling = None
+            self._admit(job, logits[0])
+        return end - start
+
+    def _admit(self, job: Job, logits: torch.Tensor) -> None:
+        """A job whose prompt is all in its row joins the decode batch; its first token comes from `logits`."""
+        if job.sampling.prompt_logprobs:
+            job.send(("prompt_logprobs", _prompt_logprobs(torch.cat(job.prompt_logits), job.prompt,
+                                                         job.sampling.logprobs, self.served.gpt.tokenizer)))
+            job.prompt_logits = []
         job.pos = len(job.prompt)
         self.active.append(job)
         if job.sampling.max_tokens == 0:
             self._finish(len(self.active) - 1, "length")
             return
-        self._accept(len(self.active) - 1, logits[0])
+        self._accept(len(self.active) - 1, logits)
 
     def _step(self) -> None:
-        gpt = self.served.gpt
-        device = gpt.norm.weight.device
+        device = self._kv.device
         tokens = torch.tensor([[j.next_token] for j in self.active], device=device)
-        positions = torch.tensor([[j.pos] for j in self.active], device=device)
+        positions = torch.tensor([j.pos for j in self.active], device=device)  # each row at its own position
         t0 = time.perf_counter()
-        logits = self._decode(tokens, positions).cpu()  # one copy for the batch (sampling runs on the CPU)
+        logits = self._kv.step(tokens, positions).cpu()  # one copy for the batch (sampling runs on the CPU)
         self.m_rate.set(len(self.active) / max(time.perf_counter() - t0, 1e-9))
         for job in self.active:
             job.pos += 1
         for row in reversed(range(len(self.active))):  # reversed: _finish moves the last row into this one
-            self._accept(row, logits[row])
+            job = self.active[row]
+            try:
+                self._accept(row, logits[row])
+            except Exception as e:  # noqa: BLE001 - this row's sampling or text: the other rows go on
+                self._fail_job(job, e)
 
     def _accept(self, row: int, logits: torch.Tensor) -> None:
         """Sample the next token of the job in `row` from its logits, emit its text, finish it when due."""
@@ -388,7 +530,7 @@ class Engine:
     def _release(self, row: int) -> None:
         last = len(self.active) - 1
         if row != last:
-            self.served.gpt.move_cache_row(last, row, self.active[last].pos)
+            self._kv.move_row(last, row, self.active[last].pos)
             self.active[row] = self.active[last]
         self.active.pop()
 
@@ -444,16 +586,22 @@ class Metrics:
 
 def _field(body: dict, name: str, kinds, default=None, lo=None, hi=None):
     """body[name] checked against kinds (and a range); `default` when absent or null. Careful with
-    falsy values: temperature 0 is greedy, not "unset"."""
+    falsy values: temperature 0 is greedy, not "unset". Python's JSON reader takes NaN and
+    Infinity, which pass any range test (NaN compares false): numbers must be finite."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join("boolean" if k is bool else "integer" if k is int else "number" if k is float
-                            else "string" if k is str else k.__name__ for k in kinds)
-        raise ServeError(400, f"'{name}' must be a {names} (got {json.dumps(value)[:40]})", param=name)
+                            else "string" if k is str else "object" if k is dict else k.__name__ for k in kinds)
+        article = "an" if names[0] in "aeiou" else "a"
+        raise ServeError(400, f"'{name}' must be {article} {names} (got {json.dumps(value)[:40]})", param=name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ServeError(400, f"'{name}' must be a finite number (got {value})", param=name)
     if lo is not None and value < lo or hi is not None and value > hi:
-        raise ServeError(400, f"'{name}' must be between {lo} and {hi} (got {value})", param=name)
+        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else \
+            f"at least {lo}" if lo is not None else f"at most {hi}"
+        raise ServeError(400, f"'{name}' must be {bounds} (got {value})", param=name)
     return value
 
 
@@ -477,12 +625,15 @@ def sampling_from(body: dict, max_tokens_default: int, chat: bool) -> tuple[Samp
         logprobs = top if logprobs else None
     else:
         logprobs = _field(body, "logprobs", (int,), None, 0, MAX_LOGPROBS)
+    temperature = float(_field(body, "temperature", (int, float), 1.0, 0, 2))
     s = Sampling(max_tokens=max_tokens_default if max_tokens is None else max_tokens,
-                 temperature=float(_field(body, "temperature", (int, float), 1.0, 0, 2)),
+                 temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
                  top_p=_field(body, "top_p", (int, float), None, 0, 1), top_k=_field(body, "top_k", (int,), None, 0),
-                 seed=_field(body, "seed", (int,), None), stop=_stop_strings(body), logprobs=logprobs)
+                 seed=_field(body, "seed", (int,), None, 0, MAX_SEED), stop=_stop_strings(body), logprobs=logprobs)
     if s.top_p is not None and s.top_p <= 0:
         raise ServeError(400, "'top_p' must be above 0", param="top_p")
+    for name in ("frequency_penalty", "presence_penalty"):  # accepted (OpenAI's range), not applied
+        _field(body, name, (int, float), None, -2, 2)
     return s, _field(body, "n", (int,), 1, 1)
 
 
@@ -551,6 +702,22 @@ class Server:
         self.ready = threading.Event()
         self.failed: str | None = None
         self.on_fatal = lambda: None
+        self.on_ready = lambda: None    # serve_command: says "serving ..." once the models are loaded
+
+    def health(self) -> tuple[int, dict]:
+        """GET /health: 200 when every model is loaded and decoding, 503 while loading or when an
+        engine thread has died (its requests would wait forever: a supervisor should restart us)."""
+        dead = [name for name, e in self.engines.items() if e.dead]
+        if dead:
+            return 503, {"status": "error", "dead_engines": dead}
+        if self.ready.is_set():
+            return 200, {"status": "ok", "models": list(self.models)}
+        return 503, {"status": "loading"}
+
+    def stop(self) -> None:
+        """SIGTERM or Ctrl-C: every engine ends its requests with an error event and takes no more."""
+        for engine in list(self.engines.values()):
+            engine.stop()
 
     def load_all(self) -> None:
         """Load every model (the server answers /health with 503 meanwhile), then start its engine."""
@@ -558,13 +725,15 @@ class Server:
             for m in self.models.values():
                 t0 = time.time()
                 m.load(self.device, self.dtype, self.args.dequantize)
-                self.engines[m.name] = Engine(m, self.args.max_batch, self.args.max_queue, self.metrics)
+                self.engines[m.name] = Engine(m, self.args.max_batch, self.args.max_queue, self.metrics,
+                                              self.args.prefill_chunk, self.args.deterministic)
                 log.info("model %s: %s loaded in %.1f s (%s, %s parameters, context %d)", m.name, m.path,
                          time.time() - t0, m.info["quantization"], f"{m.info['parameters']:,}",
                          m.info["context_length"])
                 if self.args.watch and m.path.is_file():
                     threading.Thread(target=self._watch, args=(m,), daemon=True).start()
             self.ready.set()
+            self.on_ready()
         except Exception as e:  # noqa: BLE001 - a model that cannot load stops the server with one line
             self.failed = common.one_line(e)
             self.on_fatal()
@@ -606,7 +775,7 @@ class Server:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         jobs = []
         for i, (prompt, k) in enumerate((p, k) for p in prompts for k in range(n)):
-            seed = sampling.seed + k if sampling.seed is not None else secrets.randbits(62)
+            seed = (sampling.seed + k) % (MAX_SEED + 1) if sampling.seed is not None else secrets.randbits(62)
             emit = (lambda idx: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (idx, ev)))(i)
             jobs.append(Job(prompt, sampling, emit, data_utils.IncrementalDecoder(served.gpt.tokenizer),
                             torch.Generator().manual_seed(seed), coalesce=not stream))
@@ -794,7 +963,23 @@ async def _completion_chunks(request, head, jobs, queue, prompts, usage_chunk, e
 
 def _streaming(gen):
     from starlette.responses import StreamingResponse
-    return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(_ending_with_error_event(gen), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _ending_with_error_event(gen):
+    """A stream's headers (200) are already sent when its request fails: the failure goes to the
+    client as an OpenAI error event and the stream still ends with [DONE], never cut mid-way."""
+    try:
+        async for piece in gen:
+            yield piece
+    except ServeError as e:
+        yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # noqa: BLE001 - a bug in one stream: its client is told, the server goes on
+        log.exception("internal error in a stream")
+        yield _sse(ServeError(500, f"internal error: {type(e).__name__}", kind="server_error").body())
+        yield "data: [DONE]\n\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -813,7 +998,7 @@ def build_app(server: Server):
                            allow_headers=["Authorization", "Content-Type"])
 
     def error(e: ServeError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(ServeError)
     async def _serve_error(request, e: ServeError):
@@ -849,9 +1034,8 @@ def build_app(server: Server):
 
     @app.get("/health")
     async def health():
-        if server.ready.is_set():
-            return {"status": "ok", "models": list(server.models)}
-        return JSONResponse({"status": "loading"}, status_code=503)
+        status, body = server.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics():
@@ -891,6 +1075,7 @@ header { display: flex; flex-wrap: wrap; gap: .6rem; align-items: center; }
             overflow-y: auto; max-height: 60vh; }
 .msg { white-space: pre-wrap; margin: .4rem 0; padding: .4rem .6rem; border-radius: 6px; }
 .user { background: #e8f0fe; } .assistant { background: #f4f4f4; }
+.dropped { opacity: .45; } #context-note { color: #555; font-style: italic; }
 #notice { color: #8a5300; } #speed { color: #555; font-size: .9rem; } #error { color: #b00020; }
 textarea { width: 100%; box-sizing: border-box; }
 </style></head><body>
@@ -898,17 +1083,19 @@ textarea { width: 100%; box-sizing: border-box; }
   <strong>FishAI chat</strong>
   <label>model <select id="model"></select></label>
   <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7" size="4"></label>
-  <label>max tokens <input id="max-tokens" type="number" min="1" value="256" size="5"></label>
+  <label>max tokens <input id="max-tokens" type="number" min="1" value="" size="5" placeholder="auto"
+    title="blank: as many as fit in the model's context after the conversation"></label>
   <label>API key <input id="api-key" type="password" size="10" placeholder="if required"></label>
 </header>
 <div id="notice"></div>
+<div id="context-note"></div>
 <div id="messages"></div>
 <textarea id="input" rows="3" placeholder="Write a message (Enter sends, Shift+Enter: new line)"></textarea>
 <p><button id="send">Send</button> <button id="stop" disabled>Stop</button> <button id="clear">Clear</button>
 <span id="speed"></span> <span id="error"></span></p>
 <script>
 const $ = (id) => document.getElementById(id);
-let models = [], history = [], controller = null;
+let models = [], history = [], controller = null, dropped = 0;  // history: {role, content, el}
 function headers() {
   const h = {"Content-Type": "application/json"};
   if ($("api-key").value) h["Authorization"] = "Bearer " + $("api-key").value;
@@ -931,20 +1118,41 @@ function bubble(role, text) {
   const d = document.createElement("div");
   d.className = "msg " + role; d.textContent = text; $("messages").appendChild(d); return d;
 }
+// The conversation outgrew the model's context: leave out its oldest turn (a user message and the
+// replies after it), grey it out and say so; the newest message always stays.
+function dropOldestTurn() {
+  do { const m = history.shift(); m.el.classList.add("dropped"); dropped++; }
+  while (history.length > 1 && history[0].role !== "user");
+  const m = models.find((x) => x.id === $("model").value);
+  $("context-note").textContent = `${dropped} earlier message${dropped === 1 ? "" : "s"} no longer fit the ` +
+    `model's context of ${m ? m.context_length : "?"} tokens and ${dropped === 1 ? "is" : "are"} left out (greyed).`;
+}
+async function request(signal) {
+  for (;;) {
+    const body = {model: $("model").value, messages: history.map((m) => ({role: m.role, content: m.content})),
+      stream: true, stream_options: {include_usage: true}, temperature: parseFloat($("temperature").value)};
+    const max = parseInt($("max-tokens").value);
+    if (max > 0) body.max_tokens = max;  // blank: the server gives the reply what the context has left
+    const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), signal,
+                                                   body: JSON.stringify(body)});
+    if (r.ok) return r;
+    const err = (await r.json()).error;
+    if (err.code !== "context_length_exceeded" || history.length < 2) throw new Error(err.message);
+    dropOldestTurn();
+  }
+}
 async function send() {
   const text = $("input").value.trim();
   if (!text || controller) return;
   $("input").value = ""; $("error").textContent = ""; $("speed").textContent = "";
-  history.push({role: "user", content: text}); bubble("user", text);
+  history.push({role: "user", content: text, el: bubble("user", text)});
   const out = bubble("assistant", "");
   controller = new AbortController(); $("stop").disabled = false; $("send").disabled = true;
   const t0 = performance.now(); let tokens = 0, reply = "";
   try {
-    const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({model: $("model").value, messages: history, stream: true,
-        stream_options: {include_usage: true}, temperature: parseFloat($("temperature").value),
-        max_tokens: parseInt($("max-tokens").value)})});
-    if (!r.ok) { $("error").textContent = (await r.json()).error.message; history.pop(); return; }
+    let r;
+    try { r = await request(controller.signal); }
+    catch (e) { if (e.name === "AbortError") throw e; $("error").textContent = e.message; history.pop(); out.remove(); return; }
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
     for (;;) {
@@ -956,6 +1164,7 @@ async function send() {
         const line = buf.slice(0, i).trim(); buf = buf.slice(i + 2);
         if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
         const chunk = JSON.parse(line.slice(6));
+        if (chunk.error) throw new Error(chunk.error.message);  // the server failed mid-stream
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
         for (const c of chunk.choices) {
           if (c.delta && c.delta.content) { reply += c.delta.content; out.textContent = reply; if (!chunk.usage) tokens++; }
@@ -965,18 +1174,18 @@ async function send() {
         $("speed").textContent = `${tokens} tokens, ${(tokens / Math.max(s, 1e-3)).toFixed(1)} tokens/s`;
       }
     }
-    history.push({role: "assistant", content: reply});
+    history.push({role: "assistant", content: reply, el: out});
     out.dataset.done = "1";
   } catch (e) {
-    if (e.name === "AbortError") { history.push({role: "assistant", content: reply}); out.dataset.done = "1"; }
-    else $("error").textContent = String(e);
+    if (e.name === "AbortError") { history.push({role: "assistant", content: reply, el: out}); out.dataset.done = "1"; }
+    else $("error").textContent = e.message || String(e);
   } finally {
     controller = null; $("stop").disabled = true; $("send").disabled = false;
   }
 }
 $("send").onclick = send;
 $("stop").onclick = () => controller && controller.abort();
-$("clear").onclick = () => { history = []; $("messages").innerHTML = ""; };
+$("clear").onclick = () => { history = []; dropped = 0; $("messages").innerHTML = ""; $("context-note").textContent = ""; };
 $("model").onchange = notice;
 $("api-key").onchange = loadModels;
 $("input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });
@@ -1005,15 +1214,37 @@ def serve_command(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)
     server = Server(args, models, device, dtype)
     import uvicorn
-    uv = uvicorn.Server(uvicorn.Config(build_app(server), host=args.host, port=args.port, log_level="warning",
-                                       access_log=False, lifespan="off"))
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: in-flight streams get an error event and end
+            super().handle_exit(sig, frame)
+            # (a thread: the signal handler may have interrupted the event loop inside an engine's lock)
+            threading.Thread(target=server.stop, name="stop", daemon=True).start()
+
+    # timeout_graceful_shutdown: a connection that does not close after its error event is dropped
+    uv = Uvicorn(uvicorn.Config(build_app(server), host=args.host, port=args.port, log_level="warning",
+                                access_log=False, lifespan="off", timeout_graceful_shutdown=3))
     server.on_fatal = lambda: setattr(uv, "should_exit", True)
+    server.on_ready = lambda: _log_serving(uv, server, args)
     threading.Thread(target=server.load_all, name="load", daemon=True).start()
-    log.info("serving %s on http://%s:%d (web chat at /, API at /v1)", ", ".join(server.models), args.host, args.port)
-    uv.run()
+    try:
+        uv.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+        log.info("stopped (Ctrl-C)")
+        return common.EXIT_INTERRUPTED
     if server.failed:
         raise common.FishAIError(server.failed)
     return common.EXIT_OK
+
+
+def _log_serving(uv, server: Server, args) -> None:
+    """Say where the server answers once it can: its models are loaded and uvicorn listens."""
+    deadline = time.time() + 30
+    while not uv.started and not uv.should_exit and time.time() < deadline:
+        time.sleep(0.05)
+    if uv.started and not uv.should_exit:
+        log.info("serving %s on http://%s:%d (web chat at /, API at /v1)", ", ".join(server.models), args.host,
+                 args.port)
 
 
 def main(argv=None) -> int:

@@ -346,9 +346,11 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import engine  # noqa: E402
+from engine import fit_prompt, generate_samples  # noqa: E402
 from model import (GPT, IGNORE_INDEX, CheckpointError, ModelConfig, configure_optimizers,  # noqa: E402
-                   device_peak_flops, estimate_mfu, fit_prompt, generate_samples, get_config, load_checkpoint,
-                   load_model, load_state_checked, save_checkpoint, unwrap, weight_decay_split)
+                   device_peak_flops, estimate_mfu, get_config, load_checkpoint, load_model, load_state_checked,
+                   save_checkpoint, unwrap, weight_decay_split)
 
 
 # ----------------------------------------------------------------------------- schedule / rng
@@ -1502,7 +1504,7 @@ def sample_tokens(model: GPT, ids: list[int], max_new_tokens: int, generator: to
         rows = generate_samples(model, ids, n, temperature=temperature, top_k=top_k, generator=generator,
                                 stop_ids=[] if eos is None else [eos])
     finally:
-        model.clear_cache()  # the KV cache is only for this sample
+        engine.release(model)  # the KV cache is only for this sample
         model.train(was_training)
     return rows[0]
 

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 from conftest import in_child_process  # noqa: E402
+import engine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -343,8 +345,95 @@ def test_llama_cpp_decoder_batches_like_single_rows(trained_ckpt, tmp_path):
     finally:
         one.close()
         two.close()
-    ours = m.generate(torch.tensor(prompts), 8, temperature=0)[:, 6:].tolist()
+    ours = engine.generate(m, torch.tensor(prompts), 8, temperature=0)[:, 6:].tolist()
     assert [row[:4] for row in ours] == [row[:4] for row in alone]
+
+
+# a stand-in for LLAMA_WORKER (its protocol, no llama.cpp): WORK is what a run does, ROWS how many
+# of the asked rows it returns; it times itself as the real worker does
+FAKE_PEER = r"""
+import json, sys, time
+cfg = json.loads(sys.argv[1])
+clock = time.process_time if cfg["clock"] == "cpu" else time.perf_counter
+print("ready", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    t0 = clock()
+    WORK
+    rows = [[0] * req["n"] for _ in req["prompts"]]
+    print(json.dumps({"tokens": rows[:ROWS], "seconds": clock() - t0}), flush=True)
+"""
+BUSY = "end = time.process_time() + 0.05\n    while time.process_time() < end: pass"  # 50 ms of CPU work
+SLEEP = "time.sleep(0.05)"  # 50 ms of waiting: no CPU time
+
+
+def _fake_peer(tmp_path, clock: str, work: str, rows: str = "None"):
+    return B.LlamaCppPeer(tmp_path / "x.gguf", (1, 8), 8, 1, True, clock=clock,
+                          worker=FAKE_PEER.replace("WORK", work).replace("ROWS", rows))
+
+
+def test_peer_run_refuses_a_run_that_measured_nothing():
+    ok = B.peer_run({"tokens": [[1] * 4] * 8, "seconds": 0.02}, 8, 4, "cpu")
+    assert ok.seconds == 0.02 and len(ok.tokens) == 8
+    for reply, needle in (({"tokens": [[1] * 4] * 8, "seconds": 0.0}, "no time measured"),
+                          ({"tokens": [[1] * 4] * 8, "seconds": 1e-9}, "no time measured"),
+                          ({"tokens": [[1] * 4] * 8, "seconds": float("nan")}, "no time measured"),
+                          ({"tokens": [[1] * 4] * 8}, "no time measured"),
+                          ({"tokens": [[1] * 4] * 7, "seconds": 0.02}, "returned 28 tokens for 8 x 4"),
+                          ({"tokens": [[1] * 3] * 8, "seconds": 0.02}, "returned 24 tokens for 8 x 4"),
+                          ({}, "returned 0 tokens")):
+        with pytest.raises(B.PeerMeasuredNothing, match=needle):
+            B.peer_run(reply, 8, 4, "cpu")
+    assert issubclass(B.PeerMeasuredNothing, B.PeerFailed) and issubclass(B.PeerCrashed, B.PeerFailed)
+
+
+def test_llama_cpp_rows_are_timed_by_the_childs_own_clock(tiny_config, tmp_path):
+    """`self-test --clock cpu` once timed llama.cpp (a child process) with the parent's CPU clock,
+    which does not see the child's work: 113,978 tok/s. The child times itself with the same clock;
+    a run that measured no work is an error, never a rate."""
+    t = B._build_self_test(tiny_config, "cpu", None, False, 2, 32, 4, 4, 1, False, 0, "cpu")
+    assert t.clock is time.process_time
+    batch, n = 8, t.decode_tokens
+    for clock, work in (("cpu", BUSY), ("wall", SLEEP)):  # 50 ms of work by either clock
+        t.clock = time.process_time if clock == "cpu" else time.perf_counter
+        peer = _fake_peer(tmp_path, clock, work)
+        try:
+            B._time_quantized_batch(t, t.model, "int4", batch, peer)
+        finally:
+            peer.close()
+        row = t.speed[f"quant_int4_b{batch}_llama_cpp_tok_s"]
+        assert batch * n / 0.5 < row["hf"] <= batch * n / 0.05, (clock, row)  # about 50 ms, never ~0
+        assert row["ratio"] == row["ours"] / row["hf"]
+    t.clock, t.speed = time.process_time, {}
+    for clock, work, rows, needle in (("cpu", "pass", "None", "no time measured"),  # a clock that saw no work
+                                      ("cpu", BUSY, "-1", "returned 28 tokens for 8 x 4")):
+        peer = _fake_peer(tmp_path, clock, work, rows)
+        try:
+            with pytest.raises(B.PeerMeasuredNothing, match=needle):
+                B._time_quantized_batch(t, t.model, "int4", batch, peer)
+        finally:
+            peer.close()
+    assert not any("llama_cpp" in k for k in t.speed)
+
+
+@pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed")
+@in_child_process
+def test_the_real_llama_cpp_worker_times_its_own_work(trained_ckpt, tmp_path):
+    import quantize
+    from model import load_model
+    m = load_model(trained_ckpt)
+    path = tmp_path / "m.gguf"
+    quantize.export_gguf(m, path, "fp16", progress=False)
+    for clock in ("cpu", "wall"):
+        peer = B.LlamaCppPeer(path, (8,), 32, 1, True, clock=clock)
+        try:
+            t0 = time.perf_counter()
+            run = peer.generate([[1, 2, 3, 4]] * 8, 16)
+            wall = time.perf_counter() - t0
+        finally:
+            peer.close()
+        assert len(run.tokens) == 8 and all(len(r) == 16 for r in run.tokens)
+        assert 8 * 16 * B.MIN_PEER_SECONDS_PER_TOKEN <= run.seconds <= wall
 
 
 def test_dequantize_flag_reaches_load_model(tmp_path, tiny_ckpt):

@@ -127,8 +127,8 @@ def test_gsm8k_exact_match_normalisation():
 
 
 def test_truncate_at_stop():
-    # evaluate cuts answers with the one stop-string cut, model.cut_at_stop
-    from model import cut_at_stop
+    # evaluate cuts answers with the one stop-string cut, engine.cut_at_stop
+    from engine import cut_at_stop
     assert cut_at_stop("  return x\n\ndef f():", ev.HUMANEVAL_STOP) == "  return x\n"
     assert cut_at_stop(" 42.\n\nQuestion: x", ev.GSM8K_STOP) == " 42.\n\n"
     assert cut_at_stop("no stop", ev.HUMANEVAL_STOP) == "no stop"

@@ -23,6 +23,7 @@ from conftest import assert_parser_refuses  # noqa: E402
 from data_utils import IncrementalDecoder  # noqa: E402
 from generate import (chat_loop, fit_generation_prompt, generate_samples,  # noqa: E402
                       make_generator, stream_generate, stream_text, trim_history)
+import engine  # noqa: E402
 
 UTF8_TEXT = "Fish 🐟 swim in 水里, naïve café — 中文测试 😀🎉 done. Ελληνικά, עברית, 日本語です。"
 
@@ -139,7 +140,7 @@ def test_stream_text_matches_decode_on_random_model(tiny_model):
 def test_greedy_matches_model_generate(tiny_model):
     tok = tiny_model.tokenizer
     prompt = tok.encode("The quick brown fox")
-    ref = tiny_model.generate(torch.tensor([prompt]), 30, temperature=0.0)[0, len(prompt):].tolist()
+    ref = engine.generate(tiny_model, torch.tensor([prompt]), 30, temperature=0.0)[0, len(prompt):].tolist()
     ours = generate_samples(tiny_model, prompt, 30, temperature=0.0, stop_ids=[])
     assert ours == [ref]
     # batched greedy samples are identical rows
@@ -151,7 +152,7 @@ def test_stops_at_eos_with_real_model(tiny_model):
     tok = tiny_model.tokenizer
     m = crafted_model(tiny_model, tok.eos_id)
     prompt = tok.encode("The history of the")
-    ref = m.generate(torch.tensor([prompt]), 20, temperature=0.0, eos_id=tok.eos_id)[0, len(prompt):]
+    ref = engine.generate(m, torch.tensor([prompt]), 20, temperature=0.0, eos_id=tok.eos_id)[0, len(prompt):]
     assert ref.tolist() == [tok.eos_id]  # model.generate stops as soon as every row is done
     steps = list(stream_generate(m, prompt, 20, temperature=0.0, num_samples=2))
     assert steps == [[tok.eos_id, tok.eos_id]]  # default stop id = the tokenizer's EOS
@@ -162,16 +163,18 @@ def test_stops_at_eos_with_real_model(tiny_model):
 def test_static_cache_loop_matches_generate(tiny_model):
     """The --compile decode loop (static KV cache), run eagerly: same greedy tokens, twice
     (the second call reuses the cache and step function), and for a batch."""
-    from model import model_token_stream
+    from engine import model_token_stream
 
     m = copy.deepcopy(tiny_model)
     prompt = torch.tensor([m.tokenizer.encode("A static cache")])
-    ref = m.generate(prompt, 25, temperature=0.0)[:, prompt.shape[1]:]
-    stream = model_token_stream(m, max_new_tokens=25, temperature=0.0, compile=True, use_compile=False)
-    for _ in range(2):
-        got = torch.stack(list(stream(prompt)), dim=1)
-        assert m._cache_static and m._decode_fn is not None
-        assert torch.equal(got, ref)
+    ref = engine.generate(m, prompt, 25, temperature=0.0)[:, prompt.shape[1]:]
+    import unittest.mock
+    with unittest.mock.patch.object(torch, "compile", lambda fn, **kw: fn):  # the static step, eagerly
+        stream = model_token_stream(m, max_new_tokens=25, temperature=0.0, compile=True)
+        for _ in range(2):
+            got = torch.stack(list(stream(prompt)), dim=1)
+            assert engine.engine_for(m, 1, compile=True).compiled is not None
+            assert torch.equal(got, ref)
     got = torch.stack(list(stream(prompt.repeat(2, 1))), dim=1)
     assert torch.equal(got, ref.repeat(2, 1))
 
@@ -280,19 +283,19 @@ def test_chat_message_too_long_is_not_sent(tiny_tokenizer):
     assert calls == [] and history == [] and "message too long" in err.getvalue()
 
 
-def test_chat_with_crafted_model_stops_at_im_end(tiny_model):
+def test_chat_with_crafted_model_stops_at_im_end(tiny_model, monkeypatch):
     tok = tiny_model.tokenizer
     m = crafted_model(tiny_model, tok.im_end_id)
     n_steps = []
-    real_stream = m.generate_stream
+    real_stream = engine.generate_stream
 
-    def counting_stream(idx, *a, **kw):
+    def counting_stream(model, idx, *a, **kw):
         n = 0
-        for t in real_stream(idx, *a, **kw):
+        for t in real_stream(model, idx, *a, **kw):
             n += 1
             n_steps.append(n)
             yield t
-    m.generate_stream = counting_stream
+    monkeypatch.setattr(engine, "generate_stream", counting_stream)
     out, err = io.StringIO(), io.StringIO()
     history = chat_loop(m, io.StringIO("hi\nagain\n"), out, temperature=0.0, max_new_tokens=20,
                         err_stream=err)
@@ -312,7 +315,7 @@ def test_cli_prompt_argv_and_stdin_greedy(tiny_ckpt):
     tok = m.tokenizer
     prompt = "The city of 鱼"
     ids = tok.encode(prompt)
-    ref = m.generate(torch.tensor([ids]), 20, temperature=0.0, eos_id=tok.eos_id)[0, len(ids):].tolist()
+    ref = engine.generate(m, torch.tensor([ids]), 20, temperature=0.0, eos_id=tok.eos_id)[0, len(ids):].tolist()
     if tok.eos_id in ref:
         ref = ref[:ref.index(tok.eos_id)]
     expected = prompt + tok.decode(ref) + "\n"
@@ -405,7 +408,7 @@ def test_main_same_greedy_text_from_pt_bin_and_hf_dir(tiny_model, tiny_ckpt, tmp
 
 
 def test_fit_prompt_is_model_fit_prompt_with_half_the_window():
-    from model import fit_prompt as shared_fit_prompt
+    from engine import fit_prompt as shared_fit_prompt
 
     for n_prompt in (1, 10, 63, 64, 65, 100, 200):
         for max_new in (1, 20, 64, 65, 118, 500):
@@ -549,7 +552,6 @@ def test_cuda_compiled_graph_decode_gives_the_eager_text_on_a_trained_model(gpu_
     m = load_model(ckpt, device=gpu)
     seq = torch.tensor([m.tokenizer.encode(fast.stdout)[:48]], device=gpu)
     with torch.autocast(torch.device(gpu).type, dtype=torch.bfloat16):
-        m.compile_decode(1)
         ok, detail = scoring.check_decode_paths_agree(m, seq, 8, torch.bfloat16)
     assert ok, detail
     assert ("CUDA graph" in detail) == (gpu == "cuda") and "failed" not in detail

@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["common"],                                           # conventions, torch-free
     ["data_utils"],                                       # the data contract
-    ["model"],                                            # the GPT, checkpoints, load_model, generation, .bin runtime
+    ["quantized"],                                        # the .bin format and its int8/int4 runtime layers
+    ["model"],                                            # the GPT, checkpoints, load_model, HF interop
+    ["engine"],                                           # the one decode engine and generation path
     ["scoring"],                                          # LM, log-likelihoods, perplexity, eval texts
     ["tokenizer_train", "train", "generate", "quantize"],  # commands
     ["evaluate", "reference_benchmark", "quick_train", "serve"],

@@ -1,4 +1,4 @@
-"""model.py: architecture, loss, KV cache, generation, optimizer groups, FLOPs, checkpoints, HF interop."""
+"""model.py: architecture, loss, optimizer groups, FLOPs, checkpoints, HF interop (decoding: test_engine.py)."""
 import json
 import math
 import os
@@ -123,102 +123,6 @@ def test_packed_documents_do_not_attend_across(net):
     assert M.positions_from_doc_ids(doc)[0, 12].item() == 0 and M.positions_from_doc_ids(doc)[0, 31].item() == 19
 
 
-# --- KV cache and generation -----------------------------------------------------------------
-
-@pytest.mark.parametrize("static", [False, True])
-def test_kv_cache_matches_full_forward(net, static):
-    x = tokens(2, 40, 6)
-    full, _ = net(x)
-    net.setup_cache(2, 48, static=static)
-    with torch.no_grad():
-        parts = [net(x[:, :17], input_pos=torch.arange(17))[0],  # prefill
-                 net(x[:, 17:25], input_pos=torch.arange(17, 25))[0]]  # a second prefill chunk at an offset
-        parts += [net(x[:, i:i + 1], input_pos=torch.tensor([i]))[0] for i in range(25, 40)]
-    net.clear_cache()
-    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
-
-
-def naive_greedy(net, x, n):
-    for _ in range(n):
-        logits, _ = net(x)
-        x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return x
-
-
-def test_greedy_generation_equals_full_recompute(net):
-    x = tokens(3, 7, 7)
-    out = net.generate(x, 20, temperature=0)
-    assert out.shape == (3, 27)
-    assert torch.equal(out, naive_greedy(net, x, 20))
-    # top_k=1 and a tiny top_p are greedy too
-    assert torch.equal(net.generate(x, 20, temperature=0.8, top_k=1), out)
-    assert torch.equal(net.generate(x, 20, temperature=0.8, top_p=1e-6), out)
-
-
-def test_lean_decode_step_matches_module_path_and_yields_to_hooks(net):
-    x = tokens(2, 9, 11)
-    assert net._lean_decode_ok()
-    lean_logits = []
-    # the lean step is what generate() uses for a stock model: spy on it, and compare its
-    # logits with the module path's (a full forward over the same tokens)
-    orig = net._lean_decode_step
-
-    def spy(layers, tok, pos):
-        out = orig(layers, tok, pos)
-        lean_logits.append((pos, out))
-        return out
-    net._lean_decode_step = spy
-    out = net.generate(x, 12, temperature=0)
-    del net._lean_decode_step
-    assert [p for p, _ in lean_logits] == list(range(9, 20))
-    with torch.no_grad():
-        full, _ = net(out.clone())
-    for pos, lg in lean_logits:
-        assert (lg - full[:, pos]).abs().max().item() < 1e-5
-    # a forward hook (GPTQ calibration, a profiler) must see every matmul: the module path runs
-    seen = []
-    h = net.layers[1].mlp.w_down.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
-    assert not net._lean_decode_ok()
-    assert torch.equal(net.generate(x, 12, temperature=0), out)
-    h.remove()
-    assert seen == [9] + [1] * 11  # the prefill, then every decode step went through the module
-    # ...and so must a swapped-in layer (a quantized linear or LoRA wrapper)
-    class Wrapped(torch.nn.Linear):
-        pass
-    w = net.layers[0].attn.wq
-    net.layers[0].attn.wq = Wrapped(w.in_features, w.out_features, bias=False)
-    net.layers[0].attn.wq.weight = w.weight
-    assert not net._lean_decode_ok()
-    assert torch.equal(net.generate(x, 12, temperature=0), out)
-
-
-def test_sampling_is_seeded_and_eos_stops(net):
-    x = tokens(4, 5, 8)
-    a = net.generate(x, 15, temperature=1.0, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    b = net.generate(x, 15, temperature=1.0, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
-    greedy = net.generate(x, 15, temperature=0)
-    eos = int(greedy[0, 8])  # the token row 0 emits at its 4th step
-    out = net.generate(x, 15, temperature=0, eos_id=eos)
-    row0 = out[0, 5:].tolist()
-    first = row0.index(eos)
-    assert all(t == eos for t in row0[first:])  # finished rows keep emitting eos
-    # when every row has finished, decoding stops there: one row whose greedy reply is `eos` at step 4
-    one = net.generate(x[:1], 15, temperature=0, eos_id=eos)
-    assert one.shape[1] == 5 + first + 1 and int(one[0, -1]) == eos
-    with pytest.raises(ValueError, match="exceeds the model's context"):
-        net.generate(x, CFG.max_seq_len, temperature=0)
-
-
-def test_top_p_filtering_keeps_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    seen = {int(M.sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(200)}
-    assert seen == {0, 1}
-    seen = {int(M.sample_next(logits, 1.0, top_k=3, generator=g)) for _ in range(300)}
-    assert seen == {0, 1, 2}
-
-
 # --- optimizer and FLOPs ---------------------------------------------------------------------
 
 def test_weight_decay_groups_by_name(net):
@@ -246,10 +150,6 @@ def test_forward_has_no_graph_breaks(net):
     x, y = tokens(2, 16, 9), tokens(2, 16, 10)
     explain = torch._dynamo.explain(net)(x, y)
     assert explain.graph_break_count == 0, explain.break_reasons
-    net.setup_cache(2, 32, static=True)
-    step = torch._dynamo.explain(lambda t, p: net(t, input_pos=p)[0])(x[:, :1], torch.tensor([3]))
-    net.clear_cache()
-    assert step.graph_break_count == 0, step.break_reasons
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -388,20 +288,6 @@ def test_size_table_cli(tmp_path):
     assert rows["small"]["int4_g128_mb"] < rows["small"]["fp32_mb"] / 6
 
 
-def test_compile_decode_static_step_used_by_generate(net):
-    x = tokens(2, 6, 13)
-    expected = naive_greedy(net, x, 12)
-    net.compile_decode(2, use_compile=False)  # the same static-shape loop, eagerly
-    assert net._decode_fn is not None and net._cache_static
-    assert torch.equal(net.generate(x, 12, temperature=0), expected)
-    assert torch.equal(net.generate(x[:1], 12, temperature=0), expected[:1])  # a smaller batch reuses it
-    net.clear_cache()
-    assert net._decode_fn is None
-    # after clear_cache the next generate() is back on the dynamic cache and the lean step
-    assert torch.equal(net.generate(x, 12, temperature=0), expected)
-    assert not net._cache_static
-
-
 # --- CUDA (run on a GPU machine; skipped elsewhere) ------------------------------------------
 
 def cuda(fn):
@@ -423,32 +309,12 @@ def test_cuda_bf16_autocast_matches_fp32_and_trains():
 
 
 @cuda
-def test_cuda_flash_sdpa_path_and_kv_cache():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    torch.manual_seed(0)
-    m = GPT(CFG).cuda().to(torch.bfloat16).eval()
-    x = tokens(2, 48, 22).cuda()
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # fails if the causal GQA forward cannot use flash
-        full, _ = m(x)
-    m.setup_cache(2, 64)
-    with torch.no_grad():
-        parts = [m(x[:, :40], input_pos=torch.arange(40, device="cuda"))[0]]
-        parts += [m(x[:, i:i + 1], input_pos=torch.tensor([i], device="cuda"))[0] for i in range(40, 48)]
-    assert (torch.cat(parts, 1) - full).abs().max().item() < 0.1  # bf16 tolerance
-
-
-@cuda
-def test_cuda_compiled_forward_and_decode_step_match_eager():
+def test_cuda_compiled_forward_matches_eager():
     torch.manual_seed(0)
     m = GPT(CFG).cuda().eval()
     x = tokens(2, 32, 23).cuda()
     compiled = torch.compile(m, fullgraph=True)
     assert torch.allclose(compiled(x)[0], m(x)[0], atol=1e-3)
-    expected = m.teacher_forced_logits(x, 8)  # (greedy text on random weights flips at near-ties)
-    m.clear_cache()
-    m.compile_decode(2)
-    assert m.decode_path == "compiled + CUDA graph"
-    assert (m.teacher_forced_logits(x, 8) - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_written_files_follow_the_umask(tmp_path, tiny_model):

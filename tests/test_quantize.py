@@ -12,13 +12,15 @@ import pytest
 import torch
 
 import quantize as Q
-from model import (FORMAT_VERSION, INT4_KERNEL_GROUPS, CheckpointError, HalfEmbedding, Int4Embedding, Int8Embedding,
-                   QuantizeError, _kernel_group, decode_parts, encode_parts, int4_linear, int8_linear, load_model,
-                   model_bytes, pack_int4, quantize_rtn, read_quantized, unpack_int4, write_quantized)
+from model import CheckpointError, load_model, model_bytes
+from quantized import (FORMAT_VERSION, INT4_KERNEL_GROUPS, HalfEmbedding, Int4Embedding, Int8Embedding, QuantizeError,
+                       _kernel_group, decode_parts, encode_parts, int4_linear, int8_linear, pack_int4, quantize_rtn,
+                       read_quantized, unpack_int4, write_quantized)
 import scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 from conftest import in_child_process  # noqa: E402
+import engine  # noqa: E402
 
 
 def _args(**kw):
@@ -605,7 +607,7 @@ def test_llama_cpp_greedy_text_is_ours(llama_ggufs, trained_ckpt, tiny_tokenizer
         theirs = _llama_cpp_greedy(llm, ids, n)
         with torch.no_grad():
             logits = ref(torch.tensor([ids + theirs]))[0][0, len(ids) - 1:]
-            ours = ref.generate(torch.tensor([ids]), n, temperature=0.0)[0, len(ids):].tolist()
+            ours = engine.generate(ref, torch.tensor([ids]), n, temperature=0.0)[0, len(ids):].tolist()
         for step, t in enumerate(theirs):
             assert logits[step].max() - logits[step, t] <= tie, (prompt, step)
         top2 = logits[:len(theirs) + (len(theirs) < n)].topk(2, -1).values   # + the step that ended it
@@ -792,7 +794,7 @@ def test_cli_flag_vocabulary_and_exit_codes(tiny_ckpt, tmp_path, capsys):
     # a missing output directory is created when the file is written (at the end, so a failure leaves none)
     new = tmp_path / "new" / "dir"
     assert Q.main(["--model", str(tiny_ckpt), "--output", str(new / "y.bin"), "--quiet"]) == 0
-    from model import QUANT_MAGIC
+    from common import QUANT_MAGIC
     assert (new / "y.bin").read_bytes()[:8] == QUANT_MAGIC
     capsys.readouterr()
     import shutil
@@ -961,30 +963,31 @@ def test_load_model_runs_quantized_by_default(loaded_pairs, strategy):
             "mixed": {"Int8Linear", "Int4Linear", "HalfEmbedding"}}[strategy]
     assert want <= kinds and ("Linear" in kinds) == (strategy == "fp32")
     assert {type(mod).__name__ for mod in dm.modules()} >= {"Linear", "Embedding"}
-    assert qm._lean_decode_ok() and not qm.training and qm.tokenizer is not None
+    assert not qm.training and qm.tokenizer is not None
     idx = torch.randint(0, qm.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         a, b = qm(idx)[0], dm(idx)[0]
     assert (a - b).abs().max().item() < (1e-6 if strategy == "fp32" else 0.05 * b.abs().max().item())
     # greedy decoding: the fast decode step gives what the module path (a forward per token) gives
-    out = qm.generate(idx[:, :8], 12, temperature=0)
+    out = engine.generate(qm, idx[:, :8], 12, temperature=0)
     with torch.no_grad():
         logits = qm(out)[0]
     assert torch.equal(logits[:, 7:-1].argmax(-1), out[:, 8:])
 
 
-def test_quantized_decode_paths_agree(loaded_pairs):
-    """generate(): lean step, module path (a hook on a layer) and compile_decode's static loop."""
+def test_quantized_decode_paths_agree(loaded_pairs, monkeypatch):
+    """The engine on a .bin: its direct calls (the fused matmuls), the module calls (a hook on a
+    layer) and the static step (compile=True, run eagerly here) give the same tokens."""
     qm, _ = loaded_pairs["mixed"]
     x = torch.randint(0, qm.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(6))
-    lean = qm.generate(x, 10, temperature=0)
-    h = qm.layers[0].mlp.w_down.register_forward_hook(lambda *a: None)
-    assert not qm._lean_decode_ok()
-    assert torch.equal(qm.generate(x, 10, temperature=0), lean)
+    lean = engine.generate(qm, x, 10, temperature=0)
+    seen = []
+    h = qm.layers[0].mlp.w_down.register_forward_hook(lambda *a: seen.append(1))
+    assert torch.equal(engine.generate(qm, x, 10, temperature=0), lean) and len(seen) == 10
     h.remove()
-    qm.compile_decode(2, use_compile=False)
-    assert torch.equal(qm.generate(x, 10, temperature=0), lean)
-    qm.clear_cache()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    assert torch.equal(engine.generate(qm, x, 10, temperature=0, compile=True), lean)
+    engine.release(qm)
 
 
 def test_quantized_memory_is_within_1_5x_the_file(tmp_path):
@@ -1060,15 +1063,12 @@ def test_cuda_quantized_linears_and_decode(exports, tiny_ckpt):
         m = load_model(exports[strategy][0], device="cuda")
         assert model_bytes(m) <= 1.6 * exports[strategy][0].stat().st_size
         idx = torch.randint(0, m.config.vocab_size, (2, 24), device="cuda", generator=None)
-        assert m.generate(idx[:, :8], 16, temperature=0).shape == (2, 24)
-        m.clear_cache()
-        eager = m.teacher_forced_logits(idx, 8)  # (greedy text on random weights flips at near-ties)
-        m.clear_cache()
-        m.compile_decode(2)
-        assert "CUDA graph" in m.decode_path, (strategy, m.decode_path)
-        got = m.teacher_forced_logits(idx, 8)
-        assert (got - eager).abs().max() <= 3e-2 * eager.abs().max(), (strategy, m.decode_path)
-        m.clear_cache()
+        assert engine.generate(m, idx[:, :8], 16, temperature=0).shape == (2, 24)
+        eager = engine.Engine(m, 2).teacher_forced(idx, 8)  # (greedy text on random weights flips at near-ties)
+        fast = engine.Engine(m, 2, compile=True)
+        assert "CUDA graph" in fast.path, (strategy, fast.path)
+        got = fast.teacher_forced(idx, 8)
+        assert (got - eager).abs().max() <= 3e-2 * eager.abs().max(), (strategy, fast.path)
 
 
 def test_generate_cli_runs_a_bin_quantized_or_dequantized(trained_ckpt, tmp_path):
@@ -1076,7 +1076,7 @@ def test_generate_cli_runs_a_bin_quantized_or_dequantized(trained_ckpt, tmp_path
     text its float weights give (each equal to the same model loaded here), and the two runs'
     logits agree within int4's rounding."""
     import generate
-    from model import generate_samples
+    from engine import generate_samples
     assert generate.build_parser().parse_args(["--dequantize"]).dequantize is True
     path = tmp_path / "int4.bin"
     Q.export(_args(model=str(trained_ckpt), output=str(path), strategy="int4", group_size=32))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import data_utils as du
 import scoring
+import engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,7 @@ def test_lm_generate_greedy_matches_model_and_stops(trained_lm):
     lm = trained_lm
     prompt = lm.encode("The history of")
     ids, _ = lm.generate_ids(prompt, 12, temperature=0)
-    ref = lm.model.generate(torch.tensor([prompt]), 12, temperature=0, eos_id=lm.eos_id)[0, len(prompt):].tolist()
+    ref = engine.generate(lm.model, torch.tensor([prompt]), 12, temperature=0, eos_id=lm.eos_id)[0, len(prompt):].tolist()
     assert ids == [t for t in ref if t != lm.eos_id][:len(ids)]
     text = lm.generate(prompt, 12, temperature=0)
     assert text == lm.decode(ids)
@@ -240,7 +241,7 @@ def test_real_chinese_book_is_scored_per_character(trained_lm, shared_data):
 
 
 def test_generate_ids_fits_a_long_prompt_to_the_context(trained_lm):
-    """model.fit_prompt: a prompt longer than the context keeps its newest tokens beside the new ones."""
+    """engine.fit_prompt: a prompt longer than the context keeps its newest tokens beside the new ones."""
     lm = trained_lm
     prompt = (lm.encode(EN_TEXT) * 4)[: lm.max_seq_len + 20]
     ids, _ = lm.generate_ids(prompt, 6, temperature=0)

@@ -3,9 +3,11 @@
 streamed and not, usage, stop, n, seed, logprobs, every error code, continuous batching against lone
 runs, disconnects, metrics, --watch; plus lm-evaluation-harness's local-completions against the
 server and a real headless browser on the web chat."""
+import collections
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +30,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class Http:
+    """Raw HTTP to a server at self.url (for what the official client would hide)."""
+    url = ""
+
+    def request(self, method: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None,
+                timeout: float = 60):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                self.last_headers = r.headers
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            self.last_headers = e.headers
+            return e.code, e.read().decode()
+
+    def get(self, path: str, key: str | None = KEY):
+        return self.request("GET", path, key=key, timeout=5)
+
+    def post(self, path: str, body=None, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def stream(self, path: str, body: dict, key: str | None = KEY, started: threading.Event | None = None,
+               after: int = 1, on_event=None):
+        """A streamed request read event by event: (status, the `data:` payloads, JSON-parsed, "[DONE]"
+        as it is); `started` is set once `after` payloads have arrived; on_event(payload) sees each."""
+        req = urllib.request.Request(self.url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                     method="POST", headers={"Content-Type": "application/json",
+                                                             **({"Authorization": f"Bearer {key}"} if key else {})})
+        payloads = []
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                for line in r:
+                    line = line.decode().strip()
+                    if line.startswith("data: "):
+                        payloads.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                        if on_event is not None:
+                            on_event(payloads[-1])
+                        if started is not None and len(payloads) >= after:
+                            started.set()
+                return r.status, payloads
+        except urllib.error.HTTPError as e:
+            return e.code, [json.loads(e.read().decode())]
+        finally:
+            if started is not None:
+                started.set()  # (a request that failed early must not leave its waiter hanging)
+
+    def metric(self, name: str, model: str = "tiny") -> float:
+        text = self.get("/metrics")[1]
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(f'{name}{{model="{model}"}}')))
+
+    def wait_for_metric(self, name: str, value: float, timeout: float = 10) -> float:
+        deadline = time.time() + timeout
+        while (now := self.metric(name)) != value and time.time() < deadline:
+            time.sleep(0.05)
+        return now
+
+
+class ServerProcess(Http):
     """serve.py as a user starts it; waits for /health (bounded), stops it at the end."""
 
     def __init__(self, *args, timeout: float = 90):
@@ -51,30 +113,52 @@ class ServerProcess:
             time.sleep(0.2)
         raise AssertionError(f"serve.py did not become healthy: {''.join(self.log)[-2000:]}")
 
-    def request(self, method: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None,
-                timeout: float = 60):
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json",
-                                              **({"Authorization": f"Bearer {key}"} if key else {})})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def get(self, path: str, key: str | None = KEY):
-        return self.request("GET", path, key=key, timeout=5)
-
-    def post(self, path: str, body=None, **kw):
-        return self.request("POST", path, body, **kw)
-
     def stop(self):
         self.proc.terminate()
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class InProcessServer(Http):
+    """serve.py's app on uvicorn in a thread of the test process: a test can then make one request's
+    work fail deterministically (monkeypatch) and watch what happens to the others."""
+
+    def __init__(self, ckpt, *flags):
+        pytest.importorskip("fastapi", reason="serve.py needs fastapi and uvicorn (requirements.txt)")
+        import uvicorn
+        import serve
+        args = serve.build_parser().parse_args(["--model", f"tiny={ckpt}", *map(str, flags)])
+        self.server = serve.Server(args, serve.model_specs(args.model), torch.device("cpu"), torch.float32)
+        self.server.load_all()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.uv = uvicorn.Server(uvicorn.Config(serve.build_app(self.server), host="127.0.0.1", port=port,
+                                                log_level="warning", access_log=False, lifespan="off"))
+        self.thread = threading.Thread(target=self.uv.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.uv.started and time.time() < deadline:
+            time.sleep(0.02)
+        assert self.uv.started
+
+    def stop(self):
+        self.server.stop()
+        self.uv.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def ckpt_with_context(trained_ckpt, path: Path, context: int) -> Path:
+    """The trained weights with another context length (RoPE is computed, not learned)."""
+    from data_utils import TextTokenizer
+    from model import GPT, ModelConfig, load_checkpoint, save_checkpoint
+    ck = load_checkpoint(trained_ckpt)
+    m = GPT(ModelConfig.from_dict({**ck["config"], "max_seq_len": context}))
+    m.load_state_dict(ck["model"])
+    m.tokenizer = TextTokenizer.from_dict(ck["tokenizer"])
+    save_checkpoint(path, m)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +192,8 @@ def tiny(trained_ckpt):
 
 
 def offline_reply(m, prompt_ids, max_new, stop_ids) -> str:
-    """What the model itself says, greedy, through model.stream_generate (generate.py's path)."""
-    from model import generate_samples
+    """What the model itself says, greedy, through engine.generate_samples (generate.py's path)."""
+    from engine import generate_samples
     rows = generate_samples(m, prompt_ids, max_new, temperature=0.0, stop_ids=stop_ids)
     return m.tokenizer.decode(rows[0])
 
@@ -256,12 +340,24 @@ BAD_REQUESTS = [
     ({"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    # sampling fields out of their finite, sane range: refused before the request joins the batch
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": float("inf")}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": float("nan")}, 400, "top_p"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 2**70}, 400, "seed"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": -1}, 400, "seed"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": float("-inf")}, 400,
+     "presence_penalty"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": 3}, 400,
+     "frequency_penalty"),
+    ({"model": "tiny", "prompt": "x", "temperature": float("nan")}, 400, "temperature"),
 ]
 
 
-@pytest.mark.parametrize("body,status,param", BAD_REQUESTS, ids=[f"{s}-{p}" for _, s, p in BAD_REQUESTS])
+@pytest.mark.parametrize("body,status,param", BAD_REQUESTS,
+                         ids=[f"{s}-{p}-{i}" for i, (_, s, p) in enumerate(BAD_REQUESTS)])
 def test_bad_requests_get_the_openai_error_body(server, body, status, param):
-    code, text = server.post("/v1/chat/completions", body)
+    code, text = server.post("/v1/completions" if "prompt" in body else "/v1/chat/completions", body)
     err = json.loads(text)["error"]
     assert code == status and err["param"] == param and set(err) == {"message", "type", "param", "code"}
     assert err["message"] and "Traceback" not in text
@@ -363,14 +459,24 @@ def test_a_full_queue_answers_429(trained_ckpt):
     s = ServerProcess("--model", f"tiny={trained_ckpt}", "--max-batch", 1, "--max-queue", 1)
     try:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 100, "temperature": 1.0}
-        codes = []
-        threads = [threading.Thread(target=lambda: codes.append(s.post("/v1/completions", body)[0]))
-                   for _ in range(6)]
+        codes, retry_after = [], []
+
+        def post():
+            req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    codes.append(r.status)
+            except urllib.error.HTTPError as e:
+                codes.append(e.code)
+                retry_after.append(e.headers.get("Retry-After"))
+        threads = [threading.Thread(target=post) for _ in range(6)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=120)
         assert 429 in codes and 200 in codes, codes
+        assert retry_after and all(v is not None and int(v) >= 1 for v in retry_after), retry_after
         assert s.get("/health")[0] == 200
     finally:
         s.stop()
@@ -402,7 +508,8 @@ def test_watch_reloads_a_replaced_checkpoint(trained_ckpt, tiny_ckpt, tmp_path):
 
 
 def test_bad_command_lines_are_one_line_errors(tmp_path):
-    for args, needle in ((["--model", tmp_path / "none.pt"], "--model"), (["--port", "0"], "--port")):
+    for args, needle in ((["--model", tmp_path / "none.pt"], "--model"), (["--port", "0"], "--port"),
+                         (["--model", "x.pt", "--prefill-chunk", "0"], "--prefill-chunk")):
         r = subprocess.run([sys.executable, str(ROOT / "serve.py"), *map(str, args)], capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 2 and r.stderr.startswith("error:") and needle in r.stderr, r.stderr
@@ -412,6 +519,30 @@ def test_bad_command_lines_are_one_line_errors(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", str(bad), "--port", str(free_port())],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "error: " in r.stderr and "bad.pt" in r.stderr
+
+
+def test_a_folder_that_is_not_a_model_never_says_serving(tmp_path):
+    """Issue 26: `serve.py --model runs/quick/` (a run folder, not a model) said "serving ... on
+    http://..." and then failed to load; now it fails with one line and never claims to serve."""
+    run = tmp_path / "quick"
+    run.mkdir()
+    (run / "report.md").write_text("# a quick_train report, not a model\n")
+    r = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", str(run), "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "serving" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "quick" in errors[0] and "Traceback" not in out, out
+
+
+def test_serving_is_said_once_the_models_are_loaded(server):
+    deadline = time.time() + 10
+    while time.time() < deadline and not any("serving " in line for line in server.log):
+        time.sleep(0.1)
+    lines = list(server.log)
+    said = [i for i, line in enumerate(lines) if "serving tiny, tiny-int4 on http://127.0.0.1:" in line]
+    loaded = [i for i, line in enumerate(lines) if " loaded in " in line]
+    assert len(said) == 1 and len(loaded) == 2 and said[0] > max(loaded), "".join(lines)
 
 
 def test_health_is_503_while_loading(trained_ckpt):
@@ -430,6 +561,317 @@ def test_health_is_503_while_loading(trained_ckpt):
         assert c.get("/health").json() == {"status": "ok", "models": [Path(trained_ckpt).stem]}
         page = c.get("/")
         assert page.status_code == 200 and "FishAI chat" in page.text and "/v1/chat/completions" in page.text
+
+
+# ----------------------------------------------------------------------------------------------
+# isolation: a bad or failing request ends alone, the server and its gauges stay true
+
+def test_error_messages_read_well(server):
+    cases = [({"n": 0}, "'n' must be at least 1 (got 0)"),
+             ({"max_tokens": "many"}, "'max_tokens' must be an integer (got \"many\")"),
+             ({"temperature": 3}, "'temperature' must be between 0 and 2 (got 3)"),
+             ({"stream": "yes"}, "'stream' must be a boolean (got \"yes\")"),
+             ({"stream_options": 1, "stream": True}, "'stream_options' must be an object (got 1)"),
+             ({"temperature": float("nan")}, "'temperature' must be a finite number (got nan)"),
+             ({"seed": 2**70}, f"'seed' must be between 0 and {2**64 - 1} (got {2**70})")]
+    for fields, message in cases:
+        code, text = server.post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                          **fields})
+        assert code == 400 and json.loads(text)["error"]["message"] == message, text
+
+
+def test_a_tiny_temperature_decodes_greedily(client):
+    msgs = [{"role": "user", "content": "The function returns"}]
+    greedy = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
+    for t in (1e-300, 5e-324, 1e-4):  # dividing the logits by these would overflow to inf/NaN
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=t)
+        assert r.choices[0].message.content == greedy.choices[0].message.content
+
+
+def _run_all(fns: dict) -> dict:
+    """Run the callables at the same time; their results by name."""
+    out = {}
+    threads = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f())) for k, f in fns.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return out
+
+
+def _assert_innocent(res, lone: dict):
+    """The innocent requests finished as they do alone: 200, their own text, a finish_reason, [DONE]."""
+    for k, text in lone.items():
+        if k == "stream":
+            code, payloads = res[k]
+            assert code == 200 and payloads[-1] == "[DONE]" and not any("error" in p for p in payloads[:-1]), payloads
+            assert "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads[:-1] if p["choices"]) == text
+            assert [p["choices"][0]["finish_reason"] for p in payloads[:-1] if p["choices"]][-1] in ("stop", "length")
+        else:
+            code, body = res[k]
+            c = json.loads(body)["choices"][0]
+            assert code == 200 and c["message"]["content"] == text and c["finish_reason"] in ("stop", "length"), body
+
+
+INNOCENT = {f"plain{i}": f"Request {i}: the" for i in range(3)} | {"stream": "Tell me"}
+
+
+def _innocent_calls(s: Http, lone: dict | None = None) -> dict:
+    def body(k):
+        return {"model": "tiny", "messages": [{"role": "user", "content": INNOCENT[k]}], "max_tokens": 20,
+                "temperature": 0}
+    calls = {k: (lambda k=k: s.post("/v1/chat/completions", body(k))) for k in INNOCENT if k != "stream"}
+    calls["stream"] = lambda: s.stream("/v1/chat/completions", body("stream"))
+    if lone is None:  # the lone runs, one after another
+        res = {k: f() for k, f in calls.items()}
+        return {k: (json.loads(res[k][1])["choices"][0]["message"]["content"] if k != "stream" else
+                    "".join(p["choices"][0]["delta"].get("content") or "" for p in res[k][1][:-1] if p["choices"]))
+                for k in res}
+    return calls
+
+
+def test_a_stream_that_breaks_after_its_headers_ends_with_an_error_event():
+    """Once a stream's 200 is sent, a failure (a request error or a bug) goes out as an OpenAI error
+    event followed by [DONE]: the client is told, the stream is never just cut."""
+    pytest.importorskip("fastapi")
+    import asyncio
+    import serve
+
+    async def pieces(exc):
+        yield "data: first\n\n"
+        raise exc
+
+    async def collect(exc):
+        return [p async for p in serve._ending_with_error_event(pieces(exc))]
+    for exc, message, kind in ((serve.ServeError(500, "decoding failed: boom", kind="server_error"),
+                                "decoding failed: boom", "server_error"),
+                               (KeyError("x"), "internal error: KeyError", "server_error")):
+        out = asyncio.run(collect(exc))
+        assert out[0] == "data: first\n\n" and out[-1] == "data: [DONE]\n\n" and len(out) == 3
+        err = json.loads(out[1][len("data: "):])["error"]
+        assert err["message"] == message and err["type"] == kind
+
+
+def test_a_nan_temperature_is_refused_while_innocent_requests_finish(server):
+    lone = _innocent_calls(server)
+    nan = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}
+    res = _run_all({**_innocent_calls(server, lone), "nan": lambda: server.post("/v1/chat/completions", nan),
+                    "nan_stream": lambda: server.stream("/v1/chat/completions", nan)})
+    assert res["nan"][0] == 400 and json.loads(res["nan"][1])["error"]["param"] == "temperature"
+    assert res["nan_stream"][0] == 400 and res["nan_stream"][1][0]["error"]["param"] == "temperature"
+    _assert_innocent(res, lone)
+    assert server.wait_for_metric("fishai_active_requests", 0.0) == 0.0
+
+
+def test_a_request_that_fails_in_its_row_ends_alone(trained_ckpt, monkeypatch):
+    """A request whose sampling raises (marked by its temperature: 0.25 fails at its second token,
+    inside a decode step; 0.75 at its first, inside its prefill): streamed, it gets an error event
+    and [DONE] after its first tokens; not streamed, a 500 with the error body. The others in the
+    same batch finish with the text they give alone, and the gauges come back to 0."""
+    import serve
+    real, calls = serve.sample_next, collections.Counter()
+
+    def sample_next(logits, temperature, top_k, top_p, generator):
+        calls[id(generator)] += 1
+        if temperature == 0.25 and calls[id(generator)] >= 2 or temperature == 0.75:
+            raise RuntimeError("logits processing failed")
+        # (the marked requests' first token: greedy, so that it is never a stop token that ends them early)
+        return real(logits, 0.0 if temperature == 0.25 else temperature, top_k, top_p, generator)
+    monkeypatch.setattr(serve, "sample_next", sample_next)
+    s = InProcessServer(trained_ckpt)
+    try:
+        lone = _innocent_calls(s)
+
+        def bad(t, stream):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "The function returns"}],
+                    "max_tokens": 20, "temperature": t}
+            return s.stream("/v1/chat/completions", body) if stream else s.post("/v1/chat/completions", body)
+        res = _run_all({**_innocent_calls(s, lone), **{f"bad{t}{st}": (lambda t=t, st=st: bad(t, st))
+                                                      for t in (0.25, 0.75) for st in (True, False)}})
+        _assert_innocent(res, lone)
+        for t in (0.25, 0.75):
+            code, payloads = res[f"bad{t}True"]
+            assert code == 200 and payloads[-1] == "[DONE]", payloads
+            err = payloads[-2]["error"]
+            assert "logits processing failed" in err["message"] and err["type"] == "server_error", payloads
+            assert not any(p.get("choices") and p["choices"][0]["finish_reason"] for p in payloads[:-2])
+            if t == 0.25:  # its first token went out before the failure
+                assert sum(bool(p["choices"] and p["choices"][0]["delta"].get("content")) for p in payloads[:-2]) >= 1
+            code, body = res[f"bad{t}False"]
+            assert code == 500 and "logits processing failed" in json.loads(body)["error"]["message"], body
+        assert s.wait_for_metric("fishai_active_requests", 0.0) == 0.0
+        assert s.wait_for_metric("fishai_queue_depth", 0.0) == 0.0
+        assert s.get("/health")[0] == 200
+        assert _innocent_calls(s) == lone  # and the server goes on as before
+    finally:
+        s.stop()
+
+
+class _StepControl:
+    """The server's decode steps (engine.Engine.step with each row at its own position), slowed
+    down and made to fail on demand: a test's hand on what a real failure would do (a CUDA error,
+    an out-of-memory in one step). Prefill calls pass through."""
+
+    def __init__(self, monkeypatch):
+        from engine import Engine
+        real, self.slow, self.fail = Engine.step, 0.0, None
+
+        def step(eng, tokens, start, row=0, last_only=True):
+            if torch.is_tensor(start):  # a decode step of the batch (a prefill starts at an int)
+                time.sleep(self.slow)
+                fail, self.fail = self.fail, None
+                if fail is not None:
+                    raise fail
+            return real(eng, tokens, start, row, last_only)
+        monkeypatch.setattr(Engine, "step", step)
+
+
+class EngineKilled(BaseException):
+    """What no `except Exception` catches: the engine thread itself ends."""
+
+
+def _long_streams(s: Http, k: int):
+    """k slow greedy streams that have started: (threads, results by index)."""
+    started, results = [threading.Event() for _ in range(k)], {}
+    body = {"model": "tiny", "prompt": "The function returns", "max_tokens": 100, "temperature": 0}
+
+    def run(i):
+        results[i] = s.stream("/v1/completions", body, started=started[i], after=2)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    for e in started:
+        assert e.wait(30)
+    return threads, results
+
+
+def _ended_with_error(result, needle: str) -> None:
+    code, payloads = result
+    assert code == 200 and payloads[-1] == "[DONE]" and needle in payloads[-2]["error"]["message"], payloads[-3:]
+    assert not any(p.get("choices") and p["choices"][0]["finish_reason"] for p in payloads[:-2])
+
+
+def test_a_failed_decode_step_ends_only_its_requests(trained_ckpt, monkeypatch):
+    ctl = _StepControl(monkeypatch)
+    s = InProcessServer(trained_ckpt, "--max-batch", 2)
+    try:
+        queued = {"model": "tiny", "messages": [{"role": "user", "content": "Write"}], "max_tokens": 10,
+                  "temperature": 0}
+        alone = s.post("/v1/chat/completions", queued)
+        ctl.slow = 0.02  # the two streams hold both rows for seconds
+        threads, results = _long_streams(s, 2)
+        later = {}
+        waiter = threading.Thread(target=lambda: later.setdefault("r", s.post("/v1/chat/completions", queued)))
+        waiter.start()
+        assert s.wait_for_metric("fishai_queue_depth", 1.0) == 1.0  # it waits for a row
+        ctl.fail = RuntimeError("device lost")
+        for t in threads + [waiter]:
+            t.join(timeout=60)
+        for i in range(2):
+            _ended_with_error(results[i], "decoding failed: RuntimeError: device lost")
+        # the queued request was not in the failed step: it runs next, as it does alone
+        assert later["r"][0] == 200 and json.loads(later["r"][1])["choices"] == json.loads(alone[1])["choices"]
+        assert s.wait_for_metric("fishai_active_requests", 0.0) == 0.0
+        assert s.wait_for_metric("fishai_queue_depth", 0.0) == 0.0
+    finally:
+        s.stop()
+
+
+def test_a_dead_engine_thread_turns_health_503(trained_ckpt, monkeypatch):
+    ctl = _StepControl(monkeypatch)
+    s = InProcessServer(trained_ckpt)
+    try:
+        ctl.slow = 0.02
+        threads, results = _long_streams(s, 1)
+        assert s.get("/health")[0] == 200
+        ctl.fail = EngineKilled()
+        threads[0].join(timeout=60)
+        _ended_with_error(results[0], "the decoding thread died: EngineKilled")
+        code, text = s.get("/health")
+        assert code == 503 and json.loads(text)["dead_engines"] == ["tiny"]
+        code, text = s.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert code == 503 and "decoding thread died" in json.loads(text)["error"]["message"]
+        assert s.wait_for_metric("fishai_active_requests", 0.0) == 0.0
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_ends_streams_with_an_error_event_and_exits(trained_ckpt, tmp_path, sig):
+    """SIGTERM (a supervisor) or Ctrl-C with streams in flight: each gets an error event and [DONE],
+    new connections are refused, and the process is gone within 5 s."""
+    ckpt = ckpt_with_context(trained_ckpt, tmp_path / "tiny-2048.pt", 2048)
+    s = ServerProcess("--model", f"tiny={ckpt}")
+    try:
+        results = {}
+        body = {"model": "tiny", "prompt": "The function returns", "max_tokens": 2000, "temperature": 0}
+        started = [threading.Event() for _ in range(4)]
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, s.stream("/v1/completions", body, key=None, started=started[i], after=3))) for i in range(4)]
+        for t in threads:
+            t.start()
+        assert all(e.wait(30) for e in started)
+        t0 = time.perf_counter()
+        s.proc.send_signal(sig)
+        rc = s.proc.wait(timeout=10)
+        elapsed = time.perf_counter() - t0
+        for t in threads:
+            t.join(timeout=10)
+        assert elapsed < 5, elapsed
+        assert rc == (130 if sig == signal.SIGINT else -signal.SIGTERM), (rc, "".join(s.log)[-2000:])
+        for i in range(4):
+            _ended_with_error(results[i], "the server is shutting down")
+        with pytest.raises(OSError):
+            s.get("/health")
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+
+
+def _steps_during_a_long_prefill(s: Http, long_prompt: list[int]) -> tuple[int, dict]:
+    """Tokens a running stream receives between a long prompt's arrival and its first token; and
+    the long request's completion (echo + logprobs)."""
+    log, started = [], threading.Event()
+    body = {"model": "tiny", "prompt": "The function returns", "max_tokens": 400, "temperature": 0}
+    running = threading.Thread(target=lambda: s.stream("/v1/completions", body, key=None, started=started, after=3,
+                                                       on_event=lambda p: log.append("S")))
+    running.start()
+    assert started.wait(30)
+    log.append("sent")
+    long_body = {"model": "tiny", "prompt": long_prompt, "max_tokens": 4, "temperature": 0}
+    s.stream("/v1/completions", long_body, key=None, on_event=lambda p: log.append("L") if p != "[DONE]" else None)
+    running.join(timeout=60)
+    first = log.index("L", log.index("sent"))
+    code, text = s.post("/v1/completions", {**long_body, "echo": True, "logprobs": 0}, key=None)
+    choice = json.loads(text)["choices"][0]
+    assert code == 200, text
+    return log[log.index("sent"):first].count("S"), {"text": choice["text"],
+                                                     "logprobs": choice["logprobs"]["token_logprobs"]}
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(trained_ckpt, tmp_path):
+    """A 1,900-token prompt arriving while a stream runs: with --prefill-chunk 64 the stream gets a
+    token between each of its ~30 chunks instead of waiting for the whole prefill, and the chunked
+    prefill gives the same prompt log-probabilities and greedy reply as one whole prefill."""
+    ckpt = ckpt_with_context(trained_ckpt, tmp_path / "tiny-2048.pt", 2048)
+    from model import load_model
+    tok = load_model(ckpt).tokenizer
+    line = tok.encode("The function returns a list of the values in the file, then the next one. ")
+    long_prompt = (line * (1900 // len(line) + 1))[:1900]
+    results = {}
+    for chunk in (64, 4096):
+        s = InProcessServer(ckpt, "--prefill-chunk", chunk)
+        try:
+            results[chunk] = _steps_during_a_long_prefill(s, long_prompt)
+        finally:
+            s.stop()
+    (chunked_steps, chunked), (whole_steps, whole) = results[64], results[4096]
+    print(f"a running stream's tokens during a 1,900-token prefill: {chunked_steps} in chunks of 64, "
+          f"{whole_steps} in one piece")
+    assert chunked_steps >= 15 and whole_steps <= 3, (chunked_steps, whole_steps)
+    assert chunked["text"] == whole["text"] and len(chunked["logprobs"]) == len(long_prompt) + 4
+    assert chunked["logprobs"][0] is None and whole["logprobs"][0] is None
+    assert chunked["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,18 +898,9 @@ def test_lm_eval_over_http_gives_evaluate_pys_loglikelihoods(trained_ckpt, tiny_
     if lm_eval.__version__ != "0.4.13":
         pytest.skip(f"checked against lm-eval 0.4.13; {lm_eval.__version__} is installed")
     pytest.importorskip("tenacity", reason="lm-eval's API models need its [api] extra: pip install 'lm-eval[api]==0.4.13'")
-    from model import load_checkpoint, save_checkpoint, GPT, ModelConfig
     from test_evaluate import PEER_MMLU, _our_data_dir, _peer_task_yamls
-    # the trained weights with a 1024-token context (RoPE is computed, not learned): no document is cut,
-    # so both sides score the same tokens
-    ck = load_checkpoint(trained_ckpt)
-    cfg = ModelConfig.from_dict({**ck["config"], "max_seq_len": 1024})
-    m = GPT(cfg)
-    m.load_state_dict(ck["model"])
-    from data_utils import TextTokenizer
-    m.tokenizer = TextTokenizer.from_dict(ck["tokenizer"])
-    long_ckpt = tmp_path / "tiny-1024.pt"
-    save_checkpoint(long_ckpt, m)
+    # a 1024-token context: no document is cut, so both sides score the same tokens
+    long_ckpt = ckpt_with_context(trained_ckpt, tmp_path / "tiny-1024.pt", 1024)
     include = _peer_task_yamls(tmp_path, shared_data, Path(lm_eval.__file__).parent / "tasks")
     limit, subjects = 4, PEER_MMLU[:2]
     s = ServerProcess("--model", f"tiny={long_ckpt}")
@@ -547,3 +980,48 @@ def test_web_chat_streams_the_apis_reply_in_a_real_browser(server, client):
         assert browser.find_element(By.CSS_SELECTOR, ".user").text == "Hello there"
     finally:
         browser.quit()
+
+
+def test_web_chat_keeps_a_long_conversation_in_a_small_context(trained_ckpt, tmp_path):
+    """The main job's tiny model has a 256-token context. With max tokens left blank each reply gets
+    what the context has left after the conversation; when the conversation outgrows the context,
+    its oldest turns are left out (greyed, with a note on the page) instead of the send failing.
+    Three turns in a real browser, each reply the API's own reply to what the page sent."""
+    browser = _browser()
+    ckpt = ckpt_with_context(trained_ckpt, tmp_path / "tiny-256.pt", 256)
+    s = ServerProcess("--model", f"tiny={ckpt}")
+    try:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+        browser.get(s.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#model option")) == 1)
+        assert browser.find_element(By.ID, "max-tokens").get_attribute("value") == ""  # blank: what fits
+        el = browser.find_element(By.ID, "temperature")
+        el.clear()
+        el.send_keys("0")
+        # about 100 tokens a turn: three turns cannot fit in 256 tokens, whatever the replies
+        line = "The function returns a list of the values in the file, then the next one. "
+        turns = [f"{start} {line * 3}".strip() for start in ("Hello there.", "And then?", "Write it again.")]
+        for n, text in enumerate(turns, 1):
+            browser.find_element(By.ID, "input").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']")) == n)
+            assert browser.find_element(By.ID, "error").text == ""
+            shown = browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1].get_attribute("textContent")
+            sent = browser.execute_script("return history.slice(0, -1).map((m) => ({role: m.role, content: m.content}))")
+            assert sent[-1] == {"role": "user", "content": text}
+            code, body = s.post("/v1/chat/completions", {"model": "tiny", "messages": sent, "temperature": 0}, key=None)
+            api = json.loads(body)
+            assert code == 200 and shown == api["choices"][0]["message"]["content"] and shown
+            usage = api["usage"]  # no max_tokens: the reply may use all the context the prompt leaves
+            assert usage["total_tokens"] == 256 or api["choices"][0]["finish_reason"] == "stop", usage
+        note = browser.find_element(By.ID, "context-note")
+        assert note.is_displayed() and "left out" in note.text and "context of 256 tokens" in note.text, note.text
+        dropped = browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")
+        kept = browser.execute_script("return history.length")
+        assert dropped and len(dropped) + kept == 2 * len(turns)
+        assert dropped[0].get_attribute("textContent") == turns[0]  # the oldest turn went first
+    finally:
+        browser.quit()
+        s.stop()

@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 from model import CheckpointError, load_checkpoint  # noqa: E402
+import engine  # noqa: E402
 
 SHRINK = ["--model-override", "d_model=64", "--model-override", "n_layers=2", "--model-override", "n_heads=4",
           "--model-override", "n_kv_heads=2", "--model-override", "d_ff=192", "--model-override", "max_seq_len=128"]
@@ -458,7 +459,7 @@ def test_sft_trains_on_assistant_tokens_only(tmp_path, trained_ckpt, tiny_tokeni
     # the SFT model's greedy reply follows the trained format
     sft = fishai.load_model(out / "fishai-latest.pt")
     prompt, _ = sft.tokenizer.encode_chat([{"role": "user", "content": "zq 2 zq 3"}], add_generation_prompt=True)
-    outp = sft.generate(torch.tensor([prompt]), 4, temperature=0.0)
+    outp = engine.generate(sft, torch.tensor([prompt]), 4, temperature=0.0)
     assert sft.tokenizer.decode(outp[0, len(prompt):].tolist()).startswith("sum")
 
 

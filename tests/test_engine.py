@@ -1,0 +1,261 @@
+"""engine.py: the one decode engine - KV cache, prefill (whole and in chunks), the step at one
+position per batch and at each row's own, hooks, sampling, the compiled static step."""
+import pytest
+import torch
+
+import engine
+from engine import Engine, generate
+from model import GPT, ModelConfig
+
+CFG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160, max_seq_len=64)
+
+
+@pytest.fixture()
+def net():
+    torch.manual_seed(0)
+    return GPT(CFG).eval()
+
+
+def tokens(b, t, seed=0, vocab=256):
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def naive_greedy(net, x, n):
+    for _ in range(n):
+        logits, _ = net(x)
+        x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x
+
+
+def test_prefill_chunks_and_decode_steps_match_the_full_forward(net):
+    x = tokens(2, 40, 6)
+    full, _ = net(x)
+    eng = Engine(net, 2, 48)
+    parts = [eng.step(x[:, :17], 0, last_only=False),        # prefill
+             eng.step(x[:, 17:25], 17, last_only=False)]     # a second prefill chunk at an offset
+    parts += [eng.step(x[:, i:i + 1], i)[:, None] for i in range(25, 40)]
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
+
+
+def test_rows_at_their_own_positions_match_each_row_alone(net):
+    """serve.py's continuous batching: rows prefilled to different lengths decode in one step, each
+    attending to its own past only; a row moved into another keeps its numbers."""
+    x = tokens(3, 30, 3)
+    full, _ = net(x)
+    eng = Engine(net, 4)
+    for r in range(3):
+        eng.step(x[r:r + 1, :10 + 5 * r], 0, row=r)
+    pos = torch.tensor([10, 15, 20])
+    out = eng.step(x[torch.arange(3), pos][:, None], pos)
+    for r in range(3):
+        assert (out[r] - full[r, 10 + 5 * r]).abs().max() < 1e-5
+    eng.move_row(2, 3, 21)  # the row's whole past moves with it
+    nxt = eng.step(x[2:3, 21:22], 21, row=3)
+    assert (nxt[0] - full[2, 21]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="do not fit"):
+        eng.step(x[:, :2], 63)
+
+
+def test_greedy_generation_equals_full_recompute(net):
+    x = tokens(3, 7, 7)
+    out = generate(net, x, 20, temperature=0)
+    assert out.shape == (3, 27)
+    assert torch.equal(out, naive_greedy(net, x, 20))
+    # top_k=1 and a tiny top_p are greedy too
+    assert torch.equal(generate(net, x, 20, temperature=0.8, top_k=1), out)
+    assert torch.equal(generate(net, x, 20, temperature=0.8, top_p=1e-6), out)
+
+
+def test_the_engine_is_kept_and_remade_when_the_model_changes(net):
+    x = tokens(2, 6, 13)
+    first = engine.engine_for(net, 2, 20)
+    assert engine.engine_for(net, 1, 10) is first          # a smaller batch and length reuse it
+    assert engine.engine_for(net, 3, 10) is not first      # a larger batch does not
+    grown = engine.engine_for(net, 3, 10)
+    net.to(torch.float64)                                  # new weights: a new engine, bound to them
+    again = engine.engine_for(net, 3, 10)
+    assert again is not grown and again.dtype == torch.float64
+    net.to(torch.float32)
+    assert torch.equal(generate(net, x, 8, temperature=0), naive_greedy(net, x, 8))
+    engine.release(net)
+    assert net not in engine._ENGINES
+
+
+def test_hooks_and_swapped_in_layers_see_every_matmul(net):
+    x = tokens(2, 9, 11)
+    out = generate(net, x, 12, temperature=0)
+    # a forward hook (GPTQ calibration, a profiler) must see every matmul: the modules are called
+    seen = []
+    h = net.layers[1].mlp.w_down.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    assert torch.equal(generate(net, x, 12, temperature=0), out)
+    h.remove()
+    assert seen == [9] + [1] * 11  # the prefill, then every decode step went through the module
+
+    # ...and so must a swapped-in layer that does more than its weight (a LoRA wrapper)
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    w = net.layers[0].attn.wq
+    net.layers[0].attn.wq = Doubled(w.in_features, w.out_features, bias=False)
+    net.layers[0].attn.wq.weight = w.weight
+    assert torch.equal(generate(net, x, 12, temperature=0), naive_greedy(net, x, 12))
+
+
+def test_sampling_is_seeded_and_eos_stops(net):
+    x = tokens(4, 5, 8)
+    a = generate(net, x, 15, temperature=1.0, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    b = generate(net, x, 15, temperature=1.0, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    greedy = generate(net, x, 15, temperature=0)
+    eos = int(greedy[0, 8])  # the token row 0 emits at its 4th step
+    out = generate(net, x, 15, temperature=0, eos_id=eos)
+    row0 = out[0, 5:].tolist()
+    first = row0.index(eos)
+    assert all(t == eos for t in row0[first:])  # finished rows keep emitting eos
+    # when every row has finished, decoding stops there: one row whose greedy reply is `eos` at step 4
+    one = generate(net, x[:1], 15, temperature=0, eos_id=eos)
+    assert one.shape[1] == 5 + first + 1 and int(one[0, -1]) == eos
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(net, x, CFG.max_seq_len, temperature=0)
+
+
+def test_top_p_filtering_keeps_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(engine.sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(200)}
+    assert seen == {0, 1}
+    seen = {int(engine.sample_next(logits, 1.0, top_k=3, generator=g)) for _ in range(300)}
+    assert seen == {0, 1, 2}
+
+
+def test_static_step_matches_the_eager_step(net, monkeypatch):
+    """The compiled path's step (whole cache, masked) as the engine runs it with compile=True; here
+    eagerly (torch.compile is replaced by the identity: a CPU compile takes minutes)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    x = tokens(2, 6, 13)
+    eng = Engine(net, 2, compile=True)
+    assert eng.compiled is not None and eng.path == "compiled"
+    assert torch.equal(eng.teacher_forced(naive_greedy(net, x, 12), 6).argmax(-1)[:, :-1],
+                       naive_greedy(net, x, 12)[:, 6:])
+    ref = Engine(net, 2).teacher_forced(naive_greedy(net, x, 12), 6)
+    assert (eng.teacher_forced(naive_greedy(net, x, 12), 6) - ref).abs().max() < 1e-5
+    assert torch.equal(generate(net, x, 12, temperature=0, compile=True), naive_greedy(net, x, 12))
+
+
+def test_static_step_has_no_graph_breaks(net):
+    eng = Engine(net, 2, 32)
+    explain = torch._dynamo.explain(eng._static)(tokens(2, 1, 9), torch.tensor([3, 5]))
+    assert explain.graph_break_count == 0, explain.break_reasons
+
+
+def test_a_failed_compile_falls_back_to_eager_and_says_why(net, monkeypatch):
+    def broken(fn, **kw):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(torch, "compile", broken)
+    eng = Engine(net, 1, compile=True)
+    assert eng.compiled is None and eng.path.startswith("eager (compiled failed: RuntimeError: no C++ compiler")
+    x = tokens(1, 5, 2)
+    assert torch.equal(eng.teacher_forced(naive_greedy(net, x, 4), 5).argmax(-1)[:, :-1], naive_greedy(net, x, 4)[:, 5:])
+
+
+# --- CUDA (run on a GPU machine; skipped elsewhere) ------------------------------------------
+
+def cuda(fn):
+    """pytest -m cuda selects it; hard-wired to the GPU, so it skips without one (even in the CPU dry run)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn))
+
+
+@cuda
+def test_cuda_engine_matches_full_forward_in_bf16():
+    torch.manual_seed(0)
+    m = GPT(CFG).cuda().to(torch.bfloat16).eval()
+    x = tokens(2, 48, 22).cuda()
+    full, _ = m(x)
+    eng = Engine(m, 2, 64)
+    parts = [eng.step(x[:, :40], 0, last_only=False)] + [eng.step(x[:, i:i + 1], i)[:, None] for i in range(40, 48)]
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 0.1  # bf16 tolerance
+
+
+@cuda
+def test_cuda_compiled_graph_step_matches_eager():
+    torch.manual_seed(0)
+    m = GPT(CFG).cuda().eval()
+    x = tokens(2, 32, 23).cuda()
+    expected = Engine(m, 2).teacher_forced(x, 8)  # (greedy text on random weights flips at near-ties)
+    eng = Engine(m, 2, compile=True)
+    assert eng.path == "compiled + CUDA graph"
+    assert (eng.teacher_forced(x, 8) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+# --- batch invariance (serve.py --deterministic) -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory, trained_ckpt):
+    """The trained fixture model as each file kind a server runs: .pt, int8, int4 and mixed .bin."""
+    import quantize
+    from model import load_model
+    out = tmp_path_factory.mktemp("formats")
+    models = {"pt": load_model(trained_ckpt)}
+    for strategy in ("int8", "int4", "mixed"):
+        path = out / f"m-{strategy}.bin"
+        assert quantize.main(["--model", str(trained_ckpt), "--output", str(path), "--strategy", strategy,
+                              "--quiet"]) == 0
+        models[strategy] = load_model(path)
+    return models
+
+
+def _alone_and_batched(m, invariant: bool, n: int = 12) -> tuple[list, list]:
+    """Greedy continuations of 8 prompts of different lengths: each alone (one row), and all 8 as
+    serving rows at their own positions in one batch."""
+    tok = m.tokenizer
+    prompts = [tok.encode(t) for t in ("The history of", "In 1905, the", "A small village in the north",
+                                       "The company announced", "During the war,", "Scientists have found that",
+                                       "The river", "Music is one of the")]
+    alone = []
+    for p in prompts:
+        eng, ids = Engine(m, 1, batch_invariant=invariant), []
+        logits = eng.step(torch.tensor([p]), 0)
+        for i in range(n):
+            ids.append(int(logits.argmax(-1)))
+            logits = eng.step(torch.tensor([[ids[-1]]]), len(p) + i)
+        alone.append(ids)
+    eng = Engine(m, 8, batch_invariant=invariant)
+    logits = torch.cat([eng.step(torch.tensor([p]), 0, row=r) for r, p in enumerate(prompts)])
+    pos, batched = torch.tensor([len(p) for p in prompts]), [[] for _ in prompts]
+    for _ in range(n):
+        nxt = logits.argmax(-1)
+        for r in range(8):
+            batched[r].append(int(nxt[r]))
+        logits, pos = eng.step(nxt[:, None], pos), pos + 1
+    return alone, batched
+
+
+@pytest.mark.parametrize("fmt", ["pt", "int8", "int4", "mixed"])
+def test_batch_invariant_rows_give_what_they_give_alone(formats, fmt):
+    alone, batched = _alone_and_batched(formats[fmt], invariant=True)
+    assert batched == alone
+
+
+def test_batch_invariant_logits_are_bitwise_those_of_a_row_alone(formats):
+    """Teacher-forced on the same tokens, every format: batch_invariant's rows give bitwise the
+    logits of their lone runs (the default's may differ: the CPU int4 kernel and sgemm depend on
+    how many rows they multiply; benchmark.py serve measures by how much)."""
+    g = torch.Generator().manual_seed(0)
+    for fmt, m in formats.items():
+        V = m.config.vocab_size
+        seqs = [torch.randint(0, V, (1, 6 + 3 * r), generator=g) for r in range(8)]
+        cont = torch.randint(0, V, (8, 6), generator=g)
+        alone = []
+        for r, p in enumerate(seqs):
+            eng = Engine(m, 1, batch_invariant=True)
+            eng.step(p, 0)
+            alone.append(torch.stack([eng.step(cont[r:r + 1, i:i + 1], p.shape[1] + i)[0] for i in range(6)]))
+        eng = Engine(m, 8, batch_invariant=True)
+        for r, p in enumerate(seqs):
+            eng.step(p, 0, row=r)
+        pos, batched = torch.tensor([p.shape[1] for p in seqs]), []
+        for i in range(6):
+            batched.append(eng.step(cont[:, i:i + 1], pos))
+            pos = pos + 1
+        for r in range(8):
+            assert torch.equal(torch.stack(batched, 1)[r], alone[r]), (fmt, r)
