@@ -59,12 +59,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 import common
 import data_utils
+import engine
+from model import (CONFIGS, GPT, IGNORE_INDEX, configure_optimizers, count_params, device_peak_flops,
+                   estimate_mfu, get_config, load_model, model_bytes, save_checkpoint, to_hf)
+import readers
+import scoring
+import text_tokenizer
+import tokenizer_train
+import train
 
 
 # ----------------------------------------------------------------------------------------------
-# command line (built before torch is imported, so --help and a bad flag answer at once)
+# command line
 
 _AUTO_DTYPE = "auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU"
 
@@ -132,7 +144,7 @@ def _add_data_parser(sub):
     da = sub.add_parser("data", help="data_utils.py prepare end to end vs bare encode_batch; peak memory at 1x/Nx",
                         description="Throughput of data_utils.py prepare (read, filter, encode, write) against "
                         "bare encode_batch on the same documents, and prepare's peak memory at 1x and Nx the corpus.")
-    da.add_argument("--input", required=True, help="corpus (any data_utils.iter_documents source)")
+    da.add_argument("--input", required=True, help="corpus (any readers.iter_documents source)")
     da.add_argument("--tokenizer", required=True, help="tokenizer dir")
     da.add_argument("--filter", default="default", help="filter spec used by prepare")
     da.add_argument("--scale", type=common.int_flag(1), default=10,
@@ -179,29 +191,43 @@ def _add_recipe_parser(sub):
     common.add_output_flags(re_)
 
 
-GPU_STEPS = ("data", "train", "self-test", "pytest", "recipe")
+GPU_STEPS = ("data", "train", "profile", "self-test", "pytest", "recipe")
+# Each step's seconds at the default --budget (their sum); another --budget scales them all. The
+# order puts the figures most wanted first and the slowest, most optional steps (the cuda tests,
+# the recipe comparison) last, so a spent budget costs only theirs; a step that ends early leaves
+# its time to the steps after it (GpuCheck.left).
+# Sized from the H200 run of docs/RESULTS.md: tokenizer + prepare 8 s, train.py 34 s beyond its --max-time.
+GPU_STEP_SECONDS = {"data": 15, "train": 65, "profile": 45, "self-test": 75, "pytest": 70, "recipe": 30}
+GPU_BUDGET = sum(GPU_STEP_SECONDS.values())  # 300 s: one call, with device time left for a second one
+GPU_TRAIN_STARTUP = 35  # seconds of the train step outside train.py's --max-time (imports, data, the last save)
 
 
 def _add_gpu_parser(sub):
     gp = sub.add_parser("gpu", help="on a GPU: verify and measure - the CUDA tests, the self-test, a timed train.py "
-                        "run, decode speed and the recipe comparison, into one JSON",
+                        "run, a profile of one training and one decode step, decode speed and the recipe "
+                        "comparison, into one JSON",
                         description="The one GPU check: runs, each as a child process with its own time limit, "
                         "(1) a tokenizer and prepared data from --data, (2) a --seconds train.py run of --config "
-                        "(tokens/s, MFU), (3) the self-test of --config with torch.compile and the quantized rows "
-                        "(the isolated train step vs HF in the same step, compiled decode vs HF static-cache "
-                        "generate), (4) python -m pytest tests -m cuda, (5) the recipe comparison. Results go "
-                        "into one JSON as each step ends, so a step that fails or runs out of time costs only "
-                        "its own figures. Refused without a CUDA GPU.")
+                        "(tokens/s, MFU), (3) a torch.profiler summary of one train.py training step and one "
+                        "compiled decode step of the engine (top kernels, GPU time, how long the GPU waits for "
+                        "the host) and the engine's batch-1 and batch-8 decode tokens/s, (4) the self-test of "
+                        "--config with torch.compile and the quantized rows (the isolated train step vs HF in "
+                        "the same step, compiled decode vs HF static-cache generate), (5) python -m pytest "
+                        "tests -m cuda, (6) the recipe comparison. Results go into one JSON as each step ends, "
+                        "so a step that fails or runs out of time costs only its own figures. Refused without "
+                        "a CUDA GPU.")
     gp.add_argument("--data", default="../shared/data/books", help="a directory of text files (books): tokenizer, "
                     "training data and the recipe comparison")
-    gp.add_argument("--config", default="small", help="model preset of the train run and the self-test")
+    gp.add_argument("--config", default="small", help="model preset of the train run, the profile and the self-test")
     gp.add_argument("--vocab-size", type=common.int_flag(300), default=32000, help="tokenizer vocabulary (32000: the "
                     "preset's, so the train run and the self-test time the same shapes)")
-    gp.add_argument("--seconds", type=common.float_flag(1), default=75, help="length of the timed train.py run "
-                    "(--max-time: start-up and compilation included)")
+    gp.add_argument("--seconds", type=common.float_flag(1), default=None, help="length of the timed train.py run "
+                    f"(--max-time: start-up and compilation included; default: the train step's share of --budget "
+                    f"less {GPU_TRAIN_STARTUP} s)")
     gp.add_argument("--recipe-tokens", type=common.size_flag, default=2_000_000, help="training tokens per recipe run")
-    gp.add_argument("--budget", type=common.float_flag(10), default=540, help="seconds for the whole check: each step "
-                    "gets its own limit, capped by what is left")
+    gp.add_argument("--budget", type=common.float_flag(10), default=GPU_BUDGET, help="seconds for the whole check, "
+                    "shared among the steps (" + ", ".join(f"{n} {s}" for n, s in GPU_STEP_SECONDS.items()) +
+                    f" at {GPU_BUDGET}); a step that ends early leaves its time to the later ones")
     gp.add_argument("--skip", default="", metavar="STEP,...", help="steps to leave out: " + ", ".join(GPU_STEPS))
     gp.add_argument("--workdir", default=None, help="keep the tokenizer, data, runs and logs here (default: a "
                     "temp dir)")
@@ -213,10 +239,13 @@ def _add_serve_parser(sub):
     sv = sub.add_parser("serve", help="serve.py under load: one stream vs 8 concurrent, time to first token, and "
                         "the server's decode against generate.py's for one stream",
                         description="Starts serve.py on int4 .bin exports of the given presets (random weights: "
-                        "speed does not depend on them) and measures, through its HTTP API: decode tokens/s of one "
-                        "stream and the aggregate of --streams concurrent ones, the time to first token of a "
-                        "32-token prompt, and one stream's decode time against generate.py's decode loop "
-                        "(engine.generate_stream) on the same file, interleaved.")
+                        "speed does not depend on them; a context of at least 2,112 tokens, for the long prompt) and "
+                        "measures, through its HTTP API: decode tokens/s of one stream and the aggregate of --streams "
+                        "concurrent ones (also with --deterministic), the time to first token of a 32-token prompt, "
+                        "one stream's decode time against generate.py's decode loop (engine.generate_stream) on the "
+                        "same file, interleaved, and a 2,000-token prompt arriving while 4 streams decode: their p99 "
+                        "inter-token gap against their median alone, its time to first token prefilled in chunks "
+                        "against in one piece.")
     sv.add_argument("--configs", default="tiny,small", help="presets to export and serve (comma-separated)")
     sv.add_argument("--strategy", default="int4", help="quantize.py --strategy of the served files")
     sv.add_argument("--streams", type=common.int_flag(2), default=8, help="concurrent streams")
@@ -240,21 +269,6 @@ def build_parser() -> common.ArgumentParser:
     _add_serve_parser(sub)
     return p
 
-
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer before torch is imported
-    common.quiet_interrupts()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from model import (CONFIGS, GPT, IGNORE_INDEX, configure_optimizers, count_params, device_peak_flops,  # noqa: E402
-                   estimate_mfu, get_config, load_model, model_bytes, save_checkpoint, to_hf)
-import engine  # noqa: E402
-import scoring  # noqa: E402
-import tokenizer_train  # noqa: E402
-import train  # noqa: E402
 
 try:  # tqdm is a hard dependency of the project, but keep the scoring core importable without it
     from tqdm.auto import tqdm
@@ -1253,7 +1267,7 @@ def make_scaled_corpus(source, out_dir, copies: int, text_key: str = "text") -> 
     path = out_dir / f"corpus_x{copies}.txt"
     with open(path, "w", encoding="utf-8") as f:
         for k in range(copies):
-            for d in data_utils.iter_documents(source, text_key):
+            for d in readers.iter_documents(source, text_key):
                 d = re.sub(r"\n\s*\n", "\n", d.replace("\n\n", "\n"))  # keep each document one block when re-read
                 f.write((f"[{k}] " if k else "") + d.strip("\n") + "\n\n")
     return path, path.stat().st_size
@@ -1289,12 +1303,12 @@ def _best(runs: list[dict], key: str, nbytes: int) -> dict:
 def _compare_at_1x(tok, corpus: Path, prepare_cmd, outd: Path, repeat: int, batch_docs: int) -> dict:
     """Alternate bare encode_batch, the faster encode prepare uses, and prepare end to end `repeat`
     times on the same corpus (so the machine's load hits all alike); keep the best of each."""
-    docs = list(data_utils.iter_documents(corpus))
+    docs = list(readers.iter_documents(corpus))
     nbytes = corpus.stat().st_size
     bare, fast, e2e = [], [], []
     for _ in range(max(1, repeat)):
         bare.append(_time_encode(partial(tok.backend.encode_batch, add_special_tokens=False), docs, batch_docs))
-        fast.append(_time_encode(partial(data_utils.fast_encode_batch, tok.backend), docs, batch_docs))
+        fast.append(_time_encode(partial(text_tokenizer.fast_encode_batch, tok.backend), docs, batch_docs))
         e2e.append(_measure_prepare(prepare_cmd(corpus, outd), outd))
     res = {"corpus_bytes": nbytes, "docs": len(docs), "bare_encode_batch": _best(bare, "seconds", nbytes),
            "bare_encode_batch_fast": _best(fast, "seconds", nbytes),
@@ -1311,7 +1325,7 @@ def bench_prepare(input_source, tokenizer, workdir=None, filter_spec: str = "def
     encode_batch on the same documents held in memory, and peak RSS of prepare at 1x and
     `scale`x the corpus. end_to_end_vs_bare is prepare's MB/s over bare encode_batch's (1.0 = the
     pipeline costs nothing beyond tokenizing); CPU seconds are reported too."""
-    tok = data_utils.load_tokenizer(tokenizer)
+    tok = text_tokenizer.load_tokenizer(tokenizer)
     work = Path(workdir or tempfile.mkdtemp(prefix="fishai_bench_"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -1437,11 +1451,11 @@ def recipe_benchmark(args) -> dict:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     try:
         say(f"recipe: {len(train_books)} training and {len(test_books)} held-out documents in {args.data}")
-        tokenizer_train.train_tokenizer((d for f in train_books for d in data_utils.iter_documents(str(f))),
+        tokenizer_train.train_tokenizer((d for f in train_books for d in readers.iter_documents(str(f))),
                                         args.vocab_size, work / "tokenizer", show_progress=not args.quiet)
         data_utils.prepare([str(f) for f in train_books], str(work / "tokenizer"), str(work / "data"), val_fraction=0.05,
                    overwrite=True, show_progress=not args.quiet, log=say)
-        vocab = data_utils.load_tokenizer(str(work / "tokenizer")).vocab_size
+        vocab = text_tokenizer.load_tokenizer(str(work / "tokenizer")).vocab_size
         cfg = train.build_config(args.config, train.round_up(vocab), {})  # the model train.py builds
         rec = train.recipe_for(cfg)
         tokens_per_step = rec["batch_size"] * rec["grad_accum"] * train.default_seq_len(cfg)
@@ -1561,27 +1575,45 @@ class GpuCheck:
     work: Path
     deadline: float
     device: str
+    limits: dict = field(default_factory=dict)  # step -> its planned seconds (GPU_STEP_SECONDS scaled)
+    step: str = ""  # the step now running
     res: dict = field(default_factory=dict)
 
-    def run(self, name: str, cmd: list, limit: float) -> dict:
-        """Run one step's command (a child process, output to logs/<name>.log) within its limit."""
-        limit = min(limit, self.deadline - time.time())
-        if limit < 5:
-            return {"status": "skipped", "why": "the --budget was spent"}
+    def left(self) -> float:
+        """Seconds the running step may still use: what is left of the budget less the planned
+        limits of the steps after it, so that an early finish passes its time on and no step eats
+        into the time of those after it."""
+        names = list(self.limits)
+        later = names[names.index(self.step) + 1:] if self.step in names else []
+        return self.deadline - time.time() - sum(self.limits[n] for n in later)
+
+    def run(self, name: str, cmd: list, cap: float | None = None) -> dict:
+        """Run one command of the step (a child process in its own process group, output to
+        logs/<name>.log) within what the step has left, at most `cap` seconds. On time-out the
+        whole group is killed: compile workers or pytest's children must not hold the GPU that
+        the next step needs."""
+        limit = self.left() if cap is None else min(cap, self.left())
+        if limit < 5:  # too short to start python and torch
+            return {"status": "skipped", "why": f"{max(0, limit):.0f} s of the --budget left for it"}
         log = self.work / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         with open(log, "w") as f:
+            p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                 cwd=Path(__file__).resolve().parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             try:
-                rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, timeout=limit,
-                                    cwd=Path(__file__).resolve().parent, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-            except subprocess.TimeoutExpired:
+                rc = p.wait(timeout=limit)
+            except BaseException as e:  # its own session: a Ctrl-C here would not reach it either
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                if not isinstance(e, subprocess.TimeoutExpired):
+                    raise
                 rc = None
         out = {"status": "ok" if rc == 0 else ("timed out" if rc is None else f"failed (exit {rc})"),
-               "seconds": round(time.time() - t0, 1), "log": str(log)}
+               "seconds": round(time.time() - t0, 1), "limit_s": round(limit, 1), "log": str(log)}
         if rc != 0:
             out["log_tail"] = log.read_text(errors="replace")[-1500:]
-        print(f"gpu check: {name}: {out['status']} in {out['seconds']:.0f} s", flush=True)
+        print(f"gpu check: {name}: {out['status']} in {out['seconds']:.0f} s (limit {limit:.0f} s)", flush=True)
         return out
 
     def save(self) -> None:
@@ -1591,11 +1623,13 @@ class GpuCheck:
 
 def _gpu_data(c: GpuCheck) -> dict:
     py, a = sys.executable, c.args
+    # the tokenizer gets at most 60% of the step: prepare needs the rest
     r = c.run("tokenizer", [py, "tokenizer_train.py", "--data", a.data, "--vocab-size", a.vocab_size, "--max-bytes",
-                            "10M", "--output-dir", c.work / "tokenizer", "--overwrite", "--quiet"], 120)
+                            "5M", "--output-dir", c.work / "tokenizer", "--overwrite", "--quiet"],
+              0.6 * c.limits["data"])
     if r["status"] == "ok":
         r = c.run("prepare", [py, "data_utils.py", "prepare", "--input", a.data, "--tokenizer", c.work / "tokenizer",
-                              "--output", c.work / "data", "--overwrite", "--quiet"], 120)
+                              "--output", c.work / "data", "--overwrite", "--quiet"])
     return r
 
 
@@ -1603,10 +1637,11 @@ def _gpu_train(c: GpuCheck) -> dict:
     """A --seconds train.py run of the recipe (bf16, compiled): tokens/s and MFU of its log lines after
     the first two (compilation), against the isolated step of the self-test."""
     out = c.work / "train"
+    seconds = c.args.seconds or max(5.0, c.limits["train"] - GPU_TRAIN_STARTUP)
     r = c.run("train", [sys.executable, "train.py", "--config", c.args.config, "--data", c.work / "data", "--output-dir",
-                        out, "--overwrite", "--max-steps", 100_000, "--max-time", c.args.seconds, "--eval-interval",
+                        out, "--overwrite", "--max-steps", 100_000, "--max-time", round(seconds, 1), "--eval-interval",
                         100_000, "--save-interval", 100_000, "--sample-interval", 0, "--log-interval", 10,
-                        "--device", c.device, "--no-progress"], c.args.seconds + 150)
+                        "--device", c.device, "--no-progress"])
     metrics = [m for m in train.read_metrics(out / train.METRICS_NAME) if "tokens_per_sec" in m] \
         if (out / train.METRICS_NAME).exists() else []
     steady = metrics[2:] or metrics
@@ -1617,11 +1652,27 @@ def _gpu_train(c: GpuCheck) -> dict:
     return r
 
 
+def _gpu_profile(c: GpuCheck) -> dict:
+    """gpu_profile_main in a child process: the profile of one training and one decode step and the
+    engine's decode speed. The child rewrites its JSON after each part, so a time-out keeps the
+    parts done."""
+    js = c.work / "profile.json"
+    js.unlink(missing_ok=True)  # a --workdir reused: figures of an earlier call are not this one's
+    main = "import sys, benchmark; sys.exit(benchmark.gpu_profile_main(sys.argv[1:]))"
+    r = c.run("profile", [sys.executable, "-c", main, c.args.config, c.device, js])
+    if js.exists():
+        r.update(json.loads(js.read_text()))
+    return r
+
+
 def _gpu_self_test(c: GpuCheck) -> dict:
     js = c.work / "self-test.json"
+    js.unlink(missing_ok=True)  # a --workdir reused: figures of an earlier call are not this one's
+    # only the rows no other step gives (the profile step times the engine's decode): the training step
+    # against HF's in the same step, and int8/int4 decode against bf16; all of it ran past 240 s
     r = c.run("self-test", [sys.executable, "benchmark.py", "self-test", "--config", c.args.config, "--device", c.device,
-                            "--compile", "--batch-size", 32, "--seq-len", 512, "--quiet", "--json", js, "--overwrite"],
-              240)
+                            "--compile", "--only", "train,quantized", "--repeat", 2, "--batch-size", 32, "--seq-len",
+                            512, "--quiet", "--json", js, "--overwrite"])
     if js.exists():
         st = json.loads(js.read_text())
         r.update(passed=st["passed"], failed=[ch["name"] for ch in st["checks"] if not ch["passed"]],
@@ -1630,17 +1681,18 @@ def _gpu_self_test(c: GpuCheck) -> dict:
 
 
 def _gpu_pytest(c: GpuCheck) -> dict:
-    r = c.run("pytest", [sys.executable, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider"], 300)
-    tail = Path(r["log"]).read_text(errors="replace").strip().splitlines()
+    r = c.run("pytest", [sys.executable, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider"])
+    tail = Path(r["log"]).read_text(errors="replace").strip().splitlines() if "log" in r else []
     r["summary"] = tail[-1] if tail else ""
     return r
 
 
 def _gpu_recipe(c: GpuCheck) -> dict:
     js = c.work / "recipe.json"
+    js.unlink(missing_ok=True)
     r = c.run("recipe", [sys.executable, "benchmark.py", "recipe", "--config", c.args.config, "--data", c.args.data,
                          "--tokens", c.args.recipe_tokens, "--vocab-size", 8192, "--device", c.device, "--quiet",
-                         "--json", js, "--report", c.work / "recipe.md", "--overwrite"], 240)
+                         "--json", js, "--report", c.work / "recipe.md", "--overwrite"])
     if js.exists():
         rec = json.loads(js.read_text())
         r.update({k: rec[k] for k in ("baseline_best", "default_best", "baseline_lr_at_edge", "target_val_loss")},
@@ -1649,21 +1701,175 @@ def _gpu_recipe(c: GpuCheck) -> dict:
     return r
 
 
-GPU_STEP_FNS = {"data": _gpu_data, "train": _gpu_train, "self-test": _gpu_self_test, "pytest": _gpu_pytest,
-                "recipe": _gpu_recipe}
+GPU_STEP_FNS = {"data": _gpu_data, "train": _gpu_train, "profile": _gpu_profile, "self-test": _gpu_self_test,
+                "pytest": _gpu_pytest, "recipe": _gpu_recipe}
+
+
+# -- the profile step's child: where the time of one training step and one decode step goes
+
+PROFILE_TOP = 10  # kernels (ops on a CPU) listed per profiled step
+PROFILE_CPU_BATCH = (2, 64)  # the CPU dry run's training batch x length: its profile in seconds
+PROFILE_PROMPT = 32  # decode prompt tokens, as the self-test's decode rows
+
+
+def profile_summary(events, wall_ms: float, cuda: bool, top: int = PROFILE_TOP) -> dict:
+    """One step's torch.profiler key_averages() as figures: the top kernels by self GPU time (on a
+    CPU the top ops by self CPU time), the GPU's busy time (its kernels and copies: on one stream
+    they never overlap, so their sum is the time it worked) and the host-idle time, the step's wall
+    time less that busy time: how long the GPU sat waiting for the host to give it work."""
+    if cuda:
+        rows = [(e.key, e.self_device_time_total, e.count) for e in events
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events]
+    rows.sort(key=lambda r: -r[1])
+    busy = sum(r[1] for r in rows) / 1e3
+    out = {"wall_ms": round(wall_ms, 3), "top_by": "self GPU time" if cuda else "self CPU time",
+           "top": [{"name": k[:160], "ms": round(us / 1e3, 4), "calls": n, "share": round(us / 1e3 / busy, 4)}
+                   for k, us, n in rows[:top] if us > 0]}
+    if not cuda:
+        return {**out, "cpu_total_ms": round(busy, 3), "device_busy_ms": None, "host_idle_ms": None,
+                "host_idle_share": None, "host_idle_why": "no GPU: on a CPU the host does the work itself"}
+    if not rows:  # CUPTI gave no kernel records: a busy time of 0 would call the whole step idle
+        return {**out, "device_busy_ms": None, "host_idle_ms": None, "host_idle_share": None,
+                "host_idle_why": "the profiler recorded no GPU kernels"}
+    idle = max(0.0, wall_ms - busy)
+    return {**out, "device_busy_ms": round(busy, 3), "host_idle_ms": round(idle, 3),
+            "host_idle_share": round(idle / wall_ms, 4) if wall_ms > 0 else None}
+
+
+def profile_step(fn, device: str, warmup: int, repeat: int = 3) -> dict:
+    """fn warmed up (compilation, CUDA graph capture), its wall time (the median of `repeat` runs
+    without the profiler, whose own host overhead would inflate the idle time), then one run under
+    torch.profiler, summarised by profile_summary."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def timed() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    cuda = device == "cuda"
+    for _ in range(warmup):
+        fn()
+    wall = _median([timed() for _ in range(repeat)])
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        profiled = timed()
+    out = profile_summary(prof.key_averages(), wall * 1e3, cuda)
+    out["wall_ms_profiled"] = round(profiled * 1e3, 3)
+    return out
+
+
+def _profile_train(cfg_name: str, device: str) -> dict:
+    """One real train.py step (train.step_runner: the recipe's batch for this device, Muon + AdamW,
+    clipping, autocast, torch.compile on CUDA, as train.py runs it) of a fresh --config model."""
+    cfg, cuda = CONFIGS[cfg_name], device == "cuda"
+    shape = {} if cuda else dict(batch_size=PROFILE_CPU_BATCH[0], grad_accum=1, seq_len=PROFILE_CPU_BATCH[1])
+    args = train.make_args(max_steps=10_000, **shape)
+    args.seq_len = args.seq_len or train.default_seq_len(cfg)
+    train.apply_recipe(args, cfg, gpu_bytes=train.gpu_memory_bytes(device))
+    dtype = common.resolve_dtype(args.dtype, device)
+    g = torch.Generator().manual_seed(0)
+    xb, yb = (torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+              for _ in range(2))
+    torch.manual_seed(0)
+    step = train.step_runner(GPT(cfg).to(device), args, device, dtype, [(xb, yb)])
+    out = profile_step(step, device, warmup=3 if cuda else 1)
+    tok_s = args.batch_size * args.grad_accum * args.seq_len / (out["wall_ms"] / 1e3)
+    peak = device_peak_flops(device, dtype)
+    return {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "seq_len": args.seq_len,
+            "dtype": common.dtype_name(str(dtype)), "compiled": train.use_compile(args, torch.device(device)),
+            "tokens_per_sec": round(tok_s, 1),
+            "mfu": round(estimate_mfu(tok_s, cfg, args.seq_len, peak), 4) if peak else None, **out}
+
+
+def _decode_speed(eng, device: str, new_tokens: int, repeat: int = 3) -> dict:
+    """Decode tokens/s of `eng` (all its rows) over a PROFILE_PROMPT-token prompt: the engine's own
+    stream, as generate.py decodes; the median of `repeat` runs after one warm-up."""
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(eng.config.vocab_size, (eng.batch, PROFILE_PROMPT), generator=g).to(device)
+
+    def run() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in eng.stream(idx, new_tokens, temperature=0):
+            pass
+        _sync(device)
+        return time.perf_counter() - t0
+
+    run()
+    secs = _median([run() for _ in range(repeat)])
+    return {"tokens_per_sec": round(eng.batch * new_tokens / secs, 1), "batch": eng.batch,
+            "prompt": PROFILE_PROMPT, "new_tokens": new_tokens, "path": eng.path}
+
+
+def gpu_profile_main(argv: list) -> int:
+    """The profile step's child (python -c ... CONFIG DEVICE JSON): one training step profiled, the
+    engine's batch-1 and batch-8 decode tokens/s (compile=True on CUDA: the compiled static step
+    replayed as a CUDA graph; eager on a CPU) and one batch-1 decode step profiled. The JSON is
+    rewritten after each part; a part that fails is named there and the others still run."""
+    cfg_name, device, js = argv
+    cuda, res, failed = device == "cuda", {"config": cfg_name}, False
+
+    def part(key, fn):
+        nonlocal failed
+        try:
+            res[key] = fn()
+        except Exception as e:  # noqa: BLE001 - one part's error (OOM, no compiler) is its figure
+            res[key], failed = {"error": _exc_line(e)}, True
+        Path(js).write_text(json.dumps(res, indent=2))
+
+    part("train_step", lambda: _profile_train(cfg_name, device))
+    if cuda:  # the training step's model and optimizer state are gone: give their memory back
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
+    # the model in the run dtype, as generate.py loads it (bf16 on CUDA, fp32 on a CPU)
+    model = GPT(CONFIGS[cfg_name]).to(device=device, dtype=common.resolve_dtype("auto", device)).eval()
+    new_tokens, engines = (128 if cuda else 16), {}
+
+    def decode(batch: int) -> dict:
+        t0 = time.perf_counter()  # the engine's compile and CUDA graph capture: part of the step's time
+        eng = engines[batch] = engine.Engine(model, batch, compile=cuda)
+        return {"build_s": round(time.perf_counter() - t0, 2), **_decode_speed(eng, device, new_tokens)}
+
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    for batch in (1, 8):
+        part(f"decode_b{batch}", lambda: decode(batch))
+        if batch == 1 and 1 in engines:  # one step as the stream runs it: a (1, 1) token after the prompt
+            eng = engines[1]
+            part("decode_step", lambda: {"path": eng.path, **profile_step(
+                lambda: eng.step(tok, PROFILE_PROMPT), device, warmup=3)})
+        engines.clear()  # one KV cache (and CUDA graph) at a time
+    return 1 if failed else 0
 
 
 def gpu_summary(res: dict) -> dict:
-    """The headline figures: the train loop against its own isolated step and HF, decode vs HF."""
+    """The headline figures: the train loop against its own isolated step and HF's, the engine's
+    compiled decode at batch 1 and 8, int8/int4 decode against it at batch 1, and where the
+    profiled steps' time goes."""
     speed = (res.get("self-test") or {}).get("speed") or {}
     loop = (res.get("train") or {}).get("tokens_per_sec")
-    step, dec = speed.get("train_tok_s") or {}, speed.get("decode_b1_compiled_tok_s") or {}
-    return {"train_loop_tok_s": loop, "train_loop_mfu": (res.get("train") or {}).get("mfu"),
-            "isolated_step_tok_s": step.get("ours"), "hf_same_step_tok_s": step.get("hf"),
-            "loop_vs_isolated_step": loop / step["ours"] if loop and step.get("ours") else None,
-            "loop_vs_hf_step": loop / step["hf"] if loop and step.get("hf") else None,
-            "decode_b1_tok_s": dec.get("ours"), "decode_b1_hf_static_tok_s": dec.get("hf"),
-            "decode_b1_vs_hf": dec.get("ratio")}
+    step = speed.get("train_tok_s") or {}
+    prof = res.get("profile") or {}
+    b1, b8 = ((prof.get(k) or {}).get("tokens_per_sec") for k in ("decode_b1", "decode_b8"))
+    ts, ds = prof.get("train_step") or {}, prof.get("decode_step") or {}
+    out = {"train_loop_tok_s": loop, "train_loop_mfu": (res.get("train") or {}).get("mfu"),
+           "isolated_step_tok_s": step.get("ours"), "hf_same_step_tok_s": step.get("hf"),
+           "loop_vs_isolated_step": loop / step["ours"] if loop and step.get("ours") else None,
+           "loop_vs_hf_step": loop / step["hf"] if loop and step.get("hf") else None,
+           "engine_decode_b1_tok_s": b1, "engine_decode_b8_tok_s": b8,
+           "engine_decode_b8_vs_b1": b8 / b1 if b1 and b8 else None}
+    for q in ("int8", "int4"):  # the self-test's compiled rows on CUDA, its eager ones elsewhere
+        row = speed.get(f"quant_{q}_b1_compiled_tok_s") or speed.get(f"quant_{q}_b1_tok_s") or {}
+        out[f"{q}_decode_b1_tok_s"] = row.get("ours")
+        out[f"{q}_vs_engine_decode_b1"] = row["ours"] / b1 if row.get("ours") and b1 else None
+    return {**out, "train_step_ms": ts.get("wall_ms"), "train_step_host_idle_share": ts.get("host_idle_share"),
+            "train_step_top_kernel": ((ts.get("top") or [{}])[0]).get("name"),
+            "decode_step_ms": ds.get("wall_ms"), "decode_step_host_idle_share": ds.get("host_idle_share"),
+            "decode_step_top_kernel": ((ds.get("top") or [{}])[0]).get("name")}
 
 
 def run_gpu(args) -> int:
@@ -1676,17 +1882,24 @@ def run_gpu(args) -> int:
         raise BenchmarkError(f"--skip {args.skip}: choose from {', '.join(GPU_STEPS)}")
     if not Path(args.data).is_dir():
         raise BenchmarkError(f"--data {args.data}: no such directory; pass a directory of text files (books)")
+    if args.config not in CONFIGS:
+        raise BenchmarkError(f"--config {args.config}: choose from {', '.join(CONFIGS)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fishai-gpu-")).resolve()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    c = GpuCheck(args, work, time.time() + args.budget, device)
+    limits = {n: GPU_STEP_SECONDS[n] * args.budget / GPU_BUDGET for n in GPU_STEPS if n not in skip}
+    # a skipped step's share is not handed out: the check ends within the limits of the steps it runs
+    c = GpuCheck(args, work, time.time() + sum(limits.values()), device, limits)
     c.res.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
                  device_name=torch.cuda.get_device_name() if device == "cuda" else "CPU", torch=torch.__version__,
-                 command="python benchmark.py gpu " + " ".join(sys.argv[2:]), workdir=str(work))
+                 command="python benchmark.py gpu " + " ".join(sys.argv[2:]), workdir=str(work),
+                 budget_s=args.budget, limits_s={n: round(s, 1) for n, s in limits.items()})
+    c.save()
     t0 = time.time()
     for name in GPU_STEPS:
         if name in skip or (name == "train" and c.res["data"]["status"] != "ok"):
             c.res[name] = {"status": "skipped"}
             continue
+        c.step = name
         c.res[name] = GPU_STEP_FNS[name](c)
         c.res["summary"] = gpu_summary(c.res)
         c.save()
@@ -1747,7 +1960,7 @@ def _streams_with_a_long_prompt(url: str, body: dict, long_prompt: list | None, 
         running = [pool.submit(_stream_token_times, url, body, t0) for _ in range(streams)]
         arrived, ttft = None, None
         if long_prompt is not None:
-            time.sleep(0.3)  # the streams are decoding by now
+            time.sleep(0.1)  # the streams are decoding by now
             arrived = time.perf_counter() - t0
             ttft = _first_chunk_seconds(url, {**body, "prompt": long_prompt, "max_tokens": 1})
         times = [f.result() for f in running]
@@ -1758,7 +1971,7 @@ def _streams_with_a_long_prompt(url: str, body: dict, long_prompt: list | None, 
 def _stall_rows(chunked: "_ServerUnderTest", whole: "_ServerUnderTest", name: str, context: int, args) -> dict:
     """A long prompt arriving while 4 streams decode: their p99 inter-token gap against their median
     alone, and its time to first token prefilled in chunks against in one piece (same scenario)."""
-    body = {"model": name, "prompt": list(range(5, 37)), "max_tokens": 2 * args.tokens, "temperature": 0}
+    body = {"model": name, "prompt": list(range(5, 37)), "max_tokens": 4 * args.tokens, "temperature": 0}
     long_prompt = [5 + (i * 7919) % 200 for i in range(min(2000, context - 8))]
     url = "/v1/completions"
     alone = _streams_with_a_long_prompt(chunked.url + url, body, None)
@@ -1875,10 +2088,11 @@ def _random_model_with_tokenizer(config: str, work: Path) -> GPT:
     cfg = get_config(config)
     tok_dir = work / f"tok{cfg.vocab_size}"
     if not tok_dir.exists():
-        docs = data_utils.iter_documents("python-docs")
+        docs = readers.iter_documents("python-docs")
         tokenizer_train.train_tokenizer(docs, cfg.vocab_size, tok_dir, show_progress=False, max_bytes=8_000_000)
-    tok = data_utils.load_tokenizer(tok_dir)
-    gpt = GPT(get_config(config, vocab_size=train.round_up(tok.vocab_size)))
+    tok = text_tokenizer.load_tokenizer(tok_dir)
+    # a context of at least 2,112 tokens: the long-prompt figures send a 2,000-token prompt
+    gpt = GPT(get_config(config, vocab_size=train.round_up(tok.vocab_size), max_seq_len=max(cfg.max_seq_len, 2112)))
     gpt.tokenizer = tok
     return gpt
 

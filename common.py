@@ -3,8 +3,8 @@ The conventions every FishAI script shares, and nothing else: errors and exit co
 the argparse helpers and flag types, atomic file and directory writes (and the rules that keep a
 user's files safe), device and dtype resolution, and the one --json / markdown writer.
 
-Torch-free at import (torch is imported inside the device functions), so a script builds its parser
-from this module and answers --help, or a bad flag, before importing torch.
+Torch-free at import (torch is imported inside the device functions): the ground every other
+module stands on, and nothing heavy to load for it.
 
     import common
     p = common.ArgumentParser(description="...")
@@ -45,6 +45,13 @@ class RunFailed(FishAIError):
     run_cli prints it as one line and exits with EXIT_FAILED."""
 
 
+class DataError(FishAIError):
+    """Every bad-input error of the data pipeline: one line naming the file/flag and the fix."""
+
+
+IGNORE_INDEX = -1  # a target with this value is ignored by the loss (padding, non-assistant tokens)
+
+
 class CheckpointError(FishAIError):
     """A model file that cannot be used (.pt, .bin or HF directory); the message names the file
     and what to do. model.py raises it."""
@@ -81,17 +88,6 @@ def run_cli(fn, *args) -> int:
         except OSError:
             pass
         return EXIT_OK
-
-
-def quiet_interrupts() -> None:
-    """A script's first call (after its flags parse, before torch loads): Ctrl-C while the heavy
-    imports run ends with the same one line and exit status as anywhere else, not a traceback."""
-    def hook(kind, value, tb):
-        if issubclass(kind, KeyboardInterrupt):
-            print("error: interrupted; no partial output was left", file=sys.stderr, flush=True)
-            os._exit(EXIT_INTERRUPTED)
-        sys.__excepthook__(kind, value, tb)
-    sys.excepthook = hook
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -408,6 +404,7 @@ FILE_KINDS = {
 }
 PROJECT_KINDS = ("checkpoint", "quantized", "gguf", "tokens", "run", "prepared", "tokenizer", "hf_model")
 MODEL_KINDS = ("checkpoint", "quantized", "hf_model")  # what model.load_model reads
+TEXT_KINDS = (None, "text", "json")  # file_kind's answers for a file that may be read as text
 RUN_FILES = ("fishai-best.pt", "fishai-latest.pt", "fishai-stable.pt", "metrics.jsonl", "report.md",
              "report.json", "loss_curve.png")
 

@@ -63,8 +63,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
 import common
-import data_utils
+from engine import cut_at_stop, fit_prompt
+import readers
+import scoring
 
 BENCHMARKS = ("mmlu", "ceval", "hellaswag", "gsm8k", "humaneval")
 # lm-eval 0.4.13's defaults: num_fewshot of gsm8k.yaml (5) and humaneval.yaml (0); the mmlu, ceval and
@@ -143,18 +150,6 @@ def build_parser() -> common.ArgumentParser:
     common.add_quiet_flag(p)
     return p
 
-
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer before torch is imported
-    common.quiet_interrupts()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import scoring  # noqa: E402
-from engine import cut_at_stop, fit_prompt  # noqa: E402
 
 HF_DATASETS = {
     "mmlu": ("cais/mmlu", "all"),
@@ -289,10 +284,10 @@ def warn(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def _hf_load(name: str, config: str | None, split: str):
-    """data_utils.load_hf_dataset (offline-aware), with the --data-dir hint."""
+    """readers.load_hf_dataset (offline-aware), with the --data-dir hint."""
     try:
-        return data_utils.load_hf_dataset(name, config, split=split)
-    except data_utils.DataError as e:
+        return readers.load_hf_dataset(name, config, split=split)
+    except common.DataError as e:
         raise EvalError(f"{e} (or pass --data-dir DIR with local copies in the datasets' original formats)") from None
 
 
@@ -307,9 +302,9 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    """The rows of a benchmark .jsonl(.gz) file, read by data_utils.iter_jsonl; each must be an object."""
+    """The rows of a benchmark .jsonl(.gz) file, read by readers.iter_jsonl; each must be an object."""
     rows = []
-    for i, row in data_utils.iter_jsonl(path, fix="expected one JSON object per line"):  # read whole: nothing skipped
+    for i, row in readers.iter_jsonl(path, fix="expected one JSON object per line"):  # read whole: nothing skipped
         if not isinstance(row, dict):
             raise EvalError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
         rows.append(row)

@@ -51,16 +51,22 @@ import sys
 import time
 from typing import Callable, Iterable, Iterator, TextIO
 
+import torch
+from tqdm import tqdm
+
 import common
-import data_utils
+from engine import TokenStream, fast_decode_default, fit_prompt, generate_samples, stream_generate
+from model import chat_training_warning, load_model
+import text_tokenizer
+from text_tokenizer import IncrementalDecoder, chat_stop_ids
 
 DEFAULT_MODEL = "checkpoints/fishai-best.pt"
 CHAT_HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), "
     "/history (show the conversation), /help, /quit (or /exit, Ctrl-D)"
 )
-# Role markers of piped chat: a turn's header and end, exactly as data_utils.render_chatml writes them.
-ASSISTANT_HEADER = data_utils.render_chatml([], add_generation_prompt=True)
+# Role markers of piped chat: a turn's header and end, exactly as text_tokenizer.render_chatml writes them.
+ASSISTANT_HEADER = text_tokenizer.render_chatml([], add_generation_prompt=True)
 TURN_END = "<|im_end|>\n"
 
 
@@ -98,21 +104,6 @@ def build_parser() -> common.ArgumentParser:
                         "eagerly: compiling costs more than it saves there)")
     common.add_quiet_flag(p)
     return p
-
-
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer before torch is imported
-    common.quiet_interrupts()
-
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from data_utils import IncrementalDecoder, chat_stop_ids  # noqa: E402
-from engine import TokenStream, fast_decode_default, fit_prompt, generate_samples, stream_generate  # noqa: E402
-from model import chat_training_warning, load_model  # noqa: E402
-
-# ----------------------------------------------------------------------------------------------
-# token generation
 
 
 def make_generator(seed: int | None, device: str | torch.device) -> torch.Generator | None:
@@ -263,7 +254,7 @@ class ChatSession:
         """Send one user message (dropping the oldest turns when the context is full), stream the
         reply and add both to the history."""
         if self.role_markers:
-            self.write(data_utils.render_chatml([{"role": "user", "content": text}]))
+            self.write(text_tokenizer.render_chatml([{"role": "user", "content": text}]))
         self.messages.append({"role": "user", "content": text})
         ids, dropped = trim_history(self.tok, self.messages, self.reserve, self.max_seq_len)
         if dropped:

@@ -28,35 +28,25 @@ import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
 import common
-from common import (CheckpointError, atomic_dir, atomic_write, atomic_write_text, check_model_path,
+from common import (IGNORE_INDEX, CheckpointError, atomic_dir, atomic_write, atomic_write_text, check_model_path,
                     describe, file_kind, resolve_device, resolve_dtype)
-from data_utils import TextTokenizer
-
-PRESET_NAMES = ("tiny", "small", "medium", "large")  # CONFIGS below; named here for the torch-free parser
-
+from quantized import install_runtime_layers, read_quantized, release_freed_memory
+from text_tokenizer import TextTokenizer
 
 def build_parser() -> common.ArgumentParser:
     p = common.ArgumentParser(description="FishAI GPT presets: true parameter counts and sizes.")
-    p.add_argument("--config", choices=PRESET_NAMES, help="show one preset with its tensors (default: all)")
+    p.add_argument("--config", choices=tuple(CONFIGS), help="show one preset with its tensors (default: all)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     common.add_overwrite_flag(p, "an existing --json file")
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer before torch is imported (3 s here)
-    common.quiet_interrupts()
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-from quantized import install_runtime_layers, read_quantized, release_freed_memory  # noqa: E402
-
-
-IGNORE_INDEX = -1  # target id ignored by the loss (padding)
 CHECKPOINT_FORMAT = "fishai-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -697,7 +687,7 @@ def is_hf_output(name: str) -> bool:
 def save_hf(model, out_dir, tokenizer=None, overwrite=False, model_card: str | None = None):
     """Write an HF Llama directory (config.json, model.safetensors, tokenizer files and, when
     given, the model card as README.md), built in a temp dir beside out_dir and swapped into place
-    (data_utils.atomic_dir: an existing directory is only replaced with overwrite=True, when it
+    (common.atomic_dir: an existing directory is only replaced with overwrite=True, when it
     holds nothing but what save_hf writes, and only once the new one is complete)."""
     m = unwrap(model)
     tokenizer = tokenizer or m.tokenizer

@@ -46,12 +46,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from tqdm import tqdm
+
 import common
 import data_utils
+from model import external_name, is_hf_output, load_checkpoint, load_model, param_shapes, save_hf
+from quantized import (DEFAULT_GROUP_SIZE, QTensor, QuantizeError, _check_group_size, _n_groups,
+                       int4_codes, int4_params, int8_codes, int8_row_scales, quantize_rtn, write_quantized)
+import scoring
 
 STRATEGIES = ("fp32", "fp16", "int8", "int4", "mixed")
 FORMATS = ("bin", "hf", "gguf")
-DEFAULT_GROUP_SIZE = 128  # = DEFAULT_GROUP_SIZE, named here so that --help answers before torch loads
 
 
 def build_parser() -> common.ArgumentParser:
@@ -92,22 +99,6 @@ def build_parser() -> common.ArgumentParser:
     common.add_quiet_flag(p)
     return p
 
-
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer before torch is imported
-    common.quiet_interrupts()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from model import external_name, is_hf_output, load_checkpoint, load_model, param_shapes, save_hf  # noqa: E402
-from quantized import (DEFAULT_GROUP_SIZE, QTensor, QuantizeError, _check_group_size, _n_groups,  # noqa: E402
-                       int4_codes, int4_params, int8_codes, int8_row_scales, quantize_rtn, write_quantized)
-import scoring  # noqa: E402
-
-# ----------------------------------------------------------------------------------------------
-# Strategies
 
 def plan_qtype(name: str, shape, strategy: str) -> str:
     """Quant type of one parameter under a strategy. 1-D tensors (RMSNorm gammas) stay FP16
@@ -638,7 +629,7 @@ def _gguf_tensor(name: str, w: torch.Tensor, config, strategy: str):
 
 
 def export_gguf(gpt, out_path, strategy: str, progress: bool = True) -> list[dict]:
-    """Write a llama-architecture GGUF (atomic: data_utils.atomic_output). Returns per-tensor report rows."""
+    """Write a llama-architecture GGUF (atomic: common.atomic_output). Returns per-tensor report rows."""
     import gguf
     rows = []
     with common.atomic_output(out_path) as tmp:

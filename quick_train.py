@@ -54,15 +54,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 import common
 import data_utils
+from model import GPT, ModelConfig, configure_optimizers, count_params, load_checkpoint, load_model
+import readers
+import scoring
+import text_tokenizer
+import tokenizer_train
+import train
 
 DEFAULT_DATA = "hf:wikitext:wikitext-103-raw-v1"  # train split; the test split is the benchmark
 DEFAULT_TARGET_PPL = 56.0  # the seed's WikiText-103 goal (word-level perplexity)
 TEST_FRACTION = 0.05  # share of --data documents held out as test documents (holdout_split)
 UNDERTRAINED_SHARE = 0.4  # fewer trained steps than this share of the planned ones: say it is undertrained
 TARGET_METRICS = ("word_ppl", "token_ppl", "bits_per_byte", "char_ppl")
-MIN_VOCAB = 256 + len(data_utils.SPECIAL_TOKENS)  # every byte + the special tokens (tokenizer_train.MIN_VOCAB)
+MIN_VOCAB = 256 + len(text_tokenizer.SPECIAL_TOKENS)  # every byte + the special tokens (tokenizer_train.MIN_VOCAB)
 
 # Per-preset defaults. The optimisation recipe (optimizer, schedule, peak LR, warmup = 2% of the
 # steps) is train.py's for every preset (train.apply_recipe, RECIPE_RULE): quick_train passes None
@@ -113,7 +121,7 @@ def build_parser() -> common.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="training text: file/dir/glob (txt, jsonl, parquet), hf:NAME[:CONFIG[:SPLIT]] or "
                         "python-docs (Python's bundled documentation: no download)")
-    data_utils.add_text_format_flags(p)
+    readers.add_text_format_flags(p)
     p.add_argument("--test-data", default=None,
                    help="benchmark texts: wikitext103[:PATH], wikitext2[:PATH], ptb[:PATH] or a text source; "
                         f"default: WikiText-103 test for the default --data, else {TEST_FRACTION * 100:g}%% of the "
@@ -178,18 +186,6 @@ def _add_training_flags(g) -> None:
                    help="change a preset field (see train.py --help; by default none)")
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer before torch is imported
-    common.quiet_interrupts()
-
-import torch  # noqa: E402
-
-import scoring  # noqa: E402
-from model import GPT, ModelConfig, configure_optimizers, count_params, load_checkpoint, load_model  # noqa: E402
-import tokenizer_train  # noqa: E402
-import train  # noqa: E402
-
-
 @dataclass
 class Job:
     """One quick_train run: its flags, where it writes, and what it decided and why."""
@@ -242,7 +238,7 @@ class Corpus:
     def documents(self, epoch: int = 0):
         """The stream (the epoch argument makes it a DataMixer source)."""
         budget = self.max_bytes
-        for doc in data_utils.iter_documents(self.source, text_key=self.text_key, txt_mode=self.txt_mode):
+        for doc in readers.iter_documents(self.source, text_key=self.text_key, txt_mode=self.txt_mode):
             yield doc
             if budget is not None:
                 budget -= len(doc.encode("utf-8"))
@@ -269,8 +265,8 @@ class Corpus:
 def open_corpus(args) -> Corpus:
     """The --data stream; the default HF dataset fails fast and clearly when it cannot be reached."""
     try:
-        first = next(iter(data_utils.iter_documents(args.data, text_key=args.text_key, txt_mode=args.txt_mode)), None)
-    except data_utils.DataError:
+        first = next(iter(readers.iter_documents(args.data, text_key=args.text_key, txt_mode=args.txt_mode)), None)
+    except common.DataError:
         if _is_default_wikitext(args.data):
             raise QuickTrainError(offline_message(args.data)) from None
         raise
@@ -298,27 +294,27 @@ def load_test_texts(spec: str | None, corpus: Corpus, data: str, text_key: str,
     name, path = scoring.parse_eval_spec(spec)
     if name in scoring.EVAL_SETS:
         return scoring.load_eval_texts(name, path), f"{scoring.DATASET_LABELS[name]} test"
-    docs = list(data_utils.iter_documents(spec, text_key=text_key))
+    docs = list(readers.iter_documents(spec, text_key=text_key))
     if not docs:
         raise QuickTrainError(f"--test-data {spec}: no text found")
     return docs, spec
 
 
-def get_tokenizer(job: Job, corpus: Corpus, preset: dict) -> tuple[data_utils.TextTokenizer, str]:
+def get_tokenizer(job: Job, corpus: Corpus, preset: dict) -> tuple[text_tokenizer.TextTokenizer, str]:
     """--tokenizer, or a byte-level BPE trained here on the train and val documents."""
     args = job.args
     if args.tokenizer:
-        return data_utils.load_tokenizer(args.tokenizer), str(args.tokenizer)
+        return text_tokenizer.load_tokenizer(args.tokenizer), str(args.tokenizer)
     vocab = args.vocab_size or preset["vocab_size"]
     tok_dir = job.out / "tokenizer"
     job.log(f"training a {vocab}-token byte-level BPE tokenizer on {args.data} (test documents left out)")
     t = time.time()
     tokenizer_train.train_tokenizer(corpus.tokenizer_documents(), vocab, tok_dir, show_progress=not args.quiet)
-    tok = data_utils.load_tokenizer(tok_dir)
+    tok = text_tokenizer.load_tokenizer(tok_dir)
     return tok, f"trained here (vocab {tok.vocab_size}, {time.time() - t:.1f} s)"
 
 
-def prepare_data(job: Job, corpus: Corpus, tok: data_utils.TextTokenizer, seq_len: int) -> dict:
+def prepare_data(job: Job, corpus: Corpus, tok: text_tokenizer.TextTokenizer, seq_len: int) -> dict:
     """train.bin/val.bin in <out>/data from the same stream; prepare leaves the test documents out."""
     args = job.args
     job.log(f"tokenizing {args.data} into {job.out / 'data'}")

@@ -27,7 +27,10 @@ import gc
 import sys
 import time
 
+import torch
+
 import common
+import scoring
 
 DEFAULT_MODELS = ["EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "gpt2", "HuggingFaceTB/SmolLM2-135M"]
 
@@ -49,16 +52,6 @@ def build_parser() -> common.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer before torch is imported
-    common.quiet_interrupts()
-
-import torch  # noqa: E402
-
-import scoring  # noqa: E402
-
-# Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", Table 3, GPT-2 117M,
-# zero-shot perplexity with invertible detokenizers. Published figures, NOT measured by this script.
 PUBLISHED = {
     "gpt2 (published, GPT-2 paper)": {
         "source": "Radford et al. 2019, Table 3 (117M, zero-shot, detokenized)",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-import data_utils
+import readers
 import engine
 from engine import cut_at_stop, fast_decode_default, fit_prompt, stream_generate
 from model import CheckpointError, load_model
@@ -200,7 +200,7 @@ def _from_pretrained(spec: str, local: bool, kwargs: dict):
             return (AutoTokenizer.from_pretrained(spec, local_files_only=True),
                     AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **kwargs))
         except OSError:
-            if not data_utils.hub_reachable():
+            if not readers.hub_reachable():
                 raise ScoringError(
                     f"cannot load {spec!r}: it is not in the local Hugging Face cache and the hub "
                     "is unreachable (offline); download it on a connected machine or pass a local "
@@ -427,7 +427,7 @@ def perplexity(lm: LM, texts, stride: int | None = None, batch_size: int = 8, pr
     strides give each token up to max_seq_len - stride tokens of extra context. Documents that
     tokenize to nothing (empty strings) are skipped entirely. Word, character and byte counts come
     from the original text, so results of models with different tokenizers are comparable.
-    spaced: False for text without spaces between words (data_utils.is_spaced), where tables show char_ppl
+    spaced: False for text without spaces between words (readers.is_spaced), where tables show char_ppl
     instead of word_ppl; chars_per_token is the tokenizer's compression on this text.
     """
     texts = [texts] if isinstance(texts, str) else texts
@@ -454,7 +454,7 @@ def perplexity(lm: LM, texts, stride: int | None = None, batch_size: int = 8, pr
         "word_ppl": _safe_exp(nll / n["words"]),
         "char_ppl": _safe_exp(nll / n["chars"]),
         "token_ppl": _safe_exp(nll / n["tokens"]),
-        "spaced": data_utils.is_spaced(n["chars"], n["words"]),
+        "spaced": readers.is_spaced(n["chars"], n["words"]),
         "chars_per_token": n["chars"] / n["tokens"],
         **n,
         "nll": nll,
@@ -529,7 +529,7 @@ def load_eval_texts(name: str, path=None, *, split: str = "test", limit: int | N
         elif Path(path).is_file() and Path(path).suffix not in (".jsonl", ".parquet", ".gz"):
             docs = read_eval_set("text", path)
         else:
-            docs = list(data_utils.iter_documents(str(path)))
+            docs = list(readers.iter_documents(str(path)))
     except (ValueError, OSError) as e:  # DataError is a ValueError
         msg = common.one_line(e)
         raise ScoringError(msg if msg.startswith(name) else f"{name}: {msg}") from None
@@ -687,7 +687,7 @@ def _find_split_file(path: Path, name: str, split: str) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise data_utils.DataError(f"{path}: no such file or directory for eval set '{name}'")
+        raise common.DataError(f"{path}: no such file or directory for eval set '{name}'")
     short = _SPLIT_ALIASES[split]
     cands = {
         "wikitext103": [f"wiki.{short}.tokens", f"wiki.{short}.raw", f"{short}.txt"],
@@ -697,17 +697,17 @@ def _find_split_file(path: Path, name: str, split: str) -> Path:
     for c in cands:
         if (path / c).is_file():
             return path / c
-    raise data_utils.DataError(f"{path}: no {split} file for '{name}' (looked for {', '.join(cands)})")
+    raise common.DataError(f"{path}: no {split} file for '{name}' (looked for {', '.join(cands)})")
 
 
 def _read_eval_file(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise data_utils.DataError(f"{path}: cannot read ({e.strerror})") from None
+        raise common.DataError(f"{path}: cannot read ({e.strerror})") from None
     text = data.decode("utf-8", errors="replace")
     if not text.strip():
-        raise data_utils.DataError(f"{path}: file is empty")
+        raise common.DataError(f"{path}: file is empty")
     return text
 
 
@@ -726,12 +726,12 @@ def read_eval_set(name: str, path=None, split: str = "test", detokenize: bool = 
     """
     name = name.lower().replace("-", "").replace("_", "")
     if name not in ("wikitext103", "wikitext2", "ptb", "text"):
-        raise data_utils.DataError(f"unknown eval set '{name}'; choose wikitext103, wikitext2, ptb or text")
+        raise common.DataError(f"unknown eval set '{name}'; choose wikitext103, wikitext2, ptb or text")
     if split not in _SPLIT_ALIASES:
-        raise data_utils.DataError(f"unknown split '{split}'; choose test, valid or train")
+        raise common.DataError(f"unknown split '{split}'; choose test, valid or train")
     if name == "text":
         if path is None:
-            raise data_utils.DataError("eval set 'text' needs a file path")
+            raise common.DataError("eval set 'text' needs a file path")
         return [_read_eval_file(Path(path))]
     if path is not None:
         f = _find_split_file(Path(path), name, split)
@@ -742,10 +742,10 @@ def read_eval_set(name: str, path=None, split: str = "test", detokenize: bool = 
     else:
         hf_split = {"test": "test", "valid": "validation", "train": "train"}[_SPLIT_ALIASES[split]]
         if name == "ptb":
-            rows = data_utils.load_hf_dataset("ptb_text_only", None, split=hf_split)
+            rows = readers.load_hf_dataset("ptb_text_only", None, split=hf_split)
             return ["\n".join(r["sentence"] for r in rows) + "\n"]
         cfg = "wikitext-103-raw-v1" if name == "wikitext103" else "wikitext-2-raw-v1"
-        rows = data_utils.load_hf_dataset("wikitext", cfg, split=hf_split)
+        rows = readers.load_hf_dataset("wikitext", cfg, split=hf_split)
         # HF rows are the file's lines (with their "\n"); rejoin and split into articles
         pages = split_wikitext_articles("".join(r["text"] for r in rows))
     return [wikitext_detokenizer(p) for p in pages] if detokenize else pages

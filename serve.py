@@ -46,9 +46,31 @@ error event and exits within seconds.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import socket
 import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 import common
+from engine import Engine as DecodeEngine, cut_at_stop, sample_next
+from model import CheckpointError, chat_training_warning, count_params, load_model
+import text_tokenizer
+from text_tokenizer import chat_stop_ids
 
 DEFAULT_PORT = 8000
 MAX_STOP_STRINGS = 16
@@ -92,34 +114,6 @@ def build_parser() -> common.ArgumentParser:
                    help="server log level")
     return p
 
-
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer before torch is imported
-    common.quiet_interrupts()
-
-import asyncio  # noqa: E402
-import collections  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import secrets  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the handlers' annotations here)
-
-import data_utils  # noqa: E402
-from data_utils import chat_stop_ids  # noqa: E402
-from engine import Engine as DecodeEngine, cut_at_stop, sample_next  # noqa: E402
-from model import CheckpointError, chat_training_warning, count_params, load_model  # noqa: E402
 
 log = logging.getLogger("fishai.serve")
 
@@ -777,7 +771,7 @@ class Server:
         for i, (prompt, k) in enumerate((p, k) for p in prompts for k in range(n)):
             seed = (sampling.seed + k) % (MAX_SEED + 1) if sampling.seed is not None else secrets.randbits(62)
             emit = (lambda idx: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (idx, ev)))(i)
-            jobs.append(Job(prompt, sampling, emit, data_utils.IncrementalDecoder(served.gpt.tokenizer),
+            jobs.append(Job(prompt, sampling, emit, text_tokenizer.IncrementalDecoder(served.gpt.tokenizer),
                             torch.Generator().manual_seed(seed), coalesce=not stream))
         engine = self.engines[served.name]
         try:

@@ -15,7 +15,7 @@ Usage (copy-paste):
 
 The output directory (tokenizer.json, tokenizer_config.json with the ChatML chat template,
 special_tokens_map.json) loads with `tokenizers.Tokenizer.from_file`, with
-`transformers.AutoTokenizer.from_pretrained(dir)` and with `data_utils.load_tokenizer(dir)`.
+`transformers.AutoTokenizer.from_pretrained(dir)` and with `text_tokenizer.load_tokenizer(dir)`.
 It is built in a temp dir and swapped into place at the end (an existing tokenizer is only
 replaced with --overwrite, and stays whole if the run fails). Special ids are fixed:
 <|endoftext|>=0 (EOS / document separator), <|im_start|>=1, <|im_end|>=2, <|pad|>=3.
@@ -34,7 +34,9 @@ from typing import Iterable, Iterator
 
 import common
 import data_utils
-from data_utils import SPECIAL_TOKENS, DataError, TextTokenizer
+import readers
+from common import DataError
+from text_tokenizer import SPECIAL_TOKENS, TextTokenizer
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -51,7 +53,7 @@ def build_parser() -> common.ArgumentParser:
                    help="total vocabulary incl. 256 bytes and special tokens")
     p.add_argument("--output-dir", default="tokenizer", help="where tokenizer.json etc. are written")
     p.add_argument("--min-frequency", type=common.int_flag(0), default=2, help="minimum pair count for a merge")
-    data_utils.add_text_format_flags(p)
+    readers.add_text_format_flags(p)
     p.add_argument("--max-bytes", type=_positive_size, default=None,
                    help="stop reading after this many bytes (e.g. 500M, 2G); default: read everything")
     p.add_argument("--holdout-every", type=_holdout_every, default=50,
@@ -164,7 +166,7 @@ def compression_stats(tokenizer: TextTokenizer, texts: list[str]) -> dict:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_chars = sum(len(t) for t in texts)
     n_words = sum(len(t.split()) for t in texts)
-    spaced = data_utils.is_spaced(n_chars, n_words)
+    spaced = readers.is_spaced(n_chars, n_words)
     return {
         "docs": len(texts), "bytes": n_bytes, "chars": n_chars, "tokens": n_tok, "words": n_words, "spaced": spaced,
         "bytes_per_token": round(n_bytes / max(n_tok, 1), 4),
@@ -259,7 +261,7 @@ def output_plan(args) -> tuple[list, list]:
 def tokenizer_command(args) -> None:
     common.check_plan(*output_plan(args), args.overwrite)
     stats: dict = {}
-    docs = data_utils.iter_documents(args.data, text_key=args.text_key, skip_bad_lines=args.skip_bad_lines,
+    docs = readers.iter_documents(args.data, text_key=args.text_key, skip_bad_lines=args.skip_bad_lines,
                              stats=stats, txt_mode=args.txt_mode)
     report = train_tokenizer(docs, args.vocab_size, args.output_dir, min_frequency=args.min_frequency,
                              show_progress=not args.quiet, overwrite=args.overwrite,
@@ -270,7 +272,7 @@ def tokenizer_command(args) -> None:
         print(f"  note: {stats['bad_utf8_bytes']} undecodable bytes were replaced by U+FFFD")
     if stats.get("bad_lines"):
         print(f"  note: {stats['bad_lines']} bad jsonl lines skipped")
-    if note := data_utils.one_block_note(stats):
+    if note := readers.one_block_note(stats):
         print(f"  note: {note}")
     common.write_outputs(args, report, say=False)
 

@@ -70,8 +70,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+import torch
+
 import common
 import data_utils
+import engine
+from engine import fit_prompt, generate_samples
+from model import (GPT, IGNORE_INDEX, CheckpointError, ModelConfig, configure_optimizers,
+                   device_peak_flops, estimate_mfu, get_config, load_checkpoint, load_model, load_state_checked,
+                   save_checkpoint, unwrap, weight_decay_split)
+import readers
+import text_tokenizer
+import token_data
 
 LATEST_NAME = "fishai-latest.pt"
 BEST_NAME = "fishai-best.pt"
@@ -208,7 +219,7 @@ def _add_model_flags(g) -> None:
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer dir (tokenizer_train.py) for raw --data; a prepared dir's own tokenizer/ "
                         "is used when omitted; with --init-from/--resume the checkpoint's tokenizer is used")
-    data_utils.add_text_format_flags(g)
+    readers.add_text_format_flags(g)
     g.add_argument("--max-data-tokens", type=common.size_flag, default=None, metavar="N",
                    help="stop tokenizing raw --data after about this many tokens, e.g. 50M (bounds HF streams)")
     g.add_argument("--init-from", default=None,
@@ -338,22 +349,6 @@ def given_flags(args: argparse.Namespace) -> frozenset:
     defaults = vars(build_parser().parse_args([]))
     return frozenset(k for k, v in vars(args).items() if k in defaults and v != defaults[k])
 
-
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and bad flags answer before torch is imported
-    common.quiet_interrupts()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import engine  # noqa: E402
-from engine import fit_prompt, generate_samples  # noqa: E402
-from model import (GPT, IGNORE_INDEX, CheckpointError, ModelConfig, configure_optimizers,  # noqa: E402
-                   device_peak_flops, estimate_mfu, get_config, load_checkpoint, load_model, load_state_checked,
-                   save_checkpoint, unwrap, weight_decay_split)
-
-
-# ----------------------------------------------------------------------------- schedule / rng
 
 class CosineSchedule:
     """Linear warmup to `lr`, then cosine decay to `min_lr_ratio * lr` at `max_steps`.
@@ -762,7 +757,7 @@ class RunStart:
     resume_path: Path | None
     ckpt: dict | None
     init: dict | None
-    tokenizer: data_utils.TextTokenizer | None
+    tokenizer: text_tokenizer.TextTokenizer | None
     cfg: ModelConfig
     config_name: str
 
@@ -1000,21 +995,21 @@ def is_prepared_dir(path: str | None) -> bool:
     return bool(path) and os.path.isdir(path) and os.path.exists(os.path.join(path, "train.bin"))
 
 
-def resolve_tokenizer(args, source: dict | None, source_name) -> data_utils.TextTokenizer | None:
+def resolve_tokenizer(args, source: dict | None, source_name) -> text_tokenizer.TextTokenizer | None:
     """The checkpoint's embedded tokenizer > --tokenizer > a prepared dir's own tokenizer/."""
     if source is not None and source.get("tokenizer"):
         try:
-            tok = data_utils.TextTokenizer.from_dict(source["tokenizer"])
+            tok = text_tokenizer.TextTokenizer.from_dict(source["tokenizer"])
         except Exception as e:  # noqa: BLE001 - reported as one line
             raise TrainError(f"{source_name}: embedded tokenizer cannot be loaded ({e})") from None
-        if args.tokenizer and data_utils.load_tokenizer(args.tokenizer).hash != tok.hash:
+        if args.tokenizer and text_tokenizer.load_tokenizer(args.tokenizer).hash != tok.hash:
             raise TrainError(f"--tokenizer {args.tokenizer} differs from the one in checkpoint {source_name}; "
                              "drop --tokenizer (the checkpoint's is used)")
         return tok
     if args.tokenizer:
-        return data_utils.load_tokenizer(args.tokenizer)
+        return text_tokenizer.load_tokenizer(args.tokenizer)
     if is_prepared_dir(args.data) and (Path(args.data) / "tokenizer" / "tokenizer.json").exists():
-        return data_utils.load_tokenizer(Path(args.data) / "tokenizer")
+        return text_tokenizer.load_tokenizer(Path(args.data) / "tokenizer")
     if not is_prepared_dir(args.data):
         raise TrainError(f"--data {args.data}: raw text needs a tokenizer; pass --tokenizer DIR (train one with "
                          "tokenizer_train.py) or prepare the data with data_utils.py")
@@ -1099,20 +1094,20 @@ def _tokenize(source, args, tokenizer, val_fraction, show_progress) -> dict:
 def _prepared_tokens(args, tokenizer, show_progress, model_vocab):
     d = Path(args.data)
     if tokenizer is not None:
-        data_utils.check_meta(d, tokenizer)  # refuses a .bin made with another tokenizer
+        token_data.check_meta(d, tokenizer)  # refuses a .bin made with another tokenizer
     else:
         meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
         if int(meta.get("vocab_size", 0)) > model_vocab:
             raise TrainError(f"--data {d}: token vocab {meta.get('vocab_size')} > model vocab {model_vocab}; "
                              "pass the data's --tokenizer")
-    train = data_utils.read_token_file(d / "train.bin")
+    train = token_data.read_token_file(d / "train.bin")
     val_path = d / "val.bin"
     if args.val_data:
         if tokenizer is None:
             raise TrainError("--val-data is raw text and needs a tokenizer; pass --tokenizer")
         val = _tokenize(args.val_data, args, tokenizer, 0.0, show_progress)["train"]
-    elif val_path.exists() and data_utils.read_token_header(val_path)["n_tokens"] > 0:
-        val = data_utils.read_token_file(val_path)
+    elif val_path.exists() and token_data.read_token_header(val_path)["n_tokens"] > 0:
+        val = token_data.read_token_file(val_path)
     else:
         raise TrainError(f"--data {d}: val.bin is missing or empty; prepare with --val-fraction > 0 "
                          "or pass --val-data FILE")
@@ -1134,9 +1129,9 @@ def load_sft_conversations(args, world_size: int = 1):
     if is_prepared_dir(args.data):
         raise TrainError(f"--stage sft --data {args.data}: a prepared dir keeps no assistant mask, so SFT reads the "
                          "chat .jsonl itself: pass --data chats.jsonl (the file you prepared from)")
-    convs = data_utils.read_sft_jsonl(args.data)
+    convs = token_data.read_sft_jsonl(args.data)
     if args.val_data:
-        return convs, data_utils.read_sft_jsonl(args.val_data)
+        return convs, token_data.read_sft_jsonl(args.val_data)
     splits = [data_utils.holdout_split(i, VAL_FRACTION) for i in range(len(convs))]
     train = [c for c, s in zip(convs, splits) if s == "train"]
     val = [c for c, s in zip(convs, splits) if s == "val"]
@@ -1153,9 +1148,9 @@ def build_data(start: RunStart, dist: Distributed, device, show_progress: bool) 
         raise TrainError(f"--stage sft: checkpoint {args.init_from} has no embedded tokenizer; the chat "
                          "template needs one (pass --tokenizer DIR)")
     train_convs, val_convs = load_sft_conversations(args, dist.world_size)
-    sampler = data_utils.SFTDataset(train_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed,
+    sampler = token_data.SFTDataset(train_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed,
                             rank=dist.rank, world_size=dist.world_size)
-    val_ds = data_utils.SFTDataset(val_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed + 1,
+    val_ds = token_data.SFTDataset(val_convs, tok, args.seq_len, args.batch_size, pack=True, seed=args.seed + 1,
                            rank=dist.rank, world_size=dist.world_size)
     start_state = val_ds.state_dict()
 
@@ -1179,12 +1174,12 @@ def _pretrain_data(args, tok, cfg, dist: Distributed, device, show_progress) -> 
         if len(tokens) < args.seq_len + 1:
             raise TrainError(f"--data {args.data}: only {len(tokens)} {name} tokens, fewer than --seq-len + 1 = "
                              f"{args.seq_len + 1}; {fix} or lower --seq-len")
-    sampler = data_utils.TokenWindowSampler(train_tokens, args.seq_len, args.batch_size, seed=args.seed,
+    sampler = token_data.TokenWindowSampler(train_tokens, args.seq_len, args.batch_size, seed=args.seed,
                                     rank=dist.rank, world_size=dist.world_size)
 
     def val_batches():
         # the first --eval-iters contiguous windows, shared out over the ranks
-        batches = data_utils.iter_eval_batches(val_tokens, args.seq_len, args.batch_size, max_batches=args.eval_iters,
+        batches = token_data.iter_eval_batches(val_tokens, args.seq_len, args.batch_size, max_batches=args.eval_iters,
                                        device=device)
         for i, (x, y) in enumerate(batches):
             if i % dist.world_size == dist.rank:
@@ -1294,7 +1289,7 @@ class TrainRun:
     schedule: CosineSchedule
     scaler: torch.amp.GradScaler
     data: TrainData
-    tokenizer: data_utils.TextTokenizer | None
+    tokenizer: text_tokenizer.TextTokenizer | None
     train_args: dict
     say: "Printer"
     t_start: float = 0.0  # time.time() when the command started (--max-time counts from it)

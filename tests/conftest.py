@@ -156,7 +156,7 @@ def _training_texts():
     if shared_available() and wiki.is_file():
         text = wiki.read_text(encoding="utf-8")
         return [p for p in text.split("\n \n") if p.strip()]
-    from data_utils import iter_documents
+    from readers import iter_documents
     docs, size = [], 0
     for d in iter_documents("python-docs"):
         for para in d.split("\n\n"):
@@ -183,7 +183,7 @@ def tiny_tokenizer_dir(tmp_path_factory, training_texts):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir):
-    from data_utils import load_tokenizer
+    from text_tokenizer import load_tokenizer
     return load_tokenizer(tiny_tokenizer_dir)
 
 
@@ -215,7 +215,7 @@ def tiny_ckpt(tmp_path_factory, tiny_model):
 def trained_ckpt(tmp_path_factory, tiny_config, tiny_tokenizer, training_texts):
     """The tiny model trained for 300 steps on real text (a few seconds on CPU)."""
     import numpy as np
-    from data_utils import TokenWindowSampler
+    from token_data import TokenWindowSampler
     from model import GPT, configure_optimizers, save_checkpoint
     torch.manual_seed(0)
     ids = []

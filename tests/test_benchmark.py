@@ -588,3 +588,137 @@ def test_a_test_run_in_a_child_reports_a_native_crash():
     with pytest.raises(pytest.skip.Exception, match="peer missing: install it"):
         skips()
     in_child_process(lambda: None)()
+
+
+# ---------------------------------------------------------------------------------------------
+# `gpu`: the one GPU check, dry-run on the CPU (--allow-cpu)
+
+def _gpu_args(tmp_path, *extra):
+    books = tmp_path / "books"
+    books.mkdir(exist_ok=True)
+    (books / "a.txt").write_text("Once upon a time. " * 50)
+    return ["gpu", "--allow-cpu", "--data", str(books), "--workdir", str(tmp_path / "work"),
+            "--json", str(tmp_path / "gpu.json"), *extra]
+
+
+def test_gpu_check_budget_is_five_minutes_shared_by_its_steps():
+    args = B.build_parser().parse_args(["gpu"])
+    assert args.budget == B.GPU_BUDGET == sum(B.GPU_STEP_SECONDS.values()) == 300
+    assert list(B.GPU_STEP_SECONDS) == list(B.GPU_STEPS) == list(B.GPU_STEP_FNS)
+    # the slowest, most optional steps come last: a spent budget costs only their figures
+    assert B.GPU_STEPS[-2:] == ("pytest", "recipe")
+    assert B.GPU_STEP_SECONDS["train"] > B.GPU_TRAIN_STARTUP
+
+
+def test_gpu_check_dry_run_profiles_a_training_and_a_decode_step(tmp_path):
+    skip = ",".join(s for s in B.GPU_STEPS if s != "profile")
+    p = _run(_gpu_args(tmp_path, "--config", "tiny", "--skip", skip), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["budget_s"] == 300 and res["limits_s"] == {"profile": B.GPU_STEP_SECONDS["profile"]}
+    prof = res["profile"]  # the skipped steps' shares are not handed to it
+    assert prof["status"] == "ok" and prof["config"] == "tiny" and prof["limit_s"] <= B.GPU_STEP_SECONDS["profile"]
+    for key in ("train_step", "decode_step"):
+        step = prof[key]
+        top = step["top"]
+        assert 0 < len(top) <= B.PROFILE_TOP and all(r["name"] and r["ms"] > 0 and r["calls"] > 0 for r in top)
+        assert [r["ms"] for r in top] == sorted((r["ms"] for r in top), reverse=True)
+        assert step["top_by"] == "self CPU time" and step["wall_ms"] > 0 and step["cpu_total_ms"] >= top[0]["ms"]
+        # no GPU here: no busy time to take from the wall time, and the JSON says why
+        assert step["host_idle_ms"] is None and step["device_busy_ms"] is None and step["host_idle_why"]
+    assert any(r["name"] == "aten::mm" for r in prof["train_step"]["top"])  # the model's matmuls are there
+    ts = prof["train_step"]
+    assert (ts["batch_size"], ts["seq_len"], ts["grad_accum"]) == (*B.PROFILE_CPU_BATCH, 1) and not ts["compiled"]
+    assert ts["tokens_per_sec"] == pytest.approx(2 * 64 / (ts["wall_ms"] / 1e3), rel=1e-3)
+    for b in (1, 8):
+        d = prof[f"decode_b{b}"]
+        assert d["batch"] == b and d["tokens_per_sec"] > 0 and d["path"] == "eager" and d["build_s"] >= 0
+    s = res["summary"]
+    assert s["engine_decode_b1_tok_s"] == prof["decode_b1"]["tokens_per_sec"]
+    assert s["engine_decode_b8_vs_b1"] == pytest.approx(prof["decode_b8"]["tokens_per_sec"] /
+                                                        prof["decode_b1"]["tokens_per_sec"])
+    assert s["train_step_top_kernel"] == ts["top"][0]["name"] and s["decode_step_host_idle_share"] is None
+
+
+class _Ev:  # the fields profile_summary reads of torch.profiler's FunctionEventAvg
+    def __init__(self, key, device_type, self_cpu_us, self_device_us, count=1):
+        self.key, self.device_type, self.count = key, device_type, count
+        self.self_cpu_time_total, self.self_device_time_total = self_cpu_us, self_device_us
+
+
+def test_profile_summary_on_cuda_counts_kernels_once_and_the_rest_is_host_idle():
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    # the CPU op that launched a kernel carries that kernel's time too: counted, busy would double
+    events = [_Ev("aten::mm", cpu, 300, 6000), _Ev("sm90_gemm", cuda, 0, 6000, 3),
+              _Ev("triton_red_fused", cuda, 0, 2000, 2), _Ev("Memcpy HtoD", cuda, 0, 1000)]
+    s = B.profile_summary(events, wall_ms=12.0, cuda=True, top=2)
+    assert [r["name"] for r in s["top"]] == ["sm90_gemm", "triton_red_fused"]
+    assert s["top"][0] == {"name": "sm90_gemm", "ms": 6.0, "calls": 3, "share": round(6 / 9, 4)}
+    assert s["device_busy_ms"] == 9.0 and s["host_idle_ms"] == 3.0 and s["host_idle_share"] == 0.25
+    # no kernel recorded (CUPTI missing): no idle figure rather than "idle the whole step"
+    none = B.profile_summary([_Ev("aten::mm", cpu, 300, 0)], wall_ms=5.0, cuda=True)
+    assert none["host_idle_ms"] is None and none["device_busy_ms"] is None and "no GPU kernels" in none["host_idle_why"]
+
+
+def test_gpu_check_step_timing_out_is_killed_with_its_children_and_saved(tmp_path, monkeypatch):
+    """A step past its limit: its whole process group is killed (a compile worker or a pytest child
+    left running would hold the GPU the next step needs) and the JSON already says so."""
+    pid_file = tmp_path / "grandchild.pid"
+    child = ("import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', 'import time; "
+             "time.sleep(120)']); open(sys.argv[1], 'w').write(str(g.pid)); print('started', flush=True); "
+             "time.sleep(120)")
+
+    def slow_step(c):
+        return c.run("profile", [sys.executable, "-c", child, pid_file])
+
+    monkeypatch.setitem(B.GPU_STEP_FNS, "profile", slow_step)
+    skip = ",".join(s for s in B.GPU_STEPS if s != "profile")
+    budget = 6 * B.GPU_BUDGET / B.GPU_STEP_SECONDS["profile"]  # 6 s for the profile step
+    args = B.build_parser().parse_args(_gpu_args(tmp_path, "--skip", skip, "--budget", str(budget)))
+    t0 = time.time()
+    assert B.run_gpu(args) == common.EXIT_FAILED
+    assert time.time() - t0 < 15
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    r = res["profile"]
+    assert r["status"] == "timed out" and 5 <= r["limit_s"] <= 6 and r["seconds"] >= r["limit_s"] - 0.5
+    assert "started" in r["log_tail"]
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # killed at once; reaping by init may take a moment
+        stat = Path(f"/proc/{grandchild}/stat")
+        if not stat.exists() or stat.read_text().split(") ")[1].startswith("Z"):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's grandchild {grandchild} outlived its time-out")
+
+
+def test_gpu_check_step_gets_its_share_plus_what_earlier_steps_left():
+    c = B.GpuCheck(args=None, work=Path("."), deadline=time.time() + 100, device="cpu",
+                   limits={"data": 10, "train": 30, "recipe": 60})
+    c.step = "data"
+    assert c.left() == pytest.approx(10, abs=0.5)  # train's and recipe's time is kept for them
+    c.step = "train"  # data took no time: its 10 s pass on to train
+    assert c.left() == pytest.approx(40, abs=0.5)
+    c.step, c.deadline = "recipe", time.time() + 3  # the budget nearly spent: the last step is refused
+    assert c.run("recipe", [sys.executable, "-c", "pass"]) == {"status": "skipped", "why": "3 s of the --budget left for it"}
+
+
+def test_gpu_summary_sets_int8_int4_decode_against_the_engines_bf16_decode():
+    res = {"profile": {"decode_b1": {"tokens_per_sec": 200.0}, "decode_b8": {"tokens_per_sec": 1000.0},
+                       "train_step": {"wall_ms": 22.6, "host_idle_share": 0.3, "top": [{"name": "gemm"}]}},
+           "self-test": {"speed": {"quant_int8_b1_tok_s": {"ours": 50.0}, "quant_int8_b1_compiled_tok_s": {"ours": 300.0},
+                                   "quant_int4_b1_tok_s": {"ours": 100.0}, "train_tok_s": {"ours": 7e5, "hf": 7e5}}},
+           "train": {"tokens_per_sec": 7.7e5, "mfu": 0.17}}
+    s = B.gpu_summary(res)
+    assert s["engine_decode_b8_vs_b1"] == 5.0
+    assert s["int8_decode_b1_tok_s"] == 300.0 and s["int8_vs_engine_decode_b1"] == 1.5  # the compiled row first
+    assert s["int4_decode_b1_tok_s"] == 100.0 and s["int4_vs_engine_decode_b1"] == 0.5
+    assert s["loop_vs_isolated_step"] == pytest.approx(1.1) and s["train_step_top_kernel"] == "gemm"
+    assert s["decode_step_ms"] is None and B.gpu_summary({})["engine_decode_b1_tok_s"] is None
+
+
+def test_gpu_check_refuses_an_unknown_config_in_one_line(tmp_path):
+    args = B.build_parser().parse_args(_gpu_args(tmp_path, "--config", "huge"))
+    with pytest.raises(B.BenchmarkError, match=r"^--config huge: choose from tiny, small"):
+        B.run_gpu(args)
+    assert not (tmp_path / "gpu.json").exists()

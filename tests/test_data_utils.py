@@ -15,7 +15,10 @@ sys.path.insert(0, str(ROOT))
 
 import common
 import data_utils as du  # noqa: E402
-from data_utils import DataError  # noqa: E402
+import readers  # noqa: E402
+import text_tokenizer  # noqa: E402
+import token_data  # noqa: E402
+from common import DataError  # noqa: E402
 
 
 def run_cli(*args):
@@ -28,14 +31,14 @@ def other_tokenizer(tmp_path_factory):
     from tokenizer_train import train_tokenizer
     out = tmp_path_factory.mktemp("tok2") / "tok"
     train_tokenizer(["some other corpus text " * 50, "and more words here " * 30], 300, out, show_progress=False)
-    return du.load_tokenizer(out)
+    return text_tokenizer.load_tokenizer(out)
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     """Three small English text files (blank-line separated paragraphs), distinct paragraphs."""
     d = tmp_path_factory.mktemp("corpus")
-    docs = [d_ for d_ in du.iter_documents("python-docs")][:30]
+    docs = [d_ for d_ in readers.iter_documents("python-docs")][:30]
     for k in range(3):
         paras = [f"Paragraph {k}-{i}. " + re.sub(r"\n\s*\n", "\n", docs[(k * 10 + i) % len(docs)][:400]).strip()
                  for i in range(10)]
@@ -47,31 +50,31 @@ def corpus_dir(tmp_path_factory):
 
 def test_iter_documents_formats(tmp_path):
     (tmp_path / "a.txt").write_text("first block\nline two\n\n\nsecond block\n  \nthird\n", encoding="utf-8")
-    assert list(du.iter_documents(tmp_path / "a.txt")) == ["first block\nline two", "second block", "third"]
-    assert list(du.iter_documents(tmp_path / "a.txt", txt_mode="line")) == [
+    assert list(readers.iter_documents(tmp_path / "a.txt")) == ["first block\nline two", "second block", "third"]
+    assert list(readers.iter_documents(tmp_path / "a.txt", txt_mode="line")) == [
         "first block", "line two", "second block", "third"]
-    assert list(du.iter_documents(tmp_path / "a.txt", txt_mode="file")) == [
+    assert list(readers.iter_documents(tmp_path / "a.txt", txt_mode="file")) == [
         "first block\nline two\n\n\nsecond block\n  \nthird\n"]
     (tmp_path / "b.jsonl").write_text('{"text": "j1"}\n\n{"body": "x", "text": "j2"}\n', encoding="utf-8")
-    assert list(du.iter_documents(tmp_path / "b.jsonl")) == ["j1", "j2"]
+    assert list(readers.iter_documents(tmp_path / "b.jsonl")) == ["j1", "j2"]
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"content": ["p1", "p2", None], "id": [1, 2, 3]}), tmp_path / "c.parquet")
-    assert list(du.iter_documents(tmp_path / "c.parquet", text_key="content")) == ["p1", "p2"]
+    assert list(readers.iter_documents(tmp_path / "c.parquet", text_key="content")) == ["p1", "p2"]
     with pytest.raises(DataError, match="no column 'text'.*--text-key"):
-        list(du.iter_documents(tmp_path / "c.parquet"))
+        list(readers.iter_documents(tmp_path / "c.parquet"))
     sub = tmp_path / "sub"
     sub.mkdir()
     (sub / "z.md").write_text("in subdir", encoding="utf-8")
     (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
     (tmp_path / "c.parquet").unlink()
     stats = {}
-    got = list(du.iter_documents(tmp_path, stats=stats))
+    got = list(readers.iter_documents(tmp_path, stats=stats))
     # sorted recursive walk over supported extensions: a.txt, b.jsonl, sub/z.md (ignored.bin skipped)
     assert got == ["first block\nline two", "second block", "third", "j1", "j2", "in subdir"]
     assert stats["files"] == 3
-    assert list(du.iter_documents(str(tmp_path / "*.jsonl"))) == ["j1", "j2"]
-    assert list(du.iter_documents([tmp_path / "b.jsonl", sub / "z.md"])) == ["j1", "j2", "in subdir"]
+    assert list(readers.iter_documents(str(tmp_path / "*.jsonl"))) == ["j1", "j2"]
+    assert list(readers.iter_documents([tmp_path / "b.jsonl", sub / "z.md"])) == ["j1", "j2", "in subdir"]
 
 
 def test_dir_with_parquet_missing_column_is_an_error(tmp_path):
@@ -79,21 +82,21 @@ def test_dir_with_parquet_missing_column_is_an_error(tmp_path):
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"content": ["p1"]}), tmp_path / "c.parquet")
     with pytest.raises(DataError, match=r"c\.parquet.*no column 'text'"):
-        list(du.iter_documents(tmp_path))
+        list(readers.iter_documents(tmp_path))
 
 
 def test_bad_jsonl_lines(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"text": "good"}\nnot json\n{"other": 1}\n[1, 2]\n{"text": "also good"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=rf"{f}:2: not valid JSON.*--skip-bad-lines"):
-        list(du.iter_documents(f))
+        list(readers.iter_documents(f))
     stats = {}
-    assert list(du.iter_documents(f, skip_bad_lines=True, stats=stats)) == ["good", "also good"]
+    assert list(readers.iter_documents(f, skip_bad_lines=True, stats=stats)) == ["good", "also good"]
     assert stats["bad_lines"] == 3
     f2 = tmp_path / "nokey.jsonl"
     f2.write_text('{"content": "x"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=rf"{f2}:1: line has no string field 'text' \(keys: content\)"):
-        list(du.iter_documents(f2))
+        list(readers.iter_documents(f2))
 
 
 def test_non_utf8_empty_and_missing(tmp_path):
@@ -103,23 +106,23 @@ def test_non_utf8_empty_and_missing(tmp_path):
     body = ("plain English text. " * 30).strip()
     f.write_bytes(b"caf\xe9 ok\n\n\xff\xfe broken \xc3\n\n" + body.encode())
     stats = {}
-    docs = list(du.iter_documents(f, stats=stats))
+    docs = list(readers.iter_documents(f, stats=stats))
     assert docs == ["caf\ufffd ok", "\ufffd\ufffd broken \ufffd", body]
     assert stats["bad_utf8_bytes"] == 4
     e = tmp_path / "empty.txt"
     e.write_text("")
     stats = {}
-    assert list(du.iter_documents(e, stats=stats)) == [] and stats["empty_files"] == 1
+    assert list(readers.iter_documents(e, stats=stats)) == [] and stats["empty_files"] == 1
     with pytest.raises(DataError, match="nope.txt: no such file"):
-        list(du.iter_documents(tmp_path / "nope.txt"))
+        list(readers.iter_documents(tmp_path / "nope.txt"))
     with pytest.raises(DataError, match="glob matched no files"):
-        list(du.iter_documents(str(tmp_path / "*.parquet")))
+        list(readers.iter_documents(str(tmp_path / "*.parquet")))
 
 
 def test_hf_source_offline_error_is_clear(tmp_path):
-    code = ("import sys; sys.path.insert(0, %r); import data_utils as du, scoring\n"
-            "try:\n list(du.iter_documents('hf:someone/some_dataset'))\n"
-            "except du.DataError as e: print('DataError:', e)\n"
+    code = ("import sys; sys.path.insert(0, %r); import common, readers, scoring\n"
+            "try:\n list(readers.iter_documents('hf:someone/some_dataset'))\n"
+            "except common.DataError as e: print('DataError:', e)\n"
             "try:\n scoring.load_eval_texts('wikitext2')\n"
             "except scoring.ScoringError as e: print('DataError:', e)\n") % str(ROOT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -131,8 +134,8 @@ def test_hf_source_offline_error_is_clear(tmp_path):
 
 
 def test_python_docs_source_is_deterministic_and_large():
-    a = list(du.iter_documents("python-docs"))
-    b = list(du.iter_python_docs())
+    a = list(readers.iter_documents("python-docs"))
+    b = list(readers.iter_python_docs())
     assert a == b
     total = sum(len(d.encode("utf-8")) for d in a)
     assert total > 1_500_000 and len(a) > 200
@@ -145,15 +148,15 @@ def test_python_docs_source_is_deterministic_and_large():
 def test_tokenizer_dict_round_trip_and_hash(tiny_tokenizer, tmp_path):
     d = tiny_tokenizer.to_dict()
     assert set(d) == {"tokenizer_json", "tokenizer_config"} and all(isinstance(v, str) for v in d.values())
-    t2 = du.TextTokenizer.from_dict(d)
+    t2 = text_tokenizer.TextTokenizer.from_dict(d)
     assert t2.hash == tiny_tokenizer.hash and t2.vocab_size == tiny_tokenizer.vocab_size
     t2.save(tmp_path / "saved")
-    t3 = du.load_tokenizer(tmp_path / "saved" / "tokenizer.json")
+    t3 = text_tokenizer.load_tokenizer(tmp_path / "saved" / "tokenizer.json")
     assert t3.hash == tiny_tokenizer.hash and t3.chat_template == tiny_tokenizer.chat_template
     with pytest.raises(DataError, match="no tokenizer.json"):
-        du.load_tokenizer(tmp_path)
+        text_tokenizer.load_tokenizer(tmp_path)
     with pytest.raises(DataError, match="tokenizer not found"):
-        du.load_tokenizer(tmp_path / "missing")
+        text_tokenizer.load_tokenizer(tmp_path / "missing")
 
 
 def test_encode_chat_mask(tiny_tokenizer):
@@ -178,18 +181,18 @@ def test_encode_chat_mask(tiny_tokenizer):
 
 def test_token_file_round_trip_and_header(tmp_path):
     p = tmp_path / "t.bin"
-    n = du.write_token_file(p, [[5, 6, 7], np.array([0, 65535], dtype=np.int64), [], 3, 4], 65536 - 1 + 1)
+    n = token_data.write_token_file(p, [[5, 6, 7], np.array([0, 65535], dtype=np.int64), [], 3, 4], 65536 - 1 + 1)
     assert n == 7
-    h = du.read_token_header(p)
+    h = token_data.read_token_header(p)
     assert h["n_tokens"] == 7 and h["dtype"] == "uint32" and h["vocab_size"] == 65536 and h["n_docs"] == 1
-    assert du.read_token_file(p).tolist() == [5, 6, 7, 0, 65535, 3, 4]
+    assert token_data.read_token_file(p).tolist() == [5, 6, 7, 0, 65535, 3, 4]
     p16 = tmp_path / "t16.bin"
-    du.write_token_file(p16, [list(range(512))], 512)
-    arr = du.read_token_file(p16)
+    token_data.write_token_file(p16, [list(range(512))], 512)
+    arr = token_data.read_token_file(p16)
     assert arr.dtype == np.uint16 and arr.tolist() == list(range(512))
-    assert p16.stat().st_size == du.BIN_HEADER_SIZE + 2 * 512
+    assert p16.stat().st_size == token_data.BIN_HEADER_SIZE + 2 * 512
     # header layout as documented in docs/DATA_FORMAT.md
-    raw = p16.read_bytes()[:du.BIN_HEADER_SIZE]
+    raw = p16.read_bytes()[:token_data.BIN_HEADER_SIZE]
     assert raw[:8] == b"FISHTOK\x00"
     assert int.from_bytes(raw[8:12], "little") == 1 and int.from_bytes(raw[12:16], "little") == 2
     assert int.from_bytes(raw[16:24], "little") == 512 and int.from_bytes(raw[24:32], "little") == 512
@@ -197,28 +200,28 @@ def test_token_file_round_trip_and_header(tmp_path):
 
 def test_token_file_bad_inputs(tmp_path):
     p = tmp_path / "t.bin"
-    du.write_token_file(p, [[1, 2, 3, 4]], 512)
+    token_data.write_token_file(p, [[1, 2, 3, 4]], 512)
     data = p.read_bytes()
     bad = tmp_path / "bad_magic.bin"
     bad.write_bytes(b"NOTFISH!" + data[8:])
     with pytest.raises(DataError, match="bad_magic.bin: not a FishAI token file"):
-        du.read_token_file(bad)
+        token_data.read_token_file(bad)
     trunc = tmp_path / "trunc.bin"
     trunc.write_bytes(data[:-3])
     with pytest.raises(DataError, match="trunc.bin: truncated"):
-        du.read_token_file(trunc)
+        token_data.read_token_file(trunc)
     ver = tmp_path / "ver.bin"
     ver.write_bytes(data[:8] + (7).to_bytes(4, "little") + data[12:])
     with pytest.raises(DataError, match="version 7"):
-        du.read_token_file(ver)
+        token_data.read_token_file(ver)
     short = tmp_path / "short.bin"
     short.write_bytes(b"FISH")
     with pytest.raises(DataError, match="short.bin"):
-        du.read_token_file(short)
+        token_data.read_token_file(short)
     # an out-of-range id aborts the write and leaves nothing behind
     out = tmp_path / "oor.bin"
     with pytest.raises(DataError, match="outside the vocabulary"):
-        du.write_token_file(out, [[1, 2], [600]], 512)
+        token_data.write_token_file(out, [[1, 2], [600]], 512)
     assert not out.exists() and not list(tmp_path.glob(".oor.bin*"))
 
 
@@ -226,7 +229,7 @@ def test_token_file_bad_inputs(tmp_path):
 
 def test_token_window_sampler_exact_and_resumable():
     tokens = np.arange(1000, dtype=np.uint16)
-    s = du.TokenWindowSampler(tokens, seq_len=16, batch_size=4, seed=7)
+    s = token_data.TokenWindowSampler(tokens, seq_len=16, batch_size=4, seed=7)
     batches = [s.next_batch() for _ in range(6)]
     for x, y in batches:
         assert x.shape == (4, 16) and x.dtype.is_floating_point is False
@@ -234,39 +237,39 @@ def test_token_window_sampler_exact_and_resumable():
         assert ((x[:, 1:] - x[:, :-1]) == 1).all()   # windows are contiguous slices of the data
         assert int(x.min()) >= 0 and int(y.max()) <= 999
     assert s.state_dict() == {"seed": 7, "step": 6}
-    s2 = du.TokenWindowSampler(tokens, seq_len=16, batch_size=4, seed=7)
+    s2 = token_data.TokenWindowSampler(tokens, seq_len=16, batch_size=4, seed=7)
     s2.load_state_dict({"seed": 7, "step": 3})
     for i in range(3, 6):
         x2, y2 = s2.next_batch()
         assert (x2 == batches[i][0]).all() and (y2 == batches[i][1]).all()
-    other_rank = du.TokenWindowSampler(tokens, 16, 4, seed=7, rank=1, world_size=2)
+    other_rank = token_data.TokenWindowSampler(tokens, 16, 4, seed=7, rank=1, world_size=2)
     assert not (other_rank.next_batch()[0] == batches[0][0]).all()
     # starts lie in [0, len - seq_len - 1]: with len == seq_len + 1 the only window is the whole array
-    tight = du.TokenWindowSampler(np.arange(17), seq_len=16, batch_size=3)
+    tight = token_data.TokenWindowSampler(np.arange(17), seq_len=16, batch_size=3)
     x, y = tight.next_batch()
     assert (x == np.arange(16)).all() and (y == np.arange(1, 17)).all()
     with pytest.raises(DataError, match="need at least seq_len\\+1"):
-        du.TokenWindowSampler(np.arange(16), seq_len=16, batch_size=1)
+        token_data.TokenWindowSampler(np.arange(16), seq_len=16, batch_size=1)
     starts = np.concatenate([s.batch_indices(i) for i in range(500)])
     assert starts.min() == 0 and starts.max() == 1000 - 16 - 1
 
 
 def test_sampler_reads_bin_path(tmp_path):
     p = tmp_path / "t.bin"
-    du.write_token_file(p, [np.arange(300) % 512], 512)
-    x, y = du.TokenWindowSampler(p, seq_len=8, batch_size=2, seed=1).next_batch()
+    token_data.write_token_file(p, [np.arange(300) % 512], 512)
+    x, y = token_data.TokenWindowSampler(p, seq_len=8, batch_size=2, seed=1).next_batch()
     assert x.shape == (2, 8) and ((y - x) == 1).all()
 
 
 def test_iter_eval_batches_contiguous():
     tokens = np.arange(103)
-    batches = list(du.iter_eval_batches(tokens, seq_len=10, batch_size=4))
+    batches = list(token_data.iter_eval_batches(tokens, seq_len=10, batch_size=4))
     xs = np.concatenate([x.numpy() for x, _ in batches])
     ys = np.concatenate([y.numpy() for _, y in batches])
     assert xs.shape == (10, 10)                      # (103 - 1) // 10 windows, tail dropped
     assert (xs.reshape(-1) == np.arange(100)).all() and (ys.reshape(-1) == np.arange(1, 101)).all()
     assert [len(x) for x, _ in batches] == [4, 4, 2]
-    assert len(list(du.iter_eval_batches(tokens, 10, 4, max_batches=2))) == 2
+    assert len(list(token_data.iter_eval_batches(tokens, 10, 4, max_batches=2))) == 2
 
 
 # ----------------------------------------------------------------------------------- eval texts
@@ -282,21 +285,21 @@ def _conv(i):
 def test_sft_formats_are_normalised():
     belle = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
     alpaca = {"instruction": "Translate", "input": "bonjour", "output": "hello"}
-    assert du.normalize_conversation(belle) == [{"role": "user", "content": "hi"},
+    assert readers.normalize_conversation(belle) == [{"role": "user", "content": "hi"},
                                                 {"role": "assistant", "content": "hello"}]
-    assert du.normalize_conversation(alpaca) == [{"role": "user", "content": "Translate\n\nbonjour"},
+    assert readers.normalize_conversation(alpaca) == [{"role": "user", "content": "Translate\n\nbonjour"},
                                                  {"role": "assistant", "content": "hello"}]
     with pytest.raises(DataError, match="unknown role"):
-        du.normalize_conversation({"messages": [{"role": "wizard", "content": "x"}]})
+        readers.normalize_conversation({"messages": [{"role": "wizard", "content": "x"}]})
     with pytest.raises(DataError, match="no 'messages'"):
-        du.normalize_conversation({"text": "x"})
+        readers.normalize_conversation({"text": "x"})
 
 
 def test_sft_packing_masks_and_doc_ids(tiny_tokenizer):
     tok = tiny_tokenizer
     convs = [_conv(i) for i in range(40)]
-    ds = du.SFTDataset(convs, tok, seq_len=96, batch_size=3, seed=3)
-    encoded = {tuple(tok.encode_chat(du.normalize_conversation(c))[0]) for c in convs}
+    ds = token_data.SFTDataset(convs, tok, seq_len=96, batch_size=3, seed=3)
+    encoded = {tuple(tok.encode_chat(readers.normalize_conversation(c))[0]) for c in convs}
     seen_segments = 0
     for _ in range(4):
         x, y, m, d = ds.next_batch()
@@ -307,7 +310,7 @@ def test_sft_packing_masks_and_doc_ids(tiny_tokenizer):
             for k in sorted(set(row_d)):
                 pos = [t for t, v in enumerate(row_d) if v == k]
                 xs, ys, ms = x[b, pos].tolist(), y[b, pos].tolist(), m[b, pos].tolist()
-                if all(v == du.IGNORE_INDEX for v in ys):        # padding segment
+                if all(v == common.IGNORE_INDEX for v in ys):        # padding segment
                     assert sum(ms) == 0 and set(xs) == {tok.pad_id}
                     continue
                 seen_segments += 1
@@ -321,7 +324,7 @@ def test_sft_packing_masks_and_doc_ids(tiny_tokenizer):
     assert seen_segments > 12
     try:
         import model
-        assert du.IGNORE_INDEX == model.IGNORE_INDEX
+        assert common.IGNORE_INDEX == model.IGNORE_INDEX
     except ImportError:
         pass
 
@@ -332,28 +335,28 @@ def test_sft_resume_and_no_pack(tiny_tokenizer, tmp_path):
         for i in range(25):
             fh.write(json.dumps(_conv(i)) + "\n")
         fh.write(json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
-    a = du.SFTDataset(f, tiny_tokenizer, seq_len=64, batch_size=2, seed=5)
+    a = token_data.SFTDataset(f, tiny_tokenizer, seq_len=64, batch_size=2, seed=5)
     assert len(a) == 25 and a.stats["dropped_no_assistant"] == 1
     for _ in range(7):  # crosses an epoch boundary
         a.next_batch()
     state = a.state_dict()
     assert set(state) == {"seed", "epoch", "cursor", "step"} and all(isinstance(v, int) for v in state.values())
     ref = [a.next_batch() for _ in range(3)]
-    b = du.SFTDataset(f, tiny_tokenizer, seq_len=64, batch_size=2, seed=5)
+    b = token_data.SFTDataset(f, tiny_tokenizer, seq_len=64, batch_size=2, seed=5)
     b.load_state_dict(state)
     for r in ref:
         got = b.next_batch()
         assert all((g == t).all() for g, t in zip(got, r))
-    c = du.SFTDataset(f, tiny_tokenizer, seq_len=64, batch_size=2, pack=False)
+    c = token_data.SFTDataset(f, tiny_tokenizer, seq_len=64, batch_size=2, pack=False)
     x, y, m, d = c.next_batch()
-    assert set(d[0].tolist()) <= {0, 1} and (y[d == 1] == du.IGNORE_INDEX).all()
+    assert set(d[0].tolist()) <= {0, 1} and (y[d == 1] == common.IGNORE_INDEX).all()
     long = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 300}]}]
-    t = du.SFTDataset(long * 2, tiny_tokenizer, seq_len=32, batch_size=1)
+    t = token_data.SFTDataset(long * 2, tiny_tokenizer, seq_len=32, batch_size=1)
     assert t.stats["truncated"] == 2 and t.next_batch()[2].sum() > 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(_conv(1)) + "\n{broken\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"{bad}:2"):
-        du.SFTDataset(bad, tiny_tokenizer, 64, 2)
+        token_data.SFTDataset(bad, tiny_tokenizer, 64, 2)
 
 
 # ---------------------------------------------------------------------------------- filter / mix
@@ -382,7 +385,7 @@ def test_filter_rules_and_counts():
 
 
 def test_filter_near_duplicates():
-    words = du.iter_python_docs()
+    words = readers.iter_python_docs()
     long_doc = next(d for d in words if len(d.split()) > 400)
     text = " ".join(long_doc.split()[:400])
     edited = text.replace(" the ", " a ", 2)
@@ -440,10 +443,10 @@ def test_prepare_end_to_end(tiny_tokenizer_dir, tiny_tokenizer, corpus_dir, tmp_
     out = tmp_path / "data"
     meta = du.prepare([corpus_dir], tiny_tokenizer_dir, out, val_fraction=0.1, show_progress=False, log=None)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
-    docs = list(du.iter_documents(corpus_dir))
+    docs = list(readers.iter_documents(corpus_dir))
     assert meta["train"]["docs"] + meta["val"]["docs"] == len(docs) == 30
     assert meta["val"]["docs"] == 3
-    train, val = du.read_token_file(out / "train.bin"), du.read_token_file(out / "val.bin")
+    train, val = token_data.read_token_file(out / "train.bin"), token_data.read_token_file(out / "val.bin")
     assert len(train) == meta["train"]["tokens"] and len(val) == meta["val"]["tokens"]
     # every document is encoded exactly and followed by EOS; split is by whole document
     expected = [tiny_tokenizer.encode(d) + [0] for d in docs]
@@ -452,11 +455,11 @@ def test_prepare_end_to_end(tiny_tokenizer_dir, tiny_tokenizer, corpus_dir, tmp_
     assert list(train) == [t for i, e in enumerate(expected) if i not in val_idx for t in e]
     assert tiny_tokenizer.decode(train).split("<|endoftext|>")[0] == docs[1]
     assert meta["tokenizer_hash"] == tiny_tokenizer.hash and meta["vocab_size"] == 512
-    assert du.check_meta(out, tiny_tokenizer)["train"]["tokens"] == len(train)
-    assert du.check_meta(json.loads((out / "meta.json").read_text()), tiny_tokenizer, path=out)
-    assert du.load_tokenizer(out / "tokenizer").hash == tiny_tokenizer.hash
+    assert token_data.check_meta(out, tiny_tokenizer)["train"]["tokens"] == len(train)
+    assert token_data.check_meta(json.loads((out / "meta.json").read_text()), tiny_tokenizer, path=out)
+    assert text_tokenizer.load_tokenizer(out / "tokenizer").hash == tiny_tokenizer.hash
     with pytest.raises(DataError, match="different tokenizer"):
-        du.check_meta(out, other_tokenizer)
+        token_data.check_meta(out, other_tokenizer)
     # existing output is refused without overwrite, replaced with it
     with pytest.raises(common.FishAIError, match="--overwrite"):
         du.prepare([corpus_dir], tiny_tokenizer_dir, out, show_progress=False, log=None)
@@ -544,8 +547,8 @@ def test_python_docs_corpus_is_identical_across_processes():
     """The main job's corpus (and so its tokenizer hash) must not depend on what else is imported."""
     import subprocess
     import sys
-    code = ("import sys, hashlib; sys.path.insert(0, {root!r}); {extra}import data_utils; h = hashlib.sha256()\n"
-            "for d in data_utils.iter_documents('python-docs'): h.update(d.encode())\nprint(h.hexdigest())")
+    code = ("import sys, hashlib; sys.path.insert(0, {root!r}); {extra}import readers; h = hashlib.sha256()\n"
+            "for d in readers.iter_documents('python-docs'): h.update(d.encode())\nprint(h.hexdigest())")
     root = str(Path(__file__).resolve().parents[1])
     outs = [subprocess.run([sys.executable, "-c", code.format(root=root, extra=extra)], capture_output=True,
                            text=True, timeout=120, check=True).stdout.strip()
@@ -554,8 +557,8 @@ def test_python_docs_corpus_is_identical_across_processes():
 
 
 # -------------------------------------------------------------------------------------- CLI conventions
-# Every script builds its parser from data_utils' conventions: one-line usage errors with exit code 2,
-# every flag explained, defaults shown once, --help before torch is imported, no dangling file names.
+# Every script builds its parser from common's conventions: one-line usage errors with exit code 2,
+# every flag explained, defaults shown once, no dangling file names.
 
 SCRIPT_HELP = [("model.py", []), ("train.py", []), ("quick_train.py", []), ("tokenizer_train.py", []),
                ("quantize.py", []), ("benchmark.py", ["self-test"]), ("benchmark.py", ["full"]),
@@ -567,14 +570,17 @@ BAD_NUMBERS = [("train.py", ["--batch-size", "0"]), ("quick_train.py", ["--max-s
                ("reference_benchmark.py", ["--batch-size", "0"]), ("evaluate.py", ["--benchmark", "mmlu", "--limit", "0"]),
                ("generate.py", ["--max-new-tokens", "0"]), ("data_utils.py", ["prepare", "--input", "x", "--tokenizer",
                                                                               "t", "--output", "o", "--val-fraction", "2"])]
-_NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = [sys.argv[1], *sys.argv[2:]]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
-def _run_without_torch(script, args):
-    """Run a script with `import torch` made to fail: what answers here answers before torch loads."""
-    return subprocess.run([sys.executable, "-c", _NO_TORCH, script, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+def _run_main(script, args, capsys):
+    """A script's main(argv) in this process: (exit code, stdout, stderr)."""
+    import importlib
+    from unittest import mock
+    try:
+        with mock.patch.object(sys, "argv", [script]):  # argparse names the program after argv[0]
+            rc = importlib.import_module(script[:-3]).main(list(args))
+    except SystemExit as e:  # argparse's --help and usage errors
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
 def _parsers(parser):
@@ -586,16 +592,16 @@ def _parsers(parser):
 
 
 @pytest.mark.parametrize("script,sub", SCRIPT_HELP, ids=[" ".join([s, *a]) for s, a in SCRIPT_HELP])
-def test_help_comes_before_torch_and_explains_every_flag(script, sub):
-    r = _run_without_torch(script, [*sub, "--help"])
-    assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr[-500:]
-    for name in set(re.findall(r"[\w./-]+\.(?:md|py)\b", r.stdout)):  # no file that is not in the repo
+def test_help_explains_every_flag(script, sub, capsys):
+    rc, stdout, stderr = _run_main(script, [*sub, "--help"], capsys)
+    assert rc == 0 and stdout.startswith("usage:"), stderr[-500:]
+    for name in set(re.findall(r"[\w./-]+\.(?:md|py)\b", stdout)):  # no file that is not in the repo
         assert (ROOT / name).exists() or (ROOT / "docs" / Path(name).name).exists(), f"{script} --help names {name}"
     import importlib
     parser = importlib.import_module(script[:-3]).build_parser()
     for p in _parsers(parser):
-        assert isinstance(p, common.ArgumentParser), f"{p.prog}: build it with data_utils.ArgumentParser"
-        assert p.formatter_class is common.HelpFormatter, f"{p.prog}: defaults are shown once by data_utils.HelpFormatter"
+        assert isinstance(p, common.ArgumentParser), f"{p.prog}: build it with common.ArgumentParser"
+        assert p.formatter_class is common.HelpFormatter, f"{p.prog}: defaults are shown once by common.HelpFormatter"
         for a in p._actions:
             if a.help == "==SUPPRESS==" or a.dest == "help" or not a.option_strings and a.nargs == "A...":
                 continue
@@ -605,10 +611,10 @@ def test_help_comes_before_torch_and_explains_every_flag(script, sub):
 
 
 @pytest.mark.parametrize("script,args", BAD_NUMBERS, ids=[s for s, _ in BAD_NUMBERS])
-def test_bad_numeric_flag_is_one_line_usage_error(script, args):
-    r = _run_without_torch(script, args)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == common.EXIT_USAGE and len(lines) == 1 and lines[0].startswith("error: argument "), r.stderr
+def test_bad_numeric_flag_is_one_line_usage_error(script, args, capsys):
+    rc, _, stderr = _run_main(script, args, capsys)
+    lines = stderr.strip().splitlines()
+    assert rc == common.EXIT_USAGE and len(lines) == 1 and lines[0].startswith("error: argument "), stderr
 
 
 def test_chat_jsonl_is_rendered_with_the_template_and_encoded_safely(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
@@ -617,11 +623,11 @@ def test_chat_jsonl_is_rendered_with_the_template_and_encoded_safely(tiny_tokeni
             {"text": "a plain document in the same file"}]
     f = tmp_path / "chat.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    docs = list(du.iter_documents(f))
-    assert docs[0] == tiny_tokenizer.apply_chat_template(rows[0]["messages"]) and isinstance(docs[0], du.ChatDocument)
+    docs = list(readers.iter_documents(f))
+    assert docs[0] == tiny_tokenizer.apply_chat_template(rows[0]["messages"]) and isinstance(docs[0], text_tokenizer.ChatDocument)
     assert docs[1].startswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4") and docs[2] == rows[2]["text"]
     meta = du.prepare([f], tiny_tokenizer_dir, tmp_path / "data", val_fraction=0, show_progress=False, log=None)
-    ids = du.read_token_file(tmp_path / "data" / "train.bin").tolist()
+    ids = token_data.read_token_file(tmp_path / "data" / "train.bin").tolist()
     first = tiny_tokenizer.encode_chat(rows[0]["messages"])[0]
     assert ids[:len(first) + 1] == first + [tiny_tokenizer.eos_id] and meta["train"]["docs"] == 3
     # the <|im_end|> typed inside the user's message stays text: control ids only from the template
@@ -629,7 +635,7 @@ def test_chat_jsonl_is_rendered_with_the_template_and_encoded_safely(tiny_tokeni
 
 
 def test_tokenize_documents_from_files_and_memory(tiny_tokenizer, text_file):
-    docs = list(du.iter_documents(text_file))
+    docs = list(readers.iter_documents(text_file))
     from_file = du.tokenize_documents(text_file, tiny_tokenizer, val_fraction=0.1, show_progress=False)
     from_list = du.tokenize_documents(docs, tiny_tokenizer, val_fraction=0.1, show_progress=False)
     assert all(np.array_equal(from_file[k], from_list[k]) for k in ("train", "val"))
@@ -723,40 +729,40 @@ def test_binary_files_are_refused_as_text_with_what_to_pass(tiny_tokenizer_dir, 
     du.prepare([str(ROOT / "README.md")], str(tiny_tokenizer_dir), str(data), val_fraction=0.1, show_progress=False,
                log=None)
     with pytest.raises(DataError, match=rf"^{data / 'train.bin'} is a prepared token file .*pass its folder, {data}/"):
-        list(du.iter_documents(str(data / "train.bin")))
+        list(readers.iter_documents(str(data / "train.bin")))
     with pytest.raises(DataError, match=r"is a PyTorch checkpoint \(.pt, as train.py writes\), not text: pass it as "
                                         "--model"):
-        list(du.iter_documents(str(tiny_ckpt)))
+        list(readers.iter_documents(str(tiny_ckpt)))
     for head, kind in ((b"FISHAIQ\x00", r"a quantized model \(quantize.py --format bin\)"),
                        (b"GGUF\x03\x00\x00\x00", r"a GGUF model \(quantize.py --format gguf\)"),
                        (len(b'{"a": 1}').to_bytes(8, "little") + b'{"a": 1}', "a safetensors weights file")):
         f = tmp_path / f"x{len(head)}.txt"
         f.write_bytes(head + b"\0" * 64)
         with pytest.raises(DataError, match=f"is {kind}, not text"):
-            list(du.iter_documents(str(f)))
+            list(readers.iter_documents(str(f)))
     noise = tmp_path / "noise.txt"
     noise.write_bytes(bytes(range(128, 256)) * 40 + b"some text")
     with pytest.raises(DataError, match=r"noise.txt: \d+\.\d% of its first 5,129 bytes are not UTF-8 text"):
-        list(du.iter_documents(str(noise)))
+        list(readers.iter_documents(str(noise)))
     mostly = tmp_path / "mostly.txt"  # a stray undecodable byte in real text is not refused (under 1%)
     mostly.write_bytes(b"plain text " * 200 + b"\xff" + b" more text\n")
-    assert len(list(du.iter_documents(str(mostly)))) == 1
+    assert len(list(readers.iter_documents(str(mostly)))) == 1
 
 
 def test_a_checkpoint_can_stand_for_its_tokenizer(tiny_ckpt, tiny_tokenizer, tmp_path):
-    assert du.load_tokenizer(tiny_ckpt).hash == tiny_tokenizer.hash  # the tokenizer train.py embeds
+    assert text_tokenizer.load_tokenizer(tiny_ckpt).hash == tiny_tokenizer.hash  # the tokenizer train.py embeds
     q = tmp_path / "m.bin"
     q.write_bytes(b"FISHAIQ\x00" + b"\0" * 32)
     with pytest.raises(DataError, match=r"m.bin is a quantized model \(quantize.py --format bin\), not a tokenizer: pass the "
                                         "tokenizer directory"):
-        du.load_tokenizer(q)
+        text_tokenizer.load_tokenizer(q)
 
 
 def test_a_file_without_blank_lines_gets_a_note_and_txt_mode_line(tmp_path):
     f = tmp_path / "lines.txt"
     f.write_text("".join(f"sentence number {i} of the corpus.\n" for i in range(150)))
     stats = {}
-    assert len(list(du.iter_documents(str(f), stats=stats))) == 1
-    assert "lines.txt: no blank line in 100+ lines, so read as ONE document" in du.one_block_note(stats)
-    assert "--txt-mode line" in du.one_block_note(stats)
-    assert len(list(du.iter_documents(str(f), txt_mode="line"))) == 150
+    assert len(list(readers.iter_documents(str(f), stats=stats))) == 1
+    assert "lines.txt: no blank line in 100+ lines, so read as ONE document" in readers.one_block_note(stats)
+    assert "--txt-mode line" in readers.one_block_note(stats)
+    assert len(list(readers.iter_documents(str(f), txt_mode="line"))) == 150

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import generate  # noqa: E402
 import scoring  # noqa: E402
 from conftest import assert_parser_refuses  # noqa: E402
-from data_utils import IncrementalDecoder  # noqa: E402
+from text_tokenizer import IncrementalDecoder  # noqa: E402
 from generate import (chat_loop, fit_generation_prompt, generate_samples,  # noqa: E402
                       make_generator, stream_generate, stream_text, trim_history)
 import engine  # noqa: E402
@@ -435,7 +435,7 @@ def test_piped_chat_writes_chatml_role_markers(tiny_tokenizer):
     turns = [{"role": "user", "content": "what is 2+2?"}, {"role": "assistant", "content": reply},
              {"role": "user", "content": ("word " * 100).rstrip("\n")},  # not sent: no assistant turn
              {"role": "user", "content": "thanks"}, {"role": "assistant", "content": reply}]
-    from data_utils import render_chatml
+    from text_tokenizer import render_chatml
     assert out.getvalue() == render_chatml(turns)
     assert "message too long" in err.getvalue() and "conversation reset" in err.getvalue()
     assert history == turns[3:]

@@ -11,7 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # docs/API.md "Layers": each module may import only modules of lower layers
 LAYERS = [
     ["common"],                                           # conventions, torch-free
-    ["data_utils"],                                       # the data contract
+    ["text_tokenizer"],                                   # the tokenizer and the chat template
+    ["readers"],                                          # raw text -> documents; files that are not text
+    ["token_data"],                                       # .bin token files, samplers, SFT data
+    ["data_utils"],                                       # the hold-out rule, filter, mixer, prepare
     ["quantized"],                                        # the .bin format and its int8/int4 runtime layers
     ["model"],                                            # the GPT, checkpoints, load_model, HF interop
     ["engine"],                                           # the one decode engine and generation path
@@ -82,3 +85,18 @@ def test_every_script_has_main_and_a_usage_docstring():
                 mains[0].args.defaults and getattr(mains[0].args.defaults[0], "value", 0) is None, \
                 f"{module}.py: the entry point is main(argv=None)"
             assert "python " in doc, f"{module}.py: the docstring shows no copy-paste usage"
+
+
+@pytest.mark.parametrize("module", PRODUCT)
+def test_imports_come_first(module):
+    """docs/API.md "Imports": a module's top-level imports all come before its first other statement
+    (the docstring and `from __future__` aside), so no import needs a `noqa: E402`."""
+    text = (ROOT / f"{module}.py").read_text(encoding="utf-8")
+    assert "noqa: E402" not in text, f"{module}.py: an import after code (noqa: E402)"
+    body = ast.parse(text).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:]
+    kinds = [isinstance(n, (ast.Import, ast.ImportFrom)) for n in body]
+    first_code = kinds.index(False) if False in kinds else len(kinds)
+    late = [n.lineno for n, is_import in zip(body[first_code:], kinds[first_code:]) if is_import]
+    assert not late, f"{module}.py: imports after code at lines {late}"

@@ -409,7 +409,7 @@ def test_llama_cpp_permutation_round_trip():
 def test_gguf_tokenizer_metadata(tiny_model, tiny_tokenizer, tmp_path):
     """What llama.cpp reads to tokenize, stop and chat like us (the gguf reader: runs without llama.cpp)."""
     import gguf
-    from data_utils import SPECIAL_TOKENS
+    from text_tokenizer import SPECIAL_TOKENS
     out = tmp_path / "m.gguf"
     Q.export_gguf(tiny_model, out, "fp16", progress=False)
     f = gguf.GGUFReader(str(out)).fields
@@ -510,7 +510,7 @@ def test_llama_cpp_token_ids_are_ours(llama_ggufs, tiny_tokenizer, training_text
 def test_llama_cpp_matches_a_non_special_added_token(tiny_tokenizer, tmp_path):
     """An added token that is not special (USER_DEFINED in the file) is matched in any text, by both."""
     llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING, exc_type=ImportError)
-    from data_utils import TextTokenizer
+    from text_tokenizer import TextTokenizer
     from model import GPT, ModelConfig
     tj = json.loads(tiny_tokenizer.to_dict()["tokenizer_json"])
     new_id = tiny_tokenizer.vocab_size
@@ -536,7 +536,7 @@ def test_llama_cpp_matches_a_non_special_added_token(tiny_tokenizer, tmp_path):
 def test_llama_cpp_reads_our_special_tokens_context_and_chat_template(llama_ggufs, tiny_tokenizer, tiny_config):
     import ctypes
     import llama_cpp
-    from data_utils import render_chatml
+    from text_tokenizer import render_chatml
     tok = tiny_tokenizer
     for llm in llama_ggufs.values():
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
@@ -624,7 +624,7 @@ def test_llama_cpp_greedy_text_is_ours(llama_ggufs, trained_ckpt, tiny_tokenizer
 @in_child_process
 def test_llama_cpp_chat_completion_uses_our_chatml(llama_ggufs, tiny_tokenizer):
     """create_chat_completion renders our template from the file and feeds our ChatML ids."""
-    from data_utils import render_chatml
+    from text_tokenizer import render_chatml
     tok, llm = tiny_tokenizer, llama_ggufs["fp16"]
     msgs = [{"role": "system", "content": "You are helpful."},
             {"role": "user", "content": "Tell me about the history of the city."}]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data_utils as du
+import readers
 import scoring
 import engine  # noqa: E402
 
@@ -214,7 +214,7 @@ def test_unspaced_text_gets_character_level_figures(trained_lm):
     _check_char_figures(zh, ZH_TEXT)
     _check_char_figures(en, EN_TEXT)
     assert zh["spaced"] is False and en["spaced"] is True
-    assert zh["words"] * du.SPACED_CHARS_PER_WORD < zh["chars"] and en["words"] * 7 > en["chars"]
+    assert zh["words"] * readers.SPACED_CHARS_PER_WORD < zh["chars"] and en["words"] * 7 > en["chars"]
     # per word, a whole line is one "word": its perplexity is astronomically large; per character it is not
     assert zh["word_ppl"] > 1e20 and math.isfinite(zh["char_ppl"]) and zh["char_ppl"] < zh["word_ppl"]
     # tables and console lines: bits/byte first, then char PPL for Chinese and word PPL for English
@@ -234,7 +234,7 @@ def test_real_chinese_book_is_scored_per_character(trained_lm, shared_data):
     text = book.read_bytes()[:20_000].decode("utf-8", "ignore")
     r = scoring.perplexity(trained_lm, text, progress=False)
     _check_char_figures(r, text)
-    assert r["spaced"] is False and r["words"] * du.SPACED_CHARS_PER_WORD < r["chars"]
+    assert r["spaced"] is False and r["words"] * readers.SPACED_CHARS_PER_WORD < r["chars"]
     assert math.isfinite(r["char_ppl"]) and r["char_ppl"] < r["word_ppl"]
     value, per = scoring.headline_ppl(r)
     assert (value, per) == (r["char_ppl"], "char")

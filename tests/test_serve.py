@@ -151,7 +151,7 @@ class InProcessServer(Http):
 
 def ckpt_with_context(trained_ckpt, path: Path, context: int) -> Path:
     """The trained weights with another context length (RoPE is computed, not learned)."""
-    from data_utils import TextTokenizer
+    from text_tokenizer import TextTokenizer
     from model import GPT, ModelConfig, load_checkpoint, save_checkpoint
     ck = load_checkpoint(trained_ckpt)
     m = GPT(ModelConfig.from_dict({**ck["config"], "max_seq_len": context}))
@@ -218,7 +218,7 @@ def test_models_list_describes_each_model(client, trained_ckpt, int4_bin, tiny):
 
 
 def test_chat_is_the_models_own_greedy_reply(client, tiny):
-    from data_utils import chat_stop_ids
+    from text_tokenizer import chat_stop_ids
     text = "The function returns"
     expected = offline_reply(tiny, chat_ids(tiny, text), 24, chat_stop_ids(tiny.tokenizer))
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=24,

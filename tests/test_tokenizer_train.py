@@ -13,10 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_utils  # noqa: E402
+import readers  # noqa: E402
+import text_tokenizer  # noqa: E402
 import tokenizer_train  # noqa: E402
 import common  # noqa: E402
 from common import parse_size  # noqa: E402
-from data_utils import SPECIAL_TOKENS, DataError, load_tokenizer  # noqa: E402
+from common import DataError
+from text_tokenizer import load_tokenizer  # noqa: E402
+from text_tokenizer import SPECIAL_TOKENS
 from tokenizer_train import train_tokenizer  # noqa: E402
 
 CHAT = [{"role": "system", "content": "You are FishAI."},
@@ -32,7 +36,7 @@ def run_cli(*args, cwd=None):
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    docs = list(data_utils.iter_documents("python-docs"))[:60]
+    docs = list(readers.iter_documents("python-docs"))[:60]
     (d / "a.txt").write_text("\n\n".join(docs[:40]) + "\n", encoding="utf-8")
     with open(d / "b.jsonl", "w", encoding="utf-8") as f:
         for t in docs[40:]:
@@ -120,7 +124,7 @@ def test_hf_autotokenizer_offline_and_chat_template(tiny_tokenizer_dir, tiny_tok
 
 
 def test_train_tokenizer_holdout_and_maxbytes(tmp_path):
-    docs = list(data_utils.iter_documents("python-docs"))[:80]
+    docs = list(readers.iter_documents("python-docs"))[:80]
     r = train_tokenizer(docs, 400, tmp_path / "tok", show_progress=False, holdout_every=10, max_bytes=300_000)
     assert r["vocab_size"] == 400
     assert r["special_tokens"] == {s: i for i, s in enumerate(SPECIAL_TOKENS)}
@@ -210,7 +214,7 @@ def _chinese_docs(n, seed=0):
 
 
 def test_holdout_uses_the_shared_rule_and_is_never_trained_on(tmp_path):
-    docs = list(data_utils.iter_documents("python-docs"))[:45]
+    docs = list(readers.iter_documents("python-docs"))[:45]
     r = train_tokenizer(docs, 400, tmp_path / "tok", show_progress=False, holdout_every=10)
     held = [i for i in range(45) if data_utils.holdout_split(i, 0.0, 0.1) == "test"]
     assert len(held) == 5 and held[0] == 0
@@ -246,7 +250,7 @@ def test_text_without_spaces_reports_chars_per_token(tmp_path):
 
 
 def test_progress_lines_when_not_a_terminal(tmp_path, monkeypatch, capsys):
-    docs = list(data_utils.iter_documents("python-docs"))[:20]
+    docs = list(readers.iter_documents("python-docs"))[:20]
     monkeypatch.setattr(tokenizer_train, "PROGRESS_EVERY_S", 0.0)
     train_tokenizer(docs, 300, tmp_path / "tok", show_progress=True)
     err = capsys.readouterr().err.strip().splitlines()
@@ -267,7 +271,7 @@ def test_cli_chat_jsonl_progress_and_quiet(tmp_path):
     r = run_cli("--data", f, "--vocab-size", 300, "--output-dir", out, "--holdout-every", 0, "--json", rep)
     assert r.returncode == 0, r.stderr
     report = json.loads(rep.read_text())
-    rendered = [data_utils.render_chatml(row["messages"]) for row in rows]
+    rendered = [text_tokenizer.render_chatml(row["messages"]) for row in rows]
     assert report["train_docs"] == 40 and report["input_stats"]["files"] == 1
     assert report["train_bytes"] == sum(len(t.encode("utf-8")) for t in rendered)
     assert "trained on      : 40 docs" in r.stdout

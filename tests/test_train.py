@@ -228,7 +228,7 @@ def one_fake_gpu(monkeypatch):
 
 
 def test_cuda_device_handed_to_set_device_has_an_index(one_fake_gpu):
-    from data_utils import FishAIError
+    from common import FishAIError
     assert train.setup_device("cuda", train.Distributed()) == torch.device("cuda", 0)
     assert train.setup_device("auto", train.Distributed()) == torch.device("cuda", 0)
     assert train.setup_device("cuda:0", train.Distributed()) == torch.device("cuda", 0)
@@ -374,7 +374,7 @@ def test_torchrun_ddp_trains_and_resumes_single_process(tmp_path, tiny_tokenizer
     assert ck["data_state"]["ranks"] == [{"seed": 1337, "step": 8}, {"seed": 1337, "step": 8}]
     assert ck["extra"]["tokens_seen"] == 4 * 256
     # every rank draws different windows (TokenWindowSampler rank/world_size)
-    from data_utils import TokenWindowSampler
+    from token_data import TokenWindowSampler
     import numpy as np
     s0, s1 = (TokenWindowSampler(np.arange(10000), 32, 2, seed=1337, rank=r, world_size=2) for r in (0, 1))
     assert not torch.equal(s0.next_batch()[0], s1.next_batch()[0])
@@ -638,11 +638,12 @@ def test_make_args_validates_like_the_cli_and_records_given_flags(tmp_path):
 
 def test_raw_text_holdout_is_the_shared_rule_and_sampling_keeps_the_rng(tiny_tokenizer, text_file, tiny_model):
     import data_utils as du
+    import readers
     args = train.make_args(data=str(text_file))
     tr, va = train.load_pretrain_tokens(args, tiny_tokenizer, False, 512)
     want = du.tokenize_documents(str(text_file), tiny_tokenizer, val_fraction=0.05, show_progress=False)
     assert tr.tolist() == want["train"].tolist() and va.tolist() == want["val"].tolist()
-    docs = list(du.iter_documents(str(text_file)))
+    docs = list(readers.iter_documents(str(text_file)))
     first = tiny_tokenizer.encode(docs[0]) + [tiny_tokenizer.eos_id]
     assert va.tolist()[:len(first)] == first  # document 0 is the first validation document
     assert len(va) < 0.15 * len(tr)
