@@ -66,8 +66,9 @@ import torch.nn.functional as F
 import common
 import data_utils
 import engine
-from model import (CONFIGS, GPT, IGNORE_INDEX, configure_optimizers, count_params, device_peak_flops,
+from model import (CONFIGS, GPT, IGNORE_INDEX, count_params, device_peak_flops,
                    estimate_mfu, get_config, load_model, model_bytes, save_checkpoint, to_hf)
+from optim import configure_optimizers
 import readers
 import scoring
 import text_tokenizer
@@ -759,7 +760,7 @@ def time_train(t: SelfTest):
               peer="HF LlamaForCausalLM in the same train_step")
     t.row("train_peak_mem_mb", f"training peak memory MB ({'CUDA allocated' if t.cuda else 'process peak RSS'})",
           mem_o, mem_h, "MB")
-    _time_train_parts(t, step_ours.run, xb, yb)
+    _time_train_parts(t, step_ours.trainer, xb, yb)
 
 
 def _time_train_parts(t: SelfTest, run, xb, yb) -> None:

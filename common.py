@@ -627,8 +627,8 @@ def result_outputs(args) -> list:
 
 
 def add_eval_text_flags(p):
-    """The dataset and scoring flags of benchmark.py full and reference_benchmark.py (which texts
-    scoring.load_eval_texts reads, and how perplexity windows them)."""
+    """The evaluation-text flags: which local files scoring.load_eval_texts reads, one spelling for
+    every command that scores perplexity."""
     p.add_argument("--wikitext103", metavar="PATH", help="local WikiText-103 file (e.g. wiki.test.tokens)")
     p.add_argument("--wikitext2", metavar="PATH", help="local WikiText-2 file (e.g. test.txt)")
     p.add_argument("--ptb", metavar="PATH", help="local PTB file (e.g. ptb.test.txt)")

@@ -224,8 +224,8 @@ class Engine:
                        for b in model.layers]
         if self.batch_invariant:
             self.head = _row_by_row(self.head)
-            self.layers = [(an, _row_by_row(qkv, True), _row_by_row(wo), mn, _row_by_row(gu, True), _row_by_row(wd))
-                           for an, qkv, wo, mn, gu, wd in self.layers]
+            self.layers = [(an, _row_by_row(qkv, True), _row_by_row(wo), mn, _row_by_row(gu, True), _row_by_row(down))
+                           for an, qkv, wo, mn, gu, down in self.layers]
         self.norm, self.cos, self.sin = model.norm.weight, model.rope_cos, model.rope_sin
 
     # --- the step -------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ class Engine:
             cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         if mask is not None and rep > 1:  # the fused kernels take GQA or a mask, not both: a KV head's
             mask = mask[:, :, None].expand(B, 1, rep, T, end).reshape(B, 1, rep * T, end)  # queries as its rows
-        for (an, qkv, wo, mn, gate_up, wd), kc, vc in zip(self.layers, self.k, self.v):
+        for (an, qkv, wo, mn, gate_up, down), kc, vc in zip(self.layers, self.k, self.v):
             h = F.rms_norm(x, an.shape, an, eps)
             q, k, v = qkv(h)
             q = apply_rope(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
@@ -304,7 +304,7 @@ class Engine:
             x = x + wo(y if y.dtype == x.dtype else y.to(x.dtype))
             h = F.rms_norm(x, mn.shape, mn, eps)
             g, u = gate_up(h)
-            x = x + wd(F.silu(g) * u)
+            x = x + down(F.silu(g) * u)
         x = F.rms_norm(x[:, -1] if last_only else x, self.norm.shape, self.norm, eps)
         return self.head(x).float()
 
@@ -343,8 +343,8 @@ class Engine:
     # --- rows and whole generations ---------------------------------------------------------------
 
     def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of cache row src into row dst (serve.py refills a
-        finished request's row with the last active one, so the active rows stay 0..n-1)."""
+        """Copy the first `length` positions of cache row src into row dst: a finished request's row
+        refilled with the last active one keeps the active rows at 0..n-1 (one slice per step)."""
         for kc, vc in zip(self.k, self.v):
             kc[dst, :, :length] = kc[src, :, :length]
             vc[dst, :, :length] = vc[src, :, :length]
@@ -406,7 +406,7 @@ def engine_for(model, batch: int, length: int | None = None, compile: bool = Fal
 
 
 def release(model) -> None:
-    """Drop the model's engine and its KV cache (train.py after a sample: the memory is training's)."""
+    """Drop the model's engine and its KV cache: a model that trains between samples needs the memory."""
     _ENGINES.pop(model, None)
 
 

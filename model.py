@@ -329,31 +329,7 @@ class GPT(nn.Module):
         return total / count
 
 # -----------------------------------------------------------------------------
-# Optimizer and FLOPs
-
-
-def weight_decay_split(model):
-    """(decay, no_decay) parameter names: decay only 2-D matmul weights, never the embedding,
-    norms or any 1-D parameter."""
-    decay, no_decay = [], []
-    for name, p in unwrap(model).named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and not name.endswith("tok_emb.weight") else no_decay).append(name)
-    return decay, no_decay
-
-
-def param_groups(model, weight_decay):
-    params = dict(unwrap(model).named_parameters())
-    decay, no_decay = weight_decay_split(model)
-    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
-            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
-
-
-def configure_optimizers(model, weight_decay=0.1, lr=5e-4, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
-    # the fused CUDA kernel does the whole update in one launch
-    fused = device_type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+# FLOPs and MFU (the optimizers: optim.py)
 
 
 def estimate_flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -58,7 +58,8 @@ import torch
 
 import common
 import data_utils
-from model import GPT, ModelConfig, configure_optimizers, count_params, load_checkpoint, load_model
+import optim
+from model import GPT, ModelConfig, count_params, load_checkpoint, load_model
 import readers
 import scoring
 import text_tokenizer
@@ -333,12 +334,12 @@ def measure_train_speed(config_name: str, overrides: list[str], vocab: int, batc
                         device, steps: int = 5, train_args=None) -> float:
     """Tokens/s of forward+backward+optimizer step for this model and batch on this machine: the
     median of `steps` real steps on random tokens after one warm-up step (the median resists a busy
-    machine). The optimizer is the round's (train.build_optimizer of train_args: Muon or AdamW),
+    machine). The optimizer is the round's (optim.build_optimizer of train_args: Muon or AdamW),
     AdamW when train_args is None."""
     cfg = train.build_config(config_name, train.round_up(vocab), train.parse_overrides(overrides))
     m = GPT(cfg).to(device)
-    opt = (train.build_optimizer(m, train_args, device) if train_args is not None
-           else configure_optimizers(m, device_type=device.type))
+    opt = (optim.build_optimizer(m, train_args, device) if train_args is not None
+           else optim.configure_optimizers(m, device_type=device.type))
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
     times = []
     for _ in range(steps + 1):
@@ -589,7 +590,7 @@ def run_round(job: Job, r: int, settings: dict, init_from: Path | None, step_off
     rv = summary.get("best_val_loss") if best.exists() else min((v for v in val_losses if math.isfinite(v)),
                                                                  default=None)
     stable = rdir / train.STABLE_NAME
-    decay_start = (train.WSDSchedule(ran["lr"], ran["warmup"], ran["max_steps"],
+    decay_start = (optim.WSDSchedule(ran["lr"], ran["warmup"], ran["max_steps"],
                                        decay_frac=train.RECIPE_DECAY_FRAC).decay_start
                    if ran["schedule"] == "wsd" else None)
     return {"round": r, "settings": {k: v for k, v in ran.items() if k != "resume"},

@@ -514,10 +514,10 @@ EVAL_SETS = ("wikitext103", "wikitext2", "ptb")  # the sets with a reader of the
 
 def load_eval_texts(name: str, path=None, *, split: str = "test", limit: int | None = None,
                     max_chars: int | None = None, detokenize: bool = False) -> list[str]:
-    """The one loader of evaluation texts (benchmark.py full, quantize.py --eval-data,
-    quick_train.py's test set, reference_benchmark.py). name: wikitext103 / wikitext2 / ptb (their
-    reader, read_eval_set: the HF hub copy when path is None); any other name needs a path: a plain
-    file is one document, anything else data_utils reads (dir, glob, jsonl, parquet, hf:NAME) gives
+    """The one loader of evaluation texts, so every perplexity in the project is over the same
+    documents. name: wikitext103 / wikitext2 / ptb (their reader, read_eval_set: the HF hub copy
+    when path is None); any other name needs a path: a plain file is one document, anything else
+    readers.iter_documents reads (dir, glob, jsonl, parquet, hf:NAME) gives
     its documents. Empty documents are dropped; limit keeps the first N, max_chars cuts the set at a
     line boundary (quick runs). ScoringError naming the set when it cannot be read or is empty."""
     key = name.lower().replace("-", "").replace("_", "")

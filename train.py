@@ -77,9 +77,9 @@ import common
 import data_utils
 import engine
 from engine import fit_prompt, generate_samples
-from model import (GPT, IGNORE_INDEX, CheckpointError, ModelConfig, configure_optimizers,
-                   device_peak_flops, estimate_mfu, get_config, load_checkpoint, load_model, load_state_checked,
-                   save_checkpoint, unwrap, weight_decay_split)
+from model import (GPT, IGNORE_INDEX, CheckpointError, ModelConfig, device_peak_flops, estimate_mfu, get_config,
+                   load_checkpoint, load_model, load_state_checked, save_checkpoint)
+from optim import CosineSchedule, WSDSchedule, build_optimizer, build_schedule, set_lrs
 import readers
 import text_tokenizer
 import token_data
@@ -348,209 +348,6 @@ def given_flags(args: argparse.Namespace) -> frozenset:
         return given
     defaults = vars(build_parser().parse_args([]))
     return frozenset(k for k, v in vars(args).items() if k in defaults and v != defaults[k])
-
-
-class CosineSchedule:
-    """Linear warmup to `lr`, then cosine decay to `min_lr_ratio * lr` at `max_steps`.
-
-    Stateless apart from the step counter; state_dict() holds plain numbers so a
-    checkpoint stays loadable with torch.load(weights_only=True)."""
-
-    def __init__(self, lr: float, warmup: int, max_steps: int, min_lr_ratio: float = 0.1):
-        self.lr, self.warmup, self.max_steps, self.min_lr_ratio = float(lr), int(warmup), int(max_steps), float(min_lr_ratio)
-        self.step = 0
-
-    def lr_at(self, step: int) -> float:
-        min_lr = self.lr * self.min_lr_ratio
-        if step < self.warmup:
-            return self.lr * (step + 1) / (self.warmup + 1)
-        if step >= self.max_steps:
-            return min_lr
-        ratio = (step - self.warmup) / max(1, self.max_steps - self.warmup)
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.lr - min_lr)
-
-    def state_dict(self) -> dict:
-        return {"lr": self.lr, "warmup": self.warmup, "max_steps": self.max_steps,
-                "min_lr_ratio": self.min_lr_ratio, "step": self.step}
-
-    def load_state_dict(self, d: dict) -> None:
-        # Only the position: the shape comes from the run's args, which --resume may change on purpose.
-        self.step = int(d["step"])
-
-
-class WSDSchedule(CosineSchedule):
-    """Warmup-stable-decay: linear warmup to `lr`, constant, then a linear decay to `min_lr_ratio * lr`
-    over the last `decay_frac` of `max_steps`. Up to `decay_start` the LR does not depend on
-    max_steps, so a run resumed from its fishai-stable.pt with a larger --max-steps is exactly a
-    longer WSD run (quick_train's "more steps" rounds continue this way)."""
-
-    def __init__(self, lr: float, warmup: int, max_steps: int, min_lr_ratio: float = 0.1, decay_frac: float = 0.2):
-        super().__init__(lr, warmup, max_steps, min_lr_ratio)
-        self.decay_frac = float(decay_frac)
-
-    @property
-    def decay_start(self) -> int:
-        """The first step of the decay (the LR of this step is still the peak)."""
-        return max(self.warmup, self.max_steps - round(self.decay_frac * self.max_steps))
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / (self.warmup + 1)
-        if step >= self.max_steps:
-            return self.lr * self.min_lr_ratio
-        done = (step - self.decay_start) / max(1, self.max_steps - self.decay_start)
-        return self.lr * (1.0 - max(0.0, done) * (1.0 - self.min_lr_ratio))
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "kind": "wsd", "decay_frac": self.decay_frac}
-
-
-# ----------------------------------------------------------------------------- optimizer: Muon
-
-# Quintic Newton-Schulz coefficients from Keller Jordan's Muon write-up: in 5 steps they push every
-# singular value above ~1/500 of the Frobenius norm into roughly [0.7, 1.2], orthogonal enough for an
-# update direction (exact convergence to 1 would need more steps for no gain in training).
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300  # momentum ramps 0.85 -> --muon-momentum
-
-
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """An approximately orthogonal matrix with g's singular vectors, U V^T of g = U S V^T, by the
-    quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X. g may be a stack (..., rows, cols) of
-    same-shape matrices: each is orthogonalised on its own, in one batched matmul per term (Muon
-    stacks the matrices of a shape, so a step is a few bmm launches instead of hundreds of small
-    mm ones). bf16 on CUDA (the iteration tolerates it and runs on tensor cores), fp32 elsewhere."""
-    a, b, c = NS_COEFFS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    tall = x.size(-2) > x.size(-1)
-    if tall:  # iterate on the smaller Gram matrix
-        x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # singular values <= 1, where the iteration converges
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.mT if tall else x).to(g.dtype)
-
-
-def muon_split(model) -> tuple[list[str], list[str], list[str]]:
-    """(muon, embed, norm) parameter names: Muon takes the matrices that get weight decay
-    (model.weight_decay_split: the q/k/v/o and gate/up/down weights of every block); AdamW the
-    tied embedding/head and every 1-D weight (RMSNorm)."""
-    decay, no_decay = weight_decay_split(model)
-    embed = [n for n in no_decay if n.endswith("tok_emb.weight")]
-    return decay, embed, [n for n in no_decay if n not in embed]
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (momentum + Newton-Schulz orthogonalisation) for groups with use_muon=True, AdamW for
-    the others, in one optimizer: one state_dict for the exact resume, one GradScaler.unscale_.
-
-    Muon update of a (rows x cols) matrix: m <- lerp(m, g, 1 - mu); Nesterov u = lerp(g, m, mu);
-    p <- p (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * NS(u). The factor makes the update's RMS
-    0.2, what AdamW's update has in practice (Moonlight, "Muon is scalable for LLM training"), so the
-    two share LR scales and weight decay.
-
-    Why not torch.optim.Muon (torch >= 2.9): it orthogonalises one matrix at a time. Here the
-    matrices of one shape (a transposed one counts as the same: NS runs on the wide side) are
-    stacked and orthogonalised in one batched call, and the element-wise parts are foreach ops, so
-    a step of `small` is ~100 kernel launches instead of ~1,000 (on a GPU the per-matrix loop is
-    launch-bound: docs/RESULTS.md). It also shares the NS work out under DDP: every rank keeps the
-    (cheap, element-wise) momentum of every matrix, each matrix's NS runs on one rank only
-    (i % world_size), which broadcasts the new weights; the state stays replicated (rank 0's
-    state_dict is complete, so the exact resume works)."""
-
-    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
-                 ns_steps: int = 5, rank: int = 0, world_size: int = 1):
-        defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps, weight_decay=0.0,
-                        use_muon=False)
-        super().__init__(groups, defaults)
-        self.rank, self.world_size = rank, world_size
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        pending, index = [], 0
-        for group in self.param_groups:
-            if not group["use_muon"]:
-                self._adamw(group)
-                continue
-            owned = []
-            for p in group["params"]:
-                if p.grad is not None:
-                    owner = index % self.world_size
-                    owned.append((p, owner == self.rank))
-                    if self.world_size > 1:
-                        pending.append((p, owner))
-                index += 1
-            self._muon(owned, group)
-        works = [torch.distributed.broadcast(p, src=owner, async_op=True) for p, owner in pending]
-        for work in works:
-            work.wait()
-        return loss
-
-    def _muon(self, owned: list[tuple[torch.Tensor, bool]], group: dict) -> None:
-        """One Muon step of a group's matrices: owned = [(param, NS runs on this rank)]."""
-        if not owned:
-            return
-        params = [p for p, _ in owned]
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"], state["momentum_buffer"] = 0, torch.zeros_like(p)
-            state["step"] += 1
-        warm = min(1.0, self.state[params[0]]["step"] / MUON_MOMENTUM_WARMUP)
-        mu = MUON_MOMENTUM_START + warm * (group["momentum"] - MUON_MOMENTUM_START)
-        grads = [p.grad for p, _ in owned]
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - mu)
-        mine = [i for i, (_, m) in enumerate(owned) if m]
-        if not mine:
-            return
-        nesterov = torch._foreach_lerp([grads[i] for i in mine], [bufs[i] for i in mine], mu)
-        by_shape: dict[tuple, list[int]] = {}
-        for k, i in enumerate(mine):  # a matrix and its transpose share a stack (NS runs on the wide side)
-            rows, cols = params[i].shape
-            by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append(k)
-        lr, wd = group["lr"], group["weight_decay"]
-        for (_, long_side), ks in by_shape.items():
-            wide = [nesterov[k] if nesterov[k].size(0) <= nesterov[k].size(1) else nesterov[k].mT for k in ks]
-            if wide[0].is_cuda:  # one batched call per shape: a few launches instead of one set per matrix
-                ortho = newton_schulz(torch.stack(wide), group["ns_steps"]).unbind(0)
-            else:  # a CPU is not launch-bound, and its mm is 15-20% faster than bmm here (measured)
-                ortho = [newton_schulz(w, group["ns_steps"]) for w in wide]
-            updates = [o if nesterov[k].size(0) <= nesterov[k].size(1) else o.mT for k, o in zip(ks, ortho)]
-            ps = [params[mine[k]] for k in ks]
-            if wd:
-                torch._foreach_mul_(ps, 1 - lr * wd)
-            torch._foreach_add_(ps, updates, alpha=-lr * 0.2 * long_side ** 0.5)
-
-    def _adamw(self, group: dict) -> None:
-        """AdamW of a group (the embedding, the norms) with foreach ops: a few launches per step."""
-        beta1, beta2 = group["betas"]
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
-            state["step"] += 1
-        t = self.state[params[0]]["step"]
-        grads = [p.grad for p in params]
-        exp_avg = [self.state[p]["exp_avg"] for p in params]
-        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
-        torch._foreach_add_(denom, group["eps"])
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-        torch._foreach_addcdiv_(params, exp_avg, denom, value=-group["lr"] / (1 - beta1 ** t))
 
 
 def get_rng_state() -> dict:
@@ -1213,34 +1010,6 @@ def loss_chunk_budget(device) -> int:
     return max(GPT.loss_chunk_elems, torch.cuda.get_device_properties(device).total_memory // 10 // 12)
 
 
-def build_optimizer(model, args, device, dist: Distributed | None = None) -> torch.optim.Optimizer:
-    """AdamW (torch's, fused on CUDA) for --optimizer adamw; else Muon for the hidden matrices and
-    AdamW for the embedding and norms (muon_split), each group tagged with its role for group_lrs."""
-    if args.optimizer == "adamw":
-        return configure_optimizers(model, weight_decay=args.weight_decay, lr=args.lr,
-                                           betas=(args.beta1, args.beta2), device_type=device.type)
-    params = dict(unwrap(model).named_parameters())
-    muon, embed, norm = muon_split(model)
-    groups = [{"params": [params[n] for n in muon], "use_muon": True, "role": "matrix",
-               "weight_decay": args.weight_decay},
-              {"params": [params[n] for n in embed], "role": "embed"},
-              {"params": [params[n] for n in norm], "role": "norm"}]
-    return Muon([g for g in groups if g["params"]], lr=args.lr, betas=(args.beta1, args.beta2),
-                momentum=args.muon_momentum, rank=dist.rank if dist else 0,
-                world_size=dist.world_size if dist else 1)
-
-
-def group_lrs(args) -> dict:
-    """Peak LR per optimizer-group role (AdamW's own groups have no role: --lr)."""
-    return {"matrix": args.lr, "embed": args.embed_lr, "norm": args.norm_lr, None: args.lr}
-
-
-def build_schedule(args) -> CosineSchedule:
-    if args.schedule == "wsd":
-        return WSDSchedule(args.lr, args.warmup, args.max_steps, args.min_lr_ratio, args.decay_frac)
-    return CosineSchedule(args.lr, args.warmup, args.max_steps, args.min_lr_ratio)
-
-
 def use_compile(args, device) -> bool:
     """--compile / --no-compile, else on for CUDA (nanoGPT's default) and off elsewhere."""
     return args.compile if args.compile is not None else device.type == "cuda"
@@ -1276,60 +1045,72 @@ class TrainState:
 
 
 @dataclass
-class TrainRun:
-    """Everything one training run works with, built once by train()."""
+class Trainer:
+    """What trains: everything one optimizer step (train_step) uses, and nothing else; train.py's
+    run and benchmark.py's step_runner build the same one."""
     args: argparse.Namespace
     dist: Distributed
     device: torch.device
     dtype: torch.dtype
-    out: Path
     raw_model: GPT  # the bare GPT: saved and sampled from
     model: torch.nn.Module  # what the forward passes run through (compiled / DDP)
     optimizer: torch.optim.Optimizer
     schedule: CosineSchedule
     scaler: torch.amp.GradScaler
-    data: TrainData
-    tokenizer: text_tokenizer.TextTokenizer | None
-    train_args: dict
-    say: "Printer"
-    t_start: float = 0.0  # time.time() when the command started (--max-time counts from it)
-    metrics: "MetricsLog | None" = None
-    wandb: "WandbLogger | None" = None
+    data: "TrainData | FixedBatches"  # next_batch(device) gives the micro-batches
 
     @property
     def tokens_per_step(self) -> int:
         return self.args.batch_size * self.args.grad_accum * self.dist.world_size * self.args.seq_len
+
+
+@dataclass
+class RunLog:
+    """What a run reports: the console, metrics.jsonl and wandb."""
+    say: "Printer"
+    t_start: float = 0.0  # time.time() when the command started (--max-time counts from it)
+    metrics: "MetricsLog | None" = None
+    wandb: "WandbLogger | None" = None
 
     def record(self, rec: dict) -> None:
         self.metrics.write(rec)
         self.wandb.log(rec, rec["step"])
 
 
+@dataclass
+class TrainRun:
+    """One run of the command, built once by train(): what trains, where it writes, what it
+    records (the tokenizer and train args go into every checkpoint) and how it reports."""
+    trainer: Trainer
+    out: Path
+    tokenizer: text_tokenizer.TextTokenizer | None
+    train_args: dict
+    log: RunLog
+
+
 def restore_state(run: TrainRun, ckpt: dict | None) -> TrainState:
-    """Optimizer, schedule position, scaler, data position and RNG from a resumed checkpoint."""
+    """Optimizer, scaler, data position, RNG and the step (the schedule's position) from a resumed checkpoint."""
     if ckpt is None:
         return TrainState()
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scheduler") is not None:
-        run.schedule.load_state_dict(ckpt["scheduler"])
-    if run.scaler.is_enabled() and ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    step, dist = int(ckpt.get("step", 0)), run.dist
+    run.trainer.optimizer.load_state_dict(ckpt["optimizer"])  # (the schedule is a function of the step)
+    if run.trainer.scaler.is_enabled() and ckpt.get("scaler"):
+        run.trainer.scaler.load_state_dict(ckpt["scaler"])
+    step, dist = int(ckpt.get("step", 0)), run.trainer.dist
     data_state = ckpt.get("data_state")
     if data_state:
         states = data_state.get("ranks") or [data_state]
         if int(data_state.get("world_size", 1)) != dist.world_size or len(states) <= dist.rank:
             # a sampler's state is (seed, batches drawn) and each rank's batches depend on its own
             # rank, so rank 0's position is a valid position for every rank
-            run.say(f"note: checkpoint data position was saved with world_size={data_state.get('world_size')}, "
+            run.log.say(f"note: checkpoint data position was saved with world_size={data_state.get('world_size')}, "
                     f"now {dist.world_size}; every rank continues from rank 0's data position")
             states = [states[0]] * dist.world_size
-        run.data.sampler.load_state_dict(states[dist.rank])
+        run.trainer.data.sampler.load_state_dict(states[dist.rank])
     rng = ckpt.get("rng")
     if rng and int(rng.get("world_size", 1)) == dist.world_size and len(rng.get("ranks", [])) > dist.rank:
         set_rng_state(rng["ranks"][dist.rank])
     extra = ckpt.get("extra") or {}
-    return TrainState(step=step, tokens_seen=int(extra.get("tokens_seen", step * run.tokens_per_step)),
+    return TrainState(step=step, tokens_seen=int(extra.get("tokens_seen", step * run.trainer.tokens_per_step)),
                       best_val_loss=ckpt.get("best_val_loss"))
 
 
@@ -1337,15 +1118,14 @@ def save_latest(run: TrainRun, state: TrainState, name: str = LATEST_NAME) -> No
     """fishai-latest.pt: everything the exact resume needs. Every rank takes part (the data
     positions and RNG states are gathered); rank 0 writes. name=STABLE_NAME writes the same
     content as fishai-stable.pt, the point a WSD run is extended from."""
-    data_states = _all_gather(run.data.sampler.state_dict(), run.dist)
-    rng_states = _all_gather(get_rng_state(), run.dist)
-    if not run.dist.master:
+    data_states = _all_gather(run.trainer.data.sampler.state_dict(), run.trainer.dist)
+    rng_states = _all_gather(get_rng_state(), run.trainer.dist)
+    if not run.trainer.dist.master:
         return
     path = run.out / name
-    run.schedule.step = state.step
-    ws = run.dist.world_size
-    save_checkpoint(str(path), run.raw_model, tokenizer=run.tokenizer, optimizer=run.optimizer,
-                           scheduler=run.schedule, scaler=run.scaler if run.scaler.is_enabled() else None,
+    ws = run.trainer.dist.world_size
+    save_checkpoint(str(path), run.trainer.raw_model, tokenizer=run.tokenizer, optimizer=run.trainer.optimizer,
+                           scheduler=run.trainer.schedule, scaler=run.trainer.scaler if run.trainer.scaler.is_enabled() else None,
                            step=state.step, best_val_loss=state.best_val_loss,
                            rng_state={"world_size": ws, "ranks": rng_states},
                            data_state={"world_size": ws, "ranks": data_states},
@@ -1357,14 +1137,14 @@ def save_latest(run: TrainRun, state: TrainState, name: str = LATEST_NAME) -> No
 def save_best(run: TrainRun, state: TrainState) -> None:
     """fishai-best.pt: weights, config and tokenizer (+ step and train args for the model card);
     no optimizer state, so it is a fraction of fishai-latest.pt. Rank 0 only."""
-    if run.dist.master:
-        save_checkpoint(str(run.out / BEST_NAME), run.raw_model, tokenizer=run.tokenizer, step=state.step,
+    if run.trainer.dist.master:
+        save_checkpoint(str(run.out / BEST_NAME), run.trainer.raw_model, tokenizer=run.tokenizer, step=state.step,
                                best_val_loss=state.best_val_loss, train_args=run.train_args,
                                extra=checkpoint_extra(run, state))
 
 
 def checkpoint_extra(run: TrainRun, state: TrainState) -> dict:
-    return {"stage": run.args.stage, "tokens_seen": state.tokens_seen}
+    return {"stage": run.trainer.args.stage, "tokens_seen": state.tokens_seen}
 
 
 # ----------------------------------------------------------------------------- metrics / wandb / console
@@ -1506,34 +1286,32 @@ def sample_tokens(model: GPT, ids: list[int], max_new_tokens: int, generator: to
 
 # ----------------------------------------------------------------------------- one step, evaluation
 
-def train_step(run: TrainRun, step: int, hooks: FaultHooks) -> tuple[float, float, bool, int]:
+def train_step(trainer: Trainer, step: int, hooks: FaultHooks) -> tuple[float, float, bool, int]:
     """One optimizer step of --grad-accum micro-batches (gradients synced across ranks on the last
     only). Returns (loss averaged over micro-batches and ranks, grad norm, finite, tokens on this
     rank). A NaN/inf loss is not applied (with fp16 the GradScaler skips it itself)."""
-    args, model, opt, scaler = run.args, run.model, run.optimizer, run.scaler
-    scale, peaks = run.schedule.lr_at(step) / run.schedule.lr, group_lrs(args)
-    for g in opt.param_groups:  # every group follows the schedule from its own peak LR
-        g["lr"] = peaks[g.get("role")] * scale
-    loss_sum = torch.zeros((), device=run.device)
+    args, model, opt, scaler = trainer.args, trainer.model, trainer.optimizer, trainer.scaler
+    set_lrs(opt, trainer.schedule, step, args)
+    loss_sum = torch.zeros((), device=trainer.device)
     tokens = 0
     for micro in range(args.grad_accum):
         last = micro == args.grad_accum - 1
-        batch = run.data.next_batch(run.device)
-        with model.no_sync() if (run.dist.enabled and not last) else contextlib.nullcontext():
-            with common.autocast(run.device, run.dtype):
+        batch = trainer.data.next_batch(trainer.device)
+        with model.no_sync() if (trainer.dist.enabled and not last) else contextlib.nullcontext():
+            with common.autocast(trainer.device, trainer.dtype):
                 _, loss = model(**batch)
             loss = hooks.poison(loss, step) / args.grad_accum
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
         tokens += batch["targets"].numel()
-    grad_norm = torch.zeros((), device=run.device)
+    grad_norm = torch.zeros((), device=trainer.device)
     if args.grad_clip > 0:
         scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.raw_model.parameters(), args.grad_clip)
     # one host sync per step (loss and grad norm in one copy): whether the step is applied depends
     # on them. It comes after the backward pass is queued, so the GPU is busy while the host waits.
     loss_val, gn = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
-    loss_val = _all_reduce_mean(loss_val, run.dist, run.device)
+    loss_val = _all_reduce_mean(loss_val, trainer.dist, trainer.device)
     finite = math.isfinite(loss_val) and (scaler.is_enabled() or math.isfinite(gn))
     if finite or scaler.is_enabled():
         scaler.step(opt)  # with fp16 the scaler skips steps with inf/nan grads and lowers its scale
@@ -1543,16 +1321,16 @@ def train_step(run: TrainRun, step: int, hooks: FaultHooks) -> tuple[float, floa
 
 
 class FixedBatches:
-    """A sampler that cycles through given batches (tensors already on the device): what
-    step_runner feeds the real train_step when only the step's speed is measured."""
+    """Batches that cycle through given (x, y) tensors already on the device: what step_runner
+    feeds the real train_step when only the step's speed is measured."""
 
     def __init__(self, batches: list[tuple]):
         self.batches, self.i = batches, 0
 
-    def next_batch(self, device):
+    def next_batch(self, device) -> dict:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
-        return batch
+        return as_batch(batch)
 
 
 def step_runner(model, args: argparse.Namespace, device, dtype, batches: list[tuple]) -> Callable[[], float]:
@@ -1561,19 +1339,16 @@ def step_runner(model, args: argparse.Namespace, device, dtype, batches: list[tu
     benchmark.py times as the training step. `model` is a GPT or anything with its forward and
     parameter names (benchmark.py's LlamaForCausalLM adapter)."""
     device, dist = torch.device(device), Distributed()
-    run = TrainRun(args=args, dist=dist, device=device, dtype=dtype, out=Path("."), raw_model=model,
-                   **training_parts(model, args, dist, device, dtype),
-                   data=TrainData(FixedBatches(batches), lambda: iter(()), None, None), tokenizer=None, train_args={},
-                   say=Printer(False), t_start=time.time())
+    trainer = build_trainer(model, args, dist, device, dtype, FixedBatches(batches))
     model.train()
     hooks, step = FaultHooks(), [0]
 
     def one_step() -> float:
-        loss, _, _, _ = train_step(run, step[0], hooks)
+        loss, _, _, _ = train_step(trainer, step[0], hooks)
         step[0] += 1
         return loss
 
-    one_step.run = run  # its parts (model, optimizer) for timing them one by one
+    one_step.trainer = trainer  # its parts (model, optimizer) for timing them one by one
     return one_step
 
 
@@ -1599,14 +1374,14 @@ def evaluate(model, batches, device, dtype, dist: Distributed) -> float:
 
 
 def evaluate_and_keep_best(run: TrainRun, state: TrainState, train_loss: float) -> None:
-    val = evaluate(run.model, run.data.val_batches(), run.device, run.dtype, run.dist)
+    val = evaluate(run.trainer.model, run.trainer.data.val_batches(), run.trainer.device, run.trainer.dtype, run.trainer.dist)
     improved = math.isfinite(val) and (state.best_val_loss is None or val < state.best_val_loss)
     if improved:
         state.best_val_loss = val
     state.last_val_loss = val
     ppl = math.exp(min(val, 50.0)) if math.isfinite(val) else float("nan")
-    run.record({"step": state.step, "val_loss": val, "val_ppl": ppl, "best_val_loss": state.best_val_loss})
-    run.say(f"step {state.step}: train loss {train_loss:.4f}, val loss {val:.4f}, val ppl {ppl:.2f}"
+    run.log.record({"step": state.step, "val_loss": val, "val_ppl": ppl, "best_val_loss": state.best_val_loss})
+    run.log.say(f"step {state.step}: train loss {train_loss:.4f}, val loss {val:.4f}, val ppl {ppl:.2f}"
             + (" (best)" if improved else ""))
     if improved:
         save_best(run, state)
@@ -1614,14 +1389,14 @@ def evaluate_and_keep_best(run: TrainRun, state: TrainState, train_loss: float) 
 
 def print_sample(run: TrainRun, step: int) -> None:
     """A text sample from the current weights (rank 0), continuing the first val document."""
-    if not run.dist.master or run.tokenizer is None or not run.data.sample_prompt:
+    if not run.trainer.dist.master or run.tokenizer is None or not run.trainer.data.sample_prompt:
         return
-    gen = torch.Generator(device=run.device).manual_seed(run.args.seed + step)
-    with common.autocast(run.device, run.dtype):
-        new = sample_tokens(run.raw_model, run.data.sample_prompt, run.args.max_new_tokens, gen)
-    text = run.tokenizer.decode(run.data.sample_prompt) + run.tokenizer.decode(new)
-    run.metrics.write({"step": step, "sample": text})
-    run.say(f"sample at step {step}: {text!r}")
+    gen = torch.Generator(device=run.trainer.device).manual_seed(run.trainer.args.seed + step)
+    with common.autocast(run.trainer.device, run.trainer.dtype):
+        new = sample_tokens(run.trainer.raw_model, run.trainer.data.sample_prompt, run.trainer.args.max_new_tokens, gen)
+    text = run.tokenizer.decode(run.trainer.data.sample_prompt) + run.tokenizer.decode(new)
+    run.log.metrics.write({"step": step, "sample": text})
+    run.log.say(f"sample at step {step}: {text!r}")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -1640,13 +1415,13 @@ class SpeedMeter:
 
 
 def log_step(run: TrainRun, state: TrainState, loss: float, gn: float, speed: SpeedMeter, bar) -> None:
-    lr, tps = run.schedule.lr_at(state.step - 1), speed.rate()
+    lr, tps = run.trainer.schedule.lr_at(state.step - 1), speed.rate()
     rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_sec": tps,
-           "tokens": state.tokens_seen, "time": time.time() - run.t_start}
-    peak = device_peak_flops(run.device, run.dtype)
+           "tokens": state.tokens_seen, "time": time.time() - run.log.t_start}
+    peak = device_peak_flops(run.trainer.device, run.trainer.dtype)
     if peak:
-        rec["mfu"] = estimate_mfu(tps, run.raw_model.config, run.args.seq_len, peak * run.dist.world_size)
-    run.record(rec)
+        rec["mfu"] = estimate_mfu(tps, run.trainer.raw_model.config, run.trainer.args.seq_len, peak * run.trainer.dist.world_size)
+    run.log.record(rec)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
     speed.reset()
 
@@ -1656,9 +1431,9 @@ def check_finite(run: TrainRun, state: TrainState, finite: bool, loss: float, gn
         state.nonfinite = 0
         return
     state.nonfinite += 1
-    run.say(f"warning: step {state.step - 1}: non-finite loss ({loss}) / grad norm ({gn}); step skipped "
-            f"({state.nonfinite}/{run.args.max_nonfinite} in a row)")
-    if state.nonfinite >= run.args.max_nonfinite:
+    run.log.say(f"warning: step {state.step - 1}: non-finite loss ({loss}) / grad norm ({gn}); step skipped "
+            f"({state.nonfinite}/{run.trainer.args.max_nonfinite} in a row)")
+    if state.nonfinite >= run.trainer.args.max_nonfinite:
         kept = f"the last good checkpoint is {state.last_good}" if state.last_good else "no checkpoint was written yet"
         raise DivergedError(f"loss was NaN/inf for {state.nonfinite} consecutive steps (up to step {state.step}); "
                             f"stopping, {kept}. Lower --lr, raise --warmup or use --dtype bf16/fp32")
@@ -1667,11 +1442,11 @@ def check_finite(run: TrainRun, state: TrainState, finite: bool, loss: float, gn
 def agree_on_stop(run: TrainRun, stop: "StopFlag") -> tuple[bool, bool]:
     """(signal received, --max-time reached), agreed by all ranks: a rank that stopped alone would
     leave the others hanging in the next all-reduce."""
-    timed_out = run.args.max_time is not None and time.time() - run.t_start >= run.args.max_time
+    timed_out = run.trainer.args.max_time is not None and time.time() - run.log.t_start >= run.trainer.args.max_time
     flags = [1.0 if stop.signum is not None else 0.0, 1.0 if timed_out else 0.0]
-    if run.dist.enabled:
-        ft = torch.tensor(flags, device=run.device)
-        _all_reduce_sum_tensor(ft, run.dist)
+    if run.trainer.dist.enabled:
+        ft = torch.tensor(flags, device=run.trainer.device)
+        _all_reduce_sum_tensor(ft, run.trainer.dist)
         flags = ft.tolist()
     return flags[0] > 0, flags[1] > 0
 
@@ -1679,16 +1454,16 @@ def agree_on_stop(run: TrainRun, stop: "StopFlag") -> tuple[bool, bool]:
 def stop_reason(run: TrainRun, state: TrainState, stop: "StopFlag", signalled: bool, paused: bool,
                 timed_out: bool) -> str | None:
     """Why the run stops after this step (a line saying so and how to continue), or None."""
-    args, latest = run.args, run.out / LATEST_NAME
+    args, latest = run.trainer.args, run.out / LATEST_NAME
     if signalled:
         name = signal.Signals(stop.signum).name if stop.signum else "signal on another rank"
-        run.say(f"{name}: saved {latest} at step {state.step}; resume with --resume auto")
+        run.log.say(f"{name}: saved {latest} at step {state.step}; resume with --resume auto")
         return name
     if paused:
-        run.say(f"--stop-at {args.stop_at}: saved {latest} at step {state.step}; continue with --resume auto")
+        run.log.say(f"--stop-at {args.stop_at}: saved {latest} at step {state.step}; continue with --resume auto")
         return "stop_at"
     if timed_out and state.step < args.max_steps:
-        run.say(f"--max-time {args.max_time:.0f} s reached at step {state.step}/{args.max_steps}: saved {latest}; "
+        run.log.say(f"--max-time {args.max_time:.0f} s reached at step {state.step}/{args.max_steps}: saved {latest}; "
                 "continue with --resume auto")
         return "max_time"
     return None
@@ -1696,24 +1471,24 @@ def stop_reason(run: TrainRun, state: TrainState, stop: "StopFlag", signalled: b
 
 def progress_bar(run: TrainRun, state: TrainState):
     from tqdm import tqdm
-    return tqdm(total=run.args.max_steps, initial=state.step, desc=run.args.stage, unit="step", dynamic_ncols=True,
-                disable=not (run.dist.master and not run.args.quiet), leave=True)
+    return tqdm(total=run.trainer.args.max_steps, initial=state.step, desc=run.trainer.args.stage, unit="step", dynamic_ncols=True,
+                disable=not (run.trainer.dist.master and not run.trainer.args.quiet), leave=True)
 
 
 def train_loop(run: TrainRun, state: TrainState) -> str | None:
     """Train until --max-steps or a stop (signal, --stop-at, --max-time), evaluating, sampling and
     saving as due; returns why it stopped (None: --max-steps reached)."""
-    args, hooks, stop, speed = run.args, FaultHooks(), StopFlag(), SpeedMeter()
-    bar = run.say.bar = progress_bar(run, state)
+    args, hooks, stop, speed = run.trainer.args, FaultHooks(), StopFlag(), SpeedMeter()
+    bar = run.log.say.bar = progress_bar(run, state)
     stop.install()
-    run.model.train()
+    run.trainer.model.train()
     try:
         while state.step < args.max_steps:
-            hooks.before_step(state.step, run.dist.rank)
-            loss, gn, finite, tokens = train_step(run, state.step, hooks)
+            hooks.before_step(state.step, run.trainer.dist.rank)
+            loss, gn, finite, tokens = train_step(run.trainer, state.step, hooks)
             state.step += 1
-            state.tokens_seen += run.tokens_per_step
-            speed.tokens += tokens * run.dist.world_size
+            state.tokens_seen += run.trainer.tokens_per_step
+            speed.tokens += tokens * run.trainer.dist.world_size
             bar.update(1)
             check_finite(run, state, finite, loss, gn)
             step, last = state.step, state.step == args.max_steps
@@ -1725,7 +1500,7 @@ def train_loop(run: TrainRun, state: TrainState) -> str | None:
                 speed.t = time.time()  # evaluation time is not training speed
             if args.sample_interval and step % args.sample_interval == 0:
                 print_sample(run, step)
-            if isinstance(run.schedule, WSDSchedule) and step == run.schedule.decay_start < args.max_steps:
+            if isinstance(run.trainer.schedule, WSDSchedule) and step == run.trainer.schedule.decay_start < args.max_steps:
                 save_latest(run, state, STABLE_NAME)  # the end of the stable phase: extend the run from here
             paused = args.stop_at is not None and step >= args.stop_at
             # during a NaN/inf streak keep the last good fishai-latest.pt (the streak may end the run)
@@ -1741,7 +1516,7 @@ def train_loop(run: TrainRun, state: TrainState) -> str | None:
                           f"per step) or lower --seq-len") from None
     finally:
         bar.close()
-        run.say.bar = None
+        run.log.say.bar = None
         stop.restore()
 
 
@@ -1789,15 +1564,16 @@ def train(args: argparse.Namespace) -> dict:
         run = build_run(start, dist, device, out, say, t_start)
         state = restore_state(run, start.ckpt)
         describe_run(run, start, state)
-        if start.ckpt is not None and state.step >= run.args.max_steps:
+        if start.ckpt is not None and state.step >= run.trainer.args.max_steps:
             say(already_finished(run, state))
-        run.metrics = MetricsLog(out / METRICS_NAME, dist.master, state.step if start.ckpt is not None else None)
-        run.wandb = WandbLogger(run.args, run.args.wandb and dist.master, {**run.train_args,
+        run.log.metrics = MetricsLog(out / METRICS_NAME, dist.master, state.step if start.ckpt is not None else None)
+        run.log.wandb = WandbLogger(run.trainer.args, run.trainer.args.wandb and dist.master, {**run.train_args,
                                 "model_config": start.cfg.to_dict()}, out)
         try:
-            summary = finish_run(run, state, train_loop(run, state))
+            reason = train_loop(run, state)  # the training
+            summary = finish_run(run, state, reason)
         finally:
-            run.metrics.close()
+            run.log.metrics.close()
         ok = True
         return summary
     except BaseException:
@@ -1828,68 +1604,70 @@ def build_run(start: RunStart, dist: Distributed, device, out: Path, say: Printe
     train_args = {k: v for k, v in vars(args).items() if not k.startswith("_") and
                   (isinstance(v, (str, int, float, bool, type(None))) or k == "model_override")}
     train_args["world_size"] = dist.world_size
-    run = TrainRun(args=args, dist=dist, device=device, dtype=dtype, out=out, raw_model=raw_model,
-                   **training_parts(raw_model, args, dist, device, dtype), data=data,
-                   tokenizer=start.tokenizer, train_args=train_args, say=say, t_start=t_start)
-    run.train_args["tokens_per_step"] = run.tokens_per_step
+    run = TrainRun(trainer=build_trainer(raw_model, args, dist, device, dtype, data), out=out,
+                   tokenizer=start.tokenizer, train_args=train_args, log=RunLog(say, t_start))
+    run.train_args["tokens_per_step"] = run.trainer.tokens_per_step
     return run
 
 
-def training_parts(raw_model, args: argparse.Namespace, dist: Distributed, device, dtype) -> dict:
-    """What trains `raw_model` (train.py's run and benchmark.py's step_runner alike): the wrapped
-    (compiled / DDP) model, the optimizer, the schedule and the fp16 GradScaler; on a GPU the loss
-    is chunked only above a memory budget (loss_chunk_budget)."""
+def build_trainer(raw_model, args: argparse.Namespace, dist: Distributed, device, dtype, data) -> Trainer:
+    """What trains `raw_model` on `data` (train.py's run and benchmark.py's step_runner alike): the
+    wrapped (compiled / DDP) model, the optimizer, the schedule and the fp16 GradScaler; on a GPU the
+    loss is chunked only above a memory budget (loss_chunk_budget)."""
     if device.type == "cuda" and isinstance(raw_model, GPT):
         raw_model.loss_chunk_elems = loss_chunk_budget(device)
-    return dict(model=wrap_model(raw_model, args, dist, device), optimizer=build_optimizer(raw_model, args, device, dist),
-                schedule=build_schedule(args), scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+    return Trainer(args=args, dist=dist, device=device, dtype=dtype, raw_model=raw_model,
+                   model=wrap_model(raw_model, args, dist, device),
+                   optimizer=build_optimizer(raw_model, args, device, dist.rank, dist.world_size),
+                   schedule=build_schedule(args), scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                   data=data)
 
 
 def already_finished(run: TrainRun, state: TrainState) -> str:
     stable = run.out / STABLE_NAME
     how = (f"--resume {stable} --max-steps MORE (the WSD decay moves to the new end: no LR jump)" if stable.exists()
            else "--resume auto --max-steps MORE")
-    return (f"the run in {run.out} had already finished at step {state.step} (--max-steps {run.args.max_steps}): "
+    return (f"the run in {run.out} had already finished at step {state.step} (--max-steps {run.trainer.args.max_steps}): "
             f"nothing to train; to train longer: {how}")
 
 
 def describe_run(run: TrainRun, start: RunStart, state: TrainState) -> None:
-    args, cfg, tok, say = run.args, start.cfg, start.tokenizer, run.say
+    args, cfg, tok, say = run.trainer.args, start.cfg, start.tokenizer, run.log.say
     if start.ckpt is not None:
         best = state.best_val_loss
         say(f"resumed from {start.resume_path} at step {state.step}" + (f" (best val loss {best:.4f})" if best else ""))
     elif start.init is not None:
         say(f"initialised weights from {args.init_from} (step {start.init.get('step', '?')}); fresh optimizer")
-    say(f"model: config {start.config_name}, {run.raw_model.num_params() / 1e6:.2f}M params, vocab "
+    say(f"model: config {start.config_name}, {run.trainer.raw_model.num_params() / 1e6:.2f}M params, vocab "
         f"{cfg.vocab_size} (tokenizer {tok.vocab_size if tok is not None else 'none: preset vocab'}), seq_len "
-        f"{args.seq_len}; device {run.device}, dtype {str(run.dtype).replace('torch.', '')}"
-        f"{' + GradScaler' if run.scaler.is_enabled() else ''}{', compiled' if use_compile(args, run.device) else ''}")
-    n_train, ws = run.data.n_train_tokens, run.dist.world_size
+        f"{args.seq_len}; device {run.trainer.device}, dtype {str(run.trainer.dtype).replace('torch.', '')}"
+        f"{' + GradScaler' if run.trainer.scaler.is_enabled() else ''}{', compiled' if use_compile(args, run.trainer.device) else ''}")
+    n_train, ws = run.trainer.data.n_train_tokens, run.trainer.dist.world_size
     say(f"batch: {args.batch_size} seq x {args.grad_accum} accum x {ws} procs = "
-        f"{args.batch_size * args.grad_accum * ws} sequences, {run.tokens_per_step:,} tokens/step; "
+        f"{args.batch_size * args.grad_accum * ws} sequences, {run.trainer.tokens_per_step:,} tokens/step; "
         f"{args.stage} on {args.data}" + (f" ({n_train:,} train tokens)" if n_train else ""))
 
 
 def finish_run(run: TrainRun, state: TrainState, reason: str | None) -> dict:
     """The end-of-run records (metrics 'end' line, wandb summary, loss curve) and the summary."""
-    args, out = run.args, run.out
-    elapsed = time.time() - run.t_start
+    args, out = run.trainer.args, run.out
+    elapsed = time.time() - run.log.t_start
     interrupted = None if reason in (None, "stop_at", "max_time") else reason
-    run.metrics.write({"step": state.step, "event": "end", "elapsed_s": elapsed,
+    run.log.metrics.write({"step": state.step, "event": "end", "elapsed_s": elapsed,
                        "best_val_loss": state.best_val_loss, "interrupted": interrupted})
     best = out / BEST_NAME
     summary = {"steps": state.step, "tokens": state.tokens_seen, "best_val_loss": state.best_val_loss,
                "last_val_loss": state.last_val_loss, "elapsed_s": elapsed, "seq_len": args.seq_len, "lr": args.lr,
                "latest": str(out / LATEST_NAME), "best": str(best) if best.exists() else None,
                "interrupted": interrupted, "stopped_by": "signal" if interrupted else reason,
-               "world_size": run.dist.world_size, "tokens_per_step": run.tokens_per_step}
-    run.wandb.finish({"final_checkpoint": summary["latest"], "best_checkpoint": summary["best"],
+               "world_size": run.trainer.dist.world_size, "tokens_per_step": run.trainer.tokens_per_step}
+    run.log.wandb.finish({"final_checkpoint": summary["latest"], "best_checkpoint": summary["best"],
                       "best_val_loss": state.best_val_loss})
-    if run.dist.master:
+    if run.trainer.dist.master:
         note = plot_losses([{"metrics": read_metrics(out / METRICS_NAME)}], out / LOSS_CURVE_NAME)
-        run.say(f"note: {note}" if note else f"loss curve: {out / LOSS_CURVE_NAME}")
+        run.log.say(f"note: {note}" if note else f"loss curve: {out / LOSS_CURVE_NAME}")
     best_txt = "none yet" if state.best_val_loss is None else f"{state.best_val_loss:.4f}"
-    run.say(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {elapsed:.1f}s; best val loss "
+    run.log.say(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {elapsed:.1f}s; best val loss "
             f"{best_txt}; checkpoints in {out}")
     return summary
 

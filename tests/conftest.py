@@ -216,7 +216,8 @@ def trained_ckpt(tmp_path_factory, tiny_config, tiny_tokenizer, training_texts):
     """The tiny model trained for 300 steps on real text (a few seconds on CPU)."""
     import numpy as np
     from token_data import TokenWindowSampler
-    from model import GPT, configure_optimizers, save_checkpoint
+    from model import GPT, save_checkpoint
+    from optim import configure_optimizers
     torch.manual_seed(0)
     ids = []
     for doc in tiny_tokenizer.encode_batch(training_texts):

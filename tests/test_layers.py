@@ -17,7 +17,7 @@ LAYERS = [
     ["data_utils"],                                       # the hold-out rule, filter, mixer, prepare
     ["quantized"],                                        # the .bin format and its int8/int4 runtime layers
     ["model"],                                            # the GPT, checkpoints, load_model, HF interop
-    ["engine"],                                           # the one decode engine and generation path
+    ["engine", "optim"],                                  # the decode engine; the optimizers and schedules
     ["scoring"],                                          # LM, log-likelihoods, perplexity, eval texts
     ["tokenizer_train", "train", "generate", "quantize"],  # commands
     ["evaluate", "reference_benchmark", "quick_train", "serve"],
@@ -100,3 +100,29 @@ def test_imports_come_first(module):
     first_code = kinds.index(False) if False in kinds else len(kinds)
     late = [n.lineno for n, is_import in zip(body[first_code:], kinds[first_code:]) if is_import]
     assert not late, f"{module}.py: imports after code at lines {late}"
+
+
+def test_where_to_change_what_names_functions_that_exist():
+    """docs/API.md "Where to change what": every file it names exists and holds every function,
+    class, method (Class.method) or constant named beside it."""
+    import re
+    text = (ROOT / "docs" / "API.md").read_text(encoding="utf-8")
+    section = text.split("## Where to change what", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith(("| to change", "|---"))]
+    assert len(rows) >= 12, rows
+    for row in rows:
+        _, files, where = [c.strip() for c in row.strip("|").split("|")]
+        modules = re.findall(r"`([a-z_]+)\.py`", files) + re.findall(r"`([a-z_]+)\.py`", where)
+        names = [n for n in re.findall(r"`([A-Za-z_][\w.]*)`", where) if not n.endswith(".py")]
+        defined = {}
+        for m in modules:
+            for node in ast.parse((ROOT / f"{m}.py").read_text(encoding="utf-8")).body:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    defined[node.name] = node
+                elif isinstance(node, ast.Assign):
+                    defined.update({t.id: node for t in node.targets if isinstance(t, ast.Name)})
+        for name in names:
+            owner, _, method = name.partition(".")
+            assert owner in defined, f"docs/API.md: {name} is not in {modules}"
+            if method:
+                assert any(isinstance(n, ast.FunctionDef) and n.name == method for n in defined[owner].body), name

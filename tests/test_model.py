@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import optim
 from model import GPT, IGNORE_INDEX, CheckpointError, ModelConfig
 
 CFG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160, max_seq_len=64)
@@ -124,19 +125,6 @@ def test_packed_documents_do_not_attend_across(net):
 
 # --- optimizer and FLOPs ---------------------------------------------------------------------
 
-def test_weight_decay_groups_by_name(net):
-    decay, no_decay = M.weight_decay_split(net)
-    assert "tok_emb.weight" in no_decay and "norm.weight" in no_decay
-    assert "layers.0.attn_norm.weight" in no_decay and "layers.1.mlp_norm.weight" in no_decay
-    assert {"layers.0.attn.wq.weight", "layers.0.attn.wk.weight", "layers.0.attn.wv.weight",
-            "layers.0.attn.wo.weight", "layers.1.mlp.w_gate.weight", "layers.1.mlp.w_up.weight",
-            "layers.1.mlp.w_down.weight"} <= set(decay)
-    assert len(decay) == 7 * CFG.n_layers
-    opt = M.configure_optimizers(net, weight_decay=0.1, lr=1e-3)
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
-
-
 def test_flops_and_mfu():
     small = M.CONFIGS["small"]
     n = M.count_params(small)
@@ -155,7 +143,7 @@ def test_forward_has_no_graph_breaks(net):
 
 def test_checkpoint_round_trip_with_tokenizer(tmp_path, tiny_model, tiny_tokenizer):
     path = tmp_path / "m.pt"
-    opt = M.configure_optimizers(tiny_model)
+    opt = optim.configure_optimizers(tiny_model)
     M.save_checkpoint(path, tiny_model, optimizer=opt, step=7, best_val_loss=3.5, train_args={"lr": 1e-3})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temp file left behind
     ckpt = torch.load(path, weights_only=True)  # plain tensors and primitives only
