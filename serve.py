@@ -4,7 +4,8 @@ Prometheus metrics and a web chat, decoding with continuous batching.
 
 Usage (copy-paste):
 
-    python serve.py --model checkpoints/fishai-best.pt            # http://127.0.0.1:8000, web chat at /
+    python serve.py --model runs/quick/fishai-best.pt             # the main job's model: http://127.0.0.1:8000
+    python serve.py --model checkpoints/fishai-best.pt            # a train.py run; the web chat is at /
     python serve.py --model fishai-int4.bin --port 8080 --api-key $KEY --max-batch 8
     python serve.py --model base=checkpoints/fishai-best.pt --model chat=checkpoints-sft/fishai-best.pt
     python serve.py --model checkpoints/fishai-best.pt --watch     # reload when train.py writes a new best

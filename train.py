@@ -135,7 +135,10 @@ RECIPE_RULE = (
     f"sequences per step = 16 x d_model / 256 (tiny 16, small 32, medium 64, large 128), micro-batch "
     f"16 x 256 / d_model (at least 1) and --grad-accum the rest - on a GPU the whole step in one micro-batch "
     f"when its activations fit in {GPU_ACTIVATION_SHARE:.0%} of the GPU's memory (else halved until they do); "
-    f"--grad-clip 1.0. The tiny values are "
+    f"--grad-clip 1.0. --micro-tokens N sets the micro-batch to N / --seq-len sequences and --grad-accum to "
+    f"what keeps the step's sequences; a micro-batch bigger than the step makes the step that micro-batch and "
+    f"scales every LR by sqrt(new step / recipe step) (the square-root rule for Adam-type updates; not yet "
+    f"measured against the recipe). The tiny values are "
     f"measured (python benchmark.py recipe); the larger presets follow the rule. A flag given wins.")
 
 # On --resume a flag given again with a new value is applied when it only changes what happens
@@ -143,12 +146,13 @@ RECIPE_RULE = (
 RESUME_SAFE = ("lr", "embed_lr", "norm_lr", "min_lr_ratio", "warmup", "max_steps", "schedule", "decay_frac",
                "grad_clip", "max_nonfinite", "eval_interval",
                "eval_iters", "save_interval", "log_interval", "sample_interval", "max_new_tokens", "device",
-               "dtype", "compile", "wandb", "wandb_project", "wandb_run_name")
+               "dtype", "compile", "compile_optimizer", "wandb", "wandb_project", "wandb_run_name")
 # ... and refused where the saved state would no longer describe the run (flag -> why).
 RESUME_LOCKED = {
     "optimizer": "the saved optimizer state is that optimizer's",
     "batch_size": "it sets the sequences of every step, and the data position counts batches",
     "grad_accum": "it sets the sequences of every step, and the data position counts batches",
+    "micro_tokens": "it sets the sequences of every step, and the data position counts batches",
     "seq_len": "the saved data position and the batches are made of windows of this length",
     "seed": "the data order and every RNG stream follow it",
     "data": "the saved data position is a position in that data",
@@ -196,6 +200,9 @@ def build_parser() -> common.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA, off elsewhere, where compiling costs more "
                         "than it saves for these sizes)")
+    g.add_argument("--compile-optimizer", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile Muon's and its AdamW groups' update math once (fullgraph; the LR and "
+                        "momentum as 0-D tensors, so no recompile); off until a GPU check shows it faster")
     return p
 
 
@@ -240,6 +247,9 @@ def _add_optim_flags(g) -> None:
                    help=f"sequences per micro-batch per process ({recipe})")
     g.add_argument("--grad-accum", type=common.int_flag(1), default=None,
                    help=f"micro-batches accumulated per optimizer step ({recipe})")
+    g.add_argument("--micro-tokens", type=common.size_flag, default=None, metavar="N",
+                   help="tokens per micro-batch (e.g. 64K on a big GPU): sets --batch-size and --grad-accum "
+                        "by the recipe's rule (RECIPE_RULE above); not with --batch-size/--grad-accum")
     g.add_argument("--seq-len", type=common.int_flag(2), default=None,
                    help="tokens per sequence (default: min(512, the model's max_seq_len))")
     g.add_argument("--lr", type=common.float_flag(0, lo_open=True), default=None,
@@ -301,6 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for action in parser._actions:  # (set_defaults would put the SUPPRESS marker into the namespace)
         action.default = argparse.SUPPRESS
     args._given = frozenset(vars(parser.parse_args(argv)))
+    if "micro_tokens" in args._given and args._given & {"batch_size", "grad_accum"}:
+        parser.error("--micro-tokens sets --batch-size and --grad-accum: give one or the others")
     return args
 
 
@@ -626,6 +638,8 @@ def apply_recipe(args, cfg: ModelConfig, legacy: bool = False, gpu_bytes: int | 
             if getattr(args, key) is None:
                 setattr(args, key, old_default)
     recipe = recipe_for(cfg, args.optimizer or "muon", args.stage, gpu_bytes, args.seq_len)
+    if getattr(args, "micro_tokens", None) and args.batch_size is None and args.grad_accum is None:
+        micro_batch(args, recipe)  # (on --resume the checkpoint's batch and accumulation stand)
     if args.lr is not None:  # the embedding and norm LRs follow a given --lr
         recipe.update(embed_lr=args.lr * RECIPE_EMBED_LR_RATIO, norm_lr=args.lr)
     for key, value in recipe.items():
@@ -633,6 +647,19 @@ def apply_recipe(args, cfg: ModelConfig, legacy: bool = False, gpu_bytes: int | 
             setattr(args, key, value)
     if args.warmup is None:
         args.warmup = math.ceil(RECIPE_WARMUP_FRAC * args.max_steps)
+
+
+def micro_batch(args, recipe: dict) -> None:
+    """--micro-tokens (RECIPE_RULE): the recipe's micro-batch and accumulation for N tokens per
+    micro-batch, the step's sequences kept; a bigger micro-batch is the step, with every LR scaled by
+    the square root of how much the step grew."""
+    micro = max(1, args.micro_tokens // args.seq_len)
+    seqs = recipe["batch_size"] * recipe["grad_accum"]
+    accum = max(1, math.ceil(seqs / micro))
+    grow = micro * accum / seqs
+    recipe.update(batch_size=micro, grad_accum=accum)
+    if grow > 1:
+        recipe.update({k: recipe[k] * math.sqrt(grow) for k in ("lr", "embed_lr", "norm_lr")})
 
 
 def output_plan(args) -> tuple[list, list]:

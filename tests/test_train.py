@@ -817,3 +817,46 @@ def test_txt_mode_line_reads_one_document_per_line(tmp_path, tiny_tokenizer_dir)
     # 5% of 400 one-line documents are validation documents: 20 of them
     ck = load_checkpoint(out / "fishai-latest.pt")
     assert ck["train_args"]["txt_mode"] == "line"
+
+
+def test_micro_tokens_sets_the_micro_batch_by_the_recipes_rule(capsys):
+    """--micro-tokens N: N / seq_len sequences a micro-batch, --grad-accum keeps the step's
+    sequences; a micro-batch bigger than the step is the step, every LR x sqrt(growth)."""
+    cfg = train.build_config("tiny", 512, {})
+    base = train.make_args(config="tiny", seq_len=32, max_steps=10)
+    train.apply_recipe(base, cfg)
+    seqs = base.batch_size * base.grad_accum
+    small = train.make_args(config="tiny", seq_len=32, max_steps=10, micro_tokens=64)
+    train.apply_recipe(small, cfg)
+    assert (small.batch_size, small.grad_accum, small.lr) == (2, seqs // 2, base.lr)
+    big = train.make_args(config="tiny", seq_len=32, max_steps=10, micro_tokens=32 * seqs * 4)
+    train.apply_recipe(big, cfg)
+    assert (big.batch_size, big.grad_accum) == (4 * seqs, 1)
+    assert big.lr == pytest.approx(base.lr * 2) and big.embed_lr == pytest.approx(base.embed_lr * 2)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--micro-tokens", "64K", "--batch-size", "2"])
+    assert e.value.code == 2 and "--micro-tokens sets --batch-size and --grad-accum" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_one_micro_batch_and_accumulated_halves_give_the_same_step(optimizer):
+    """What --micro-tokens changes is how a step's sequences are split: one micro-batch of 4 or
+    two accumulated micro-batches of 2 give the same loss and the same weights after the step."""
+    import copy
+    from model import GPT, ModelConfig
+    torch.manual_seed(0)
+    net = GPT(ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160, max_seq_len=64))
+    x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
+    after, losses = [], []
+    for batch, accum, batches in ((4, 1, [(x, y)]), (2, 2, [(x[:2], y[:2]), (x[2:], y[2:])])):
+        m = copy.deepcopy(net)
+        args = train.make_args(config="tiny", optimizer=optimizer, batch_size=batch, grad_accum=accum, seq_len=32,
+                               max_steps=10, lr=1e-3)
+        train.apply_recipe(args, m.config)
+        step = train.step_runner(m, args, "cpu", None, batches)
+        losses.append(step())
+        after.append([p.detach().clone() for p in m.parameters()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for a, b in zip(*after):
+        assert torch.allclose(a, b, atol=1e-6), float((a - b).abs().max())
