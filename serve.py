@@ -28,7 +28,8 @@ a .pt checkpoint, a quantized .bin (on its int8/int4 kernels) or an HF directory
 
 Requests join and leave a running decode batch at token boundaries (KV-cache rows, --max-batch;
 a bounded queue answers 429 when full); a client that disconnects frees its row at the next token.
-A long prompt is prefilled --prefill-chunk tokens a turn, between decode steps of the running rows.
+A long prompt is prefilled in pieces between decode steps of the running rows: at most --prefill-chunk
+tokens a turn, and while rows decode, about --prefill-stall-steps of their steps' time.
 Decoding runs in a thread per model, off the event loop. At temperature 0 a request gives the
 same text streamed or not; with --deterministic also bitwise the same alone or among others (by
 default a batch's matmuls may round a row differently from its lone run). Binds 127.0.0.1 unless --host says otherwise;
@@ -77,6 +78,7 @@ DEFAULT_PORT = 8000
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MIN_TEMPERATURE = 1e-3  # below it sampling is greedy (see the module docstring)
+MIN_PREFILL_CHUNK = 16  # the smallest adaptive prefill piece (smaller ones measure call overhead)
 MAX_SEED = 2**64 - 1    # torch.Generator.manual_seed's range
 
 
@@ -95,8 +97,12 @@ def build_parser() -> common.ArgumentParser:
                    help="requests waiting for a row per model; one more is answered 429")
     p.add_argument("--max-n", type=common.int_flag(1), default=8, help="largest `n` (choices per request)")
     p.add_argument("--prefill-chunk", type=common.int_flag(1), default=256,
-                   help="prompt tokens prefilled per engine turn: a long prompt is prefilled in pieces between "
-                        "decode steps, so running streams keep flowing")
+                   help="most prompt tokens prefilled per engine turn: a long prompt is prefilled in pieces "
+                        "between decode steps, so running streams keep flowing")
+    p.add_argument("--prefill-stall-steps", type=common.float_flag(0), default=3.0, metavar="K",
+                   help="while streams decode, a turn's prefill piece takes at most about K of their decode "
+                        "steps' time (measured as the server runs), so a stream's gap between tokens stays "
+                        "within ~K+1 times its usual one; 0 = --prefill-chunk tokens whatever it costs")
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant decoding: at temperature 0 a request gives bitwise the text it gives alone, "
                         "among any others (every matmul one row at a time: about half the batch throughput of a CPU "
@@ -286,9 +292,10 @@ class Engine:
     shared with the event loop and the --watch thread: they change only under `cond`."""
 
     def __init__(self, served: ServedModel, max_batch: int, max_queue: int, metrics: "Metrics",
-                 prefill_chunk: int = 256, deterministic: bool = False):
+                 prefill_chunk: int = 256, deterministic: bool = False, stall_steps: float = 3.0):
         self.served, self.max_batch, self.max_queue, self.metrics = served, max_batch, max_queue, metrics
-        self.prefill_chunk, self.deterministic = prefill_chunk, deterministic
+        self.prefill_chunk, self.deterministic, self.stall_steps = prefill_chunk, deterministic, stall_steps
+        self._step_s, self._prefill_tok_s = None, None  # running averages: a decode step, prefill speed
         self.filling: Job | None = None  # the job whose prompt is being prefilled, in row len(self.active)
         self._filling_row = 0           # where its prefilled positions are (rows below it may free up)
         self.waiting: collections.deque = collections.deque()
@@ -422,7 +429,7 @@ class Engine:
         """Prefill up to --prefill-chunk prompt tokens this turn: short prompts join the batch at once
         (several a turn), a long one a chunk a turn, so the running rows get a decode step between
         its chunks instead of stalling for the whole prompt."""
-        budget = self.prefill_chunk
+        budget = self._prefill_budget()
         while budget > 0:
             if self.filling is None:
                 self.filling = self._take()
@@ -439,6 +446,21 @@ class Engine:
                 self.filling = None
                 self._fail_job(job, e)
 
+    def _prefill_budget(self) -> int:
+        """Prompt tokens to prefill this turn: --prefill-chunk, and while rows decode no more than
+        --prefill-stall-steps of their decode steps' time takes at the measured prefill speed. Not
+        with --deterministic: a prompt's pieces (and so its numbers) would then depend on the load."""
+        if self.deterministic or not self.stall_steps or not self.active:
+            return self.prefill_chunk
+        if self._step_s is None or self._prefill_tok_s is None:  # not measured yet: a small piece measures it
+            return min(self.prefill_chunk, 4 * MIN_PREFILL_CHUNK)
+        fits = int(self._prefill_tok_s * self.stall_steps * self._step_s)
+        return max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, fits))
+
+    @staticmethod
+    def _average(old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
+
     def _prefill_chunk(self, job: Job, budget: int) -> int:
         """The next `budget` tokens of the job's prompt into its row; returns how many."""
         row = len(self.active)
@@ -447,7 +469,10 @@ class Engine:
             self._filling_row = row
         start, end = job.prefilled, min(len(job.prompt), job.prefilled + budget)
         ids = torch.tensor([job.prompt[start:end]], device=self._kv.device)
+        t0 = time.perf_counter()
         logits = self._kv.step(ids, start, row=row, last_only=not job.sampling.prompt_logprobs)
+        if end - start >= MIN_PREFILL_CHUNK:  # (a few tokens measure the call overhead, not the speed)
+            self._prefill_tok_s = self._average(self._prefill_tok_s, (end - start) / max(time.perf_counter() - t0, 1e-9))
         job.prefilled = end
         if job.sampling.prompt_logprobs:
             job.prompt_logits.append(logits[0])
@@ -476,7 +501,9 @@ class Engine:
         positions = torch.tensor([j.pos for j in self.active], device=device)  # each row at its own position
         t0 = time.perf_counter()
         logits = self._kv.step(tokens, positions).cpu()  # one copy for the batch (sampling runs on the CPU)
-        self.m_rate.set(len(self.active) / max(time.perf_counter() - t0, 1e-9))
+        took = max(time.perf_counter() - t0, 1e-9)
+        self._step_s = self._average(self._step_s, took)
+        self.m_rate.set(len(self.active) / took)
         for job in self.active:
             job.pos += 1
         for row in reversed(range(len(self.active))):  # reversed: _finish moves the last row into this one
@@ -721,7 +748,8 @@ class Server:
                 t0 = time.time()
                 m.load(self.device, self.dtype, self.args.dequantize)
                 self.engines[m.name] = Engine(m, self.args.max_batch, self.args.max_queue, self.metrics,
-                                              self.args.prefill_chunk, self.args.deterministic)
+                                              self.args.prefill_chunk, self.args.deterministic,
+                                              self.args.prefill_stall_steps)
                 log.info("model %s: %s loaded in %.1f s (%s, %s parameters, context %d)", m.name, m.path,
                          time.time() - t0, m.info["quantization"], f"{m.info['parameters']:,}",
                          m.info["context_length"])

@@ -40,6 +40,22 @@ SHRINK = ["--model-override", "d_model=64", "--model-override", "n_layers=2", "-
           "--model-override", "n_kv_heads=2", "--model-override", "d_ff=192", "--model-override", "max_seq_len=128"]
 
 
+# ---- a small random GPT for the model, engine and optimizer tests (2 layers, GQA, 64-token context)
+NET_SHAPE = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160, max_seq_len=64)
+
+
+@pytest.fixture()
+def net():
+    from model import GPT, ModelConfig
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**NET_SHAPE)).eval()
+
+
+def tokens(b, t, seed=0, vocab=256):
+    """(b, t) random token ids, the same for the same seed."""
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (python -m pytest tests -m cuda); skipped "
                                        "without one")

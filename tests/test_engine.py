@@ -7,17 +7,9 @@ import engine
 from engine import Engine, generate
 from model import GPT, ModelConfig
 
-CFG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160, max_seq_len=64)
+from conftest import NET_SHAPE, tokens  # noqa: E402 (net: conftest's fixture)
 
-
-@pytest.fixture()
-def net():
-    torch.manual_seed(0)
-    return GPT(CFG).eval()
-
-
-def tokens(b, t, seed=0, vocab=256):
-    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = ModelConfig(**NET_SHAPE)
 
 
 def naive_greedy(net, x, n):
@@ -86,10 +78,10 @@ def test_hooks_and_swapped_in_layers_see_every_matmul(net):
     out = generate(net, x, 12, temperature=0)
     # a forward hook (GPTQ calibration, a profiler) must see every matmul: the modules are called
     seen = []
-    h = net.layers[1].mlp.w_down.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    h = net.layers[1].mlp.w_down.register_forward_hook(lambda m, i, o: seen.append(i[0].numel() // i[0].shape[-1] // 2))
     assert torch.equal(generate(net, x, 12, temperature=0), out)
     h.remove()
-    assert seen == [9] + [1] * 11  # the prefill, then every decode step went through the module
+    assert seen == [9] + [1] * 11  # positions per row: the prefill, then every decode step, through the module
 
     # ...and so must a swapped-in layer that does more than its weight (a LoRA wrapper)
     class Doubled(torch.nn.Linear):

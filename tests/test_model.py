@@ -13,17 +13,9 @@ import model as M
 import optim
 from model import GPT, IGNORE_INDEX, CheckpointError, ModelConfig
 
-CFG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160, max_seq_len=64)
+from conftest import NET_SHAPE, tokens  # noqa: E402 (net: conftest's fixture)
 
-
-@pytest.fixture()
-def net():
-    torch.manual_seed(0)
-    return GPT(CFG).eval()
-
-
-def tokens(b, t, seed=0, vocab=256):
-    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = ModelConfig(**NET_SHAPE)
 
 
 # --- presets and architecture ----------------------------------------------------------------

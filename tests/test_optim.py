@@ -9,17 +9,9 @@ import torch
 
 import optim
 import train
-from model import GPT, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV1 = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-CFG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160, max_seq_len=64)
-
-
-@pytest.fixture()
-def net():
-    torch.manual_seed(0)
-    return GPT(CFG).eval()
 
 
 def test_lr_schedule_warmup_cosine_floor():
@@ -141,7 +133,7 @@ def test_weight_decay_groups_by_name(net):
     assert {"layers.0.attn.wq.weight", "layers.0.attn.wk.weight", "layers.0.attn.wv.weight",
             "layers.0.attn.wo.weight", "layers.1.mlp.w_gate.weight", "layers.1.mlp.w_up.weight",
             "layers.1.mlp.w_down.weight"} <= set(decay)
-    assert len(decay) == 7 * CFG.n_layers
+    assert len(decay) == 7 * net.config.n_layers
     opt = optim.configure_optimizers(net, weight_decay=0.1, lr=1e-3)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))

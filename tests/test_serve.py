@@ -849,18 +849,22 @@ def _steps_during_a_long_prefill(s: Http, long_prompt: list[int]) -> tuple[int, 
                                                      "logprobs": choice["logprobs"]["token_logprobs"]}
 
 
+def _long_prompt_model(trained_ckpt, tmp_path) -> tuple:
+    """The trained tiny model with a 2,048-token context, and a 1,900-token prompt of real text."""
+    from model import load_model
+    ckpt = ckpt_with_context(trained_ckpt, tmp_path / "tiny-2048.pt", 2048)
+    line = load_model(ckpt).tokenizer.encode("The function returns a list of the values in the file, then the next one. ")
+    return ckpt, (line * (1900 // len(line) + 1))[:1900]
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(trained_ckpt, tmp_path):
     """A 1,900-token prompt arriving while a stream runs: with --prefill-chunk 64 the stream gets a
     token between each of its ~30 chunks instead of waiting for the whole prefill, and the chunked
     prefill gives the same prompt log-probabilities and greedy reply as one whole prefill."""
-    ckpt = ckpt_with_context(trained_ckpt, tmp_path / "tiny-2048.pt", 2048)
-    from model import load_model
-    tok = load_model(ckpt).tokenizer
-    line = tok.encode("The function returns a list of the values in the file, then the next one. ")
-    long_prompt = (line * (1900 // len(line) + 1))[:1900]
+    ckpt, long_prompt = _long_prompt_model(trained_ckpt, tmp_path)
     results = {}
     for chunk in (64, 4096):
-        s = InProcessServer(ckpt, "--prefill-chunk", chunk)
+        s = InProcessServer(ckpt, "--prefill-chunk", chunk, "--prefill-stall-steps", 0)  # the pieces as given
         try:
             results[chunk] = _steps_during_a_long_prefill(s, long_prompt)
         finally:
@@ -1025,3 +1029,21 @@ def test_web_chat_keeps_a_long_conversation_in_a_small_context(trained_ckpt, tmp
     finally:
         browser.quit()
         s.stop()
+
+
+def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps(trained_ckpt, tmp_path):
+    """--prefill-stall-steps (default 3): while a stream runs, the prefill piece of a turn is held to
+    about 3 of its decode steps' time, measured as the server runs; so even with --prefill-chunk
+    4096 the running stream gets tokens during a 1,900-token prefill, and the reply is the same."""
+    ckpt, long_prompt = _long_prompt_model(trained_ckpt, tmp_path)
+    results = {}
+    for stall in (3, 0):
+        s = InProcessServer(ckpt, "--prefill-chunk", 4096, "--prefill-stall-steps", stall)
+        try:
+            results[stall] = _steps_during_a_long_prefill(s, long_prompt)
+        finally:
+            s.stop()
+    (paced_steps, paced), (whole_steps, whole) = results[3], results[0]
+    assert paced_steps >= 10 and whole_steps <= 3, (paced_steps, whole_steps)
+    assert paced["text"] == whole["text"]
+    assert paced["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
