@@ -652,13 +652,22 @@ def test_a_stream_that_breaks_after_its_headers_ends_with_an_error_event():
         assert err["message"] == message and err["type"] == kind
 
 
-def test_a_nan_temperature_is_refused_while_innocent_requests_finish(server):
+@pytest.mark.parametrize("param,value,status", [("temperature", float("nan"), 400), ("temperature", float("inf"), 400),
+                                                ("seed", 2**70, 400), ("temperature", 1e-300, 200)],
+                         ids=["nan", "infinity", "seed-2**70", "subnormal-temperature"])
+def test_a_bad_request_is_answered_alone_while_innocent_requests_finish(server, param, value, status):
+    """A NaN or infinite temperature or a seed past 2**64-1 is refused (400) before it joins the batch;
+    a subnormal temperature decodes greedily (200); the requests decoding beside it are untouched."""
     lone = _innocent_calls(server)
-    nan = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}
-    res = _run_all({**_innocent_calls(server, lone), "nan": lambda: server.post("/v1/chat/completions", nan),
-                    "nan_stream": lambda: server.stream("/v1/chat/completions", nan)})
-    assert res["nan"][0] == 400 and json.loads(res["nan"][1])["error"]["param"] == "temperature"
-    assert res["nan_stream"][0] == 400 and res["nan_stream"][1][0]["error"]["param"] == "temperature"
+    bad = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8, param: value}
+    res = _run_all({**_innocent_calls(server, lone), "bad": lambda: server.post("/v1/chat/completions", bad),
+                    "bad_stream": lambda: server.stream("/v1/chat/completions", bad)})
+    assert res["bad"][0] == status and res["bad_stream"][0] == status, (res["bad"], res["bad_stream"])
+    if status == 400:
+        assert json.loads(res["bad"][1])["error"]["param"] == param
+        assert res["bad_stream"][1][0]["error"]["param"] == param
+    else:
+        assert res["bad_stream"][1][-1] == "[DONE]" and json.loads(res["bad"][1])["choices"][0]["finish_reason"]
     _assert_innocent(res, lone)
     assert server.wait_for_metric("fishai_active_requests", 0.0) == 0.0
 
