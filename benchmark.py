@@ -2055,6 +2055,7 @@ def _serve_rows(srv: _ServerUnderTest, name: str, path: Path, args) -> dict:
     one_tps = _median([t / s for s, t in single])
     server_s, local_s = _median([s for s, _ in single]), _median(here)
     return {"model": name, "file": str(path), "params": count_params(gpt.config), "tokens": n,
+            "context_length": gpt.config.max_seq_len,
             "one_stream_tok_s": one_tps, f"{args.streams}_streams_tok_s": many_tps, "concurrency_gain": many_tps / one_tps,
             "ttft_32_token_prompt_ms": ttft * 1e3, "server_request_s": server_s,
             "generate_py_s": local_s, "server_overhead": server_s / local_s - 1}
@@ -2115,8 +2116,7 @@ def _serve_all(files: dict, args) -> list[dict]:
         whole = _ServerUnderTest(files, args.device, ("--prefill-chunk", "100000", "--prefill-stall-steps", "0"))
         try:
             for r in rows:
-                context = load_model(files[r["model"]]).config.max_seq_len
-                r["long_prompt"] = _stall_rows(srv, whole, r["model"], context, args)
+                r["long_prompt"] = _stall_rows(srv, whole, r["model"], r["context_length"], args)
         finally:
             whole.stop()
     finally:

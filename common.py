@@ -472,11 +472,17 @@ def file_kind(path) -> str | None:
     return "json" if text.lstrip()[:1] in ("{", "[") else "text"
 
 
-def describe(path, kind: str) -> str:
-    """'<path> is <what>: <what takes it>' for a FILE_KINDS kind."""
+def kind_of(path, kind: str) -> tuple[str, str]:
+    """(what `path` is, what takes it) from FILE_KINDS, with its path and folder filled in."""
     path = Path(path)
     what, takes = FILE_KINDS[kind]
-    return f"{path} is {what}: " + takes.format(path=str(path).rstrip(os.sep), parent=str(path.parent) + os.sep)
+    return what, takes.format(path=str(path).rstrip(os.sep), parent=str(path.parent) + os.sep)
+
+
+def describe(path, kind: str) -> str:
+    """'<path> is <what>: <what takes it>' for a FILE_KINDS kind."""
+    what, takes = kind_of(path, kind)
+    return f"{path} is {what}: {takes}"
 
 
 def check_model_path(path, flag: str | None = None) -> str:
@@ -548,8 +554,7 @@ def _own_kind(owns, name: str):
 
 
 def _listing(entries) -> str:
-    shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
-    return shown
+    return ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
 
 
 def _check_folder(out: Output, overwrite: bool) -> None:

@@ -181,6 +181,11 @@ def _row_by_row(f, split: bool = False):
     return each
 
 
+def _past_mask(pos: torch.Tensor, end: int) -> torch.Tensor:
+    """(B, 1, T, end) bool: the query at pos[b, t] sees cache positions 0..pos[b, t], its own past."""
+    return (torch.arange(end, device=pos.device) <= pos[..., None])[:, None]
+
+
 def _weights_key(model) -> tuple:
     """What an engine's bound weights depend on: a moved or re-cast model gets a new engine."""
     w = model.norm.weight
@@ -242,14 +247,12 @@ class Engine:
         if torch.is_tensor(start):
             pos = start.view(B, 1) + torch.arange(T, device=tokens.device)
             end = int(pos.max()) + 1
-            mask, causal = (torch.arange(end, device=tokens.device) <= pos[..., None])[:, None], False
+            mask, causal = _past_mask(pos, end), False
         else:
             pos, end = int(start), int(start) + T
             mask, causal = None, T > 1
             if causal and start > 0:  # a prefill chunk after earlier ones: its own past only
-                keys = torch.arange(end, device=tokens.device)
-                mask = (keys <= torch.arange(start, end, device=tokens.device)[:, None])[None, None].expand(B, 1, T, end)
-                causal = False
+                mask, causal = _past_mask(torch.arange(start, end, device=tokens.device).expand(B, T), end), False
         if end > self.length or row + B > self.batch:
             raise ValueError(f"KV cache of {self.batch} rows x {self.length} positions: rows {row}..{row + B - 1} "
                              f"up to position {end - 1} do not fit")
@@ -259,8 +262,8 @@ class Engine:
         """The step with fixed shapes for torch.compile / CUDA graphs: (B, 1) tokens at (B,)
         positions, attention over the whole cache with a mask."""
         pos = start.view(-1, 1)
-        mask = (torch.arange(self.length, device=tokens.device) <= pos[..., None])[:, None]
-        return self._forward(tokens, pos, self.length, mask, False, slice(0, tokens.shape[0]), True)
+        return self._forward(tokens, pos, self.length, _past_mask(pos, self.length), False, slice(0, tokens.shape[0]),
+                             True)
 
     def _forward(self, tokens, pos, end: int, mask, causal: bool, rows: slice, last_only: bool):
         """The math of one step. pos: an int (positions pos..pos+T-1 of every row: slices) or (B, T)

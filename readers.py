@@ -44,13 +44,13 @@ def is_spaced(n_chars: int, n_words: int) -> bool:
 MAX_UNDECODABLE = 0.01  # a "text" file with more undecodable bytes than this share is refused
 
 
-def check_not_binary(path: Path, kind: str | None = "?") -> None:
+def check_not_binary(path: Path) -> None:
     """Refuse one of the project's own files (or another known binary) passed as text, saying what
-    it is and what takes it (kind: common.file_kind's answer; read here when not given)."""
-    kind = common.file_kind(path) if kind == "?" else kind
+    it is and what takes it (common.file_kind's table)."""
+    kind = common.file_kind(path)
     if kind not in TEXT_KINDS:
-        what, takes = common.FILE_KINDS[kind]
-        raise DataError(f"{path} is {what}, not text: " + takes.format(path=str(path), parent=str(path.parent) + os.sep))
+        what, takes = common.kind_of(path, kind)
+        raise DataError(f"{path} is {what}, not text: {takes}")
 
 
 def check_text_file(path: Path, probe: int = 1 << 20) -> None:
