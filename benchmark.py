@@ -985,7 +985,7 @@ class LlamaCppPeer:
 
 
 # our .bin strategy -> (the GGUF strategy of the same bit width, llama.cpp's name for it)
-QUANT_PEERS = {"fp32": ("fp16", "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0"),
+QUANT_PEERS = {"fp16": ("fp16", "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0"),
                "mixed": ("mixed", "Q4_0+Q8_0+F16")}
 
 

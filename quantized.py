@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import common
+import cpu_kernels
 from common import QUANT_MAGIC, CheckpointError
 
 DEFAULT_GROUP_SIZE = 128
@@ -391,18 +392,21 @@ def _flat2d(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 def _unflat(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A kernel's (M, N) result in x's dtype and leading shape."""
-    y = y.to(x.dtype)
+    if y.dtype is not x.dtype:
+        y = y.to(x.dtype)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 class Int8Linear(torch.nn.Module):
     """y = x W^T with W = codes * scales[:, None] (the .bin's q8: int8 codes, one scale per
-    output row): torch's _weight_int8pack_mm (CPU and CUDA) on bf16 activations (`kernel`), or the
-    layer dequantized for each call (never kept) where that kernel is missing. weight: (N, K + pad)
-    int8, zero columns appended for the kernel; scales (N,). Made by int8_linear."""
+    output row). kernel "fishai": cpu_kernels.q8_mm (a CPU with AVX512-VNNI; fp32 scales, x
+    quantized per block of 32 as llama.cpp's Q8_0); "torch": torch's _weight_int8pack_mm (CPU and
+    CUDA) on bf16 activations and bf16 scales; "": the layer dequantized for each call (never kept)
+    where neither runs. weight: (N, K + pad) int8, zero columns appended for the kernel; scales
+    (N,). Made by int8_linear."""
     lean_decode = True  # model.GPT's fast decode step may call forward directly
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, in_features: int, kernel: bool):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, in_features: int, kernel: str):
         super().__init__()
         self.out_features, self.in_features, self.kernel = weight.shape[0], in_features, kernel
         self.pad = weight.shape[1] - in_features
@@ -414,6 +418,8 @@ class Int8Linear(torch.nn.Module):
         return Int8Linear(self.weight[start:stop], self.scales[start:stop], self.in_features, self.kernel)
 
     def forward(self, x):
+        if self.kernel == "fishai":
+            return _unflat(cpu_kernels.q8_mm(x, self.weight, self.scales), x)
         if self.kernel:  # torch._weight_int8pack_mm: torch.ops.aten's op, ~1 us less Python per call
             y = torch._weight_int8pack_mm(_flat2d(x, self.pad), self.weight, self.scales)
         else:
@@ -421,16 +427,27 @@ class Int8Linear(torch.nn.Module):
         return _unflat(y, x)
 
 
-def int8_linear(codes: torch.Tensor, scales: torch.Tensor, device, kernel: bool | None = None) -> Int8Linear:
-    """The Int8Linear of (N, K) int8 codes and (N,) scales on `device` (kernel: None = if it works here)."""
+def int8_kernel(device) -> str:
+    """The int8 kernel a layer runs with on `device`: "fishai" (a CPU where cpu_kernels runs),
+    "torch" (torch's, where it runs and is right), or "" (dequantized per call)."""
     device = torch.device(device)
-    kernel = _kernel_ok("int8", device) if kernel is None else kernel
-    # the CPU kernel steps through K by 16 (other K give NaN or crash, measured): zero columns
-    # here, zeros appended to x in forward
-    pad = _round_up(codes.shape[1], 16) - codes.shape[1] if kernel else 0
+    if device.type == "cpu" and cpu_kernels.available():
+        return "fishai"
+    return "torch" if _kernel_ok("int8", device) else ""
+
+
+def int8_linear(codes: torch.Tensor, scales: torch.Tensor, device, kernel: str | bool | None = None) -> Int8Linear:
+    """The Int8Linear of (N, K) int8 codes and (N,) scales on `device` (kernel: None = the best that
+    runs here, int8_kernel; True = torch's; False = none)."""
+    device = torch.device(device)
+    kernel = int8_kernel(device) if kernel is None else {True: "torch", False: ""}.get(kernel, kernel)
+    k = codes.shape[1]
+    # torch's CPU kernel steps through K by 16 (other K give NaN or crash, measured), FishAI's by
+    # 64: zero columns here (and, for torch's, zeros appended to x in forward)
+    pad = {"fishai": cpu_kernels.padded_cols(k) - k, "torch": _round_up(k, 16) - k}.get(kernel, 0)
     weight = torch.nn.functional.pad(codes.to(torch.int8), (0, pad)).contiguous()
-    return Int8Linear(weight.to(device), scales.to(device, KERNEL_DTYPE if kernel else torch.float32),
-                      codes.shape[1], kernel)
+    return Int8Linear(weight.to(device), scales.to(device, KERNEL_DTYPE if kernel == "torch" else torch.float32),
+                      k, kernel)
 
 
 def int8_from_float(w: torch.Tensor, device, name: str = "tensor") -> Int8Linear:
@@ -459,9 +476,12 @@ def _dequant_rows(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 
 
 def int4_mode(device, rows: int, group_size: int) -> str:
-    """How an int4 layer of `rows` output rows runs here: "cpu" / "cuda" (torch's int4 kernel,
-    when it exists and is right on this device) or "dequant" (dequantized for each call)."""
+    """How an int4 layer of `rows` output rows runs here: "fishai" (cpu_kernels, on a CPU where it
+    runs, groups a multiple of 64 columns), "cpu" / "cuda" (torch's int4 kernel, when it exists and
+    is right on this device) or "dequant" (dequantized for each call)."""
     kind = torch.device(device).type
+    if kind == "cpu" and group_size % cpu_kernels.COLS == 0 and cpu_kernels.available():
+        return "fishai"
     if group_size not in INT4_KERNEL_GROUPS or kind not in ("cpu", "cuda"):
         return "dequant"
     if rows % (16 if kind == "cpu" else 8):     # the CPU packing takes rows in blocks of 16, CUDA's 8
@@ -498,7 +518,9 @@ def _kernel_group(cols: int, group_size: int) -> int:
 
 class Int4Linear(torch.nn.Module):
     """y = x W^T with W[r, c] = (code - zero[r, g]) * scale[r, g], g = c // group_size (the .bin's
-    q4). mode "cpu" / "cuda": torch's _weight_int4pack_mm_for_cpu / _weight_int4pack_mm on bf16
+    q4). mode "fishai": cpu_kernels.q4_mm, weight in cpu_kernels.pack_int4's layout (N, Kp / 2),
+    fp32 scales and scaled_zeros (scale * zero) (N, groups). mode "cpu" / "cuda": torch's
+    _weight_int4pack_mm_for_cpu / _weight_int4pack_mm on bf16
     activations, which dequantize in the kernel as (q - 8) * scale + offset (our integer zero
     point becomes offset = (8 - zero) * scale): buffers weight (the kernel's packing of the codes,
     padded to K + pad columns) and scales_and_zeros (K / kernel_group, N, 2). mode "dequant" (no
@@ -512,7 +534,7 @@ class Int4Linear(torch.nn.Module):
         self.kernel_group, self.pad = kernel_group, pad
         for name, t in buffers.items():
             self.register_buffer(name, t)
-        self.out_features = (self.scales if mode == "dequant" else self.scales_and_zeros[0]).shape[0]
+        self.out_features = (self.scales_and_zeros[0] if mode in ("cpu", "cuda") else self.scales).shape[0]
 
     def rows(self, start: int, stop: int) -> "Int4Linear":
         """The layer of output rows start:stop on slices of this one's codes (whole blocks of the
@@ -521,11 +543,15 @@ class Int4Linear(torch.nn.Module):
         codes = w[start * w.shape[0] // n:stop * w.shape[0] // n]
         if self.mode == "dequant":
             buffers = {"weight": codes, "scales": self.scales[start:stop], "zeros": self.zeros[start:stop]}
+        elif self.mode == "fishai":
+            buffers = {"weight": codes, "scales": self.scales[start:stop], "scaled_zeros": self.scaled_zeros[start:stop]}
         else:
             buffers = {"weight": codes, "scales_and_zeros": self.scales_and_zeros[:, start:stop].contiguous()}
         return Int4Linear(self.mode, self.in_features, self.group_size, self.kernel_group, self.pad, **buffers)
 
     def forward(self, x):
+        if self.mode == "fishai":
+            return _unflat(cpu_kernels.q4_mm(x, self.weight, self.scales, self.scaled_zeros, self.group_size), x)
         if self.mode == "dequant":
             w = _dequant_rows(_unpack_rows(self.weight, self.in_features), self.scales, self.zeros,
                               self.group_size, x.dtype)
@@ -541,6 +567,10 @@ def int4_linear(qt: QTensor, device, mode: str | None = None) -> Int4Linear:
     device = torch.device(device)
     (n, k), g = qt.shape, qt.group_size
     mode = mode or int4_mode(device, n, g)
+    if mode == "fishai":
+        s = qt.scales.float()
+        return Int4Linear(mode, k, g, g, cpu_kernels.padded_cols(k) - k, weight=cpu_kernels.pack_int4(qt.codes),
+                          scales=s.contiguous(), scaled_zeros=(s * qt.zeros.float()).contiguous())
     if mode == "dequant":
         return Int4Linear(mode, k, g, g, 0, weight=_pack_rows(qt.codes).to(device),
                           scales=qt.scales.to(device, torch.float32), zeros=qt.zeros.to(device, torch.float32))
@@ -573,17 +603,27 @@ def _kernel_ok(kind: str, device) -> bool:
     return _KERNEL_OK[key]
 
 
+# from this many rows of x (a prefill, a scoring batch) a HalfLinear casts its weight for torch's
+# GEMM, which then beats the row-at-a-time fp16 kernel (256 rows: 12 ms vs 17; 32 rows: 3.3 vs 2.4)
+F16_KERNEL_ROWS = 128
+
+
 class HalfLinear(torch.nn.Module):
-    """A weight kept as the .bin's fp16 and cast to the activation dtype for each call: the
-    memory of the file, fp32 numerics (every fp16 value is exact in fp32)."""
+    """A weight kept as the .bin's fp16, computed in fp32 (every fp16 value is exact in fp32): by
+    cpu_kernels.f16_mm on a CPU where it runs, for fewer than F16_KERNEL_ROWS rows of x (the fp16
+    values converted in the kernel: 2-3x faster than torch's fp32 or bf16 matmuls at batch 1 on
+    `small`, docs/RESULTS.md), else cast to the activation dtype for each call."""
     lean_decode = True
 
     def __init__(self, weight16: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight16.shape
-        self.register_buffer("weight", weight16)
+        self.kernel = "fishai" if weight16.device.type == "cpu" and cpu_kernels.available() else ""
+        self.register_buffer("weight", weight16.contiguous())
 
     def forward(self, x):
+        if self.kernel and x.numel() < F16_KERNEL_ROWS * self.in_features:
+            return _unflat(cpu_kernels.f16_mm(x, self.weight), x)
         return torch.nn.functional.linear(x, self.weight.to(x.dtype))
 
 
@@ -657,11 +697,12 @@ def _find_int4_layout(packed: torch.Tensor, codes: torch.Tensor) -> tuple | None
 
 
 class Int4Embedding(torch.nn.Module):
-    """Lookups in the .bin's q4 table. The codes are read from the tied output layer's own tensor:
-    in the CPU kernel's layout through a per-row position table (7 bytes a row, instead of a second
-    copy of the codes), or row-packed when the head dequantizes per call. CUDA's tiled layout (or a
-    CPU layout this code does not know) gets a row-packed copy. Scales and zero points are the
-    file's, in fp32: rows are exactly the stored values."""
+    """Lookups in the .bin's q4 table. The codes are read from the tied output layer's own tensor
+    (`layout`): FishAI's kernel layout ("fishai") or a row-packed one ("rows") row by row, torch's
+    CPU kernel layout ("cpu") through a per-row position table (7 bytes a row, instead of a second
+    copy of the codes). CUDA's tiled layout (or a CPU layout this code does not know) gets a
+    row-packed copy. Scales are the file's in fp32 (the head's own where it keeps them so), zero
+    points its integers: rows are exactly the stored values."""
     lean_decode = True
 
     def __init__(self, qt: QTensor, head: Int4Linear, dtype):
@@ -669,19 +710,28 @@ class Int4Embedding(torch.nn.Module):
         device = head.weight.device
         self.cols, self.group_size, self.out_dtype = qt.shape[1], qt.group_size, dtype
         layout = _find_int4_layout(head.weight, qt.codes) if head.mode == "cpu" else None
-        self.row_packed = layout is None
+        self.layout = ("fishai" if head.mode == "fishai" else "rows" if head.mode == "dequant" or layout is None
+                       else "cpu")
         if layout is not None:
             index = _int4_cpu_index(torch.arange(qt.shape[0]), qt.shape[0], head.weight.shape[1] * 2, *layout)
             for name, t, dt in zip(("start", "stride", "shift"), index, (torch.int32, torch.int16, torch.uint8)):
                 self.register_buffer(name, t.to(device, dt))
-        shared = head.mode == "dequant" or layout is not None
+        shared = head.mode in ("dequant", "fishai") or layout is not None
         self.register_buffer("weight", head.weight if shared else _pack_rows(qt.codes).to(device))
-        self.register_buffer("scales", qt.scales.to(device, torch.float32))
-        self.register_buffer("zeros", qt.zeros.to(device, torch.float32))
+        # the head's fp32 scales where it keeps them (one copy); zero points are integers 0..15
+        shared_scales = head.mode in ("dequant", "fishai")
+        self.register_buffer("scales", head.scales if shared_scales else qt.scales.to(device, torch.float32))
+        self.register_buffer("zeros", qt.zeros.to(device, torch.uint8))
+
+    @property
+    def row_packed(self) -> bool:
+        return self.layout == "rows"
 
     def forward(self, idx):
         flat = idx.reshape(-1)
-        if self.row_packed:
+        if self.layout == "fishai":
+            codes = cpu_kernels.unpack_int4(self.weight[flat], self.cols)
+        elif self.layout == "rows":
             codes = _unpack_rows(self.weight[flat], self.cols)
         else:
             codes = _int4_cpu_codes(self.weight, self.start[flat], self.stride[flat],

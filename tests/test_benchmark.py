@@ -313,8 +313,9 @@ def test_self_test_quantized_rows(tiny_config):
         rss = sp[f"quant_{strategy}_rss_mb"]                # measured in a fresh process (Linux)
         assert rss["hf"] == mem["hf"] and (rss["ours"] is not None or not Path("/proc/self/statm").exists())
     files = {s: sp[f"quant_{s}_model_mb"]["hf"] for s in B.QUANT_PEERS}
-    assert files["int4"] < files["int8"] < files["fp32"] and files["mixed"] < files["fp32"]
-    assert sp["quant_fp32_model_mb"]["ratio"] == pytest.approx(1.0, abs=0.05)   # a stock fp32 model
+    assert files["int4"] < files["int8"] < files["fp16"] and files["mixed"] < files["fp16"]
+    for s in B.QUANT_PEERS:  # the runtime's memory budget: at most 1.5x the file
+        assert 0.9 <= sp[f"quant_{s}_model_mb"]["ratio"] <= 1.5, s
     table = B.format_speed_table(sp)
     assert "int4 .bin: decode tokens/s (batch 8" in table and "HF LlamaForCausalLM fp32" in table
     if _has_llama_cpp():

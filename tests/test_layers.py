@@ -15,6 +15,7 @@ LAYERS = [
     ["readers"],                                          # raw text -> documents; files that are not text
     ["token_data"],                                       # .bin token files, samplers, SFT data
     ["data_utils"],                                       # the hold-out rule, filter, mixer, prepare
+    ["cpu_kernels"],                                      # FishAI's int8/int4/fp16 CPU matmuls (C, ctypes)
     ["quantized"],                                        # the .bin format and its int8/int4 runtime layers
     ["model"],                                            # the GPT, checkpoints, load_model, HF interop
     ["engine", "optim"],                                  # the decode engine; the optimizers and schedules

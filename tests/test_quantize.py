@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import cpu_kernels
 import quantize as Q
 from model import CheckpointError, load_model, model_bytes
 from quantized import (FORMAT_VERSION, INT4_KERNEL_GROUPS, HalfEmbedding, Int4Embedding, Int8Embedding, QuantizeError,
@@ -895,8 +896,11 @@ def test_quantized_linears_match_their_dequantized_weights(shape, group):
         assert y.shape == (2, 3, shape[0]) and y.dtype == torch.float32
         assert ((y - ref).abs() <= _bound(x, qt.dequantize())).all(), (qtype, getattr(layer, "mode", "kernel"))
         if qtype == "q4":
-            expect = "dequant" if shape[0] % 16 or group not in INT4_KERNEL_GROUPS else "cpu"
+            expect = ("fishai" if cpu_kernels.available() and group % 64 == 0 else
+                      "dequant" if shape[0] % 16 or group not in INT4_KERNEL_GROUPS else "cpu")
             assert layer.mode == expect
+        else:
+            assert layer.kernel == ("fishai" if cpu_kernels.available() else "torch")
     # without a kernel the layer is dequantized for each call: fp32 arithmetic, no bf16
     for qtype in ("q8", "q4"):
         qt = quantize_rtn(w, qtype, group)
@@ -909,18 +913,20 @@ def test_int4_kernel_group_and_padding():
     assert _kernel_group(704, 128) == 64 and _kernel_group(512, 128) == 128
     assert _kernel_group(200, 128) == 128 and _kernel_group(64, 128) == 64
     qt = quantize_rtn(torch.randn(32, 200), "q4", 128)
-    layer = int4_linear(qt, "cpu")
+    layer = int4_linear(qt, "cpu", mode="cpu")
     assert (layer.kernel_group, layer.pad, layer.scales_and_zeros.shape) == (128, 56, (2, 32, 2))
 
 
+@pytest.mark.parametrize("mode", ["cpu", pytest.param("fishai", marks=pytest.mark.skipif(
+    not cpu_kernels.available(), reason=f"FishAI's CPU kernels do not run here: {cpu_kernels.why()}"))])
 @pytest.mark.parametrize("rows", [512, 208, 96, 32])
-def test_int4_embedding_reads_rows_from_the_kernel_layout(rows):
-    """The tied int4 table is stored once, in the CPU kernel's layout; lookups read it back exactly
-    (full 64-row blocks, a shorter last block: 208 = 3 x 64 + 16, 96, 32)."""
+def test_int4_embedding_reads_rows_from_the_kernel_layout(rows, mode):
+    """The tied int4 table is stored once, in the CPU kernel's layout (torch's or FishAI's); lookups
+    read it back exactly (torch's: full 64-row blocks, a shorter last block: 208 = 3 x 64 + 16, 96, 32)."""
     qt = quantize_rtn(torch.randn(rows, 192, generator=torch.Generator().manual_seed(3)), "q4", 128)
-    head = int4_linear(qt, "cpu")
+    head = int4_linear(qt, "cpu", mode=mode)
     emb = Int4Embedding(qt, head, torch.float32)
-    assert not emb.row_packed and emb.weight.data_ptr() == head.weight.data_ptr()
+    assert emb.layout == mode and emb.weight.data_ptr() == head.weight.data_ptr()
     idx = torch.tensor([[0, rows - 1, rows // 2], [1, 17, rows - 16]])
     assert torch.equal(emb(idx), qt.dequantize()[idx])
 
