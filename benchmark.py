@@ -1039,15 +1039,21 @@ def _time_quantized_batch(t: SelfTest, qm, strategy: str, batch: int, llama) -> 
     if t_l:
         t.row(f"quant_{strategy}_b{batch}_llama_cpp_tok_s", label, batch * N / t_q, batch * N / t_l, "tok/s",
               peer=f"llama.cpp {QUANT_PEERS[strategy][1]}")
-    if t.compile and t.cuda and batch == 1:  # (batch 8 too would double the compile time of the self-test)
+    if t.compile and (batch == 1 or not t.cuda):  # (on CUDA batch 8 too would double the self-test's compile time)
+        start = time.perf_counter()
         path = engine.engine_for(qm, batch, compile=True).path  # starts from a fresh dynamo cache
+        path += f", built in {time.perf_counter() - start:.0f} s"
         try:
-            t_c, t_h = t.time_pair(lambda: engine.generate(qm, idx, N, temperature=0, compile=True),
-                                   lambda: t.hf_generate(idx, N))
+            t_c, t_h, t_l = t.time_runs([lambda: engine.generate(qm, idx, N, temperature=0, compile=True),
+                                         (lambda: t.hf_generate(idx, N)) if t.hf is not None else None,
+                                         (lambda: llama.generate(idx.tolist(), N)) if llama else None])
         finally:
             engine.release(qm)
         t.row(f"quant_{strategy}_b{batch}_compiled_tok_s", f"{label}, {path}", batch * N / t_c,
               batch * N / t_h if t_h else None, "tok/s", peer=hf_name)
+        if t_l:
+            t.row(f"quant_{strategy}_b{batch}_compiled_llama_cpp_tok_s", f"{label}, {path}", batch * N / t_c,
+                  batch * N / t_l, "tok/s", peer=f"llama.cpp {QUANT_PEERS[strategy][1]}")
 
 
 def time_quantized(t: SelfTest, strategy: str):

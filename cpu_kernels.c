@@ -33,6 +33,16 @@ int fishai_caps(void) { return FISHAI_VNNI; }
 
 #if FISHAI_VNNI
 
+/* ROW(n) for n = 0..N-1 on `nthreads` threads; one thread runs the plain loop (GOMP_parallel costs
+ * ~2 us a call even for a team of one, ~25 calls a token) */
+#define FOR_ROWS(N, ROW) do { \
+        if (nthreads > 1) { \
+            _Pragma("omp parallel for schedule(static) num_threads(nthreads)") \
+            for (int64_t n = 0; n < (N); n++) ROW(n); \
+        } else { \
+            for (int64_t n = 0; n < (N); n++) ROW(n); \
+        } } while (0)
+
 #define MB 8 /* at most this many rows of x per pass over a weight row: each weight vector is loaded once for them */
 
 /* x (M, K) fp32 -> xq (M, Kp) int8 and d (M, Kp / 32) fp32: each block of 32 values as
@@ -106,17 +116,11 @@ void fishai_q8_mm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t
     pair_scales(d, M, np, dv);
     group_sums(xq, d, M, Kp, Kp, 1, corr);
     for (int64_t m = 0; m < M; m++) corr[m] *= 128.0f;
-    /* (GOMP_parallel costs ~2 us even for one thread: a single thread runs the plain loop) */
     #define Q8_ROW(n) do { int64_t m0 = 0; \
         for (; m0 + 4 <= M; m0 += 4) q8_rows(w + (n) * Kp, xq, dv, corr, s[n], m0, 4, np, Kp, y + (n), N); \
         for (; m0 + 2 <= M; m0 += 2) q8_rows(w + (n) * Kp, xq, dv, corr, s[n], m0, 2, np, Kp, y + (n), N); \
         for (; m0 < M; m0++) q8_rows(w + (n) * Kp, xq, dv, corr, s[n], m0, 1, np, Kp, y + (n), N); } while (0)
-    if (nthreads > 1) {
-        #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t n = 0; n < N; n++) Q8_ROW(n);
-    } else {
-        for (int64_t n = 0; n < N; n++) Q8_ROW(n);
-    }
+    FOR_ROWS(N, Q8_ROW);
     free(xq); free(d); free(dv); free(corr);
 }
 
@@ -180,12 +184,7 @@ void fishai_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_
         for (; m0 + 4 <= M; m0 += 4) q4_rows(wr, sr, szr, ng, pp, xq, dv, xs, m0, 4, np, Kp, y + (n), N); \
         for (; m0 + 2 <= M; m0 += 2) q4_rows(wr, sr, szr, ng, pp, xq, dv, xs, m0, 2, np, Kp, y + (n), N); \
         for (; m0 < M; m0++) q4_rows(wr, sr, szr, ng, pp, xq, dv, xs, m0, 1, np, Kp, y + (n), N); } while (0)
-    if (nthreads > 1) {
-        #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t n = 0; n < N; n++) Q4_ROW(n);
-    } else {
-        for (int64_t n = 0; n < N; n++) Q4_ROW(n);
-    }
+    FOR_ROWS(N, Q4_ROW);
     free(xq); free(d); free(dv); free(xs);
 }
 
@@ -218,12 +217,7 @@ void fishai_f16_mm(const float *x, int64_t M, int64_t K, const uint16_t *w, int6
         for (; m0 + 4 <= M; m0 += 4) f16_rows(w + (n) * K, x, K, m0, 4, y + (n), N); \
         for (; m0 + 2 <= M; m0 += 2) f16_rows(w + (n) * K, x, K, m0, 2, y + (n), N); \
         for (; m0 < M; m0++) f16_rows(w + (n) * K, x, K, m0, 1, y + (n), N); } while (0)
-    if (nthreads > 1) {
-        #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t n = 0; n < N; n++) F16_ROW(n);
-    } else {
-        for (int64_t n = 0; n < N; n++) F16_ROW(n);
-    }
+    FOR_ROWS(N, F16_ROW);
 }
 
 #endif

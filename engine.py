@@ -108,10 +108,11 @@ class StaticDecodeStep:
     cuda_graph=True it is captured once as a CUDA graph and replayed; its output buffer holds the
     logits until the next replay (callers copy)."""
 
-    def __init__(self, fn, tok: torch.Tensor, pos: torch.Tensor, cuda_graph: bool = False, warmup: int = 3):
+    def __init__(self, fn, tok: torch.Tensor, pos: torch.Tensor, cuda_graph: bool = False, warmup: int = 3,
+                 first_end: int | None = None):
         self.fn, self.tok, self.pos, self.graph = fn, tok, pos, None
         if not cuda_graph:
-            fn(tok, pos)  # compiles now, so that a failure shows here
+            fn(tok, pos, first_end)  # compiles (the first KV bucket) now, so that a failure shows here
             return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -123,11 +124,11 @@ class StaticDecodeStep:
         with torch.cuda.graph(self.graph):
             self.out = fn(tok, pos)
 
-    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, end: int | None = None) -> torch.Tensor:
         self.tok.copy_(tok)
         self.pos.copy_(pos)
         if self.graph is None:
-            return self.fn(self.tok, self.pos)
+            return self.fn(self.tok, self.pos, end)
         self.graph.replay()
         return self.out.clone()
 
@@ -138,6 +139,7 @@ class StaticDecodeStep:
 # a layer whose forward is all it does (stock modules, and the quantized layers, which declare
 # lean_decode = True) can be called through its forward or F.linear directly
 _STOCK = (nn.Embedding, nn.Linear)
+STATIC_MIN_BUCKET = 64  # the smallest KV length a compiled CPU step attends (see Engine._bucket)
 
 
 def _hooked(model) -> bool:
@@ -159,25 +161,24 @@ def _call(m, hooked: bool):
 
 
 def _group(parent, names, hooked: bool):
-    """The outputs of parent's linears `names` for one input: one matmul split in parts when
-    install_runtime_layers fused them (parent.fused_<names>), else one call each."""
+    """The outputs of parent's linears `names` for one input side by side (..., sum of their
+    widths): one matmul when install_runtime_layers fused them (parent.fused_<names>), else one
+    call each, concatenated."""
     fused = None if hooked else getattr(parent, "fused_" + "_".join(names), None)
     if fused is not None:
-        f, sizes = fused.forward, [getattr(parent, n).out_features for n in names]
-        return lambda h: f(h).split(sizes, dim=-1)
+        return fused.forward
     fns = [_call(getattr(parent, n), hooked) for n in names]
-    return lambda h: [g(h) for g in fns]
+    return lambda h: torch.cat([g(h) for g in fns], dim=-1)
 
 
-def _row_by_row(f, split: bool = False):
+def _row_by_row(f):
     """f applied to each row of a batch on its own (M = 1 per matmul): a kernel whose result for a
     row depends on how many rows come with it (torch's CPU int4 kernel, sgemm against sgemv) then
     gives every row exactly what it gives alone (Engine(batch_invariant=True))."""
     def each(h):
         if h.shape[0] == 1:
             return f(h)
-        parts = [f(h[i:i + 1]) for i in range(h.shape[0])]
-        return [torch.cat(p) for p in zip(*parts)] if split else torch.cat(parts)
+        return torch.cat([f(h[i:i + 1]) for i in range(h.shape[0])])
     return each
 
 
@@ -215,7 +216,7 @@ class Engine:
             self.v = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(c.n_layers)]
         self.key, self.batch_invariant = _weights_key(model), batch_invariant
         self._bind(model)
-        self.compiled, self.path = None, "eager"
+        self.compiled, self.path, self.graph_step = None, "eager", False
         if compile:
             self._build_static(cuda_graph)
 
@@ -229,9 +230,12 @@ class Engine:
                        for b in model.layers]
         if self.batch_invariant:
             self.head = _row_by_row(self.head)
-            self.layers = [(an, _row_by_row(qkv, True), _row_by_row(wo), mn, _row_by_row(gu, True), _row_by_row(down))
+            self.layers = [(an, _row_by_row(qkv), _row_by_row(wo), mn, _row_by_row(gu), _row_by_row(down))
                            for an, qkv, wo, mn, gu, down in self.layers]
         self.norm, self.cos, self.sin = model.norm.weight, model.rope_cos, model.rope_sin
+        # a decode step rotates q and k in one go, as x * cos2 + roll(x, hd/2) * sin2 with
+        # cos2 = (cos, cos), sin2 = (-sin, sin): model.apply_rope's arithmetic in 3 ops, not 2 x 8
+        self.cos2, self.sin2 = torch.cat([self.cos, self.cos], -1), torch.cat([-self.sin, self.sin], -1)
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -243,7 +247,8 @@ class Engine:
         B, T = tokens.shape
         if self.compiled is not None and T == 1 and row == 0 and B == self.batch and last_only:
             pos = start if torch.is_tensor(start) else torch.full((B,), int(start), device=tokens.device)
-            return self.compiled(tokens, pos)
+            newest = self.length - 1 if self.graph_step else int(start.max() if torch.is_tensor(start) else start)
+            return self.compiled(tokens, pos, self._bucket(newest))
         if torch.is_tensor(start):
             pos = start.view(B, 1) + torch.arange(T, device=tokens.device)
             end = int(pos.max()) + 1
@@ -258,12 +263,19 @@ class Engine:
                              f"up to position {end - 1} do not fit")
         return self._forward(tokens, pos, end, mask, causal, slice(row, row + B), last_only)
 
-    def _static(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    def _bucket(self, last: int) -> int:
+        """The KV length a compiled step attends for a newest position `last`: the whole cache for a
+        CUDA graph (one capture), else the next power of two from 64 (a compile per bucket: the CPU
+        step then attends over at most twice the positions it needs, not the whole context)."""
+        if self.graph_step:
+            return self.length
+        return min(self.length, max(STATIC_MIN_BUCKET, 1 << max(0, last).bit_length()))
+
+    def _static(self, tokens: torch.Tensor, start: torch.Tensor, end: int | None = None) -> torch.Tensor:
         """The step with fixed shapes for torch.compile / CUDA graphs: (B, 1) tokens at (B,)
-        positions, attention over the whole cache with a mask."""
-        pos = start.view(-1, 1)
-        return self._forward(tokens, pos, self.length, _past_mask(pos, self.length), False, slice(0, tokens.shape[0]),
-                             True)
+        positions, attention over the first `end` cache positions (default: all) with a mask."""
+        pos, end = start.view(-1, 1), end or self.length
+        return self._forward(tokens, pos, end, _past_mask(pos, end), False, slice(0, tokens.shape[0]), True)
 
     def _forward(self, tokens, pos, end: int, mask, causal: bool, rows: slice, last_only: bool):
         """The math of one step. pos: an int (positions pos..pos+T-1 of every row: slices) or (B, T)
@@ -275,18 +287,31 @@ class Engine:
         H, KV, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
         rep, one = H // KV, T == 1
         x = self.embed(tokens.view(B) if one else tokens)
+        table = (self.cos2, self.sin2) if one else (self.cos, self.sin)
         if torch.is_tensor(pos):
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
+            cos, sin = table[0][pos][:, None], table[1][pos][:, None]
         else:
-            cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+            cos, sin = table[0][pos:pos + T], table[1][pos:pos + T]
+        qk_width, half = (H + KV) * hd, hd // 2
         write = self._writer(pos, rows, B, T, tokens.device)
         if mask is not None and rep > 1:  # the fused kernels take GQA or a mask, not both: a KV head's
             mask = mask[:, :, None].expand(B, 1, rep, T, end).reshape(B, 1, rep * T, end)  # queries as its rows
-        heads = (lambda t, n: t.view(B, n, 1, hd)) if one else (lambda t, n: t.view(B, T, n, hd).transpose(1, 2))
+
+        def heads(t, n):  # (B, T, n * hd) -> (B, n, T, hd)
+            return t.view(B, T, n, hd).transpose(1, 2)
+
         for (an, qkv, wo, mn, gate_up, down), kc, vc in zip(self.layers, self.k, self.v):
             h = F.rms_norm(x, an.shape, an, eps)
-            q, k, v = qkv(h)
-            q, k, v = apply_rope(heads(q, H), cos, sin), apply_rope(heads(k, KV), cos, sin), heads(v, KV)
+            qkv_out = qkv(h)
+            if one:  # (B, (H + 2 KV) hd): q and k rotated together as (B, H + KV, 1, hd)
+                if cos.dtype != qkv_out.dtype:  # (apply_rope's cast: autocast's matmuls give bf16)
+                    cos, sin = cos.to(qkv_out.dtype), sin.to(qkv_out.dtype)
+                qk = qkv_out[:, :qk_width].view(B, H + KV, 1, hd)
+                qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
+                q, k, v = qk[:, :H], qk[:, H:], qkv_out[:, qk_width:].view(B, KV, 1, hd)
+            else:
+                q, k, v = qkv_out.split([H * hd, KV * hd, KV * hd], dim=-1)
+                q, k, v = apply_rope(heads(q, H), cos, sin), apply_rope(heads(k, KV), cos, sin), heads(v, KV)
             if k.dtype != kc.dtype:
                 k, v, q = k.to(kc.dtype), v.to(kc.dtype), q.to(kc.dtype)
             write(kc, k)
@@ -295,7 +320,7 @@ class Engine:
             y = y.reshape(B, H * hd) if one else y.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
             x = x + wo(y if y.dtype == x.dtype else y.to(x.dtype))
             h = F.rms_norm(x, mn.shape, mn, eps)
-            g, u = gate_up(h)
+            g, u = gate_up(h).chunk(2, dim=-1)
             x = x + down(F.silu(g) * u)
         if not one and last_only:
             x = x[:, -1]
@@ -363,7 +388,8 @@ class Engine:
         fn = torch.compile(self._static, fullgraph=True, dynamic=False) if compiled else self._static
         tok = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         pos = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        return StaticDecodeStep(fn, tok, pos, cuda_graph=captured)
+        self.graph_step = captured
+        return StaticDecodeStep(fn, tok, pos, cuda_graph=captured, first_end=self._bucket(0))
 
     # --- rows and whole generations ---------------------------------------------------------------
 

@@ -419,7 +419,8 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x):
         if self.kernel == "fishai":
-            return _unflat(cpu_kernels.q8_mm(x, self.weight, self.scales), x)
+            mm = cpu_kernels.q8_op if torch.compiler.is_compiling() else cpu_kernels.q8_mm
+            return _unflat(mm(x, self.weight, self.scales), x)
         if self.kernel:  # torch._weight_int8pack_mm: torch.ops.aten's op, ~1 us less Python per call
             y = torch._weight_int8pack_mm(_flat2d(x, self.pad), self.weight, self.scales)
         else:
@@ -551,7 +552,8 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x):
         if self.mode == "fishai":
-            return _unflat(cpu_kernels.q4_mm(x, self.weight, self.scales, self.scaled_zeros, self.group_size), x)
+            mm = cpu_kernels.q4_op if torch.compiler.is_compiling() else cpu_kernels.q4_mm
+            return _unflat(mm(x, self.weight, self.scales, self.scaled_zeros, self.group_size), x)
         if self.mode == "dequant":
             w = _dequant_rows(_unpack_rows(self.weight, self.in_features), self.scales, self.zeros,
                               self.group_size, x.dtype)
@@ -623,7 +625,8 @@ class HalfLinear(torch.nn.Module):
 
     def forward(self, x):
         if self.kernel and x.numel() < F16_KERNEL_ROWS * self.in_features:
-            return _unflat(cpu_kernels.f16_mm(x, self.weight), x)
+            mm = cpu_kernels.f16_op if torch.compiler.is_compiling() else cpu_kernels.f16_mm
+            return _unflat(mm(x, self.weight), x)
         return torch.nn.functional.linear(x, self.weight.to(x.dtype))
 
 

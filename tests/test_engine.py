@@ -3,6 +3,7 @@ position per batch and at each row's own, hooks, sampling, the compiled static s
 import pytest
 import torch
 
+import cpu_kernels
 import engine
 from engine import Engine, generate
 from model import GPT, ModelConfig
@@ -151,6 +152,35 @@ def test_a_failed_compile_falls_back_to_eager_and_says_why(net, monkeypatch):
 
 
 # --- CUDA (run on a GPU machine; skipped elsewhere) ------------------------------------------
+
+def test_the_cpu_static_step_attends_kv_buckets(monkeypatch):
+    """On a CPU the compiled step attends the next power of two from 64 past the newest position
+    (one compile per bucket) instead of the whole context; the tokens are the eager ones."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    m = GPT(ModelConfig(**{**NET_SHAPE, "max_seq_len": 256})).eval()
+    eng = Engine(m, 1, compile=True)
+    assert not eng.graph_step and [eng._bucket(p) for p in (0, 63, 64, 127, 128, 255, 400)] == [
+        64, 64, 128, 128, 256, 256, 256]
+    ends, fn = [], eng.compiled.fn
+    eng.compiled.fn = lambda tok, pos, end=None: ends.append(end) or fn(tok, pos, end)
+    x = tokens(1, 6, 3)
+    got = torch.stack(list(eng.stream(x, 150, temperature=0)), dim=1)
+    assert torch.equal(got, naive_greedy(m, x, 150)[:, 6:])
+    assert sorted(set(ends)) == [64, 128, 256] and ends[0] == 64 and ends[-1] == 256
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason=f"FishAI's CPU kernels do not run here: {cpu_kernels.why()}")
+def test_the_static_step_of_a_bin_on_fishai_kernels_traces_whole(formats, trained_ckpt, tmp_path):
+    """The kernels are torch custom ops inside a compiled step: no graph break for any .bin kind."""
+    import quantize
+    from model import load_model
+    assert quantize.main(["--model", str(trained_ckpt), "--output", str(tmp_path / "h.bin"), "--strategy", "fp16",
+                          "--quiet"]) == 0
+    for m in (formats["int8"], formats["int4"], formats["mixed"], load_model(tmp_path / "h.bin")):
+        eng = Engine(m, 2, 64)
+        explain = torch._dynamo.explain(eng._static)(tokens(2, 1, 9), torch.tensor([3, 5]), 64)
+        assert explain.graph_break_count == 0, explain.break_reasons
+
 
 def cuda(fn):
     """pytest -m cuda selects it; hard-wired to the GPU, so it skips without one (even in the CPU dry run)."""

@@ -881,7 +881,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(trained_ckpt,
     (chunked_steps, chunked), (whole_steps, whole) = results[64], results[4096]
     print(f"a running stream's tokens during a 1,900-token prefill: {chunked_steps} in chunks of 64, "
           f"{whole_steps} in one piece")
-    assert chunked_steps >= 15 and whole_steps <= 3, (chunked_steps, whole_steps)
+    # (a few tokens reach the stream while the long request travels and is checked, before its
+    # prefill starts: the faster the decode step, the more; the prefill itself holds it in one piece)
+    assert chunked_steps >= 15 and whole_steps <= chunked_steps // 4, (chunked_steps, whole_steps)
     assert chunked["text"] == whole["text"] and len(chunked["logprobs"]) == len(long_prompt) + 4
     assert chunked["logprobs"][0] is None and whole["logprobs"][0] is None
     assert chunked["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
