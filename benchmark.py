@@ -64,11 +64,13 @@ import torch
 import torch.nn.functional as F
 
 import common
+import cpu_kernels
 import data_utils
 import engine
 from model import (CONFIGS, GPT, IGNORE_INDEX, count_params, device_peak_flops,
                    estimate_mfu, get_config, load_model, model_bytes, save_checkpoint, to_hf)
 from optim import configure_optimizers
+from quantized import HalfLinear, int4_linear, int8_linear, quantize_rtn
 import readers
 import scoring
 import text_tokenizer
@@ -82,7 +84,7 @@ import train
 _AUTO_DTYPE = "auto = bf16 on CUDA (fp16 where unsupported), fp32 on CPU"
 
 
-SPEED_GROUPS = ("prefill", "decode", "train", "compiled-decode", "quantized")  # SPEED_BY_GROUP's keys
+SPEED_GROUPS = ("prefill", "decode", "train", "compiled-decode", "quantized", "kernels")  # SPEED_BY_GROUP's keys
 
 
 def _add_self_test_parser(sub):
@@ -108,8 +110,9 @@ def _add_self_test_parser(sub):
                          "machine; speeds are then tokens per CPU-second)")
     st.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     st.add_argument("--no-quantized", dest="quantized", action="store_false",
-                    help="skip the quantized rows (the same weights as fp32/int8/int4/mixed .bin files, "
-                         "against HF and, when llama-cpp-python is installed, llama.cpp on the GGUF export)")
+                    help="skip the quantized rows (the same weights as fp16/int8/int4/mixed .bin files, "
+                         "against HF and, when llama-cpp-python is installed, llama.cpp on the GGUF export) "
+                         "and the kernel rows (FishAI's CPU matmuls against torch's)")
     st.add_argument("--threads", type=common.int_flag(1), default=None, help="CPU threads for torch (default: torch's "
                     "choice); 1 gives steadier numbers on a busy machine")
     st.add_argument("--seed", type=common.int_flag(0), default=0, help="seed of the random weights and inputs")
@@ -1084,12 +1087,51 @@ def time_quantized(t: SelfTest, strategy: str):
                 llama.close()
 
 
+KERNEL_CALLS = 50  # matmuls per timed run of a kernel row (one call takes 10-1000 us)
+
+
+def _kernel_pairs(w: torch.Tensor) -> dict:
+    """(FishAI's layer, torch's layer, torch's op) per weight kind of the runtime, for one weight."""
+    q8, q4 = quantize_rtn(w, "q8"), quantize_rtn(w, "q4")
+    theirs16 = HalfLinear(w.half())
+    theirs16.kernel = ""  # the runtime's layer without FishAI's kernels: the fp16 weight cast per call
+    return {"int8": (int8_linear(q8.codes, q8.scales, "cpu"), int8_linear(q8.codes, q8.scales, "cpu", kernel=True),
+                     "_weight_int8pack_mm"),
+            "int4": (int4_linear(q4, "cpu"), int4_linear(q4, "cpu", mode="cpu" if w.shape[0] % 16 == 0 else "dequant"),
+                     "_weight_int4pack_mm_for_cpu"),
+            "fp16": (HalfLinear(w.half()), theirs16, "F.linear")}
+
+
+def time_kernels(t: SelfTest):
+    """Matmul calls/s of FishAI's CPU kernels (cpu_kernels) against torch's on the same stored
+    weights, for each matmul of t.model as the runtime runs it (q/k/v and gate/up fused, o, down,
+    the head) at batch 1 and 8, interleaved."""
+    if t.cuda or not t.quantized:
+        return
+    if not cpu_kernels.available():
+        t.check("FishAI's CPU kernels run here", False, cpu_kernels.why(), required=False)
+        return
+    c, g = t.model.config, torch.Generator().manual_seed(0)
+    shapes = {"qkv": ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.d_model), "o": (c.d_model, c.n_heads * c.head_dim),
+              "gate_up": (2 * c.d_ff, c.d_model), "down": (c.d_model, c.d_ff), "head": (c.vocab_size, c.d_model)}
+    for name, (n, k) in shapes.items():
+        pairs = _kernel_pairs(torch.randn(n, k, generator=g) * 0.02)
+        for batch in (1, 8):
+            x = torch.randn(batch, k, generator=g)
+            for kind, (ours, theirs, op) in pairs.items():
+                t_o, t_t = t.time_runs([lambda f=ours: [f(x) for _ in range(KERNEL_CALLS)],
+                                        lambda f=theirs: [f(x) for _ in range(KERNEL_CALLS)]])
+                t.row(f"kernel_{kind}_{name}_b{batch}_calls_s", f"{kind} {name} matmul ({n}x{k}), batch {batch}: calls/s",
+                      KERNEL_CALLS / t_o, KERNEL_CALLS / t_t, "calls/s", peer=f"torch {op}")
+
+
 SPEED_BY_GROUP = {
     "prefill": [time_prefill],
     "decode": [partial(time_decode, batch=b, cache=c) for c in (True, False) for b in (1, 8)],
     "train": [time_train],
     "compiled-decode": [time_compiled_decode],
     "quantized": [partial(time_quantized, strategy=s) for s in QUANT_PEERS],
+    "kernels": [time_kernels],
 }
 
 

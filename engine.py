@@ -20,7 +20,8 @@ modules instead, so the hooks see every matmul.
 
 compile=True (the CUDA default, fast_decode_default) also builds a static step: the same step
 over the whole cache with a mask, so its shapes never change; torch.compile'd and, on CUDA,
-captured once as a CUDA graph and replayed (one launch per token, the gpt-fast recipe). Where a
+captured once as a CUDA graph and replayed (one launch per token, the gpt-fast recipe). On a CPU
+(no graph) it attends the KV length in power-of-two buckets from 64 instead, one compile each. Where a
 stage fails the next runs (compiled + graph, eager + graph, compiled, eager); Engine.path names
 what runs and why.
 """

@@ -294,6 +294,41 @@ def _has_llama_cpp():
     return True
 
 
+def test_self_test_kernel_rows(tiny_config, monkeypatch):
+    t = B._build_self_test(tiny_config, "cpu", None, False, 2, 32, 4, 4, 1, True, 0, "cpu")
+    t.clock = ticking_clock()
+    B.time_kernels(t)
+    if not B.cpu_kernels.available():
+        assert t.speed == {} and t.checks[-1]["name"] == "FishAI's CPU kernels run here"
+        return
+    rows = {k: v for k, v in t.speed.items() if k.startswith("kernel_")}
+    assert len(rows) == 5 * 2 * 3            # shapes x batch sizes x kinds
+    c = tiny_config
+    head = rows["kernel_int4_head_b8_calls_s"]
+    assert head["peer"] == "torch _weight_int4pack_mm_for_cpu" and head["unit"] == "calls/s"
+    assert f"({c.vocab_size}x{c.d_model}), batch 8" in head["label"]
+    assert rows["kernel_fp16_qkv_b1_calls_s"]["peer"] == "torch F.linear"
+    assert all(r["ours"] == r["hf"] == B.KERNEL_CALLS for r in rows.values())   # one ticking second a run
+    # the pairs really are FishAI's and torch's kernels, computing the same matmul
+    w = torch.randn(64, 128) * 0.02
+    x = torch.randn(3, 128)
+    for kind, (ours, theirs, _) in B._kernel_pairs(w).items():
+        assert torch.allclose(ours(x), theirs(x), rtol=0.05, atol=0.01), kind
+    pairs = B._kernel_pairs(w)
+    assert (pairs["int8"][0].kernel, pairs["int8"][1].kernel) == ("fishai", "torch")
+    assert (pairs["int4"][0].mode, pairs["int4"][1].mode, pairs["fp16"][1].kernel) == ("fishai", "cpu", "")
+    # without the kernels: a warning with the reason, no rows
+    monkeypatch.setenv("FISHAI_CPU_KERNELS", "0")
+    B.cpu_kernels.reset()
+    try:
+        t.speed, t.checks = {}, []
+        B.time_kernels(t)
+        assert t.speed == {} and t.checks[0]["detail"] == "FISHAI_CPU_KERNELS=0" and not t.checks[0]["required"]
+    finally:
+        monkeypatch.undo()
+        B.cpu_kernels.reset()
+
+
 def test_self_test_quantized_rows(tiny_config):
     t = B._build_self_test(tiny_config, "cpu", None, False, 2, 32, 4, 4, 1, True, 0, "cpu")
     t.clock = ticking_clock()  # each timed run: 1 s, so a row is its token count
