@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 import common
+import cpu_kernels
 from engine import Engine as DecodeEngine, cut_at_stop, sample_next
 from model import CheckpointError, chat_training_warning, count_params, load_model
 import text_tokenizer
@@ -189,6 +190,14 @@ def _quantization(gpt, path: Path, dequantize: bool) -> str:
         found = [k for k, n in (("int4", "Int4Linear"), ("int8", "Int8Linear"), ("fp16", "HalfLinear")) if n in kinds]
         return "dequantized" if dequantize else ("+".join(found) or "fp32")
     return "none"
+
+
+def _kernels(gpt, quantization: str) -> str:
+    """Which matmuls a quantized model's layers run on (for the load line): on a CPU, FishAI's
+    kernels or torch's with the reason."""
+    if quantization in ("none", "dequantized", "fp32"):
+        return ""
+    return f" on {cpu_kernels.status()}" if next(gpt.buffers()).device.type == "cpu" else ""
 
 
 def model_specs(values: list[str]) -> list[ServedModel]:
@@ -750,9 +759,9 @@ class Server:
                 self.engines[m.name] = Engine(m, self.args.max_batch, self.args.max_queue, self.metrics,
                                               self.args.prefill_chunk, self.args.deterministic,
                                               self.args.prefill_stall_steps)
-                log.info("model %s: %s loaded in %.1f s (%s, %s parameters, context %d)", m.name, m.path,
-                         time.time() - t0, m.info["quantization"], f"{m.info['parameters']:,}",
-                         m.info["context_length"])
+                log.info("model %s: %s loaded in %.1f s (%s%s, %s parameters, context %d)", m.name, m.path,
+                         time.time() - t0, m.info["quantization"], _kernels(m.gpt, m.info["quantization"]),
+                         f"{m.info['parameters']:,}", m.info["context_length"])
                 if self.args.watch and m.path.is_file():
                     threading.Thread(target=self._watch, args=(m,), daemon=True).start()
             self.ready.set()

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import cpu_kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
 
@@ -543,6 +545,10 @@ def test_serving_is_said_once_the_models_are_loaded(server):
     said = [i for i, line in enumerate(lines) if "serving tiny, tiny-int4 on http://127.0.0.1:" in line]
     loaded = [i for i, line in enumerate(lines) if " loaded in " in line]
     assert len(said) == 1 and len(loaded) == 2 and said[0] > max(loaded), "".join(lines)
+    # the load line says which kernels a quantized model runs on (and why torch's, where it does)
+    int4 = next(lines[i] for i in loaded if "model tiny-int4:" in lines[i])
+    plain = next(lines[i] for i in loaded if "model tiny:" in lines[i])
+    assert f"(int4 on {cpu_kernels.status()}, " in int4 and "(none, " in plain, "".join(lines)
 
 
 def test_health_is_503_while_loading(trained_ckpt):
@@ -883,7 +889,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(trained_ckpt,
           f"{whole_steps} in one piece")
     # (a few tokens reach the stream while the long request travels and is checked, before its
     # prefill starts: the faster the decode step, the more; the prefill itself holds it in one piece)
-    assert chunked_steps >= 15 and whole_steps <= chunked_steps // 4, (chunked_steps, whole_steps)
+    assert chunked_steps >= 15 and whole_steps <= max(3, chunked_steps // 4), (chunked_steps, whole_steps)
     assert chunked["text"] == whole["text"] and len(chunked["logprobs"]) == len(long_prompt) + 4
     assert chunked["logprobs"][0] is None and whole["logprobs"][0] is None
     assert chunked["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
@@ -1055,6 +1061,7 @@ def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps(trained_
         finally:
             s.stop()
     (paced_steps, paced), (whole_steps, whole) = results[3], results[0]
-    assert paced_steps >= 10 and whole_steps <= 3, (paced_steps, whole_steps)
+    # (a few tokens get through while the long request travels and is checked: see the test above)
+    assert paced_steps >= 10 and whole_steps <= max(3, paced_steps // 4), (paced_steps, whole_steps)
     assert paced["text"] == whole["text"]
     assert paced["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
