@@ -135,7 +135,8 @@ static inline __attribute__((always_inline)) void q4_rows(const uint8_t *wr, con
     __m512 acc[MB], part[MB];
     for (int j = 0; j < mb; j++) acc[j] = part[j] = _mm512_setzero_ps();
     __m512i hi = _mm512_setzero_si512();
-    for (int64_t p = 0, g = 0; p < np; p++) {
+    /* (a counter, not p % pp: a division per 64 columns costs as much as their products) */
+    for (int64_t p = 0, g = 0, in_group = 0; p < np; p++) {
         __m512i cv;
         if (p % 2 == 0 && p + 1 < np) {
             const __m512i v = _mm512_loadu_si512(wr + p * 32);
@@ -152,7 +153,8 @@ static inline __attribute__((always_inline)) void q4_rows(const uint8_t *wr, con
             const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cv, _mm512_loadu_si512(xq + (m0 + j) * Kp + p * 64));
             part[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), dv[(m0 + j) * np + p], part[j]);
         }
-        if ((p + 1) % pp == 0 || p + 1 == np) { /* the end of group g (past the last: padding, zeros) */
+        if (++in_group == pp || p + 1 == np) { /* the end of group g (past the last: padding, zeros) */
+            in_group = 0;
             const __m512 sv = _mm512_set1_ps(s[g < ng ? g : ng - 1]);
             g++;
             for (int j = 0; j < mb; j++) {
