@@ -70,7 +70,7 @@ import engine
 from model import (CONFIGS, GPT, IGNORE_INDEX, count_params, device_peak_flops,
                    estimate_mfu, get_config, load_model, model_bytes, save_checkpoint, to_hf)
 from optim import configure_optimizers
-from quantized import HalfLinear, int4_linear, int8_linear, quantize_rtn
+from quantized import HalfLinear, int4_linear, int4_mode, int8_linear, quantize_rtn
 import readers
 import scoring
 import text_tokenizer
@@ -1097,7 +1097,8 @@ def _kernel_pairs(w: torch.Tensor) -> dict:
     theirs16.kernel = ""  # the runtime's layer without FishAI's kernels: the fp16 weight cast per call
     return {"int8": (int8_linear(q8.codes, q8.scales, "cpu"), int8_linear(q8.codes, q8.scales, "cpu", kernel=True),
                      "_weight_int8pack_mm"),
-            "int4": (int4_linear(q4, "cpu"), int4_linear(q4, "cpu", mode="cpu" if w.shape[0] % 16 == 0 else "dequant"),
+            "int4": (int4_linear(q4, "cpu"),
+                     int4_linear(q4, "cpu", mode=int4_mode("cpu", w.shape[0], q4.group_size, fishai=False)),
                      "_weight_int4pack_mm_for_cpu"),
             "fp16": (HalfLinear(w.half()), theirs16, "F.linear")}
 

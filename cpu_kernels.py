@@ -152,25 +152,25 @@ def _x2d(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.is_contiguous() else x2.contiguous()
 
 
-def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(M, N) fp32 = x (..., K) @ W^T, W = codes (N, Kp) int8 * scales (N,) fp32 per row."""
-    lib, x2 = _state.get("lib") or library(), _x2d(x)
-    (m, k), n = x2.shape, codes.shape[0]
+def _run(kernel: str, x: torch.Tensor, n: int, *weights) -> torch.Tensor:
+    """(M, N) fp32 from one of the C kernels, called as kernel(x, M, K, *weights, N, y, threads)."""
+    x2 = _x2d(x)
+    m, k = x2.shape
     y = torch.empty(m, n, dtype=torch.float32)
     if m:
-        lib.fishai_q8_mm(x2.data_ptr(), m, k, codes.data_ptr(), codes.shape[1], scales.data_ptr(), n, y.data_ptr(),
-                         torch.get_num_threads())
+        getattr(_state.get("lib") or library(), kernel)(x2.data_ptr(), m, k, *weights, n, y.data_ptr(),
+                                                        torch.get_num_threads())
     return y
+
+
+def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(M, N) fp32 = x (..., K) @ W^T, W = codes (N, Kp) int8 * scales (N,) fp32 per row."""
+    return _run("fishai_q8_mm", x, codes.shape[0], codes.data_ptr(), codes.shape[1], scales.data_ptr())
 
 
 def f16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(M, N) fp32 = x (..., K) @ W^T, W (N, K) fp16 (contiguous), in fp32 arithmetic."""
-    lib, x2 = _state.get("lib") or library(), _x2d(x)
-    (m, k), n = x2.shape, weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m:
-        lib.fishai_f16_mm(x2.data_ptr(), m, k, weight.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
-    return y
+    return _run("fishai_f16_mm", x, weight.shape[0], weight.data_ptr())
 
 
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
@@ -178,13 +178,8 @@ def q4_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, scaled_ze
     """(M, N) fp32 = x (..., K) @ W^T, W[n, c] = (code - zero) * scale per row and group of
     group_size (a multiple of 64) columns: packed (N, Kp / 2) uint8 (pack_int4's layout), scales and
     scaled_zeros (= scale * zero) (N, groups) fp32."""
-    lib, x2 = _state.get("lib") or library(), _x2d(x)
-    (m, k), n = x2.shape, packed.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m:
-        lib.fishai_q4_mm(x2.data_ptr(), m, k, packed.data_ptr(), packed.shape[1] * 2, scales.data_ptr(),
-                         scaled_zeros.data_ptr(), scales.shape[1], group_size, n, y.data_ptr(), torch.get_num_threads())
-    return y
+    return _run("fishai_q4_mm", x, packed.shape[0], packed.data_ptr(), packed.shape[1] * 2, scales.data_ptr(),
+                scaled_zeros.data_ptr(), scales.shape[1], group_size)
 
 
 # The same matmuls as torch custom ops, for a compiled step (torch.compile traces through them; the

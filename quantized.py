@@ -476,12 +476,12 @@ def _dequant_rows(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     return (codes.to(dtype) - zeros[:, g].to(dtype)) * scales[:, g].to(dtype)
 
 
-def int4_mode(device, rows: int, group_size: int) -> str:
+def int4_mode(device, rows: int, group_size: int, fishai: bool = True) -> str:
     """How an int4 layer of `rows` output rows runs here: "fishai" (cpu_kernels, on a CPU where it
-    runs, groups a multiple of 64 columns), "cpu" / "cuda" (torch's int4 kernel, when it exists and
-    is right on this device) or "dequant" (dequantized for each call)."""
+    runs, groups a multiple of 64 columns; fishai=False: never), "cpu" / "cuda" (torch's int4 kernel,
+    when it exists and is right on this device) or "dequant" (dequantized for each call)."""
     kind = torch.device(device).type
-    if kind == "cpu" and group_size % cpu_kernels.COLS == 0 and cpu_kernels.available():
+    if fishai and kind == "cpu" and group_size % cpu_kernels.COLS == 0 and cpu_kernels.available():
         return "fishai"
     if group_size not in INT4_KERNEL_GROUPS or kind not in ("cpu", "cuda"):
         return "dequant"
@@ -725,10 +725,6 @@ class Int4Embedding(torch.nn.Module):
         shared_scales = head.mode in ("dequant", "fishai")
         self.register_buffer("scales", head.scales if shared_scales else qt.scales.to(device, torch.float32))
         self.register_buffer("zeros", qt.zeros.to(device, torch.uint8))
-
-    @property
-    def row_packed(self) -> bool:
-        return self.layout == "rows"
 
     def forward(self, idx):
         flat = idx.reshape(-1)
