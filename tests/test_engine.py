@@ -170,13 +170,9 @@ def test_the_cpu_static_step_attends_kv_buckets(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason=f"FishAI's CPU kernels do not run here: {cpu_kernels.why()}")
-def test_the_static_step_of_a_bin_on_fishai_kernels_traces_whole(formats, trained_ckpt, tmp_path):
+def test_the_static_step_of_a_bin_on_fishai_kernels_traces_whole(formats):
     """The kernels are torch custom ops inside a compiled step: no graph break for any .bin kind."""
-    import quantize
-    from model import load_model
-    assert quantize.main(["--model", str(trained_ckpt), "--output", str(tmp_path / "h.bin"), "--strategy", "fp16",
-                          "--quiet"]) == 0
-    for m in (formats["int8"], formats["int4"], formats["mixed"], load_model(tmp_path / "h.bin")):
+    for m in (formats["int8"], formats["int4"], formats["mixed"], formats["fp16"]):
         eng = Engine(m, 2, 64)
         explain = torch._dynamo.explain(eng._static)(tokens(2, 1, 9), torch.tensor([3, 5]), 64)
         assert explain.graph_break_count == 0, explain.break_reasons
@@ -213,12 +209,12 @@ def test_cuda_compiled_graph_step_matches_eager():
 
 @pytest.fixture(scope="module")
 def formats(tmp_path_factory, trained_ckpt):
-    """The trained fixture model as each file kind a server runs: .pt, int8, int4 and mixed .bin."""
+    """The trained fixture model as each file kind a server runs: .pt, int8, int4, mixed and fp16 .bin."""
     import quantize
     from model import load_model
     out = tmp_path_factory.mktemp("formats")
     models = {"pt": load_model(trained_ckpt)}
-    for strategy in ("int8", "int4", "mixed"):
+    for strategy in ("int8", "int4", "mixed", "fp16"):
         path = out / f"m-{strategy}.bin"
         assert quantize.main(["--model", str(trained_ckpt), "--output", str(path), "--strategy", strategy,
                               "--quiet"]) == 0
@@ -252,7 +248,7 @@ def _alone_and_batched(m, invariant: bool, n: int = 12) -> tuple[list, list]:
     return alone, batched
 
 
-@pytest.mark.parametrize("fmt", ["pt", "int8", "int4", "mixed"])
+@pytest.mark.parametrize("fmt", ["pt", "int8", "int4", "mixed", "fp16"])
 def test_batch_invariant_rows_give_what_they_give_alone(formats, fmt):
     alone, batched = _alone_and_batched(formats[fmt], invariant=True)
     assert batched == alone
