@@ -887,9 +887,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(trained_ckpt,
     (chunked_steps, chunked), (whole_steps, whole) = results[64], results[4096]
     print(f"a running stream's tokens during a 1,900-token prefill: {chunked_steps} in chunks of 64, "
           f"{whole_steps} in one piece")
-    # (a few tokens reach the stream while the long request travels and is checked, before its
-    # prefill starts: the faster the decode step, the more; the prefill itself holds it in one piece)
-    assert chunked_steps >= 15 and whole_steps <= max(3, chunked_steps // 4), (chunked_steps, whole_steps)
+    # (some tokens reach the stream while the long request travels and is checked, before its
+    # prefill starts, in both runs alike: the more, the busier the machine; the ~30 pieces add ~30)
+    assert chunked_steps >= 15 and chunked_steps >= whole_steps + 12, (chunked_steps, whole_steps)
     assert chunked["text"] == whole["text"] and len(chunked["logprobs"]) == len(long_prompt) + 4
     assert chunked["logprobs"][0] is None and whole["logprobs"][0] is None
     assert chunked["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
@@ -1061,7 +1061,7 @@ def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps(trained_
         finally:
             s.stop()
     (paced_steps, paced), (whole_steps, whole) = results[3], results[0]
-    # (a few tokens get through while the long request travels and is checked: see the test above)
-    assert paced_steps >= 10 and whole_steps <= max(3, paced_steps // 4), (paced_steps, whole_steps)
+    # (tokens that get through while the long request travels come in both runs: see the test above)
+    assert paced_steps >= 10 and paced_steps >= whole_steps + 8, (paced_steps, whole_steps)
     assert paced["text"] == whole["text"]
     assert paced["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
