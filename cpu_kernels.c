@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
@@ -68,12 +69,6 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t Kp, int8
     }
 }
 
-/* the scales of vpdpbusd's 16 lanes over 64 columns: block 2p's d on lanes 0-7, block 2p+1's on 8-15 */
-static void pair_scales(const float *d, int64_t M, int64_t np, __m512 *dv) {
-    for (int64_t i = 0; i < M * np; i++)
-        dv[i] = _mm512_insertf32x8(_mm512_set1_ps(d[2 * i]), _mm256_set1_ps(d[2 * i + 1]), 1);
-}
-
 /* the sum of x's 32-blocks as quantized: sum over blocks of d * sum(xq), per row of x and per group
  * of G columns (xs, M x ng) */
 static void group_sums(const int8_t *xq, const float *d, int64_t M, int64_t Kp, int64_t G, int64_t ng, float *xs) {
@@ -87,113 +82,121 @@ static void group_sums(const int8_t *xq, const float *d, int64_t M, int64_t Kp, 
         }
 }
 
-/* One weight row against rows m0..m0+mb-1 of x; mb is a constant where this is inlined, so the
- * accumulators stay in registers. vpdpbusd multiplies unsigned by signed bytes: the codes enter as
- * code + 128 (their sign bit flipped) and each row of x takes back 128 * its sum (corr). */
-static inline __attribute__((always_inline)) void q8_rows(const int8_t *wr, const int8_t *xq, const __m512 *dv,
-        const float *corr, float s, int64_t m0, const int mb, int64_t np, int64_t Kp, float *y, int64_t N) {
+/* Int8 weights in blocks of 16 rows, the rows in the lanes (cpu_kernels.pack_int8): each 64-byte
+ * vector holds 4 columns of 16 rows. One vpdpbusd multiplies them by the same 4 bytes of x
+ * (broadcast) and the 16 lanes end as the 16 rows' outputs: the weights stream in order, no
+ * horizontal sums, one vector of 16 row scales. vpdpbusd multiplies unsigned by signed bytes: the
+ * codes enter as code + 128 (their sign bit flipped) and each row of x takes back 128 * its sum (corr). */
+static inline __attribute__((always_inline)) void q8_block(const int8_t *wb, const float *s, const int8_t *xq,
+        const float *d, const float *corr, int64_t m0, const int mb, int64_t Kp, float *y, int64_t ldy, int64_t n0,
+        int64_t nvalid) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int64_t nb = Kp / 32;
     __m512 acc[MB];
     for (int j = 0; j < mb; j++) acc[j] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < np; p++) {
-        const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(wr + p * 64), flip);
-        for (int j = 0; j < mb; j++) {
-            const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xq + (m0 + j) * Kp + p * 64));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), dv[(m0 + j) * np + p], acc[j]);
+    for (int64_t blk = 0; blk < nb; blk++) {
+        __m512i dacc[MB];
+        for (int j = 0; j < mb; j++) dacc[j] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; c++) {  /* 8 vectors of 4 columns: the x block's 32 */
+            const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wb + (blk * 8 + c) * 64), flip);
+            for (int j = 0; j < mb; j++)
+                dacc[j] = _mm512_dpbusd_epi32(dacc[j], v,
+                                              _mm512_set1_epi32(*(const int32_t *)(xq + (m0 + j) * Kp + blk * 32 + c * 4)));
         }
+        for (int j = 0; j < mb; j++)
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dacc[j]), _mm512_set1_ps(d[(m0 + j) * nb + blk]), acc[j]);
     }
-    for (int j = 0; j < mb; j++) y[(m0 + j) * N] = s * (_mm512_reduce_add_ps(acc[j]) - corr[m0 + j]);
+    const __mmask16 mk = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
+    const __m512 sv = _mm512_maskz_loadu_ps(mk, s + n0);
+    for (int j = 0; j < mb; j++)
+        _mm512_mask_storeu_ps(y + (m0 + j) * ldy + n0, mk, _mm512_mul_ps(sv, _mm512_sub_ps(acc[j], _mm512_set1_ps(corr[m0 + j]))));
 }
 
-void fishai_q8_mm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t Kp, const float *s, int64_t N,
-                  float *y, int nthreads) {
-    const int64_t nb = Kp / 32, np = Kp / 64;
+static void q8_mm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t Kp, const float *s, int64_t N,
+                  float *y, int64_t ldy, int nthreads) {
+    const int64_t nb = Kp / 32, nblocks = (N + 15) / 16;
     int8_t *xq = aligned_alloc(64, (size_t)(M * Kp));
     float *d = malloc(sizeof(float) * (size_t)(M * nb));
-    __m512 *dv = aligned_alloc(64, sizeof(__m512) * (size_t)(M * np));
     float *corr = calloc((size_t)M, sizeof(float));
     quantize_rows(x, M, K, Kp, xq, d);
-    pair_scales(d, M, np, dv);
     group_sums(xq, d, M, Kp, Kp, 1, corr);
     for (int64_t m = 0; m < M; m++) corr[m] *= 128.0f;
-    #define Q8_ROW(n) do { int64_t m0 = 0; \
-        for (; m0 + 4 <= M; m0 += 4) q8_rows(w + (n) * Kp, xq, dv, corr, s[n], m0, 4, np, Kp, y + (n), N); \
-        for (; m0 + 2 <= M; m0 += 2) q8_rows(w + (n) * Kp, xq, dv, corr, s[n], m0, 2, np, Kp, y + (n), N); \
-        for (; m0 < M; m0++) q8_rows(w + (n) * Kp, xq, dv, corr, s[n], m0, 1, np, Kp, y + (n), N); } while (0)
-    FOR_ROWS(N, Q8_ROW);
-    free(xq); free(d); free(dv); free(corr);
+    #define Q8_BLOCK(b) do { const int8_t *wb = w + (b) * 16 * Kp; const int64_t n0 = (b) * 16, nv = N - n0; \
+        int64_t m0 = 0; \
+        for (; m0 + 8 <= M; m0 += 8) q8_block(wb, s, xq, d, corr, m0, 8, Kp, y, ldy, n0, nv); \
+        for (; m0 + 4 <= M; m0 += 4) q8_block(wb, s, xq, d, corr, m0, 4, Kp, y, ldy, n0, nv); \
+        for (; m0 < M; m0++) q8_block(wb, s, xq, d, corr, m0, 1, Kp, y, ldy, n0, nv); } while (0)
+    FOR_ROWS(nblocks, Q8_BLOCK);
+    free(xq); free(d); free(corr);
 }
 
-/* One int4 weight row against rows m0..m0+mb-1 of x. Codes 0..15 are unsigned bytes as vpdpbusd
- * wants them: one 64-byte load holds 128 columns (column i in the low nibbles, 64 + i in the high).
- * A group's columns are summed before its scale is applied once, and the zero points enter once per
- * group: s * z * (the group's sum of x). */
-static inline __attribute__((always_inline)) void q4_rows(const uint8_t *wr, const float *s, const float *sz,
-        int64_t ng, int64_t pp, const int8_t *xq, const __m512 *dv, const float *xs, int64_t m0, const int mb,
-        int64_t np, int64_t Kp, float *y, int64_t N) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    __m512 acc[MB], part[MB];
+/* Int4 weights in blocks of 16 rows, the rows in the lanes (cpu_kernels.pack_int4): each 64-byte
+ * vector holds 8 columns of 16 rows, 4 bytes a row, byte t = column 8c + t (low nibble) and 8c + 4 + t
+ * (high). One vpdpbusd then multiplies 4 columns of 16 rows by the same 4 bytes of x (broadcast),
+ * and the 16 lanes end as the 16 rows' outputs: no horizontal sums, and a group's scales and zero
+ * points are one vector load for 16 rows. Both nibbles enter as 16 * code (v << 4 & 0xF0 and
+ * v & 0xF0, exact in int32), so one accumulator takes both; the block's x scale d / 16 undoes it.
+ * ks, kz: scales and scale * zero transposed per block, (N16 / 16, ng, 16). */
+static inline __attribute__((always_inline)) void q4_block(const uint8_t *wb, const float *ks, const float *kz,
+        int64_t ng, int64_t G, const int8_t *xq, const float *d16, const float *xs, int64_t m0, const int mb,
+        int64_t Kp, float *y, int64_t ldy, int64_t n0, int64_t nvalid) {
+    const __m512i hi_mask = _mm512_set1_epi8((char)0xF0);
+    const int64_t nb = Kp / 32;
+    __m512 acc[4], part[4];
     for (int j = 0; j < mb; j++) acc[j] = part[j] = _mm512_setzero_ps();
-    __m512i hi = _mm512_setzero_si512();
-    /* (a counter, not p % pp: a division per 64 columns costs as much as their products) */
-    for (int64_t p = 0, g = 0, in_group = 0; p < np; p++) {
-        __m512i cv;
-        if (p % 2 == 0 && p + 1 < np) {
-            const __m512i v = _mm512_loadu_si512(wr + p * 32);
-            cv = _mm512_and_si512(v, low);
-            hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        } else if (p % 2 == 0) { /* a last 64 columns alone: 32 bytes, column i low and 32 + i high */
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + p * 32)), l4 = _mm256_set1_epi8(0x0F);
-            cv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, l4)),
-                                    _mm256_and_si256(_mm256_srli_epi16(v, 4), l4), 1);
-        } else {
-            cv = hi;
-        }
-        for (int j = 0; j < mb; j++) {
-            const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cv, _mm512_loadu_si512(xq + (m0 + j) * Kp + p * 64));
-            part[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), dv[(m0 + j) * np + p], part[j]);
-        }
-        if (++in_group == pp || p + 1 == np) { /* the end of group g (past the last: padding, zeros) */
-            in_group = 0;
-            const __m512 sv = _mm512_set1_ps(s[g < ng ? g : ng - 1]);
-            g++;
+    for (int64_t blk = 0, g = 0; blk < nb; blk++) {
+        __m512i dacc[4];
+        for (int j = 0; j < mb; j++) dacc[j] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {  /* 4 vectors of 8 columns: the x block's 32 */
+            const int64_t cc = blk * 4 + c;
+            const __m512i v = _mm512_loadu_si512(wb + cc * 64);
+            const __m512i lo = _mm512_and_si512(_mm512_slli_epi16(v, 4), hi_mask), hi = _mm512_and_si512(v, hi_mask);
             for (int j = 0; j < mb; j++) {
-                acc[j] = _mm512_fmadd_ps(part[j], sv, acc[j]);
-                part[j] = _mm512_setzero_ps();
+                const int32_t *xr = (const int32_t *)(xq + (m0 + j) * Kp + cc * 8);
+                dacc[j] = _mm512_dpbusd_epi32(dacc[j], lo, _mm512_set1_epi32(xr[0]));
+                dacc[j] = _mm512_dpbusd_epi32(dacc[j], hi, _mm512_set1_epi32(xr[1]));
             }
         }
+        for (int j = 0; j < mb; j++)
+            part[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dacc[j]), _mm512_set1_ps(d16[(m0 + j) * nb + blk]), part[j]);
+        if (((blk + 1) * 32) % G == 0 || blk + 1 == nb) { /* the end of group g: its scales, its zeros */
+            const int64_t gs = g < ng ? g : ng - 1;
+            const __m512 sv = _mm512_loadu_ps(ks + gs * 16), zv = _mm512_loadu_ps(kz + gs * 16);
+            for (int j = 0; j < mb; j++) {
+                acc[j] = _mm512_fmadd_ps(part[j], sv, acc[j]);
+                acc[j] = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xs[(m0 + j) * ng + gs]), acc[j]);
+                part[j] = _mm512_setzero_ps();
+            }
+            g++;
+        }
     }
-    for (int j = 0; j < mb; j++) {
-        float zacc = 0.0f;
-        for (int64_t g = 0; g < ng; g++) zacc += sz[g] * xs[(m0 + j) * ng + g];
-        y[(m0 + j) * N] = _mm512_reduce_add_ps(acc[j]) - zacc;
-    }
+    const __mmask16 mk = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
+    for (int j = 0; j < mb; j++) _mm512_mask_storeu_ps(y + (m0 + j) * ldy + n0, mk, acc[j]);
 }
 
-void fishai_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t Kp, const float *s,
-                  const float *sz, int64_t ng, int64_t G, int64_t N, float *y, int nthreads) {
-    const int64_t nb = Kp / 32, np = Kp / 64, pp = G / 64, ldw = Kp / 2;
+static void q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t Kp, const float *ks,
+                  const float *kz, int64_t ng, int64_t G, int64_t N, float *y, int64_t ldy, int nthreads) {
+    const int64_t nb = Kp / 32, nblocks = (N + 15) / 16;
     int8_t *xq = aligned_alloc(64, (size_t)(M * Kp));
     float *d = malloc(sizeof(float) * (size_t)(M * nb));
-    __m512 *dv = aligned_alloc(64, sizeof(__m512) * (size_t)(M * np));
     float *xs = calloc((size_t)(M * ng), sizeof(float));
     quantize_rows(x, M, K, Kp, xq, d);
-    pair_scales(d, M, np, dv);
     group_sums(xq, d, M, Kp, G, ng, xs);
-    #define Q4_ROW(n) do { const uint8_t *wr = w + (n) * ldw; const float *sr = s + (n) * ng, *szr = sz + (n) * ng; \
-        int64_t m0 = 0; \
-        for (; m0 + 8 <= M; m0 += 8) q4_rows(wr, sr, szr, ng, pp, xq, dv, xs, m0, 8, np, Kp, y + (n), N); \
-        for (; m0 + 4 <= M; m0 += 4) q4_rows(wr, sr, szr, ng, pp, xq, dv, xs, m0, 4, np, Kp, y + (n), N); \
-        for (; m0 + 2 <= M; m0 += 2) q4_rows(wr, sr, szr, ng, pp, xq, dv, xs, m0, 2, np, Kp, y + (n), N); \
-        for (; m0 < M; m0++) q4_rows(wr, sr, szr, ng, pp, xq, dv, xs, m0, 1, np, Kp, y + (n), N); } while (0)
-    FOR_ROWS(N, Q4_ROW);
-    free(xq); free(d); free(dv); free(xs);
+    for (int64_t i = 0; i < M * nb; i++) d[i] /= 16.0f;  /* the codes enter as 16 * code */
+    #define Q4_BLOCK(b) do { const uint8_t *wb = w + (b) * 8 * Kp; \
+        const float *kb = ks + (b) * ng * 16, *zb = kz + (b) * ng * 16; \
+        const int64_t n0 = (b) * 16, nv = N - n0; int64_t m0 = 0; \
+        for (; m0 + 4 <= M; m0 += 4) q4_block(wb, kb, zb, ng, G, xq, d, xs, m0, 4, Kp, y, ldy, n0, nv); \
+        for (; m0 + 2 <= M; m0 += 2) q4_block(wb, kb, zb, ng, G, xq, d, xs, m0, 2, Kp, y, ldy, n0, nv); \
+        for (; m0 < M; m0++) q4_block(wb, kb, zb, ng, G, xq, d, xs, m0, 1, Kp, y, ldy, n0, nv); } while (0)
+    FOR_ROWS(nblocks, Q4_BLOCK);
+    free(xq); free(d); free(xs);
 }
 
 /* One fp16 weight row against rows m0..m0+mb-1 of fp32 x: the fp16 values converted exactly
  * (vcvtph2ps) and multiplied in fp32, two accumulators per row of x so that the FMA latency overlaps. */
 static inline __attribute__((always_inline)) void f16_rows(const uint16_t *wr, const float *x, int64_t K,
-        int64_t m0, const int mb, float *y, int64_t N) {
+        int64_t m0, const int mb, float *y, int64_t ldy) {
     __m512 a0[MB], a1[MB];
     for (int j = 0; j < mb; j++) a0[j] = a1[j] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -210,16 +213,161 @@ static inline __attribute__((always_inline)) void f16_rows(const uint16_t *wr, c
         const __m512 w0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, wr + k));
         for (int j = 0; j < mb; j++) a0[j] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mk, x + (m0 + j) * K + k), a0[j]);
     }
-    for (int j = 0; j < mb; j++) y[(m0 + j) * N] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
+    for (int j = 0; j < mb; j++) y[(m0 + j) * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
 }
 
 /* y (M, N) = x (M, K) W^T, W (N, K) fp16 (the .bin's f16 tensor as stored), all in fp32 */
-void fishai_f16_mm(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int nthreads) {
+static void f16_mm(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int64_t ldy, int nthreads) {
     #define F16_ROW(n) do { int64_t m0 = 0; \
-        for (; m0 + 4 <= M; m0 += 4) f16_rows(w + (n) * K, x, K, m0, 4, y + (n), N); \
-        for (; m0 + 2 <= M; m0 += 2) f16_rows(w + (n) * K, x, K, m0, 2, y + (n), N); \
-        for (; m0 < M; m0++) f16_rows(w + (n) * K, x, K, m0, 1, y + (n), N); } while (0)
+        for (; m0 + 4 <= M; m0 += 4) f16_rows(w + (n) * K, x, K, m0, 4, y + (n), ldy); \
+        for (; m0 + 2 <= M; m0 += 2) f16_rows(w + (n) * K, x, K, m0, 2, y + (n), ldy); \
+        for (; m0 < M; m0++) f16_rows(w + (n) * K, x, K, m0, 1, y + (n), ldy); } while (0)
     FOR_ROWS(N, F16_ROW);
+}
+
+
+void fishai_q8_mm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t Kp, const float *s, int64_t N,
+                  float *y, int nthreads) { q8_mm(x, M, K, w, Kp, s, N, y, N, nthreads); }
+
+void fishai_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t Kp, const float *s,
+                  const float *sz, int64_t ng, int64_t G, int64_t N, float *y, int nthreads) {
+    q4_mm(x, M, K, w, Kp, s, sz, ng, G, N, y, N, nthreads);
+}
+
+void fishai_f16_mm(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int nthreads) {
+    f16_mm(x, M, K, w, N, y, N, nthreads);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The decode trunk: every transformer block of one decode step (T = 1) in one call, the math of
+ * engine.Engine._forward (model.Block's) on a .bin whose every matmul runs on the kernels above:
+ *   h = rmsnorm(x) * attn_norm; q, k, v = h Wqkv^T; q, k rotated (RoPE, halves); k, v into the
+ *   cache at the row's position; y = softmax(q K^T / sqrt(hd)) V over the row's past (GQA);
+ *   x += y Wo^T; h = rmsnorm(x) * mlp_norm; g, u = h Wgu^T; x += (silu(g) * u) Wdown^T
+ * and the final rmsnorm. Each row of x is computed on its own, at its own position, against its
+ * own cache row: the same bits whichever rows come with it. cpu_kernels.DecodeTrunk fills these
+ * structs from the model's layers (field order and types must match it). */
+
+typedef struct {
+    int64_t kind;            /* 1 int8 (q8_mm), 2 int4 (q4_mm), 3 fp16 (f16_mm) */
+    const void *w;           /* codes / packed codes / fp16 weight */
+    const float *s, *sz;     /* int8: scales (N,); int4: scales and scaled zeros (N, ng) */
+    int64_t N, K, Kp, ng, G;
+} fishai_linear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    float *k, *v;            /* the layer's cache, (rows, KV, length, hd) fp32 */
+    int64_t n_qkv, n_gu;     /* 1 (fused) or 3 / 2 matmuls, outputs side by side */
+    fishai_linear qkv[3], wo, gu[2], down;
+} fishai_layer;
+
+typedef struct {
+    int64_t n_layers, d, H, KV, hd, d_ff, length;
+    float eps;
+    const float *cos, *sin;  /* (max_seq_len, hd / 2) */
+    const float *final_norm;
+    const fishai_layer *layers;
+} fishai_trunk;
+
+static void linear(const fishai_linear *L, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
+    if (L->kind == 1) q8_mm(x, M, L->K, (const int8_t *)L->w, L->Kp, L->s, L->N, y, ldy, nthreads);
+    else if (L->kind == 2) q4_mm(x, M, L->K, (const uint8_t *)L->w, L->Kp, L->s, L->sz, L->ng, L->G, L->N, y, ldy, nthreads);
+    else f16_mm(x, M, L->K, (const uint16_t *)L->w, L->N, y, ldy, nthreads);
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i), _mm512_maskz_loadu_ps(mk, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w, as torch's rms_norm in fp32 */
+static void rmsnorm(const float *x, const float *w, int64_t d, float eps, float *y) {
+    const float r = 1.0f / sqrtf(dot(x, x, d) / (float)d + eps);
+    for (int64_t i = 0; i < d; i++) y[i] = x[i] * r * w[i];
+}
+
+/* one query head against positions 0..p of its KV head: out = softmax(q k^T * scale) v */
+static void attend(const float *q, const float *kc, const float *vc, int64_t p, int64_t hd, float scale,
+                   float *scores, float *out) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t <= p; t++) {
+        scores[t] = dot(q, kc + t * hd, hd) * scale;
+        if (scores[t] > mx) mx = scores[t];
+    }
+    for (int64_t t = 0; t <= p; t++) sum += (scores[t] = expf(scores[t] - mx));
+    memset(out, 0, sizeof(float) * (size_t)hd);
+    const float inv = 1.0f / sum;
+    for (int64_t t = 0; t <= p; t++) {
+        const float a = scores[t] * inv;
+        for (int64_t i = 0; i < hd; i++) out[i] += a * vc[t * hd + i];
+    }
+}
+
+/* x (B, d) fp32: the embeddings in, the final normed hidden state out; rows row0.. of the cache at
+ * positions pos (B,). Returns 0, or -1 when a position is outside the cache (nothing written). */
+int fishai_decode(const fishai_trunk *m, float *x, int64_t B, const int64_t *pos, int64_t row0, int nthreads) {
+    const int64_t d = m->d, H = m->H, KV = m->KV, hd = m->hd, half = hd / 2, rep = H / KV, L = m->length;
+    const int64_t wqkv = (H + 2 * KV) * hd, ff = m->d_ff;
+    for (int64_t b = 0; b < B; b++)
+        if (pos[b] < 0 || pos[b] >= L) return -1;
+    float *h = malloc(sizeof(float) * (size_t)(B * d)), *qkv = malloc(sizeof(float) * (size_t)(B * wqkv));
+    float *att = malloc(sizeof(float) * (size_t)(B * H * hd)), *gu = malloc(sizeof(float) * (size_t)(B * 2 * ff));
+    float *act = malloc(sizeof(float) * (size_t)(B * ff)), *y = malloc(sizeof(float) * (size_t)(B * d));
+    float *scores = malloc(sizeof(float) * (size_t)(B * H * L));
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const fishai_layer *ly = m->layers + l;
+        for (int64_t b = 0; b < B; b++) rmsnorm(x + b * d, ly->attn_norm, d, m->eps, h + b * d);
+        for (int64_t i = 0, off = 0; i < ly->n_qkv; off += ly->qkv[i].N, i++)
+            linear(ly->qkv + i, h, B, qkv + off, wqkv, nthreads);
+        for (int64_t b = 0; b < B; b++) {
+            float *r = qkv + b * wqkv;
+            const float *c = m->cos + pos[b] * half, *s = m->sin + pos[b] * half;
+            for (int64_t hh = 0; hh < H + KV; hh++) {  /* q and k heads: the halves rotated */
+                float *t = r + hh * hd;
+                for (int64_t i = 0; i < half; i++) {
+                    const float a = t[i], e = t[i + half];
+                    t[i] = a * c[i] - e * s[i];
+                    t[i + half] = e * c[i] + a * s[i];
+                }
+            }
+            for (int64_t g = 0; g < KV; g++) {
+                const int64_t at = (((row0 + b) * KV + g) * L + pos[b]) * hd;
+                memcpy(ly->k + at, r + (H + g) * hd, sizeof(float) * (size_t)hd);
+                memcpy(ly->v + at, r + (H + KV + g) * hd, sizeof(float) * (size_t)hd);
+            }
+        }
+        #define ATTEND(i) do { const int64_t b = (i) / H, hh = (i) % H, g = hh / rep; \
+            const int64_t base = ((row0 + b) * KV + g) * L * hd; \
+            attend(qkv + b * wqkv + hh * hd, ly->k + base, ly->v + base, pos[b], hd, scale, scores + (i) * L, \
+                   att + b * H * hd + hh * hd); } while (0)
+        FOR_ROWS(B * H, ATTEND);
+        linear(&ly->wo, att, B, y, d, nthreads);
+        for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
+        for (int64_t b = 0; b < B; b++) rmsnorm(x + b * d, ly->mlp_norm, d, m->eps, h + b * d);
+        for (int64_t i = 0, off = 0; i < ly->n_gu; off += ly->gu[i].N, i++)
+            linear(ly->gu + i, h, B, gu + off, 2 * ff, nthreads);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < ff; i++) {
+                const float g = gu[b * 2 * ff + i];
+                act[b * ff + i] = g / (1.0f + expf(-g)) * gu[b * 2 * ff + ff + i];
+            }
+        linear(&ly->down, act, B, y, d, nthreads);
+        for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
+    }
+    for (int64_t b = 0; b < B; b++) {
+        rmsnorm(x + b * d, m->final_norm, d, m->eps, h + b * d);
+        memcpy(x + b * d, h + b * d, sizeof(float) * (size_t)d);
+    }
+    free(h); free(qkv); free(att); free(gu); free(act); free(y); free(scores);
+    return 0;
 }
 
 #endif

@@ -32,8 +32,10 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 ENV = "FISHAI_CPU_KERNELS"          # "0": torch's kernels only (a comparison, or an escape hatch)
 BLOCK = 32                          # values of x per quantization scale
-COLS = 64                           # the kernels take K in steps of 64 columns (one vpdpbusd)
+COLS = 64                           # the kernels take K in steps of 64 columns
+ROWS = 16                           # weight rows per block of the int8/int4 layouts (one a vector lane)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
 
 _lock = threading.Lock()
 _state: dict = {}                   # "lib": the loaded library, or "why": the reason there is none
@@ -63,7 +65,7 @@ def _build() -> Path:
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([src, cc.encode(), version.encode(), _cpu_flags().encode(),
-                                     " ".join(FLAGS).encode()])).hexdigest()[:16]
+                                     " ".join(FLAGS + LIBS).encode()])).hexdigest()[:16]
     out = cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
         return out
@@ -71,7 +73,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), *LIBS, "-o", tmp], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             first = next((line for line in r.stderr.splitlines() if "error" in line), r.stderr.strip()[:200])
             raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {first}")
@@ -102,6 +104,8 @@ def _load() -> ctypes.CDLL:
     lib.fishai_q4_mm.argtypes = [p, i, i, p, i, p, p, i, i, i, p, ctypes.c_int]
     lib.fishai_f16_mm.argtypes = [p, i, i, p, i, p, ctypes.c_int]
     lib.fishai_q8_mm.restype = lib.fishai_q4_mm.restype = lib.fishai_f16_mm.restype = None
+    lib.fishai_decode.argtypes = [ctypes.POINTER(_Trunk), p, i, p, i, ctypes.c_int]
+    lib.fishai_decode.restype = ctypes.c_int
     return lib
 
 
@@ -164,8 +168,9 @@ def _run(kernel: str, x: torch.Tensor, n: int, *weights) -> torch.Tensor:
 
 
 def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(M, N) fp32 = x (..., K) @ W^T, W = codes (N, Kp) int8 * scales (N,) fp32 per row."""
-    return _run("fishai_q8_mm", x, codes.shape[0], codes.data_ptr(), codes.shape[1], scales.data_ptr())
+    """(M, N) fp32 = x (..., K) @ W^T, W = codes * scales (N,) fp32 per row; codes (N16, Kp) int8 in
+    pack_int8's layout (rows in blocks of 16)."""
+    return _run("fishai_q8_mm", x, scales.shape[0], codes.data_ptr(), codes.shape[1], scales.data_ptr())
 
 
 def f16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -173,13 +178,13 @@ def f16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _run("fishai_f16_mm", x, weight.shape[0], weight.data_ptr())
 
 
-def q4_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
-          group_size: int) -> torch.Tensor:
-    """(M, N) fp32 = x (..., K) @ W^T, W[n, c] = (code - zero) * scale per row and group of
-    group_size (a multiple of 64) columns: packed (N, Kp / 2) uint8 (pack_int4's layout), scales and
-    scaled_zeros (= scale * zero) (N, groups) fp32."""
-    return _run("fishai_q4_mm", x, packed.shape[0], packed.data_ptr(), packed.shape[1] * 2, scales.data_ptr(),
-                scaled_zeros.data_ptr(), scales.shape[1], group_size)
+def q4_mm(x: torch.Tensor, packed: torch.Tensor, kscales: torch.Tensor, kzeros: torch.Tensor,
+          group_size: int, n: int) -> torch.Tensor:
+    """(M, n) fp32 = x (..., K) @ W^T, W[r, c] = (code - zero) * scale per row and group of
+    group_size (a multiple of 64) columns: packed (N16, Kp / 2) uint8 (pack_int4's layout, rows in
+    blocks of 16), kscales and kzeros (= scale * zero) in block_scales' layout (N16 / 16, groups, 16)."""
+    return _run("fishai_q4_mm", x, n, packed.data_ptr(), packed.shape[1] * 2, kscales.data_ptr(),
+                kzeros.data_ptr(), kscales.shape[1], group_size)
 
 
 # The same matmuls as torch custom ops, for a compiled step (torch.compile traces through them; the
@@ -190,9 +195,9 @@ def q8_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.T
 
 
 @torch.library.custom_op("fishai::q4_mm", mutates_args=())
-def q4_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
-          group_size: int) -> torch.Tensor:
-    return q4_mm(x, packed, scales, scaled_zeros, group_size)
+def q4_op(x: torch.Tensor, packed: torch.Tensor, kscales: torch.Tensor, kzeros: torch.Tensor,
+          group_size: int, n: int) -> torch.Tensor:
+    return q4_mm(x, packed, kscales, kzeros, group_size, n)
 
 
 @torch.library.custom_op("fishai::f16_mm", mutates_args=())
@@ -209,27 +214,50 @@ for _op in (q8_op, q4_op, f16_op):
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes 0..15 -> (N, Kp / 2) uint8, the q4 kernel's layout (Kp = K rounded up to 64):
-    one 64-byte load holds 128 columns, byte i column i (low nibble) and column 64 + i (high); a
-    last 64 columns alone are 32 bytes, byte i column i and 32 + i."""
+    """(N, K) codes 0..15 -> (N16, Kp / 2) uint8, the q4 kernel's layout (N16 = N rounded up to 16,
+    zero rows appended; Kp = K rounded up to 64): rows in blocks of 16, each block a run of 64-byte
+    vectors of 8 columns x 16 rows, 4 bytes a row; byte t of row i holds column 8c + t (low nibble)
+    and 8c + 4 + t (high)."""
     n, k = codes.shape
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, padded_cols(k) - k))
-    full = c.shape[1] // (2 * COLS) * (2 * COLS)
-    parts = [c[:, :full].reshape(n, full // (2 * COLS), 2, COLS)]
-    if c.shape[1] > full:
-        parts.append(c[:, full:].reshape(n, 1, 2, COLS // 2))
-    return torch.cat([(p[:, :, 0] | (p[:, :, 1] << 4)).reshape(n, -1) for p in parts], dim=1).contiguous()
+    n16, kp = -(-n // ROWS) * ROWS, padded_cols(k)
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, kp - k, 0, n16 - n))
+    c = c.view(n16 // ROWS, ROWS, kp // 8, 2, 4)                  # block, row, vector, nibble, byte
+    packed = c[:, :, :, 0] | (c[:, :, :, 1] << 4)                  # (blocks, 16, vectors, 4)
+    return packed.transpose(1, 2).contiguous().view(n16, kp // 2)
 
 
-def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """The (R, k) codes of rows of pack_int4's layout (int32)."""
-    r = packed.shape[0]
-    full = packed.shape[1] // COLS * COLS                # bytes of the whole 128-column chunks
-    parts = [packed[:, :full].reshape(r, full // COLS, COLS)]
-    if packed.shape[1] > full:
-        parts.append(packed[:, full:].reshape(r, 1, COLS // 2))
-    p = [q.to(torch.int32) for q in parts]
-    return torch.cat([torch.stack((q & 15, q >> 4), dim=2).reshape(r, -1) for q in p], dim=1)[:, :k]
+def pack_int8(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 codes -> (N16, Kp) int8, the q8 kernel's layout (N16 = N rounded up to 16, zero
+    rows appended; Kp = K rounded up to 64, zero columns): rows in blocks of 16, each block a run
+    of 64-byte vectors of 4 columns x 16 rows, 4 bytes a row."""
+    n, k = codes.shape
+    n16, kp = -(-n // ROWS) * ROWS, padded_cols(k)
+    c = torch.nn.functional.pad(codes.to(torch.int8), (0, kp - k, 0, n16 - n)).view(n16 // ROWS, ROWS, kp // 4, 4)
+    return c.transpose(1, 2).contiguous().view(n16, kp)
+
+
+def unpack_int8(packed: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The (R, k) int8 codes of `rows` (default: every row, padding included) of pack_int8's layout."""
+    n16, kp = packed.shape
+    rows = torch.arange(n16) if rows is None else rows.reshape(-1).long()
+    return packed.view(n16 // ROWS, kp // 4, ROWS, 4)[rows // ROWS, :, rows % ROWS].reshape(len(rows), kp)[:, :k]
+
+
+def unpack_int4(packed: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The (R, k) codes (int32) of `rows` (default: every row, padding included) of pack_int4's layout."""
+    n16, kp = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.view(n16 // ROWS, kp // 8, ROWS, 4)
+    rows = torch.arange(n16) if rows is None else rows.reshape(-1).long()
+    b = blocks[rows // ROWS, :, rows % ROWS].to(torch.int32)      # (R, vectors, 4)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(len(rows), kp)[:, :k]
+
+
+def block_scales(t: torch.Tensor) -> torch.Tensor:
+    """(N, groups) fp32 per-row values -> (N16 / 16, groups, 16): the 16 rows of a block side by
+    side, as the q4 kernel loads them (zeros for the padding rows)."""
+    n, g = t.shape
+    n16 = -(-n // ROWS) * ROWS
+    return torch.nn.functional.pad(t.float(), (0, 0, 0, n16 - n)).view(n16 // ROWS, ROWS, g).transpose(1, 2).contiguous()
 
 
 def quantize_x(x: torch.Tensor) -> torch.Tensor:
@@ -240,3 +268,82 @@ def quantize_x(x: torch.Tensor) -> torch.Tensor:
     amax = xp.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     return (torch.round(xp * inv) * (amax / 127.0)).view(m, -1)[:, :k]
+
+
+# -- the decode trunk: every block of one decode step in one C call (fishai_decode)
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class Linear(ctypes.Structure):
+    """One matmul as the trunk calls it (cpu_kernels.c's fishai_linear): made by q8_linear,
+    q4_linear and f16_linear from a layer's own tensors, which must outlive it."""
+    _fields_ = [("kind", _i64), ("w", _ptr), ("s", _ptr), ("sz", _ptr),
+                ("N", _i64), ("K", _i64), ("Kp", _i64), ("ng", _i64), ("G", _i64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("k", _ptr), ("v", _ptr), ("n_qkv", _i64),
+                ("n_gu", _i64), ("qkv", Linear * 3), ("wo", Linear), ("gu", Linear * 2), ("down", Linear)]
+
+
+class _Trunk(ctypes.Structure):
+    _fields_ = [("n_layers", _i64), ("d", _i64), ("H", _i64), ("KV", _i64), ("hd", _i64), ("d_ff", _i64),
+                ("length", _i64), ("eps", ctypes.c_float), ("cos", _ptr), ("sin", _ptr), ("final_norm", _ptr),
+                ("layers", ctypes.POINTER(_Layer))]
+
+
+def q8_linear(codes: torch.Tensor, scales: torch.Tensor, k: int) -> Linear:
+    return Linear(1, codes.data_ptr(), scales.data_ptr(), None, codes.shape[0], k, codes.shape[1], 0, 0)
+
+
+def q4_linear(packed: torch.Tensor, kscales: torch.Tensor, kzeros: torch.Tensor, group_size: int, k: int,
+              n: int) -> Linear:
+    return Linear(2, packed.data_ptr(), kscales.data_ptr(), kzeros.data_ptr(), n, k, packed.shape[1] * 2,
+                  kscales.shape[1], group_size)
+
+
+def f16_linear(weight: torch.Tensor) -> Linear:
+    return Linear(3, weight.data_ptr(), None, None, weight.shape[0], weight.shape[1], weight.shape[1], 0, 0)
+
+
+class DecodeTrunk:
+    """Every transformer block of a decode step (T = 1) and the final norm in one C call, for a
+    model whose every matmul runs on these kernels: at batch 1 the ~25 torch ops and 4 Python
+    kernel calls a block costs in eager mode become none (engine.Engine uses it; the math is
+    Engine._forward's, each row on its own, so a row's result does not depend on the others).
+
+    layers: per block a dict with attn_norm, mlp_norm (fp32 (d,)), qkv (1 or 3 Linear, outputs side
+    by side as q | k | v), wo, gate_up (1 or 2), down; keys/values: the engine's fp32 caches
+    (rows, KV, length, hd); cos/sin (positions, hd / 2). Keeps every tensor it points at alive."""
+
+    def __init__(self, config, layers: list, keys: list, values: list, cos: torch.Tensor, sin: torch.Tensor,
+                 final_norm: torch.Tensor, eps: float):
+        c = config
+        self._keep = [keys, values, cos, sin, final_norm, layers]
+        arr = (_Layer * len(layers))()
+        for a, ly, kc, vc in zip(arr, layers, keys, values):
+            a.attn_norm, a.mlp_norm = ly["attn_norm"].data_ptr(), ly["mlp_norm"].data_ptr()
+            a.k, a.v = kc.data_ptr(), vc.data_ptr()
+            a.n_qkv, a.n_gu = len(ly["qkv"]), len(ly["gate_up"])
+            for i, spec in enumerate(ly["qkv"]):
+                a.qkv[i] = spec
+            for i, spec in enumerate(ly["gate_up"]):
+                a.gu[i] = spec
+            a.wo, a.down = ly["wo"], ly["down"]
+        self._layers = arr
+        self.length = keys[0].shape[2]
+        self.struct = _Trunk(len(layers), c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, self.length,
+                             eps, cos.data_ptr(), sin.data_ptr(), final_norm.data_ptr(), arr)
+        self._ref = ctypes.byref(self.struct)
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, row: int) -> torch.Tensor:
+        """x (B, d) contiguous fp32 embeddings -> the final normed hidden state, in place; cache rows
+        row..row+B-1 written at positions pos (B,) int64."""
+        if pos.dtype is not torch.int64 or not pos.is_contiguous():
+            pos = pos.to(torch.int64).contiguous()
+        rc = _state["lib"].fishai_decode(self._ref, x.data_ptr(), x.shape[0], pos.data_ptr(), row,
+                                         torch.get_num_threads())
+        if rc:
+            raise ValueError(f"decode position outside the KV cache of {self.length} positions: {pos.tolist()}")
+        return x

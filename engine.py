@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cpu_kernels
 from model import apply_rope
 
 # -----------------------------------------------------------------------------------------------
@@ -234,9 +235,34 @@ class Engine:
             self.layers = [(an, _row_by_row(qkv), _row_by_row(wo), mn, _row_by_row(gu), _row_by_row(down))
                            for an, qkv, wo, mn, gu, down in self.layers]
         self.norm, self.cos, self.sin = model.norm.weight, model.rope_cos, model.rope_sin
+        self.trunk = None if hooked else self._decode_trunk(model)
         # a decode step rotates q and k in one go, as x * cos2 + roll(x, hd/2) * sin2 with
         # cos2 = (cos, cos), sin2 = (-sin, sin): model.apply_rope's arithmetic in 3 ops, not 2 x 8
         self.cos2, self.sin2 = torch.cat([self.cos, self.cos], -1), torch.cat([-self.sin, self.sin], -1)
+
+    def _decode_trunk(self, model):
+        """cpu_kernels.DecodeTrunk when every matmul of every block runs on FishAI's CPU kernels (a
+        .bin on a CPU with them; fp32 activations and cache): a decode step's blocks then run in one
+        C call, not ~25 torch ops and 4 Python calls each. None otherwise (the torch step runs)."""
+        if self.device.type != "cpu" or self.dtype is not torch.float32 or model.norm.weight.dtype is not torch.float32:
+            return None
+
+        def specs(parent, names):
+            fused = getattr(parent, "fused_" + "_".join(names), None)
+            mods = [fused] if fused is not None else [getattr(parent, n) for n in names]
+            out = [getattr(m, "kernel_spec", lambda: None)() for m in mods]
+            return None if any(s is None for s in out) else out
+
+        layers = []
+        for b in model.layers:
+            qkv, gate_up = specs(b.attn, ("wq", "wk", "wv")), specs(b.mlp, ("w_gate", "w_up"))
+            wo, down = specs(b.attn, ("wo",)), specs(b.mlp, ("w_down",))
+            if None in (qkv, gate_up, wo, down) or not cpu_kernels.available():
+                return None
+            layers.append({"attn_norm": b.attn_norm.weight, "mlp_norm": b.mlp_norm.weight, "qkv": qkv,
+                           "wo": wo[0], "gate_up": gate_up, "down": down[0]})
+        return cpu_kernels.DecodeTrunk(self.config, layers, self.k, self.v, self.cos.contiguous(),
+                                       self.sin.contiguous(), model.norm.weight, self.config.norm_eps)
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -288,6 +314,10 @@ class Engine:
         H, KV, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
         rep, one = H // KV, T == 1
         x = self.embed(tokens.view(B) if one else tokens)
+        if one and self.trunk is not None and not torch.compiler.is_compiling():  # the blocks in one C call
+            p = pos.view(B) if torch.is_tensor(pos) else torch.full((B,), pos, dtype=torch.int64)
+            logits = self.head(self.trunk(x.float().contiguous(), p, rows.start)).float()
+            return logits if last_only else logits[:, None]
         table = (self.cos2, self.sin2) if one else (self.cos, self.sin)
         if torch.is_tensor(pos):
             cos, sin = table[0][pos][:, None], table[1][pos][:, None]

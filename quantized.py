@@ -402,13 +402,14 @@ class Int8Linear(torch.nn.Module):
     output row). kernel "fishai": cpu_kernels.q8_mm (a CPU with AVX512-VNNI; fp32 scales, x
     quantized per block of 32 as llama.cpp's Q8_0); "torch": torch's _weight_int8pack_mm (CPU and
     CUDA) on bf16 activations and bf16 scales; "": the layer dequantized for each call (never kept)
-    where neither runs. weight: (N, K + pad) int8, zero columns appended for the kernel; scales
+    where neither runs. weight: (N, K + pad) int8, zero columns appended for the kernel ("fishai":
+    cpu_kernels.pack_int8's blocks of 16 rows, (N16, Kp)); scales
     (N,). Made by int8_linear."""
     lean_decode = True  # model.GPT's fast decode step may call forward directly
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, in_features: int, kernel: str):
         super().__init__()
-        self.out_features, self.in_features, self.kernel = weight.shape[0], in_features, kernel
+        self.out_features, self.in_features, self.kernel = scales.shape[0], in_features, kernel
         self.pad = weight.shape[1] - in_features
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
@@ -416,6 +417,10 @@ class Int8Linear(torch.nn.Module):
     def rows(self, start: int, stop: int) -> "Int8Linear":
         """The layer of output rows start:stop, on row slices of this one's tensors (no copy)."""
         return Int8Linear(self.weight[start:stop], self.scales[start:stop], self.in_features, self.kernel)
+
+    def kernel_spec(self):
+        """This matmul for cpu_kernels.DecodeTrunk, or None when it does not run on FishAI's kernels."""
+        return cpu_kernels.q8_linear(self.weight, self.scales, self.in_features) if self.kernel == "fishai" else None
 
     def forward(self, x):
         if self.kernel == "fishai":
@@ -446,7 +451,10 @@ def int8_linear(codes: torch.Tensor, scales: torch.Tensor, device, kernel: str |
     # torch's CPU kernel steps through K by 16 (other K give NaN or crash, measured), FishAI's by
     # 64: zero columns here (and, for torch's, zeros appended to x in forward)
     pad = {"fishai": cpu_kernels.padded_cols(k) - k, "torch": _round_up(k, 16) - k}.get(kernel, 0)
-    weight = torch.nn.functional.pad(codes.to(torch.int8), (0, pad)).contiguous()
+    if kernel == "fishai":  # rows in blocks of 16 (cpu_kernels.pack_int8)
+        weight = cpu_kernels.pack_int8(codes)
+    else:
+        weight = torch.nn.functional.pad(codes.to(torch.int8), (0, pad)).contiguous()
     return Int8Linear(weight.to(device), scales.to(device, KERNEL_DTYPE if kernel == "torch" else torch.float32),
                       k, kernel)
 
@@ -519,8 +527,9 @@ def _kernel_group(cols: int, group_size: int) -> int:
 
 class Int4Linear(torch.nn.Module):
     """y = x W^T with W[r, c] = (code - zero[r, g]) * scale[r, g], g = c // group_size (the .bin's
-    q4). mode "fishai": cpu_kernels.q4_mm, weight in cpu_kernels.pack_int4's layout (N, Kp / 2),
-    fp32 scales and scaled_zeros (scale * zero) (N, groups). mode "cpu" / "cuda": torch's
+    q4). mode "fishai": cpu_kernels.q4_mm, weight in cpu_kernels.pack_int4's layout (N16, Kp / 2:
+    rows in blocks of 16), fp32 scales and scale * zero in cpu_kernels.block_scales' layout
+    (kscales, kzeros: (N16 / 16, groups, 16)). mode "cpu" / "cuda": torch's
     _weight_int4pack_mm_for_cpu / _weight_int4pack_mm on bf16
     activations, which dequantize in the kernel as (q - 8) * scale + offset (our integer zero
     point becomes offset = (8 - zero) * scale): buffers weight (the kernel's packing of the codes,
@@ -529,13 +538,14 @@ class Int4Linear(torch.nn.Module):
     (N, groups), the layer dequantized for each call, never kept. Made by int4_linear."""
     lean_decode = True
 
-    def __init__(self, mode: str, in_features: int, group_size: int, kernel_group: int, pad: int, **buffers):
+    def __init__(self, mode: str, in_features: int, group_size: int, kernel_group: int, pad: int,
+                 out_features: int | None = None, **buffers):
         super().__init__()
         self.mode, self.in_features, self.group_size = mode, in_features, group_size
         self.kernel_group, self.pad = kernel_group, pad
         for name, t in buffers.items():
             self.register_buffer(name, t)
-        self.out_features = (self.scales_and_zeros[0] if mode in ("cpu", "cuda") else self.scales).shape[0]
+        self.out_features = out_features or (self.scales_and_zeros[0] if mode in ("cpu", "cuda") else self.scales).shape[0]
 
     def rows(self, start: int, stop: int) -> "Int4Linear":
         """The layer of output rows start:stop on slices of this one's codes (whole blocks of the
@@ -545,15 +555,24 @@ class Int4Linear(torch.nn.Module):
         if self.mode == "dequant":
             buffers = {"weight": codes, "scales": self.scales[start:stop], "zeros": self.zeros[start:stop]}
         elif self.mode == "fishai":
-            buffers = {"weight": codes, "scales": self.scales[start:stop], "scaled_zeros": self.scaled_zeros[start:stop]}
+            blocks = slice(start // cpu_kernels.ROWS, -(-stop // cpu_kernels.ROWS))  # whole blocks (else not fused)
+            buffers = {"weight": codes, "kscales": self.kscales[blocks], "kzeros": self.kzeros[blocks]}
         else:
             buffers = {"weight": codes, "scales_and_zeros": self.scales_and_zeros[:, start:stop].contiguous()}
-        return Int4Linear(self.mode, self.in_features, self.group_size, self.kernel_group, self.pad, **buffers)
+        return Int4Linear(self.mode, self.in_features, self.group_size, self.kernel_group, self.pad, stop - start,
+                          **buffers)
+
+    def kernel_spec(self):
+        """This matmul for cpu_kernels.DecodeTrunk, or None when it does not run on FishAI's kernels."""
+        if self.mode != "fishai":
+            return None
+        return cpu_kernels.q4_linear(self.weight, self.kscales, self.kzeros, self.group_size, self.in_features,
+                                     self.out_features)
 
     def forward(self, x):
         if self.mode == "fishai":
             mm = cpu_kernels.q4_op if torch.compiler.is_compiling() else cpu_kernels.q4_mm
-            return _unflat(mm(x, self.weight, self.scales, self.scaled_zeros, self.group_size), x)
+            return _unflat(mm(x, self.weight, self.kscales, self.kzeros, self.group_size, self.out_features), x)
         if self.mode == "dequant":
             w = _dequant_rows(_unpack_rows(self.weight, self.in_features), self.scales, self.zeros,
                               self.group_size, x.dtype)
@@ -571,8 +590,8 @@ def int4_linear(qt: QTensor, device, mode: str | None = None) -> Int4Linear:
     mode = mode or int4_mode(device, n, g)
     if mode == "fishai":
         s = qt.scales.float()
-        return Int4Linear(mode, k, g, g, cpu_kernels.padded_cols(k) - k, weight=cpu_kernels.pack_int4(qt.codes),
-                          scales=s.contiguous(), scaled_zeros=(s * qt.zeros.float()).contiguous())
+        return Int4Linear(mode, k, g, g, cpu_kernels.padded_cols(k) - k, n, weight=cpu_kernels.pack_int4(qt.codes),
+                          kscales=cpu_kernels.block_scales(s), kzeros=cpu_kernels.block_scales(s * qt.zeros.float()))
     if mode == "dequant":
         return Int4Linear(mode, k, g, g, 0, weight=_pack_rows(qt.codes).to(device),
                           scales=qt.scales.to(device, torch.float32), zeros=qt.zeros.to(device, torch.float32))
@@ -623,6 +642,10 @@ class HalfLinear(torch.nn.Module):
         self.kernel = "fishai" if weight16.device.type == "cpu" and cpu_kernels.available() else ""
         self.register_buffer("weight", weight16.contiguous())
 
+    def kernel_spec(self):
+        """This matmul for cpu_kernels.DecodeTrunk (a decode step's few rows), or None without the kernels."""
+        return cpu_kernels.f16_linear(self.weight) if self.kernel else None
+
     def forward(self, x):
         if self.kernel and x.numel() < F16_KERNEL_ROWS * self.in_features:
             mm = cpu_kernels.f16_op if torch.compiler.is_compiling() else cpu_kernels.f16_mm
@@ -653,9 +676,14 @@ class Int8Embedding(torch.nn.Module):
         self.register_buffer("weight", head.weight)
         self.register_buffer("scales", scales.to(head.weight.device, torch.float32))
         self.cols, self.out_dtype = head.in_features, dtype
+        self.blocked = head.kernel == "fishai"  # the codes in the kernel's blocks of 16 rows
 
     def forward(self, idx):
-        rows = self.weight[idx, :self.cols].to(torch.float32) * self.scales[idx].unsqueeze(-1)
+        if self.blocked:
+            codes = cpu_kernels.unpack_int8(self.weight, self.cols, idx).view(*idx.shape, self.cols)
+        else:
+            codes = self.weight[idx, :self.cols]
+        rows = codes.to(torch.float32) * self.scales[idx].unsqueeze(-1)
         return rows.to(self.out_dtype)
 
 
@@ -721,21 +749,24 @@ class Int4Embedding(torch.nn.Module):
                 self.register_buffer(name, t.to(device, dt))
         shared = head.mode in ("dequant", "fishai") or layout is not None
         self.register_buffer("weight", head.weight if shared else _pack_rows(qt.codes).to(device))
-        # the head's fp32 scales where it keeps them (one copy); zero points are integers 0..15
-        shared_scales = head.mode in ("dequant", "fishai")
-        self.register_buffer("scales", head.scales if shared_scales else qt.scales.to(device, torch.float32))
+        # the head's fp32 scales where it keeps them (one copy: "fishai" in blocks of 16 rows, (N16 / 16,
+        # groups, 16)); zero points are integers 0..15
+        self.register_buffer("scales", head.kscales if head.mode == "fishai" else head.scales if head.mode == "dequant"
+                             else qt.scales.to(device, torch.float32))
         self.register_buffer("zeros", qt.zeros.to(device, torch.uint8))
 
     def forward(self, idx):
         flat = idx.reshape(-1)
         if self.layout == "fishai":
-            codes = cpu_kernels.unpack_int4(self.weight[flat], self.cols)
+            codes = cpu_kernels.unpack_int4(self.weight, self.cols, flat)
         elif self.layout == "rows":
             codes = _unpack_rows(self.weight[flat], self.cols)
         else:
             codes = _int4_cpu_codes(self.weight, self.start[flat], self.stride[flat],
                                     self.shift[flat].to(torch.int32))[:, :self.cols]
-        rows = _dequant_rows(codes, self.scales[flat], self.zeros[flat], self.group_size, torch.float32)
+        scales = self.scales[flat // cpu_kernels.ROWS, :, flat % cpu_kernels.ROWS] if self.layout == "fishai" \
+            else self.scales[flat]
+        rows = _dequant_rows(codes, scales, self.zeros[flat], self.group_size, torch.float32)
         return rows.to(self.out_dtype).view(*idx.shape, self.cols)
 
 

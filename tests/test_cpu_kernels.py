@@ -40,7 +40,8 @@ def test_q8_is_the_block_quantized_product(n, k, m):
     w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(m, k, generator=g)
     qt = quantize_rtn(w, "q8")
     layer = int8_linear(qt.codes, qt.scales, "cpu")
-    assert layer.kernel == "fishai" and layer.weight.shape == (n, K.padded_cols(k))
+    assert layer.kernel == "fishai" and layer.weight.shape == (-(-n // 16) * 16, K.padded_cols(k))
+    assert torch.equal(K.unpack_int8(layer.weight, k)[:n], qt.codes)   # pack_int8 keeps every code
     y = layer(x)
     assert y.shape == (m, n) and _close(y, _ref(x, qt.dequantize()), x, qt.dequantize())
     # and what quantizing x costs against the exact fp32 product: about llama.cpp's Q8_0 error
@@ -98,17 +99,25 @@ def test_a_row_gets_the_same_bits_alone_batched_and_on_any_thread_count():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("k", [200, 256, 64, 70, 320])
-def test_int4_packing_round_trips(k):
-    codes = torch.randint(0, 16, (5, k), generator=torch.Generator().manual_seed(6))
+@pytest.mark.parametrize("n,k", [(5, 200), (16, 256), (33, 64), (20, 70), (48, 320)])
+def test_int4_packing_round_trips(n, k):
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(6))
     packed = K.pack_int4(codes)
-    assert packed.shape == (5, K.padded_cols(k) // 2) and packed.dtype == torch.uint8
-    assert torch.equal(K.unpack_int4(packed, k), codes.to(torch.int32))
-    if k >= 128:   # byte i of a 128-column chunk: column i low, column 64 + i high
-        assert int(packed[0, 0]) == int(codes[0, 0]) | int(codes[0, 64]) << 4
-    if k == 320:   # two 128-column chunks, then the last 64 columns alone: 256 + i low, 288 + i high
-        assert int(packed[0, 128]) == int(codes[0, 256]) | int(codes[0, 288]) << 4
-        assert int(packed[0, 159]) == int(codes[0, 287]) | int(codes[0, 319]) << 4
+    n16 = -(-n // 16) * 16
+    assert packed.shape == (n16, K.padded_cols(k) // 2) and packed.dtype == torch.uint8
+    unpacked = K.unpack_int4(packed, k)
+    assert torch.equal(unpacked[:n], codes.to(torch.int32)) and not unpacked[n:].any()  # zero padding rows
+    rows = torch.tensor([n - 1, 0, n // 2])
+    assert torch.equal(K.unpack_int4(packed, k, rows), codes[rows].to(torch.int32))
+    # block 0, vector 0: 4 bytes a row, byte t = column t (low nibble) and column 4 + t (high)
+    assert int(packed.view(-1)[4 * 1 + 2]) == int(codes[1, 2]) | int(codes[1, 6]) << 4
+    if n > 16:  # the second block starts after the first block's n16 / 16 x Kp / 2 bytes
+        assert int(packed.view(-1)[8 * K.padded_cols(k)]) == int(codes[16, 0]) | int(codes[16, 4]) << 4
+    # vector 1 (columns 8..15) follows the 16 rows of vector 0
+    assert int(packed.view(-1)[64 + 4 * 3]) == int(codes[3, 8]) | int(codes[3, 12]) << 4
+    scales = torch.rand(n, 3)
+    bs = K.block_scales(scales)
+    assert bs.shape == (n16 // 16, 3, 16) and torch.equal(bs[0, 2, 1], scales[1, 2])
 
 
 def test_quantize_x_is_round_to_nearest_per_block_of_32():

@@ -254,26 +254,91 @@ def test_batch_invariant_rows_give_what_they_give_alone(formats, fmt):
     assert batched == alone
 
 
+def _teacher_forced_rows(m, invariant: bool) -> tuple[list, torch.Tensor]:
+    """Logits of 6 teacher-forced decode steps after 8 prompts of different lengths: each row alone
+    [(6, V)], and the 8 as serving rows at their own positions in one batch (8, 6, V)."""
+    g = torch.Generator().manual_seed(0)
+    V = m.config.vocab_size
+    seqs = [torch.randint(0, V, (1, 6 + 3 * r), generator=g) for r in range(8)]
+    cont = torch.randint(0, V, (8, 6), generator=g)
+    alone = []
+    for r, p in enumerate(seqs):
+        eng = Engine(m, 1, batch_invariant=invariant)
+        eng.step(p, 0)
+        alone.append(torch.stack([eng.step(cont[r:r + 1, i:i + 1], p.shape[1] + i)[0] for i in range(6)]))
+    eng = Engine(m, 8, batch_invariant=invariant)
+    for r, p in enumerate(seqs):
+        eng.step(p, 0, row=r)
+    pos, batched = torch.tensor([p.shape[1] for p in seqs]), []
+    for i in range(6):
+        batched.append(eng.step(cont[:, i:i + 1], pos))
+        pos = pos + 1
+    return alone, torch.stack(batched, 1)
+
+
 def test_batch_invariant_logits_are_bitwise_those_of_a_row_alone(formats):
     """Teacher-forced on the same tokens, every format: batch_invariant's rows give bitwise the
-    logits of their lone runs (the default's may differ: the CPU int4 kernel and sgemm depend on
-    how many rows they multiply; benchmark.py serve measures by how much)."""
-    g = torch.Generator().manual_seed(0)
+    logits of their lone runs (the default's may differ for a .pt: sgemm depends on how many rows
+    it multiplies; benchmark.py serve measures by how much)."""
     for fmt, m in formats.items():
-        V = m.config.vocab_size
-        seqs = [torch.randint(0, V, (1, 6 + 3 * r), generator=g) for r in range(8)]
-        cont = torch.randint(0, V, (8, 6), generator=g)
-        alone = []
-        for r, p in enumerate(seqs):
-            eng = Engine(m, 1, batch_invariant=True)
-            eng.step(p, 0)
-            alone.append(torch.stack([eng.step(cont[r:r + 1, i:i + 1], p.shape[1] + i)[0] for i in range(6)]))
-        eng = Engine(m, 8, batch_invariant=True)
-        for r, p in enumerate(seqs):
-            eng.step(p, 0, row=r)
-        pos, batched = torch.tensor([p.shape[1] for p in seqs]), []
-        for i in range(6):
-            batched.append(eng.step(cont[:, i:i + 1], pos))
-            pos = pos + 1
+        alone, batched = _teacher_forced_rows(m, invariant=True)
         for r in range(8):
-            assert torch.equal(torch.stack(batched, 1)[r], alone[r]), (fmt, r)
+            assert torch.equal(batched[r], alone[r]), (fmt, r)
+
+
+# --- the decode trunk (cpu_kernels.DecodeTrunk: a .bin's blocks in one C call) ----------------
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="FishAI's CPU kernels do not run here")
+
+
+@needs_kernels
+def test_a_bin_decodes_through_the_trunk_and_a_pt_or_a_hooked_model_does_not(formats):
+    for fmt in ("int8", "int4", "mixed", "fp16"):
+        assert Engine(formats[fmt], 1).trunk is not None, fmt
+    assert Engine(formats["pt"], 1).trunk is None              # torch's fp32 matmuls: the torch step
+    m = formats["int4"]
+    hook = m.layers[0].attn.wo.register_forward_hook(lambda *a: None)
+    try:  # a hook must see every matmul: the torch step calls the modules
+        assert Engine(m, 1).trunk is None
+    finally:
+        hook.remove()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int8", "int4", "mixed", "fp16"])
+def test_the_trunk_step_matches_the_torch_step(formats, fmt):
+    """Rows at their own positions on cache rows 1..3: the trunk's logits and the keys and values
+    it writes against the torch step on the same kernels. fp16 (fp32 math in both) to fp32
+    rounding; int8/int4 within the activations' int8 rounding, which a last-bit difference in a
+    norm can move by one step (the same greedy tokens)."""
+    m, g = formats[fmt], torch.Generator().manual_seed(1)
+    V = m.config.vocab_size
+    prompts = [torch.randint(0, V, (1, n), generator=g) for n in (5, 9, 14)]
+    cont = torch.randint(0, V, (3, 5), generator=g)
+    fast, ref = Engine(m, 4), Engine(m, 4)
+    ref.trunk = None
+    for r, p in enumerate(prompts):
+        fast.step(p, 0, row=r + 1)
+        ref.step(p, 0, row=r + 1)
+    pos = torch.tensor([p.shape[1] for p in prompts])
+    for i in range(5):
+        a, b = fast.step(cont[:, i:i + 1], pos, row=1), ref.step(cont[:, i:i + 1], pos, row=1)
+        tol = 1e-5 if fmt == "fp16" else 5e-2
+        assert (a - b).abs().max() <= tol * b.abs().max(), (fmt, i)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        pos = pos + 1
+    for kf, kr in zip(fast.k + fast.v, ref.k + ref.v):
+        assert torch.equal(kf[0], kr[0]) and not kf[0].any()     # row 0 untouched
+        assert (kf - kr).abs().max() <= (1e-5 if fmt == "fp16" else 5e-2) * kr.abs().max()
+    with pytest.raises(ValueError, match="outside the KV cache"):
+        fast.trunk(torch.zeros(1, m.config.d_model), torch.tensor([fast.length]), 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int8", "int4", "mixed", "fp16"])
+def test_the_default_decode_of_a_bin_is_bitwise_the_same_alone_or_batched(formats, fmt):
+    """The trunk computes each row on its own (its norms, its int8 activations, its attention):
+    without batch_invariant a .bin's rows give bitwise what they give alone."""
+    alone, batched = _teacher_forced_rows(formats[fmt], invariant=False)
+    for r in range(8):
+        assert torch.equal(batched[r], alone[r]), r
