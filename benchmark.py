@@ -1093,8 +1093,7 @@ KERNEL_CALLS = 50  # matmuls per timed run of a kernel row (one call takes 10-10
 def _kernel_pairs(w: torch.Tensor) -> dict:
     """(FishAI's layer, torch's layer, torch's op) per weight kind of the runtime, for one weight."""
     q8, q4 = quantize_rtn(w, "q8"), quantize_rtn(w, "q4")
-    theirs16 = HalfLinear(w.half())
-    theirs16.kernel = ""  # the runtime's layer without FishAI's kernels: the fp16 weight cast per call
+    theirs16 = HalfLinear(w.half(), kernel=False)  # the runtime's layer without FishAI's kernels: cast per call
     return {"int8": (int8_linear(q8.codes, q8.scales, "cpu"), int8_linear(q8.codes, q8.scales, "cpu", kernel=True),
                      "_weight_int8pack_mm"),
             "int4": (int4_linear(q4, "cpu"),

@@ -193,38 +193,47 @@ static void q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_
     free(xq); free(d); free(xs);
 }
 
-/* One fp16 weight row against rows m0..m0+mb-1 of fp32 x: the fp16 values converted exactly
- * (vcvtph2ps) and multiplied in fp32, two accumulators per row of x so that the FMA latency overlaps. */
-static inline __attribute__((always_inline)) void f16_rows(const uint16_t *wr, const float *x, int64_t K,
-        int64_t m0, const int mb, float *y, int64_t ldy) {
-    __m512 a0[MB], a1[MB];
-    for (int j = 0; j < mb; j++) a0[j] = a1[j] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        const __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr + k)));
-        const __m512 w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr + k + 16)));
-        for (int j = 0; j < mb; j++) {
-            a0[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + (m0 + j) * K + k), a0[j]);
-            a1[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + (m0 + j) * K + k + 16), a1[j]);
+/* fp16 weights in blocks of 16 rows (cpu_kernels.pack_f16): each column's 16 values side by side
+ * (32 bytes), converted exactly (vcvtph2ps) and multiplied in fp32 by x's value for that column
+ * (broadcast): the 16 lanes end as the 16 rows' outputs. Columns are summed 16 at a time in two
+ * chains (even and odd columns), so the FMA latency overlaps; the same order for every row count. */
+static inline __attribute__((always_inline)) void f16_block(const uint16_t *wb, const float *x, int64_t K,
+        int64_t m0, const int mb, float *y, int64_t ldy, int64_t n0, int64_t nvalid) {
+    __m512 acc[4];
+    for (int j = 0; j < mb; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < K; c0 += 16) {
+        const int64_t cn = K - c0 < 16 ? K - c0 : 16;
+        __m512 p0[4], p1[4];
+        for (int j = 0; j < mb; j++) p0[j] = p1[j] = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 2 <= cn; c += 2) {
+            const __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wb + (c0 + c) * 16)));
+            const __m512 w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wb + (c0 + c + 1) * 16)));
+            for (int j = 0; j < mb; j++) {
+                const float *xr = x + (m0 + j) * K + c0 + c;
+                p0[j] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xr[0]), p0[j]);
+                p1[j] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xr[1]), p1[j]);
+            }
         }
+        if (c < cn) {
+            const __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wb + (c0 + c) * 16)));
+            for (int j = 0; j < mb; j++) p0[j] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[(m0 + j) * K + c0 + c]), p0[j]);
+        }
+        for (int j = 0; j < mb; j++) acc[j] = _mm512_add_ps(acc[j], _mm512_add_ps(p0[j], p1[j]));
     }
-    for (; k < K; k += 16) { /* the last 16 or fewer columns, masked */
-        const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 w0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, wr + k));
-        for (int j = 0; j < mb; j++) a0[j] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mk, x + (m0 + j) * K + k), a0[j]);
-    }
-    for (int j = 0; j < mb; j++) y[(m0 + j) * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
+    const __mmask16 mk = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
+    for (int j = 0; j < mb; j++) _mm512_mask_storeu_ps(y + (m0 + j) * ldy + n0, mk, acc[j]);
 }
 
-/* y (M, N) = x (M, K) W^T, W (N, K) fp16 (the .bin's f16 tensor as stored), all in fp32 */
+/* y (M, N) = x (M, K) W^T, W (N, K) fp16 (the .bin's f16 tensor, in pack_f16's blocks), all in fp32 */
 static void f16_mm(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int64_t ldy, int nthreads) {
-    #define F16_ROW(n) do { int64_t m0 = 0; \
-        for (; m0 + 4 <= M; m0 += 4) f16_rows(w + (n) * K, x, K, m0, 4, y + (n), ldy); \
-        for (; m0 + 2 <= M; m0 += 2) f16_rows(w + (n) * K, x, K, m0, 2, y + (n), ldy); \
-        for (; m0 < M; m0++) f16_rows(w + (n) * K, x, K, m0, 1, y + (n), ldy); } while (0)
-    FOR_ROWS(N, F16_ROW);
+    const int64_t nblocks = (N + 15) / 16;
+    #define F16_BLOCK(b) do { const uint16_t *wb = w + (b) * 16 * K; const int64_t n0 = (b) * 16, nv = N - n0; \
+        int64_t m0 = 0; \
+        for (; m0 + 4 <= M; m0 += 4) f16_block(wb, x, K, m0, 4, y, ldy, n0, nv); \
+        for (; m0 < M; m0++) f16_block(wb, x, K, m0, 1, y, ldy, n0, nv); } while (0)
+    FOR_ROWS(nblocks, F16_BLOCK);
 }
-
 
 void fishai_q8_mm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t Kp, const float *s, int64_t N,
                   float *y, int nthreads) { q8_mm(x, M, K, w, Kp, s, N, y, N, nthreads); }

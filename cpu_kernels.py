@@ -2,8 +2,10 @@
 FishAI's own CPU matmuls for a .bin's int8 and int4 weights (cpu_kernels.c), used by quantized.py's
 Int8Linear and Int4Linear on a CPU with AVX512-VNNI. torch's CPU kernels dequantize the weights to
 bf16 for every product; these multiply integer codes by x quantized per block of 32 (llama.cpp's
-scheme for its Q8_0/Q4_0 matmuls), 64 byte products an instruction: 2-2.7x faster than torch's int8
-kernel and 1.1-1.5x its int4 kernel on `small`'s shapes at batch 1 (docs/RESULTS.md).
+scheme for its Q8_0/Q4_0 matmuls), 64 byte products an instruction, with the weights laid out in
+blocks of 16 rows, one row a vector lane (pack_int8, pack_int4), so that one instruction serves 16
+rows and the weights stream in order (docs/RESULTS.md has the speeds). DecodeTrunk runs a .bin's
+whole decode step (every block) in one call.
 
     import cpu_kernels
     cpu_kernels.status()            # "FishAI AVX512-VNNI kernels" or "torch's kernels (why)"
@@ -173,9 +175,9 @@ def q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.T
     return _run("fishai_q8_mm", x, scales.shape[0], codes.data_ptr(), codes.shape[1], scales.data_ptr())
 
 
-def f16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(M, N) fp32 = x (..., K) @ W^T, W (N, K) fp16 (contiguous), in fp32 arithmetic."""
-    return _run("fishai_f16_mm", x, weight.shape[0], weight.data_ptr())
+def f16_mm(x: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
+    """(M, n) fp32 = x (..., K) @ W^T, W (n, K) fp16 in pack_f16's layout (N16, K), in fp32 arithmetic."""
+    return _run("fishai_f16_mm", x, n, weight.data_ptr())
 
 
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, kscales: torch.Tensor, kzeros: torch.Tensor,
@@ -201,16 +203,18 @@ def q4_op(x: torch.Tensor, packed: torch.Tensor, kscales: torch.Tensor, kzeros: 
 
 
 @torch.library.custom_op("fishai::f16_mm", mutates_args=())
-def f16_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return f16_mm(x, weight)
+def f16_op(x: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
+    return f16_mm(x, weight, n)
 
 
-def _fake(x: torch.Tensor, w: torch.Tensor, *rest) -> torch.Tensor:
-    return x.new_empty((x.numel() // x.shape[-1], w.shape[0]), dtype=torch.float32)
+def _fake(x: torch.Tensor, n: int) -> torch.Tensor:
+    """What a kernel op returns, for tracing: (M, n) fp32."""
+    return x.new_empty((x.numel() // x.shape[-1], n), dtype=torch.float32)
 
 
-for _op in (q8_op, q4_op, f16_op):
-    _op.register_fake(_fake)
+q8_op.register_fake(lambda x, codes, scales: _fake(x, scales.shape[0]))
+q4_op.register_fake(lambda x, packed, kscales, kzeros, group_size, n: _fake(x, n))
+f16_op.register_fake(lambda x, weight, n: _fake(x, n))
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -241,6 +245,21 @@ def unpack_int8(packed: torch.Tensor, k: int, rows: torch.Tensor | None = None) 
     n16, kp = packed.shape
     rows = torch.arange(n16) if rows is None else rows.reshape(-1).long()
     return packed.view(n16 // ROWS, kp // 4, ROWS, 4)[rows // ROWS, :, rows % ROWS].reshape(len(rows), kp)[:, :k]
+
+
+def pack_f16(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) fp16 -> (N16, K) fp16, the f16 kernel's layout: rows in blocks of 16, each block
+    column after column, a column's 16 values side by side (zero rows appended)."""
+    n, k = weight.shape
+    n16 = -(-n // ROWS) * ROWS
+    w = torch.nn.functional.pad(weight.to(torch.float16), (0, 0, 0, n16 - n)).view(n16 // ROWS, ROWS, k)
+    return w.transpose(1, 2).contiguous().view(n16, k)
+
+
+def unpack_f16(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The (n, K) fp16 weight of pack_f16's layout."""
+    n16, k = packed.shape
+    return packed.view(n16 // ROWS, k, ROWS).transpose(1, 2).reshape(n16, k)[:n]
 
 
 def unpack_int4(packed: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,8 +322,8 @@ def q4_linear(packed: torch.Tensor, kscales: torch.Tensor, kzeros: torch.Tensor,
                   kscales.shape[1], group_size)
 
 
-def f16_linear(weight: torch.Tensor) -> Linear:
-    return Linear(3, weight.data_ptr(), None, None, weight.shape[0], weight.shape[1], weight.shape[1], 0, 0)
+def f16_linear(weight: torch.Tensor, n: int) -> Linear:
+    return Linear(3, weight.data_ptr(), None, None, n, weight.shape[1], weight.shape[1], 0, 0)
 
 
 class DecodeTrunk:

@@ -636,21 +636,23 @@ class HalfLinear(torch.nn.Module):
     `small`, docs/RESULTS.md), else cast to the activation dtype for each call."""
     lean_decode = True
 
-    def __init__(self, weight16: torch.Tensor):
+    def __init__(self, weight16: torch.Tensor, kernel: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight16.shape
-        self.kernel = "fishai" if weight16.device.type == "cpu" and cpu_kernels.available() else ""
-        self.register_buffer("weight", weight16.contiguous())
+        self.kernel = "fishai" if kernel and weight16.device.type == "cpu" and cpu_kernels.available() else ""
+        # on the kernel: in its blocks of 16 rows (cpu_kernels.pack_f16)
+        self.register_buffer("weight", cpu_kernels.pack_f16(weight16) if self.kernel else weight16.contiguous())
 
     def kernel_spec(self):
         """This matmul for cpu_kernels.DecodeTrunk (a decode step's few rows), or None without the kernels."""
-        return cpu_kernels.f16_linear(self.weight) if self.kernel else None
+        return cpu_kernels.f16_linear(self.weight, self.out_features) if self.kernel else None
 
     def forward(self, x):
         if self.kernel and x.numel() < F16_KERNEL_ROWS * self.in_features:
             mm = cpu_kernels.f16_op if torch.compiler.is_compiling() else cpu_kernels.f16_mm
-            return _unflat(mm(x, self.weight), x)
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype))
+            return _unflat(mm(x, self.weight, self.out_features), x)
+        w = cpu_kernels.unpack_f16(self.weight, self.out_features) if self.kernel else self.weight
+        return torch.nn.functional.linear(x, w.to(x.dtype))
 
 
 class HalfEmbedding(torch.nn.Module):

@@ -75,8 +75,12 @@ def test_q4_groups_the_kernel_cannot_take_use_torch():
 def test_f16_is_the_fp32_product_of_the_fp16_values(n, k, m):
     g = torch.Generator().manual_seed(n + k)
     w, x = (torch.randn(n, k, generator=g) * 0.05).half(), torch.randn(m, k, generator=g)
-    y = K.f16_mm(x, w)
-    assert _close(y, x.double() @ w.double().T, x, w.float())
+    packed = K.pack_f16(w)
+    assert packed.shape == (-(-n // 16) * 16, k) and torch.equal(K.unpack_f16(packed, n), w)
+    if n > 16:  # block 1, column 2: rows 16..31 side by side
+        assert torch.equal(packed.view(-1)[16 * k + 2 * 16:16 * k + 3 * 16][:min(16, n - 16)], w[16:32, 2])
+    y = K.f16_mm(x, packed, n)
+    assert y.shape == (m, n) and _close(y, x.double() @ w.double().T, x, w.float())
 
 
 @needs_kernels
@@ -85,7 +89,7 @@ def test_a_row_gets_the_same_bits_alone_batched_and_on_any_thread_count():
     w, x = torch.randn(96, 704, generator=g) * 0.05, torch.randn(8, 704, generator=g)
     q8, q4 = quantize_rtn(w, "q8"), quantize_rtn(w, "q4", 128)
     layers = [int8_linear(q8.codes, q8.scales, "cpu"), int4_linear(q4, "cpu"),
-              lambda t: K.f16_mm(t, w.half())]
+              lambda t: K.f16_mm(t, K.pack_f16(w.half()), 96)]
     threads = torch.get_num_threads()
     try:
         for f in layers:
@@ -170,7 +174,7 @@ def test_half_linear_runs_the_kernel_for_a_few_rows_and_torch_for_many(monkeypat
     layer = HalfLinear(w)
     calls = []
     real = K.f16_mm
-    monkeypatch.setattr(K, "f16_mm", lambda x, weight: calls.append(x.shape[0]) or real(x, weight))
+    monkeypatch.setattr(K, "f16_mm", lambda x, weight, n: calls.append(x.shape[0]) or real(x, weight, n))
     for m in (1, F16_KERNEL_ROWS - 1, F16_KERNEL_ROWS, 3 * F16_KERNEL_ROWS):
         x = torch.randn(m, 96)
         assert torch.allclose(layer(x), x @ w.float().T, rtol=1e-5, atol=1e-5)
