@@ -25,7 +25,8 @@ over the whole cache with a mask, so its shapes never change; torch.compile'd an
 captured once as a CUDA graph and replayed (one launch per token, the gpt-fast recipe). On a CPU
 (no graph) it attends the KV length in power-of-two buckets from 64 instead, one compile each. Where a
 stage fails the next runs (compiled + graph, eager + graph, compiled, eager); Engine.path names
-what runs and why.
+what runs and why. An engine with the C decode trunk builds no compiled step: on a CPU the trunk
+is faster than any compiled step of torch ops (docs/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -202,8 +203,9 @@ class Engine:
     model's context) in `dtype` (default: the model's; under autocast, its dtype), the step, and,
     with compile=True, the static compiled step for decoding (see the module docstring).
     batch_invariant=True runs every matmul one row at a time, so that a row's logits are bitwise
-    those it gets alone (serve.py --deterministic; it costs about half of batch-8 throughput on a
-    CPU int4 model, docs/RESULTS.md)."""
+    those it gets alone (serve.py --deterministic; on torch's matmuls it costs about half of batch-8
+    throughput, docs/RESULTS.md). A .bin on FishAI's CPU kernels needs none of it: the kernels and
+    the decode trunk give a row the same bits whatever rows come with it."""
 
     def __init__(self, model, batch: int = 1, length: int | None = None, dtype=None, compile: bool = False,
                  cuda_graph: bool | None = None, batch_invariant: bool = False):
@@ -221,7 +223,10 @@ class Engine:
         self.key, self.batch_invariant = _weights_key(model), batch_invariant
         self._bind(model)
         self.compiled, self.path, self.graph_step = None, "eager", False
-        if compile:
+        if self.trunk is not None:  # a compiled step of torch ops would be slower (docs/RESULTS.md)
+            self.path = "eager, blocks in one C call (cpu_kernels.DecodeTrunk)" + (
+                ": no compile needed on a CPU" if compile else "")
+        elif compile:
             self._build_static(cuda_graph)
 
     def _bind(self, model) -> None:
@@ -232,15 +237,18 @@ class Engine:
         self.layers = [(b.attn_norm.weight, _group(b.attn, ("wq", "wk", "wv"), hooked), _call(b.attn.wo, hooked),
                         b.mlp_norm.weight, _group(b.mlp, ("w_gate", "w_up"), hooked), _call(b.mlp.w_down, hooked))
                        for b in model.layers]
-        if self.batch_invariant:
-            self.head = _row_by_row(self.head)
-            self.layers = [(an, _row_by_row(qkv), _row_by_row(wo), mn, _row_by_row(gu), _row_by_row(down))
-                           for an, qkv, wo, mn, gu, down in self.layers]
         self.norm, self.cos, self.sin = model.norm.weight, model.rope_cos, model.rope_sin
-        self.trunk = None if hooked else self._decode_trunk(model)
         # a decode step rotates q and k in one go, as x * cos2 + roll(x, hd/2) * sin2 with
         # cos2 = (cos, cos), sin2 = (-sin, sin): model.apply_rope's arithmetic in 3 ops, not 2 x 8
         self.cos2, self.sin2 = torch.cat([self.cos, self.cos], -1), torch.cat([-self.sin, self.sin], -1)
+        self.trunk = None if hooked else self._decode_trunk(model)
+        # FishAI's kernels give a row the same bits whatever rows come with it: only torch's matmuls
+        # (sgemm, the int4pack kernel) need to run one row at a time for batch invariance
+        on_kernels = self.trunk is not None and getattr(model.lm_head, "kernel_spec", lambda: None)() is not None
+        if self.batch_invariant and not on_kernels:
+            self.head = _row_by_row(self.head)
+            self.layers = [(an, _row_by_row(qkv), _row_by_row(wo), mn, _row_by_row(gu), _row_by_row(down))
+                           for an, qkv, wo, mn, gu, down in self.layers]
 
     def _decode_trunk(self, model):
         """cpu_kernels.DecodeTrunk when every matmul of every block runs on FishAI's CPU kernels (a

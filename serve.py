@@ -106,9 +106,9 @@ def build_parser() -> common.ArgumentParser:
                         "within ~K+1 times its usual one; 0 = --prefill-chunk tokens whatever it costs")
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant decoding: at temperature 0 a request gives bitwise the text it gives alone, "
-                        "among any others (every matmul one row at a time: about half the batch throughput of a CPU "
-                        "int4 model; without it, rows of a batch may differ from their lone runs in the last bits, "
-                        "docs/RESULTS.md)")
+                        "among any others. A .bin on FishAI's CPU kernels is so already; elsewhere every matmul runs "
+                        "one row at a time (about half the batch throughput) and without it rows of a batch may "
+                        "differ from their lone runs in the last bits (docs/RESULTS.md)")
     p.add_argument("--max-request-kb", type=common.int_flag(1), default=1024, help="largest request body, KB")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from this origin (repeatable; default: no CORS)")
