@@ -302,9 +302,125 @@ static void rmsnorm(const float *x, const float *w, int64_t d, float eps, float 
     for (int64_t i = 0; i < d; i++) y[i] = x[i] * r * w[i];
 }
 
-/* one query head against positions 0..p of its KV head: out = softmax(q k^T * scale) v */
-static void attend(const float *q, const float *kc, const float *vc, int64_t p, int64_t hd, float scale,
-                   float *scores, float *out) {
+/* e^x in fp32, 16 at a time (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial,
+ * scaled by 2^n; within 2 ulp of expf); x is clamped to [-87.3, 88.7] (e^-87.3 ~ 1e-38). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3365f)), _mm512_set1_ps(88.7228f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* y = silu(g) * u = g / (1 + e^-g) * u over n values */
+static void swiglu(const float *g, const float *u, int64_t n, float *y) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 gv = _mm512_maskz_loadu_ps(mk, g + i);
+        const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm512_mask_storeu_ps(y + i, mk, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mk, u + i)));
+    }
+}
+
+/* The sums of 4 vectors, [sum a0, sum a1, sum a2, sum a3], each in one fixed order */
+static inline __attribute__((always_inline)) __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m256 h0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm512_extractf32x8_ps(a0, 1));
+    const __m256 h1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm512_extractf32x8_ps(a1, 1));
+    const __m256 h2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm512_extractf32x8_ps(a2, 1));
+    const __m256 h3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm512_extractf32x8_ps(a3, 1));
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(h0, h1), _mm256_hadd_ps(h2, h3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* nh (1 or 2) query heads of one KV head against its positions 0..p: out = softmax(q k^T * scale) v
+ * for each (q, scores and out of head j at q + j * hd, scores + j * stride, out + j * hd). The heads
+ * share every K and V load (the cache is the step's largest read at long positions); scores of 4
+ * positions at a time (one horizontal sum for 4), the softmax 16 at a time, v into 4 vectors at once.
+ * hd a multiple of 16. Each head's numbers do not depend on the other. */
+static inline __attribute__((always_inline)) void attend_heads(const float *q, const int nh, const float *kc,
+        const float *vc, int64_t p, int64_t hd, float scale, float *scores, int64_t stride, float *out) {
+    const int64_t n = p + 1;
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        __m512 a[2][4];
+        for (int j = 0; j < nh; j++) for (int r = 0; r < 4; r++) a[j][r] = _mm512_setzero_ps();
+        const float *k0 = kc + t * hd;
+        for (int64_t c = 0; c < hd; c += 16) {
+            __m512 kv[4];
+            for (int r = 0; r < 4; r++) kv[r] = _mm512_loadu_ps(k0 + r * hd + c);
+            for (int j = 0; j < nh; j++) {
+                const __m512 qv = _mm512_loadu_ps(q + j * hd + c);
+                for (int r = 0; r < 4; r++) a[j][r] = _mm512_fmadd_ps(qv, kv[r], a[j][r]);
+            }
+        }
+        for (int j = 0; j < nh; j++)
+            _mm_storeu_ps(scores + j * stride + t, _mm_mul_ps(hsum4(a[j][0], a[j][1], a[j][2], a[j][3]), _mm_set1_ps(scale)));
+    }
+    for (; t < n; t++)
+        for (int j = 0; j < nh; j++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t c = 0; c < hd; c += 16)
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * hd + c), _mm512_loadu_ps(kc + t * hd + c), a);
+            scores[j * stride + t] = _mm_cvtss_f32(hsum4(a, a, a, a)) * scale;
+        }
+    __m512 inv[2];
+    for (int j = 0; j < nh; j++) {
+        float *sc = scores + j * stride;
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            mv = _mm512_mask_max_ps(mv, mk, mv, _mm512_maskz_loadu_ps(mk, sc + i));
+        }
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        __m512 sv = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + i), mx)));
+            _mm512_mask_storeu_ps(sc + i, mk, e);
+            sv = _mm512_add_ps(sv, e);
+        }
+        inv[j] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sv));
+    }
+    for (int64_t c0 = 0; c0 < hd; c0 += 64) {  /* 64 columns (or the last 16-48) a pass */
+        const int nv = hd - c0 >= 64 ? 4 : (int)((hd - c0) / 16);
+        __m512 o[2][4];
+        for (int j = 0; j < nh; j++) for (int i = 0; i < 4; i++) o[j][i] = _mm512_setzero_ps();
+        if (nv == 4) {
+            for (int64_t s = 0; s < n; s++) {
+                const float *v = vc + s * hd + c0;
+                const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+                             v3 = _mm512_loadu_ps(v + 48);
+                for (int j = 0; j < nh; j++) {
+                    const __m512 w = _mm512_set1_ps(scores[j * stride + s]);
+                    o[j][0] = _mm512_fmadd_ps(w, v0, o[j][0]);
+                    o[j][1] = _mm512_fmadd_ps(w, v1, o[j][1]);
+                    o[j][2] = _mm512_fmadd_ps(w, v2, o[j][2]);
+                    o[j][3] = _mm512_fmadd_ps(w, v3, o[j][3]);
+                }
+            }
+        } else {
+            for (int64_t s = 0; s < n; s++)
+                for (int i = 0; i < nv; i++) {
+                    const __m512 v = _mm512_loadu_ps(vc + s * hd + c0 + 16 * i);
+                    for (int j = 0; j < nh; j++) o[j][i] = _mm512_fmadd_ps(_mm512_set1_ps(scores[j * stride + s]), v, o[j][i]);
+                }
+        }
+        for (int j = 0; j < nh; j++)
+            for (int i = 0; i < nv; i++) _mm512_storeu_ps(out + j * hd + c0 + 16 * i, _mm512_mul_ps(o[j][i], inv[j]));
+    }
+}
+
+/* The same for any hd, one head (plain loops; no preset has an hd that is not a multiple of 16) */
+static void attend_plain(const float *q, const float *kc, const float *vc, int64_t p, int64_t hd, float scale,
+                         float *scores, float *out) {
     float mx = -INFINITY, sum = 0.0f;
     for (int64_t t = 0; t <= p; t++) {
         scores[t] = dot(q, kc + t * hd, hd) * scale;
@@ -312,11 +428,21 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t p, 
     }
     for (int64_t t = 0; t <= p; t++) sum += (scores[t] = expf(scores[t] - mx));
     memset(out, 0, sizeof(float) * (size_t)hd);
-    const float inv = 1.0f / sum;
     for (int64_t t = 0; t <= p; t++) {
-        const float a = scores[t] * inv;
+        const float a = scores[t] / sum;
         for (int64_t i = 0; i < hd; i++) out[i] += a * vc[t * hd + i];
     }
+}
+
+/* Query heads h0..h0+nh-1 (one KV head's, nh <= 2) of one row */
+static void attend(const float *q, int nh, const float *kc, const float *vc, int64_t p, int64_t hd, float scale,
+                   float *scores, int64_t stride, float *out) {
+    if (hd % 16)
+        for (int j = 0; j < nh; j++) attend_plain(q + j * hd, kc, vc, p, hd, scale, scores + j * stride, out + j * hd);
+    else if (nh == 2)
+        attend_heads(q, 2, kc, vc, p, hd, scale, scores, stride, out);
+    else
+        attend_heads(q, 1, kc, vc, p, hd, scale, scores, stride, out);
 }
 
 /* x (B, d) fp32: the embeddings in, the final normed hidden state out; rows row0.. of the cache at
@@ -331,6 +457,7 @@ int fishai_decode(const fishai_trunk *m, float *x, int64_t B, const int64_t *pos
     float *act = malloc(sizeof(float) * (size_t)(B * ff)), *y = malloc(sizeof(float) * (size_t)(B * d));
     float *scores = malloc(sizeof(float) * (size_t)(B * H * L));
     const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t ppg = (rep + 1) / 2, npairs = KV * ppg;  /* pairs of query heads per KV head, per row */
     for (int64_t l = 0; l < m->n_layers; l++) {
         const fishai_layer *ly = m->layers + l;
         for (int64_t b = 0; b < B; b++) rmsnorm(x + b * d, ly->attn_norm, d, m->eps, h + b * d);
@@ -353,21 +480,18 @@ int fishai_decode(const fishai_trunk *m, float *x, int64_t B, const int64_t *pos
                 memcpy(ly->v + at, r + (H + KV + g) * hd, sizeof(float) * (size_t)hd);
             }
         }
-        #define ATTEND(i) do { const int64_t b = (i) / H, hh = (i) % H, g = hh / rep; \
-            const int64_t base = ((row0 + b) * KV + g) * L * hd; \
-            attend(qkv + b * wqkv + hh * hd, ly->k + base, ly->v + base, pos[b], hd, scale, scores + (i) * L, \
-                   att + b * H * hd + hh * hd); } while (0)
-        FOR_ROWS(B * H, ATTEND);
+        /* the query heads in pairs of one KV head (each pair reads its K and V once) */
+        #define ATTEND(i) do { const int64_t b = (i) / npairs, g = ((i) % npairs) / ppg, j = ((i) % npairs) % ppg; \
+            const int64_t hh = g * rep + 2 * j, base = ((row0 + b) * KV + g) * L * hd; \
+            attend(qkv + b * wqkv + hh * hd, rep - 2 * j >= 2 ? 2 : 1, ly->k + base, ly->v + base, pos[b], hd, \
+                   scale, scores + (b * H + hh) * L, L, att + b * H * hd + hh * hd); } while (0)
+        FOR_ROWS(B * npairs, ATTEND);
         linear(&ly->wo, att, B, y, d, nthreads);
         for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
         for (int64_t b = 0; b < B; b++) rmsnorm(x + b * d, ly->mlp_norm, d, m->eps, h + b * d);
         for (int64_t i = 0, off = 0; i < ly->n_gu; off += ly->gu[i].N, i++)
             linear(ly->gu + i, h, B, gu + off, 2 * ff, nthreads);
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < ff; i++) {
-                const float g = gu[b * 2 * ff + i];
-                act[b * ff + i] = g / (1.0f + expf(-g)) * gu[b * 2 * ff + ff + i];
-            }
+        for (int64_t b = 0; b < B; b++) swiglu(gu + b * 2 * ff, gu + b * 2 * ff + ff, ff, act + b * ff);
         linear(&ly->down, act, B, y, d, nthreads);
         for (int64_t i = 0; i < B * d; i++) x[i] += y[i];
     }

@@ -342,3 +342,34 @@ def test_the_default_decode_of_a_bin_is_bitwise_the_same_alone_or_batched(format
     alone, batched = _teacher_forced_rows(formats[fmt], invariant=False)
     for r in range(8):
         assert torch.equal(batched[r], alone[r]), r
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads,kv_heads,d_model", [(6, 2, 96), (4, 4, 64), (4, 2, 96), (2, 1, 48)])
+def test_the_trunk_takes_any_head_grouping_and_head_size(tmp_path, heads, kv_heads, d_model):
+    """Query heads per KV head 3 (a pair and a single), 1 (plain multi-head) and 2; head sizes 16
+    and 24 (not a multiple of 16: the plain loops): the trunk's logits are the torch step's (fp16
+    .bin: fp32 math in both) for rows at their own positions, past the 4-position blocks."""
+    import quantize as Q
+    from model import load_model
+    from quantized import write_quantized
+    cfg = ModelConfig(vocab_size=256, d_model=d_model, n_layers=2, n_heads=heads, n_kv_heads=kv_heads, d_ff=128,
+                      max_seq_len=64)
+    torch.manual_seed(0)
+    tensors, _ = Q.quantize_model(GPT(cfg).eval(), "fp16", progress=False)
+    write_quantized(tmp_path / "m.bin", tensors, cfg.to_dict())
+    m = load_model(tmp_path / "m.bin")
+    fast, ref = Engine(m, 3), Engine(m, 3)
+    ref.trunk = None
+    assert fast.trunk is not None
+    g = torch.Generator().manual_seed(2)
+    for r, n in enumerate((3, 7, 18)):
+        p = torch.randint(0, 256, (1, n), generator=g)
+        fast.step(p, 0, row=r)
+        ref.step(p, 0, row=r)
+    pos = torch.tensor([3, 7, 18])
+    for i in range(6):
+        tok = torch.randint(0, 256, (3, 1), generator=g)
+        a, b = fast.step(tok, pos), ref.step(tok, pos)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), i
+        pos = pos + 1
