@@ -1,20 +1,25 @@
-/* FishAI's CPU matmuls for the .bin's int8 and int4 weights (cpu_kernels.py builds and loads this
- * file; nothing else uses it).
+/* FishAI's CPU matmuls for the .bin's int8, int4 and fp16 weights, and the decode trunk that runs
+ * a .bin's whole decode step on them (cpu_kernels.py builds and loads this file; nothing else uses it).
  *
- * y (M, N) = x (M, K) W^T for a decode step's few rows of x. x is quantized per block of 32 values
- * to int8 with one fp32 scale per block (d = max|x| / 127, as llama.cpp's Q8_0 quantizes the
- * activations of its Q8_0 and Q4_0 matmuls), then multiplied with the integer codes by AVX512-VNNI
- * (vpdpbusd: 64 byte products a step, summed in fp32 per block). Every output is one weight row
- * against one row of x, always in the same order: a row's result does not depend on the other rows
- * that come with it (batch-invariant) or on the thread count.
+ * y (M, N) = x (M, K) W^T for a decode step's few rows of x (a prefill's too). For int8/int4, x is
+ * quantized per block of 32 values to int8 with one fp32 scale per block (d = max|x| / 127, as
+ * llama.cpp's Q8_0 quantizes the activations of its Q8_0 and Q4_0 matmuls), then multiplied with the
+ * integer codes by AVX512-VNNI (vpdpbusd: 64 byte products an instruction, summed in fp32 per block);
+ * fp16 weights are converted exactly and multiplied in fp32. Every output is one weight row against
+ * one row of x, always in the same order: a row's result does not depend on the other rows that come
+ * with it (batch-invariant) or on the thread count.
  *
- * Weight layouts (cpu_kernels.py makes them from the .bin at load):
- *   int8: codes (N, Kp) int8 row-major, Kp = K rounded up to 64, zero columns appended; fp32 scale
- *         per row: W[n, c] = code * s[n].
- *   int4: (N, Kp / 2) bytes, Kp = K rounded up to 64; in each 128 columns byte i holds column i
- *         (low nibble) and column 64 + i (high), in a last 64 columns alone column i and 32 + i; fp32
- *         scale s and s * zero per row and group of G columns (G a multiple of 64):
+ * Weight layouts (cpu_kernels.py makes them from the .bin at load): rows in blocks of 16, one row a
+ * vector lane, so that one instruction serves 16 rows, the lanes end as the 16 outputs (no
+ * horizontal sums) and the weights stream through memory in order. N16 = N rounded up to 16 (zero
+ * rows), Kp = K rounded up to 64 (zero columns).
+ *   int8: (N16, Kp) int8, per block 64-byte vectors of 4 columns x 16 rows (4 bytes a row); fp32
+ *         scale per row: W[n, c] = code * s[n].
+ *   int4: (N16, Kp / 2) bytes, per block 64-byte vectors of 8 columns x 16 rows, byte t of a row =
+ *         column 8v + t (low nibble) and 8v + 4 + t (high); fp32 scale s and s * zero per row and
+ *         group of G columns (G a multiple of 64), 16 rows side by side per group:
  *         W[n, c] = (code - z[n, g]) * s[n, g].
+ *   fp16: (N16, K) fp16, per block a column's 16 values side by side.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -44,7 +49,7 @@ int fishai_caps(void) { return FISHAI_VNNI; }
             for (int64_t n = 0; n < (N); n++) ROW(n); \
         } } while (0)
 
-#define MB 8 /* at most this many rows of x per pass over a weight row: each weight vector is loaded once for them */
+#define MB 8 /* at most this many rows of x per pass over a block: each weight vector is loaded once for them */
 
 /* x (M, K) fp32 -> xq (M, Kp) int8 and d (M, Kp / 32) fp32: each block of 32 values as
  * round(x / d), d = max|x| / 127; zeros past K. */

@@ -625,8 +625,9 @@ def _kernel_ok(kind: str, device) -> bool:
 
 
 # from this many rows of x (a prefill, a scoring batch) a HalfLinear casts its weight for torch's
-# GEMM, which then beats the row-at-a-time fp16 kernel (256 rows: 12 ms vs 17; 32 rows: 3.3 vs 2.4)
-F16_KERNEL_ROWS = 128
+# GEMM, which then beats the fp16 kernel (small's 2816x512 gate/up, one thread: 128 rows 4.0 ms vs
+# 4.9; 64 rows 2.2 vs 1.7; 32 rows 1.3 vs 0.9)
+F16_KERNEL_ROWS = 96
 
 
 class HalfLinear(torch.nn.Module):
