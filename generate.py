@@ -440,8 +440,8 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.compile is None:
         args.compile = fast_decode_default(device)
     elif args.compile and device.type != "cuda":
-        # On a CPU the compiled step (KV buckets, FishAI's kernels inside) is 1.01-1.08x eager and
-        # takes ~13 s to build (docs/RESULTS.md): not worth a wait for a few hundred tokens.
+        # On a CPU the compiled step takes ~10 s to build and, for a .bin, runs at half the speed of
+        # the C decode trunk the eager engine uses (docs/RESULTS.md): not worth a wait.
         print(f"warning: --compile only speeds up CUDA decoding; running eagerly on {device}", file=sys.stderr)
         args.compile = False
     model = load(args.model, device, dtype, args.dequantize)
