@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
@@ -450,9 +451,12 @@ static void attend(const float *q, int nh, const float *kc, const float *vc, int
         attend_heads(q, 1, kc, vc, p, hd, scale, scores, stride, out);
 }
 
-/* x (B, d) fp32: the embeddings in, the final normed hidden state out; rows row0.. of the cache at
- * positions pos (B,). Returns 0, or -1 when a position is outside the cache (nothing written). */
-int fishai_decode(const fishai_trunk *m, float *x, int64_t B, const int64_t *pos, int64_t row0, int nthreads) {
+/* x (B, d) fp32: the embeddings in, the final normed hidden state out; row b of x is the token at
+ * position pos[b] of cache row rows[b]. Rows of x may share a cache row (a prefill piece: one row's
+ * consecutive positions): every row's keys and values of a layer are written before any attends,
+ * and each attends positions 0..pos[b] only. Returns 0, or -1 when a position is outside the cache
+ * (nothing written). */
+int fishai_decode(const fishai_trunk *m, float *x, int64_t B, const int64_t *pos, const int64_t *rows, int nthreads) {
     const int64_t d = m->d, H = m->H, KV = m->KV, hd = m->hd, half = hd / 2, rep = H / KV, L = m->length;
     const int64_t wqkv = (H + 2 * KV) * hd, ff = m->d_ff;
     for (int64_t b = 0; b < B; b++)
@@ -460,7 +464,7 @@ int fishai_decode(const fishai_trunk *m, float *x, int64_t B, const int64_t *pos
     float *h = malloc(sizeof(float) * (size_t)(B * d)), *qkv = malloc(sizeof(float) * (size_t)(B * wqkv));
     float *att = malloc(sizeof(float) * (size_t)(B * H * hd)), *gu = malloc(sizeof(float) * (size_t)(B * 2 * ff));
     float *act = malloc(sizeof(float) * (size_t)(B * ff)), *y = malloc(sizeof(float) * (size_t)(B * d));
-    float *scores = malloc(sizeof(float) * (size_t)(B * H * L));
+    float *scores = malloc(sizeof(float) * (size_t)((nthreads > 1 ? nthreads : 1) * 2 * L));  /* a pair's, per thread */
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t ppg = (rep + 1) / 2, npairs = KV * ppg;  /* pairs of query heads per KV head, per row */
     for (int64_t l = 0; l < m->n_layers; l++) {
@@ -480,16 +484,17 @@ int fishai_decode(const fishai_trunk *m, float *x, int64_t B, const int64_t *pos
                 }
             }
             for (int64_t g = 0; g < KV; g++) {
-                const int64_t at = (((row0 + b) * KV + g) * L + pos[b]) * hd;
+                const int64_t at = ((rows[b] * KV + g) * L + pos[b]) * hd;
                 memcpy(ly->k + at, r + (H + g) * hd, sizeof(float) * (size_t)hd);
                 memcpy(ly->v + at, r + (H + KV + g) * hd, sizeof(float) * (size_t)hd);
             }
         }
         /* the query heads in pairs of one KV head (each pair reads its K and V once) */
         #define ATTEND(i) do { const int64_t b = (i) / npairs, g = ((i) % npairs) / ppg, j = ((i) % npairs) % ppg; \
-            const int64_t hh = g * rep + 2 * j, base = ((row0 + b) * KV + g) * L * hd; \
+            const int64_t hh = g * rep + 2 * j, base = (rows[b] * KV + g) * L * hd; \
             attend(qkv + b * wqkv + hh * hd, rep - 2 * j >= 2 ? 2 : 1, ly->k + base, ly->v + base, pos[b], hd, \
-                   scale, scores + (b * H + hh) * L, L, att + b * H * hd + hh * hd); } while (0)
+                   scale, scores + (nthreads > 1 ? omp_get_thread_num() : 0) * 2 * L, L, att + b * H * hd + hh * hd); \
+            } while (0)
         FOR_ROWS(B * npairs, ATTEND);
         linear(&ly->wo, att, B, y, d, nthreads);
         for (int64_t i = 0; i < B * d; i++) x[i] += y[i];

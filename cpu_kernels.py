@@ -106,7 +106,7 @@ def _load() -> ctypes.CDLL:
     lib.fishai_q4_mm.argtypes = [p, i, i, p, i, p, p, i, i, i, p, ctypes.c_int]
     lib.fishai_f16_mm.argtypes = [p, i, i, p, i, p, ctypes.c_int]
     lib.fishai_q8_mm.restype = lib.fishai_q4_mm.restype = lib.fishai_f16_mm.restype = None
-    lib.fishai_decode.argtypes = [ctypes.POINTER(_Trunk), p, i, p, i, ctypes.c_int]
+    lib.fishai_decode.argtypes = [ctypes.POINTER(_Trunk), p, i, p, p, ctypes.c_int]
     lib.fishai_decode.restype = ctypes.c_int
     return lib
 
@@ -327,10 +327,11 @@ def f16_linear(weight: torch.Tensor, n: int) -> Linear:
 
 
 class DecodeTrunk:
-    """Every transformer block of a decode step (T = 1) and the final norm in one C call, for a
-    model whose every matmul runs on these kernels: at batch 1 the ~25 torch ops and 4 Python
-    kernel calls a block costs in eager mode become none (engine.Engine uses it; the math is
-    Engine._forward's, each row on its own, so a row's result does not depend on the others).
+    """Every transformer block of a decode step (or of a short prefill piece of one row) and the
+    final norm in one C call, for a model whose every matmul runs on these kernels: at batch 1 the
+    ~25 torch ops and 4 Python kernel calls a block costs in eager mode become none (engine.Engine
+    uses it; the math is Engine._forward's, each token on its own, so a row's result does not
+    depend on the others).
 
     layers: per block a dict with attn_norm, mlp_norm (fp32 (d,)), qkv (1 or 3 Linear, outputs side
     by side as q | k | v), wo, gate_up (1 or 2), down; keys/values: the engine's fp32 caches
@@ -351,17 +352,23 @@ class DecodeTrunk:
                 a.gu[i] = spec
             a.wo, a.down = ly["wo"], ly["down"]
         self._layers = arr
-        self.length = keys[0].shape[2]
+        self.cache_rows, self.length = keys[0].shape[0], keys[0].shape[2]
         self.struct = _Trunk(len(layers), c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, self.length,
                              eps, cos.data_ptr(), sin.data_ptr(), final_norm.data_ptr(), arr)
         self._ref = ctypes.byref(self.struct)
 
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor, row: int) -> torch.Tensor:
-        """x (B, d) contiguous fp32 embeddings -> the final normed hidden state, in place; cache rows
-        row..row+B-1 written at positions pos (B,) int64."""
-        if pos.dtype is not torch.int64 or not pos.is_contiguous():
-            pos = pos.to(torch.int64).contiguous()
-        rc = _state["lib"].fishai_decode(self._ref, x.data_ptr(), x.shape[0], pos.data_ptr(), row,
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x (B, d) contiguous fp32 embeddings -> the final normed hidden state, in place: row b is the
+        token at position pos[b] of cache row rows[b] (int64 (B,) each; a decode step: B cache rows at
+        their positions; a prefill piece: one cache row at consecutive positions)."""
+        pos, rows = (t if t.dtype is torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+                     for t in (pos, rows))
+        if pos.numel() != x.shape[0] or rows.numel() != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} rows of x need as many positions and cache rows, got {pos.numel()} "
+                             f"and {rows.numel()}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.cache_rows):
+            raise ValueError(f"KV cache of {self.cache_rows} rows: rows {rows.tolist()} do not fit")
+        rc = _state["lib"].fishai_decode(self._ref, x.data_ptr(), x.shape[0], pos.data_ptr(), rows.data_ptr(),
                                          torch.get_num_threads())
         if rc:
             raise ValueError(f"decode position outside the KV cache of {self.length} positions: {pos.tolist()}")

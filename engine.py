@@ -147,6 +147,13 @@ _STOCK = (nn.Embedding, nn.Linear)
 STATIC_MIN_BUCKET = 64  # the smallest KV length a compiled CPU step attends (see Engine._bucket)
 
 
+# prefill pieces of up to this many tokens (of one row) run through the C decode trunk too: faster
+# than the torch step at every size measured up to 512 (a short piece's torch ops cost more than its
+# math: tiny at position 1000, 4 tokens 0.7 ms against 1.9; small, 256 tokens 100 ms against 121);
+# longer prompts keep torch's fused attention (docs/RESULTS.md)
+TRUNK_PREFILL = 256
+
+
 def _hooked(model) -> bool:
     from torch.nn.modules import module as nn_module
     return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or any(
@@ -324,10 +331,17 @@ class Engine:
         H, KV, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
         rep, one = H // KV, T == 1
         x = self.embed(tokens.view(B) if one else tokens)
-        if one and self.trunk is not None and not torch.compiler.is_compiling():  # the blocks in one C call
-            p = pos.view(B) if torch.is_tensor(pos) else torch.full((B,), pos, dtype=torch.int64)
-            logits = self.head(self.trunk(x.float().contiguous(), p, rows.start)).float()
-            return logits if last_only else logits[:, None]
+        if self.trunk is not None and (one or (B == 1 and T <= TRUNK_PREFILL)) and not torch.compiler.is_compiling():
+            # the blocks in one C call: a decode step (B rows at their positions), or a short prefill
+            # piece of one row (its T tokens as T rows of x on that cache row, each at its position)
+            p = (pos.reshape(-1) if torch.is_tensor(pos) else torch.full((B,), pos) if one
+                 else torch.arange(pos, pos + T))
+            r = torch.arange(rows.start, rows.stop) if one else torch.full((T,), rows.start)
+            h = self.trunk(x.reshape(B * T, -1).float().contiguous(), p, r)
+            if not one and last_only:
+                h = h[-1:]
+            logits = self.head(h).float()
+            return logits if last_only else logits.view(B, T, -1)
         table = (self.cos2, self.sin2) if one else (self.cos, self.sin)
         if torch.is_tensor(pos):
             cos, sin = table[0][pos][:, None], table[1][pos][:, None]

@@ -79,7 +79,7 @@ DEFAULT_PORT = 8000
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MIN_TEMPERATURE = 1e-3  # below it sampling is greedy (see the module docstring)
-MIN_PREFILL_CHUNK = 16  # the smallest adaptive prefill piece (smaller ones measure call overhead)
+MIN_PREFILL_CHUNK = 4  # the smallest adaptive prefill piece
 MAX_SEED = 2**64 - 1    # torch.Generator.manual_seed's range
 
 
@@ -290,6 +290,19 @@ class QueueFull(ServeError):
                          code="queue_full", kind="rate_limit_error", headers={"Retry-After": "1"})
 
 
+def next_piece(last: tuple | None, step_s: float | None, stall_steps: float, chunk: int) -> int:
+    """Prompt tokens for the next prefill piece while rows decode: the last piece (tokens, seconds)
+    scaled to stall_steps decode steps of step_s seconds, at most halved or doubled a turn, within
+    MIN_PREFILL_CHUNK..chunk; 16 before anything is measured. A piece's time is not proportional
+    to its tokens (a call's fixed cost; attention grows with the position), so the size follows
+    the measured time, as a controller, rather than a tokens/s estimate."""
+    if step_s is None or last is None:
+        return min(chunk, 16)
+    tokens, took = last
+    want = tokens * stall_steps * step_s / max(took, 1e-9)
+    return max(MIN_PREFILL_CHUNK, min(chunk, int(min(2 * tokens, max(tokens / 2, want)))))
+
+
 class Engine:
     """Continuous batching for one model, in its own thread: waiting jobs are prefilled into free
     KV-cache rows, every step decodes one token for each active row (engine.Engine.step, rows
@@ -304,7 +317,8 @@ class Engine:
                  prefill_chunk: int = 256, deterministic: bool = False, stall_steps: float = 3.0):
         self.served, self.max_batch, self.max_queue, self.metrics = served, max_batch, max_queue, metrics
         self.prefill_chunk, self.deterministic, self.stall_steps = prefill_chunk, deterministic, stall_steps
-        self._step_s, self._prefill_tok_s = None, None  # running averages: a decode step, prefill speed
+        self._step_s = None     # running average of a decode step's seconds
+        self._piece = None      # (tokens, seconds) of the last prefill piece
         self.filling: Job | None = None  # the job whose prompt is being prefilled, in row len(self.active)
         self._filling_row = 0           # where its prefilled positions are (rows below it may free up)
         self.waiting: collections.deque = collections.deque()
@@ -456,15 +470,12 @@ class Engine:
                 self._fail_job(job, e)
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens to prefill this turn: --prefill-chunk, and while rows decode no more than
-        --prefill-stall-steps of their decode steps' time takes at the measured prefill speed. Not
+        """Prompt tokens to prefill this turn: --prefill-chunk, and while rows decode about what fits in
+        --prefill-stall-steps of their decode steps' time, by the last piece's measured time. Not
         with --deterministic: a prompt's pieces (and so its numbers) would then depend on the load."""
         if self.deterministic or not self.stall_steps or not self.active:
             return self.prefill_chunk
-        if self._step_s is None or self._prefill_tok_s is None:  # not measured yet: a small piece measures it
-            return min(self.prefill_chunk, 4 * MIN_PREFILL_CHUNK)
-        fits = int(self._prefill_tok_s * self.stall_steps * self._step_s)
-        return max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, fits))
+        return next_piece(self._piece, self._step_s, self.stall_steps, self.prefill_chunk)
 
     @staticmethod
     def _average(old: float | None, new: float) -> float:
@@ -480,8 +491,7 @@ class Engine:
         ids = torch.tensor([job.prompt[start:end]], device=self._kv.device)
         t0 = time.perf_counter()
         logits = self._kv.step(ids, start, row=row, last_only=not job.sampling.prompt_logprobs)
-        if end - start >= MIN_PREFILL_CHUNK:  # (a few tokens measure the call overhead, not the speed)
-            self._prefill_tok_s = self._average(self._prefill_tok_s, (end - start) / max(time.perf_counter() - t0, 1e-9))
+        self._piece = (end - start, time.perf_counter() - t0)
         job.prefilled = end
         if job.sampling.prompt_logprobs:
             job.prompt_logits.append(logits[0])

@@ -307,8 +307,9 @@ def test_a_bin_decodes_through_the_trunk_and_a_pt_or_a_hooked_model_does_not(for
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["int8", "int4", "mixed", "fp16"])
 def test_the_trunk_step_matches_the_torch_step(formats, fmt):
-    """Rows at their own positions on cache rows 1..3: the trunk's logits and the keys and values
-    it writes against the torch step on the same kernels. fp16 (fp32 math in both) to fp32
+    """Rows at their own positions on cache rows 1..3 (prefilled by the trunk too: prompts of 5-14
+    tokens): the trunk's logits and the keys and values it writes against the torch step on the
+    same kernels. fp16 (fp32 math in both) to fp32
     rounding; int8/int4 within the activations' int8 rounding, which a last-bit difference in a
     norm can move by one step (the same greedy tokens)."""
     m, g = formats[fmt], torch.Generator().manual_seed(1)
@@ -331,7 +332,11 @@ def test_the_trunk_step_matches_the_torch_step(formats, fmt):
         assert torch.equal(kf[0], kr[0]) and not kf[0].any()     # row 0 untouched
         assert (kf - kr).abs().max() <= (1e-5 if fmt == "fp16" else 5e-2) * kr.abs().max()
     with pytest.raises(ValueError, match="outside the KV cache"):
-        fast.trunk(torch.zeros(1, m.config.d_model), torch.tensor([fast.length]), 0)
+        fast.trunk(torch.zeros(1, m.config.d_model), torch.tensor([fast.length]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="do not fit"):
+        fast.trunk(torch.zeros(1, m.config.d_model), torch.tensor([0]), torch.tensor([4]))
+    with pytest.raises(ValueError, match="need as many positions"):
+        fast.trunk(torch.zeros(2, m.config.d_model), torch.tensor([0]), torch.tensor([0, 1]))
 
 
 @needs_kernels
@@ -349,7 +354,8 @@ def test_the_default_decode_of_a_bin_is_bitwise_the_same_alone_or_batched(format
 def test_the_trunk_takes_any_head_grouping_and_head_size(tmp_path, heads, kv_heads, d_model):
     """Query heads per KV head 3 (a pair and a single), 1 (plain multi-head) and 2; head sizes 16
     and 24 (not a multiple of 16: the plain loops): the trunk's logits are the torch step's (fp16
-    .bin: fp32 math in both) for rows at their own positions, past the 4-position blocks."""
+    .bin: fp32 math in both) for prefill pieces (every position) and rows at their own positions,
+    past the 4-position blocks."""
     import quantize as Q
     from model import load_model
     from quantized import write_quantized
@@ -363,13 +369,32 @@ def test_the_trunk_takes_any_head_grouping_and_head_size(tmp_path, heads, kv_hea
     ref.trunk = None
     assert fast.trunk is not None
     g = torch.Generator().manual_seed(2)
-    for r, n in enumerate((3, 7, 18)):
+    for r, n in enumerate((3, 7, 18)):  # prefilled in two pieces, every position's logits
         p = torch.randint(0, 256, (1, n), generator=g)
-        fast.step(p, 0, row=r)
-        ref.step(p, 0, row=r)
+        for lo, hi in ((0, 2), (2, n)):
+            a, b = fast.step(p[:, lo:hi], lo, row=r, last_only=False), ref.step(p[:, lo:hi], lo, row=r, last_only=False)
+            assert a.shape == b.shape == (1, hi - lo, 256) and (a - b).abs().max() <= 1e-5 * b.abs().max()
     pos = torch.tensor([3, 7, 18])
     for i in range(6):
         tok = torch.randint(0, 256, (3, 1), generator=g)
         a, b = fast.step(tok, pos), ref.step(tok, pos)
         assert (a - b).abs().max() <= 1e-5 * b.abs().max(), i
         pos = pos + 1
+
+
+@needs_kernels
+def test_the_trunk_gives_the_same_bits_on_one_or_two_threads(formats):
+    """Two threads split the kernels' row blocks and the attention's (row, head pair)s: each output
+    is still computed by one thread in one order."""
+    m, threads = formats["int4"], torch.get_num_threads()
+    x = tokens(3, 20, 4)
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            eng = Engine(m, 3)
+            eng.step(x[:, :12], 0)
+            outs.append(torch.stack([eng.step(x[:, i:i + 1], i) for i in range(12, 20)]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])

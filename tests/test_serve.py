@@ -1065,3 +1065,16 @@ def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps(trained_
     assert paced_steps >= 10 and paced_steps >= whole_steps + 8, (paced_steps, whole_steps)
     assert paced["text"] == whole["text"]
     assert paced["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
+
+
+def test_the_next_prefill_piece_follows_the_last_pieces_time():
+    """The piece size is a controller on time: the last piece scaled to stall_steps decode steps,
+    at most halved or doubled a turn, within MIN_PREFILL_CHUNK..--prefill-chunk."""
+    import serve
+    nxt = serve.next_piece
+    assert nxt(None, 0.002, 3, 256) == 16 and nxt((32, 0.01), None, 3, 8) == 8   # nothing measured yet
+    assert nxt((32, 0.010), 0.002, 3, 256) == 19       # 32 tokens took 10 ms, 6 ms allowed: 32 * 6 / 10
+    assert nxt((32, 0.001), 0.002, 3, 256) == 64       # far under: doubled, not 192 at once
+    assert nxt((32, 0.100), 0.002, 3, 256) == 16       # far over: halved
+    assert nxt((6, 0.100), 0.002, 3, 256) == serve.MIN_PREFILL_CHUNK
+    assert nxt((200, 0.001), 0.002, 3, 256) == 256     # never past --prefill-chunk
