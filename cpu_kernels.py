@@ -313,7 +313,9 @@ class _Trunk(ctypes.Structure):
 
 
 def q8_linear(codes: torch.Tensor, scales: torch.Tensor, k: int) -> Linear:
-    return Linear(1, codes.data_ptr(), scales.data_ptr(), None, codes.shape[0], k, codes.shape[1], 0, 0)
+    # N is the layer's rows (scales), not the packed codes' (a multiple of 16): the trunk writes
+    # exactly N columns of its q | k | v or gate | up row
+    return Linear(1, codes.data_ptr(), scales.data_ptr(), None, scales.shape[0], k, codes.shape[1], 0, 0)
 
 
 def q4_linear(packed: torch.Tensor, kscales: torch.Tensor, kzeros: torch.Tensor, group_size: int, k: int,

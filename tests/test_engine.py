@@ -398,3 +398,26 @@ def test_the_trunk_gives_the_same_bits_on_one_or_two_threads(formats):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernels
+def test_the_trunk_takes_unfused_matmuls_whose_rows_are_not_a_multiple_of_16(tmp_path):
+    """A mixed .bin keeps q/k (int8) and v (int4) apart, and a 24-wide k or v is not a whole block of
+    16 rows: each matmul writes exactly its own columns of the q | k | v row."""
+    import quantize as Q
+    from model import load_model
+    from quantized import write_quantized
+    cfg = ModelConfig(vocab_size=256, d_model=48, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=128, max_seq_len=64)
+    torch.manual_seed(0)
+    tensors, _ = Q.quantize_model(GPT(cfg).eval(), "mixed", progress=False)
+    write_quantized(tmp_path / "m.bin", tensors, cfg.to_dict())
+    m = load_model(tmp_path / "m.bin")
+    assert getattr(m.layers[0].attn, "fused_wq_wk_wv", None) is None and m.layers[0].attn.wk.out_features == 24
+    fast, ref = Engine(m, 1), Engine(m, 1)
+    ref.trunk = None
+    assert fast.trunk is not None
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))
+    a = torch.stack([fast.step(x[:, i:i + 1], i) for i in range(20)])
+    b = torch.stack([ref.step(x[:, i:i + 1], i) for i in range(20)])
+    assert (a - b).abs().max() <= 5e-2 * b.abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
