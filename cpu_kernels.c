@@ -50,6 +50,9 @@ int fishai_caps(void) { return FISHAI_VNNI; }
             for (int64_t n = 0; n < (N); n++) ROW(n); \
         } } while (0)
 
+/* the lanes of a 16-wide vector that hold the last n (< 16: a tail) of a row, or all 16 */
+static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
 #define MB 8 /* at most this many rows of x per pass over a block: each weight vector is loaded once for them */
 
 /* x (M, K) fp32 -> xq (M, Kp) int8 and d (M, Kp / 32) fp32: each block of 32 values as
@@ -112,7 +115,7 @@ static inline __attribute__((always_inline)) void q8_block(const int8_t *wb, con
         for (int j = 0; j < mb; j++)
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dacc[j]), _mm512_set1_ps(d[(m0 + j) * nb + blk]), acc[j]);
     }
-    const __mmask16 mk = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
+    const __mmask16 mk = tail_mask(nvalid);
     const __m512 sv = _mm512_maskz_loadu_ps(mk, s + n0);
     for (int j = 0; j < mb; j++)
         _mm512_mask_storeu_ps(y + (m0 + j) * ldy + n0, mk, _mm512_mul_ps(sv, _mm512_sub_ps(acc[j], _mm512_set1_ps(corr[m0 + j]))));
@@ -176,7 +179,7 @@ static inline __attribute__((always_inline)) void q4_block(const uint8_t *wb, co
             g++;
         }
     }
-    const __mmask16 mk = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
+    const __mmask16 mk = tail_mask(nvalid);
     for (int j = 0; j < mb; j++) _mm512_mask_storeu_ps(y + (m0 + j) * ldy + n0, mk, acc[j]);
 }
 
@@ -227,7 +230,7 @@ static inline __attribute__((always_inline)) void f16_block(const uint16_t *wb, 
         }
         for (int j = 0; j < mb; j++) acc[j] = _mm512_add_ps(acc[j], _mm512_add_ps(p0[j], p1[j]));
     }
-    const __mmask16 mk = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
+    const __mmask16 mk = tail_mask(nvalid);
     for (int j = 0; j < mb; j++) _mm512_mask_storeu_ps(y + (m0 + j) * ldy + n0, mk, acc[j]);
 }
 
@@ -296,7 +299,7 @@ static float dot(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     if (i < n) {
-        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1);
+        const __mmask16 mk = tail_mask(n - i);
         acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i), _mm512_maskz_loadu_ps(mk, b + i), acc);
     }
     return _mm512_reduce_add_ps(acc);
@@ -329,7 +332,7 @@ static inline __m512 exp512(__m512 x) {
 /* y = silu(g) * u = g / (1 + e^-g) * u over n values */
 static void swiglu(const float *g, const float *u, int64_t n, float *y) {
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __mmask16 mk = tail_mask(n - i);
         const __m512 gv = _mm512_maskz_loadu_ps(mk, g + i);
         const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
         _mm512_mask_storeu_ps(y + i, mk, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mk, u + i)));
@@ -382,13 +385,13 @@ static inline __attribute__((always_inline)) void attend_heads(const float *q, c
         float *sc = scores + j * stride;
         __m512 mv = _mm512_set1_ps(-INFINITY);
         for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            const __mmask16 mk = tail_mask(n - i);
             mv = _mm512_mask_max_ps(mv, mk, mv, _mm512_maskz_loadu_ps(mk, sc + i));
         }
         const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
         __m512 sv = _mm512_setzero_ps();
         for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 mk = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            const __mmask16 mk = tail_mask(n - i);
             const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + i), mx)));
             _mm512_mask_storeu_ps(sc + i, mk, e);
             sv = _mm512_add_ps(sv, e);

@@ -217,43 +217,50 @@ q4_op.register_fake(lambda x, packed, kscales, kzeros, group_size, n: _fake(x, n
 f16_op.register_fake(lambda x, weight, n: _fake(x, n))
 
 
+def _row_blocks(t: torch.Tensor) -> torch.Tensor:
+    """t (N, ...) with zero rows appended to a multiple of ROWS, viewed as (N16 / 16, 16, ...)."""
+    t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, -t.shape[0] % ROWS))
+    return t.view(-1, ROWS, *t.shape[1:])
+
+
+def _block_rows(packed: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """(R, vectors, bytes): `rows` (default: every row, padding included) of a blocked layout the
+    caller views as (N16 / 16, vectors, 16, bytes)."""
+    rows = torch.arange(packed.shape[0] * ROWS) if rows is None else rows.reshape(-1).long()
+    return packed[rows // ROWS, :, rows % ROWS]
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) codes 0..15 -> (N16, Kp / 2) uint8, the q4 kernel's layout (N16 = N rounded up to 16,
     zero rows appended; Kp = K rounded up to 64): rows in blocks of 16, each block a run of 64-byte
     vectors of 8 columns x 16 rows, 4 bytes a row; byte t of row i holds column 8c + t (low nibble)
     and 8c + 4 + t (high)."""
-    n, k = codes.shape
-    n16, kp = -(-n // ROWS) * ROWS, padded_cols(k)
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, kp - k, 0, n16 - n))
-    c = c.view(n16 // ROWS, ROWS, kp // 8, 2, 4)                  # block, row, vector, nibble, byte
+    kp = padded_cols(codes.shape[1])
+    c = _row_blocks(torch.nn.functional.pad(codes.to(torch.uint8), (0, kp - codes.shape[1])))
+    c = c.view(c.shape[0], ROWS, kp // 8, 2, 4)                    # block, row, vector, nibble, byte
     packed = c[:, :, :, 0] | (c[:, :, :, 1] << 4)                  # (blocks, 16, vectors, 4)
-    return packed.transpose(1, 2).contiguous().view(n16, kp // 2)
+    return packed.transpose(1, 2).contiguous().view(-1, kp // 2)
 
 
 def pack_int8(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) int8 codes -> (N16, Kp) int8, the q8 kernel's layout (N16 = N rounded up to 16, zero
     rows appended; Kp = K rounded up to 64, zero columns): rows in blocks of 16, each block a run
     of 64-byte vectors of 4 columns x 16 rows, 4 bytes a row."""
-    n, k = codes.shape
-    n16, kp = -(-n // ROWS) * ROWS, padded_cols(k)
-    c = torch.nn.functional.pad(codes.to(torch.int8), (0, kp - k, 0, n16 - n)).view(n16 // ROWS, ROWS, kp // 4, 4)
-    return c.transpose(1, 2).contiguous().view(n16, kp)
+    kp = padded_cols(codes.shape[1])
+    c = _row_blocks(torch.nn.functional.pad(codes.to(torch.int8), (0, kp - codes.shape[1])))
+    return c.view(c.shape[0], ROWS, kp // 4, 4).transpose(1, 2).contiguous().view(-1, kp)
 
 
 def unpack_int8(packed: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The (R, k) int8 codes of `rows` (default: every row, padding included) of pack_int8's layout."""
     n16, kp = packed.shape
-    rows = torch.arange(n16) if rows is None else rows.reshape(-1).long()
-    return packed.view(n16 // ROWS, kp // 4, ROWS, 4)[rows // ROWS, :, rows % ROWS].reshape(len(rows), kp)[:, :k]
+    return _block_rows(packed.view(n16 // ROWS, kp // 4, ROWS, 4), rows).reshape(-1, kp)[:, :k]
 
 
 def pack_f16(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) fp16 -> (N16, K) fp16, the f16 kernel's layout: rows in blocks of 16, each block
     column after column, a column's 16 values side by side (zero rows appended)."""
-    n, k = weight.shape
-    n16 = -(-n // ROWS) * ROWS
-    w = torch.nn.functional.pad(weight.to(torch.float16), (0, 0, 0, n16 - n)).view(n16 // ROWS, ROWS, k)
-    return w.transpose(1, 2).contiguous().view(n16, k)
+    return _row_blocks(weight.to(torch.float16)).transpose(1, 2).contiguous().view(-1, weight.shape[1])
 
 
 def unpack_f16(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -265,18 +272,14 @@ def unpack_f16(packed: torch.Tensor, n: int) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The (R, k) codes (int32) of `rows` (default: every row, padding included) of pack_int4's layout."""
     n16, kp = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.view(n16 // ROWS, kp // 8, ROWS, 4)
-    rows = torch.arange(n16) if rows is None else rows.reshape(-1).long()
-    b = blocks[rows // ROWS, :, rows % ROWS].to(torch.int32)      # (R, vectors, 4)
-    return torch.cat([b & 15, b >> 4], dim=2).reshape(len(rows), kp)[:, :k]
+    b = _block_rows(packed.view(n16 // ROWS, kp // 8, ROWS, 4), rows).to(torch.int32)  # (R, vectors, 4)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(-1, kp)[:, :k]
 
 
 def block_scales(t: torch.Tensor) -> torch.Tensor:
     """(N, groups) fp32 per-row values -> (N16 / 16, groups, 16): the 16 rows of a block side by
     side, as the q4 kernel loads them (zeros for the padding rows)."""
-    n, g = t.shape
-    n16 = -(-n // ROWS) * ROWS
-    return torch.nn.functional.pad(t.float(), (0, 0, 0, n16 - n)).view(n16 // ROWS, ROWS, g).transpose(1, 2).contiguous()
+    return _row_blocks(t.float()).transpose(1, 2).contiguous()
 
 
 def quantize_x(x: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,12 @@ STATIC_MIN_BUCKET = 64  # the smallest KV length a compiled CPU step attends (se
 TRUNK_PREFILL = 256
 
 
+def _kernel_spec(m):
+    """m's matmul as cpu_kernels.DecodeTrunk calls it, or None when m does not run on FishAI's kernels."""
+    spec = getattr(m, "kernel_spec", None)
+    return spec() if spec is not None else None
+
+
 def _hooked(model) -> bool:
     from torch.nn.modules import module as nn_module
     return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or any(
@@ -252,7 +258,7 @@ class Engine:
         self.trunk = None if hooked else self._decode_trunk(model)
         # FishAI's kernels give a row the same bits whatever rows come with it: only torch's matmuls
         # (sgemm, the int4pack kernel) need to run one row at a time for batch invariance
-        on_kernels = self.trunk is not None and getattr(model.lm_head, "kernel_spec", lambda: None)() is not None
+        on_kernels = self.trunk is not None and _kernel_spec(model.lm_head) is not None
         if self.batch_invariant and not on_kernels:
             self.head = _row_by_row(self.head)
             self.layers = [(an, _row_by_row(qkv), _row_by_row(wo), mn, _row_by_row(gu), _row_by_row(down))
@@ -262,20 +268,20 @@ class Engine:
         """cpu_kernels.DecodeTrunk when every matmul of every block runs on FishAI's CPU kernels (a
         .bin on a CPU with them; fp32 activations and cache): a decode step's blocks then run in one
         C call, not ~25 torch ops and 4 Python calls each. None otherwise (the torch step runs)."""
-        if self.device.type != "cpu" or self.dtype is not torch.float32 or model.norm.weight.dtype is not torch.float32:
+        if (self.device.type != "cpu" or self.dtype is not torch.float32 or model.norm.weight.dtype is not torch.float32
+                or not cpu_kernels.available()):
             return None
 
         def specs(parent, names):
             fused = getattr(parent, "fused_" + "_".join(names), None)
-            mods = [fused] if fused is not None else [getattr(parent, n) for n in names]
-            out = [getattr(m, "kernel_spec", lambda: None)() for m in mods]
-            return None if any(s is None for s in out) else out
+            out = [_kernel_spec(m) for m in ([fused] if fused is not None else [getattr(parent, n) for n in names])]
+            return None if None in out else out
 
         layers = []
         for b in model.layers:
             qkv, gate_up = specs(b.attn, ("wq", "wk", "wv")), specs(b.mlp, ("w_gate", "w_up"))
             wo, down = specs(b.attn, ("wo",)), specs(b.mlp, ("w_down",))
-            if None in (qkv, gate_up, wo, down) or not cpu_kernels.available():
+            if None in (qkv, gate_up, wo, down):
                 return None
             layers.append({"attn_norm": b.attn_norm.weight, "mlp_norm": b.mlp_norm.weight, "qkv": qkv,
                            "wo": wo[0], "gate_up": gate_up, "down": down[0]})

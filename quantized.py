@@ -448,12 +448,10 @@ def int8_linear(codes: torch.Tensor, scales: torch.Tensor, device, kernel: str |
     device = torch.device(device)
     kernel = int8_kernel(device) if kernel is None else {True: "torch", False: ""}.get(kernel, kernel)
     k = codes.shape[1]
-    # torch's CPU kernel steps through K by 16 (other K give NaN or crash, measured), FishAI's by
-    # 64: zero columns here (and, for torch's, zeros appended to x in forward)
-    pad = {"fishai": cpu_kernels.padded_cols(k) - k, "torch": _round_up(k, 16) - k}.get(kernel, 0)
-    if kernel == "fishai":  # rows in blocks of 16 (cpu_kernels.pack_int8)
+    if kernel == "fishai":  # rows in blocks of 16, K zero-padded to 64 (cpu_kernels.pack_int8)
         weight = cpu_kernels.pack_int8(codes)
-    else:
+    else:  # torch's CPU kernel steps through K by 16 (other K give NaN or crash, measured): zero columns
+        pad = _round_up(k, 16) - k if kernel == "torch" else 0  # here, and zeros appended to x in forward
         weight = torch.nn.functional.pad(codes.to(torch.int8), (0, pad)).contiguous()
     return Int8Linear(weight.to(device), scales.to(device, KERNEL_DTYPE if kernel == "torch" else torch.float32),
                       k, kernel)
