@@ -256,6 +256,41 @@ void fishai_f16_mm(const float *x, int64_t M, int64_t K, const uint16_t *w, int6
     f16_mm(x, M, K, w, N, y, N, nthreads);
 }
 
+/* Rows idx[0..n-1] of a blocked int8 table (pack_int8's layout) as fp32, code * scale[row]: the
+ * embedding lookups of a .bin whose tied int8 table is also the head. -1 for an index outside
+ * 0..N-1 (nothing written). */
+int fishai_embed_q8(const int8_t *w, int64_t Kp, const float *s, int64_t K, int64_t N, const int64_t *idx, int64_t n,
+                    float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= N) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = idx[i], lane = r % 16;
+        const int8_t *wb = w + (r / 16) * 16 * Kp + lane * 4;
+        for (int64_t c = 0; c < K; c++) out[i * K + c] = (float)wb[(c / 4) * 64 + c % 4] * s[r];
+    }
+    return 0;
+}
+
+/* The same for a blocked int4 table (pack_int4's layout): (code - zero) * scale per group of G
+ * columns, the zero points (N, ng) bytes, the scales in block_scales' layout (N16 / 16, ng, 16). */
+int fishai_embed_q4(const uint8_t *w, int64_t Kp, const float *ks, const uint8_t *z, int64_t ng, int64_t G, int64_t K,
+                    int64_t N, const int64_t *idx, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= N) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = idx[i], lane = r % 16;
+        const uint8_t *wb = w + (r / 16) * 8 * Kp + lane * 4;
+        const float *sb = ks + (r / 16) * ng * 16 + lane;
+        for (int64_t c = 0; c < K; c++) {
+            const uint8_t byte = wb[(c / 8) * 64 + c % 4];
+            const int code = c % 8 < 4 ? byte & 15 : byte >> 4;
+            const int64_t g = c / G;
+            out[i * K + c] = ((float)code - (float)z[r * ng + g]) * sb[g * 16];
+        }
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * The decode trunk: every transformer block of one decode step (T = 1) in one call, the math of
  * engine.Engine._forward (model.Block's) on a .bin whose every matmul runs on the kernels above:
@@ -492,8 +527,10 @@ int fishai_decode(const fishai_trunk *m, float *x, int64_t B, const int64_t *pos
                 memcpy(ly->v + at, r + (H + KV + g) * hd, sizeof(float) * (size_t)hd);
             }
         }
-        /* the query heads in pairs of one KV head (each pair reads its K and V once) */
-        #define ATTEND(i) do { const int64_t b = (i) / npairs, g = ((i) % npairs) / ppg, j = ((i) % npairs) % ppg; \
+        /* the query heads in pairs of one KV head (each pair reads its K and V once); rows inner, so
+         * that the tokens of a prefill piece (one cache row) attend one after another over the same
+         * keys and values, still in L2 from the token before */
+        #define ATTEND(i) do { const int64_t b = (i) % B, g = ((i) / B) / ppg, j = ((i) / B) % ppg; \
             const int64_t hh = g * rep + 2 * j, base = (rows[b] * KV + g) * L * hd; \
             attend(qkv + b * wqkv + hh * hd, rep - 2 * j >= 2 ? 2 : 1, ly->k + base, ly->v + base, pos[b], hd, \
                    scale, scores + (nthreads > 1 ? omp_get_thread_num() : 0) * 2 * L, L, att + b * H * hd + hh * hd); \

@@ -107,7 +107,9 @@ def _load() -> ctypes.CDLL:
     lib.fishai_f16_mm.argtypes = [p, i, i, p, i, p, ctypes.c_int]
     lib.fishai_q8_mm.restype = lib.fishai_q4_mm.restype = lib.fishai_f16_mm.restype = None
     lib.fishai_decode.argtypes = [ctypes.POINTER(_Trunk), p, i, p, p, ctypes.c_int]
-    lib.fishai_decode.restype = ctypes.c_int
+    lib.fishai_embed_q8.argtypes = [p, i, p, i, i, p, i, p]
+    lib.fishai_embed_q4.argtypes = [p, i, p, p, i, i, i, i, p, i, p]
+    lib.fishai_decode.restype = lib.fishai_embed_q8.restype = lib.fishai_embed_q4.restype = ctypes.c_int
     return lib
 
 
@@ -228,6 +230,33 @@ def _block_rows(packed: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor
     caller views as (N16 / 16, vectors, 16, bytes)."""
     rows = torch.arange(packed.shape[0] * ROWS) if rows is None else rows.reshape(-1).long()
     return packed[rows // ROWS, :, rows % ROWS]
+
+
+def _embed(kernel: str, idx: torch.Tensor, k: int, n: int, *table) -> torch.Tensor:
+    """(len(idx), k) fp32 rows of a blocked table with n rows, gathered and dequantized in one C call
+    (an embedding lookup in torch ops is ~10 of them: at batch 1 that is a tenth of a step)."""
+    flat = idx.reshape(-1)
+    flat = flat if flat.dtype is torch.int64 and flat.is_contiguous() else flat.to(torch.int64).contiguous()
+    out = torch.empty(flat.numel(), k, dtype=torch.float32)
+    if getattr(_state.get("lib") or library(), kernel)(*table, k, n, flat.data_ptr(), flat.numel(), out.data_ptr()):
+        raise IndexError(f"token id out of range: the table has {n} rows, got ids {flat.min()}..{flat.max()}")
+    return out
+
+
+def embed_q8(codes: torch.Tensor, scales: torch.Tensor, k: int, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx of an int8 table in pack_int8's layout as fp32 (code * scales[row]): exactly the
+    rows of unpack_int8(codes, k, idx) * scales[idx]."""
+    return _embed("fishai_embed_q8", idx, k, scales.shape[0], codes.data_ptr(), codes.shape[1], scales.data_ptr())
+
+
+def embed_q4(packed: torch.Tensor, kscales: torch.Tensor, zeros: torch.Tensor, group_size: int, k: int,
+             idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx of an int4 table in pack_int4's layout as fp32, (code - zero) * scale per group:
+    zeros (N, groups) uint8, kscales in block_scales' layout; the same bits as dequantizing
+    unpack_int4(packed, k, idx) in fp32."""
+    zeros = zeros if zeros.is_contiguous() else zeros.contiguous()
+    return _embed("fishai_embed_q4", idx, k, zeros.shape[0], packed.data_ptr(), packed.shape[1] * 2,
+                  kscales.data_ptr(), zeros.data_ptr(), zeros.shape[1], group_size)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

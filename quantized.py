@@ -680,6 +680,9 @@ class Int8Embedding(torch.nn.Module):
         self.blocked = head.kernel == "fishai"  # the codes in the kernel's blocks of 16 rows
 
     def forward(self, idx):
+        if self.blocked and not torch.compiler.is_compiling():  # one C call (a compiled step traces the torch ops)
+            return cpu_kernels.embed_q8(self.weight, self.scales, self.cols, idx).to(self.out_dtype).view(
+                *idx.shape, self.cols)
         if self.blocked:
             codes = cpu_kernels.unpack_int8(self.weight, self.cols, idx).view(*idx.shape, self.cols)
         else:
@@ -758,15 +761,18 @@ class Int4Embedding(torch.nn.Module):
 
     def forward(self, idx):
         flat = idx.reshape(-1)
-        if self.layout == "fishai":
+        fishai = self.layout == "fishai"
+        if fishai and not torch.compiler.is_compiling():  # one C call (a compiled step traces the torch ops)
+            return cpu_kernels.embed_q4(self.weight, self.scales, self.zeros, self.group_size, self.cols, flat).to(
+                self.out_dtype).view(*idx.shape, self.cols)
+        if fishai:
             codes = cpu_kernels.unpack_int4(self.weight, self.cols, flat)
         elif self.layout == "rows":
             codes = _unpack_rows(self.weight[flat], self.cols)
         else:
             codes = _int4_cpu_codes(self.weight, self.start[flat], self.stride[flat],
                                     self.shift[flat].to(torch.int32))[:, :self.cols]
-        scales = self.scales[flat // cpu_kernels.ROWS, :, flat % cpu_kernels.ROWS] if self.layout == "fishai" \
-            else self.scales[flat]
+        scales = self.scales[flat // cpu_kernels.ROWS, :, flat % cpu_kernels.ROWS] if fishai else self.scales[flat]
         rows = _dequant_rows(codes, scales, self.zeros[flat], self.group_size, torch.float32)
         return rows.to(self.out_dtype).view(*idx.shape, self.cols)
 

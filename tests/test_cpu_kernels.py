@@ -124,6 +124,31 @@ def test_int4_packing_round_trips(n, k):
     assert bs.shape == (n16 // 16, 3, 16) and torch.equal(bs[0, 2, 1], scales[1, 2])
 
 
+@needs_kernels
+@pytest.mark.parametrize("n,k,group", [(5, 200, 64), (33, 128, 64), (40, 96, 64), (16, 256, 128)])
+def test_the_embedding_lookups_are_the_stored_rows_dequantized(n, k, group):
+    """embed_q8 / embed_q4 (one C call a lookup) give bitwise the rows the torch ops give from the
+    blocked layouts: codes * row scale; (code - zero) * scale per group, a shorter last group (k=96
+    in groups of 64) included. A token id outside the table is an IndexError, nothing written."""
+    g = torch.Generator().manual_seed(8)
+    idx = torch.tensor([n - 1, 0, n // 2, 0])
+    codes8, scales8 = torch.randint(-127, 128, (n, k), generator=g), torch.rand(n, generator=g) + 0.01
+    want8 = codes8[idx].float() * scales8[idx, None]
+    assert torch.equal(K.embed_q8(K.pack_int8(codes8), scales8, k, idx), want8)
+    ng = -(-k // group)
+    codes4, zeros = torch.randint(0, 16, (n, k), generator=g), torch.randint(0, 16, (n, ng), generator=g)
+    scales4 = torch.rand(n, ng, generator=g) + 0.01
+    col_group = torch.arange(k) // group
+    want4 = (codes4[idx].float() - zeros[idx][:, col_group].float()) * scales4[idx][:, col_group]
+    got4 = K.embed_q4(K.pack_int4(codes4), K.block_scales(scales4), zeros.to(torch.uint8), group, k, idx.view(2, 2))
+    assert torch.equal(got4, want4)
+    for bad in (torch.tensor([n]), torch.tensor([-1])):
+        with pytest.raises(IndexError, match=f"the table has {n} rows"):
+            K.embed_q8(K.pack_int8(codes8), scales8, k, bad)
+        with pytest.raises(IndexError, match=f"the table has {n} rows"):
+            K.embed_q4(K.pack_int4(codes4), K.block_scales(scales4), zeros.to(torch.uint8), group, k, bad)
+
+
 def test_quantize_x_is_round_to_nearest_per_block_of_32():
     x = torch.zeros(1, 40)
     x[0, 0], x[0, 1], x[0, 33] = 127.0, 0.5, -3.0      # block 0: d = 1 (0.5 rounds to even: 0); block 1: d = 3/127
