@@ -296,6 +296,18 @@ class Engine:
         of each row's last position (B, V), or of every position (B, T, V). start: an int (every row
         at start..start+T-1) or a (B,) LongTensor (each row at its own positions)."""
         B, T = tokens.shape
+        if self.trunk is not None and (T == 1 or (B == 1 and T <= TRUNK_PREFILL)):
+            # the blocks in one C call: a decode step (B rows at their positions), or a short prefill
+            # piece of one row (its T tokens as T rows of x on that cache row, each at its position);
+            # no mask or index tensors to build, the trunk attends each row's own past
+            first = start.reshape(-1).tolist() if torch.is_tensor(start) else [int(start)] * B
+            pos, rows = ((first, list(range(row, row + B))) if T == 1 else
+                         (list(range(first[0], first[0] + T)), [row] * T))
+            if max(pos) >= self.length or row + B > self.batch:
+                raise ValueError(f"KV cache of {self.batch} rows x {self.length} positions: rows {row}..{row + B - 1} "
+                                 f"up to position {max(pos)} do not fit")
+            logits = self.step_tokens(tokens.reshape(-1), pos, rows, [B * T - 1] if T > 1 and last_only else None)
+            return logits if last_only else logits.view(B, T, -1)
         if self.compiled is not None and T == 1 and row == 0 and B == self.batch and last_only:
             pos = start if torch.is_tensor(start) else torch.full((B,), int(start), device=tokens.device)
             newest = self.length - 1 if self.graph_step else int(start.max() if torch.is_tensor(start) else start)
@@ -313,6 +325,20 @@ class Engine:
             raise ValueError(f"KV cache of {self.batch} rows x {self.length} positions: rows {row}..{row + B - 1} "
                              f"up to position {end - 1} do not fit")
         return self._forward(tokens, pos, end, mask, causal, slice(row, row + B), last_only)
+
+    @torch.inference_mode()
+    def step_tokens(self, tokens, positions: list, rows: list, out: list | None = None) -> torch.Tensor:
+        """Tokens (a list or (N,) tensor) each at its own position of its own cache row, in one call
+        of the C decode trunk: a decode step, a prefill piece, or serve.py's decode rows and a piece of
+        another row together (vLLM's mixed batches; a piece's tokens share a row at consecutive
+        positions, each attending its own past). Returns float logits (len(out), V) of the tokens at
+        indices `out` (default: all). Only with the trunk (self.trunk is not None)."""
+        if self.trunk is None:
+            raise RuntimeError("Engine.step_tokens needs the C decode trunk (a .bin on FishAI's CPU kernels)")
+        tokens = tokens if torch.is_tensor(tokens) else torch.tensor(tokens, dtype=torch.long)
+        x = self.embed(tokens).float().contiguous()
+        h = self.trunk(x, torch.tensor(positions), torch.tensor(rows))
+        return self.head(h if out is None else h[out]).float()
 
     def _bucket(self, last: int) -> int:
         """The KV length a compiled step attends for a newest position `last`: the whole cache for a
@@ -338,17 +364,6 @@ class Engine:
         H, KV, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
         rep, one = H // KV, T == 1
         x = self.embed(tokens.view(B) if one else tokens)
-        if self.trunk is not None and (one or (B == 1 and T <= TRUNK_PREFILL)) and not torch.compiler.is_compiling():
-            # the blocks in one C call: a decode step (B rows at their positions), or a short prefill
-            # piece of one row (its T tokens as T rows of x on that cache row, each at its position)
-            p = (pos.reshape(-1) if torch.is_tensor(pos) else torch.full((B,), pos) if one
-                 else torch.arange(pos, pos + T))
-            r = torch.arange(rows.start, rows.stop) if one else torch.full((T,), rows.start)
-            h = self.trunk(x.reshape(B * T, -1).float().contiguous(), p, r)
-            if not one and last_only:
-                h = h[-1:]
-            logits = self.head(h).float()
-            return logits if last_only else logits.view(B, T, -1)
         table = (self.cos2, self.sin2) if one else (self.cos, self.sin)
         if torch.is_tensor(pos):
             cos, sin = table[0][pos][:, None], table[1][pos][:, None]

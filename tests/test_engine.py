@@ -383,6 +383,33 @@ def test_the_trunk_takes_any_head_grouping_and_head_size(tmp_path, heads, kv_hea
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_decode_rows_and_a_prefill_piece_in_one_call_are_what_they_are_apart(formats, fmt):
+    """Engine.step_tokens (serve.py's mixed turn): rows 0 and 1 decoding at their own positions and
+    7 prompt tokens of row 2 in one trunk call give bitwise the logits and the keys and values of a
+    decode step and a prefill piece run apart. A .pt engine has no trunk to do it."""
+    m, g = formats[fmt], torch.Generator().manual_seed(3)
+    V = m.config.vocab_size
+    prompts = [torch.randint(0, V, (1, n), generator=g) for n in (6, 11, 12)]
+    nxt = torch.randint(0, V, (2, 1), generator=g)
+    fused, apart = Engine(m, 4), Engine(m, 4)
+    for e in (fused, apart):  # rows 0 and 1 prefilled whole, row 2 its first 5 tokens
+        e.step(prompts[0], 0, row=0), e.step(prompts[1], 0, row=1), e.step(prompts[2][:, :5], 0, row=2)
+    pos = [6, 11]
+    piece = prompts[2][0, 5:].tolist()
+    got = fused.step_tokens(nxt.view(-1).tolist() + piece, pos + list(range(5, 12)), [0, 1] + [2] * 7, [0, 1, 8])
+    want_rows = apart.step(nxt, torch.tensor(pos))
+    want_piece = apart.step(prompts[2][:, 5:], 5, row=2)
+    assert torch.equal(got[:2], want_rows) and torch.equal(got[2:], want_piece)
+    for a, b in zip(fused.k + fused.v, apart.k + apart.v):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="do not fit"):
+        fused.step(nxt[:1], fused.length, row=0)
+    with pytest.raises(RuntimeError, match="needs the C decode trunk"):
+        Engine(formats["pt"], 2).step_tokens([1], [0], [0])
+
+
+@needs_kernels
 def test_the_trunk_gives_the_same_bits_on_one_or_two_threads(formats):
     """Two threads split the kernels' row blocks and the attention's (row, head pair)s: each output
     is still computed by one thread in one order."""
