@@ -2120,7 +2120,7 @@ def serve_markdown(res: dict) -> str:
                      f"{r['deterministic_streams_tok_s']:,.0f} ({r['deterministic_cost']:.0%} less) | "
                      f"{r['ttft_32_token_prompt_ms']:.0f} ms | {r['server_overhead']:+.1%} |")
     lines += ["", "A long prompt arriving while 4 streams decode (prefilled in pieces of at most 256 tokens, each "
-              "held to about 3 of their decode steps' time: serve.py's defaults; against in one piece):", "",
+              "held to a few of their turns' time, --prefill-stall-steps: serve.py's defaults; against in one piece):", "",
               "| model | long prompt | inter-token gap alone, median | during its prefill, p99 | p99 / median | its TTFT "
               "chunked | in one piece | chunked / one piece |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:

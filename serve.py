@@ -29,7 +29,9 @@ a .pt checkpoint, a quantized .bin (on its int8/int4 kernels) or an HF directory
 Requests join and leave a running decode batch at token boundaries (KV-cache rows, --max-batch;
 a bounded queue answers 429 when full); a client that disconnects frees its row at the next token.
 A long prompt is prefilled in pieces between decode steps of the running rows: at most --prefill-chunk
-tokens a turn, and while rows decode, about --prefill-stall-steps of their steps' time.
+tokens a turn, and while rows decode, about --prefill-stall-steps of their turns' time (a decode
+step with the server's work for its tokens); on a .bin on FishAI's CPU kernels a turn's piece runs
+in the same call as the rows' decode step (a mixed batch).
 Decoding runs in a thread per model, off the event loop. At temperature 0 a request gives the
 same text streamed or not; with --deterministic also bitwise the same alone or among others (by
 default a batch's matmuls may round a row differently from its lone run). Binds 127.0.0.1 unless --host says otherwise;
@@ -50,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import hashlib
 import json
 import logging
@@ -70,7 +73,7 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' a
 
 import common
 import cpu_kernels
-from engine import Engine as DecodeEngine, cut_at_stop, sample_next
+from engine import TRUNK_PREFILL, Engine as DecodeEngine, cut_at_stop, sample_next
 from model import CheckpointError, chat_training_warning, count_params, load_model
 import text_tokenizer
 from text_tokenizer import chat_stop_ids
@@ -80,7 +83,12 @@ MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MIN_TEMPERATURE = 1e-3  # below it sampling is greedy (see the module docstring)
 MIN_PREFILL_CHUNK = 4  # the smallest adaptive prefill piece
+# a prefill piece's length while streams decode, in their usual turns: their gap between tokens grows
+# to ~(1 + K) turns (within 5x with room for this machine's noise) and a long prompt's first token
+# comes after ~(1 + K) / K of its prefill time (docs/RESULTS.md)
+STALL_STEPS = 2.0
 MAX_SEED = 2**64 - 1    # torch.Generator.manual_seed's range
+SWITCH_INTERVAL = 5e-4  # seconds: how long a thread may hold the GIL while another waits (serve_command)
 
 
 def build_parser() -> common.ArgumentParser:
@@ -100,10 +108,11 @@ def build_parser() -> common.ArgumentParser:
     p.add_argument("--prefill-chunk", type=common.int_flag(1), default=256,
                    help="most prompt tokens prefilled per engine turn: a long prompt is prefilled in pieces "
                         "between decode steps, so running streams keep flowing")
-    p.add_argument("--prefill-stall-steps", type=common.float_flag(0), default=3.0, metavar="K",
-                   help="while streams decode, a turn's prefill piece takes at most about K of their decode "
-                        "steps' time (measured as the server runs), so a stream's gap between tokens stays "
-                        "within ~K+1 times its usual one; 0 = --prefill-chunk tokens whatever it costs")
+    p.add_argument("--prefill-stall-steps", type=common.float_flag(0), default=STALL_STEPS, metavar="K",
+                   help="while streams decode, a turn's prefill piece takes at most about K times what a turn "
+                        "of theirs takes without one (the decode step and the server's work for its tokens, "
+                        "measured as the server runs), so a stream's gap between tokens stays within ~K+1 times "
+                        "its usual one; 0 = --prefill-chunk tokens whatever it costs")
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant decoding: at temperature 0 a request gives bitwise the text it gives alone, "
                         "among any others. A .bin on FishAI's CPU kernels is so already; elsewhere every matmul runs "
@@ -292,7 +301,7 @@ class QueueFull(ServeError):
 
 def next_piece(last: tuple | None, step_s: float | None, stall_steps: float, chunk: int) -> int:
     """Prompt tokens for the next prefill piece while rows decode: the last piece (tokens, seconds)
-    scaled to stall_steps decode steps of step_s seconds, at most halved or doubled a turn, within
+    scaled to stall_steps decode turns of step_s seconds, at most halved or doubled a turn, within
     MIN_PREFILL_CHUNK..chunk; 16 before anything is measured. A piece's time is not proportional
     to its tokens (a call's fixed cost; attention grows with the position), so the size follows
     the measured time, as a controller, rather than a tokens/s estimate."""
@@ -308,17 +317,20 @@ class Engine:
     KV-cache rows, every step decodes one token for each active row (engine.Engine.step, rows
     0..n-1 at their own positions), and a finished or cancelled job's row is refilled by the last
     active one (engine.Engine.move_row), so the batch is always the first n rows; a prompt being
-    prefilled chunk by chunk sits in row n, moved down when a row below it frees. A failure stays
+    prefilled chunk by chunk sits in row n, moved down when a row below it frees; where the engine has
+    the C decode trunk, a turn's last piece runs in the decode step itself. A failure stays
     with its requests: a row whose prefill or sampling fails ends that request alone, a failed
     decode step the requests in that step; the queue goes on. `waiting` and `pending_model` are
     shared with the event loop and the --watch thread: they change only under `cond`."""
 
     def __init__(self, served: ServedModel, max_batch: int, max_queue: int, metrics: "Metrics",
-                 prefill_chunk: int = 256, deterministic: bool = False, stall_steps: float = 3.0):
+                 prefill_chunk: int = 256, deterministic: bool = False, stall_steps: float = STALL_STEPS):
         self.served, self.max_batch, self.max_queue, self.metrics = served, max_batch, max_queue, metrics
         self.prefill_chunk, self.deterministic, self.stall_steps = prefill_chunk, deterministic, stall_steps
-        self._step_s = None     # running average of a decode step's seconds
-        self._piece = None      # (tokens, seconds) of the last prefill piece
+        self._turns = collections.deque(maxlen=32)  # seconds of the last decode turns without a prefill piece
+        self._steps = collections.deque(maxlen=32)  # and of their decode steps alone
+        self._turn_end = None   # when the last turn that decoded ended
+        self._piece = None      # (tokens, seconds) of the last prefill piece, its seconds smoothed (_timed_piece)
         self.filling: Job | None = None  # the job whose prompt is being prefilled, in row len(self.active)
         self._filling_row = 0           # where its prefilled positions are (rows below it may free up)
         self.waiting: collections.deque = collections.deque()
@@ -440,66 +452,106 @@ class Engine:
             if self.filling is not None:  # a fresh cache: its prompt starts over
                 self.filling.prefilled, self.filling.prompt_logits = 0, []
         self._drop_cancelled()
-        self._prefill_some()
-        if self.active:
+        t0 = time.perf_counter()
+        prefilled, fused = self._prefill_some()
+        prefill_s = time.perf_counter() - t0 if prefilled else 0.0
+        stepped = bool(self.active)
+        if stepped:
             try:
-                self._step()
+                self._step(fused)
             except Exception as e:  # noqa: BLE001 - the requests of this step end; the queue goes on
                 log.exception("model %s: a decode step failed", self.served.name)
+                if fused is not None:  # the prompt piece was in the step too
+                    self.filling = None
+                    fused[0].send(("error", f"decoding failed: {type(e).__name__}: {e}"))
                 self._fail_jobs(f"decoding failed: {type(e).__name__}: {e}", queued=False)
+        # what the running streams wait between tokens without a prefill piece: the decode step and
+        # the server's work around it (sampling, text, events, the other threads' share of the GIL),
+        # end of turn to end of turn. On a small model that work is most of a turn: sizing pieces by
+        # the bare step's time made them so short that a long prompt took ~3x its one-piece time.
+        # Measured on turns without a piece, and their median (the mean follows the GIL's and the
+        # collector's pauses): a piece is held to K of the streams' usual turns. Their gap while a
+        # prompt is prefilled is then ~(1 + K) turns, and its prefill gets K / (1 + K) of the time.
+        now = time.perf_counter()
+        if stepped and self._turn_end is not None and (not prefill_s or not self._turns) and fused is None:
+            self._turns.append(max(now - self._turn_end - prefill_s, 1e-9))
+        self._turn_end = now if stepped else None
 
-    def _prefill_some(self) -> None:
+    def _prefill_some(self) -> tuple[int, tuple | None]:
         """Prefill up to --prefill-chunk prompt tokens this turn: short prompts join the batch at once
         (several a turn), a long one a chunk a turn, so the running rows get a decode step between
-        its chunks instead of stalling for the whole prompt."""
-        budget = self._prefill_budget()
-        while budget > 0:
+        its chunks instead of stalling for the whole prompt. The turn's last piece rides in the decode
+        step itself where the engine can (its C decode trunk takes any tokens at any positions:
+        vLLM's mixed batches), so the running rows' step costs the piece little more than its own
+        rows. Returns (tokens prefilled here, the (job, tokens) piece left for the step, or None)."""
+        budget = left = self._prefill_budget()
+        while left > 0:
             if self.filling is None:
                 self.filling = self._take()
                 if self.filling is None:
-                    return
+                    break
                 self._filling_row = len(self.active)
             job = self.filling
             if job.cancelled.is_set():
                 self.filling = None
                 continue
+            n = min(len(job.prompt) - job.prefilled, left)
+            if (self.active and self._kv.trunk is not None and n <= TRUNK_PREFILL and not job.sampling.prompt_logprobs
+                    and (n == left or not self.waiting)):  # (a hint: a request arriving now waits a turn)
+                return budget - left + n, (job, n)
             try:
-                budget -= self._prefill_chunk(job, budget)
+                left -= self._prefill_chunk(job, left)
             except Exception as e:  # noqa: BLE001 - this request's prompt, not the batch
                 self.filling = None
                 self._fail_job(job, e)
+        return budget - left, None
 
     def _prefill_budget(self) -> int:
         """Prompt tokens to prefill this turn: --prefill-chunk, and while rows decode about what fits in
-        --prefill-stall-steps of their decode steps' time, by the last piece's measured time. Not
+        --prefill-stall-steps of their decode turns' time, by the last piece's measured time. Not
         with --deterministic: a prompt's pieces (and so its numbers) would then depend on the load."""
         if self.deterministic or not self.stall_steps or not self.active:
             return self.prefill_chunk
-        return next_piece(self._piece, self._step_s, self.stall_steps, self.prefill_chunk)
+        turn = sorted(self._turns)[len(self._turns) // 2] if self._turns else None
+        return next_piece(self._piece, turn, self.stall_steps, self.prefill_chunk)
 
-    @staticmethod
-    def _average(old: float | None, new: float) -> float:
-        return new if old is None else 0.8 * old + 0.2 * new
+    def _timed_piece(self, tokens: int, seconds: float) -> None:
+        """Record a prefill piece for next_piece, its time per token averaged with the last piece's:
+        one piece that ran fast by chance (the machine, the GIL) would make the next one too long."""
+        if self._piece is not None:
+            seconds = tokens * (seconds / tokens + self._piece[1] / self._piece[0]) / 2
+        self._piece = (tokens, seconds)
+
+    def _filling_row_now(self, job: Job) -> int:
+        """The filling job's KV-cache row, len(self.active): moved down there when rows below it were
+        freed since its last piece (the batch stays rows 0..n-1)."""
+        row = len(self.active)
+        if self._filling_row != row:
+            self._kv.move_row(self._filling_row, row, job.prefilled)
+            self._filling_row = row
+        return row
 
     def _prefill_chunk(self, job: Job, budget: int) -> int:
         """The next `budget` tokens of the job's prompt into its row; returns how many."""
-        row = len(self.active)
-        if self._filling_row != row:  # rows below it were freed since its last chunk: the batch stays 0..n-1
-            self._kv.move_row(self._filling_row, row, job.prefilled)
-            self._filling_row = row
+        row = self._filling_row_now(job)
         start, end = job.prefilled, min(len(job.prompt), job.prefilled + budget)
         ids = torch.tensor([job.prompt[start:end]], device=self._kv.device)
         t0 = time.perf_counter()
         logits = self._kv.step(ids, start, row=row, last_only=not job.sampling.prompt_logprobs)
-        self._piece = (end - start, time.perf_counter() - t0)
-        job.prefilled = end
+        self._timed_piece(end - start, time.perf_counter() - t0)
         if job.sampling.prompt_logprobs:
             job.prompt_logits.append(logits[0])
             logits = logits[:, -1]
+        self._piece_done(job, end, logits[0])
+        return end - start
+
+    def _piece_done(self, job: Job, end: int, last_logits: torch.Tensor) -> None:
+        """The job's prompt is in its row up to `end`; when that is all of it, the job joins the batch."""
+        job.prefilled = end
         if end == len(job.prompt):
             self.filling = None
-            self._admit(job, logits[0])
-        return end - start
+            self._filling_row_now(job)  # (a fused piece's step may have freed rows below it)
+            self._admit(job, last_logits)
 
     def _admit(self, job: Job, logits: torch.Tensor) -> None:
         """A job whose prompt is all in its row joins the decode batch; its first token comes from `logits`."""
@@ -514,30 +566,59 @@ class Engine:
             return
         self._accept(len(self.active) - 1, logits)
 
-    def _step(self) -> None:
+    def _step(self, fused: tuple | None = None) -> None:
+        """One decode step of the active rows, each at its own position; with `fused` = (job, n), the
+        next n tokens of the filling job's prompt in the same call (Engine.step_tokens)."""
         device = self._kv.device
-        tokens = torch.tensor([[j.next_token] for j in self.active], device=device)
-        positions = torch.tensor([j.pos for j in self.active], device=device)  # each row at its own position
+        B = len(self.active)
         t0 = time.perf_counter()
-        logits = self._kv.step(tokens, positions).cpu()  # one copy for the batch (sampling runs on the CPU)
-        took = max(time.perf_counter() - t0, 1e-9)
-        self._step_s = self._average(self._step_s, took)
-        self.m_rate.set(len(self.active) / took)
+        if fused is None:
+            tokens = torch.tensor([[j.next_token] for j in self.active], device=device)
+            positions = torch.tensor([j.pos for j in self.active], device=device)  # each row at its own position
+            logits = self._kv.step(tokens, positions).cpu()  # one copy for the batch (sampling runs on the CPU)
+            took = max(time.perf_counter() - t0, 1e-9)
+            self.m_rate.set(B / took)
+            self._steps.append(took)
+        else:
+            job, n = fused
+            row, start = self._filling_row_now(job), job.prefilled
+            logits = self._kv.step_tokens([j.next_token for j in self.active] + job.prompt[start:start + n],
+                                          [j.pos for j in self.active] + list(range(start, start + n)),
+                                          list(range(B)) + [row] * n, list(range(B)) + [B + n - 1]).cpu()
+            # the piece's share of the step: its time less a decode step's, so that a turn with a
+            # fused piece takes about 1 + K of the streams' usual turns, as with a piece of its own
+            step = sorted(self._steps)[len(self._steps) // 2] if self._steps else 0.0
+            took = time.perf_counter() - t0
+            self._timed_piece(n, max(took - step, took / 4))
+        # the greedy rows' tokens in one op: every torch call lets the event loop's thread take the
+        # GIL, and one argmax a row cost more than the step itself on a small model (~0.1 ms each)
+        greedy = logits[:B].argmax(-1).tolist() if any(j.sampling.temperature <= 0 for j in self.active) else None
         for job in self.active:
             job.pos += 1
         for row in reversed(range(len(self.active))):  # reversed: _finish moves the last row into this one
             job = self.active[row]
             try:
-                self._accept(row, logits[row])
+                self._accept(row, logits[row], greedy[row] if greedy is not None else None)
             except Exception as e:  # noqa: BLE001 - this row's sampling or text: the other rows go on
                 self._fail_job(job, e)
+        if fused is not None:
+            job = fused[0]
+            try:
+                self._piece_done(job, job.prefilled + fused[1], logits[B])
+            except Exception as e:  # noqa: BLE001 - this request's first token, not the batch
+                self.filling = None
+                self._fail_job(job, e)
 
-    def _accept(self, row: int, logits: torch.Tensor) -> None:
-        """Sample the next token of the job in `row` from its logits, emit its text, finish it when due."""
+    def _accept(self, row: int, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Sample the next token of the job in `row` from its logits (a greedy row's: `greedy`, when the
+        step picked it for the batch), emit its text, finish it when due."""
         job, tok_info = self.active[row], None
         s = job.sampling
         logits = logits.cpu()
-        tok = int(sample_next(logits[None], s.temperature, s.top_k, s.top_p, job.generator)[0])
+        if greedy is not None and s.temperature <= 0:
+            tok = greedy
+        else:
+            tok = int(sample_next(logits[None], s.temperature, s.top_k, s.top_p, job.generator)[0])
         if s.logprobs is not None:
             tok_info = _token_logprobs(logits, tok, s.logprobs, self.served.gpt.tokenizer)
         if job.first_token_at is None:
@@ -774,6 +855,11 @@ class Server:
                          f"{m.info['parameters']:,}", m.info["context_length"])
                 if self.args.watch and m.path.is_file():
                     threading.Thread(target=self._watch, args=(m,), daemon=True).start()
+            # what loading made (torch, the app, the tokenizers: ~10^5 objects) never becomes garbage:
+            # out of the collector's sight, a full collection no longer walks it (tens of ms on a
+            # decode turn, every stream's token late)
+            gc.collect()
+            gc.freeze()
             self.ready.set()
             self.on_ready()
         except Exception as e:  # noqa: BLE001 - a model that cannot load stops the server with one line
@@ -1254,6 +1340,10 @@ def serve_command(args: argparse.Namespace) -> int:
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     check_port(args.host, args.port)
+    # The engine threads and the event loop share the GIL: a thread back from the C kernels waits for
+    # it until the loop's thread blocks or Python's switch interval (5 ms) runs out, so one busy moment
+    # of the loop (a burst of events) stretched a decode turn by milliseconds. 0.5 ms bounds that wait.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     server = Server(args, models, device, dtype)
     import uvicorn
 

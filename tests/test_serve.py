@@ -1049,8 +1049,8 @@ def test_web_chat_keeps_a_long_conversation_in_a_small_context(trained_ckpt, tmp
 
 
 def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps(trained_ckpt, tmp_path):
-    """--prefill-stall-steps (default 3): while a stream runs, the prefill piece of a turn is held to
-    about 3 of its decode steps' time, measured as the server runs; so even with --prefill-chunk
+    """--prefill-stall-steps (3 here): while a stream runs, the prefill piece of a turn is held to
+    about 3 of its usual turns' time, measured as the server runs; so even with --prefill-chunk
     4096 the running stream gets tokens during a 1,900-token prefill, and the reply is the same."""
     ckpt, long_prompt = _long_prompt_model(trained_ckpt, tmp_path)
     results = {}
@@ -1067,8 +1067,53 @@ def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps(trained_
     assert paced["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
 
 
+def test_a_long_prompt_rides_in_the_decode_steps_of_a_bin_on_the_kernels(trained_ckpt, tmp_path, monkeypatch):
+    """A .bin on FishAI's CPU kernels: while a stream runs, the prefill pieces of a 1,900-token prompt
+    run inside the stream's decode steps (one call of the C trunk with both cache rows,
+    Engine.step_tokens), the stream gets tokens during the prefill, and both replies are what
+    each request gives alone (the trunk computes every token on its own)."""
+    import cpu_kernels
+    import engine
+    import quantize
+    if not cpu_kernels.available():
+        pytest.skip(f"FishAI's CPU kernels do not run here: {cpu_kernels.why()}")
+    ckpt, long_prompt = _long_prompt_model(trained_ckpt, tmp_path)
+    path = tmp_path / "long-int4.bin"
+    assert quantize.main(["--model", str(ckpt), "--output", str(path), "--strategy", "int4", "--quiet"]) == 0
+    mixed, real = [], engine.Engine.step_tokens
+
+    def spy(eng, tokens, positions, rows, out=None):
+        if len(set(rows)) > 1 and len(rows) > len(set(rows)):  # decode rows and a piece of another row
+            mixed.append(len(rows))
+        return real(eng, tokens, positions, rows, out)
+    monkeypatch.setattr(engine.Engine, "step_tokens", spy)
+    s = InProcessServer(path)
+    try:
+        run_body = {"model": "tiny", "prompt": "The function returns", "max_tokens": 400, "temperature": 0}
+        long_body = {"model": "tiny", "prompt": long_prompt, "max_tokens": 8, "temperature": 0}
+        alone = {k: json.loads(s.post("/v1/completions", b, key=None)[1])["choices"][0]["text"]
+                 for k, b in (("run", run_body), ("long", long_body))}
+        assert not mixed  # alone, nothing to mix
+        log, started, ran = [], threading.Event(), {}
+        running = threading.Thread(target=lambda: ran.setdefault("r", s.stream(
+            "/v1/completions", run_body, key=None, started=started, after=3, on_event=lambda p: log.append("S"))))
+        running.start()
+        assert started.wait(30)
+        log.append("sent")
+        code, text = s.post("/v1/completions", long_body, key=None)
+        log.append("answered")
+        running.join(timeout=60)
+        assert code == 200 and json.loads(text)["choices"][0]["text"] == alone["long"]
+        status, payloads = ran["r"]
+        assert status == 200 and "".join(p["choices"][0]["text"] for p in payloads if isinstance(p, dict)) == alone["run"]
+        assert len(mixed) >= 3, mixed                                        # pieces rode in decode steps
+        assert log[log.index("sent"):log.index("answered")].count("S") >= len(mixed) // 2
+    finally:
+        s.stop()
+
+
 def test_the_next_prefill_piece_follows_the_last_pieces_time():
-    """The piece size is a controller on time: the last piece scaled to stall_steps decode steps,
+    """The piece size is a controller on time: the last piece scaled to stall_steps decode turns,
     at most halved or doubled a turn, within MIN_PREFILL_CHUNK..--prefill-chunk."""
     import serve
     nxt = serve.next_piece
