@@ -1048,21 +1048,47 @@ def test_web_chat_keeps_a_long_conversation_in_a_small_context(trained_ckpt, tmp
         s.stop()
 
 
-def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps(trained_ckpt, tmp_path):
+def _long_prefill_pieces(calls: list, n: int) -> list:
+    """From Engine.step calls recorded as ("step",) or ("piece", start, tokens): the first prefill of
+    an n-token prompt, as [(its piece's tokens, decode steps run since the piece before)]."""
+    pieces, steps, at = [], 0, 0
+    for c in calls:
+        if c[0] == "step":
+            steps += 1
+        elif c[1] == 0 or c[1] == at:  # a prompt's first piece (another prompt's starts over), or its next
+            pieces = pieces if c[1] else []
+            pieces.append((c[2], steps if c[1] else 0))
+            at, steps = c[1] + c[2], 0
+            if at == n:
+                return pieces
+    raise AssertionError(f"no prefill of {n} tokens in {calls[:20]}...")
+
+
+def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps(trained_ckpt, tmp_path, monkeypatch):
     """--prefill-stall-steps (3 here): while a stream runs, the prefill piece of a turn is held to
-    about 3 of its usual turns' time, measured as the server runs; so even with --prefill-chunk
-    4096 the running stream gets tokens during a 1,900-token prefill, and the reply is the same."""
+    about 3 of its usual turns' time, measured as the server runs (growing at most 2x a turn); so
+    even with --prefill-chunk 4096 a 1,900-token prompt is prefilled in pieces with the running
+    stream's decode steps between them (with 0: in one piece), and the reply is the same."""
+    from engine import Engine
     ckpt, long_prompt = _long_prompt_model(trained_ckpt, tmp_path)
+    calls, real = [], Engine.step
+
+    def spy(eng, tokens, start, row=0, last_only=True):
+        calls.append(("step",) if torch.is_tensor(start) else ("piece", int(start), tokens.shape[1]))
+        return real(eng, tokens, start, row, last_only)
+    monkeypatch.setattr(Engine, "step", spy)
     results = {}
     for stall in (3, 0):
+        calls.clear()
         s = InProcessServer(ckpt, "--prefill-chunk", 4096, "--prefill-stall-steps", stall)
         try:
-            results[stall] = _steps_during_a_long_prefill(s, long_prompt)
+            _, reply = _steps_during_a_long_prefill(s, long_prompt)
+            results[stall] = reply, _long_prefill_pieces(calls, len(long_prompt))
         finally:
             s.stop()
-    (paced_steps, paced), (whole_steps, whole) = results[3], results[0]
-    # (tokens that get through while the long request travels come in both runs: see the test above)
-    assert paced_steps >= 10 and paced_steps >= whole_steps + 8, (paced_steps, whole_steps)
+    (paced, paced_pieces), (whole, whole_pieces) = results[3], results[0]
+    assert whole_pieces == [(len(long_prompt), 0)]
+    assert len(paced_pieces) >= 3 and all(steps >= 1 for _, steps in paced_pieces[1:]), paced_pieces
     assert paced["text"] == whole["text"]
     assert paced["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
 
