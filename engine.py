@@ -19,7 +19,9 @@ math and little else; with hooks on any layer (GPTQ calibration, a profiler) it 
 modules instead, so the hooks see every matmul. A decode step of a .bin whose every matmul runs on
 FishAI's CPU kernels goes further: all its blocks run in one C call (cpu_kernels.DecodeTrunk, the
 same math, each row on its own), ~2x the torch step at batch 1; so does a prefill piece of one row
-of up to TRUNK_PREFILL tokens (its tokens as rows of x on that cache row).
+of up to TRUNK_PREFILL tokens (its tokens as rows of x on that cache row). Engine.step_tokens takes
+any tokens at any (cache row, position) in one such call: serve.py's turn of decode rows and a
+prefill piece of another row together.
 
 compile=True (the CUDA default, fast_decode_default) also builds a static step: the same step
 over the whole cache with a mask, so its shapes never change; torch.compile'd and, on CUDA,
