@@ -305,9 +305,7 @@ class Engine:
             first = start.reshape(-1).tolist() if torch.is_tensor(start) else [int(start)] * B
             pos, rows = ((first, list(range(row, row + B))) if T == 1 else
                          (list(range(first[0], first[0] + T)), [row] * T))
-            if max(pos) >= self.length or row + B > self.batch:
-                raise ValueError(f"KV cache of {self.batch} rows x {self.length} positions: rows {row}..{row + B - 1} "
-                                 f"up to position {max(pos)} do not fit")
+            self._check_fits(row, B, max(pos))
             logits = self.step_tokens(tokens.reshape(-1), pos, rows, [B * T - 1] if T > 1 and last_only else None)
             return logits if last_only else logits.view(B, T, -1)
         if self.compiled is not None and T == 1 and row == 0 and B == self.batch and last_only:
@@ -323,10 +321,13 @@ class Engine:
             mask, causal = None, T > 1
             if causal and start > 0:  # a prefill chunk after earlier ones: its own past only
                 mask, causal = _past_mask(torch.arange(start, end, device=tokens.device).expand(B, T), end), False
-        if end > self.length or row + B > self.batch:
-            raise ValueError(f"KV cache of {self.batch} rows x {self.length} positions: rows {row}..{row + B - 1} "
-                             f"up to position {end - 1} do not fit")
+        self._check_fits(row, B, end - 1)
         return self._forward(tokens, pos, end, mask, causal, slice(row, row + B), last_only)
+
+    def _check_fits(self, row: int, B: int, last: int) -> None:
+        if last >= self.length or row + B > self.batch:
+            raise ValueError(f"KV cache of {self.batch} rows x {self.length} positions: rows {row}..{row + B - 1} "
+                             f"up to position {last} do not fit")
 
     @torch.inference_mode()
     def step_tokens(self, tokens, positions: list, rows: list, out: list | None = None) -> torch.Tensor:

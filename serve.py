@@ -60,6 +60,7 @@ import math
 import os
 import secrets
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -299,16 +300,16 @@ class QueueFull(ServeError):
                          code="queue_full", kind="rate_limit_error", headers={"Retry-After": "1"})
 
 
-def next_piece(last: tuple | None, step_s: float | None, stall_steps: float, chunk: int) -> int:
+def next_piece(last: tuple | None, turn_s: float | None, stall_steps: float, chunk: int) -> int:
     """Prompt tokens for the next prefill piece while rows decode: the last piece (tokens, seconds)
-    scaled to stall_steps decode turns of step_s seconds, at most halved or doubled a turn, within
+    scaled to stall_steps decode turns of turn_s seconds, at most halved or doubled a turn, within
     MIN_PREFILL_CHUNK..chunk; 16 before anything is measured. A piece's time is not proportional
     to its tokens (a call's fixed cost; attention grows with the position), so the size follows
     the measured time, as a controller, rather than a tokens/s estimate."""
-    if step_s is None or last is None:
+    if turn_s is None or last is None:
         return min(chunk, 16)
     tokens, took = last
-    want = tokens * stall_steps * step_s / max(took, 1e-9)
+    want = tokens * stall_steps * turn_s / max(took, 1e-9)
     return max(MIN_PREFILL_CHUNK, min(chunk, int(min(2 * tokens, max(tokens / 2, want)))))
 
 
@@ -461,10 +462,11 @@ class Engine:
                 self._step(fused)
             except Exception as e:  # noqa: BLE001 - the requests of this step end; the queue goes on
                 log.exception("model %s: a decode step failed", self.served.name)
+                why = f"decoding failed: {type(e).__name__}: {e}"
                 if fused is not None:  # the prompt piece was in the step too
                     self.filling = None
-                    fused[0].send(("error", f"decoding failed: {type(e).__name__}: {e}"))
-                self._fail_jobs(f"decoding failed: {type(e).__name__}: {e}", queued=False)
+                    fused[0].send(("error", why))
+                self._fail_jobs(why, queued=False)
         # what the running streams wait between tokens without a prefill piece: the decode step and
         # the server's work around it (sampling, text, events, the other threads' share of the GIL),
         # end of turn to end of turn. On a small model that work is most of a turn: sizing pieces by
@@ -512,7 +514,7 @@ class Engine:
         with --deterministic: a prompt's pieces (and so its numbers) would then depend on the load."""
         if self.deterministic or not self.stall_steps or not self.active:
             return self.prefill_chunk
-        turn = sorted(self._turns)[len(self._turns) // 2] if self._turns else None
+        turn = statistics.median_low(self._turns) if self._turns else None
         return next_piece(self._piece, turn, self.stall_steps, self.prefill_chunk)
 
     def _timed_piece(self, tokens: int, seconds: float) -> None:
@@ -587,7 +589,7 @@ class Engine:
                                           list(range(B)) + [row] * n, list(range(B)) + [B + n - 1]).cpu()
             # the piece's share of the step: its time less a decode step's, so that a turn with a
             # fused piece takes about 1 + K of the streams' usual turns, as with a piece of its own
-            step = sorted(self._steps)[len(self._steps) // 2] if self._steps else 0.0
+            step = statistics.median_low(self._steps) if self._steps else 0.0
             took = time.perf_counter() - t0
             self._timed_piece(n, max(took - step, took / 4))
         # the greedy rows' tokens in one op: every torch call lets the event loop's thread take the
