@@ -1093,23 +1093,34 @@ def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps(trained_
     assert paced["logprobs"][1:] == pytest.approx(whole["logprobs"][1:], abs=1e-4)
 
 
-def test_a_long_prompt_rides_in_the_decode_steps_of_a_bin_on_the_kernels(trained_ckpt, tmp_path, monkeypatch):
-    """A .bin on FishAI's CPU kernels: while a stream runs, the prefill pieces of a 1,900-token prompt
-    run inside the stream's decode steps (one call of the C trunk with both cache rows,
-    Engine.step_tokens), the stream gets tokens during the prefill, and both replies are what
-    each request gives alone (the trunk computes every token on its own)."""
+def _long_prompt_bin(trained_ckpt, tmp_path) -> tuple:
+    """_long_prompt_model's model as an int4 .bin (on FishAI's CPU kernels: skips where they do not run)."""
     import cpu_kernels
-    import engine
     import quantize
     if not cpu_kernels.available():
         pytest.skip(f"FishAI's CPU kernels do not run here: {cpu_kernels.why()}")
     ckpt, long_prompt = _long_prompt_model(trained_ckpt, tmp_path)
     path = tmp_path / "long-int4.bin"
     assert quantize.main(["--model", str(ckpt), "--output", str(path), "--strategy", "int4", "--quiet"]) == 0
+    return path, long_prompt
+
+
+def _mixed(rows) -> bool:
+    """Whether an Engine.step_tokens call carries decode rows and a prompt piece of another row."""
+    return len(set(rows)) > 1 and len(rows) > len(set(rows))
+
+
+def test_a_long_prompt_rides_in_the_decode_steps_of_a_bin_on_the_kernels(trained_ckpt, tmp_path, monkeypatch):
+    """A .bin on FishAI's CPU kernels: while a stream runs, the prefill pieces of a 1,900-token prompt
+    run inside the stream's decode steps (one call of the C trunk with both cache rows,
+    Engine.step_tokens), the stream gets tokens during the prefill, and both replies are what
+    each request gives alone (the trunk computes every token on its own)."""
+    import engine
+    path, long_prompt = _long_prompt_bin(trained_ckpt, tmp_path)
     mixed, real = [], engine.Engine.step_tokens
 
     def spy(eng, tokens, positions, rows, out=None):
-        if len(set(rows)) > 1 and len(rows) > len(set(rows)):  # decode rows and a piece of another row
+        if _mixed(rows):
             mixed.append(len(rows))
         return real(eng, tokens, positions, rows, out)
     monkeypatch.setattr(engine.Engine, "step_tokens", spy)
@@ -1134,6 +1145,53 @@ def test_a_long_prompt_rides_in_the_decode_steps_of_a_bin_on_the_kernels(trained
         assert status == 200 and "".join(p["choices"][0]["text"] for p in payloads if isinstance(p, dict)) == alone["run"]
         assert len(mixed) >= 3, mixed                                        # pieces rode in decode steps
         assert log[log.index("sent"):log.index("answered")].count("S") >= len(mixed) // 2
+    finally:
+        s.stop()
+
+
+def test_a_failed_mixed_turn_ends_only_the_requests_in_it(trained_ckpt, tmp_path, monkeypatch):
+    """A decode step that carries a prompt piece (a .bin on the kernels) and fails: the stream in it
+    ends with an error event then [DONE], the prompt's request with a 500 and the OpenAI error body;
+    a request queued behind them was in no step, runs next and gets its lone answer; the gauges
+    come back to 0."""
+    import engine
+    path, long_prompt = _long_prompt_bin(trained_ckpt, tmp_path)
+    real, ctl = engine.Engine.step_tokens, {"mixed": 0, "fail": False}
+
+    def step_tokens(eng, tokens, positions, rows, out=None):
+        if _mixed(rows):
+            ctl["mixed"] += 1
+            if ctl["fail"]:
+                raise RuntimeError("device lost")
+        if len(set(rows)) > 1 or len(rows) == 1:  # decode steps are slow: the stream outlasts the test's
+            time.sleep(0.02)                      # steps, the prefill many turns (a request queues meanwhile)
+        return real(eng, tokens, positions, rows, out)
+    monkeypatch.setattr(engine.Engine, "step_tokens", step_tokens)
+    s = InProcessServer(path, "--max-batch", 2)
+    try:
+        queued = {"model": "tiny", "prompt": "Write", "max_tokens": 10, "temperature": 0}
+        alone = json.loads(s.post("/v1/completions", queued, key=None)[1])["choices"]
+        threads, results = _long_streams(s, 1)
+        got = {}
+        long_body = {"model": "tiny", "prompt": long_prompt, "max_tokens": 4, "temperature": 0}
+        ask = [threading.Thread(target=lambda: got.setdefault("long", s.post("/v1/completions", long_body, key=None)))]
+        ask[0].start()
+        deadline = time.time() + 30
+        while ctl["mixed"] < 2 and time.time() < deadline:  # its pieces ride in the stream's steps
+            time.sleep(0.01)
+        ask.append(threading.Thread(target=lambda: got.setdefault("queued", s.post("/v1/completions", queued,
+                                                                                   key=None))))
+        ask[1].start()
+        assert s.wait_for_metric("fishai_queue_depth", 1.0) == 1.0  # (the long prompt holds the second row)
+        ctl["fail"] = True
+        for t in threads + ask:
+            t.join(timeout=60)
+        _ended_with_error(results[0], "decoding failed: RuntimeError: device lost")
+        code, text = got["long"]
+        assert code == 500 and "decoding failed: RuntimeError: device lost" in json.loads(text)["error"]["message"]
+        assert got["queued"][0] == 200 and json.loads(got["queued"][1])["choices"] == alone
+        assert s.wait_for_metric("fishai_active_requests", 0.0) == 0.0
+        assert s.wait_for_metric("fishai_queue_depth", 0.0) == 0.0
     finally:
         s.stop()
 
